@@ -1,0 +1,521 @@
+"""The ``layerfs`` command line.
+
+Errors are mapped to exit codes in one place (:func:`main`): 0 ok, 1 error,
+2 usage. Every failure is one line on stderr, never a traceback (``--debug``
+shows one).
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+from . import __version__
+from .errors import ImageInUse, ImageNotFound, LayerfsError, StoreError, UsageError
+from .oci import Index, Manifest, Platform
+
+log = logging.getLogger("layerfs")
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+
+    @property
+    def store(self):
+        from .store import Store
+        if not hasattr(self, "_store"):
+            self._store = Store(self.args.root)
+        return self._store
+
+    def registry_options(self, **kw):
+        from .registry import RegistryOptions
+        return RegistryOptions.from_env(insecure_registries=tuple(self.args.insecure_registry or ()), **kw)
+
+
+# --- helpers -------------------------------------------------------------------------
+
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on", "t"):
+        return True
+    if t in ("0", "false", "no", "off", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {text!r}")
+
+
+def _layer_sizes(store, manifest: Manifest) -> list[int]:
+    from .pull import layer_facts_from_blob
+    sizes = []
+    for l in manifest.layers:
+        info = store.layer_info(l.digest)
+        if info is None and store.has_blob(l.digest, l.size):
+            try:
+                info = layer_facts_from_blob(store, l)
+            except LayerfsError as e:
+                log.warning("cannot read layer %s: %s", l.digest.short, e)
+        sizes.append(int(info["size"]) if info and isinstance(info.get("size"), int) else l.size)
+    return sizes
+
+
+def _repo_digest(rec) -> str:
+    from .pull import REPO_DIGEST_ANNOTATION
+    return (rec.descriptor.annotations or {}).get(REPO_DIGEST_ANNOTATION) or str(rec.descriptor.digest)
+
+
+# --- commands ------------------------------------------------------------------------
+
+def cmd_pull(ctx: Context) -> int:
+    from .display import PullProgress
+    from .pull import PullOptions, Puller
+    from .reference import Reference
+    a = ctx.args
+    ref = Reference.parse(a.ref)
+    platform = Platform.parse(a.platform) if a.platform else None
+    if a.max_concurrent_downloads < 1:
+        raise UsageError("--max-concurrent-downloads must be at least 1")
+    progress = None if a.quiet else PullProgress(sys.stdout)
+    if progress:
+        if ref.tag and ref.digest is None and ":" not in a.ref.rsplit("/", 1)[-1]:
+            progress.message(f"Using default tag: {ref.tag}")
+        ident = ref.tag if ref.digest is None else str(ref.digest)
+        progress.message(f"{ident}: Pulling from {ref.repository}")
+    opts = PullOptions(platform=platform, max_concurrent_downloads=a.max_concurrent_downloads,
+                       registry=ctx.registry_options())
+    result = Puller(ctx.store, opts, progress).pull(ref)
+    if progress:
+        progress.message(f"Digest: {result.repo_digest}")
+        shown = ref.familiar()
+        if result.updated:
+            progress.message(f"Status: Downloaded newer image for {shown}")
+        else:
+            progress.message(f"Status: Image is up to date for {shown}")
+    print(str(ref))
+    return 0
+
+
+def _image_rows(ctx: Context):
+    """(record, reference, manifest, config, size) for each local image."""
+    store = ctx.store
+    out = []
+    for rec in store.images():
+        ref = rec.reference
+        try:
+            m = store.manifest(rec.descriptor.digest)
+            if not isinstance(m, Manifest):
+                continue
+            cfg = store.config(m)
+        except LayerfsError as e:
+            log.warning("skipping %s: %s", rec.name, e)
+            continue
+        out.append((rec, ref, m, cfg, sum(_layer_sizes(store, m))))
+    return out
+
+
+def cmd_images(ctx: Context) -> int:
+    from .display import human_size, since, table
+    a = ctx.args
+    rows = _image_rows(ctx)
+    if a.filter_ref:
+        from fnmatch import fnmatch
+        rows = [r for r in rows if r[1] and (fnmatch(r[1].familiar_name, a.filter_ref)
+                                             or fnmatch(r[1].name, a.filter_ref)
+                                             or fnmatch(r[1].familiar(), a.filter_ref))]
+    rows.sort(key=lambda r: (r[3].created or ""), reverse=True)
+    if a.quiet:
+        seen = []
+        for r in rows:
+            iid = r[2].config.digest.hex[:64 if a.no_trunc else 12]
+            if iid not in seen:
+                seen.append(iid)
+        for iid in seen:
+            print(iid if not a.no_trunc else "sha256:" + iid)
+        return 0
+    if a.format == "json":
+        for rec, ref, m, cfg, size in rows:
+            print(json.dumps({
+                "Containers": "N/A", "CreatedAt": cfg.created or "", "CreatedSince": since(cfg.created),
+                "Digest": _repo_digest(rec), "ID": m.config.digest.short if not a.no_trunc else str(m.config.digest),
+                "Repository": ref.familiar_name if ref else rec.name, "SharedSize": "N/A",
+                "Size": human_size(size), "Tag": (ref.tag if ref and ref.tag else "<none>"),
+                "UniqueSize": "N/A", "VirtualSize": human_size(size)}, separators=(",", ":")))
+        return 0
+    if a.format not in (None, "table"):
+        raise UsageError(f"unsupported --format {a.format!r}", hint="use 'table' or 'json'")
+    header = ["REPOSITORY", "TAG"] + (["DIGEST"] if a.digests else []) + ["IMAGE ID", "CREATED", "SIZE"]
+    table_rows = [header]
+    for rec, ref, m, cfg, size in rows:
+        iid = str(m.config.digest) if a.no_trunc else m.config.digest.short
+        row = [ref.familiar_name if ref else rec.name, ref.tag if ref and ref.tag else "<none>"]
+        if a.digests:
+            row.append(_repo_digest(rec))
+        row += [iid, since(cfg.created), human_size(size)]
+        table_rows.append(row)
+    table(table_rows, sys.stdout)
+    return 0
+
+
+def cmd_history(ctx: Context) -> int:
+    from .display import ellipsis, human_size, parse_time, since, table
+    a = ctx.args
+    rec, m = ctx.store.resolve(a.ref)
+    cfg = ctx.store.config(m)
+    sizes = _layer_sizes(ctx.store, m)
+    hist = cfg.history
+    rows = []
+    li = 0
+    if not hist:  # images without history: one row per layer
+        for i, l in enumerate(m.layers):
+            rows.append((None, "", sizes[i], ""))
+    for h in hist:
+        size = 0
+        if not h.empty_layer:
+            size = sizes[li] if li < len(sizes) else 0
+            li += 1
+        rows.append((h.created, h.created_by, size, h.comment))
+    rows.reverse()
+    out = [["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]]
+    for i, (created, created_by, size, comment) in enumerate(rows):
+        iid = (str(m.config.digest) if a.no_trunc else m.config.digest.short) if i == 0 else "<missing>"
+        if a.human:
+            when = since(created)
+            sz = human_size(size)
+        else:
+            d = parse_time(created)
+            when = d.isoformat().replace("+00:00", "Z") if d else "N/A"
+            sz = str(size)
+        by = " ".join(created_by.split("\n")) if not a.no_trunc else created_by
+        if not a.no_trunc:
+            by = ellipsis(by, 45)
+        out.append([iid, when, by, sz, comment])
+    if a.quiet:
+        print(out[1][0])
+        return 0
+    table(out, sys.stdout)
+    return 0
+
+
+def cmd_inspect(ctx: Context) -> int:
+    a = ctx.args
+    store = ctx.store
+    docs = []
+    for text in a.refs:
+        rec, m = store.resolve(text)
+        cfg = store.config(m)
+        sizes = _layer_sizes(store, m)
+        tags, digests = [], []
+        for other in store.images():
+            if other.descriptor.digest == rec.descriptor.digest and other.reference:
+                r = other.reference
+                if r.tag:
+                    tags.append(r.familiar())
+                digests.append(f"{r.familiar_name}@{_repo_digest(other)}")
+        layers = []
+        for l, size in zip(m.layers, sizes):
+            info = store.layer_info(l.digest) or {}
+            layers.append({"Digest": str(l.digest), "MediaType": l.media_type, "Size": l.size,
+                           "UncompressedSize": size, "DiffID": info.get("diff_id"),
+                           "IndexSize": info.get("index_size")})
+        doc = cfg.doc
+        docs.append({
+            "Id": str(m.config.digest),
+            "RepoTags": sorted(set(tags)),
+            "RepoDigests": sorted(set(digests)),
+            "Created": cfg.created,
+            "Author": doc.get("author", ""),
+            "Architecture": doc.get("architecture"),
+            "Variant": doc.get("variant"),
+            "Os": doc.get("os"),
+            "Config": doc.get("config") or {},
+            "Size": sum(sizes),
+            "RootFS": {"Type": "layers", "Layers": [str(d) for d in cfg.diff_ids]},
+            "History": doc.get("history") or [],
+            "Manifest": {"Digest": str(m.digest), "MediaType": m.media_type, "Size": len(m.raw),
+                         "Config": m.config.to_json(), "Annotations": dict(m.annotations or {})},
+            "Layers": layers,
+        })
+    if a.format:
+        from .display import render_template
+        for d in docs:
+            print(render_template(a.format, d))
+        return 0
+    print(json.dumps(docs, indent=4))
+    return 0
+
+
+def cmd_search(ctx: Context) -> int:
+    from .display import ellipsis, table
+    from .search import search
+    a = ctx.args
+    if not 1 <= a.limit <= 100:
+        raise UsageError(f"--limit {a.limit} is out of range", hint="use a limit between 1 and 100")
+    stars_min, official = 0, None
+    for f in a.filter or []:
+        key, _, val = f.partition("=")
+        if key == "stars" and val.isdigit():
+            stars_min = int(val)
+        elif key == "is-official":
+            official = _bool(val)
+        else:
+            raise UsageError(f"invalid filter {f!r}", hint="filters: stars=N, is-official=true|false")
+    results = search(a.term, limit=a.limit, index_url=a.index, options=ctx.registry_options())
+    results = [r for r in results if r.stars >= stars_min and (official is None or r.official == official)]
+    if a.format == "json":
+        for r in results:
+            print(json.dumps({"Name": r.name, "Description": r.description, "StarCount": str(r.stars),
+                              "IsOfficial": str(r.official).lower()}, separators=(",", ":")))
+        return 0
+    rows = [["NAME", "DESCRIPTION", "STARS", "OFFICIAL"]]
+    for r in results:
+        desc = " ".join(r.description.split("\n"))
+        rows.append([r.name, desc if a.no_trunc else ellipsis(desc, 45), str(r.stars), "[OK]" if r.official else ""])
+    table(rows, sys.stdout)
+    return 0
+
+
+def cmd_rmi(ctx: Context) -> int:
+    from .reference import Reference
+    a = ctx.args
+    store = ctx.store
+    store.init()
+    status = 0
+    for text in a.refs:
+        try:
+            _rmi_one(store, text, a.force, a.no_prune)
+        except LayerfsError as e:
+            print(f"Error response from layerfs: {e.one_line()}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def _rmi_one(store, text: str, force: bool, no_prune: bool) -> None:
+    from .reference import Reference
+    try:
+        ref = Reference.parse(text)
+    except LayerfsError:
+        ref = None
+    rec = store.find(ref) if ref else None
+    targets = [rec] if rec else []
+    by_id = False
+    if not targets:
+        matches = store.find_by_id(text)
+        if not matches:
+            raise ImageNotFound(f"no such image: {text}")
+        by_id = True
+        digests = {r.descriptor.digest for r in matches}
+        if len(digests) > 1:
+            raise ImageNotFound(f"image id {text!r} is ambiguous", hint="give more digits")
+        targets = matches
+        if len(targets) > 1 and not force:
+            raise ImageInUse(f"unable to delete {text} (must be forced) - image is referenced in multiple repositories",
+                             hint="remove the tags one by one, or use --force")
+    deleted_manifest = targets[0].descriptor.digest
+    for t in targets:
+        store.untag(t.name)
+        r = t.reference
+        print(f"Untagged: {r.familiar() if r else t.name}")
+    if any(r.descriptor.digest == deleted_manifest for r in store.images()):
+        return
+    try:
+        m = store.manifest(deleted_manifest)
+    except LayerfsError:
+        m = None
+    if not no_prune and isinstance(m, Manifest):
+        store.gc(candidates={deleted_manifest, m.config.digest, *(l.digest for l in m.layers)})
+        print(f"Deleted: {m.config.digest}")
+
+
+def cmd_prune(ctx: Context) -> int:
+    from .display import human_size
+    store = ctx.store
+    store.init()
+    removed, freed = store.gc()
+    print(f"Deleted blobs: {removed}")
+    print(f"Total reclaimed space: {human_size(freed)}")
+    return 0
+
+
+def cmd_login(ctx: Context) -> int:
+    from .auth import CredentialStore, Credentials
+    from .reference import DOCKER_HUB
+    from .registry import RegistryClient
+    a = ctx.args
+    server = _server_name(a.server)
+    user = a.username
+    password = a.password
+    if a.password_stdin:
+        if password:
+            raise UsageError("--password and --password-stdin are mutually exclusive")
+        if not user:
+            raise UsageError("--password-stdin needs --username")
+        password = sys.stdin.read().rstrip("\r\n")
+    if not user:
+        if not sys.stdin.isatty():
+            raise UsageError("no username given and no terminal to ask on", hint="use --username/-u")
+        user = input("Username: ").strip()
+    if password is None:
+        if not sys.stdin.isatty():
+            raise UsageError("no password given and no terminal to ask on", hint="use --password-stdin")
+        password = getpass.getpass("Password: ")
+    if not user or not password:
+        raise UsageError("username and password must not be empty")
+    creds = Credentials(user, password)
+    client = RegistryClient(server, ctx.registry_options(credentials=creds))
+    client.ping()
+    where = CredentialStore().store(server, creds)
+    print(f"Login Succeeded (credentials saved to {where})" if a.verbose else "Login Succeeded")
+    return 0
+
+
+def cmd_logout(ctx: Context) -> int:
+    from .auth import CredentialStore
+    server = _server_name(ctx.args.server)
+    if CredentialStore().erase(server):
+        print(f"Removing login credentials for {server}")
+    else:
+        print(f"Not logged in to {server}")
+    return 0
+
+
+def _server_name(text: str | None) -> str:
+    from .auth import _normalise_key
+    from .reference import DOCKER_HUB
+    if not text:
+        return DOCKER_HUB
+    return _normalise_key(text)
+
+
+def cmd_version(ctx: Context) -> int:
+    print(f"layerfs {__version__}")
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="layerfs", description="Pull OCI/Docker images and mount them as a union filesystem.")
+    p.add_argument("--root", default=None, help="store directory (default /var/lib/layerfs as root, "
+                                                "$XDG_DATA_HOME/layerfs otherwise; env LAYERFS_ROOT)")
+    p.add_argument("--insecure-registry", action="append", metavar="HOST[:PORT]",
+                   help="talk plain HTTP to this registry (repeatable; env LAYERFS_INSECURE_REGISTRIES)")
+    p.add_argument("-D", "--debug", action="store_true", help="verbose logs and tracebacks")
+    p.add_argument("--version", action="version", version=f"layerfs {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("pull", help="download an image into the store")
+    s.add_argument("ref", metavar="REF")
+    s.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform image")
+    s.add_argument("-q", "--quiet", action="store_true", help="print only the image reference")
+    s.add_argument("--max-concurrent-downloads", type=int, default=3, metavar="N")
+    s.set_defaults(func=cmd_pull)
+
+    def images_args(s):
+        s.add_argument("filter_ref", nargs="?", metavar="REPOSITORY[:TAG]")
+        s.add_argument("-q", "--quiet", action="store_true", help="only image ids")
+        s.add_argument("--digests", action="store_true", help="show digests")
+        s.add_argument("--no-trunc", action="store_true", help="full image ids")
+        s.add_argument("--format", choices=["table", "json"], default=None)
+        s.set_defaults(func=cmd_images)
+
+    images_args(sub.add_parser("images", help="list local images"))
+    img = sub.add_parser("image", help="image commands (ls)")
+    isub = img.add_subparsers(dest="image_command", metavar="SUBCOMMAND")
+    images_args(isub.add_parser("ls", aliases=["list"], help="list local images"))
+
+    s = sub.add_parser("history", help="show the layers of an image")
+    s.add_argument("ref", metavar="REF")
+    s.add_argument("--no-trunc", action="store_true")
+    s.add_argument("-H", "--human", type=_bool, nargs="?", const=True, default=True, metavar="BOOL",
+                   help="human sizes and dates (default true; -H=false for raw)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_history)
+
+    s = sub.add_parser("inspect", help="image details as JSON")
+    s.add_argument("refs", nargs="+", metavar="REF")
+    s.add_argument("-f", "--format", help="Go-template-like field path, e.g. '{{.Id}}' or '{{json .Config}}'")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("search", help="search Docker Hub (or --index) for images")
+    s.add_argument("term", metavar="TERM")
+    s.add_argument("--limit", type=int, default=25)
+    s.add_argument("--no-trunc", action="store_true")
+    s.add_argument("-f", "--filter", action="append", metavar="KEY=VALUE")
+    s.add_argument("--format", choices=["table", "json"], default=None)
+    s.add_argument("--index", default=None, metavar="URL",
+                   help="search index URL (default https://index.docker.io; env LAYERFS_SEARCH_INDEX)")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("rmi", help="remove images (untag; delete blobs nothing else uses)")
+    s.add_argument("refs", nargs="+", metavar="REF")
+    s.add_argument("-f", "--force", action="store_true")
+    s.add_argument("--no-prune", action="store_true", help="only untag")
+    s.set_defaults(func=cmd_rmi)
+
+    s = sub.add_parser("prune", help="delete blobs no image references")
+    s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("login", help="log in to a registry")
+    s.add_argument("server", nargs="?", metavar="SERVER")
+    s.add_argument("-u", "--username")
+    s.add_argument("-p", "--password")
+    s.add_argument("--password-stdin", action="store_true")
+    s.add_argument("-v", "--verbose", action="store_true")
+    s.set_defaults(func=cmd_login)
+
+    s = sub.add_parser("logout", help="log out from a registry")
+    s.add_argument("server", nargs="?", metavar="SERVER")
+    s.set_defaults(func=cmd_logout)
+
+    s = sub.add_parser("version", help="print the version")
+    s.set_defaults(func=cmd_version)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="layerfs: %(levelname)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    ctx = Context(args)
+    try:
+        return args.func(ctx)
+    except LayerfsError as e:
+        if args.debug:
+            log.exception("failed")
+        print(f"layerfs: error: {e.one_line()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("layerfs: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except PermissionError as e:
+        if args.debug:
+            log.exception("failed")
+        print(f"layerfs: error: {e.filename or ''}: permission denied "
+              f"(hint: run as root or choose a store you own with --root)", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if args.debug:
+            log.exception("failed")
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"layerfs: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"layerfs: internal error: {type(e).__name__}: {e} (hint: rerun with --debug and report it)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

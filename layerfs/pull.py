@@ -1,0 +1,341 @@
+"""Pull: reference → registry → verified blobs in the store, tagged.
+
+Layers download in parallel; each one streams through a single pass that
+writes the partial file, hashes the compressed bytes (the blob digest) and
+decompresses them to hash the uncompressed tar (the ``diff_id``) and learn
+its size. A download cut short resumes with ``Range`` from what is on disk.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import requests
+import urllib3
+import zstandard
+
+from .errors import (DigestMismatch, ForeignLayerError, LayerfsError, ManifestError, PlatformNotFound, RegistryError,
+                     RegistryUnreachable, SizeMismatch, TarError, UnsupportedMediaType)
+from .oci import (FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Index, Manifest, Platform,
+                  iter_layer_compression)
+from .reference import Reference
+from .registry import RegistryClient, RegistryOptions, _short_exc
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+#: index.json annotation holding the digest the registry knows the image by (index digest for multi-platform)
+REPO_DIGEST_ANNOTATION = "io.layerfs.repo.digest"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PullOptions:
+    platform: Platform | None = None
+    max_concurrent_downloads: int = 3
+    registry: RegistryOptions | None = None
+
+
+class ProgressSink(Protocol):
+    def __call__(self, layer: str, status: str, current: int | None = None, total: int | None = None) -> None: ...
+
+
+def _no_progress(layer: str, status: str, current: int | None = None, total: int | None = None) -> None:
+    pass
+
+
+@dataclass
+class PullResult:
+    reference: Reference
+    name: str                       # the name tagged in the store
+    manifest: Manifest
+    repo_digest: Digest             # what `Digest:` prints (index digest for a multi-platform image)
+    config: ImageConfig
+    updated: bool                   # False: "Image is up to date"
+    downloaded_layers: int = 0
+
+
+# --- the streaming pass ----------------------------------------------------------
+
+class LayerDigester:
+    """Decompresses a layer stream as it arrives to compute its diff_id and size."""
+
+    def __init__(self, compression: str | None, where: str):
+        self.compression = compression
+        self.where = where
+        self.hasher = Digest("sha256", "0" * 64).hasher()
+        self.size = 0
+        self._member_fed = False
+        self._padding = False
+        if compression == "gzip":
+            self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif compression == "zstd":
+            self._d = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+        else:
+            self._d = None
+
+    def _out(self, data: bytes) -> None:
+        if data:
+            self.hasher.update(data)
+            self.size += len(data)
+
+    def feed(self, chunk: bytes) -> None:
+        if self._d is None:
+            self._out(chunk)
+            return
+        try:
+            if self.compression == "gzip":
+                while chunk:
+                    if self._padding:
+                        if chunk.strip(b"\0"):
+                            raise TarError("garbage after the end of the gzip stream", where=self.where)
+                        return
+                    self._member_fed = True
+                    self._out(self._d.decompress(chunk))
+                    chunk = b""
+                    if self._d.eof:  # a new gzip member may follow (multi-member streams)
+                        chunk = self._d.unused_data
+                        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                        self._member_fed = False
+                        if chunk and not chunk.startswith(b"\x1f"):
+                            self._padding = True
+            else:
+                self._out(self._d.decompress(chunk))
+        except (zlib.error, zstandard.ZstdError) as e:
+            raise TarError(f"layer is not valid {self.compression} data: {e}", where=self.where) from None
+
+    def finish(self) -> tuple[Digest, int]:
+        if self.compression == "gzip" and self._member_fed:
+            try:
+                self._out(self._d.flush())
+            except zlib.error as e:
+                raise TarError(f"layer is not valid gzip data: {e}", where=self.where) from None
+            if not self._d.eof:
+                raise TarError("layer gzip stream is truncated", where=self.where)
+        return Digest("sha256", self.hasher.hexdigest()), self.size
+
+
+def layer_facts_from_blob(store: Store, desc: Descriptor) -> dict:
+    """Compute diff_id and uncompressed size of a stored layer (one read of the blob)."""
+    comp = LAYER_COMPRESSION.get(desc.media_type)
+    dig = LayerDigester(comp, where=f"layer {desc.digest.short}")
+    with store.open_blob(desc.digest, desc.size) as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                break
+            dig.feed(b)
+    diff_id, size = dig.finish()
+    info = {"diff_id": str(diff_id), "size": size, "media_type": desc.media_type}
+    store.set_layer_info(desc.digest, info)
+    return info
+
+
+# --- pulling ---------------------------------------------------------------------
+
+class Puller:
+    def __init__(self, store: Store, options: PullOptions | None = None, progress: ProgressSink | None = None):
+        self.store = store
+        self.options = options or PullOptions()
+        self.progress = progress or _no_progress
+        self._clients: dict[str, RegistryClient] = {}
+
+    def client(self, registry: str) -> RegistryClient:
+        if registry not in self._clients:
+            self._clients[registry] = RegistryClient(registry, self.options.registry or RegistryOptions.from_env())
+        return self._clients[registry]
+
+    def resolve(self, ref: Reference) -> tuple[Manifest, Index | None]:
+        """Fetch the manifest for *ref*, choosing the platform from an index."""
+        client = self.client(ref.registry)
+        m = client.get_manifest(ref.repository, ref.identifier)
+        index = None
+        if isinstance(m, Index):
+            index = m
+            want = self.options.platform or Platform.host()
+            desc = m.select(want)
+            if desc is None:
+                avail = ", ".join(sorted({str(p) for p in m.platforms()})) or "none"
+                raise PlatformNotFound(f"no image for platform {want} in {ref.familiar()}",
+                                       where=ref.registry, hint=f"available platforms: {avail}; use --platform")
+            m = client.get_manifest(ref.repository, str(desc.digest))
+            if isinstance(m, Index):
+                raise ManifestError(f"{ref.familiar()}: nested image index for {want} is not supported",
+                                    where=ref.registry)
+        elif self.options.platform is not None:
+            pass  # a single-platform image: checked against its config below
+        return m, index
+
+    def pull(self, ref: Reference) -> PullResult:
+        self.store.init()
+        with self.store.lock("gc", shared=True):
+            return self._pull(ref)
+
+    def _pull(self, ref: Reference) -> PullResult:
+        manifest, index = self.resolve(ref)
+        client = self.client(ref.registry)
+        repo = ref.repository
+        # media types are checked before anything is downloaded
+        compressions = iter_layer_compression(manifest.layers)
+        for l in manifest.layers:
+            if l.media_type in FOREIGN_LAYER_TYPES and not self.store.has_blob(l.digest, l.size):
+                raise ForeignLayerError(f"layer {l.digest.short} is non-distributable ({l.media_type})"
+                                        + (f", served from {l.urls[0]}" if l.urls else ""), registry=ref.registry)
+        if self.store.has_blob(manifest.config.digest, manifest.config.size):
+            config_raw = self.store.read_blob(manifest.config.digest, manifest.config.size)
+        else:
+            config_raw = client.get_blob_bytes(repo, manifest.config)
+        config = ImageConfig.parse(config_raw, where=f"{ref.registry}/{repo}")
+        diff_ids = config.diff_ids
+        if diff_ids and len(diff_ids) != len(manifest.layers):
+            raise ManifestError(f"image config lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers",
+                                where=f"{ref.registry}/{repo}")
+        want = self.options.platform
+        if want is not None and index is None and config.platform is not None and not want.matches(config.platform):
+            raise PlatformNotFound(f"{ref.familiar()} is for {config.platform}, not {want}", where=ref.registry,
+                                   hint="drop --platform or pick an image built for it")
+
+        todo: list[int] = []
+        for i, l in enumerate(manifest.layers):
+            if self.store.has_blob(l.digest, l.size):
+                self.progress(l.digest.short, "Already exists")
+            else:
+                self.progress(l.digest.short, "Pulling fs layer")
+                todo.append(i)
+        for i in todo[self.options.max_concurrent_downloads:]:
+            self.progress(manifest.layers[i].digest.short, "Waiting")
+
+        failures: list[BaseException] = []
+        if todo:
+            with ThreadPoolExecutor(max_workers=max(1, self.options.max_concurrent_downloads)) as pool:
+                futs = [pool.submit(self._download_layer, client, repo, manifest.layers[i], compressions[i],
+                                    diff_ids[i] if diff_ids else None) for i in todo]
+                for f in futs:
+                    exc = f.exception()
+                    if exc is not None:
+                        failures.append(exc)
+        if failures:
+            raise failures[0]
+        # layers present from before: make sure their facts are known and consistent
+        for i, l in enumerate(manifest.layers):
+            info = self.store.layer_info(l.digest)
+            if info is None:
+                info = layer_facts_from_blob(self.store, l)
+            if diff_ids and info.get("diff_id") != str(diff_ids[i]):
+                raise DigestMismatch(f"layer {l.digest.short}: uncompressed content is {info.get('diff_id')}, "
+                                     f"the image config says {diff_ids[i]}", where=f"{ref.registry}/{repo}")
+
+        self.store.put_blob(config_raw, manifest.config.digest)
+        self.store.put_blob(manifest.raw, manifest.digest)
+        if index is not None:
+            self.store.put_blob(index.raw, index.digest)
+        repo_digest = index.digest if index is not None else manifest.digest
+        name = str(ref)
+        old = self.store.find(ref)
+        ann = {REPO_DIGEST_ANNOTATION: str(repo_digest)}
+        plat = config.platform
+        desc = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw), ann, plat)
+        updated = old is None or old.descriptor.digest != manifest.digest or bool(todo)
+        if old is None or old.descriptor.digest != manifest.digest \
+                or (old.descriptor.annotations or {}).get(REPO_DIGEST_ANNOTATION) != str(repo_digest):
+            self.store.tag(name, desc)
+        return PullResult(ref, name, manifest, repo_digest, config, updated, len(todo))
+
+    # one layer, resumable, retried on temporary failures
+    def _download_layer(self, client: RegistryClient, repo: str, desc: Descriptor, compression: str | None,
+                        diff_id: Digest | None) -> None:
+        short = desc.digest.short
+        where = f"{client.registry}/{repo}"
+        with self.store.ingest(desc.digest, desc.size) as ing:
+            if self.store.has_blob(desc.digest, desc.size):  # another process finished it meanwhile
+                self.progress(short, "Already exists")
+                return
+            attempts = 0
+            hasher = desc.digest.hasher()
+            digester = LayerDigester(compression, where=f"layer {short}")
+            offset = ing.offset
+            if offset:
+                log.info("resuming %s at %d of %d bytes", short, offset, desc.size)
+                ing.hash_existing(_Tee(hasher, digester), offset)
+            f = ing.open(offset)
+            while True:
+                try:
+                    resp = client.open_blob(repo, desc, start=offset)
+                    if resp.start != offset:  # the registry ignored Range: start over
+                        offset = 0
+                        hasher = desc.digest.hasher()
+                        digester = LayerDigester(compression, where=f"layer {short}")
+                        f = ing.open(0)
+                    try:
+                        for chunk in resp.chunks():
+                            if offset + len(chunk) > desc.size:
+                                raise SizeMismatch(f"blob {short} is larger than its declared {desc.size} bytes",
+                                                   where=where)
+                            f.write(chunk)
+                            hasher.update(chunk)
+                            digester.feed(chunk)
+                            offset += len(chunk)
+                            self.progress(short, "Downloading", offset, desc.size)
+                    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+                        if isinstance(e, OSError) and not isinstance(e, (ConnectionError, TimeoutError)) \
+                                and getattr(e, "errno", None) is not None:
+                            raise  # disk errors are not the network's fault
+                        raise RegistryUnreachable(f"blob {short}: connection lost after {offset} of {desc.size} bytes: "
+                                                  f"{_short_exc(e)}", registry=client.registry) from None
+                    finally:
+                        resp.close()
+                    if offset < desc.size:
+                        raise RegistryUnreachable(f"blob {short}: response ended after {offset} of {desc.size} bytes",
+                                                  registry=client.registry)
+                    break
+                except RegistryError as e:
+                    if not e.temporary or attempts >= client.options.max_retries:
+                        f.flush()
+                        raise
+                    attempts += 1
+                    delay = client._backoff(attempts - 1, e.retry_after)
+                    log.info("%s; retrying from byte %d in %.1fs", e.message, offset, delay)
+                    f.flush()
+                    threading.Event().wait(delay)
+                except OSError as e:
+                    from .store import _os_error
+                    ing.discard()
+                    raise _os_error(e, f"blob {desc.digest}") from None
+            self.progress(short, "Verifying Checksum")
+            try:
+                ing.commit(hasher.hexdigest())
+            except OSError as e:
+                from .store import _os_error
+                ing.discard()
+                raise _os_error(e, f"blob {desc.digest}") from None
+            except DigestMismatch as e:
+                e.where = where
+                raise
+            self.progress(short, "Download complete")
+            got_diff, size = digester.finish()
+            if diff_id is not None and got_diff != diff_id:
+                raise DigestMismatch(f"layer {short}: uncompressed content is {got_diff}, image config says {diff_id}",
+                                     where=where)
+            self.store.set_layer_info(desc.digest, {"diff_id": str(got_diff), "size": size,
+                                                    "media_type": desc.media_type})
+            self.progress(short, "Pull complete")
+
+
+class _Tee:
+    def __init__(self, *sinks):
+        self.sinks = sinks
+
+    def update(self, b: bytes) -> None:
+        for s in self.sinks:
+            if hasattr(s, "update"):
+                s.update(b)
+            else:
+                s.feed(b)
+
+
+def pull(store: Store, ref: Reference, options: PullOptions | None = None,
+         progress: ProgressSink | None = None) -> PullResult:
+    return Puller(store, options, progress).pull(ref)

@@ -1,0 +1,428 @@
+"""Registry client (OCI distribution spec): the only module that speaks HTTP.
+
+- HTTPS with certificate verification by default; plain HTTP for loopback
+  registries and for those named insecure.
+- Auth: anonymous or credentialed Bearer tokens (scoped, cached, renewed on
+  expiry or 401), HTTP Basic; ``Authorization`` never follows a redirect to
+  another host.
+- Errors keep the distribution-spec codes; only temporary ones (connection
+  failures, 429, 5xx) are retried, with bounded exponential backoff.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import requests
+import urllib3
+
+from . import __version__
+from .auth import Challenge, CredentialStore, Credentials, Token, parse_www_authenticate
+from .errors import (AccessDenied, AuthenticationError, ForeignLayerError, LayerfsError,
+                     ManifestError, NotFoundError, RegistryError, RegistryUnreachable,
+                     SizeMismatch)
+from .oci import ACCEPT_MANIFESTS, FOREIGN_LAYER_TYPES, Descriptor, Digest, Index, Manifest, parse_manifest
+from .reference import DOCKER_HUB, Reference, is_local_registry
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"layerfs/{__version__}"
+MAX_MANIFEST_SIZE = 4 << 20
+MAX_REDIRECTS = 5
+_CHUNK = 1 << 20
+
+
+def _env_list(name: str) -> list[str]:
+    return [x.strip() for x in os.environ.get(name, "").replace(";", ",").split(",") if x.strip()]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegistryOptions:
+    insecure_registries: tuple[str, ...] = ()
+    ca_bundle: str | None = None
+    timeout: float = 30.0
+    max_retries: int = 4
+    backoff_base: float = 0.5
+    backoff_cap: float = 10.0
+    credentials: Credentials | None = None    # overrides the credential store (login)
+    credential_store: CredentialStore | None = None
+
+    @classmethod
+    def from_env(cls, **overrides) -> "RegistryOptions":
+        insecure = tuple(_env_list("LAYERFS_INSECURE_REGISTRIES")) + tuple(overrides.pop("insecure_registries", ()))
+        ca = overrides.pop("ca_bundle", None) or os.environ.get("LAYERFS_CA_BUNDLE") or None
+        kw = dict(insecure_registries=insecure, ca_bundle=ca)
+        if os.environ.get("LAYERFS_BACKOFF_BASE"):
+            kw["backoff_base"] = float(os.environ["LAYERFS_BACKOFF_BASE"])
+        kw.update(overrides)
+        return cls(**kw)
+
+
+@dataclass
+class BlobResponse:
+    """An open blob body; iterate :meth:`chunks`, then :meth:`close`."""
+
+    response: requests.Response
+    start: int            # offset of the first byte of the body in the blob
+    total: int | None
+
+    def chunks(self, size: int = _CHUNK) -> Iterator[bytes]:
+        raw = self.response.raw
+        while True:
+            b = raw.read(size, decode_content=False)
+            if not b:
+                return
+            yield b
+
+    def close(self) -> None:
+        self.response.close()
+
+
+class RegistryClient:
+    """Talks to one registry on behalf of one or more repositories."""
+
+    def __init__(self, registry: str, options: RegistryOptions | None = None, *,
+                 endpoint: str | None = None):
+        self.registry = registry
+        self.options = options or RegistryOptions.from_env()
+        host = endpoint or ("registry-1.docker.io" if registry == DOCKER_HUB else registry)
+        self.host = host
+        plain = is_local_registry(registry) or registry in self.options.insecure_registries \
+            or host in self.options.insecure_registries
+        self.scheme = "http" if plain else "https"
+        self.base = f"{self.scheme}://{host}"
+        self.session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers["User-Agent"] = USER_AGENT
+        self.session.trust_env = False if plain else True
+        if self.options.ca_bundle:
+            self.session.verify = self.options.ca_bundle
+        self._creds_loaded = False
+        self._creds: Credentials | None = self.options.credentials
+        self._tokens: dict[str, Token] = {}
+        self._challenge: Challenge | None = None
+        self._challenge_known = False
+        self._lock = threading.Lock()
+
+    # -- credentials -------------------------------------------------------------
+    def _credentials(self) -> Credentials | None:
+        if self._creds is None and not self._creds_loaded:
+            self._creds_loaded = True
+            store = self.options.credential_store or CredentialStore()
+            self._creds = store.get(self.registry)
+        return self._creds
+
+    # -- token flow --------------------------------------------------------------
+    def _fetch_token(self, challenge: Challenge, scope: str | None) -> Token:
+        realm = challenge.realm
+        if not realm:
+            raise AuthenticationError("bearer challenge without a realm", registry=self.registry)
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise AuthenticationError(f"refusing token realm {realm!r}: not an http(s) URL", registry=self.registry,
+                                      hint="the registry's WWW-Authenticate header is bogus")
+        params = {}
+        if challenge.params.get("service"):
+            params["service"] = challenge.params["service"]
+        scopes = [s for s in (scope, challenge.params.get("scope")) if s]
+        creds = self._credentials()
+        auth = creds.basic if creds else None
+        try:
+            if creds and creds.identity_token:
+                data = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
+                        "client_id": "layerfs", "service": params.get("service", "")}
+                if scopes:
+                    data["scope"] = " ".join(dict.fromkeys(scopes))
+                r = self._token_request("POST", realm, data=data)
+            else:
+                query = list(params.items()) + [("scope", s) for s in dict.fromkeys(scopes)]
+                url = realm + ("&" if "?" in realm else "?") + urlencode(query) if query else realm
+                r = self._token_request("GET", url, auth=auth)
+        except requests.RequestException as e:
+            raise RegistryUnreachable(f"cannot reach token service {parts.netloc}: {_short_exc(e)}",
+                                      registry=self.registry) from None
+        if r.status_code in (401, 403):
+            if auth:
+                raise AuthenticationError(f"token service {parts.netloc} rejected the credentials for "
+                                          f"{auth[0]!r} (HTTP {r.status_code})", registry=self.registry,
+                                          status=r.status_code)
+            raise AccessDenied(f"token service {parts.netloc} denied anonymous access (HTTP {r.status_code})",
+                               registry=self.registry, status=r.status_code,
+                               hint=f"log in with 'layerfs login {self.registry}'")
+        if r.status_code != 200:
+            raise RegistryError(f"token service {parts.netloc} answered HTTP {r.status_code}",
+                                registry=self.registry, status=r.status_code)
+        try:
+            doc = r.json()
+        except ValueError:
+            raise AuthenticationError(f"token service {parts.netloc} sent malformed JSON",
+                                      registry=self.registry) from None
+        value = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
+        if not isinstance(value, str) or not value:
+            raise AuthenticationError(f"token service {parts.netloc} sent no token", registry=self.registry)
+        expires_in = doc.get("expires_in")
+        if not isinstance(expires_in, (int, float)) or isinstance(expires_in, bool) or expires_in <= 0:
+            expires_in = 60
+        return Token(value, time.monotonic() + float(expires_in))
+
+    def _token_request(self, method: str, url: str, **kw) -> requests.Response:
+        # never follow redirects with credentials attached
+        return self.session.request(method, url, timeout=self.options.timeout, allow_redirects=False, **kw)
+
+    def _auth_header(self, scope: str | None, *, refresh: bool = False) -> str | None:
+        ch = self._challenge
+        if ch is None:
+            return None
+        if ch.scheme == "basic":
+            creds = self._credentials()
+            if creds and creds.basic:
+                return requests.auth._basic_auth_str(*creds.basic)
+            return None
+        if ch.scheme == "bearer":
+            key = scope or ""
+            with self._lock:
+                tok = self._tokens.get(key)
+            if tok is None or refresh or not tok.valid():
+                tok = self._fetch_token(ch, scope)
+                with self._lock:
+                    self._tokens[key] = tok
+            return f"Bearer {tok.value}"
+        return None
+
+    # -- requests ----------------------------------------------------------------
+    def request(self, method: str, path: str, *, scope: str | None = None, headers: Mapping[str, str] | None = None,
+                stream: bool = False, ok: tuple[int, ...] = (200,), what: str = "") -> requests.Response:
+        """One registry request with auth, redirects and retries of temporary failures."""
+        url = path if "://" in path else self.base + path
+        attempt = 0
+        refreshed = False
+        while True:
+            try:
+                r = self._send(method, url, scope=scope, headers=headers, stream=stream,
+                               refresh=False)
+                if r.status_code == 401:
+                    new = self._learn_challenge(r)
+                    if new or not refreshed:
+                        r.close()
+                        refreshed = True
+                        r = self._send(method, url, scope=scope, headers=headers, stream=stream, refresh=True)
+                if r.status_code in ok:
+                    return r
+                err = self._error_from(r, what)
+                r.close()
+                raise err
+            except RegistryError as e:
+                if not e.temporary or attempt >= self.options.max_retries:
+                    raise
+                delay = self._backoff(attempt, e.retry_after)
+                log.info("%s: %s; retrying in %.1fs", self.registry, e.message, delay)
+                time.sleep(delay)
+                attempt += 1
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), 60.0)
+        d = min(self.options.backoff_cap, self.options.backoff_base * (2 ** attempt))
+        return d * (0.5 + random.random() / 2)
+
+    def _learn_challenge(self, r: requests.Response) -> bool:
+        chs = parse_www_authenticate(r.headers.get("WWW-Authenticate"))
+        pick = next((c for c in chs if c.scheme == "bearer"), None) or next((c for c in chs if c.scheme == "basic"), None)
+        changed = pick != self._challenge
+        self._challenge = pick
+        self._challenge_known = True
+        return changed
+
+    def _send(self, method: str, url: str, *, scope: str | None, headers: Mapping[str, str] | None,
+              stream: bool, refresh: bool) -> requests.Response:
+        hdrs = dict(headers or {})
+        auth = self._auth_header(scope, refresh=refresh)
+        origin = urlsplit(url).netloc
+        for _ in range(MAX_REDIRECTS + 1):
+            send = dict(hdrs)
+            if auth and urlsplit(url).netloc == origin:
+                send["Authorization"] = auth
+            try:
+                r = self.session.request(method, url, headers=send, stream=stream, allow_redirects=False,
+                                         timeout=self.options.timeout)
+            except requests.exceptions.SSLError as e:
+                raise RegistryError(f"TLS error talking to {urlsplit(url).netloc}: {_short_exc(e)}",
+                                    registry=self.registry,
+                                    hint="set LAYERFS_CA_BUNDLE, or use --insecure-registry for a registry you trust") from None
+            except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as e:
+                raise RegistryUnreachable(f"cannot reach {urlsplit(url).netloc}: {_short_exc(e)}",
+                                          registry=self.registry) from None
+            if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("Location"):
+                nxt = urljoin(url, r.headers["Location"])
+                r.close()
+                if urlsplit(nxt).scheme not in ("http", "https"):
+                    raise RegistryError(f"refusing redirect to {nxt!r}", registry=self.registry)
+                if r.status_code == 303:
+                    method = "GET"
+                url = nxt
+                continue
+            return r
+        raise RegistryError(f"too many redirects for {url}", registry=self.registry)
+
+    def _error_from(self, r: requests.Response, what: str) -> RegistryError:
+        codes: list[str] = []
+        messages: list[str] = []
+        try:
+            if len(r.content) < 65536:
+                doc = r.json()
+                for e in (doc.get("errors") or []) if isinstance(doc, dict) else []:
+                    if isinstance(e, dict):
+                        codes.append(str(e.get("code", "")))
+                        if e.get("message"):
+                            messages.append(str(e["message"]))
+        except Exception:
+            pass
+        detail = "; ".join(messages) or r.reason or ""
+        subject = f"{what}: " if what else ""
+        text = f"{subject}HTTP {r.status_code} {detail}".strip()
+        kw = dict(registry=self.registry, status=r.status_code, codes=tuple(codes))
+        retry_after = None
+        if r.status_code == 429 or r.status_code == 503:
+            ra = r.headers.get("Retry-After")
+            if ra and ra.strip().isdigit():
+                retry_after = float(ra.strip())
+        if r.status_code == 401:
+            creds = self._credentials()
+            if creds:
+                return AuthenticationError(f"{subject}authentication failed (HTTP 401) {detail}".strip(), **kw)
+            return AccessDenied(f"{subject}access denied (HTTP 401) {detail}".strip(), **kw)
+        if r.status_code == 403:
+            return AccessDenied(f"{subject}access denied (HTTP 403) {detail}".strip(), **kw)
+        if r.status_code == 404 or any(c in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN") for c in codes):
+            return NotFoundError(f"{subject}not found {detail}".strip(), **kw)
+        if r.status_code == 429:
+            return RegistryError(f"{subject}too many requests (HTTP 429)", retry_after=retry_after,
+                                 hint="the registry rate-limits you; wait, or log in", **kw)
+        return RegistryError(text, retry_after=retry_after, **kw)
+
+    # -- API -----------------------------------------------------------------------
+    @staticmethod
+    def pull_scope(repository: str) -> str:
+        return f"repository:{repository}:pull"
+
+    def ping(self) -> None:
+        """GET /v2/ and learn the auth challenge; with credentials, prove they work."""
+        r = self.request("GET", "/v2/", ok=(200, 401), what="/v2/")
+        if r.status_code == 401:
+            self._learn_challenge(r)
+            r.close()
+            creds = self._credentials()
+            if self._challenge and self._challenge.scheme == "bearer":
+                self._fetch_token(self._challenge, None)
+                return
+            if creds and creds.basic:
+                r = self.request("GET", "/v2/", what="/v2/")
+            else:
+                raise AccessDenied("registry wants credentials", registry=self.registry, status=401)
+        r.close()
+
+    def get_manifest(self, repository: str, identifier: str) -> Manifest | Index:
+        """Fetch a manifest or index by tag or digest; verified against its digest."""
+        expected = Digest.parse(identifier) if ":" in identifier and identifier.startswith(("sha256:", "sha512:")) else None
+        what = f"manifest {repository}:{identifier}" if expected is None else f"manifest {repository}@{identifier}"
+        r = self.request("GET", f"/v2/{repository}/manifests/{identifier}", scope=self.pull_scope(repository),
+                         headers={"Accept": ACCEPT_MANIFESTS}, stream=True, what=what)
+        try:
+            length = r.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
+                raise ManifestError(f"{what} is too large ({length} bytes)", where=self.registry)
+            raw = r.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True)
+            if len(raw) > MAX_MANIFEST_SIZE:
+                raise ManifestError(f"{what} is too large", where=self.registry)
+            if length and length.isdigit() and len(raw) != int(length):
+                raise RegistryError(f"{what}: truncated response ({len(raw)} of {length} bytes)",
+                                    registry=self.registry, status=599)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            raise RegistryUnreachable(f"{what}: connection failed: {_short_exc(e)}", registry=self.registry) from None
+        finally:
+            r.close()
+        header_digest = r.headers.get("Docker-Content-Digest")
+        m = parse_manifest(raw, r.headers.get("Content-Type"), expected=expected, where=f"{self.registry}/{repository}")
+        if expected is None and header_digest:
+            try:
+                hd = Digest.parse(header_digest.strip())
+            except LayerfsError:
+                hd = None
+            if hd is not None and hd.algorithm == m.digest.algorithm and hd != m.digest:
+                raise ManifestError(f"{what}: Docker-Content-Digest {hd} does not match the content ({m.digest})",
+                                    where=self.registry)
+        return m
+
+    def open_blob(self, repository: str, desc: Descriptor, *, start: int = 0) -> BlobResponse:
+        """Open a blob body at offset *start* (Range), following redirects."""
+        if desc.media_type in FOREIGN_LAYER_TYPES and desc.urls:
+            raise ForeignLayerError(f"layer {desc.digest.short} is a foreign (non-distributable) layer "
+                                    f"served from {desc.urls[0]}", registry=self.registry)
+        headers = {"Accept-Encoding": "identity"}
+        if start:
+            headers["Range"] = f"bytes={start}-"
+        r = self.request("GET", f"/v2/{repository}/blobs/{desc.digest}", scope=self.pull_scope(repository),
+                         headers=headers, stream=True, ok=(200, 206), what=f"blob {desc.digest.short}")
+        if r.status_code == 206:
+            cr = r.headers.get("Content-Range", "")
+            try:
+                unit, _, rest = cr.partition(" ")
+                rng, _, total = rest.partition("/")
+                first, _, last = rng.partition("-")
+                first_i, last_i = int(first), int(last)
+                total_i = None if total == "*" else int(total)
+            except ValueError:
+                r.close()
+                raise RegistryError(f"blob {desc.digest.short}: bad Content-Range {cr!r}", registry=self.registry) from None
+            if unit != "bytes" or first_i != start or (total_i is not None and total_i != desc.size) \
+                    or last_i >= desc.size:
+                r.close()
+                raise SizeMismatch(f"blob {desc.digest.short}: Content-Range {cr!r} does not match the request "
+                                   f"(from {start} of {desc.size})", where=self.registry)
+            return BlobResponse(r, start, total_i)
+        length = r.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) != desc.size:
+            r.close()
+            raise SizeMismatch(f"blob {desc.digest.short}: registry sends {length} bytes, manifest says {desc.size}",
+                               where=self.registry)
+        return BlobResponse(r, 0, desc.size)
+
+    def get_blob_bytes(self, repository: str, desc: Descriptor, limit: int = 64 << 20) -> bytes:
+        """Fetch a small blob (config) whole, verified."""
+        if desc.size > limit:
+            raise ManifestError(f"blob {desc.digest.short} is too large to fetch whole ({desc.size} bytes)")
+        resp = self.open_blob(repository, desc)
+        try:
+            data = b"".join(resp.chunks())
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            raise RegistryUnreachable(f"blob {desc.digest.short}: connection failed: {_short_exc(e)}",
+                                      registry=self.registry) from None
+        finally:
+            resp.close()
+        if len(data) != desc.size:
+            raise SizeMismatch(f"blob {desc.digest.short} has {len(data)} bytes, expected {desc.size}",
+                               where=self.registry)
+        got = Digest.of(data, desc.digest.algorithm)
+        if got != desc.digest:
+            from .errors import DigestMismatch
+            raise DigestMismatch(f"blob digest is {got}, expected {desc.digest}", where=self.registry)
+        return data
+
+
+def _short_exc(e: BaseException) -> str:
+    """A one-line, human description of a requests/urllib3 exception."""
+    text = str(e)
+    for marker in ("Connection refused", "Name or service not known", "timed out", "Connection reset",
+                   "Temporary failure in name resolution", "No route to host", "certificate verify failed",
+                   "IncompleteRead", "Connection broken", "Remote end closed connection", "Network is unreachable"):
+        if marker in text:
+            return marker.lower() if marker[0].isupper() and marker != "IncompleteRead" else marker
+    return text.split("\n")[0][:200]
