@@ -237,6 +237,7 @@ def cmd_inspect(ctx: Context) -> int:
             "History": doc.get("history") or [],
             "Manifest": {"Digest": str(m.digest), "MediaType": m.media_type, "Size": len(m.raw),
                          "Config": m.config.to_json(), "Annotations": dict(m.annotations or {})},
+            "SourceManifest": _source_manifest(store, rec),
             "Layers": layers,
         })
     if a.format:
@@ -246,6 +247,18 @@ def cmd_inspect(ctx: Context) -> int:
         return 0
     print(json.dumps(docs, indent=4))
     return 0
+
+
+def _source_manifest(store, rec) -> dict | None:
+    """The manifest as the registry served it, when the store keeps an OCI form of it."""
+    from .oci import Digest
+    from .pull import SOURCE_MANIFEST_ANNOTATION
+    val = (rec.descriptor.annotations or {}).get(SOURCE_MANIFEST_ANNOTATION)
+    if not val:
+        return None
+    d = Digest.parse(val)
+    m = store.manifest(d)
+    return {"Digest": str(d), "MediaType": m.media_type, "Size": len(m.raw)}
 
 
 def cmd_search(ctx: Context) -> int:

@@ -441,3 +441,39 @@ def iter_layer_compression(layers: Iterable[Descriptor]) -> list[str | None]:
             raise UnsupportedMediaType(f"unsupported layer media type {l.media_type!r} for {l.digest.short}")
         out.append(LAYER_COMPRESSION[l.media_type])
     return out
+
+
+#: Docker schema2 media type -> OCI media type, as skopeo converts them when writing an OCI layout
+DOCKER_TO_OCI = {
+    DOCKER_MANIFEST: OCI_MANIFEST,
+    DOCKER_CONFIG: OCI_CONFIG,
+    DOCKER_LAYER: OCI_LAYER,
+    DOCKER_LAYER_GZIP: OCI_LAYER_GZIP,
+    DOCKER_LAYER_ZSTD: OCI_LAYER_ZSTD,
+    DOCKER_FOREIGN: OCI_LAYER_ND_GZIP,
+}
+
+
+def docker_to_oci(manifest: Manifest) -> Manifest:
+    """The OCI form of a Docker schema2 manifest: same config and layer blobs, OCI media types.
+
+    OCI image layouts are read by tools (skopeo, umoci) that accept only OCI
+    manifests, so the store keeps this form in ``index.json`` and the
+    registry's original bytes beside it (for ``Digest:`` and ``push``).
+    """
+    if manifest.media_type != DOCKER_MANIFEST:
+        return manifest
+
+    def conv(d: Descriptor) -> dict[str, Any]:
+        j = d.to_json()
+        j["mediaType"] = DOCKER_TO_OCI.get(d.media_type, d.media_type)
+        return j
+
+    doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": conv(manifest.config),
+                           "layers": [conv(l) for l in manifest.layers]}
+    if manifest.annotations:
+        doc["annotations"] = dict(manifest.annotations)
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    out = parse_manifest(raw)
+    assert isinstance(out, Manifest)
+    return out

@@ -20,8 +20,8 @@ import zstandard
 
 from .errors import (DigestMismatch, ForeignLayerError, LayerfsError, ManifestError, PlatformNotFound, RegistryError,
                      RegistryUnreachable, SizeMismatch, TarError, UnsupportedMediaType)
-from .oci import (FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Index, Manifest, Platform,
-                  iter_layer_compression)
+from .oci import (FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Index, Manifest,
+                  Platform, docker_to_oci, iter_layer_compression)
 from .reference import Reference
 from .registry import RegistryClient, RegistryOptions, _short_exc
 from .store import Store
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: index.json annotation holding the digest the registry knows the image by (index digest for multi-platform)
 REPO_DIGEST_ANNOTATION = "io.layerfs.repo.digest"
+#: index.json annotation: digest of the manifest as the registry served it, when the store keeps an OCI form
+SOURCE_MANIFEST_ANNOTATION = "io.layerfs.source.manifest"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,15 +235,19 @@ class Puller:
         if index is not None:
             self.store.put_blob(index.raw, index.digest)
         repo_digest = index.digest if index is not None else manifest.digest
+        ann = {REPO_DIGEST_ANNOTATION: str(repo_digest)}
+        stored = docker_to_oci(manifest)   # skopeo and umoci read only OCI manifests from a layout
+        if stored is not manifest:
+            self.store.put_blob(stored.raw, stored.digest)
+            ann[SOURCE_MANIFEST_ANNOTATION] = str(manifest.digest)
         name = str(ref)
         old = self.store.find(ref)
-        ann = {REPO_DIGEST_ANNOTATION: str(repo_digest)}
-        plat = config.platform
-        desc = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw), ann, plat)
-        updated = old is None or old.descriptor.digest != manifest.digest or bool(todo)
-        if old is None or old.descriptor.digest != manifest.digest \
-                or (old.descriptor.annotations or {}).get(REPO_DIGEST_ANNOTATION) != str(repo_digest):
+        desc = Descriptor(stored.media_type, stored.digest, len(stored.raw), ann, config.platform)
+        updated = old is None or old.descriptor.digest != stored.digest or bool(todo)
+        if old is None or old.descriptor.digest != stored.digest or dict(old.descriptor.annotations or {}) != {
+                **ann, "org.opencontainers.image.ref.name": name}:
             self.store.tag(name, desc)
+        manifest = stored
         return PullResult(ref, name, manifest, repo_digest, config, updated, len(todo))
 
     # one layer, resumable, retried on temporary failures
@@ -254,6 +260,7 @@ class Puller:
                 self.progress(short, "Already exists")
                 return
             attempts = 0
+            content_error: TarError | None = None
             hasher = desc.digest.hasher()
             digester = LayerDigester(compression, where=f"layer {short}")
             offset = ing.offset
@@ -266,6 +273,7 @@ class Puller:
                     resp = client.open_blob(repo, desc, start=offset)
                     if resp.start != offset:  # the registry ignored Range: start over
                         offset = 0
+                        content_error = None
                         hasher = desc.digest.hasher()
                         digester = LayerDigester(compression, where=f"layer {short}")
                         f = ing.open(0)
@@ -276,7 +284,11 @@ class Puller:
                                                    where=where)
                             f.write(chunk)
                             hasher.update(chunk)
-                            digester.feed(chunk)
+                            if content_error is None:
+                                try:
+                                    digester.feed(chunk)
+                                except TarError as e:   # judged after the digest: corruption says "digest"
+                                    content_error = e
                             offset += len(chunk)
                             self.progress(short, "Downloading", offset, desc.size)
                     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
@@ -305,8 +317,18 @@ class Puller:
                     ing.discard()
                     raise _os_error(e, f"blob {desc.digest}") from None
             self.progress(short, "Verifying Checksum")
+            got = hasher.hexdigest()
+            if got == desc.digest.hex:
+                try:
+                    if content_error is None:
+                        got_diff, size = digester.finish()
+                except TarError as e:
+                    content_error = e
+                if content_error is not None:   # the registry's blob itself is broken: keep nothing
+                    ing.discard()
+                    raise content_error
             try:
-                ing.commit(hasher.hexdigest())
+                ing.commit(got)
             except OSError as e:
                 from .store import _os_error
                 ing.discard()
@@ -315,7 +337,6 @@ class Puller:
                 e.where = where
                 raise
             self.progress(short, "Download complete")
-            got_diff, size = digester.finish()
             if diff_id is not None and got_diff != diff_id:
                 raise DigestMismatch(f"layer {short}: uncompressed content is {got_diff}, image config says {diff_id}",
                                      where=where)

@@ -389,6 +389,16 @@ class Store:
     def referenced_blobs(self) -> set[Digest]:
         live: set[Digest] = set()
         todo = [rec.descriptor.digest for rec in self.images()]
+        for rec in self.images():
+            # the registry's own manifest/index bytes, kept beside the OCI form (see pull)
+            for key, val in (rec.descriptor.annotations or {}).items():
+                if key.startswith("io.layerfs.") and val.startswith("sha256:"):
+                    try:
+                        d = Digest.parse(val)
+                    except Exception:
+                        continue
+                    if self.has_blob(d):
+                        todo.append(d)
         while todo:
             d = todo.pop()
             if d in live:
