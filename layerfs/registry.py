@@ -93,18 +93,24 @@ class RegistryClient:
         self.options = options or RegistryOptions.from_env()
         host = endpoint or ("registry-1.docker.io" if registry == DOCKER_HUB else registry)
         self.host = host
-        plain = is_local_registry(registry) or registry in self.options.insecure_registries \
-            or host in self.options.insecure_registries
-        self.scheme = "http" if plain else "https"
+        local = is_local_registry(registry)
+        #: insecure registries: HTTPS without verification first, plain HTTP if that fails (as docker does)
+        self.insecure = not local and (registry in self.options.insecure_registries
+                                       or host in self.options.insecure_registries)
+        self.scheme = "http" if local else "https"
         self.base = f"{self.scheme}://{host}"
+        self._scheme_checked = not self.insecure
         self.session = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers["User-Agent"] = USER_AGENT
-        self.session.trust_env = False if plain else True
+        self.session.trust_env = not local
         if self.options.ca_bundle:
             self.session.verify = self.options.ca_bundle
+        if self.insecure:
+            self.session.verify = False
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         self._creds_loaded = False
         self._creds: Credentials | None = self.options.credentials
         self._tokens: dict[str, Token] = {}
@@ -175,7 +181,8 @@ class RegistryClient:
 
     def _token_request(self, method: str, url: str, **kw) -> requests.Response:
         # never follow redirects with credentials attached
-        return self.session.request(method, url, timeout=self.options.timeout, allow_redirects=False, **kw)
+        return self.session.request(method, url, timeout=self.options.timeout, allow_redirects=False,
+                                    verify=self.session.verify, **kw)
 
     def _auth_header(self, scope: str | None, *, refresh: bool = False) -> str | None:
         ch = self._challenge
@@ -201,6 +208,8 @@ class RegistryClient:
     def request(self, method: str, path: str, *, scope: str | None = None, headers: Mapping[str, str] | None = None,
                 stream: bool = False, ok: tuple[int, ...] = (200,), what: str = "") -> requests.Response:
         """One registry request with auth, redirects and retries of temporary failures."""
+        if not self._scheme_checked:
+            self._pick_insecure_scheme()
         url = path if "://" in path else self.base + path
         attempt = 0
         refreshed = False
@@ -227,6 +236,20 @@ class RegistryClient:
                 time.sleep(delay)
                 attempt += 1
 
+    def _pick_insecure_scheme(self) -> None:
+        """For an insecure registry: keep HTTPS (unverified) when it answers, else fall back to HTTP."""
+        with self._lock:
+            if self._scheme_checked:
+                return
+            try:
+                self.session.get(f"https://{self.host}/v2/", timeout=min(self.options.timeout, 10),
+                                 allow_redirects=False, verify=False).close()
+            except requests.RequestException:
+                log.info("%s: no HTTPS, using plain HTTP (insecure registry)", self.registry)
+                self.scheme = "http"
+                self.base = f"http://{self.host}"
+            self._scheme_checked = True
+
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(max(retry_after, 0.0), 60.0)
@@ -252,7 +275,7 @@ class RegistryClient:
                 send["Authorization"] = auth
             try:
                 r = self.session.request(method, url, headers=send, stream=stream, allow_redirects=False,
-                                         timeout=self.options.timeout)
+                                         timeout=self.options.timeout, verify=self.session.verify)
             except requests.exceptions.SSLError as e:
                 raise RegistryError(f"TLS error talking to {urlsplit(url).netloc}: {_short_exc(e)}",
                                     registry=self.registry,
