@@ -1,0 +1,945 @@
+"""Random access into compressed layer blobs.
+
+A layer blob is downloaded once.  While it streams in, an *indexer* inflates
+it (the caller feeds the output to the tar parser and to the diff_id sha256)
+and records *checkpoints*: places in the blob where decompression can start
+again.  Later a *reader* serves ``read(offset, length)`` of the uncompressed
+tar by decompressing only from the nearest checkpoint at or before
+``offset``.
+
+gzip (``GzipIndexer`` / ``GzipReader``)
+    zran-style (zlib's ``examples/zran.c``): at a deflate block boundary
+    roughly every ``span`` bytes of output a checkpoint keeps the compressed
+    byte offset, the number of bits (0-7) of the previous byte still to be
+    used, and the 32 KiB of output before it (the window, stored
+    zlib-compressed).  A checkpoint at the start of a gzip member (files made
+    of concatenated members, as pigz -i / bgzip / estargz write) needs no
+    window: ``window is None`` there.  The work is done by the C extension
+    ``layerfs._zran``, which releases the GIL while it inflates, so layers
+    downloaded in several threads use several cores.  CRC-32 and length of
+    every member are checked by the indexer.
+
+zstd (``ZstdIndexer`` / ``ZstdReader``)
+    zstd frames cannot be entered in the middle, so checkpoints are only at
+    frame boundaries (one roughly every ``span`` bytes of output, if the
+    blob has several frames).  A large single-frame zstd layer -- what
+    ``zstd`` and most image builders write -- has a single checkpoint at 0:
+    a read there decompresses from the start of the frame up to the offset.
+    To keep that bearable the reader keeps a few open decompression cursors
+    (a read at or after a cursor's position continues from it, so reading
+    a layer front to back costs one pass) and caches decompressed pieces of
+    ``span`` bytes.  Random reads far into a big single-frame layer stay
+    O(offset); build such layers with several frames if that matters.
+
+uncompressed (``PlainIndexer`` / ``PlainReader``)
+    Direct ``pread``.
+
+Indexes serialise to a compact, versioned byte string
+(:meth:`SeekIndex.to_bytes` / :meth:`SeekIndex.from_bytes`) that the layer
+index file embeds.  Everything read back is validated; a bad index raises
+:class:`BadIndex`, bad compressed data raises :class:`CompressedDataError`
+(:class:`TruncatedStream` when it ends early).
+
+Typical use::
+
+    ix = make_indexer(compression)            # "gzip", "zstd" or None
+    for chunk in response.iter_content(1 << 20):
+        blob_file.write(chunk)
+        data = ix.feed(chunk)
+        tar_parser.feed(data); diff_id.update(data)
+    ix.finish()                                # raises on truncation / bad CRC
+    index_bytes = ix.to_bytes()
+    ...
+    with open_reader(blob_path, compression, index_bytes) as r:
+        r.read(offset, length)
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import stat
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple, Protocol, Union, runtime_checkable
+
+from .errors import ContentError
+
+try:
+    from . import _zran
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "layerfs._zran (native/zran.c) is not built; run 'pip install -e .' "
+        "(needs gcc and zlib headers: apt-get install zlib1g-dev)"
+    ) from exc
+
+__all__ = [
+    "DEFAULT_SPAN", "DEFAULT_CACHE_BYTES", "INDEX_VERSION",
+    "CompressedDataError", "TruncatedStream", "BadIndex",
+    "Checkpoint", "SeekIndex", "Indexer", "GzipIndexer", "ZstdIndexer",
+    "PlainIndexer", "make_indexer", "build_index", "BlobReader", "GzipReader",
+    "ZstdReader", "PlainReader", "open_reader", "normalize_compression",
+    "detect_compression",
+]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+DEFAULT_SPAN = 4 * MiB
+DEFAULT_CACHE_BYTES = 32 * MiB
+INDEX_VERSION = 1
+WINDOW_SIZE = _zran.WINSIZE
+MAX_COMPRESSED_WINDOW = _zran.MAX_CWIN
+MAX_SPAN = 1 << 40
+
+
+# --- errors ------------------------------------------------------------------
+
+class CompressedDataError(ContentError):
+    """A compressed blob is corrupt (bad header, bad data, CRC mismatch...)."""
+
+    default_hint = "the blob is damaged; delete it from the store and pull again"
+
+
+class TruncatedStream(CompressedDataError):
+    """A compressed blob ends before its compressed stream does."""
+
+
+class BadIndex(ContentError):
+    """A serialised seek index that is malformed or does not fit its blob."""
+
+    default_hint = "the layer index is damaged; rebuild it (pull the layer again)"
+
+
+def _wrap_zran(exc: Exception) -> ContentError:
+    if isinstance(exc, _zran.Truncated):
+        return TruncatedStream(str(exc))
+    return CompressedDataError(str(exc))
+
+
+# --- compression names -------------------------------------------------------
+
+_COMPRESSION_CODES = {None: 0, "gzip": 1, "zstd": 2}
+_CODE_COMPRESSION = {v: k for k, v in _COMPRESSION_CODES.items()}
+_ALIASES = {None: None, "": None, "none": None, "identity": None, "uncompressed": None,
+            "gzip": "gzip", "gz": "gzip", "zstd": "zstd", "zst": "zstd"}
+
+
+def normalize_compression(compression: str | None) -> str | None:
+    """``"gzip"``, ``"zstd"`` or ``None`` for the accepted spellings."""
+    key = compression.lower() if isinstance(compression, str) else compression
+    try:
+        return _ALIASES[key]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown compression {compression!r} (use 'gzip', 'zstd' or None)") from None
+
+
+def detect_compression(head: bytes) -> str | None:
+    """Guess the compression from the first bytes of a blob (magic numbers)."""
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    return None
+
+
+# --- index -------------------------------------------------------------------
+
+class Checkpoint(NamedTuple):
+    """A place where decompression can restart.
+
+    ``uoffset``: offset in the uncompressed stream; ``coffset``: offset in
+    the blob; ``bits``: for gzip, how many bits (0-7) of the byte at
+    ``coffset - 1`` belong to the data after the checkpoint; ``window``: the
+    zlib-compressed 32 KiB (or less) of output before the checkpoint, or
+    ``None`` where no window is needed -- the start of a gzip member or of a
+    zstd frame, which is always the case for zstd.
+    """
+
+    uoffset: int
+    coffset: int
+    bits: int = 0
+    window: bytes | None = None
+
+    @property
+    def at_member_start(self) -> bool:
+        return self.window is None
+
+
+_HEADER = struct.Struct("<4sBBHQQQI")   # magic, version, compression, flags, span, csize, usize, count
+_POINT = struct.Struct("<QQBBI")        # uoffset, coffset, bits, has_window, window length
+_CRC = struct.Struct("<I")
+_MAGIC = b"LFZI"
+_SIZE_LIMIT = 1 << 62
+
+
+@dataclass(frozen=True)
+class SeekIndex:
+    """Checkpoints of one blob plus its sizes; serialisable."""
+
+    compression: str | None
+    span: int
+    compressed_size: int
+    uncompressed_size: int
+    checkpoints: tuple[Checkpoint, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "compression", normalize_compression(self.compression))
+        object.__setattr__(self, "checkpoints", tuple(Checkpoint(*c) for c in self.checkpoints))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`BadIndex` unless the index is self-consistent."""
+        comp = self.compression
+        if not (1 <= self.span <= MAX_SPAN):
+            raise BadIndex(f"span {self.span} out of range")
+        if not (0 <= self.compressed_size < _SIZE_LIMIT and 0 <= self.uncompressed_size < _SIZE_LIMIT):
+            raise BadIndex("sizes out of range")
+        cps = self.checkpoints
+        if comp is None:
+            if cps:
+                raise BadIndex("an uncompressed blob has no checkpoints")
+            if self.compressed_size != self.uncompressed_size:
+                raise BadIndex("uncompressed blob: sizes differ")
+            return
+        if not cps:
+            raise BadIndex("no checkpoints")
+        first = cps[0]
+        if first.uoffset != 0 or first.coffset != 0 or first.bits != 0 or first.window is not None:
+            raise BadIndex("the first checkpoint must be the start of the blob")
+        prev_u, prev_bitpos = -1, -1
+        for cp in cps:
+            u, c, bits, win = cp
+            if not (isinstance(u, int) and isinstance(c, int) and isinstance(bits, int)):
+                raise BadIndex("checkpoint fields must be integers")
+            if not (0 <= bits <= 7):
+                raise BadIndex(f"bit offset {bits} out of range")
+            if win is None:
+                if bits:
+                    raise BadIndex("bit offset without window")
+            else:
+                if comp != "gzip":
+                    raise BadIndex(f"{comp} checkpoints carry no window")
+                if not isinstance(win, (bytes, bytearray)) or not (0 < len(win) <= MAX_COMPRESSED_WINDOW):
+                    raise BadIndex("bad window length")
+            if bits and c < 1:
+                raise BadIndex("bit offset at byte 0")
+            if not (0 <= c < self.compressed_size):
+                raise BadIndex(f"checkpoint offset {c} outside the blob ({self.compressed_size} bytes)")
+            if not (0 <= u <= self.uncompressed_size):
+                raise BadIndex(f"checkpoint at {u} beyond the uncompressed size {self.uncompressed_size}")
+            bitpos = c * 8 - bits
+            if u <= prev_u or bitpos <= prev_bitpos:
+                raise BadIndex("checkpoints out of order")
+            prev_u, prev_bitpos = u, bitpos
+
+    def to_bytes(self) -> bytes:
+        parts = [_HEADER.pack(_MAGIC, INDEX_VERSION, _COMPRESSION_CODES[self.compression], 0,
+                              self.span, self.compressed_size, self.uncompressed_size,
+                              len(self.checkpoints))]
+        for u, c, bits, win in self.checkpoints:
+            parts.append(_POINT.pack(u, c, bits, win is not None, len(win or b"")))
+            if win is not None:
+                parts.append(bytes(win))
+        body = b"".join(parts)
+        return body + _CRC.pack(zlib.crc32(body))
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> "SeekIndex":
+        data = bytes(data)
+        if len(data) < _HEADER.size + _CRC.size:
+            raise BadIndex("index too short")
+        magic, version = data[:4], data[4]
+        if magic != _MAGIC:
+            raise BadIndex("not a layerfs seek index (bad magic)")
+        if version != INDEX_VERSION:
+            raise BadIndex(f"unsupported seek index version {version} (this layerfs reads {INDEX_VERSION})")
+        (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
+        body = memoryview(data)[: len(data) - _CRC.size]
+        if zlib.crc32(body) != crc:
+            raise BadIndex("seek index checksum mismatch")
+        _, _, code, flags, span, csize, usize, count = _HEADER.unpack_from(body, 0)
+        if code not in _CODE_COMPRESSION:
+            raise BadIndex(f"unknown compression code {code}")
+        if flags:
+            raise BadIndex(f"unknown index flags {flags:#x}")
+        if count > (len(body) - _HEADER.size) // _POINT.size:
+            raise BadIndex("checkpoint count exceeds the index size")
+        pos = _HEADER.size
+        cps = []
+        for _ in range(count):
+            if pos + _POINT.size > len(body):
+                raise BadIndex("index truncated")
+            u, c, bits, has_win, wlen = _POINT.unpack_from(body, pos)
+            pos += _POINT.size
+            if has_win not in (0, 1) or (not has_win and wlen):
+                raise BadIndex("bad checkpoint flags")
+            win = None
+            if has_win:
+                if not (0 < wlen <= MAX_COMPRESSED_WINDOW) or pos + wlen > len(body):
+                    raise BadIndex("bad window length")
+                win = bytes(body[pos:pos + wlen])
+                pos += wlen
+            cps.append(Checkpoint(u, c, bits, win))
+        if pos != len(body):
+            raise BadIndex("trailing bytes in index")
+        return cls(_CODE_COMPRESSION[code], span, csize, usize, tuple(cps))
+
+
+# --- indexers ----------------------------------------------------------------
+
+@runtime_checkable
+class Indexer(Protocol):
+    """Consumes a blob chunk by chunk, returns its decompressed bytes and
+    records checkpoints."""
+
+    compression: str | None
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def finish(self) -> "SeekIndex": ...
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]: ...
+
+    def to_bytes(self) -> bytes: ...
+
+
+class _IndexerBase:
+    compression: str | None = None
+
+    def __init__(self, span: int) -> None:
+        if not (isinstance(span, int) and 1 <= span <= MAX_SPAN):
+            raise ValueError(f"span must be an int in 1..{MAX_SPAN}")
+        self.span = span
+        self._index: SeekIndex | None = None
+
+    @property
+    def index(self) -> SeekIndex:
+        if self._index is None:
+            raise RuntimeError("the index is complete only after finish()")
+        return self._index
+
+    def to_bytes(self) -> bytes:
+        return self.index.to_bytes()
+
+    def feed_iter(self, chunk: bytes, max_out: int = 1 * MiB) -> Iterator[bytes]:
+        """Like :meth:`feed` but yields the output in pieces (here: one)."""
+        out = self.feed(chunk)
+        if out:
+            yield out
+
+
+class GzipIndexer(_IndexerBase):
+    """Streaming gzip inflater that records a checkpoint about every ``span``
+    bytes of output.  ``window_level`` is the zlib level the 32 KiB windows
+    are stored with.  Not for use by two threads at once (one indexer per
+    blob; several indexers in several threads run in parallel)."""
+
+    compression = "gzip"
+
+    def __init__(self, span: int = DEFAULT_SPAN, *, window_level: int = 1) -> None:
+        super().__init__(span)
+        self._inf = _zran.Inflater(span, window_level)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Inflate one chunk of the blob; returns all its output (a chunk of
+        1 MiB gives at most ~1 GiB; use :meth:`feed_iter` to bound memory)."""
+        if self._index is not None:
+            raise RuntimeError("feed() after finish()")
+        try:
+            out, _ = self._inf.feed(chunk)
+        except _zran.Error as exc:
+            raise _wrap_zran(exc) from None
+        return out
+
+    def feed_iter(self, chunk: bytes, max_out: int = 1 * MiB) -> Iterator[bytes]:
+        """Inflate one chunk, yielding output pieces of at most ``max_out``
+        bytes (memory stays bounded even for a decompression bomb)."""
+        if self._index is not None:
+            raise RuntimeError("feed() after finish()")
+        if max_out <= 0:
+            raise ValueError("max_out must be positive")
+        mv = memoryview(chunk).cast("B")
+        pos = 0
+        while True:
+            try:
+                out, used = self._inf.feed(mv[pos:], max_out)
+            except _zran.Error as exc:
+                raise _wrap_zran(exc) from None
+            pos += used
+            if out:
+                yield out
+            if pos >= len(mv) and len(out) < max_out:
+                return
+
+    def finish(self) -> SeekIndex:
+        """Check that the stream ended cleanly (complete members, CRCs
+        checked, nothing but zero padding after the last) and return the
+        index.  Raises :class:`TruncatedStream` or :class:`CompressedDataError`."""
+        if self._index is None:
+            try:
+                self._inf.finish()
+            except _zran.Error as exc:
+                raise _wrap_zran(exc) from None
+            self._index = SeekIndex("gzip", self.span, self._inf.total_in, self._inf.total_out,
+                                    tuple(self.checkpoints))
+        return self._index
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        return [Checkpoint(*p) for p in self._inf.points()]
+
+    @property
+    def total_in(self) -> int:
+        return self._inf.total_in
+
+    @property
+    def total_out(self) -> int:
+        return self._inf.total_out
+
+    @property
+    def members(self) -> int:
+        return self._inf.members
+
+
+class ZstdIndexer(_IndexerBase):
+    """Streaming zstd decompressor that records frame boundaries (one
+    checkpoint about every ``span`` bytes of output, at a frame start).
+    Frame checksums are verified when present."""
+
+    compression = "zstd"
+
+    def __init__(self, span: int = DEFAULT_SPAN) -> None:
+        super().__init__(span)
+        import zstandard
+        self._zstd = zstandard
+        self._dctx = zstandard.ZstdDecompressor()
+        self._dobj = None
+        self._cin = 0
+        self._cout = 0
+        self._frames = 0
+        self._points: list[Checkpoint] = []
+        self._error: Exception | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._index is not None:
+            raise RuntimeError("feed() after finish()")
+        if self._error is not None:
+            raise self._error
+        data = bytes(chunk)
+        outs = []
+        try:
+            while data:
+                if self._dobj is None:
+                    if not self._points or self._cout - self._points[-1].uoffset >= self.span:
+                        self._points.append(Checkpoint(self._cout, self._cin))
+                    self._dobj = self._dctx.decompressobj()
+                out = self._dobj.decompress(data)
+                if out:
+                    outs.append(out)
+                    self._cout += len(out)
+                if self._dobj.eof:
+                    rest = self._dobj.unused_data
+                    self._cin += len(data) - len(rest)
+                    data = rest
+                    self._dobj = None
+                    self._frames += 1
+                else:
+                    self._cin += len(data)
+                    data = b""
+        except self._zstd.ZstdError as exc:
+            self._error = CompressedDataError(f"invalid zstd data: {exc}")
+            raise self._error from None
+        return b"".join(outs)
+
+    def finish(self) -> SeekIndex:
+        if self._index is None:
+            if self._error is not None:
+                raise self._error
+            if self._dobj is not None:
+                raise TruncatedStream(f"zstd stream truncated after {self._cin} compressed bytes "
+                                      f"({self._cout} bytes decompressed)")
+            if not self._frames:
+                raise TruncatedStream("empty blob: no zstd data")
+            self._index = SeekIndex("zstd", self.span, self._cin, self._cout, tuple(self._points))
+        return self._index
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        return list(self._points)
+
+    @property
+    def total_in(self) -> int:
+        return self._cin
+
+    @property
+    def total_out(self) -> int:
+        return self._cout
+
+    @property
+    def frames(self) -> int:
+        return self._frames
+
+
+class PlainIndexer(_IndexerBase):
+    """Uncompressed blob: output is the input, no checkpoints."""
+
+    compression = None
+
+    def __init__(self, span: int = DEFAULT_SPAN) -> None:
+        super().__init__(span)
+        self._n = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._index is not None:
+            raise RuntimeError("feed() after finish()")
+        data = bytes(chunk)
+        self._n += len(data)
+        return data
+
+    def finish(self) -> SeekIndex:
+        if self._index is None:
+            self._index = SeekIndex(None, self.span, self._n, self._n, ())
+        return self._index
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        return []
+
+    @property
+    def total_in(self) -> int:
+        return self._n
+
+    total_out = total_in
+
+
+def make_indexer(compression: str | None, span: int = DEFAULT_SPAN) -> Indexer:
+    """An indexer for ``"gzip"``, ``"zstd"`` or ``None`` (uncompressed)."""
+    comp = normalize_compression(compression)
+    if comp == "gzip":
+        return GzipIndexer(span)
+    if comp == "zstd":
+        return ZstdIndexer(span)
+    return PlainIndexer(span)
+
+
+PathOrFd = Union[str, "os.PathLike[str]", int]
+
+
+def build_index(blob: PathOrFd, compression: str | None, span: int = DEFAULT_SPAN,
+                chunk_size: int = 1 * MiB) -> SeekIndex:
+    """Index a blob that is already on disk (reads it once).  The normal way
+    is to index while downloading; this is for blobs that lost their index."""
+    ix = make_indexer(compression, span)
+    fd, own = _open_fd(blob)
+    try:
+        pos = 0
+        while True:
+            chunk = os.pread(fd, chunk_size, pos)
+            if not chunk:
+                break
+            pos += len(chunk)
+            if isinstance(ix, GzipIndexer):
+                for _ in ix.feed_iter(chunk, 16 * MiB):
+                    pass
+            else:
+                ix.feed(chunk)
+        return ix.finish()
+    finally:
+        if own:
+            os.close(fd)
+
+
+# --- readers -----------------------------------------------------------------
+
+def _open_fd(blob: PathOrFd) -> tuple[int, bool]:
+    if isinstance(blob, int):
+        if blob < 0:
+            raise ValueError("bad file descriptor")
+        return blob, False
+    return os.open(blob, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), True
+
+
+class _LRU:
+    """Thread-safe LRU of span entries, bounded by the bytes they hold."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max(0, int(max_bytes))
+        self._items: OrderedDict[object, object] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def entry(self, key: object, factory):
+        with self._lock:
+            e = self._items.get(key)
+            if e is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return e
+            self.misses += 1
+            e = factory()
+            self._items[key] = e
+            self._bytes += e.nbytes
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+            return e
+
+    def discard(self, key: object, e: object) -> None:
+        with self._lock:
+            if self._items.get(key) is e:
+                del self._items[key]
+                self._bytes -= e.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+_READAHEAD = 256 * KiB
+
+
+class _GzipSpan:
+    """One cached gzip span: a buffer of the span's size filled front to
+    back on demand by a resumable decoder, so a read costs decompression
+    only up to its end and reads further on continue from there."""
+
+    __slots__ = ("buf", "filled", "decoder", "lock", "nbytes")
+
+    def __init__(self, fd: int, cp: Checkpoint, size: int) -> None:
+        self.buf = _zran.empty_bytearray(size)
+        self.nbytes = size
+        self.filled = 0
+        self.decoder = _zran.Decoder(fd, cp.coffset, cp.bits, cp.window)
+        self.lock = threading.Lock()
+
+    def get(self, a: int, b: int) -> bytes:
+        if b > self.filled:
+            with self.lock:
+                if b > self.filled:
+                    target = min(self.nbytes, max(b, self.filled + _READAHEAD))
+                    with memoryview(self.buf) as mv:
+                        try:
+                            self.decoder.readinto(mv[self.filled:target])
+                        except _zran.Error as exc:
+                            raise _wrap_zran(exc) from None
+                    self.filled = target
+                    if target == self.nbytes:
+                        self.decoder = None
+        with memoryview(self.buf) as mv:
+            return bytes(mv[a:b])
+
+
+class BlobReader:
+    """``read(offset, length)`` of the uncompressed content of a blob.
+    Thread-safe.  Closes the blob's fd on :meth:`close` only if it opened it."""
+
+    compression: str | None = None
+
+    def __init__(self, blob: PathOrFd, index: SeekIndex, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.index = index
+        self._cache = _LRU(cache_bytes)
+        self._fd, self._own_fd = _open_fd(blob)
+        self._closed = False
+        try:
+            st = os.fstat(self._fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size != index.compressed_size:
+                raise BadIndex(f"blob is {st.st_size} bytes, the index says {index.compressed_size}")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def size(self) -> int:
+        """Uncompressed size."""
+        return self.index.uncompressed_size
+
+    @property
+    def cache_stats(self) -> tuple[int, int]:
+        """(hits, misses) of the span cache."""
+        return self._cache.hits, self._cache.misses
+
+    def _range(self, offset: int, length: int) -> tuple[int, int]:
+        if self._closed:
+            raise ValueError("read from a closed reader")
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        return offset, min(offset + length, self.size)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` (fewer only at the end)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            self._cache.clear()
+            if self._own_fd:
+                os.close(self._fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _SpannedReader(BlobReader):
+    """Shared logic: the uncompressed stream cut in spans; a read gathers the
+    pieces of every span it touches, through the cache when the span is
+    small enough to be cached (at most half the cache)."""
+
+    def _span_of(self, offset: int) -> tuple[object, int, int]:
+        """(cache key, span start, span end) of the span holding offset."""
+        raise NotImplementedError
+
+    def _new_entry(self, key: object, start: int, size: int):
+        raise NotImplementedError
+
+    def _decode(self, key: object, start: int, skip: int, length: int) -> bytes:
+        """Uncached: ``length`` bytes at ``start + skip``."""
+        raise NotImplementedError
+
+    def read(self, offset: int, length: int) -> bytes:
+        offset, end = self._range(offset, length)
+        parts = []
+        cache_limit = self._cache.max_bytes // 2
+        while offset < end:
+            key, s0, s1 = self._span_of(offset)
+            stop = min(end, s1)
+            if s1 - s0 <= cache_limit:
+                entry = self._cache.entry(key, lambda: self._new_entry(key, s0, s1 - s0))
+                try:
+                    parts.append(entry.get(offset - s0, stop - s0))
+                except BaseException:
+                    self._cache.discard(key, entry)
+                    raise
+            else:
+                parts.append(self._decode(key, s0, offset - s0, stop - offset))
+            offset = stop
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+
+class GzipReader(_SpannedReader):
+    """Random access into a gzip blob through its checkpoints (``pread``
+    plus inflation in C without the GIL)."""
+
+    compression = "gzip"
+
+    def __init__(self, blob: PathOrFd, index: SeekIndex, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        if index.compression != "gzip":
+            raise BadIndex(f"a {index.compression or 'plain'} index for a gzip blob")
+        super().__init__(blob, index, cache_bytes=cache_bytes)
+        self._cps = index.checkpoints
+        self._starts = [cp.uoffset for cp in self._cps]
+
+    def _span_of(self, offset: int) -> tuple[object, int, int]:
+        i = bisect.bisect_right(self._starts, offset) - 1
+        end = self._starts[i + 1] if i + 1 < len(self._starts) else self.size
+        return i, self._starts[i], end
+
+    def _new_entry(self, key, start: int, size: int) -> _GzipSpan:
+        return _GzipSpan(self._fd, self._cps[key], size)
+
+    def _decode(self, key, start: int, skip: int, length: int) -> bytes:
+        cp = self._cps[key]
+        try:
+            return _zran.read_at(self._fd, cp.coffset, cp.bits, cp.window, skip, length)
+        except _zran.Error as exc:
+            raise _wrap_zran(exc) from None
+
+
+class _PreadFile:
+    """Minimal file object over an fd from a position (for zstandard)."""
+
+    def __init__(self, fd: int, pos: int) -> None:
+        self._fd = fd
+        self._pos = pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = 1 * MiB
+        data = os.pread(self._fd, n, self._pos)
+        self._pos += len(data)
+        return data
+
+
+class _ZstdCursor:
+    __slots__ = ("seg", "upos", "reader")
+
+    def __init__(self, seg: int, upos: int, reader) -> None:
+        self.seg = seg
+        self.upos = upos
+        self.reader = reader
+
+
+class _ZstdPiece:
+    __slots__ = ("produce", "data", "lock", "nbytes")
+
+    def __init__(self, produce, size: int) -> None:
+        self.produce = produce
+        self.data: bytes | None = None
+        self.nbytes = size
+        self.lock = threading.Lock()
+
+    def get(self, a: int, b: int) -> bytes:
+        if self.data is None:
+            with self.lock:
+                if self.data is None:
+                    self.data = self.produce()
+                    self.produce = None
+        return self.data[a:b]
+
+
+class ZstdReader(_SpannedReader):
+    """Random access into a zstd blob.  Checkpoints are frame starts; inside
+    a frame the reader decompresses from the frame start -- or from an open
+    cursor already before the offset -- in cached pieces of ``index.span``
+    bytes."""
+
+    compression = "zstd"
+    MAX_CURSORS = 4
+
+    def __init__(self, blob: PathOrFd, index: SeekIndex, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        if index.compression != "zstd":
+            raise BadIndex(f"a {index.compression or 'plain'} index for a zstd blob")
+        import zstandard
+        self._zstd = zstandard
+        super().__init__(blob, index, cache_bytes=cache_bytes)
+        self._cps = index.checkpoints
+        self._starts = [cp.uoffset for cp in self._cps]
+        self._piece = min(max(index.span, 64 * KiB), 64 * MiB)
+        self._cursors: list[_ZstdCursor] = []
+        self._cursor_lock = threading.Lock()
+
+    def _span_of(self, offset: int) -> tuple[object, int, int]:
+        i = bisect.bisect_right(self._starts, offset) - 1
+        seg_start = self._starts[i]
+        seg_end = self._starts[i + 1] if i + 1 < len(self._starts) else self.size
+        k = (offset - seg_start) // self._piece
+        s0 = seg_start + k * self._piece
+        return (i, k), s0, min(seg_end, s0 + self._piece)
+
+    def _new_entry(self, key, start: int, size: int) -> _ZstdPiece:
+        return _ZstdPiece(lambda: self._decode(key, start, 0, size), size)
+
+    def _take_cursor(self, seg: int, upos: int) -> _ZstdCursor:
+        with self._cursor_lock:
+            best = None
+            for c in self._cursors:
+                if c.seg == seg and c.upos <= upos and (best is None or c.upos > best.upos):
+                    best = c
+            if best is not None:
+                self._cursors.remove(best)
+                return best
+        cp = self._cps[seg]
+        # A ZstdDecompressor holds one DCtx that its streams share: one per cursor.
+        reader = self._zstd.ZstdDecompressor().stream_reader(
+            _PreadFile(self._fd, cp.coffset), read_size=128 * KiB, read_across_frames=True,
+            closefd=False)
+        return _ZstdCursor(seg, cp.uoffset, reader)
+
+    def _put_cursor(self, cur: _ZstdCursor) -> None:
+        with self._cursor_lock:
+            self._cursors.append(cur)
+            while len(self._cursors) > self.MAX_CURSORS:
+                self._cursors.pop(0)
+
+    def _decode(self, key, start: int, skip: int, length: int) -> bytes:
+        seg = key[0]
+        target = start + skip
+        cur = self._take_cursor(seg, target)
+        parts = []
+        try:
+            while cur.upos < target:
+                data = cur.reader.read(min(target - cur.upos, 1 * MiB))
+                if not data:
+                    raise TruncatedStream("zstd stream ends before the data the index promises")
+                cur.upos += len(data)
+            need = length
+            while need > 0:
+                data = cur.reader.read(need)
+                if not data:
+                    raise TruncatedStream("zstd stream ends before the data the index promises")
+                parts.append(data)
+                need -= len(data)
+                cur.upos += len(data)
+        except self._zstd.ZstdError as exc:
+            raise CompressedDataError(f"invalid zstd data: {exc}") from None
+        self._put_cursor(cur)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        lock = getattr(self, "_cursor_lock", None)
+        if lock is not None:
+            with lock:
+                self._cursors.clear()
+        super().close()
+
+
+class PlainReader(BlobReader):
+    """An uncompressed blob: ``pread``."""
+
+    compression = None
+
+    def __init__(self, blob: PathOrFd, index: SeekIndex | None = None, *,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+        if index is None:
+            fd, own = _open_fd(blob)
+            try:
+                size = os.fstat(fd).st_size
+            finally:
+                if own:
+                    os.close(fd)
+            index = SeekIndex(None, DEFAULT_SPAN, size, size, ())
+        if index.compression is not None:
+            raise BadIndex(f"a {index.compression} index for an uncompressed blob")
+        super().__init__(blob, index, cache_bytes=0)
+
+    def read(self, offset: int, length: int) -> bytes:
+        offset, end = self._range(offset, length)
+        parts = []
+        while offset < end:
+            data = os.pread(self._fd, end - offset, offset)
+            if not data:
+                raise TruncatedStream("blob shorter than its index says")
+            parts.append(data)
+            offset += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def open_reader(blob: PathOrFd, compression: str | None, index_bytes: bytes | None = None, *,
+                cache_bytes: int = DEFAULT_CACHE_BYTES) -> BlobReader:
+    """A reader for a blob (path or fd) of the given compression, from its
+    serialised index (:meth:`SeekIndex.to_bytes`).  ``index_bytes=None``
+    indexes the blob first (a full read of it).  ``cache_bytes`` bounds the
+    cache of decompressed spans (0 disables it).  Raises :class:`BadIndex`
+    for an index that is malformed, for another compression or another
+    blob size."""
+    comp = normalize_compression(compression)
+    if index_bytes is None:
+        index = build_index(blob, comp) if comp is not None else None
+    else:
+        index = SeekIndex.from_bytes(index_bytes)
+        if index.compression != comp:
+            raise BadIndex(f"the index is for {index.compression or 'uncompressed'} data, "
+                           f"the blob is {comp or 'uncompressed'}")
+    if comp == "gzip":
+        return GzipReader(blob, index, cache_bytes=cache_bytes)
+    if comp == "zstd":
+        return ZstdReader(blob, index, cache_bytes=cache_bytes)
+    return PlainReader(blob, index)
