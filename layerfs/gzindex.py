@@ -326,10 +326,19 @@ class _IndexerBase:
         return self.index.to_bytes()
 
     def feed_iter(self, chunk: bytes, max_out: int = 1 * MiB) -> Iterator[bytes]:
-        """Like :meth:`feed` but yields the output in pieces (here: one)."""
+        """Like :meth:`feed` but yields the output in pieces of at most
+        ``max_out`` bytes.  Only :class:`GzipIndexer` also bounds the memory
+        it uses; here the chunk's whole output is made first."""
+        if max_out <= 0:
+            raise ValueError("max_out must be positive")
         out = self.feed(chunk)
-        if out:
-            yield out
+        if len(out) <= max_out:
+            if out:
+                yield out
+            return
+        with memoryview(out) as mv:
+            for i in range(0, len(out), max_out):
+                yield bytes(mv[i:i + max_out])
 
 
 class GzipIndexer(_IndexerBase):

@@ -29,7 +29,19 @@
  *     window bytes: zlib-compressed 32 KiB (or shorter) dictionary; raw
  *     deflate resumes at byte coff with `bits` bits of byte coff-1 pending.
  *     Inflates (discarding `skip` bytes first) and returns exactly `length`
- *     bytes, or raises Truncated if the stream ends before that.
+ *     bytes, or raises Truncated if the stream ends before that.  Crosses
+ *     member boundaries (trailer skipped, next header parsed, its CRC
+ *     checked when the member is read to its end).
+ *
+ *   Decoder(fd, coff, bits, window)     the same, resumable:
+ *     .readinto(buffer) -> n  (fills the whole buffer)
+ *     .read(n) -> bytes, .skip(n), .position
+ *
+ *   empty_bytearray(n)                  uninitialised bytearray (no memset)
+ *
+ * Input is read with pread(): no file position is shared, so any number of
+ * threads may read the same fd at once.  Objects guard against concurrent
+ * use of one instance (RuntimeError) instead of corrupting their state.
  *
  *   Error (ValueError subclass), Truncated (Error subclass)
  */
@@ -504,11 +516,10 @@ Inflater_feed(Inflater *self, PyObject *args, PyObject *kwds)
     self->busy = 0;
     PyBuffer_Release(&buf);
     if (e.kind != E_NONE) {
+        /* sticky: how much input was consumed is lost with the output */
         obuf_discard(&ob);
-        if (e.kind != E_NOMEM) {
-            self->err = e;
-            self->state = ST_ERROR;
-        }
+        self->err = e;
+        self->state = ST_ERROR;
         raise_err(&e);
         return NULL;
     }

@@ -23,6 +23,7 @@ the whole file on disk (they seek).
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import random
 import shutil
@@ -68,7 +69,6 @@ def generate(path: Path, size_mb: int, seed: int = 42) -> None:
             info = tarfile.TarInfo(f"dir{n % 50}/file{n}")
             info.size = len(data)
             info.mtime = 1700000000
-            import io
             tf.addfile(info, io.BytesIO(data))
             written += len(data)
             n += 1
@@ -77,24 +77,37 @@ def generate(path: Path, size_mb: int, seed: int = 42) -> None:
     tar_path.unlink()
 
 
-def bench_zlib(blob: bytes) -> tuple[float, int]:
-    t = time.perf_counter()
-    d = zlib.decompressobj(31)
-    total = 0
-    for i in range(0, len(blob), CHUNK):
-        total += len(d.decompress(blob[i:i + CHUNK]))
-    total += len(d.flush())
-    return time.perf_counter() - t, total
+class Timer:
+    """Wall and process CPU time: the CPU time stays meaningful when other
+    processes compete for the cores."""
+
+    def __enter__(self):
+        self.t, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t
+        self.cpu = time.process_time() - self.c
 
 
-def bench_indexer(blob: bytes, span: int) -> tuple[float, int, gzindex.SeekIndex]:
-    t = time.perf_counter()
-    ix = gzindex.GzipIndexer(span)
-    total = 0
-    for i in range(0, len(blob), CHUNK):
-        total += len(ix.feed(blob[i:i + CHUNK]))
-    idx = ix.finish()
-    return time.perf_counter() - t, total, idx
+def bench_zlib(blob: bytes):
+    with Timer() as tm:
+        d = zlib.decompressobj(31)
+        total = 0
+        for i in range(0, len(blob), CHUNK):
+            total += len(d.decompress(blob[i:i + CHUNK]))
+        total += len(d.flush())
+    return tm, total
+
+
+def bench_indexer(blob: bytes, span: int):
+    with Timer() as tm:
+        ix = gzindex.GzipIndexer(span)
+        total = 0
+        for i in range(0, len(blob), CHUNK):
+            total += len(ix.feed(blob[i:i + CHUNK]))
+        idx = ix.finish()
+    return tm, total, idx
 
 
 def bench_threads(blob: bytes, span: int, nthreads: int, kind: str) -> float:
@@ -105,35 +118,79 @@ def bench_threads(blob: bytes, span: int, nthreads: int, kind: str) -> float:
             bench_zlib(blob)
 
     threads = [threading.Thread(target=work) for _ in range(nthreads)]
-    t = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return time.perf_counter() - t
+    with Timer() as tm:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    return tm
 
 
 def bench_indexed_gzip(path: Path, spacing: int):
     import indexed_gzip
-    t = time.perf_counter()
-    f = indexed_gzip.IndexedGzipFile(str(path), spacing=spacing, buffer_size=4096)
-    f.build_full_index()
-    return time.perf_counter() - t, f
+    with Timer() as tm:
+        f = indexed_gzip.IndexedGzipFile(str(path), spacing=spacing, buffer_size=4096)
+        f.build_full_index()
+    return tm, f
 
 
 def bench_rapidgzip(path: Path, parallelization: int):
     import rapidgzip
-    t = time.perf_counter()
-    f = rapidgzip.open(str(path), parallelization=parallelization)
-    total = 0
-    while True:
-        b = f.read(4 * MiB)
-        if not b:
-            break
-        total += len(b)
-    el = time.perf_counter() - t
+    with Timer() as tm:
+        f = rapidgzip.open(str(path), parallelization=parallelization)
+        total = 0
+        while True:
+            b = f.read(4 * MiB)
+            if not b:
+                break
+            total += len(b)
     f.close()
-    return el, total
+    return tm, total
+
+
+class ForwardOnly(io.RawIOBase):
+    """What a download looks like: forward reads only (tell works, no seek)."""
+
+    def __init__(self, data: bytes):
+        self._b = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def readinto(self, m):
+        return self._b.readinto(m)
+
+    def seekable(self):
+        return False
+
+
+def streaming_check(blob: bytes) -> dict[str, str]:
+    """Can the library consume a gzip stream that arrives piece by piece?"""
+    res = {}
+    sample = blob[: 8 * MiB]  # a prefix is enough: it fails (or not) early
+    try:
+        import indexed_gzip
+        try:
+            f = indexed_gzip.IndexedGzipFile(fileobj=ForwardOnly(sample), spacing=1 * MiB)
+            while f.read(1 * MiB):
+                pass
+            res["indexed_gzip"] = "reads a forward-only stream"
+        except Exception as exc:  # noqa: BLE001
+            res["indexed_gzip"] = f"no: {type(exc).__name__}: {str(exc)[:60]}"
+    except ImportError:
+        pass
+    try:
+        import rapidgzip
+        try:
+            f = rapidgzip.open(ForwardOnly(sample))
+            while f.read(1 * MiB):
+                pass
+            res["rapidgzip"] = "reads a forward-only stream"
+        except Exception as exc:  # noqa: BLE001
+            res["rapidgzip"] = f"no: {type(exc).__name__}: {str(exc)[:60]}"
+    except ImportError:
+        pass
+    return res
 
 
 def latency(fn, offsets) -> tuple[float, float]:
@@ -161,53 +218,63 @@ def main() -> None:
     blob = path.read_bytes()
     print(f"blob: {len(blob) / MiB:.1f} MiB compressed", flush=True)
 
-    rows: list[tuple[str, str, str]] = []
+    rows: list[tuple[str, str, str, str]] = []
+
+    def mbps(n, secs):
+        return f"{n / MiB / secs:.0f}"
 
     def best(fn):
-        return min((fn() for _ in range(args.repeat)), key=lambda r: r[0])
+        return min((fn() for _ in range(args.repeat)), key=lambda r: r[0].cpu)
 
-    el, usize = best(lambda: bench_zlib(blob))
+    tm, usize = best(lambda: bench_zlib(blob))
     print(f"uncompressed: {usize / MiB:.1f} MiB (ratio {usize / len(blob):.2f})", flush=True)
-    rows.append(("a) zlib.decompressobj (Python, 1 MiB chunks)", f"{usize / MiB / el:.0f}", "streaming, no index"))
+    rows.append(("a) zlib.decompressobj (Python, 1 MiB chunks)", mbps(usize, tm.wall), mbps(usize, tm.cpu),
+                 "streaming, no index"))
 
+    idxs = {}
     for span in (4 * MiB, 1 * MiB):
-        el, _, idx = best(lambda: bench_indexer(blob, span))
-        rows.append((f"b) layerfs GzipIndexer span={span // MiB} MiB", f"{usize / MiB / el:.0f}",
+        tm, _, idx = best(lambda: bench_indexer(blob, span))
+        idxs[span] = idx
+        rows.append((f"b) layerfs GzipIndexer span={span // MiB} MiB", mbps(usize, tm.wall), mbps(usize, tm.cpu),
                      f"streaming; {len(idx.checkpoints)} checkpoints, index {len(idx.to_bytes()) / 1024:.0f} KiB"))
-    idx4 = bench_indexer(blob, 4 * MiB)[2]
-    idx1 = bench_indexer(blob, 1 * MiB)[2]
+    idx4, idx1 = idxs[4 * MiB], idxs[1 * MiB]
 
-    el = bench_threads(blob, 4 * MiB, 2, "layerfs")
-    rows.append(("b2) 2 x GzipIndexer in 2 threads (aggregate)", f"{2 * usize / MiB / el:.0f}", "GIL released"))
-    el = bench_threads(blob, 4 * MiB, 2, "zlib")
-    rows.append(("a2) 2 x zlib.decompressobj in 2 threads", f"{2 * usize / MiB / el:.0f}", ""))
+    tm = bench_threads(blob, 4 * MiB, 2, "layerfs")
+    rows.append(("b2) 2 x GzipIndexer in 2 threads (aggregate)", mbps(2 * usize, tm.wall), mbps(2 * usize, tm.cpu),
+                 "GIL released while inflating"))
+    tm = bench_threads(blob, 4 * MiB, 2, "zlib")
+    rows.append(("a2) 2 x zlib.decompressobj in 2 threads", mbps(2 * usize, tm.wall), mbps(2 * usize, tm.cpu), ""))
 
+    streaming = streaming_check(blob)
     igz = {}
     try:
         import indexed_gzip  # noqa: F401
         for spacing in (4 * MiB, 1 * MiB):
-            el, f = min((bench_indexed_gzip(path, spacing) for _ in range(args.repeat)), key=lambda r: r[0])
+            tm, f = min((bench_indexed_gzip(path, spacing) for _ in range(args.repeat)), key=lambda r: r[0].cpu)
             igz[spacing] = f
             rows.append((f"c) indexed_gzip build_full_index spacing={spacing // MiB} MiB",
-                         f"{usize / MiB / el:.0f}", "needs the whole file (seeks); no output"))
+                         mbps(usize, tm.wall), mbps(usize, tm.cpu), "from the file, returns no data"))
     except ImportError:
-        rows.append(("c) indexed_gzip", "n/a", "not installed"))
+        rows.append(("c) indexed_gzip", "n/a", "n/a", "not installed"))
 
     try:
         import rapidgzip  # noqa: F401
         for par in (1, 2):
-            el, total = best(lambda: bench_rapidgzip(path, par))
+            tm, total = best(lambda: bench_rapidgzip(path, par))
             assert total == usize
-            rows.append((f"d) rapidgzip read-through parallelization={par}", f"{usize / MiB / el:.0f}",
-                         "needs the whole file (seeks)"))
+            rows.append((f"d) rapidgzip read-through parallelization={par}", mbps(usize, tm.wall),
+                         mbps(usize, tm.cpu), "from the file (index built on the way)"))
     except ImportError:
-        rows.append(("d) rapidgzip", "n/a", "not installed"))
+        rows.append(("d) rapidgzip", "n/a", "n/a", "not installed"))
 
     print()
     w = max(len(r[0]) for r in rows)
-    print(f"{'throughput (uncompressed MB/s)':<{w}}  {'MB/s':>6}  notes")
-    for name, v, note in rows:
-        print(f"{name:<{w}}  {v:>6}  {note}")
+    print(f"{'throughput, MB of output per second':<{w}}  {'wall':>6}  {'per CPU-s':>9}  notes")
+    for name, v, c, note in rows:
+        print(f"{name:<{w}}  {v:>6}  {c:>9}  {note}")
+    print()
+    for lib, verdict in streaming.items():
+        print(f"{lib} on a forward-only stream (as a download arrives): {verdict}")
 
     rng = random.Random(7)
     offsets = [rng.randrange(usize - 4096) for _ in range(args.reads)]
