@@ -1,0 +1,911 @@
+"""Per-layer index (TOC): one record per tar member, built in one streaming pass.
+
+While a layer blob streams in (from the network, or from the store when an
+index has to be rebuilt), :class:`LayerIndexer`:
+
+* decompresses it with :mod:`layerfs.gzindex`, which also records the
+  random-access checkpoints a :class:`~layerfs.tree.LayerReader` needs later;
+* hashes the uncompressed tar (the layer's diff_id) and counts its size;
+* parses the tar headers with the standard library's :mod:`tarfile`
+  (:meth:`tarfile.TarInfo.fromtarfile`, the same code ``TarFile.next`` runs),
+  recording for every member its path, type, mode, ids, size, mtime (ns),
+  link target, device numbers, xattrs, the offset of its data in the
+  uncompressed stream and its sparse map.
+
+The tar parser runs in the caller's thread, without a helper thread: member
+data is never copied, only skipped, and a header that is not complete yet is
+simply parsed again once more bytes arrive (``fromtarfile`` reads through a
+forward-only window that raises an internal "need more" signal at its end).
+
+:class:`LayerIndex` is saved beside the store (``ROOT/indexes/<algo>-<hex>.idx``)
+in a versioned, xxhash-checked binary format (see :meth:`LayerIndex.save`);
+:func:`load_or_build` rebuilds a missing, corrupt or outdated index from the
+stored blob with one read of it.
+"""
+from __future__ import annotations
+
+import array
+import base64
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import struct
+import sys
+import tarfile
+from pathlib import Path
+from typing import Iterable, NamedTuple
+from urllib.parse import unquote_to_bytes
+
+import xxhash
+import zstandard
+
+from . import gzindex
+from .errors import ContentError, LayerfsError, TarError
+from .oci import LAYER_COMPRESSION, Descriptor, Digest
+from .store import Store, atomic_write
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FILE", "DIR", "SYMLINK", "HARDLINK", "CHAR", "BLOCK", "FIFO", "TYPES",
+    "Entry", "LayerIndex", "LayerIndexer", "IndexFormatError",
+    "normalize_path", "index_path", "load_or_build", "build_from_blob", "open_layer_reader",
+    "FORMAT_VERSION",
+]
+
+# --- records -----------------------------------------------------------------
+
+FILE = "file"
+DIR = "dir"
+SYMLINK = "symlink"
+HARDLINK = "hardlink"
+CHAR = "char"
+BLOCK = "block"
+FIFO = "fifo"
+#: entry types; the position is the type's code in the index file
+TYPES = (FILE, DIR, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO)
+_TYPE_CODE = {t: i for i, t in enumerate(TYPES)}
+
+
+class Entry(NamedTuple):
+    """One tar member.
+
+    ``path`` is normalised (no leading ``./`` or ``/``, no ``.``/empty
+    components, ``""`` for the root directory), a str with undecodable bytes
+    surrogate-escaped. ``mode`` holds the permission bits incl.
+    setuid/setgid/sticky (no type bits). ``size`` is the file's size (the
+    real size for a sparse file, 0 for non-files). ``linkname`` is the
+    symlink target as written, or the normalised path of a hard link's
+    target, and None for other types. ``offset`` is where the member's data
+    starts in the uncompressed stream (TarInfo.offset_data). ``sparse`` is
+    None or a tuple of (file_offset, length, stream_offset) data extents.
+    ``xattrs`` is None or {name: raw bytes}.
+    """
+
+    path: str
+    type: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    linkname: str | None
+    devmajor: int
+    devminor: int
+    offset: int
+    xattrs: dict[str, bytes] | None
+    sparse: tuple[tuple[int, int, int], ...] | None
+
+
+_new_entry = functools.partial(tuple.__new__, Entry)   # Entry from a tuple, without Python-level __new__
+
+
+def normalize_path(name: str, *, where: str | None = None, what: str = "path") -> str:
+    """Normalise a member name: strip ``/`` and ``./`` prefixes, drop ``.`` and
+    empty components, resolve ``..`` lexically; a name that climbs above the
+    root raises :class:`TarError` (as docker's ``filepath.Clean`` + breakout check)."""
+    if "\0" in name:
+        raise TarError(f"tar {what} {name!r} contains a NUL byte", where=where)
+    parts = []
+    for p in name.split("/"):
+        if p == "" or p == ".":
+            continue
+        if p == "..":
+            if not parts:
+                raise TarError(f"tar {what} {name!r} escapes the layer root", where=where)
+            parts.pop()
+            continue
+        parts.append(p)
+    return "/".join(parts)
+
+
+# --- the streaming tar scanner -------------------------------------------------
+
+class _NeedMore(Exception):
+    """Internal: the header being parsed continues beyond the bytes received so far."""
+
+
+class _Window:
+    """The file object ``tarfile`` reads from: a forward-only view of the
+    uncompressed stream. ``data[0]`` is stream offset ``base``."""
+
+    __slots__ = ("data", "base", "pos", "eof", "want")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.base = 0
+        self.pos = 0
+        self.eof = False
+        self.want = 0
+
+    def read(self, n: int = -1) -> bytes:
+        i = self.pos - self.base
+        if n is None or n < 0:
+            if not self.eof:
+                raise _NeedMore
+            j = len(self.data)
+        else:
+            j = i + n
+            if j > len(self.data):
+                if not self.eof:
+                    self.want = self.base + j
+                    raise _NeedMore
+                j = len(self.data)
+        if i >= j:
+            return b""
+        self.pos = self.base + j
+        return self.data[i:j]
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0 or pos < self.base:
+            raise OSError("layer stream is not seekable backwards")
+        self.pos = pos
+        return pos
+
+
+class _TarState:
+    """What :meth:`tarfile.TarInfo.fromtarfile` needs of a TarFile."""
+
+    __slots__ = ("fileobj", "encoding", "errors", "pax_headers", "offset")
+
+    def __init__(self, fileobj: _Window):
+        self.fileobj = fileobj
+        self.encoding = "utf-8"
+        self.errors = "surrogateescape"
+        self.pax_headers: dict[str, str] = {}
+        self.offset = 0
+
+
+#: a single header (PAX/GNU long name chain) may not span more than this
+MAX_HEADER_BYTES = 64 << 20
+
+_REG_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE})
+_SIMPLE_TYPES = {tarfile.DIRTYPE: DIR, tarfile.SYMTYPE: SYMLINK, tarfile.LNKTYPE: HARDLINK,
+                 tarfile.CHRTYPE: CHAR, tarfile.BLKTYPE: BLOCK, tarfile.FIFOTYPE: FIFO}
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_U64_MAX = (1 << 64) - 1
+
+
+def _pax_mtime_ns(text: str) -> int | None:
+    """Exact nanoseconds of a PAX time value such as ``1700000000.123456789`` (tarfile makes it a float)."""
+    t = text.strip()
+    neg = t.startswith("-")
+    if neg or t.startswith("+"):
+        t = t[1:]
+    whole, _, frac = t.partition(".")
+    if not whole.isdigit() and not (whole == "" and frac):
+        return None
+    if frac and not frac.isdigit():
+        return None
+    ns = int(whole or "0") * 1_000_000_000 + int((frac + "000000000")[:9])
+    return -ns if neg else ns
+
+
+def _xattrs(pax: dict[str, str]) -> dict[str, bytes] | None:
+    out: dict[str, bytes] | None = None
+    for k, v in pax.items():
+        if k.startswith("SCHILY.xattr."):
+            name, value = k[13:], v.encode("utf-8", "surrogateescape")
+        elif k.startswith("LIBARCHIVE.xattr."):   # bsdtar: URL-encoded name, base64 value
+            try:
+                name = unquote_to_bytes(k[17:]).decode("utf-8", "surrogateescape")
+                value = base64.b64decode(v + "=" * (-len(v) % 4))
+            except ValueError:
+                continue
+            if out is not None and name in out:     # SCHILY wins when both are present
+                continue
+        else:
+            continue
+        if not name or "\0" in name:
+            continue
+        if out is None:
+            out = {}
+        out[name] = value
+    return out
+
+
+class _TarScanner:
+    """Incremental tar header parser: :meth:`feed` the uncompressed stream in
+    pieces of any size, :meth:`finish` at its end; :attr:`entries` are the
+    members in archive order (duplicates included)."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.win = _Window()
+        self.tar = _TarState(self.win)
+        self.total = 0            # bytes received
+        self.next_header = 0      # stream offset of the next header
+        self.pending: list[bytes] = []   # chunks received while a header is incomplete
+        self.done = False         # end-of-archive seen
+        self.entries: list[Entry] = []
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        start = self.total
+        self.total += len(data)
+        if self.done:
+            return
+        win = self.win
+        if self.pending:
+            self.pending.append(data)
+            if self.total < win.want:
+                return
+            win.data = b"".join(self.pending)
+            self.pending = []
+        elif win.data:             # a partial header left from the previous piece
+            win.data = win.data + data
+        else:
+            if self.next_header >= self.total:
+                return             # all member data: skipped without a copy
+            win.data = data
+            win.base = start
+        self._parse()
+
+    def finish(self) -> list[Entry]:
+        if not self.done:
+            win = self.win
+            if self.pending:
+                win.data = b"".join(self.pending)
+                self.pending = []
+            win.eof = True
+            self._parse()
+        if not self.done:   # pragma: no cover - _parse always ends the archive at eof
+            raise TarError("tar stream ended unexpectedly", where=self.where)
+        return self.entries
+
+    def _parse(self) -> None:
+        win, tar = self.win, self.tar
+        fromtarfile = tarfile.TarInfo.fromtarfile
+        while True:
+            h = self.next_header
+            end = win.base + len(win.data)
+            if h >= end and not win.eof:
+                win.data = b""
+                win.base = end
+                return
+            if h > end:
+                raise TarError(f"tar stream truncated: member data ends at byte {h}, the stream at byte {end}",
+                               where=self.where)
+            win.pos = h
+            tar.offset = h
+            saved_pax = tar.pax_headers.copy() if tar.pax_headers else None
+            try:
+                ti = fromtarfile(tar)
+            except _NeedMore:
+                tar.pax_headers = saved_pax or {}
+                if win.want - h > MAX_HEADER_BYTES:
+                    raise TarError(f"tar header at byte {h} is larger than {MAX_HEADER_BYTES} bytes",
+                                   where=self.where) from None
+                if h - win.base > (1 << 20):
+                    win.data = win.data[h - win.base:]
+                    win.base = h
+                self.pending = [win.data]
+                return
+            except tarfile.EOFHeaderError:
+                self.done = True
+                return
+            except tarfile.EmptyHeaderError:
+                # a clean end at a member boundary without the end-of-archive blocks
+                self.done = True
+                return
+            except tarfile.TruncatedHeaderError:
+                raise TarError(f"tar stream truncated inside the header at byte {h}", where=self.where) from None
+            except (tarfile.HeaderError, ValueError, IndexError, OverflowError, UnicodeError) as e:
+                raise TarError(f"bad tar header at byte {h}: {e or type(e).__name__}", where=self.where) from None
+            if tar.offset < h + tarfile.BLOCKSIZE:  # pragma: no cover - defensive
+                raise TarError(f"bad tar header at byte {h}", where=self.where)
+            self.next_header = tar.offset
+            e = self._entry(ti, tar.offset)
+            if e is not None:
+                self.entries.append(e)
+
+    def _entry(self, ti: tarfile.TarInfo, next_header: int) -> Entry | None:
+        where = self.where
+        try:
+            path = normalize_path(ti.name, where=where)
+        except TarError:
+            raise
+        t = ti.type
+        sparse = None
+        linkname = None
+        size = 0
+        offset = ti.offset_data
+        major = minor = 0
+        if t in _REG_TYPES or ti.sparse is not None and t not in _SIMPLE_TYPES:
+            kind = FILE
+            size = ti.size
+            if ti.sparse is not None:
+                sparse = self._sparse(ti, path, next_header)
+        else:
+            kind = _SIMPLE_TYPES.get(t)
+            if kind is None:
+                log.warning("%s: skipping tar member %r of unsupported type %r", where, ti.name, t)
+                return None
+            if kind == SYMLINK:
+                linkname = ti.linkname
+                if "\0" in linkname:
+                    raise TarError(f"symlink target of {ti.name!r} contains a NUL byte", where=where)
+            elif kind == HARDLINK:
+                linkname = normalize_path(ti.linkname, where=where, what="hard link target")
+                if not linkname:
+                    raise TarError(f"hard link {ti.name!r} points at the layer root", where=where)
+            elif kind == CHAR or kind == BLOCK:
+                major, minor = ti.devmajor, ti.devminor
+        if not path and kind != DIR:
+            log.warning("%s: skipping tar member %r: the root can only be a directory", where, ti.name)
+            return None
+        mtime_ns = None
+        pax = ti.pax_headers
+        xattrs = None
+        if pax:
+            m = pax.get("mtime")
+            if m is not None:
+                mtime_ns = _pax_mtime_ns(m)
+            xattrs = _xattrs(pax)
+        if mtime_ns is None:
+            mtime_ns = int(ti.mtime) * 1_000_000_000
+        mtime_ns = min(max(mtime_ns, _INT64_MIN), _INT64_MAX)
+        uid, gid = ti.uid, ti.gid
+        for what, v in (("uid", uid), ("gid", gid), ("size", size), ("device major", major),
+                        ("device minor", minor)):
+            if not (0 <= v <= _U64_MAX):
+                raise TarError(f"tar member {ti.name!r}: {what} {v} out of range", where=where)
+        return Entry(path, kind, ti.mode & 0o7777, uid, gid, size, mtime_ns, linkname, major, minor,
+                     offset, xattrs, sparse)
+
+    def _sparse(self, ti: tarfile.TarInfo, path: str, next_header: int) -> tuple[tuple[int, int, int], ...]:
+        """tarfile's [(file_offset, numbytes)] (data stored back to back from
+        offset_data) as (file_offset, length, stream_offset) extents, checked."""
+        out = []
+        soff = ti.offset_data
+        stored = next_header - ti.offset_data
+        last_end = 0
+        for foff, n in ti.sparse:
+            if n == 0:
+                continue
+            if foff < last_end or n < 0 or foff + n > ti.size:
+                raise TarError(f"bad sparse map for {ti.name!r}", where=self.where)
+            out.append((foff, n, soff))
+            soff += n
+            last_end = foff + n
+        if soff - ti.offset_data > stored:
+            raise TarError(f"sparse map of {ti.name!r} claims more data than the member holds", where=self.where)
+        return tuple(out)
+
+
+# --- the layer index -------------------------------------------------------------
+
+FORMAT_VERSION = 1
+_MAGIC = b"LFSLIDX\n"
+_HEAD = struct.Struct("<8sIIQ")         # magic, version, flags, xxh3_64 of everything after the head
+_SECTIONS = struct.Struct("<IQQ")       # meta length, records length, checkpoints length
+_BIG = sys.byteorder == "big"
+_MAX_RECORDS = 1 << 31      # bound on a decoded records section
+
+
+class IndexFormatError(ContentError):
+    """A saved index (layer index or tree cache) that is corrupt, truncated or of another version."""
+
+    default_hint = "the index is rebuilt from the layer blob automatically"
+
+
+def _arr(code: str, values: Iterable[int]) -> bytes:
+    a = array.array(code, values)
+    if _BIG:
+        a.byteswap()
+    return a.tobytes()
+
+
+class _Cursor:
+    """Reads columns back out of a decoded section; any overrun raises IndexFormatError."""
+
+    __slots__ = ("buf", "pos", "what")
+
+    def __init__(self, buf: bytes, what: str):
+        self.buf = buf
+        self.pos = 0
+        self.what = what
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise IndexFormatError(f"{self.what} is truncated")
+        b = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return b
+
+    def unpack(self, st: struct.Struct) -> tuple:
+        return st.unpack(self.take(st.size))
+
+    def arr(self, code: str, n: int) -> list[int]:
+        a = array.array(code)
+        a.frombytes(self.take(n * a.itemsize))
+        if _BIG:
+            a.byteswap()
+        return a.tolist()
+
+    def col(self, n: int, signed: bool = False) -> list[int]:
+        code = self.take(1).decode("ascii", "replace")
+        if code not in ("bhiq" if signed else "BHIQ"):
+            raise IndexFormatError(f"{self.what}: bad column type")
+        return self.arr(code, n)
+
+    def strings(self, n: int) -> list[str]:
+        (length,) = self.unpack(_U64)
+        blob = self.take(length)
+        if n == 0:
+            if length:
+                raise IndexFormatError(f"{self.what}: bad string table")
+            return []
+        out = blob.decode("utf-8", "surrogateescape").split("\0")
+        if len(out) != n:
+            raise IndexFormatError(f"{self.what}: bad string table")
+        return out
+
+    def end(self) -> None:
+        if self.pos != len(self.buf):
+            raise IndexFormatError(f"{self.what} has trailing bytes")
+
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def _strings(items: list[str]) -> bytes:
+    blob = "\0".join(items).encode("utf-8", "surrogateescape")
+    return _U64.pack(len(blob)) + blob
+
+
+def _col(values: list[int], signed: bool = False) -> bytes:
+    """An integer column in the narrowest array type that holds it: type code byte + little-endian data."""
+    lo = min(values, default=0)
+    hi = max(values, default=0)
+    for code in ("bhiq" if signed else "BHIQ"):
+        bits = array.array(code).itemsize * 8
+        if (-(1 << (bits - 1)) <= lo and hi < (1 << (bits - 1))) if signed else hi < (1 << bits):
+            return code.encode() + _arr(code, values)
+    raise ValueError("integer column out of range")  # pragma: no cover - values are checked on parse
+
+
+_LINK_TYPES = frozenset({SYMLINK, HARDLINK})
+
+
+def _encode_columns(cols: tuple[list, ...]) -> bytes:
+    n = len(cols[0])
+    (paths, types, modes, uids, gids, sizes, mtimes, links, majors, minors, offsets, xattrs, sparses) = cols
+    secs = [m // 1_000_000_000 for m in mtimes]
+    nsecs = [m % 1_000_000_000 for m in mtimes]
+    parts = [_U32.pack(n),
+             bytes(_TYPE_CODE[t] for t in types),
+             _col(modes), _col(uids), _col(gids), _col(sizes), _col(secs, True), _col(nsecs),
+             _col(majors), _col(minors), _col(offsets),
+             _strings(list(paths)), _strings([l or "" for l in links])]
+    # xattrs: (record, count) pairs, then names and values
+    x_idx, x_cnt, x_names, x_vals = [], [], [], []
+    for i, x in enumerate(xattrs):
+        if x:
+            x_idx.append(i)
+            x_cnt.append(len(x))
+            x_names.extend(x.keys())
+            x_vals.extend(x.values())
+    parts += [_U32.pack(len(x_idx)), _arr("I", x_idx), _arr("I", x_cnt), _U32.pack(len(x_names)),
+              _strings(x_names), _arr("I", map(len, x_vals)), b"".join(x_vals)]
+    s_idx, s_cnt, s_flat = [], [], []
+    for i, s in enumerate(sparses):
+        if s is not None:
+            s_idx.append(i)
+            s_cnt.append(len(s))
+            for ext in s:
+                s_flat.extend(ext)
+    parts += [_U32.pack(len(s_idx)), _arr("I", s_idx), _arr("I", s_cnt), _U64.pack(len(s_flat)),
+              _arr("Q", s_flat)]
+    return b"".join(parts)
+
+
+def _decode_columns(raw: bytes) -> tuple[list, ...]:
+    """The columns of the records (one list per Entry field)."""
+    c = _Cursor(raw, "layer index records")
+    (n,) = c.unpack(_U32)
+    if n > len(raw):
+        raise IndexFormatError("layer index records: bad count")
+    tcodes = c.take(n)
+    try:
+        types = list(map(TYPES.__getitem__, tcodes))
+    except IndexError:
+        raise IndexFormatError("layer index records: unknown entry type") from None
+    modes, uids, gids, sizes = c.col(n), c.col(n), c.col(n), c.col(n)
+    secs, nsecs = c.col(n, True), c.col(n)
+    if any(nsecs):
+        mtimes = [s * 1_000_000_000 + ns for s, ns in zip(secs, nsecs)]
+    else:
+        mtimes = [s * 1_000_000_000 for s in secs]
+    majors, minors, offsets = c.col(n), c.col(n), c.col(n)
+    paths = c.strings(n)
+    links = c.strings(n)
+    links = [l if t in _LINK_TYPES else None for l, t in zip(links, types)]
+    xattrs: list[dict[str, bytes] | None] = [None] * n
+    (nx,) = c.unpack(_U32)
+    x_idx, x_cnt = c.arr("I", nx), c.arr("I", nx)
+    (nnames,) = c.unpack(_U32)
+    if nnames != sum(x_cnt) or nnames > len(raw):
+        raise IndexFormatError("layer index records: bad xattr table")
+    names = c.strings(nnames)
+    lens = c.arr("I", nnames)
+    blob = c.take(sum(lens))
+    pos = k = 0
+    for i, cnt in zip(x_idx, x_cnt):
+        if i >= n:
+            raise IndexFormatError("layer index records: bad xattr table")
+        d = {}
+        for _ in range(cnt):
+            d[names[k]] = blob[pos:pos + lens[k]]
+            pos += lens[k]
+            k += 1
+        xattrs[i] = d
+    sparses: list[tuple | None] = [None] * n
+    (ns,) = c.unpack(_U32)
+    s_idx, s_cnt = c.arr("I", ns), c.arr("I", ns)
+    (nflat,) = c.unpack(_U64)
+    if nflat != 3 * sum(s_cnt) or nflat > len(raw):
+        raise IndexFormatError("layer index records: bad sparse table")
+    flat = c.arr("Q", nflat)
+    pos = 0
+    for i, cnt in zip(s_idx, s_cnt):
+        if i >= n:
+            raise IndexFormatError("layer index records: bad sparse table")
+        end = pos + 3 * cnt
+        sparses[i] = tuple(zip(flat[pos:end:3], flat[pos + 1:end:3], flat[pos + 2:end:3]))
+        pos = end
+    c.end()
+    return (paths, types, modes, uids, gids, sizes, mtimes, links, majors, minors, offsets, xattrs, sparses)
+
+
+def pack_file(version: int, meta: dict, sections: list[bytes], *, magic: bytes = _MAGIC) -> bytes:
+    """The common container of layerfs index files: head (magic, version, xxh3_64) + JSON meta + sections."""
+    meta_b = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    body = b"".join([struct.pack(f"<I{len(sections)}Q", len(meta_b), *map(len, sections)), meta_b, *sections])
+    return _HEAD.pack(magic, version, 0, xxhash.xxh3_64_intdigest(body)) + body
+
+
+def unpack_file(data: bytes, version: int, nsections: int, *, magic: bytes = _MAGIC,
+                what: str = "layer index") -> tuple[dict, list[memoryview]]:
+    """Check and split what :func:`pack_file` wrote; raise IndexFormatError."""
+    if len(data) < _HEAD.size:
+        raise IndexFormatError(f"{what} is truncated")
+    m, ver, flags, checksum = _HEAD.unpack_from(data)
+    if m != magic:
+        raise IndexFormatError(f"not a layerfs {what} (bad magic)")
+    if ver != version:
+        raise IndexFormatError(f"{what} has format version {ver}, this layerfs writes {version}")
+    if flags:
+        raise IndexFormatError(f"{what} has unknown flags {flags:#x}")
+    body = memoryview(data)[_HEAD.size:]
+    if xxhash.xxh3_64_intdigest(body) != checksum:
+        raise IndexFormatError(f"{what} checksum mismatch (corrupt or truncated)")
+    st = struct.Struct(f"<I{nsections}Q")
+    if len(body) < st.size:
+        raise IndexFormatError(f"{what} is truncated")
+    lens = st.unpack_from(body)
+    pos = st.size
+    if pos + sum(lens) != len(body):
+        raise IndexFormatError(f"{what} section lengths do not match its size")
+    meta_b = body[pos:pos + lens[0]]
+    pos += lens[0]
+    try:
+        meta = json.loads(bytes(meta_b))
+    except ValueError:
+        raise IndexFormatError(f"{what} metadata is corrupt") from None
+    if not isinstance(meta, dict):
+        raise IndexFormatError(f"{what} metadata is corrupt")
+    out = []
+    for n in lens[1:]:
+        out.append(body[pos:pos + n])
+        pos += n
+    return meta, out
+
+
+class LayerIndex:
+    """The TOC of one layer blob: entries, diff_id, sizes and the gzindex checkpoints.
+
+    There is one record per path (a later duplicate replaces an earlier one,
+    as extraction does), in archive order of the surviving records.
+    :attr:`entries` gives them as :class:`Entry` tuples; :meth:`rows` as
+    plain tuples in the same field order (cheaper, for bulk consumers such
+    as the union view). After :meth:`load` the records are decoded on first use.
+    """
+
+    def __init__(self, entries: list[Entry] | None, *, diff_id: Digest, size: int, compression: str | None,
+                 checkpoints: bytes, digest: Digest | None = None, compressed_size: int | None = None,
+                 _raw_entries: bytes | None = None):
+        self._entries = entries
+        self._cols: tuple[list, ...] | None = None
+        self._raw_entries = _raw_entries
+        self.diff_id = diff_id
+        self.size = size
+        self.compression = compression
+        self.checkpoints = checkpoints
+        self.digest = digest
+        self.compressed_size = compressed_size
+        if entries is None and _raw_entries is None:
+            self._entries = []
+
+    def columns(self) -> tuple[list, ...]:
+        """One list per :class:`Entry` field."""
+        if self._cols is None:
+            if self._entries is not None:
+                self._cols = tuple(map(list, zip(*self._entries))) if self._entries \
+                    else tuple([] for _ in Entry._fields)
+            else:
+                try:
+                    raw = zstandard.ZstdDecompressor().decompress(self._raw_entries, max_output_size=_MAX_RECORDS)
+                except zstandard.ZstdError:
+                    raise IndexFormatError("layer index records are corrupt") from None
+                self._cols = _decode_columns(raw)
+                self._raw_entries = None
+        return self._cols
+
+    def rows(self) -> Iterable[tuple]:
+        """The records as plain tuples in :class:`Entry` field order."""
+        if self._entries is not None:
+            return iter(self._entries)
+        return zip(*self.columns())
+
+    @property
+    def entries(self) -> list[Entry]:
+        if self._entries is None:
+            self._entries = list(map(_new_entry, zip(*self.columns())))
+        return self._entries
+
+    def __len__(self) -> int:
+        if self._entries is not None:
+            return len(self._entries)
+        return len(self.columns()[0])
+
+    def __repr__(self) -> str:
+        d = self.digest.short if self.digest else "?"
+        return f"LayerIndex({d}, diff_id={self.diff_id.short}, size={self.size}, compression={self.compression})"
+
+    # -- file format --------------------------------------------------------------
+    #   head:  magic "LFSLIDX\n", u32 version, u32 flags, u64 xxh3_64(body)
+    #   body:  u32 meta length, u64 records length, u64 checkpoints length,
+    #          meta (JSON: digest, diff_id, size, compression, compressed_size, count),
+    #          records (zstd frame of the columnar encoding, see _encode_columns),
+    #          checkpoints (gzindex SeekIndex.to_bytes(), as is)
+    def to_bytes(self) -> bytes:
+        if self._raw_entries is not None:
+            records = self._raw_entries
+            count = None
+        else:
+            cols = self.columns()
+            records = zstandard.ZstdCompressor(level=3).compress(_encode_columns(cols))
+            count = len(cols[0])
+        meta = {"digest": str(self.digest) if self.digest else None, "diff_id": str(self.diff_id),
+                "size": self.size, "compression": self.compression, "compressed_size": self.compressed_size,
+                "count": count}
+        return pack_file(FORMAT_VERSION, meta, [records, bytes(self.checkpoints)])
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "LayerIndex":
+        meta, (records, checkpoints) = unpack_file(data, FORMAT_VERSION, 2)
+        try:
+            digest = Digest.parse(meta["digest"]) if meta.get("digest") else None
+            diff_id = Digest.parse(meta["diff_id"])
+            size = meta["size"]
+            comp = meta["compression"]
+            csize = meta.get("compressed_size")
+            if not isinstance(size, int) or comp not in ("gzip", "zstd", None) \
+                    or not (csize is None or isinstance(csize, int)):
+                raise ValueError
+        except (KeyError, ValueError, TypeError, LayerfsError):
+            raise IndexFormatError("layer index metadata is corrupt") from None
+        return cls(None, diff_id=diff_id, size=size, compression=comp, checkpoints=bytes(checkpoints),
+                   digest=digest, compressed_size=csize, _raw_entries=bytes(records))
+
+    def save(self, path: Path | str) -> None:
+        """Write atomically (temp file + fsync + rename)."""
+        atomic_write(Path(path), self.to_bytes())
+
+    @classmethod
+    def load(cls, path: Path | str) -> "LayerIndex":
+        """Read and check an index file. Raises FileNotFoundError when absent and
+        :class:`IndexFormatError` when corrupt, truncated or of another version."""
+        with open(path, "rb") as f:
+            data = f.read()
+        return cls.from_bytes(data)
+
+
+# --- the streaming indexer -----------------------------------------------------
+
+_OUT_PIECE = 4 << 20    # bound on decompressed bytes handled at once (gzip)
+
+
+class LayerIndexer:
+    """Index a layer blob in one streaming pass: ``feed`` it compressed chunks
+    as they arrive, then ``finish()`` for the :class:`LayerIndex`.
+
+    *compression* is what the media type says; as docker and containerd do,
+    the blob's magic number decides (a mismatch is logged). Errors (bad
+    compressed data, bad tar headers, path escapes) are raised from ``feed``
+    or ``finish`` and stick: every later call raises the same error.
+    """
+
+    def __init__(self, compression: str | None, *, where: str, digest: Digest | None = None,
+                 span: int = gzindex.DEFAULT_SPAN):
+        self.declared = gzindex.normalize_compression(compression)
+        self.where = where
+        self.digest = digest
+        self.span = span
+        self._ix = None
+        self._head = b""
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.compressed_size = 0
+        self._scan = _TarScanner(where)
+        self._error: BaseException | None = None
+        self._result: LayerIndex | None = None
+
+    @property
+    def compression(self) -> str | None:
+        return self._ix.compression if self._ix is not None else self.declared
+
+    def _start(self, head: bytes) -> None:
+        actual = gzindex.detect_compression(head)
+        if actual != self.declared:
+            log.info("%s: media type says %s but the data is %s", self.where,
+                     self.declared or "uncompressed", actual or "uncompressed")
+        self._ix = gzindex.make_indexer(actual, self.span)
+
+    def feed(self, chunk: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._result is not None:
+            raise RuntimeError("feed() after finish()")
+        try:
+            self._feed(chunk)
+        except BaseException as e:
+            self._error = self._wrap(e)
+            if self._error is e:
+                raise
+            raise self._error from None
+
+    def _feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.compressed_size += len(chunk)
+        if self._ix is None:
+            self._head += bytes(chunk)
+            if len(self._head) < 4:
+                return
+            chunk, self._head = self._head, b""
+            self._start(chunk)
+        ix = self._ix
+        if isinstance(ix, gzindex.GzipIndexer):
+            for out in ix.feed_iter(chunk, _OUT_PIECE):
+                self._out(out)
+        else:
+            self._out(ix.feed(chunk))
+
+    def _out(self, data: bytes) -> None:
+        if data:
+            self._hash.update(data)
+            self.size += len(data)
+            self._scan.feed(data)
+
+    def _wrap(self, e: BaseException) -> BaseException:
+        if isinstance(e, LayerfsError):
+            if e.where is None:
+                e.where = self.where
+            return e
+        return e
+
+    def finish(self) -> LayerIndex:
+        if self._error is not None:
+            raise self._error
+        if self._result is not None:
+            return self._result
+        try:
+            if self._ix is None:
+                head, self._head = self._head, b""
+                self._start(head)
+                if head:
+                    self._out(self._ix.feed(head))
+            seek = self._ix.finish()
+            entries = self._scan.finish()
+        except BaseException as e:
+            self._error = self._wrap(e)
+            if self._error is e:
+                raise
+            raise self._error from None
+        self._result = LayerIndex(_dedupe(entries), diff_id=Digest("sha256", self._hash.hexdigest()),
+                                  size=self.size, compression=self._ix.compression, checkpoints=seek.to_bytes(),
+                                  digest=self.digest, compressed_size=self.compressed_size)
+        return self._result
+
+
+def _dedupe(entries: list[Entry]) -> list[Entry]:
+    """One entry per path, the last one (tar extraction overwrites)."""
+    last: dict[str, int] = {}
+    for i, e in enumerate(entries):
+        last[e.path] = i
+    if len(last) == len(entries):
+        return entries
+    keep = sorted(last.values())
+    return [entries[i] for i in keep]
+
+
+# --- the store side ----------------------------------------------------------------
+
+def index_path(store: Store, digest: Digest) -> Path:
+    return store.root / "indexes" / f"{digest.algorithm}-{digest.hex}.idx"
+
+
+def _fits(index: LayerIndex, desc: Descriptor) -> bool:
+    return index.digest == desc.digest and (index.compressed_size is None or index.compressed_size == desc.size)
+
+
+def build_from_blob(store: Store, desc: Descriptor, *, chunk_size: int = 1 << 20) -> LayerIndex:
+    """Index a stored layer blob (one verified read of it); does not save."""
+    comp = LAYER_COMPRESSION.get(desc.media_type)
+    ix = LayerIndexer(comp, where=f"layer {desc.digest.short}", digest=desc.digest)
+    with store.open_blob(desc.digest, desc.size) as f:
+        while True:
+            b = f.read(chunk_size)
+            if not b:
+                break
+            ix.feed(b)
+    return ix.finish()
+
+
+def load_or_build(store: Store, desc: Descriptor) -> LayerIndex:
+    """The layer's index: loaded from ``indexes/``, or (missing, corrupt, of an
+    older format, or for another blob) rebuilt from the stored blob and saved."""
+    path = index_path(store, desc.digest)
+    with contextlib.suppress(FileNotFoundError):
+        try:
+            idx = LayerIndex.load(path)
+            if _fits(idx, desc):
+                return idx
+            log.warning("layer index %s does not match blob %s; rebuilding", path, desc.digest.short)
+        except IndexFormatError as e:
+            log.warning("layer index %s: %s; rebuilding", path, e.message)
+    with store.lock(f"index-{desc.digest.algorithm}-{desc.digest.hex}"):
+        with contextlib.suppress(FileNotFoundError, IndexFormatError):   # built meanwhile by another process?
+            idx = LayerIndex.load(path)
+            if _fits(idx, desc):
+                return idx
+        idx = build_from_blob(store, desc)
+        idx.save(path)
+    if store.layer_info(desc.digest) is None:
+        store.set_layer_info(desc.digest, {"diff_id": str(idx.diff_id), "size": idx.size,
+                                           "media_type": desc.media_type})
+    return idx
+
+
+def open_layer_reader(store: Store, desc: Descriptor, index: LayerIndex) -> gzindex.BlobReader:
+    """Thread-safe random reads of the layer's uncompressed tar stream."""
+    return gzindex.open_reader(store.blob_path(desc.digest), index.compression, index.checkpoints)
