@@ -641,8 +641,9 @@ class LayerIndex:
 
     def __init__(self, entries: list[Entry] | None, *, diff_id: Digest, size: int, compression: str | None,
                  checkpoints: bytes, digest: Digest | None = None, compressed_size: int | None = None,
-                 _raw_entries: bytes | None = None):
+                 _raw_entries: bytes | None = None, _count: int | None = None):
         self._entries = entries
+        self._count = _count
         self._cols: tuple[list, ...] | None = None
         self._raw_entries = _raw_entries
         self.diff_id = diff_id
@@ -665,7 +666,10 @@ class LayerIndex:
                     raw = zstandard.ZstdDecompressor().decompress(self._raw_entries, max_output_size=_MAX_RECORDS)
                 except zstandard.ZstdError:
                     raise IndexFormatError("layer index records are corrupt") from None
-                self._cols = _decode_columns(raw)
+                cols = _decode_columns(raw)
+                if self._count is not None and len(cols[0]) != self._count:
+                    raise IndexFormatError("layer index records do not match its metadata")
+                self._cols = cols
                 self._raw_entries = None
         return self._cols
 
@@ -699,7 +703,7 @@ class LayerIndex:
     def to_bytes(self) -> bytes:
         if self._raw_entries is not None:
             records = self._raw_entries
-            count = None
+            count = self._count
         else:
             cols = self.columns()
             records = zstandard.ZstdCompressor(level=3).compress(_encode_columns(cols))
@@ -718,13 +722,14 @@ class LayerIndex:
             size = meta["size"]
             comp = meta["compression"]
             csize = meta.get("compressed_size")
+            count = meta.get("count")
             if not isinstance(size, int) or comp not in ("gzip", "zstd", None) \
-                    or not (csize is None or isinstance(csize, int)):
+                    or not (csize is None or isinstance(csize, int)) or not isinstance(count, int):
                 raise ValueError
         except (KeyError, ValueError, TypeError, LayerfsError):
             raise IndexFormatError("layer index metadata is corrupt") from None
         return cls(None, diff_id=diff_id, size=size, compression=comp, checkpoints=bytes(checkpoints),
-                   digest=digest, compressed_size=csize, _raw_entries=bytes(records))
+                   digest=digest, compressed_size=csize, _raw_entries=bytes(records), _count=count)
 
     def save(self, path: Path | str) -> None:
         """Write atomically (temp file + fsync + rename)."""
