@@ -30,7 +30,8 @@ Per run and tool (order rotated per run), each session on a fresh mount:
 Peak RSS is VmHWM of the FUSE daemon (and its children) just before each
 unmount; the table shows the largest. "Cold" = `sync; echo 3 >
 /proc/sys/vm/drop_caches` and a fresh mount. The table shows medians; peer cells
-carry "layerfs time / peer time" (below 1 = layerfs faster).
+carry "layerfs time / peer time" (below 1 = layerfs faster). Before each mount
+the script waits (up to 30 s) for an idle machine, since the box may be shared.
 
 --quick: a ~40 MB image and 1 run (a smoke test). Exit status: 0 ok (a column
 may be n/a, e.g. while `layerfs mount` does not exist); 1 a step failed.
@@ -56,6 +57,8 @@ import benchlib as bl  # noqa: E402
 REPO, TAG = "bench/mount", "v1"
 BIG = "opt/big/blob.bin"
 FIND_FMT = "%p %s %m %u\\n"
+# waits for an idle machine before each mount (a session's steps then run back to back); main() enables it
+GATE = bl.QuietGate(enabled=False)
 
 # --- the image --------------------------------------------------------------------------------
 
@@ -467,6 +470,7 @@ class Mounted:
         if bl.is_mounted(self.mnt):
             bl.force_unmount(self.mnt)
         self.live.add(self.mnt)
+        GATE.wait()
         t0 = time.perf_counter()
         self.tool.mount(self.mnt)
         bl.wait_mounted(self.mnt, timeout=60)
@@ -686,12 +690,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small image, 1 run: a smoke test")
     ap.add_argument("--only", help="comma-separated subset of: layerfs,overlay,fuse-overlayfs,ratarmount")
     ap.add_argument("--json", type=Path, help="also write the raw samples here")
+    ap.add_argument("--no-wait-quiet", action="store_true",
+                    help="do not wait for an idle machine before each mount (default: wait up to 30 s)")
     args = ap.parse_args(argv)
     runs = args.runs or (1 if args.quick else 3)
     if os.geteuid() != 0 or not bl.can_drop_caches():
         print("bench: needs root (mount, /proc/sys/vm/drop_caches)", file=sys.stderr)
         return 1
     bl.install_signal_handlers()
+    GATE.enabled = not (args.no_wait_quiet or args.quick)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     sub = workdir / ("quick" if args.quick else "full")
@@ -753,6 +760,7 @@ def main(argv=None) -> int:
             ts = []
             for r in range(runs):
                 bl.drop_caches()
+                GATE.wait()
                 t0 = time.perf_counter()
                 ctx.lowers = prepare_lowers(img, sub / "lowers")
                 ts.append(time.perf_counter() - t0)
@@ -823,7 +831,8 @@ def main(argv=None) -> int:
     print(table)
     print("\nPeer cells: value (layerfs / peer; below 1 = layerfs faster). Cold = sync + drop_caches + fresh mount.")
     print(f"Host: {platform.node()} {platform.release()}, {os.cpu_count()} CPUs; load average before "
-          f"{load0[0]:.1f}, after {os.getloadavg()[0]:.1f}; {time.monotonic() - t_start:.0f} s in all.")
+          f"{load0[0]:.1f}, after {os.getloadavg()[0]:.1f}; {time.monotonic() - t_start:.0f} s in all; "
+          f"{GATE.summary()}.")
     for n, why in res.na.items():
         print(f"- {n}: n/a: {why}")
     for n, e in res.errors.items():

@@ -13,7 +13,8 @@ run), each run into a fresh directory:
     skopeo copy --src-tls-verify=false docker://127.0.0.1:PORT/bench/pull:v1 oci:FRESH:v1
 
 Dirty pages are written back (sync) before each timed pull so one tool's
-write-back does not land in the other's time. Prints a Markdown table (median,
+write-back does not land in the other's time, and each pull waits (up to 30 s)
+for an idle machine, since the box may be shared. Prints a Markdown table (median,
 min, max seconds, MB/s, ratio to skopeo). Target: layerfs <= 1.3x skopeo.
 
 --quick: a ~10 MB image and 2 runs (a smoke test for CI, a few seconds).
@@ -190,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fail-on-target", action="store_true", help=f"exit 3 if layerfs > {TARGET}x skopeo")
     ap.add_argument("--timeout", type=float, default=600, help="per pull (s)")
     ap.add_argument("--json", type=Path, help="also write the raw timings here")
+    ap.add_argument("--no-wait-quiet", action="store_true",
+                    help="do not wait for an idle machine before each pull (default: wait up to 30 s)")
     args = ap.parse_args(argv)
     runs = args.runs or (2 if args.quick else 5)
     bl.install_signal_handlers()
@@ -202,6 +205,8 @@ def main(argv=None) -> int:
     times: dict[str, list[float]] = {t: [] for t in TOOLS}
     failures: list[str] = []
     profile_text = None
+    gate = bl.QuietGate(enabled=not (args.no_wait_quiet or args.quick))
+    load0 = os.getloadavg()
     try:
         spec = image_spec(args.quick)
         img = bl.cached_image(workdir, "pull-quick" if args.quick else "pull", spec, build_layers(spec))
@@ -215,6 +220,7 @@ def main(argv=None) -> int:
                 for tool in (order if r % 2 == 0 else order[::-1]):
                     dest = fresh_dir(runs_dir, f"{tool}-{r}")
                     os.sync()
+                    gate.wait()
                     try:
                         dt = TOOLS[tool](ref, dest, args.timeout)
                         check_oci_dir(dest, img, tool)
@@ -253,6 +259,8 @@ def main(argv=None) -> int:
                      f"{med / sk:.2f}x" if sk else "n/a", str(len(ts))])
     print(bl.markdown_table(["tool", "median s", "min s", "max s", "MB/s (compressed)", "ratio to skopeo", "runs"],
                             rows))
+    print(f"\n{os.cpu_count()} CPUs; load average before {load0[0]:.1f}, after {os.getloadavg()[0]:.1f}; "
+          f"{gate.summary()}")
     verdict = None
     if times["layerfs"] and sk:
         ratio = bl.median(times["layerfs"]) / sk

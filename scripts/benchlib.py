@@ -519,6 +519,53 @@ def run(cmd: Sequence[str] | str, *, timeout: float = 900, env: dict | None = No
     return Run(dt, p.stdout or "", p.stderr or "")
 
 
+def _cpu_times() -> tuple[float, float]:
+    with open("/proc/stat") as f:
+        v = [float(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0.0)  # idle + iowait
+    return sum(v[:8]), idle
+
+
+def cpu_busy(interval: float = 0.25) -> float:
+    """CPU cores busy (all processes) over *interval* seconds."""
+    t0, i0 = _cpu_times()
+    time.sleep(interval)
+    t1, i1 = _cpu_times()
+    return 0.0 if t1 == t0 else (1 - (i1 - i0) / (t1 - t0)) * (os.cpu_count() or 1)
+
+
+class QuietGate:
+    """Before a timed sample, wait (up to *timeout* s) until the machine is nearly idle, so other
+    people's builds and tests on a shared box do not land in one tool's time. Counts the samples
+    that had to start anyway."""
+
+    def __init__(self, max_cores: float = 0.35, timeout: float = 30, enabled: bool = True):
+        self.max_cores, self.timeout, self.enabled = max_cores, timeout, enabled
+        self.samples = 0
+        self.noisy = 0
+        self.waited = 0.0
+
+    def wait(self) -> None:
+        if not self.enabled:
+            return
+        self.samples += 1
+        t0 = time.monotonic()
+        while True:
+            busy = cpu_busy()
+            if busy <= self.max_cores:
+                break
+            if time.monotonic() - t0 > self.timeout:
+                self.noisy += 1
+                break
+        self.waited += time.monotonic() - t0
+
+    def summary(self) -> str:
+        if not self.enabled:
+            return "quiet-machine gate off"
+        return (f"waited {self.waited:.0f} s in all for an idle machine (<= {self.max_cores} cores busy); "
+                f"{self.noisy} of {self.samples} samples started on a busy machine anyway")
+
+
 def drop_caches() -> None:
     """Write back and drop the page cache, dentries and inodes (root only)."""
     os.sync()
