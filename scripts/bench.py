@@ -394,6 +394,30 @@ class Layerfs(Tool):
         bl.run(bl.layerfs_cmd("--root", str(self.ctx.store), "umount", str(mnt)), env=bl.layerfs_env(),
                cwd=bl.REPO_ROOT, timeout=60, what="layerfs umount")
 
+    def find_pid(self, mnt):
+        pid = super().find_pid(mnt)
+        if pid:
+            return pid
+        # the daemon's command line may not name the mount point: ask `layerfs mounts` (a PID column)
+        try:
+            out = bl.run(bl.layerfs_cmd("--root", str(self.ctx.store), "mounts"), env=bl.layerfs_env(),
+                         cwd=bl.REPO_ROOT, timeout=30, what="layerfs mounts").stdout.splitlines()
+        except bl.BenchError:
+            return None
+        import re
+        rows = [re.split(r"\s{2,}|\t", l.strip()) for l in out if l.strip()]
+        if not rows:
+            return None
+        head = [h.upper() for h in rows[0]]
+        col = head.index("PID") if "PID" in head else None
+        for r in rows[1:]:
+            if any(os.path.normpath(c) == str(mnt) for c in r):
+                cands = [r[col]] if col is not None and col < len(r) else r
+                for c in cands:
+                    if c.isdigit() and os.path.exists(f"/proc/{c}"):
+                        return int(c)
+        return None
+
 
 TOOLS = [Layerfs, KernelOverlay, FuseOverlayfs, Ratarmount]
 KEYS = {"layerfs": "layerfs", "overlay": "kernel overlayfs", "kernel": "kernel overlayfs",
