@@ -34,11 +34,31 @@ zstd (``ZstdIndexer`` / ``ZstdReader``)
 uncompressed (``PlainIndexer`` / ``PlainReader``)
     Direct ``pread``.
 
+Readers are thread-safe and keep an LRU :class:`SpanCache` of decompressed
+spans (``cache_bytes``, default 32 MiB; 0 disables; one cache may be shared
+by many readers).  A gzip span is filled front to back by a resumable
+decoder: the first read in a span decompresses from its checkpoint only up
+to the end of that read (plus 256 KiB read-ahead), later reads in the span
+are served from memory or continue where decompression stopped -- many small
+files in one span cost one decompression.  Spans larger than half the cache
+are read uncached.
+
 Indexes serialise to a compact, versioned byte string
 (:meth:`SeekIndex.to_bytes` / :meth:`SeekIndex.from_bytes`) that the layer
-index file embeds.  Everything read back is validated; a bad index raises
+index file embeds: little-endian ``"LFZI"``, u8 version (1), u8 compression
+(0 none, 1 gzip, 2 zstd), u16 flags (0), u64 span, u64 compressed size, u64
+uncompressed size, u32 count; per checkpoint u64 uoffset, u64 coffset, u8
+bits, u8 has_window, u32 window length, window bytes; then a CRC-32 of all
+that.  Everything read back is validated; a bad index raises
 :class:`BadIndex`, bad compressed data raises :class:`CompressedDataError`
-(:class:`TruncatedStream` when it ends early).
+(:class:`TruncatedStream` when it ends early).  The C code checks again what
+it is given, so even an index built by hand can only make reads raise.
+
+Memory: indexers keep no output; a gzip indexer keeps its checkpoints (about
+20-33 KiB each, one per ``span``).  ``GzipIndexer.feed`` returns a chunk's
+whole output (a decompression bomb can make that huge): use
+``feed_iter(chunk, max_out)`` to get it in bounded pieces.  For zstd,
+``feed_iter`` splits the output but the chunk is decompressed at once.
 
 Typical use::
 
@@ -79,7 +99,7 @@ __all__ = [
     "DEFAULT_SPAN", "DEFAULT_CACHE_BYTES", "INDEX_VERSION",
     "CompressedDataError", "TruncatedStream", "BadIndex",
     "Checkpoint", "SeekIndex", "Indexer", "GzipIndexer", "ZstdIndexer",
-    "PlainIndexer", "make_indexer", "build_index", "BlobReader", "GzipReader",
+    "PlainIndexer", "make_indexer", "build_index", "SpanCache", "BlobReader", "GzipReader",
     "ZstdReader", "PlainReader", "open_reader", "normalize_compression",
     "detect_compression",
 ]
@@ -572,16 +592,24 @@ def _open_fd(blob: PathOrFd) -> tuple[int, bool]:
     return os.open(blob, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), True
 
 
-class _LRU:
-    """Thread-safe LRU of span entries, bounded by the bytes they hold."""
+class SpanCache:
+    """Thread-safe LRU of decompressed spans, bounded by the bytes they hold.
 
-    def __init__(self, max_bytes: int) -> None:
+    Each reader makes its own unless one is passed in: several readers (the
+    layers of a mount) may share one, so the bound holds for all of them.
+    Keys are namespaced per reader; a reader's spans leave on its close()."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.max_bytes = max(0, int(max_bytes))
         self._items: OrderedDict[object, object] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
 
     def entry(self, key: object, factory):
         with self._lock:
@@ -605,10 +633,11 @@ class _LRU:
                 del self._items[key]
                 self._bytes -= e.nbytes
 
-    def clear(self) -> None:
+    def purge(self, owner: object) -> None:
+        """Drop the entries of one reader (keys are ``(owner, ...)``)."""
         with self._lock:
-            self._items.clear()
-            self._bytes = 0
+            for k in [k for k in self._items if k[0] is owner]:
+                self._bytes -= self._items.pop(k).nbytes
 
 
 _READAHEAD = 256 * KiB
@@ -651,9 +680,11 @@ class BlobReader:
 
     compression: str | None = None
 
-    def __init__(self, blob: PathOrFd, index: SeekIndex, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, blob: PathOrFd, index: SeekIndex, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 cache: SpanCache | None = None):
         self.index = index
-        self._cache = _LRU(cache_bytes)
+        self._cache = cache if cache is not None else SpanCache(cache_bytes)
+        self._token = object()  # this reader's namespace in the cache
         self._fd, self._own_fd = _open_fd(blob)
         self._closed = False
         try:
@@ -671,7 +702,7 @@ class BlobReader:
 
     @property
     def cache_stats(self) -> tuple[int, int]:
-        """(hits, misses) of the span cache."""
+        """(hits, misses) of the span cache (shared counts if it is shared)."""
         return self._cache.hits, self._cache.misses
 
     def _range(self, offset: int, length: int) -> tuple[int, int]:
@@ -688,7 +719,7 @@ class BlobReader:
     def close(self) -> None:
         if not getattr(self, "_closed", True):
             self._closed = True
-            self._cache.clear()
+            self._cache.purge(self._token)
             if self._own_fd:
                 os.close(self._fd)
 
@@ -729,11 +760,12 @@ class _SpannedReader(BlobReader):
             key, s0, s1 = self._span_of(offset)
             stop = min(end, s1)
             if s1 - s0 <= cache_limit:
-                entry = self._cache.entry(key, lambda: self._new_entry(key, s0, s1 - s0))
+                ckey = (self._token, key)
+                entry = self._cache.entry(ckey, lambda: self._new_entry(key, s0, s1 - s0))
                 try:
                     parts.append(entry.get(offset - s0, stop - s0))
                 except BaseException:
-                    self._cache.discard(key, entry)
+                    self._cache.discard(ckey, entry)
                     raise
             else:
                 parts.append(self._decode(key, s0, offset - s0, stop - offset))
@@ -749,10 +781,11 @@ class GzipReader(_SpannedReader):
 
     compression = "gzip"
 
-    def __init__(self, blob: PathOrFd, index: SeekIndex, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, blob: PathOrFd, index: SeekIndex, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 cache: SpanCache | None = None):
         if index.compression != "gzip":
             raise BadIndex(f"a {index.compression or 'plain'} index for a gzip blob")
-        super().__init__(blob, index, cache_bytes=cache_bytes)
+        super().__init__(blob, index, cache_bytes=cache_bytes, cache=cache)
         self._cps = index.checkpoints
         self._starts = [cp.uoffset for cp in self._cps]
 
@@ -823,12 +856,13 @@ class ZstdReader(_SpannedReader):
     compression = "zstd"
     MAX_CURSORS = 4
 
-    def __init__(self, blob: PathOrFd, index: SeekIndex, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, blob: PathOrFd, index: SeekIndex, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 cache: SpanCache | None = None):
         if index.compression != "zstd":
             raise BadIndex(f"a {index.compression or 'plain'} index for a zstd blob")
         import zstandard
         self._zstd = zstandard
-        super().__init__(blob, index, cache_bytes=cache_bytes)
+        super().__init__(blob, index, cache_bytes=cache_bytes, cache=cache)
         self._cps = index.checkpoints
         self._starts = [cp.uoffset for cp in self._cps]
         self._piece = min(max(index.span, 64 * KiB), 64 * MiB)
@@ -906,7 +940,7 @@ class PlainReader(BlobReader):
     compression = None
 
     def __init__(self, blob: PathOrFd, index: SeekIndex | None = None, *,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache_bytes: int = 0, cache: SpanCache | None = None):
         if index is None:
             fd, own = _open_fd(blob)
             try:
@@ -932,11 +966,12 @@ class PlainReader(BlobReader):
 
 
 def open_reader(blob: PathOrFd, compression: str | None, index_bytes: bytes | None = None, *,
-                cache_bytes: int = DEFAULT_CACHE_BYTES) -> BlobReader:
+                cache_bytes: int = DEFAULT_CACHE_BYTES, cache: SpanCache | None = None) -> BlobReader:
     """A reader for a blob (path or fd) of the given compression, from its
     serialised index (:meth:`SeekIndex.to_bytes`).  ``index_bytes=None``
     indexes the blob first (a full read of it).  ``cache_bytes`` bounds the
-    cache of decompressed spans (0 disables it).  Raises :class:`BadIndex`
+    reader's own cache of decompressed spans (0 disables it); pass ``cache``
+    to share one :class:`SpanCache` between readers instead.  Raises :class:`BadIndex`
     for an index that is malformed, for another compression or another
     blob size."""
     comp = normalize_compression(compression)
@@ -948,7 +983,7 @@ def open_reader(blob: PathOrFd, compression: str | None, index_bytes: bytes | No
             raise BadIndex(f"the index is for {index.compression or 'uncompressed'} data, "
                            f"the blob is {comp or 'uncompressed'}")
     if comp == "gzip":
-        return GzipReader(blob, index, cache_bytes=cache_bytes)
+        return GzipReader(blob, index, cache_bytes=cache_bytes, cache=cache)
     if comp == "zstd":
-        return ZstdReader(blob, index, cache_bytes=cache_bytes)
+        return ZstdReader(blob, index, cache_bytes=cache_bytes, cache=cache)
     return PlainReader(blob, index)

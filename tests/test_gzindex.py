@@ -789,3 +789,23 @@ def test_indexer_protocol_and_names():
 def test_build_index_from_file(indexed):
     tar_data, path, idx = indexed
     assert gzindex.build_index(path, "gzip", SPAN) == idx
+
+
+def test_shared_span_cache(indexed, zstd_blob):
+    tar_data, gz_path, idx = indexed
+    data_z, z_path, z_raw = zstd_blob
+    cache = gzindex.SpanCache(1 * MiB)
+    r1 = open_reader(gz_path, "gzip", idx.to_bytes(), cache=cache)
+    r2 = open_reader(z_path, "zstd", z_raw, cache=cache)
+    r3 = open_reader(gz_path, "gzip", idx.to_bytes(), cache=cache)
+    rng = random.Random(5)
+    for _ in range(100):
+        r, data = rng.choice([(r1, tar_data), (r2, data_z), (r3, tar_data)])
+        off = rng.randrange(len(data))
+        assert r.read(off, 3000) == data[off:off + 3000]
+        assert cache.nbytes <= cache.max_bytes
+    r1.close()
+    r3.close()
+    assert all(k[0] is r2._token for k in cache._items)
+    r2.close()
+    assert cache.nbytes == 0
