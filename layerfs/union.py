@@ -79,13 +79,12 @@ class _LDir:
         self.kids: dict[str, _LDir | tuple] = {}
         self.wh: list[str] = []
         self.opaque = False
-        self.real = row is not None
+        self.real = False
 
 
 def _layer_tree(index: LayerIndex, li: int) -> tuple[_LDir, dict[int, tuple]]:
     """The layer's entries as a tree; and {id(hard link row): final target row} for its valid links."""
     root = _LDir()
-    root.real = True
     links: list[tuple[str, tuple]] = []
     for row in index.rows():
         path = row[_P]
@@ -97,7 +96,6 @@ def _layer_tree(index: LayerIndex, li: int) -> tuple[_LDir, dict[int, tuple]]:
         base = parts.pop()
         d = root
         ok = True
-        chain = []
         for p in parts:
             k = d.kids.get(p)
             if k is None:
@@ -108,7 +106,6 @@ def _layer_tree(index: LayerIndex, li: int) -> tuple[_LDir, dict[int, tuple]]:
             elif type(k) is not _LDir:        # below a non-directory of the same layer
                 ok = False
                 break
-            chain.append(k)
             d = k
         if not ok:
             log.debug("layer %d: ignoring %r below a non-directory of the same layer", li, path)
@@ -121,13 +118,10 @@ def _layer_tree(index: LayerIndex, li: int) -> tuple[_LDir, dict[int, tuple]]:
                 if name and name != "." and name != "..":
                     d.wh.append(name)
             continue
-        for k in chain:
-            k.real = True
         if row[_T] == DIR:
             k = d.kids.get(base)
             if type(k) is _LDir:
                 k.row = row
-                k.real = True
             else:
                 d.kids[base] = _LDir(row)
         else:
@@ -140,7 +134,8 @@ def _layer_tree(index: LayerIndex, li: int) -> tuple[_LDir, dict[int, tuple]]:
             continue
         target = row
         seen = 0
-        while target is not None and target[_T] == HARDLINK and seen < _MAX_LINK_CHAIN:
+        while target is not None and type(target) is not _LDir and target[_T] == HARDLINK \
+                and seen < _MAX_LINK_CHAIN:
             target = _find(root, target[_LINK])
             seen += 1
         if target is None or type(target) is _LDir or target[_T] == HARDLINK:
@@ -150,7 +145,22 @@ def _layer_tree(index: LayerIndex, li: int) -> tuple[_LDir, dict[int, tuple]]:
             parent.kids.pop(path.rpartition("/")[2], None)
             continue
         resolved[id(row)] = target
+    _mark_real(root)
     return root, resolved
+
+
+def _mark_real(root: _LDir) -> None:
+    """Set ``real`` on every directory that has an entry of the layer at or below it."""
+    order = []
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        order.append(d)
+        stack.extend(k for k in d.kids.values() if type(k) is _LDir)
+    for d in reversed(order):                 # children before parents
+        if d.row is not None or any(type(k) is not _LDir or k.real for k in d.kids.values()):
+            d.real = True
+    root.real = True
 
 
 def _find(root: _LDir, path: str):
