@@ -403,6 +403,60 @@ def _server_name(text: str | None) -> str:
     return _normalise_key(text)
 
 
+# --- mounts ----------------------------------------------------------------------------
+
+def cmd_mount(ctx: Context) -> int:
+    from .mount import MountOptions, mount_image
+    a = ctx.args
+    opts = MountOptions(read_only=True, layer=a.layer, platform=Platform.parse(a.platform) if a.platform else None,
+                        fuse_options=[o.strip() for opt in a.options or () for o in opt.split(",")],
+                        foreground=a.foreground, debug=a.debug, ready_fd=a.ready_fd)
+    if a.foreground and not a.debug:
+        logging.getLogger("layerfs").setLevel(logging.INFO)
+
+    def pull(ref):  # only when the image is not local: docker run's screen, on stderr
+        from .display import PullProgress
+        from .pull import PullOptions, Puller
+        print(f"Unable to find image '{ref.familiar()}' locally", file=sys.stderr)
+        progress = PullProgress(sys.stderr)
+        result = Puller(ctx.store, PullOptions(platform=opts.platform, registry=ctx.registry_options()),
+                        progress).pull(ref)
+        progress.message(f"Digest: {result.repo_digest}")
+        progress.message(f"Status: Downloaded newer image for {ref.familiar()}")
+        return result
+
+    mount_image(ctx.store, a.ref, a.mountpoint, opts, pull=pull)
+    return 0
+
+
+def cmd_umount(ctx: Context) -> int:
+    from .mount import umount
+    umount(ctx.store, ctx.args.mountpoint)
+    return 0
+
+
+def cmd_mounts(ctx: Context) -> int:
+    from .mount import mounts
+    a = ctx.args
+    records = mounts(ctx.store)
+    if a.quiet:
+        for r in records:
+            print(r.mountpoint)
+        return 0
+    if a.format == "json":
+        from dataclasses import asdict
+        for r in records:
+            print(json.dumps(asdict(r), separators=(",", ":")))
+        return 0
+    from .display import table
+    rows = [["IMAGE", "MOUNTPOINT", "PID", "UPPER"]]
+    for r in records:
+        image = r.image if r.layer is None else f"{r.image} (layer {r.layer})"
+        rows.append([image, r.mountpoint, str(r.pid), r.upper or "<none>"])
+    table(rows, sys.stdout)
+    return 0
+
+
 def cmd_version(ctx: Context) -> int:
     print(f"layerfs {__version__}")
     return 0
@@ -483,6 +537,27 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("logout", help="log out from a registry")
     s.add_argument("server", nargs="?", metavar="SERVER")
     s.set_defaults(func=cmd_logout)
+
+    s = sub.add_parser("mount", help="mount an image (pulled if absent); returns once the mount answers")
+    s.add_argument("ref", metavar="REF")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing, empty directory")
+    s.add_argument("--read-only", action="store_true", help="read-only mount (the only mode for now)")
+    s.add_argument("--layer", type=int, metavar="N", help="show the image as it was after its first N layers")
+    s.add_argument("--platform", help="OS/ARCH[/VARIANT] to pull when the image is not local")
+    s.add_argument("-o", dest="options", action="append", metavar="OPT[,OPT...]",
+                   help="FUSE mount options, e.g. allow_other, suid, dev; nonempty allows a non-empty MOUNTPOINT")
+    s.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground until unmounted")
+    s.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("umount", aliases=["unmount"], help="unmount a layerfs mount")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("mounts", help="list active layerfs mounts")
+    s.add_argument("-q", "--quiet", action="store_true", help="only mount points")
+    s.add_argument("--format", choices=["table", "json"], default=None)
+    s.set_defaults(func=cmd_mounts)
 
     s = sub.add_parser("version", help="print the version")
     s.set_defaults(func=cmd_version)

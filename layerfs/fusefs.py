@@ -1,0 +1,389 @@
+"""The FUSE adapter: serve a :class:`~layerfs.tree.MergedTree` read-only through pyfuse3.
+
+pyfuse3 is libfuse 3's low-level API on trio: the kernel talks in inode
+numbers, and a tree :class:`~layerfs.tree.Node`'s ``ino`` *is* the FUSE
+inode (``ROOT_INO`` == ``pyfuse3.ROOT_INODE`` == 1). This module only maps
+requests onto the tree: errno mapping, file handles, caching hints. It never
+looks below the tree protocol.
+
+Caching: lower layers never change, so every entry (also a negative one: a
+name that does not exist) and every attribute is given a long timeout, and
+files are opened with ``keep_cache`` so the kernel page cache survives
+close/open. The mount is made with ``ro``, so the VFS itself refuses writes
+with EROFS before they reach us; the write handlers answer EROFS anyway.
+
+Performance notes (see also the tests' benchmark helper):
+
+* libfuse answers ``readdir`` with readdirplus only (pyfuse3 disables
+  READDIRPLUS_AUTO), so one request lists a batch of entries *with* their
+  attributes and ``find``/``ls -l`` need no per-entry LOOKUP/GETATTR.
+* pyfuse3 copies an :class:`EntryAttributes` into the reply right after the
+  handler returns, without yielding to trio in between; handlers that fill
+  attributes never ``await`` before returning, so one scratch object is
+  reused for every lookup/getattr/readdir entry instead of allocating one
+  per call.
+* ``MergedTree.read`` may block (decompression, disk reads): it runs in
+  worker threads behind a :class:`trio.CapacityLimiter`, so concurrent
+  readers (and the kernel's parallel readahead requests) overlap. Reads
+  that need no I/O (inline bytes, empty or hole-only files, reads at EOF)
+  are answered on the event loop.
+* pyfuse3 3.5 gives handlers no way to set FOPEN_CACHE_DIR (kernel readdir
+  cache) or the ``max_readahead``/``max_background`` connection fields, and
+  its ``read``/``readdir`` handlers get only the file handle, so
+  FUSE_NO_OPEN(DIR) cannot be used either. The kernel's readahead window is
+  raised after mounting through the mount's BDI (``read_ahead_kb``) instead,
+  see :func:`tune_readahead`.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import stat
+import sys
+from itertools import islice
+from typing import Callable, Iterable
+
+import pyfuse3
+import trio
+from pyfuse3 import EntryAttributes, FileInfo, FUSEError, StatvfsData
+
+from .errors import LayerfsError
+from .tree import ROOT_INO, MergedTree, Node
+
+log = logging.getLogger(__name__)
+
+#: entry/attribute validity in seconds: lower layers never change
+CACHE_TIMEOUT = 365 * 86400.0
+BLOCK_SIZE = 4096
+#: readahead (KiB) set on the mount's BDI: big sequential FUSE reads (the kernel caps one at max_pages, 1 MiB)
+READ_AHEAD_KB = 1024
+#: the options every layerfs mount gets (before the user's -o ones)
+BASE_OPTIONS = ("default_permissions", "subtype=layerfs")
+
+_FSENC = sys.getfilesystemencoding()
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+_EROFS = FUSEError(errno.EROFS)
+_ENOENT = FUSEError(errno.ENOENT)
+assert ROOT_INO == pyfuse3.ROOT_INODE
+
+
+def default_threads() -> int:
+    """Worker threads for blocking reads: enough to overlap I/O and GIL-free decompression."""
+    return max(4, min(32, 4 * (os.cpu_count() or 1)))
+
+
+def fill_attributes(a: EntryAttributes, node: Node) -> EntryAttributes:
+    """Copy *node*'s metadata into *a* (everything ``stat`` shows)."""
+    a.st_ino = node.ino
+    mode = node.mode
+    a.st_mode = mode
+    a.st_nlink = node.nlink
+    a.st_uid = node.uid
+    a.st_gid = node.gid
+    a.st_rdev = node.rdev
+    size = node.size
+    if node.target is not None and stat.S_ISLNK(mode):
+        size = len(node.target.encode(_FSENC, "surrogateescape"))
+    a.st_size = size
+    if node.sparse is None:
+        a.st_blocks = (size + 511) >> 9
+    else:
+        a.st_blocks = (sum(ext[1] for ext in node.sparse) + 511) >> 9
+    t = node.mtime_ns
+    a.st_mtime_ns = t
+    a.st_atime_ns = t
+    a.st_ctime_ns = t
+    return a
+
+
+class LayerFS(pyfuse3.Operations):
+    """pyfuse3 operations serving one MergedTree, read-only."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree: MergedTree, *, threads: int | None = None):
+        super().__init__()
+        self.tree = tree
+        self._nodes = tree.nodes
+        self._limiter = trio.CapacityLimiter(threads or default_threads())
+        self._attr = self._new_attr()        # scratch: refilled by every handler, see module doc
+        self._negative = self._new_attr()    # "no such name", cached by the kernel like a dentry
+        self._negative.st_ino = 0
+        self._fileinfo = FileInfo(fh=0, keep_cache=True)
+        self._statfs: StatvfsData | None = None
+
+    @staticmethod
+    def _new_attr() -> EntryAttributes:
+        a = EntryAttributes()
+        a.entry_timeout = CACHE_TIMEOUT
+        a.attr_timeout = CACHE_TIMEOUT
+        a.st_blksize = BLOCK_SIZE
+        return a
+
+    def _node(self, ino: int) -> Node:
+        node = self.tree.get(ino)
+        if node is None:
+            raise _ENOENT
+        return node
+
+    # -- names and attributes -----------------------------------------------------
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._node(parent_inode)
+        children = parent.children
+        if children is None:
+            raise FUSEError(errno.ENOTDIR)
+        ino = children.get(name.decode(_FSENC, "surrogateescape"))
+        if ino is None:
+            if name == b".":
+                ino = parent.ino
+            elif name == b"..":
+                ino = parent.parent
+            else:
+                return self._negative
+        return fill_attributes(self._attr, self._nodes[ino])
+
+    async def forget(self, inode_list):
+        # Inodes are the tree's table entries and live as long as the mount:
+        # nothing is freed, so the kernel's lookup counts need no bookkeeping.
+        pass
+
+    async def getattr(self, inode, ctx=None):
+        return fill_attributes(self._attr, self._node(inode))
+
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        if node.target is None or not stat.S_ISLNK(node.mode):
+            raise FUSEError(errno.EINVAL)
+        return node.target.encode(_FSENC, "surrogateescape")
+
+    async def access(self, inode, mode, ctx):
+        # Only reached without default_permissions (the kernel checks by itself otherwise).
+        node = self._node(inode)
+        if mode & os.W_OK:
+            raise _EROFS
+        if ctx.uid == 0:
+            return not (mode & os.X_OK) or stat.S_ISDIR(node.mode) or bool(node.mode & 0o111)
+        if ctx.uid == node.uid:
+            bits = (node.mode >> 6) & 7
+        elif ctx.gid == node.gid or node.gid in pyfuse3.get_sup_groups(ctx.pid):
+            bits = (node.mode >> 3) & 7
+        else:
+            bits = node.mode & 7
+        return (mode & 7) & ~bits == 0
+
+    # -- extended attributes --------------------------------------------------------
+    async def getxattr(self, inode, name, ctx):
+        xattrs = self._node(inode).xattrs
+        value = xattrs.get(name.decode(_FSENC, "surrogateescape")) if xattrs else None
+        if value is None:
+            raise FUSEError(errno.ENODATA)
+        return value
+
+    async def listxattr(self, inode, ctx):
+        xattrs = self._node(inode).xattrs
+        return [k.encode(_FSENC, "surrogateescape") for k in xattrs] if xattrs else []
+
+    # -- directories ----------------------------------------------------------------
+    async def opendir(self, inode, ctx):
+        # The tree never changes under a handle: the directory's inode is its handle.
+        node = self._node(inode)
+        if node.children is None:
+            raise FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        # offsets: 0 is ".", 1 is "..", 2 + i the i-th child; names are encoded only when sent
+        node = self._node(fh)
+        reply = pyfuse3.readdir_reply
+        a = self._attr
+        nodes = self._nodes
+        if start_id == 0:
+            if not reply(token, b".", fill_attributes(a, node), 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            if not reply(token, b"..", fill_attributes(a, nodes[node.parent]), 2):
+                return
+            start_id = 2
+        items = iter(node.children.items())
+        if start_id > 2:
+            items = islice(items, start_id - 2, None)
+        for off, (name, ino) in enumerate(items, start_id + 1):
+            if not reply(token, name.encode(_FSENC, "surrogateescape"), fill_attributes(a, nodes[ino]), off):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    # -- files ------------------------------------------------------------------------
+    async def open(self, inode, flags, ctx):
+        if flags & _WRITE_FLAGS:
+            raise _EROFS
+        node = self._node(inode)
+        if node.children is not None:
+            raise FUSEError(errno.EISDIR)
+        fi = self._fileinfo
+        fi.fh = inode
+        return fi
+
+    async def read(self, fh, off, size):
+        node = self.tree.get(fh)
+        if node is None:
+            raise FUSEError(errno.EBADF)
+        try:
+            if node.inline is not None or node.layer < 0 or off >= node.size:
+                return self.tree.read(fh, off, size)
+            return await trio.to_thread.run_sync(self.tree.read, fh, off, size, limiter=self._limiter)
+        except LayerfsError as e:
+            log.error("read of inode %d at %d failed: %s", fh, off, e.one_line())
+            raise FUSEError(e.errno or errno.EIO) from None
+        except OSError as e:
+            log.error("read of inode %d at %d failed: %s", fh, off, e)
+            raise FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("read of inode %d at %d failed", fh, off)
+            raise FUSEError(errno.EIO) from None
+
+    async def release(self, fh):
+        pass
+
+    # -- the file system ---------------------------------------------------------------
+    async def statfs(self, ctx):
+        if self._statfs is None:
+            st = self.tree.statfs()
+            s = StatvfsData()
+            s.f_bsize = BLOCK_SIZE
+            s.f_frsize = BLOCK_SIZE
+            s.f_blocks = (st.total_bytes + BLOCK_SIZE - 1) // BLOCK_SIZE
+            s.f_bfree = s.f_bavail = 0
+            s.f_files = st.total_files
+            s.f_ffree = s.f_favail = 0
+            s.f_namemax = 255
+            self._statfs = s
+        return self._statfs
+
+    # -- everything that writes: EROFS -------------------------------------------------
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        raise _EROFS
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise _EROFS
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise _EROFS
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise _EROFS
+
+    async def rmdir(self, parent_inode, name, ctx):
+        raise _EROFS
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise _EROFS
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise _EROFS
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise _EROFS
+
+    async def write(self, fh, off, buf):
+        raise _EROFS
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise _EROFS
+
+    async def setxattr(self, inode, name, value, ctx):
+        raise _EROFS
+
+    async def removexattr(self, inode, name, ctx):
+        raise _EROFS
+
+
+# --- running a mount -------------------------------------------------------------------
+
+def _escape_option(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def mount_options(fsname: str, extra: Iterable[str] = (), *, read_only: bool = True) -> set[str]:
+    """The libfuse ``-o`` options for a mount (validated by libfuse when mounting)."""
+    opts = set(BASE_OPTIONS)
+    opts.add(f"fsname={_escape_option(fsname)}")
+    if read_only:
+        opts.add("ro")
+    opts.update(extra)
+    return opts
+
+
+def tune_readahead(mountpoint: str, kib: int | None = None) -> bool:
+    """Raise the kernel readahead of the FUSE mount at *mountpoint* (needs root; best effort).
+
+    The FUSE INIT reply can only lower the BDI's 128 KiB default and
+    pyfuse3 does not expose it anyway; the BDI's sysfs knob can raise it.
+    """
+    kib = READ_AHEAD_KB if kib is None else kib
+    if kib <= 0:
+        return False
+    try:
+        dev = os.stat(mountpoint).st_dev
+        path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+        with open(path, "w") as f:
+            f.write(str(kib))
+        return True
+    except OSError as e:
+        log.debug("cannot raise readahead of %s: %s", mountpoint, e)
+        return False
+
+
+def serve(tree: MergedTree, mountpoint: str, options: Iterable[str], *,
+          on_ready: Callable[[], None] | None = None, threads: int | None = None) -> None:
+    """Mount *tree* at *mountpoint* and serve it until unmounted or SIGTERM/SIGINT/SIGHUP.
+
+    *on_ready* is called (on the event loop) once the mount answers a
+    ``stat`` of its root. On a signal the file system is unmounted (lazily,
+    so busy files do not keep it), never left dead.
+    Raises :class:`LayerfsError` when libfuse refuses the options or the mount.
+    """
+    ops = LayerFS(tree, threads=threads)
+    opts = set(options)
+    try:
+        pyfuse3.init(ops, mountpoint, opts)
+    except RuntimeError as e:
+        raise LayerfsError(f"cannot mount {mountpoint}: libfuse refused ({e})", where=mountpoint,
+                           hint="check -o options (see 'man mount.fuse3'), /dev/fuse and fusermount3; "
+                                "rerun with -f --debug for libfuse's own message") from None
+    try:
+        trio.run(_run, ops, mountpoint, on_ready)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+async def _run(ops: LayerFS, mountpoint: str, on_ready: Callable[[], None] | None) -> None:
+    async with trio.open_nursery() as nursery:
+        async def fs() -> None:
+            await pyfuse3.main(min_tasks=1, max_tasks=ops._limiter.total_tokens + 32)
+            nursery.cancel_scope.cancel()
+
+        async def signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for signum in sigs:
+                    log.info("%s: unmounting %s", signal.Signals(signum).name, mountpoint)
+                    pyfuse3.terminate()
+                    return
+
+        async def ready() -> None:
+            st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+            if st.st_ino != ROOT_INO:
+                raise LayerfsError(f"the mount at {mountpoint} does not answer", where=mountpoint)
+            await trio.to_thread.run_sync(tune_readahead, mountpoint)
+            if on_ready is not None:
+                on_ready()
+
+        nursery.start_soon(fs)
+        nursery.start_soon(signals)
+        nursery.start_soon(ready)

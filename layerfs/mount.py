@@ -1,0 +1,556 @@
+"""Mount lifecycle: mount an image (daemonised or in the foreground), list and unmount mounts.
+
+    mount_image(store, "alpine:3.20", "/mnt/x", MountOptions())  # returns once /mnt/x answers
+    mounts(store)                                                 # [MountRecord(...)]
+    umount(store, "/mnt/x")                                       # unmount, wait for the daemon
+
+Daemon model (libfuse's ``fuse_daemonize``, done before any thread or event
+loop exists): the calling process resolves the image (pulling it if absent),
+builds the merged tree and checks the mount point, so those errors surface
+directly. It then forks twice (the daemon is re-parented, never a zombie of
+a long-lived caller) and waits on a pipe. The daemon starts a new session,
+sends stdio to ``ROOT/mounts/<id>.log``, imports pyfuse3/trio (only the
+daemon pays for them), mounts, ``stat``\\ s its own mount root through the
+kernel, writes its record and only then reports ``ok`` over the pipe; on
+failure it sends its one-line error instead. The tree is built before the
+fork and shared copy-on-write.
+
+Registry of active mounts: ``ROOT/mounts/<id>.json`` (``<id>`` hashes the
+mount point's real path), written by the daemon once ready and removed when
+it exits. A record whose daemon is gone, or whose mount point is no longer a
+``fuse.layerfs`` mount in ``/proc/self/mountinfo``, is stale and is removed
+whenever mounts are listed or a mount point is (un)mounted.
+
+Mount point rules: it must exist and be a directory, must not already be a
+mount point, and must be empty unless ``-o nonempty`` is given (libfuse 3
+mounts over non-empty directories silently, hiding their contents; layerfs
+refuses by default like libfuse 2 did, and strips ``nonempty`` before
+passing the options on).
+
+SIGTERM, SIGINT or SIGHUP to the daemon unmounts cleanly (lazily: open files
+keep working until closed) and removes the record.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import hashlib
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from .errors import ImageNotFound, LayerfsError, UsageError
+from .oci import Manifest, Platform
+from .store import Store, atomic_write
+
+if TYPE_CHECKING:
+    from .reference import Reference
+    from .tree import MergedTree
+
+log = logging.getLogger(__name__)
+
+FSTYPE = "fuse.layerfs"
+#: seconds the caller waits for the daemon to answer
+READY_TIMEOUT = 60.0
+#: seconds umount waits for the daemon to exit after the unmount
+EXIT_TIMEOUT = 10.0
+
+
+class MountError(LayerfsError):
+    """A mount point that cannot be (un)mounted, or a mount daemon that failed."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MountOptions:
+    read_only: bool = True                 # the only mode until the overlay (upper dir) lands
+    layer: int | None = None               # show only the first N layers (the image after layer N)
+    platform: Platform | None = None       # used when the image must be pulled
+    fuse_options: Sequence[str] = ()       # passed to libfuse (-o), e.g. allow_other; "nonempty" is ours
+    foreground: bool = False
+    debug: bool = False                    # debug logs (libfuse's request trace: fuse_options=["debug"])
+    ready_fd: int | None = None            # foreground: report readiness on this fd (like the daemon pipe)
+    ready_timeout: float = READY_TIMEOUT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fuse_options", tuple(o for o in self.fuse_options if o))
+        if self.layer is not None and self.layer < 0:
+            raise UsageError(f"--layer {self.layer} is negative")
+        if not self.read_only:
+            raise UsageError("writable mounts are not supported yet", hint="mount with --read-only")
+
+    @property
+    def allow_nonempty(self) -> bool:
+        return "nonempty" in self.fuse_options
+
+    @property
+    def libfuse_options(self) -> tuple[str, ...]:
+        return tuple(o for o in self.fuse_options if o != "nonempty")
+
+
+@dataclass(frozen=True)
+class MountRecord:
+    image: str                 # the image as the user knows it (familiar reference)
+    manifest_digest: str
+    mountpoint: str            # real path
+    pid: int                   # the daemon serving the mount
+    upper: str | None          # writable upper dir (None: read-only)
+    started: str               # RFC 3339, UTC
+    layer: int | None = None
+    log: str | None = None     # the daemon's log file
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "MountRecord":
+        d = json.loads(raw)
+        return cls(image=str(d["image"]), manifest_digest=str(d["manifest_digest"]),
+                   mountpoint=str(d["mountpoint"]), pid=int(d["pid"]), upper=d.get("upper"),
+                   started=str(d["started"]), layer=d.get("layer"), log=d.get("log"))
+
+
+# --- the kernel's view -----------------------------------------------------------------
+
+def _unescape(field: bytes) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        c = field[i]
+        if c == 0x5C and field[i + 1:i + 4].isdigit():
+            out.append(int(field[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(c)
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def mount_table() -> dict[str, tuple[str, str]]:
+    """Mount point → (fstype, source) from /proc/self/mountinfo (the top mount wins)."""
+    table: dict[str, tuple[str, str]] = {}
+    with open("/proc/self/mountinfo", "rb") as f:
+        data = f.read()
+    for line in data.splitlines():
+        fields = line.split(b" ")
+        try:
+            sep = fields.index(b"-", 6)
+            table[_unescape(fields[4])] = (fields[sep + 1].decode(errors="replace"),
+                                           _unescape(fields[sep + 2]))
+        except (ValueError, IndexError):
+            continue
+    return table
+
+
+def pid_alive(pid: int) -> bool:
+    """True while *pid* runs (a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True
+    state = st[st.rfind(b")") + 2:][:1]
+    return state not in (b"Z", b"X", b"x")
+
+
+def _abs_mountpoint(path: str | os.PathLike[str]) -> str:
+    """The real path of a mount point without touching the mount itself (it may be dead)."""
+    p = os.path.abspath(os.fspath(path))
+    if p == "/":
+        return p
+    return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+
+
+def check_mountpoint(path: str | os.PathLike[str], *, allow_nonempty: bool = False,
+                     table: dict[str, tuple[str, str]] | None = None) -> str:
+    """Validate a mount point; return its real path or raise one clear :class:`MountError`."""
+    shown = os.fspath(path)
+    try:
+        st = os.stat(shown)
+    except FileNotFoundError:
+        raise MountError(f"mount point {shown} does not exist", hint=f"create it first: mkdir -p {shown}") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(f"{shown} is a dead FUSE mount (its daemon is gone)",
+                             hint=f"clean it up with 'layerfs umount {shown}'") from None
+        raise MountError(f"cannot use mount point {shown}: {e.strerror}") from None
+    import stat as _stat
+    if not _stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mount point {shown} is not a directory")
+    real = os.path.realpath(shown)
+    table = mount_table() if table is None else table
+    if real in table:
+        fstype = table[real][0]
+        what = "a layerfs mount" if fstype == FSTYPE else f"a {fstype} mount"
+        raise MountError(f"{shown} is already mounted ({what})",
+                         hint=f"unmount it first ('layerfs umount {shown}') or pick another directory")
+    try:
+        with os.scandir(real) as it:
+            nonempty = next(it, None) is not None
+    except OSError as e:
+        raise MountError(f"cannot read mount point {shown}: {e.strerror}") from None
+    if nonempty and not allow_nonempty:
+        raise MountError(f"mount point {shown} is not empty",
+                         hint="use an empty directory, or '-o nonempty' to hide its contents under the mount")
+    return real
+
+
+# --- the registry ----------------------------------------------------------------------
+
+class MountRegistry:
+    """``ROOT/mounts/<id>.json`` per active mount (and ``<id>.log``, the daemon's log)."""
+
+    def __init__(self, store: Store):
+        self.dir = store.root / "mounts"
+
+    def _stem(self, mountpoint: str) -> Path:
+        key = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:20]
+        return self.dir / key
+
+    def record_path(self, mountpoint: str) -> Path:
+        return self._stem(mountpoint).with_suffix(".json")
+
+    def log_path(self, mountpoint: str) -> Path:
+        return self._stem(mountpoint).with_suffix(".log")
+
+    def write(self, record: MountRecord) -> None:
+        atomic_write(self.record_path(record.mountpoint), record.to_json())
+
+    def remove(self, mountpoint: str, pid: int | None = None) -> None:
+        """Remove the record of *mountpoint* (only if it names *pid*, when given)."""
+        path = self.record_path(mountpoint)
+        if pid is not None:
+            rec = self._load(path)
+            if rec is None or rec.pid != pid:
+                return
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    @staticmethod
+    def _load(path: Path) -> MountRecord | None:
+        try:
+            return MountRecord.from_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring corrupt mount record %s: %s", path, e)
+            return None
+
+    def get(self, mountpoint: str) -> MountRecord | None:
+        return self._load(self.record_path(mountpoint))
+
+    def records(self) -> list[tuple[Path, MountRecord | None]]:
+        try:
+            paths = sorted(self.dir.glob("*.json"))
+        except OSError:
+            return []
+        return [(p, self._load(p)) for p in paths]
+
+    def active(self, table: dict[str, tuple[str, str]] | None = None) -> list[MountRecord]:
+        """Live records; stale ones (daemon gone, or not mounted any more) are removed."""
+        table = mount_table() if table is None else table
+        out = []
+        for path, rec in self.records():
+            if rec is not None and pid_alive(rec.pid) and table.get(rec.mountpoint, ("",))[0] == FSTYPE:
+                out.append(rec)
+                continue
+            log.info("removing stale mount record %s (%s)", path.name, rec.mountpoint if rec else "corrupt")
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        out.sort(key=lambda r: r.started)
+        return out
+
+
+# --- mounting ----------------------------------------------------------------------------
+
+TreeFactory = Callable[..., "MergedTree"]
+
+
+def _default_tree_factory(store: Store, manifest: Manifest, *, upto: int | None) -> "MergedTree":
+    try:
+        from .union import open_image_tree
+    except ImportError as e:
+        raise MountError(f"this layerfs cannot build image trees yet ({e})",
+                         hint="layerfs.union is missing from the installation") from None
+    return open_image_tree(store, manifest, upto=upto)
+
+
+def _default_pull(store: Store, options: MountOptions) -> Callable[["Reference"], Any]:
+    def pull(ref: "Reference"):
+        from .pull import PullOptions, Puller
+        return Puller(store, PullOptions(platform=options.platform)).pull(ref)
+    return pull
+
+
+def resolve_image(store: Store, ref_text: str, options: MountOptions,
+                  pull: Callable[["Reference"], Any] | None = None) -> tuple[str, Manifest]:
+    """(name to show, manifest) of a local image, pulling it first when absent (or of another platform)."""
+    from .reference import Reference
+    try:
+        rec, manifest = store.resolve(ref_text)
+        if options.platform is not None:
+            cfg = store.config(manifest).platform
+            if cfg is not None and not options.platform.matches(cfg):
+                raise ImageNotFound(f"local {ref_text} is for {cfg}, not {options.platform}")
+    except ImageNotFound:
+        ref = Reference.parse(ref_text)
+        log.info("image %s is not local: pulling it", ref.familiar())
+        (pull or _default_pull(store, options))(ref)
+        rec, manifest = store.resolve(ref)
+    ref = rec.reference
+    return (ref.familiar() if ref else rec.name), manifest
+
+
+def mount_image(store: Store, ref_text: str, mountpoint: str | os.PathLike[str], options: MountOptions, *,
+                tree_factory: TreeFactory | None = None,
+                pull: Callable[["Reference"], Any] | None = None) -> MountRecord:
+    """Mount image *ref_text* (pulled if absent) at *mountpoint*.
+
+    Returns once the mount answers (daemon mode), or after it was unmounted
+    (``options.foreground``). *tree_factory(store, manifest, upto=N)* builds
+    the merged tree (default: :func:`layerfs.union.open_image_tree`); *pull*
+    pulls a :class:`Reference` into *store* (default: a :class:`Puller`).
+    """
+    real = check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)
+    image, manifest = resolve_image(store, ref_text, options, pull)
+    tree = (tree_factory or _default_tree_factory)(store, manifest, upto=options.layer)
+    return mount_tree(tree, real, options, store=store, image=image, manifest_digest=str(manifest.digest),
+                      checked=True)
+
+
+def mount_tree(tree: "MergedTree", mountpoint: str | os.PathLike[str], options: MountOptions, *, store: Store,
+               image: str, manifest_digest: str = "", checked: bool = False) -> MountRecord:
+    """Mount an already built *tree* at *mountpoint* (see :func:`mount_image`)."""
+    real = os.fspath(mountpoint) if checked else check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)
+    registry = MountRegistry(store)
+    registry.active()  # clean stale records
+    registry.dir.mkdir(parents=True, exist_ok=True)
+    record = MountRecord(image=image, manifest_digest=manifest_digest, mountpoint=real, pid=0, upper=None,
+                         started="", layer=options.layer, log=str(registry.log_path(real)))
+    if options.foreground:
+        return _serve_here(tree, record, options, registry, _Reporter(options.ready_fd))
+    return _daemonize(tree, record, options, registry)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class _Reporter:
+    """Reports readiness (``ok``) or the one-line error once on a pipe, then closes it."""
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+    def _final(self, line: str) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            _send(fd, line)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def ok(self) -> None:
+        self._final("ok")
+
+    def error(self, message: str) -> None:
+        self._final(f"error {message}")
+
+
+def _send(fd: int, line: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, (" ".join(line.split("\n")) + "\n").encode("utf-8", "replace"))
+
+
+def _serve_here(tree: "MergedTree", record: MountRecord, options: MountOptions, registry: MountRegistry,
+                reporter: _Reporter) -> MountRecord:
+    """Mount and serve in this process until unmounted; write *record* once ready, remove it at the end."""
+    from dataclasses import replace
+    from . import fusefs
+    record = replace(record, pid=os.getpid())
+    fuse_opts = fusefs.mount_options(record.image, options.libfuse_options, read_only=options.read_only)
+
+    def ready() -> None:
+        nonlocal record
+        record = replace(record, started=_now())
+        registry.write(record)
+        log.info("mounted %s at %s (pid %d)", record.image, record.mountpoint, record.pid)
+        reporter.ok()
+
+    try:
+        fusefs.serve(tree, record.mountpoint, fuse_opts, on_ready=ready)
+    except LayerfsError as e:
+        reporter.error(e.one_line())
+        raise
+    except BaseException as e:
+        reporter.error(f"mount failed: {type(e).__name__}: {e}")
+        raise
+    finally:
+        registry.remove(record.mountpoint, pid=record.pid)
+    log.info("unmounted %s", record.mountpoint)
+    return record
+
+
+def _daemonize(tree: "MergedTree", record: MountRecord, options: MountOptions,
+               registry: MountRegistry) -> MountRecord:
+    r, w = os.pipe()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    pid = os.fork()
+    if pid == 0:  # intermediate child: new session, fork the daemon, leave
+        code = 1
+        try:
+            os.close(r)
+            os.setsid()
+            if os.fork() == 0:
+                code = _daemon_main(tree, record, options, registry, w)
+            else:
+                code = 0
+        except BaseException as e:  # never return into the caller's code
+            _send(w, f"error cannot start the mount daemon: {e}")
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        os.waitpid(pid, 0)
+        return _wait_ready(r, record, options, registry)
+    finally:
+        os.close(r)
+
+
+def _daemon_main(tree: "MergedTree", record: MountRecord, options: MountOptions, registry: MountRegistry,
+                 w: int) -> int:
+    """The daemon: stdio to the log, serve, report readiness or the error on *w*. Returns the exit code."""
+    _send(w, f"pid {os.getpid()}")
+    reporter = _Reporter(w)
+    try:
+        os.chdir("/")
+        logfd = os.open(record.log or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        nullfd = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(nullfd, 0)
+        os.dup2(logfd, 1)
+        os.dup2(logfd, 2)
+        os.close(logfd)
+        os.close(nullfd)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        _daemon_logging(options.debug)
+        _serve_here(tree, record, options, registry, reporter)
+        return 0
+    except LayerfsError as e:
+        log.error("%s", e.one_line())
+        return 1
+    except BaseException as e:
+        log.exception("mount daemon failed")
+        reporter.error(f"mount daemon failed: {type(e).__name__}: {e}")
+        return 1
+
+
+def _daemon_logging(debug: bool) -> None:
+    root = logging.getLogger()
+    fmt = logging.Formatter("%(asctime)s layerfs[%(process)d]: %(levelname)s: %(message)s")
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler(sys.stderr))
+    for h in root.handlers:
+        h.setFormatter(fmt)
+    logging.getLogger("layerfs").setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _wait_ready(r: int, record: MountRecord, options: MountOptions, registry: MountRegistry) -> MountRecord:
+    deadline = time.monotonic() + options.ready_timeout
+    buf = b""
+    daemon_pid = None
+    while True:
+        *lines, buf = buf.split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", "replace")
+            kind, _, rest = line.partition(" ")
+            if kind == "pid" and rest.isdigit():
+                daemon_pid = int(rest)
+            elif kind == "ok":
+                rec = registry.get(record.mountpoint)
+                return rec if rec is not None else record
+            elif kind == "error":
+                raise MountError(rest, where=None)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if daemon_pid:
+                with contextlib.suppress(OSError):
+                    os.kill(daemon_pid, signal.SIGTERM)
+            raise MountError(f"the mount at {record.mountpoint} did not answer within {options.ready_timeout:g}s",
+                             hint=f"see the daemon's log {record.log}")
+        ready, _, _ = select.select([r], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(r, 4096)
+        if not chunk:
+            raise MountError(f"the mount daemon for {record.mountpoint} exited before the mount was ready",
+                             hint=f"see its log {record.log}")
+        buf += chunk
+
+
+# --- listing and unmounting ------------------------------------------------------------
+
+def mounts(store: Store) -> list[MountRecord]:
+    """Active layerfs mounts of *store* (stale records are cleaned on the way)."""
+    return MountRegistry(store).active()
+
+
+def _unmount_cmd(mountpoint: str) -> list[str]:
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    if fusermount:
+        return [fusermount, "-u", "--", mountpoint]
+    if os.geteuid() == 0 and shutil.which("umount"):
+        return ["umount", "--", mountpoint]
+    raise MountError("cannot unmount: neither fusermount3 nor umount is installed",
+                     hint="install fuse3 (Debian: apt-get install fuse3)")
+
+
+def umount(store: Store, mountpoint: str | os.PathLike[str], *, timeout: float = EXIT_TIMEOUT) -> MountRecord | None:
+    """Unmount the layerfs mount at *mountpoint*, wait for its daemon to exit, drop its record.
+
+    Returns the mount's record (None when the mount had none, e.g. another
+    store's). Raises :class:`MountError` if *mountpoint* is not a layerfs
+    mount or the unmount fails (busy).
+    """
+    shown = os.fspath(mountpoint)
+    real = _abs_mountpoint(shown)
+    registry = MountRegistry(store)
+    table = mount_table()
+    rec = registry.get(real)
+    fstype = table.get(real, ("",))[0]
+    if fstype != FSTYPE:
+        registry.active(table)
+        what = f"it is a {fstype} mount" if fstype else "nothing is mounted there"
+        raise MountError(f"{shown} is not a layerfs mount ({what})", hint="'layerfs mounts' lists the active mounts")
+    proc = subprocess.run(_unmount_cmd(real), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if proc.returncode != 0:
+        msg = " ".join((proc.stderr or proc.stdout).split()) or f"exit status {proc.returncode}"
+        hint = None
+        if "busy" in msg.lower():
+            hint = "close the files and shells using it (see 'fuser -vm MOUNTPOINT'), then try again"
+        raise MountError(f"cannot unmount {shown}: {msg}", hint=hint)
+    if rec is not None:
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while pid_alive(rec.pid):
+            if time.monotonic() > deadline:
+                registry.remove(real, pid=rec.pid)
+                raise MountError(f"unmounted {shown}, but its daemon (pid {rec.pid}) did not exit within {timeout:g}s",
+                                 hint=f"see its log {rec.log}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        registry.remove(real, pid=rec.pid)
+    return rec
