@@ -31,9 +31,12 @@ import functools
 import hashlib
 import json
 import logging
+import queue
 import struct
 import sys
 import tarfile
+import threading
+import weakref
 from pathlib import Path
 from typing import Iterable, NamedTuple
 from urllib.parse import unquote_to_bytes
@@ -181,6 +184,68 @@ class _TarState:
         self.offset = 0
 
 
+class _Slow(Exception):
+    """Internal: leave this header to tarfile's own TarInfo.frombuf."""
+
+
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+
+
+class _TarInfo(tarfile.TarInfo):
+    """TarInfo with a faster :meth:`frombuf` for the common header.
+
+    tarfile's frombuf spends most of its time computing two checksums
+    through struct and parsing fields one function call at a time. This one
+    unpacks the header at once and checks the unsigned checksum with a
+    C-level sum; for anything unusual (zero block, GNU sparse header,
+    base-256 numbers, odd padding, a checksum that needs the signed
+    variant, ...) it defers to tarfile's own code, so the result is always
+    exactly what tarfile would produce (a differential test checks this).
+    Everything else (PAX, GNU long names, sparse maps) is tarfile's code.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        try:
+            if len(buf) != tarfile.BLOCKSIZE or buf[0] == 0:
+                raise _Slow
+            (name, mode, uid, gid, size, mtime, chksum, typ, linkname, _magic, uname, gname, devmajor, devminor,
+             prefix) = _USTAR.unpack(buf)
+            if typ == tarfile.GNUTYPE_SPARSE:
+                raise _Slow
+            # int() strips ASCII whitespace itself; whenever it accepts a field with the
+            # trailing NULs/spaces removed, nti() (cut at the first NUL, strip) gives the same value
+            chk = int(chksum.rstrip(b"\0 ") or b"0", 8)
+            if chk != sum(buf) - sum(chksum) + 256:
+                raise _Slow
+            obj = cls()
+            obj.name = name.partition(b"\0")[0].decode(encoding, errors)
+            obj.mode = int(mode.rstrip(b"\0 ") or b"0", 8)
+            obj.uid = int(uid.rstrip(b"\0 ") or b"0", 8)
+            obj.gid = int(gid.rstrip(b"\0 ") or b"0", 8)
+            obj.size = int(size.rstrip(b"\0 ") or b"0", 8)
+            obj.mtime = int(mtime.rstrip(b"\0 ") or b"0", 8)
+            obj.chksum = chk
+            obj.type = typ
+            obj.linkname = linkname.partition(b"\0")[0].decode(encoding, errors)
+            obj.uname = uname.partition(b"\0")[0].decode(encoding, errors)
+            obj.gname = gname.partition(b"\0")[0].decode(encoding, errors)
+            obj.devmajor = int(devmajor.rstrip(b"\0 ") or b"0", 8)
+            obj.devminor = int(devminor.rstrip(b"\0 ") or b"0", 8)
+            prefix = prefix.partition(b"\0")[0].decode(encoding, errors)
+        except (_Slow, ValueError):
+            return super().frombuf(buf, encoding, errors)
+        if typ == tarfile.AREGTYPE and obj.name.endswith("/"):
+            obj.type = tarfile.DIRTYPE
+        if obj.type == tarfile.DIRTYPE:
+            obj.name = obj.name.rstrip("/")
+        if prefix and obj.type not in tarfile.GNU_TYPES:
+            obj.name = prefix + "/" + obj.name
+        return obj
+
+
 #: a single header (PAX/GNU long name chain) may not span more than this
 MAX_HEADER_BYTES = 64 << 20
 
@@ -188,6 +253,7 @@ _REG_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tar
 _SIMPLE_TYPES = {tarfile.DIRTYPE: DIR, tarfile.SYMTYPE: SYMLINK, tarfile.LNKTYPE: HARDLINK,
                  tarfile.CHRTYPE: CHAR, tarfile.BLKTYPE: BLOCK, tarfile.FIFOTYPE: FIFO}
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_ODD_START = frozenset({"", ".", "/"})
 _U64_MAX = (1 << 64) - 1
 
 
@@ -281,7 +347,7 @@ class _TarScanner:
 
     def _parse(self) -> None:
         win, tar = self.win, self.tar
-        fromtarfile = tarfile.TarInfo.fromtarfile
+        fromtarfile = _TarInfo.fromtarfile
         while True:
             h = self.next_header
             end = win.base + len(win.data)
@@ -327,16 +393,15 @@ class _TarScanner:
 
     def _entry(self, ti: tarfile.TarInfo, next_header: int) -> Entry | None:
         where = self.where
-        try:
-            path = normalize_path(ti.name, where=where)
-        except TarError:
-            raise
+        name = ti.name
+        # the common case needs no normalising: relative, no "."/".." or empty components
+        if name[:1] in _ODD_START or "//" in name or "/." in name or name[-1:] == "/" or "\0" in name:
+            path = normalize_path(name, where=where)
+        else:
+            path = name
         t = ti.type
-        sparse = None
-        linkname = None
-        size = 0
-        offset = ti.offset_data
-        major = minor = 0
+        sparse = linkname = None
+        size = major = minor = 0
         if t in _REG_TYPES or ti.sparse is not None and t not in _SIMPLE_TYPES:
             kind = FILE
             size = ti.size
@@ -345,24 +410,23 @@ class _TarScanner:
         else:
             kind = _SIMPLE_TYPES.get(t)
             if kind is None:
-                log.warning("%s: skipping tar member %r of unsupported type %r", where, ti.name, t)
+                log.warning("%s: skipping tar member %r of unsupported type %r", where, name, t)
                 return None
             if kind == SYMLINK:
                 linkname = ti.linkname
                 if "\0" in linkname:
-                    raise TarError(f"symlink target of {ti.name!r} contains a NUL byte", where=where)
+                    raise TarError(f"symlink target of {name!r} contains a NUL byte", where=where)
             elif kind == HARDLINK:
                 linkname = normalize_path(ti.linkname, where=where, what="hard link target")
                 if not linkname:
-                    raise TarError(f"hard link {ti.name!r} points at the layer root", where=where)
+                    raise TarError(f"hard link {name!r} points at the layer root", where=where)
             elif kind == CHAR or kind == BLOCK:
                 major, minor = ti.devmajor, ti.devminor
         if not path and kind != DIR:
-            log.warning("%s: skipping tar member %r: the root can only be a directory", where, ti.name)
+            log.warning("%s: skipping tar member %r: the root can only be a directory", where, name)
             return None
-        mtime_ns = None
         pax = ti.pax_headers
-        xattrs = None
+        xattrs = mtime_ns = None
         if pax:
             m = pax.get("mtime")
             if m is not None:
@@ -370,14 +434,14 @@ class _TarScanner:
             xattrs = _xattrs(pax)
         if mtime_ns is None:
             mtime_ns = int(ti.mtime) * 1_000_000_000
-        mtime_ns = min(max(mtime_ns, _INT64_MIN), _INT64_MAX)
+        if not _INT64_MIN <= mtime_ns <= _INT64_MAX:
+            mtime_ns = _INT64_MIN if mtime_ns < 0 else _INT64_MAX
         uid, gid = ti.uid, ti.gid
-        for what, v in (("uid", uid), ("gid", gid), ("size", size), ("device major", major),
-                        ("device minor", minor)):
-            if not (0 <= v <= _U64_MAX):
-                raise TarError(f"tar member {ti.name!r}: {what} {v} out of range", where=where)
-        return Entry(path, kind, ti.mode & 0o7777, uid, gid, size, mtime_ns, linkname, major, minor,
-                     offset, xattrs, sparse)
+        if not (0 <= uid <= _U64_MAX and 0 <= gid <= _U64_MAX and 0 <= size <= _U64_MAX
+                and 0 <= major <= _U64_MAX and 0 <= minor <= _U64_MAX):
+            raise TarError(f"tar member {name!r}: uid, gid, size or device number out of range", where=where)
+        return _new_entry((path, kind, ti.mode & 0o7777, uid, gid, size, mtime_ns, linkname, major, minor,
+                           ti.offset_data, xattrs, sparse))
 
     def _sparse(self, ti: tarfile.TarInfo, path: str, next_header: int) -> tuple[tuple[int, int, int], ...]:
         """tarfile's [(file_offset, numbytes)] (data stored back to back from
@@ -747,6 +811,72 @@ class LayerIndex:
 # --- the streaming indexer -----------------------------------------------------
 
 _OUT_PIECE = 4 << 20    # bound on decompressed bytes handled at once (gzip)
+_QUEUE_PIECES = 4       # decompressed pieces in flight to the worker thread (<= 16 MiB)
+_BATCH = 256 << 10      # smaller pieces are gathered up to this size before the hand-off
+
+
+class _Consumer:
+    """The uncompressed side: diff_id hash, size, tar scanner."""
+
+    def __init__(self, where: str):
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.scan = _TarScanner(where)
+
+    def __call__(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.size += len(data)
+        self.scan.feed(data)
+
+
+class _Worker:
+    """Runs a :class:`_Consumer` in a helper thread behind a bounded queue, so
+    that inflating (C, without the GIL) and tar parsing overlap.
+
+    The thread never blocks anything but its own ``get``: after an error it
+    keeps draining the queue (``put`` cannot deadlock) and it stops at the
+    sentinel, which :meth:`close` sends — or a finalizer, when the owning
+    indexer is dropped without finishing (no thread is left behind).
+    The consumer is only touched by the thread until :meth:`close` returns."""
+
+    _STOP = object()
+
+    def __init__(self, consumer: _Consumer, owner: object):
+        self.consumer = consumer
+        self.error: BaseException | None = None
+        self.q: queue.Queue = queue.Queue(_QUEUE_PIECES)
+        self.thread = threading.Thread(target=self._run, name="layerindex", daemon=True)
+        self.thread.start()
+        self._finalizer = weakref.finalize(owner, _Worker._stop, self.q)
+
+    @staticmethod
+    def _stop(q: queue.Queue) -> None:
+        q.put(_Worker._STOP)
+
+    def _run(self) -> None:
+        q, consume = self.q, self.consumer
+        while True:
+            item = q.get()
+            if item is _Worker._STOP:
+                return
+            if self.error is None:
+                try:
+                    consume(item)
+                except BaseException as e:   # noqa: BLE001 - handed to the feeding thread
+                    self.error = e
+
+    def put(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(data)
+
+    def close(self) -> None:
+        """Stop the thread and wait for it; raise the consumer's error, if any."""
+        if self._finalizer.detach() is not None:
+            self.q.put(_Worker._STOP)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 class LayerIndexer:
@@ -757,26 +887,39 @@ class LayerIndexer:
     the blob's magic number decides (a mismatch is logged). Errors (bad
     compressed data, bad tar headers, path escapes) are raised from ``feed``
     or ``finish`` and stick: every later call raises the same error.
+
+    With *threaded* (the default) the decompressed data is hashed and parsed
+    in a helper thread while the caller's thread inflates the next chunk; a
+    tar error then surfaces from a later ``feed`` or from ``finish``. Call
+    :meth:`close` (or ``finish``) when abandoning an indexer early; dropping
+    it also stops the thread.
     """
 
     def __init__(self, compression: str | None, *, where: str, digest: Digest | None = None,
-                 span: int = gzindex.DEFAULT_SPAN):
+                 span: int = gzindex.DEFAULT_SPAN, threaded: bool = True):
         self.declared = gzindex.normalize_compression(compression)
         self.where = where
         self.digest = digest
         self.span = span
+        self.threaded = threaded
         self._ix = None
         self._head = b""
-        self._hash = hashlib.sha256()
-        self.size = 0
         self.compressed_size = 0
-        self._scan = _TarScanner(where)
+        self._consumer = _Consumer(where)
+        self._worker: _Worker | None = None
+        self._batch: list[bytes] = []
+        self._batched = 0
         self._error: BaseException | None = None
         self._result: LayerIndex | None = None
 
     @property
     def compression(self) -> str | None:
         return self._ix.compression if self._ix is not None else self.declared
+
+    @property
+    def size(self) -> int:
+        """Uncompressed bytes seen so far (final after :meth:`finish`)."""
+        return self._consumer.size
 
     def _start(self, head: bytes) -> None:
         actual = gzindex.detect_compression(head)
@@ -793,9 +936,7 @@ class LayerIndexer:
         try:
             self._feed(chunk)
         except BaseException as e:
-            self._error = self._wrap(e)
-            if self._error is e:
-                raise
+            self._fail(e)
             raise self._error from None
 
     def _feed(self, chunk: bytes) -> None:
@@ -816,17 +957,54 @@ class LayerIndexer:
             self._out(ix.feed(chunk))
 
     def _out(self, data: bytes) -> None:
-        if data:
-            self._hash.update(data)
-            self.size += len(data)
-            self._scan.feed(data)
+        if not data:
+            return
+        if not self.threaded:
+            self._consumer(data)
+            return
+        # small pieces (small network chunks) are batched: one hand-off per _BATCH bytes at least
+        if self._batch or len(data) < _BATCH:
+            self._batch.append(data)
+            self._batched += len(data)
+            if self._batched < _BATCH:
+                return
+            data = b"".join(self._batch)
+            self._batch, self._batched = [], 0
+        self._hand_off(data)
 
-    def _wrap(self, e: BaseException) -> BaseException:
-        if isinstance(e, LayerfsError):
-            if e.where is None:
+    def _hand_off(self, data: bytes) -> None:
+        if self._worker is None:
+            self._worker = _Worker(self._consumer, self)
+        self._worker.put(data)
+
+    def _flush(self) -> None:
+        if self._batch:
+            data = b"".join(self._batch)
+            self._batch, self._batched = [], 0
+            self._hand_off(data)
+
+    def _fail(self, e: BaseException) -> None:
+        """Record the first error (with ``where``), stop the worker."""
+        if self._error is None:
+            if isinstance(e, LayerfsError) and e.where is None:
                 e.where = self.where
-            return e
-        return e
+            self._error = e
+        w, self._worker = self._worker, None
+        if w is not None:
+            try:
+                w.close()
+            except BaseException:   # noqa: BLE001 - the first error is the one reported
+                pass
+
+    def close(self) -> None:
+        """Stop the helper thread without finishing (idempotent)."""
+        w, self._worker = self._worker, None
+        if w is not None:
+            try:
+                w.close()
+            except BaseException as e:   # noqa: BLE001
+                if self._error is None:
+                    self._error = e
 
     def finish(self) -> LayerIndex:
         if self._error is not None:
@@ -840,14 +1018,17 @@ class LayerIndexer:
                 if head:
                     self._out(self._ix.feed(head))
             seek = self._ix.finish()
-            entries = self._scan.finish()
+            self._flush()
+            w, self._worker = self._worker, None
+            if w is not None:
+                w.close()
+            entries = self._consumer.scan.finish()
         except BaseException as e:
-            self._error = self._wrap(e)
-            if self._error is e:
-                raise
+            self._fail(e)
             raise self._error from None
-        self._result = LayerIndex(_dedupe(entries), diff_id=Digest("sha256", self._hash.hexdigest()),
-                                  size=self.size, compression=self._ix.compression, checkpoints=seek.to_bytes(),
+        c = self._consumer
+        self._result = LayerIndex(_dedupe(entries), diff_id=Digest("sha256", c.hash.hexdigest()),
+                                  size=c.size, compression=self._ix.compression, checkpoints=seek.to_bytes(),
                                   digest=self.digest, compressed_size=self.compressed_size)
         return self._result
 

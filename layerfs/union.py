@@ -35,9 +35,12 @@ binary format, so a later mount loads it without looking at the layer records.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import operator
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -52,7 +55,8 @@ from .tree import ROOT_INO, LayerReader, MergedTree, Node
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_tree", "open_image_tree", "tree_cache_path", "save_tree", "load_tree", "TREE_FORMAT_VERSION"]
+__all__ = ["build_tree", "open_image_tree", "tree_cache_path", "save_tree", "load_tree", "LazyNodes",
+           "TREE_FORMAT_VERSION"]
 
 # Entry field positions (layerindex.Entry order)
 _P, _T, _MODE, _UID, _GID, _SIZE, _MTIME, _LINK, _MAJ, _MIN, _OFF, _XATTR, _SPARSE = range(13)
@@ -349,8 +353,8 @@ def _tree_bytes(tree: MergedTree, meta: dict) -> bytes:
     for x in dirs:
         names.extend(x.children.keys())
         inos.extend(x.children.values())
-    parts += [_U32.pack(len(dirs)), _col([len(x.children) for x in dirs]), _U32.pack(len(names)),
-              _strings(names), _col(inos)]
+    parts += [_U32.pack(len(dirs)), _col([x.ino for x in dirs]), _col([len(x.children) for x in dirs]),
+              _U32.pack(len(names)), _strings(names), _col(inos)]
     body = zstandard.ZstdCompressor(level=3).compress(b"".join(parts))
     return pack_file(TREE_FORMAT_VERSION, dict(meta, nodes=n), [body], magic=_TREE_MAGIC)
 
@@ -366,7 +370,8 @@ _new_node = Node.__new__
 def load_tree(path: Path | str, readers: Sequence[LayerReader], meta: dict | None = None) -> MergedTree:
     """Load a tree written by :func:`save_tree`. Raises FileNotFoundError, or
     :class:`IndexFormatError` when corrupt, of another version, or when its
-    meta differs from *meta*."""
+    meta differs from *meta*. Node objects are made on first access (see
+    :class:`LazyNodes`); everything is checked here, up front."""
     with open(path, "rb") as f:
         data = f.read()
     got, (body,) = unpack_file(data, TREE_FORMAT_VERSION, 1, magic=_TREE_MAGIC, what="tree cache")
@@ -378,104 +383,182 @@ def load_tree(path: Path | str, readers: Sequence[LayerReader], meta: dict | Non
     except zstandard.ZstdError:
         raise IndexFormatError("tree cache is corrupt") from None
     try:
-        return _decode_tree(raw, list(readers), got.get("nodes"))
+        nodes = LazyNodes(_TreeColumns(raw, got.get("nodes"), len(readers)))
     except (IndexError, KeyError, TypeError, ValueError, OverflowError) as e:
         if isinstance(e, IndexFormatError):
             raise
         raise IndexFormatError(f"tree cache is corrupt ({type(e).__name__})") from None
-
-
-def _decode_tree(raw: bytes, readers: list, count) -> MergedTree:
-    c = _Cursor(raw, "tree cache")
-    (n,) = c.unpack(_U32)
-    if n != count or n < 1 or n > len(raw):
-        raise IndexFormatError("tree cache: bad node count")
-    modes, uids, gids, sizes = c.col(n), c.col(n), c.col(n), c.col(n)
-    secs, nsecs = c.col(n, True), c.col(n)
-    rdevs, nlinks, layers, offsets, parents = c.col(n), c.col(n), c.col(n), c.col(n), c.col(n)
-    (nt,) = c.unpack(_U32)
-    t_idx = c.arr("I", nt)
-    targets = c.strings(nt)
-    (nx,) = c.unpack(_U32)
-    x_idx, x_cnt = c.arr("I", nx), c.arr("I", nx)
-    (nnames,) = c.unpack(_U32)
-    if nnames != sum(x_cnt) or nnames > len(raw):
-        raise IndexFormatError("tree cache: bad xattr table")
-    x_names = c.strings(nnames)
-    lens = c.arr("I", nnames)
-    blob = c.take(sum(lens))
-    (ns,) = c.unpack(_U32)
-    s_idx, s_cnt = c.arr("I", ns), c.arr("I", ns)
-    (nflat,) = c.unpack(_U64)
-    if nflat != 3 * sum(s_cnt) or nflat > len(raw):
-        raise IndexFormatError("tree cache: bad sparse table")
-    flat = c.arr("Q", nflat)
-    (nd,) = c.unpack(_U32)
-    counts = c.col(nd)
-    (nnames2,) = c.unpack(_U32)
-    if nnames2 != sum(counts) or nnames2 > len(raw):
-        raise IndexFormatError("tree cache: bad directory table")
-    names = c.strings(nnames2)
-    child_inos = c.col(nnames2)
-    c.end()
-    total = n + 1
-    nl = len(readers)
-    if max(parents, default=1) >= total or min(parents, default=1) < 1 \
-            or max(child_inos, default=1) >= total or min(child_inos, default=1) < 1 \
-            or max(layers, default=0) > nl:
-        raise IndexFormatError("tree cache: reference out of range")
-
-    nodes: list = [None]
-    append = nodes.append
-    isdir = stat.S_ISDIR
-    ino = 0
-    for mode, uid, gid, size, sec, nsec, rdev, nlink, layer, off, parent in zip(
-            modes, uids, gids, sizes, secs, nsecs, rdevs, nlinks, layers, offsets, parents):
-        ino += 1
-        x = _new_node(Node)
-        x.ino = ino
-        x.mode = mode
-        x.uid = uid
-        x.gid = gid
-        x.size = size
-        x.mtime_ns = sec * 1_000_000_000 + nsec
-        x.rdev = rdev
-        x.nlink = nlink
-        x.target = None
-        x.xattrs = None
-        x.layer = layer - 1
-        x.offset = off
-        x.sparse = None
-        x.children = {} if isdir(mode) else None
-        x.inline = None
-        x.parent = parent
-        append(x)
-    for i, t in zip(t_idx, targets):
-        nodes[i + 1].target = t
-    pos = k = 0
-    for i, cnt in zip(x_idx, x_cnt):
-        d = {}
-        for _ in range(cnt):
-            d[x_names[k]] = blob[pos:pos + lens[k]]
-            pos += lens[k]
-            k += 1
-        nodes[i + 1].xattrs = d
-    pos = 0
-    for i, cnt in zip(s_idx, s_cnt):
-        end = pos + 3 * cnt
-        nodes[i + 1].sparse = list(zip(flat[pos:end:3], flat[pos + 1:end:3], flat[pos + 2:end:3]))
-        pos = end
-    dirs = [x for x in nodes[1:] if x.children is not None]
-    if len(dirs) != nd or not dirs or dirs[0].ino != ROOT_INO:
-        raise IndexFormatError("tree cache: bad directory table")
-    pos = 0
-    for x, cnt in zip(dirs, counts):
-        end = pos + cnt
-        x.children = dict(zip(names[pos:end], child_inos[pos:end]))
-        pos = end
     tree = MergedTree(readers)
     tree.nodes = nodes
     return tree
+
+
+class _TreeColumns:
+    """The decoded (and checked) columns of a tree cache; :meth:`node` makes one Node."""
+
+    def __init__(self, raw: bytes, count, nreaders: int):
+        c = _Cursor(raw, "tree cache")
+        (n,) = c.unpack(_U32)
+        if n != count or n < 1 or n > len(raw):
+            raise IndexFormatError("tree cache: bad node count")
+        self.n = n
+        self.modes, self.uids, self.gids, self.sizes = c.col(n), c.col(n), c.col(n), c.col(n)
+        self.secs, self.nsecs = c.col(n, True), c.col(n)
+        self.rdevs, self.nlinks, self.layers, self.offsets, self.parents = (c.col(n), c.col(n), c.col(n),
+                                                                            c.col(n), c.col(n))
+        (nt,) = c.unpack(_U32)
+        t_idx = c.arr("I", nt)
+        self.targets = dict(zip(t_idx, c.strings(nt)))
+        (nx,) = c.unpack(_U32)
+        x_idx, x_cnt = c.arr("I", nx), c.arr("I", nx)
+        (nnames,) = c.unpack(_U32)
+        if nnames != sum(x_cnt) or nnames > len(raw):
+            raise IndexFormatError("tree cache: bad xattr table")
+        self.x_names = c.strings(nnames)
+        lens = c.arr("I", nnames)
+        self.x_blob = c.take(sum(lens))
+        self.x_ends = list(itertools.accumulate(lens))
+        self.xattrs = dict(zip(x_idx, zip(itertools.accumulate(x_cnt, initial=0), x_cnt)))
+        (ns,) = c.unpack(_U32)
+        s_idx, s_cnt = c.arr("I", ns), c.arr("I", ns)
+        (nflat,) = c.unpack(_U64)
+        if nflat != 3 * sum(s_cnt) or nflat > len(raw):
+            raise IndexFormatError("tree cache: bad sparse table")
+        self.flat = c.arr("Q", nflat)
+        self.sparse = dict(zip(s_idx, zip(itertools.accumulate(s_cnt, initial=0), s_cnt)))
+        (nd,) = c.unpack(_U32)
+        dir_inos, counts = c.col(nd), c.col(nd)
+        (nnames2,) = c.unpack(_U32)
+        if nnames2 != sum(counts) or nnames2 > len(raw):
+            raise IndexFormatError("tree cache: bad directory table")
+        self.names = c.strings(nnames2)
+        self.child_inos = c.col(nnames2)
+        c.end()
+        self.dirs = dict(zip(dir_inos, zip(itertools.accumulate(counts, initial=0), counts)))
+        total = n + 1
+        if (max(self.parents) >= total or min(self.parents) < 1
+                or max(self.child_inos, default=1) >= total or min(self.child_inos, default=1) < 1
+                or max(self.layers) > nreaders
+                or max(t_idx, default=0) >= n or max(x_idx, default=0) >= n or max(s_idx, default=0) >= n):
+            raise IndexFormatError("tree cache: reference out of range")
+        if len(self.dirs) != nd or ROOT_INO not in self.dirs \
+                or sum(1 for m in self.modes if stat.S_ISDIR(m)) != nd \
+                or not all(0 < i < total and stat.S_ISDIR(self.modes[i - 1]) for i in dir_inos):
+            raise IndexFormatError("tree cache: bad directory table")
+
+    def node(self, ino: int) -> Node:
+        k = ino - 1
+        x = _new_node(Node)
+        x.ino = ino
+        x.mode = self.modes[k]
+        x.uid = self.uids[k]
+        x.gid = self.gids[k]
+        x.size = self.sizes[k]
+        x.mtime_ns = self.secs[k] * 1_000_000_000 + self.nsecs[k]
+        x.rdev = self.rdevs[k]
+        x.nlink = self.nlinks[k]
+        x.target = self.targets.get(k)
+        x.layer = self.layers[k] - 1
+        x.offset = self.offsets[k]
+        x.inline = None
+        x.parent = self.parents[k]
+        xa = self.xattrs.get(k)
+        if xa is None:
+            x.xattrs = None
+        else:
+            first, cnt = xa
+            ends, blob = self.x_ends, self.x_blob
+            x.xattrs = {self.x_names[j]: blob[(ends[j - 1] if j else 0):ends[j]] for j in range(first, first + cnt)}
+        sp = self.sparse.get(k)
+        if sp is None:
+            x.sparse = None
+        else:
+            a, b = 3 * sp[0], 3 * (sp[0] + sp[1])
+            f = self.flat
+            x.sparse = list(zip(f[a:b:3], f[a + 1:b:3], f[a + 2:b:3]))
+        d = self.dirs.get(ino)
+        if d is None:
+            x.children = None
+        else:
+            a, b = d[0], d[0] + d[1]
+            x.children = dict(zip(self.names[a:b], self.child_inos[a:b]))
+        return x
+
+
+def _materialize_all(method):
+    def wrapper(self, *args, **kw):
+        self.materialize()
+        return method(self, *args, **kw)
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+class LazyNodes(list):
+    """The inode table of a tree loaded from the cache: a list whose Node
+    objects are made on first access (by index, slice, or iteration), so a
+    mount does not pay for the inodes it never looks at. Behaves as a plain
+    list of Nodes otherwise (every reading list method materialises first);
+    thread-safe."""
+
+    __slots__ = ("_cols", "_lock", "_pending")
+
+    def __init__(self, cols: _TreeColumns):
+        super().__init__(itertools.repeat(None, cols.n + 1))
+        self._cols = cols
+        self._lock = threading.Lock()
+        self._pending = cols.n
+
+    def _get(self, i: int):
+        v = list.__getitem__(self, i)
+        if v is None and self._pending:
+            n = list.__len__(self)
+            j = i + n if i < 0 else i
+            if 0 < j <= self._cols.n:
+                with self._lock:
+                    v = list.__getitem__(self, j)
+                    if v is None:
+                        v = self._cols.node(j)
+                        list.__setitem__(self, j, v)
+                        self._pending -= 1
+        return v
+
+    def __getitem__(self, i):
+        if type(i) is int:
+            return self._get(i)
+        if isinstance(i, slice):
+            for j in range(*i.indices(list.__len__(self))):
+                self._get(j)
+            return list.__getitem__(self, i)
+        return self._get(operator.index(i))
+
+    def materialize(self) -> None:
+        """Make every Node now."""
+        if self._pending:
+            for j in range(1, self._cols.n + 1):
+                self._get(j)
+
+    def __iter__(self):
+        self.materialize()
+        return list.__iter__(self)
+
+    __reversed__ = _materialize_all(list.__reversed__)
+    __contains__ = _materialize_all(list.__contains__)
+    __eq__ = _materialize_all(list.__eq__)
+    __ne__ = _materialize_all(list.__ne__)
+    __repr__ = _materialize_all(list.__repr__)
+    __reduce_ex__ = _materialize_all(list.__reduce_ex__)
+    __add__ = _materialize_all(list.__add__)
+    __mul__ = _materialize_all(list.__mul__)
+    copy = _materialize_all(list.copy)
+    index = _materialize_all(list.index)
+    count = _materialize_all(list.count)
+    pop = _materialize_all(list.pop)
+    sort = _materialize_all(list.sort)
+    reverse = _materialize_all(list.reverse)
+    insert = _materialize_all(list.insert)
+    remove = _materialize_all(list.remove)
+    __hash__ = None
 
 
 # --- images -----------------------------------------------------------------------------

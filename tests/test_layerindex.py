@@ -10,6 +10,8 @@ import shutil
 import struct
 import subprocess
 import tarfile
+import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -209,14 +211,15 @@ def test_gnu_and_ustar_headers(fmt):
     assert {e.path: e for e in idx.entries} == expected_entries(tar)
 
 
-def test_streaming_chunks_give_the_same_index_for_every_compression():
+@pytest.mark.parametrize("threaded", [True, False])
+def test_streaming_chunks_give_the_same_index_for_every_compression(threaded):
     want = index_bytes(RICH_TAR, None).entries
     for name, (comp, fn) in COMPRESSORS.items():
         blob = fn(RICH_TAR)
         for chunks in ([1], [1 << 20], [7, 512, 4093], [100_000]):
             if chunks == [1] and len(blob) > 50_000 and comp is not None:
                 chunks = [3, 1, 5]
-            idx = index_bytes(blob, comp, chunks)
+            idx = index_bytes(blob, comp, chunks, threaded=threaded)
             assert idx.entries == want, (name, chunks)
             assert idx.diff_id.hex == hashlib.sha256(RICH_TAR).hexdigest()
             assert idx.size == len(RICH_TAR)
@@ -367,16 +370,51 @@ def test_truncated_and_corrupt_gzip(tmp_path):
         index_bytes(bytes(bad), "gzip")
 
 
-def test_errors_stick_and_carry_where():
-    ix = LayerIndexer(None, where="layer abc")
+@pytest.mark.parametrize("threaded", [False, True])
+def test_errors_stick_and_carry_where(threaded):
+    ix = LayerIndexer(None, where="layer abc", threaded=threaded)
+    bad = make_tar([(_ti("../x"), b"1")])
     with pytest.raises(TarError) as e1:
-        ix.feed(make_tar([(_ti("../x"), b"1")]))
-    assert e1.value.where == "layer abc"
+        ix.feed(bad)                    # the worker thread may report it only from a later call
+        ix.finish()
+    assert e1.value.where == "layer abc" and "../x" in str(e1.value)
     with pytest.raises(TarError) as e2:
         ix.feed(b"more")
     assert e2.value is e1.value
-    with pytest.raises(TarError):
+    with pytest.raises(TarError) as e3:
         ix.finish()
+    assert e3.value is e1.value
+
+
+def test_tar_error_surfaces_from_feed_when_threaded():
+    ix = LayerIndexer(None, where="w")
+    ix.feed(make_tar([(_ti("../x"), b"1")]) + b"\0" * (1 << 20))
+    with pytest.raises(TarError):
+        for _ in range(100):
+            ix.feed(b"\0" * (1 << 20))
+
+
+def test_no_thread_is_left_behind():
+    before = {t for t in threading.enumerate() if t.name == "layerindex"}
+    blob = gzip.compress(RICH_TAR)
+    # finished, failed, closed, and abandoned indexers
+    index_bytes(blob, "gzip", [4096])
+    with pytest.raises(ContentError):
+        index_bytes(blob[:-100], "gzip", [4096])
+    with pytest.raises(TarError):
+        index_bytes(make_tar([(_ti("../x"), b"1")]) + bytes(1 << 20), None, [1 << 19])
+    ix = LayerIndexer("gzip", where="w")
+    ix.feed(blob[:5000])
+    ix.close()
+    ix = LayerIndexer("gzip", where="w")
+    ix.feed(blob[:100_000])
+    del ix
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if {t for t in threading.enumerate() if t.name == "layerindex"} <= before:
+            break
+        time.sleep(0.01)
+    assert {t for t in threading.enumerate() if t.name == "layerindex"} <= before
 
 
 def test_huge_pax_header_in_small_chunks():
@@ -525,3 +563,41 @@ def test_load_or_build_verifies_the_blob(tmp_path):
     with pytest.raises(ContentError):
         load_or_build(store, desc)
     assert not index_path(store, desc.digest).exists()
+
+
+# --- the fast header path equals tarfile's own -------------------------------------------
+
+from layerfs.layerindex import _TarInfo  # noqa: E402
+
+_SLOTS = [s for s in tarfile.TarInfo.__slots__ if s not in ("tarfile", "_link_target")]
+
+
+def _parse_with(cls, buf):
+    try:
+        obj = cls.frombuf(buf, "utf-8", "surrogateescape")
+    except Exception as e:        # noqa: BLE001
+        return type(e).__name__
+    return {s: getattr(obj, s, "<unset>") for s in _SLOTS}
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.text(min_size=1, max_size=120), mode=st.integers(0, 0o7777), uid=st.integers(0, 1 << 40),
+       size=st.integers(0, 1 << 36), mtime=st.integers(-(1 << 33), 1 << 34),
+       type_=st.sampled_from([b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"S", b"x", b"L", b"V"]),
+       fmt=st.sampled_from([tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT]),
+       edits=st.lists(st.tuples(st.integers(0, 511), st.sampled_from(b"\0 07\x80\xff/a\x1c9")), max_size=6),
+       fix=st.booleans())
+def test_fast_frombuf_equals_tarfile(name, mode, uid, size, mtime, type_, fmt, edits, fix):
+    ti = tarfile.TarInfo(name)
+    ti.mode, ti.uid, ti.size, ti.mtime, ti.type = mode, uid, size, mtime, type_
+    ti.linkname = "target" if type_ in (b"1", b"2") else ""
+    try:
+        buf = bytearray(ti.tobuf(fmt, "utf-8", "surrogateescape")[-512:])
+    except (ValueError, UnicodeError):
+        return
+    for pos, val in edits:
+        buf[pos] = val
+    if fix:
+        buf[148:156] = b"        "
+        buf[148:156] = b"%06o\0 " % sum(buf)
+    assert _parse_with(_TarInfo, bytes(buf)) == _parse_with(tarfile.TarInfo, bytes(buf))

@@ -701,3 +701,44 @@ def test_save_and_load_tree_directly(tmp_path):
         load_tree(tmp_path / "t.tree", [BytesReader(t) for t in tars], {"k": 2})
     with pytest.raises(IndexFormatError):                   # the tree refers to two layers
         load_tree(tmp_path / "t.tree", [BytesReader(tars[0])], {"k": 1})
+
+
+def test_lazy_inode_table_behaves_like_a_list(tmp_path):
+    tars = [make_tar(m) for m in LAYERS]
+    readers = [BytesReader(t) for t in tars]
+    built = build_tree([index_of(t) for t in tars], readers)
+    save_tree(built, tmp_path / "t.tree")
+    lazy = load_tree(tmp_path / "t.tree", readers)
+    n = len(built.nodes)
+    assert len(lazy.nodes) == n and lazy.nodes[0] is None
+    last = lazy.nodes[-1]
+    assert last is lazy.nodes[n - 1] and last.ino == n - 1          # made once, then kept
+    assert [x.ino for x in lazy.nodes[2:5]] == [2, 3, 4]
+    assert lazy.get(ROOT_INO).children == built.get(ROOT_INO).children
+    assert lazy.nodes[3] in lazy.nodes and lazy.nodes.index(lazy.nodes[3]) == 3
+    assert [x.ino if x else None for x in lazy.nodes] == [x.ino if x else None for x in built.nodes]
+    assert lazy.statfs() == built.statfs()
+    # the table still grows like a list (hand-built additions)
+    new = lazy.add(ROOT_INO, "added", stat.S_IFREG | 0o644, size=3, inline=b"abc")
+    assert new.ino == n and lazy.read(new.ino, 0, 10) == b"abc"
+
+
+def test_lazy_inode_table_is_thread_safe(tmp_path):
+    import threading
+    tars = [make_tar([F(f"f{i}", b"x") for i in range(300)])]
+    readers = [BytesReader(t) for t in tars]
+    save_tree(build_tree([index_of(t) for t in tars], readers), tmp_path / "t.tree")
+    lazy = load_tree(tmp_path / "t.tree", readers)
+    seen: list[list] = [[] for _ in range(4)]
+
+    def grab(k):
+        for i in range(1, len(lazy.nodes)):
+            seen[k].append(lazy.nodes[i])
+
+    ts = [threading.Thread(target=grab, args=(k,)) for k in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for k in range(1, 4):
+        assert all(a is b for a, b in zip(seen[0], seen[k]))
