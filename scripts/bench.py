@@ -68,8 +68,8 @@ BASE_SOURCES = ["usr/lib/python3.11", "usr/lib/python3", "usr/sbin", "usr/bin", 
 def image_spec(quick: bool) -> dict:
     M = 1 << 20
     if quick:
-        return {"version": 1, "base_bytes": 6 * M, "big": 16 * M, "small": 1500, "small_per_dir": 100}
-    return {"version": 1, "base_bytes": 200 * M, "big": 200 * M, "small": 20000, "small_per_dir": 200}
+        return {"version": 2, "base_bytes": 6 * M, "big": 16 * M, "small": 1500, "small_per_dir": 100}
+    return {"version": 2, "base_bytes": 200 * M, "big": 200 * M, "small": 20000, "small_per_dir": 200}
 
 
 def _walk_host(rel_root: str):
@@ -219,11 +219,13 @@ def build_layers(spec: dict):
                 parent(p)
                 w.whiteout(p)
                 deleted.append(p)
+            sd = f"srv/small/d{min(7, ndirs - 1):03d}"
             for p in small[::50]:
+                if under(p, sd):  # no directory entry in the layer that whites the directory out
+                    continue
                 parent(p)
                 w.whiteout(p)
                 deleted.append(p)
-            sd = f"srv/small/d{min(7, ndirs - 1):03d}"
             parent(sd)
             w.whiteout(sd)
             deleted.append(sd)
