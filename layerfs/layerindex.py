@@ -45,7 +45,7 @@ import xxhash
 import zstandard
 
 from . import gzindex
-from .errors import ContentError, LayerfsError, TarError
+from .errors import ContentError, LayerfsError, StoreError, TarError
 from .oci import LAYER_COMPRESSION, Descriptor, Digest
 from .store import Store, atomic_write
 
@@ -1051,7 +1051,9 @@ def index_path(store: Store, digest: Digest) -> Path:
 
 
 def _fits(index: LayerIndex, desc: Descriptor) -> bool:
-    return index.digest == desc.digest and (index.compressed_size is None or index.compressed_size == desc.size)
+    """The index was made from this blob (an index saved without its digest is trusted by name and size)."""
+    return (index.digest is None or index.digest == desc.digest) \
+        and (index.compressed_size is None or index.compressed_size == desc.size)
 
 
 def build_from_blob(store: Store, desc: Descriptor, *, chunk_size: int = 1 << 20) -> LayerIndex:
@@ -1069,7 +1071,9 @@ def build_from_blob(store: Store, desc: Descriptor, *, chunk_size: int = 1 << 20
 
 def load_or_build(store: Store, desc: Descriptor) -> LayerIndex:
     """The layer's index: loaded from ``indexes/``, or (missing, corrupt, of an
-    older format, or for another blob) rebuilt from the stored blob and saved."""
+    older format, or for another blob) rebuilt from the stored blob with one
+    verified read of it, and saved. A read-only store still works: the index
+    is then built in memory each time."""
     path = index_path(store, desc.digest)
     with contextlib.suppress(FileNotFoundError):
         try:
@@ -1079,19 +1083,34 @@ def load_or_build(store: Store, desc: Descriptor) -> LayerIndex:
             log.warning("layer index %s does not match blob %s; rebuilding", path, desc.digest.short)
         except IndexFormatError as e:
             log.warning("layer index %s: %s; rebuilding", path, e.message)
-    with store.lock(f"index-{desc.digest.algorithm}-{desc.digest.hex}"):
-        with contextlib.suppress(FileNotFoundError, IndexFormatError):   # built meanwhile by another process?
-            idx = LayerIndex.load(path)
-            if _fits(idx, desc):
-                return idx
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(store.lock(f"index-{desc.digest.algorithm}-{desc.digest.hex}"))
+        except OSError as e:
+            log.info("cannot lock %s (%s); indexing without the lock", path, e.strerror or e)
+        else:
+            with contextlib.suppress(FileNotFoundError, IndexFormatError):   # built meanwhile by another process?
+                idx = LayerIndex.load(path)
+                if _fits(idx, desc):
+                    return idx
         idx = build_from_blob(store, desc)
-        idx.save(path)
-    if store.layer_info(desc.digest) is None:
-        store.set_layer_info(desc.digest, {"diff_id": str(idx.diff_id), "size": idx.size,
-                                           "media_type": desc.media_type})
+        try:
+            idx.save(path)
+            if store.layer_info(desc.digest) is None:
+                store.set_layer_info(desc.digest, {"diff_id": str(idx.diff_id), "size": idx.size,
+                                                   "media_type": desc.media_type})
+        except (OSError, LayerfsError) as e:
+            log.warning("cannot save layer index %s: %s", path, e)
     return idx
 
 
-def open_layer_reader(store: Store, desc: Descriptor, index: LayerIndex) -> gzindex.BlobReader:
-    """Thread-safe random reads of the layer's uncompressed tar stream."""
-    return gzindex.open_reader(store.blob_path(desc.digest), index.compression, index.checkpoints)
+def open_layer_reader(store: Store, desc: Descriptor, index: LayerIndex, *,
+                      cache_bytes: int = gzindex.DEFAULT_CACHE_BYTES) -> gzindex.BlobReader:
+    """Thread-safe random reads of the layer's uncompressed tar stream
+    (``read(offset, length)``); *cache_bytes* bounds its cache of decompressed spans."""
+    try:
+        return gzindex.open_reader(store.blob_path(desc.digest), index.compression, index.checkpoints,
+                                   cache_bytes=cache_bytes)
+    except FileNotFoundError:
+        raise StoreError(f"blob {desc.digest} is missing from the store", where=str(store.root),
+                         hint="pull the image again") from None

@@ -41,6 +41,7 @@ import operator
 import os
 import stat
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -575,7 +576,11 @@ def open_image_tree(store: Store, manifest: Manifest, *, upto: int | None = None
         raise UsageError(f"layer {upto} out of range: the image has {total} layers",
                          hint=f"use a number from 0 to {total}")
     descs = manifest.layers[:n]
-    indexes = [load_or_build(store, d) for d in descs]
+    if n > 1:   # indexes missing (a store written by another tool): build them in parallel
+        with ThreadPoolExecutor(max_workers=min(n, os.cpu_count() or 1, 4)) as pool:
+            indexes = list(pool.map(lambda d: load_or_build(store, d), descs))
+    else:
+        indexes = [load_or_build(store, d) for d in descs]
     readers = [open_layer_reader(store, d, ix) for d, ix in zip(descs, indexes)]
     path = tree_cache_path(store, manifest, n)
     meta = {"manifest": str(manifest.digest), "layers": [str(d.digest) for d in descs]}

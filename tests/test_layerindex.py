@@ -601,3 +601,21 @@ def test_fast_frombuf_equals_tarfile(name, mode, uid, size, mtime, type_, fmt, e
         buf[148:156] = b"        "
         buf[148:156] = b"%06o\0 " % sum(buf)
     assert _parse_with(_TarInfo, bytes(buf)) == _parse_with(tarfile.TarInfo, bytes(buf))
+
+
+def test_load_or_build_on_a_read_only_store(tmp_path, monkeypatch, caplog):
+    store = Store(tmp_path / "store").init()
+    desc = _store_layer(store, gzip.compress(RICH_TAR), OCI_LAYER_GZIP)
+
+    def no_lock(*a, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    def no_save(self, path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Store, "lock", no_lock)
+    monkeypatch.setattr(LayerIndex, "save", no_save)
+    idx = load_or_build(store, desc)
+    assert idx.entries == index_bytes(RICH_TAR, None).entries
+    assert not index_path(store, desc.digest).exists()
+    assert "cannot save" in caplog.text
