@@ -39,10 +39,7 @@ import hashlib
 import json
 import logging
 import os
-import select
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import ImageNotFound, LayerfsError, UsageError
 from .oci import Manifest, Platform
-from .store import Store, atomic_write
+from .store import Store
 
 if TYPE_CHECKING:
     from .reference import Reference
@@ -226,7 +223,11 @@ class MountRegistry:
         return self._stem(mountpoint).with_suffix(".log")
 
     def write(self, record: MountRecord) -> None:
-        atomic_write(self.record_path(record.mountpoint), record.to_json())
+        # temp + rename, without fsync: the record describes a live process, a crash ends both
+        path = self.record_path(record.mountpoint)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(record.to_json())
+        os.replace(tmp, path)
 
     def remove(self, mountpoint: str, pid: int | None = None) -> None:
         """Remove the record of *mountpoint* (only if it names *pid*, when given)."""
@@ -444,6 +445,8 @@ def _daemon_main(tree: "MergedTree", record: MountRecord, options: MountOptions,
         os.dup2(logfd, 2)
         os.close(logfd)
         os.close(nullfd)
+        sys.stdout = open(1, "w", buffering=1, errors="backslashreplace", closefd=False)
+        sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         _daemon_logging(options.debug)
@@ -459,12 +462,14 @@ def _daemon_main(tree: "MergedTree", record: MountRecord, options: MountOptions,
 
 
 def _daemon_logging(debug: bool) -> None:
+    """The daemon logs (with times) to its log file, which is now its stderr; inherited handlers go."""
     root = logging.getLogger()
-    fmt = logging.Formatter("%(asctime)s layerfs[%(process)d]: %(levelname)s: %(message)s")
-    if not root.handlers:
-        root.addHandler(logging.StreamHandler(sys.stderr))
-    for h in root.handlers:
-        h.setFormatter(fmt)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s layerfs[%(process)d]: %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
     logging.getLogger("layerfs").setLevel(logging.DEBUG if debug else logging.INFO)
 
 
@@ -491,6 +496,7 @@ def _wait_ready(r: int, record: MountRecord, options: MountOptions, registry: Mo
                     os.kill(daemon_pid, signal.SIGTERM)
             raise MountError(f"the mount at {record.mountpoint} did not answer within {options.ready_timeout:g}s",
                              hint=f"see the daemon's log {record.log}")
+        import select
         ready, _, _ = select.select([r], [], [], left)
         if not ready:
             continue
@@ -509,6 +515,7 @@ def mounts(store: Store) -> list[MountRecord]:
 
 
 def _unmount_cmd(mountpoint: str) -> list[str]:
+    import shutil
     fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
     if fusermount:
         return [fusermount, "-u", "--", mountpoint]
@@ -535,6 +542,7 @@ def umount(store: Store, mountpoint: str | os.PathLike[str], *, timeout: float =
         registry.active(table)
         what = f"it is a {fstype} mount" if fstype else "nothing is mounted there"
         raise MountError(f"{shown} is not a layerfs mount ({what})", hint="'layerfs mounts' lists the active mounts")
+    import subprocess
     proc = subprocess.run(_unmount_cmd(real), stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if proc.returncode != 0:
         msg = " ".join((proc.stderr or proc.stdout).split()) or f"exit status {proc.returncode}"

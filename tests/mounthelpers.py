@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import pytest
-
 from layerfs.mount import FSTYPE, MountOptions, MountRecord, mount_table, mount_tree, pid_alive
 from layerfs.oci import Digest
 from layerfs.store import Store
@@ -225,14 +223,12 @@ def put_image(store: Store, name: str, image) -> Digest:
 # --- mounting --------------------------------------------------------------------------------
 
 def require_fuse() -> None:
-    """Skip without FUSE, except under CI=true where a missing FUSE is a failure."""
-    missing = [what for what, ok in (("/dev/fuse", os.path.exists("/dev/fuse")),
-                                     ("fusermount3", shutil.which("fusermount3") is not None)) if not ok]
-    if missing:
-        msg = f"FUSE is not usable here: missing {', '.join(missing)}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    """Skip without FUSE (/dev/fuse, fusermount3, pyfuse3), except under CI=true where that is a failure."""
+    from registryfixtures import missing_prerequisite, require_binary, require_module
+    if not os.path.exists("/dev/fuse"):
+        missing_prerequisite("FUSE is not usable here: /dev/fuse is missing")
+    require_binary("fusermount3")
+    require_module("pyfuse3")
 
 
 def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
@@ -255,6 +251,49 @@ def force_unmount(mountpoint: str | os.PathLike[str], pid: int | None = None) ->
                 os.kill(pid, signal.SIGKILL)
 
 
+#: (mount point, daemon pid or None) of every mount the current test started; see :func:`watchdog`
+STARTED: list[tuple[str, int | None]] = []
+
+
+def track(mountpoint: str | os.PathLike[str], pid: int | None) -> None:
+    STARTED.append((os.path.realpath(mountpoint), pid))
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float) -> Iterator[None]:
+    """Fail a test whose FUSE call hangs instead of hanging the run.
+
+    A process stuck in a FUSE request cannot be woken by a signal handler
+    (pytest-timeout's default), so after *seconds* a timer thread SIGKILLs
+    the daemons the test started and detaches their mounts: the kernel then
+    aborts the connection and the stuck call returns an error. Afterwards
+    every mount the test started is torn down.
+    """
+    fired = threading.Event()
+
+    def fire() -> None:
+        fired.set()
+        for mnt, pid in list(STARTED):
+            if pid:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            subprocess.run(["umount", "-l", mnt], stdin=subprocess.DEVNULL, capture_output=True)
+
+    STARTED.clear()
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        for mnt, pid in STARTED:
+            force_unmount(mnt, pid)
+        STARTED.clear()
+        if fired.is_set():
+            raise AssertionError(f"a FUSE call hung: the test's mount daemons were killed after {seconds:g}s")
+
+
 @contextlib.contextmanager
 def mounted(tree: MergedTree, mountpoint: Path, store: Store, *, image: str = "test/tree:1",
             **options) -> Iterator[MountRecord]:
@@ -265,6 +304,7 @@ def mounted(tree: MergedTree, mountpoint: Path, store: Store, *, image: str = "t
     try:
         record = mount_tree(tree, mountpoint, MountOptions(**options), store=store, image=image,
                             manifest_digest="sha256:" + "0" * 64)
+        track(mountpoint, record.pid)
         yield record
     finally:
         force_unmount(mountpoint, record.pid if record else None)
@@ -280,5 +320,5 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
 
 
 __all__ = ["BytesReader", "FileReader", "Sample", "synthetic_tree", "materialize", "put_fake_image", "put_image",
-           "require_fuse", "is_mounted", "force_unmount", "mounted", "wait_until", "fix_dir_nlinks",
+           "require_fuse", "is_mounted", "force_unmount", "mounted", "wait_until", "watchdog", "track", "fix_dir_nlinks",
            "MTIME_NS", "FSTYPE"]
