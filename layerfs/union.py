@@ -68,6 +68,7 @@ _WH = ".wh."
 _OPQ = ".wh..wh..opq"
 _WH_META = ".wh..wh."
 _MAX_LINK_CHAIN = 64
+_BAD_NAMES = frozenset({"", ".", ".."})
 
 
 # --- one layer as a tree ------------------------------------------------------------
@@ -99,12 +100,14 @@ def _layer_tree(index: LayerIndex, li: int) -> tuple[_LDir, dict[int, tuple]]:
             continue
         parts = path.split("/")
         base = parts.pop()
+        if base in _BAD_NAMES:                # not from LayerIndexer (a damaged or foreign index)
+            continue
         d = root
         ok = True
         for p in parts:
             k = d.kids.get(p)
             if k is None:
-                if p.startswith(_WH):         # nothing lives below a whiteout name
+                if p.startswith(_WH) or p in _BAD_NAMES:   # nothing lives below a whiteout name
                     ok = False
                     break
                 k = d.kids[p] = _LDir()
@@ -348,6 +351,9 @@ def _tree_bytes(tree: MergedTree, meta: dict) -> bytes:
                 s_flat.extend(ext)
     parts += [_U32.pack(len(s_idx)), _arr("I", s_idx), _arr("I", s_cnt), _U64.pack(len(s_flat)),
               _arr("Q", s_flat)]
+    inl = [(i, x.inline) for i, x in enumerate(nodes) if x.inline is not None]   # hand-built trees only
+    parts += [_U32.pack(len(inl)), _arr("I", [i for i, _ in inl]), _arr("Q", [len(b) for _, b in inl]),
+              b"".join(bytes(b) for _, b in inl)]
     # directories in inode order: number of children, then all names and inodes
     dirs = [x for x in nodes if x.children is not None]
     names, inos = [], []
@@ -403,10 +409,10 @@ class _TreeColumns:
         if n != count or n < 1 or n > len(raw):
             raise IndexFormatError("tree cache: bad node count")
         self.n = n
-        self.modes, self.uids, self.gids, self.sizes = c.col(n), c.col(n), c.col(n), c.col(n)
-        self.secs, self.nsecs = c.col(n, True), c.col(n)
-        self.rdevs, self.nlinks, self.layers, self.offsets, self.parents = (c.col(n), c.col(n), c.col(n),
-                                                                            c.col(n), c.col(n))
+        # arrays, not lists: a node's fields are read when (if) it is first used
+        cols = [c.col(n, k == 4, as_list=False) for k in range(11)]
+        (self.modes, self.uids, self.gids, self.sizes, self.secs, self.nsecs, self.rdevs, self.nlinks, self.layers,
+         self.offsets, self.parents) = cols
         (nt,) = c.unpack(_U32)
         t_idx = c.arr("I", nt)
         self.targets = dict(zip(t_idx, c.strings(nt)))
@@ -427,6 +433,10 @@ class _TreeColumns:
             raise IndexFormatError("tree cache: bad sparse table")
         self.flat = c.arr("Q", nflat)
         self.sparse = dict(zip(s_idx, zip(itertools.accumulate(s_cnt, initial=0), s_cnt)))
+        (ni,) = c.unpack(_U32)
+        i_idx, i_len = c.arr("I", ni), c.arr("Q", ni)
+        blob = c.take(sum(i_len))
+        self.inline = dict(zip(i_idx, (blob[a - n:a] for a, n in zip(itertools.accumulate(i_len), i_len))))
         (nd,) = c.unpack(_U32)
         dir_inos, counts = c.col(nd), c.col(nd)
         (nnames2,) = c.unpack(_U32)
@@ -440,12 +450,27 @@ class _TreeColumns:
         if (max(self.parents) >= total or min(self.parents) < 1
                 or max(self.child_inos, default=1) >= total or min(self.child_inos, default=1) < 1
                 or max(self.layers) > nreaders
-                or max(t_idx, default=0) >= n or max(x_idx, default=0) >= n or max(s_idx, default=0) >= n):
+                or max(t_idx, default=0) >= n or max(x_idx, default=0) >= n or max(s_idx, default=0) >= n
+                or max(i_idx, default=0) >= n):
             raise IndexFormatError("tree cache: reference out of range")
         if len(self.dirs) != nd or ROOT_INO not in self.dirs \
-                or sum(1 for m in self.modes if stat.S_ISDIR(m)) != nd \
                 or not all(0 < i < total and stat.S_ISDIR(self.modes[i - 1]) for i in dir_inos):
             raise IndexFormatError("tree cache: bad directory table")
+        # the directories form one tree from the root: each listed exactly once, by its parent
+        is_dir = set(dir_inos).__contains__
+        seen = {ROOT_INO}
+        todo = [ROOT_INO]
+        kids, parents, dirs = self.child_inos, self.parents, self.dirs
+        while todo:
+            d = todo.pop()
+            a, cnt = dirs[d]
+            for ch in filter(is_dir, kids[a:a + cnt]):
+                if ch in seen or parents[ch - 1] != d:
+                    raise IndexFormatError("tree cache: directories do not form a tree")
+                seen.add(ch)
+                todo.append(ch)
+        if len(seen) != nd:
+            raise IndexFormatError("tree cache: directories do not form a tree")
 
     def node(self, ino: int) -> Node:
         k = ino - 1
@@ -461,7 +486,7 @@ class _TreeColumns:
         x.target = self.targets.get(k)
         x.layer = self.layers[k] - 1
         x.offset = self.offsets[k]
-        x.inline = None
+        x.inline = self.inline.get(k)
         x.parent = self.parents[k]
         xa = self.xattrs.get(k)
         if xa is None:
@@ -479,7 +504,7 @@ class _TreeColumns:
             x.sparse = list(zip(f[a:b:3], f[a + 1:b:3], f[a + 2:b:3]))
         d = self.dirs.get(ino)
         if d is None:
-            x.children = None
+            x.children = {} if stat.S_ISDIR(x.mode) else None
         else:
             a, b = d[0], d[0] + d[1]
             x.children = dict(zip(self.names[a:b], self.child_inos[a:b]))
