@@ -12,10 +12,15 @@ index has to be rebuilt), :class:`LayerIndexer`:
   link target, device numbers, xattrs, the offset of its data in the
   uncompressed stream and its sparse map.
 
-The tar parser runs in the caller's thread, without a helper thread: member
-data is never copied, only skipped, and a header that is not complete yet is
-simply parsed again once more bytes arrive (``fromtarfile`` reads through a
-forward-only window that raises an internal "need more" signal at its end).
+The tar parser is incremental and push-driven: member data is never copied,
+only skipped, and a header that is not complete yet is simply parsed again
+once more bytes arrive (``fromtarfile`` reads through a forward-only window
+that raises an internal "need more" signal at its end), so it needs no
+thread of its own to block in. By default the hashing and parsing still run
+in one helper thread per indexer, behind a bounded queue, so they overlap
+with inflating the next chunk (C code without the GIL). Plain ustar/GNU
+headers take a faster path through :class:`_TarInfo` that yields exactly
+what tarfile's own ``frombuf`` would.
 
 :class:`LayerIndex` is saved beside the store (``ROOT/indexes/<algo>-<hex>.idx``)
 in a versioned, xxhash-checked binary format (see :meth:`LayerIndex.save`);
@@ -324,7 +329,7 @@ class _TarScanner:
                 return
             win.data = b"".join(self.pending)
             self.pending = []
-        elif win.data:             # a partial header left from the previous piece
+        elif win.data:             # (not reached: a partial header always goes to pending)
             win.data = win.data + data
         else:
             if self.next_header >= self.total:
@@ -506,18 +511,19 @@ class _Cursor:
     def unpack(self, st: struct.Struct) -> tuple:
         return st.unpack(self.take(st.size))
 
-    def arr(self, code: str, n: int) -> list[int]:
+    def arr(self, code: str, n: int, *, as_list: bool = True):
         a = array.array(code)
         a.frombytes(self.take(n * a.itemsize))
         if _BIG:
             a.byteswap()
-        return a.tolist()
+        return a.tolist() if as_list else a
 
-    def col(self, n: int, signed: bool = False) -> list[int]:
+    def col(self, n: int, signed: bool = False, *, as_list: bool = True):
+        """An integer column (see :func:`_col`): a list, or the array itself."""
         code = self.take(1).decode("ascii", "replace")
         if code not in ("bhiq" if signed else "BHIQ"):
             raise IndexFormatError(f"{self.what}: bad column type")
-        return self.arr(code, n)
+        return self.arr(code, n, as_list=as_list)
 
     def strings(self, n: int) -> list[str]:
         (length,) = self.unpack(_U64)
@@ -892,7 +898,9 @@ class LayerIndexer:
     in a helper thread while the caller's thread inflates the next chunk; a
     tar error then surfaces from a later ``feed`` or from ``finish``. Call
     :meth:`close` (or ``finish``) when abandoning an indexer early; dropping
-    it also stops the thread.
+    it also stops the thread. One indexer is fed by one thread at a time.
+
+    The caller saves the result: ``indexer.finish().save(index_path(store, digest))``.
     """
 
     def __init__(self, compression: str | None, *, where: str, digest: Digest | None = None,

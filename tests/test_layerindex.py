@@ -619,3 +619,27 @@ def test_load_or_build_on_a_read_only_store(tmp_path, monkeypatch, caplog):
     assert idx.entries == index_bytes(RICH_TAR, None).entries
     assert not index_path(store, desc.digest).exists()
     assert "cannot save" in caplog.text
+
+
+def test_damaged_records_behind_a_valid_checksum_fail_cleanly():
+    """Random damage the checksum cannot see: IndexFormatError, or records the union view copes with."""
+    from layerfs.layerindex import pack_file, unpack_file
+    from layerfs.union import build_tree
+    idx = index_bytes(RICH_TAR, None)
+    meta, (records, cps) = unpack_file(idx.to_bytes(), 1, 2)
+    raw = zstandard.ZstdDecompressor().decompress(bytes(records))
+    rng = random.Random(4)
+    rejected = 0
+    for _ in range(300):
+        b = bytearray(raw)
+        for _ in range(rng.randint(1, 3)):
+            b[rng.randrange(len(b))] = rng.choice([0, 1, 2, 0x2F, 0x2E, 0xFF, rng.randrange(256)])
+        data = pack_file(1, meta, [zstandard.ZstdCompressor().compress(bytes(b)), bytes(cps)])
+        try:
+            back = LayerIndex.from_bytes(data)
+            back.entries
+        except IndexFormatError:
+            rejected += 1
+            continue
+        build_tree([back], [io.BytesIO(RICH_TAR)])
+    assert rejected > 20
