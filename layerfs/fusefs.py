@@ -64,8 +64,6 @@ BASE_OPTIONS = ("default_permissions", "subtype=layerfs")
 
 _FSENC = sys.getfilesystemencoding()
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
-_EROFS = FUSEError(errno.EROFS)
-_ENOENT = FUSEError(errno.ENOENT)
 assert ROOT_INO == pyfuse3.ROOT_INODE
 
 
@@ -98,6 +96,25 @@ def fill_attributes(a: EntryAttributes, node: Node) -> EntryAttributes:
     return a
 
 
+def _failure(op: str, arg, e: BaseException) -> FUSEError:
+    """The errno reply for an exception of a handler (logged unless it is one already).
+
+    pyfuse3 ends its main loop (the mount goes dead) when a handler raises
+    anything but FUSEError; so every handler turns any failure into one: a
+    bug or a bad tree node fails one request with EIO, never the mount.
+    """
+    if isinstance(e, FUSEError):
+        return e
+    if isinstance(e, LayerfsError):
+        log.error("%s(%r) failed: %s", op, arg, e.one_line())
+        return FUSEError(e.errno or errno.EIO)
+    if isinstance(e, OSError):
+        log.error("%s(%r) failed: %s", op, arg, e)
+        return FUSEError(e.errno or errno.EIO)
+    log.error("%s(%r) failed", op, arg, exc_info=e)
+    return FUSEError(errno.EIO)
+
+
 class LayerFS(pyfuse3.Operations):
     """pyfuse3 operations serving one MergedTree, read-only."""
 
@@ -127,24 +144,29 @@ class LayerFS(pyfuse3.Operations):
     def _node(self, ino: int) -> Node:
         node = self.tree.get(ino)
         if node is None:
-            raise _ENOENT
+            raise FUSEError(errno.ENOENT)
         return node
 
     # -- names and attributes -----------------------------------------------------
+    # Every handler ends in `except Exception as e: raise _failure(...)` (zero cost until something fails).
+
     async def lookup(self, parent_inode, name, ctx=None):
-        parent = self._node(parent_inode)
-        children = parent.children
-        if children is None:
-            raise FUSEError(errno.ENOTDIR)
-        ino = children.get(name.decode(_FSENC, "surrogateescape"))
-        if ino is None:
-            if name == b".":
-                ino = parent.ino
-            elif name == b"..":
-                ino = parent.parent
-            else:
-                return self._negative
-        return fill_attributes(self._attr, self._nodes[ino])
+        try:
+            parent = self._node(parent_inode)
+            children = parent.children
+            if children is None:
+                raise FUSEError(errno.ENOTDIR)
+            ino = children.get(name.decode(_FSENC, "surrogateescape"))
+            if ino is None:
+                if name == b".":
+                    ino = parent.ino
+                elif name == b"..":
+                    ino = parent.parent
+                else:
+                    return self._negative
+            return fill_attributes(self._attr, self._nodes[ino])
+        except Exception as e:
+            raise _failure("lookup", (parent_inode, name), e) from None
 
     async def forget(self, inode_list):
         # Inodes are the tree's table entries and live as long as the mount:
@@ -152,156 +174,172 @@ class LayerFS(pyfuse3.Operations):
         pass
 
     async def getattr(self, inode, ctx=None):
-        return fill_attributes(self._attr, self._node(inode))
+        try:
+            return fill_attributes(self._attr, self._node(inode))
+        except Exception as e:
+            raise _failure("getattr", inode, e) from None
 
     async def readlink(self, inode, ctx):
-        node = self._node(inode)
-        if node.target is None or not stat.S_ISLNK(node.mode):
-            raise FUSEError(errno.EINVAL)
-        return node.target.encode(_FSENC, "surrogateescape")
+        try:
+            node = self._node(inode)
+            if node.target is None or not stat.S_ISLNK(node.mode):
+                raise FUSEError(errno.EINVAL)
+            return node.target.encode(_FSENC, "surrogateescape")
+        except Exception as e:
+            raise _failure("readlink", inode, e) from None
 
     async def access(self, inode, mode, ctx):
         # Only reached without default_permissions (the kernel checks by itself otherwise).
-        node = self._node(inode)
-        if mode & os.W_OK:
-            raise _EROFS
-        if ctx.uid == 0:
-            return not (mode & os.X_OK) or stat.S_ISDIR(node.mode) or bool(node.mode & 0o111)
-        if ctx.uid == node.uid:
-            bits = (node.mode >> 6) & 7
-        elif ctx.gid == node.gid or node.gid in pyfuse3.get_sup_groups(ctx.pid):
-            bits = (node.mode >> 3) & 7
-        else:
-            bits = node.mode & 7
-        return (mode & 7) & ~bits == 0
+        try:
+            node = self._node(inode)
+            if mode & os.W_OK:
+                raise FUSEError(errno.EROFS)
+            if ctx.uid == 0:
+                return not (mode & os.X_OK) or stat.S_ISDIR(node.mode) or bool(node.mode & 0o111)
+            if ctx.uid == node.uid:
+                bits = (node.mode >> 6) & 7
+            elif ctx.gid == node.gid or node.gid in pyfuse3.get_sup_groups(ctx.pid):
+                bits = (node.mode >> 3) & 7
+            else:
+                bits = node.mode & 7
+            return (mode & 7) & ~bits == 0
+        except Exception as e:
+            raise _failure("access", inode, e) from None
 
     # -- extended attributes --------------------------------------------------------
     async def getxattr(self, inode, name, ctx):
-        xattrs = self._node(inode).xattrs
-        value = xattrs.get(name.decode(_FSENC, "surrogateescape")) if xattrs else None
-        if value is None:
-            raise FUSEError(errno.ENODATA)
-        return value
+        try:
+            xattrs = self._node(inode).xattrs
+            value = xattrs.get(name.decode(_FSENC, "surrogateescape")) if xattrs else None
+            if value is None:
+                raise FUSEError(errno.ENODATA)
+            return value
+        except Exception as e:
+            raise _failure("getxattr", (inode, name), e) from None
 
     async def listxattr(self, inode, ctx):
-        xattrs = self._node(inode).xattrs
-        return [k.encode(_FSENC, "surrogateescape") for k in xattrs] if xattrs else []
+        try:
+            xattrs = self._node(inode).xattrs
+            return [k.encode(_FSENC, "surrogateescape") for k in xattrs] if xattrs else []
+        except Exception as e:
+            raise _failure("listxattr", inode, e) from None
 
     # -- directories ----------------------------------------------------------------
     async def opendir(self, inode, ctx):
         # The tree never changes under a handle: the directory's inode is its handle.
-        node = self._node(inode)
-        if node.children is None:
-            raise FUSEError(errno.ENOTDIR)
-        return inode
+        try:
+            if self._node(inode).children is None:
+                raise FUSEError(errno.ENOTDIR)
+            return inode
+        except Exception as e:
+            raise _failure("opendir", inode, e) from None
 
     async def readdir(self, fh, start_id, token):
         # offsets: 0 is ".", 1 is "..", 2 + i the i-th child; names are encoded only when sent
-        node = self._node(fh)
-        reply = pyfuse3.readdir_reply
-        a = self._attr
-        nodes = self._nodes
-        if start_id == 0:
-            if not reply(token, b".", fill_attributes(a, node), 1):
-                return
-            start_id = 1
-        if start_id == 1:
-            if not reply(token, b"..", fill_attributes(a, nodes[node.parent]), 2):
-                return
-            start_id = 2
-        items = iter(node.children.items())
-        if start_id > 2:
-            items = islice(items, start_id - 2, None)
-        for off, (name, ino) in enumerate(items, start_id + 1):
-            if not reply(token, name.encode(_FSENC, "surrogateescape"), fill_attributes(a, nodes[ino]), off):
-                break
+        try:
+            node = self._node(fh)
+            reply = pyfuse3.readdir_reply
+            a = self._attr
+            nodes = self._nodes
+            if start_id == 0:
+                if not reply(token, b".", fill_attributes(a, node), 1):
+                    return
+                start_id = 1
+            if start_id == 1:
+                if not reply(token, b"..", fill_attributes(a, nodes[node.parent]), 2):
+                    return
+                start_id = 2
+            items = iter(node.children.items())
+            if start_id > 2:
+                items = islice(items, start_id - 2, None)
+            for off, (name, ino) in enumerate(items, start_id + 1):
+                if not reply(token, name.encode(_FSENC, "surrogateescape"), fill_attributes(a, nodes[ino]), off):
+                    break
+        except Exception as e:
+            raise _failure("readdir", fh, e) from None
 
     async def releasedir(self, fh):
         pass
 
     # -- files ------------------------------------------------------------------------
     async def open(self, inode, flags, ctx):
-        if flags & _WRITE_FLAGS:
-            raise _EROFS
-        node = self._node(inode)
-        if node.children is not None:
-            raise FUSEError(errno.EISDIR)
-        fi = self._fileinfo
-        fi.fh = inode
-        return fi
+        try:
+            if flags & _WRITE_FLAGS:
+                raise FUSEError(errno.EROFS)
+            if self._node(inode).children is not None:
+                raise FUSEError(errno.EISDIR)
+            fi = self._fileinfo
+            fi.fh = inode
+            return fi
+        except Exception as e:
+            raise _failure("open", inode, e) from None
 
     async def read(self, fh, off, size):
-        node = self.tree.get(fh)
-        if node is None:
-            raise FUSEError(errno.EBADF)
         try:
-            if node.inline is not None or node.layer < 0 or off >= node.size:
+            node = self._node(fh)
+            if node.inline is not None or node.layer < 0 or off >= node.size:   # no I/O: answer right here
                 return self.tree.read(fh, off, size)
             return await trio.to_thread.run_sync(self.tree.read, fh, off, size, limiter=self._limiter)
-        except LayerfsError as e:
-            log.error("read of inode %d at %d failed: %s", fh, off, e.one_line())
-            raise FUSEError(e.errno or errno.EIO) from None
-        except OSError as e:
-            log.error("read of inode %d at %d failed: %s", fh, off, e)
-            raise FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("read of inode %d at %d failed", fh, off)
-            raise FUSEError(errno.EIO) from None
+        except Exception as e:
+            raise _failure("read", (fh, off, size), e) from None
 
     async def release(self, fh):
         pass
 
     # -- the file system ---------------------------------------------------------------
     async def statfs(self, ctx):
-        if self._statfs is None:
-            st = self.tree.statfs()
-            s = StatvfsData()
-            s.f_bsize = BLOCK_SIZE
-            s.f_frsize = BLOCK_SIZE
-            s.f_blocks = (st.total_bytes + BLOCK_SIZE - 1) // BLOCK_SIZE
-            s.f_bfree = s.f_bavail = 0
-            s.f_files = st.total_files
-            s.f_ffree = s.f_favail = 0
-            s.f_namemax = 255
-            self._statfs = s
-        return self._statfs
+        try:
+            if self._statfs is None:
+                st = self.tree.statfs()
+                s = StatvfsData()
+                s.f_bsize = BLOCK_SIZE
+                s.f_frsize = BLOCK_SIZE
+                s.f_blocks = (st.total_bytes + BLOCK_SIZE - 1) // BLOCK_SIZE
+                s.f_bfree = s.f_bavail = 0
+                s.f_files = st.total_files
+                s.f_ffree = s.f_favail = 0
+                s.f_namemax = 255
+                self._statfs = s
+            return self._statfs
+        except Exception as e:
+            raise _failure("statfs", None, e) from None
 
     # -- everything that writes: EROFS -------------------------------------------------
     async def setattr(self, inode, attr, fields, fh, ctx):
-        raise _EROFS
+        raise FUSEError(errno.EROFS)
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        raise _EROFS
+        raise FUSEError(errno.EROFS)
 
     async def mkdir(self, parent_inode, name, mode, ctx):
-        raise _EROFS
+        raise FUSEError(errno.EROFS)
 
     async def unlink(self, parent_inode, name, ctx):
-        raise _EROFS
+        raise FUSEError(errno.EROFS)
 
     async def rmdir(self, parent_inode, name, ctx):
-        raise _EROFS
+        raise FUSEError(errno.EROFS)
 
     async def symlink(self, parent_inode, name, target, ctx):
-        raise _EROFS
+        raise FUSEError(errno.EROFS)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        raise _EROFS
+        raise FUSEError(errno.EROFS)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        raise _EROFS
+        raise FUSEError(errno.EROFS)
 
     async def write(self, fh, off, buf):
-        raise _EROFS
+        raise FUSEError(errno.EROFS)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        raise _EROFS
+        raise FUSEError(errno.EROFS)
 
     async def setxattr(self, inode, name, value, ctx):
-        raise _EROFS
+        raise FUSEError(errno.EROFS)
 
     async def removexattr(self, inode, name, ctx):
-        raise _EROFS
+        raise FUSEError(errno.EROFS)
 
 
 # --- running a mount -------------------------------------------------------------------

@@ -308,6 +308,32 @@ def test_missing_names_and_wrong_types(mnt):
     assert os.access(mnt / "etc/hostname", os.R_OK) and not os.access(mnt / "etc/hostname", os.W_OK)
 
 
+def test_a_failing_read_or_bad_node_fails_one_request_not_the_mount(store, tmp_path):
+    require_fuse()
+    from layerfs.errors import ContentError
+    from layerfs.tree import MergedTree
+
+    class Broken:
+        def read(self, offset, size):
+            if offset == 0:
+                raise ContentError("corrupt span")
+            raise ValueError("a bug")
+
+    t = MergedTree([Broken()])
+    t.add(ROOT_INO, "corrupt", stat.S_IFREG | 0o644, size=10, layer=0, offset=0)
+    t.add(ROOT_INO, "buggy", stat.S_IFREG | 0o644, size=10, layer=0, offset=5)
+    t.add(ROOT_INO, "bad-node", stat.S_IFREG | 0o644, size=1, inline=b"x").mtime_ns = None
+    t.add(ROOT_INO, "fine", stat.S_IFREG | 0o644, size=2, inline=b"ok")
+    with mounted(t, tmp_path / "m", store) as rec:
+        m = tmp_path / "m"
+        assert _errno_of((m / "corrupt").read_bytes) == errno.EIO
+        assert _errno_of((m / "buggy").read_bytes) == errno.EIO
+        assert _errno_of(os.stat, m / "bad-node") == errno.EIO
+        assert (m / "fine").read_bytes() == b"ok" and pid_alive(rec.pid)
+    log = Path(rec.log).read_text()
+    assert "corrupt span" in log and "ValueError: a bug" in log
+
+
 # --- lifecycle -----------------------------------------------------------------------------
 
 def _tiny_tree():
