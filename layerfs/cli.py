@@ -10,14 +10,13 @@ import argparse
 import getpass
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from typing import Sequence
 
 from . import __version__
-from .errors import ImageInUse, ImageNotFound, LayerfsError, StoreError, UsageError
-from .oci import Index, Manifest, Platform
+from .errors import ImageInUse, ImageNotFound, LayerfsError, UsageError
+from .oci import Manifest, Platform
 
 log = logging.getLogger("layerfs")
 
@@ -292,7 +291,6 @@ def cmd_search(ctx: Context) -> int:
 
 
 def cmd_rmi(ctx: Context) -> int:
-    from .reference import Reference
     a = ctx.args
     store = ctx.store
     store.init()
@@ -314,12 +312,10 @@ def _rmi_one(store, text: str, force: bool, no_prune: bool) -> None:
         ref = None
     rec = store.find(ref) if ref else None
     targets = [rec] if rec else []
-    by_id = False
     if not targets:
         matches = store.find_by_id(text)
         if not matches:
             raise ImageNotFound(f"no such image: {text}")
-        by_id = True
         digests = {r.descriptor.digest for r in matches}
         if len(digests) > 1:
             raise ImageNotFound(f"image id {text!r} is ambiguous", hint="give more digits")
@@ -355,7 +351,6 @@ def cmd_prune(ctx: Context) -> int:
 
 def cmd_login(ctx: Context) -> int:
     from .auth import CredentialStore, Credentials
-    from .reference import DOCKER_HUB
     from .registry import RegistryClient
     a = ctx.args
     server = _server_name(a.server)

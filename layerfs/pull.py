@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import logging
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import requests
 import urllib3
-import zstandard
 
-from .errors import (DigestMismatch, ForeignLayerError, LayerfsError, ManifestError, PlatformNotFound, RegistryError,
-                     RegistryUnreachable, SizeMismatch, TarError, UnsupportedMediaType)
-from .oci import (FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Index, Manifest,
+from .errors import (ContentError, DigestMismatch, ForeignLayerError, ManifestError, PlatformNotFound, RegistryError,
+                     RegistryUnreachable, SizeMismatch, TarError)
+from .oci import (FOREIGN_LAYER_TYPES, Descriptor, Digest, ImageConfig, Index, Manifest,
                   Platform, docker_to_oci, iter_layer_compression)
 from .reference import Reference
 from .registry import RegistryClient, RegistryOptions, _short_exc
+from .layerindex import LayerIndexer, index_path
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -62,76 +61,11 @@ class PullResult:
 
 # --- the streaming pass ----------------------------------------------------------
 
-class LayerDigester:
-    """Decompresses a layer stream as it arrives to compute its diff_id and size."""
-
-    def __init__(self, compression: str | None, where: str):
-        self.compression = compression
-        self.where = where
-        self.hasher = Digest("sha256", "0" * 64).hasher()
-        self.size = 0
-        self._member_fed = False
-        self._padding = False
-        if compression == "gzip":
-            self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif compression == "zstd":
-            self._d = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
-        else:
-            self._d = None
-
-    def _out(self, data: bytes) -> None:
-        if data:
-            self.hasher.update(data)
-            self.size += len(data)
-
-    def feed(self, chunk: bytes) -> None:
-        if self._d is None:
-            self._out(chunk)
-            return
-        try:
-            if self.compression == "gzip":
-                while chunk:
-                    if self._padding:
-                        if chunk.strip(b"\0"):
-                            raise TarError("garbage after the end of the gzip stream", where=self.where)
-                        return
-                    self._member_fed = True
-                    self._out(self._d.decompress(chunk))
-                    chunk = b""
-                    if self._d.eof:  # a new gzip member may follow (multi-member streams)
-                        chunk = self._d.unused_data
-                        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                        self._member_fed = False
-                        if chunk and not chunk.startswith(b"\x1f"):
-                            self._padding = True
-            else:
-                self._out(self._d.decompress(chunk))
-        except (zlib.error, zstandard.ZstdError) as e:
-            raise TarError(f"layer is not valid {self.compression} data: {e}", where=self.where) from None
-
-    def finish(self) -> tuple[Digest, int]:
-        if self.compression == "gzip" and self._member_fed:
-            try:
-                self._out(self._d.flush())
-            except zlib.error as e:
-                raise TarError(f"layer is not valid gzip data: {e}", where=self.where) from None
-            if not self._d.eof:
-                raise TarError("layer gzip stream is truncated", where=self.where)
-        return Digest("sha256", self.hasher.hexdigest()), self.size
-
-
 def layer_facts_from_blob(store: Store, desc: Descriptor) -> dict:
-    """Compute diff_id and uncompressed size of a stored layer (one read of the blob)."""
-    comp = LAYER_COMPRESSION.get(desc.media_type)
-    dig = LayerDigester(comp, where=f"layer {desc.digest.short}")
-    with store.open_blob(desc.digest, desc.size) as f:
-        while True:
-            b = f.read(1 << 20)
-            if not b:
-                break
-            dig.feed(b)
-    diff_id, size = dig.finish()
-    info = {"diff_id": str(diff_id), "size": size, "media_type": desc.media_type}
+    """Index a stored layer that has no index yet (one read of the blob) and record its facts."""
+    from .layerindex import load_or_build
+    idx = load_or_build(store, desc)
+    info = {"diff_id": str(idx.diff_id), "size": idx.size, "media_type": desc.media_type}
     store.set_layer_info(desc.digest, info)
     return info
 
@@ -262,7 +196,7 @@ class Puller:
             attempts = 0
             content_error: TarError | None = None
             hasher = desc.digest.hasher()
-            digester = LayerDigester(compression, where=f"layer {short}")
+            digester = LayerIndexer(compression, where=f"layer {short}", digest=desc.digest)
             offset = ing.offset
             if offset:
                 log.info("resuming %s at %d of %d bytes", short, offset, desc.size)
@@ -275,7 +209,8 @@ class Puller:
                         offset = 0
                         content_error = None
                         hasher = desc.digest.hasher()
-                        digester = LayerDigester(compression, where=f"layer {short}")
+                        digester.close()
+                        digester = LayerIndexer(compression, where=f"layer {short}", digest=desc.digest)
                         f = ing.open(0)
                     try:
                         for chunk in resp.chunks():
@@ -287,7 +222,7 @@ class Puller:
                             if content_error is None:
                                 try:
                                     digester.feed(chunk)
-                                except TarError as e:   # judged after the digest: corruption says "digest"
+                                except (TarError, ContentError) as e:   # judged after the digest
                                     content_error = e
                             offset += len(chunk)
                             self.progress(short, "Downloading", offset, desc.size)
@@ -318,15 +253,18 @@ class Puller:
                     raise _os_error(e, f"blob {desc.digest}") from None
             self.progress(short, "Verifying Checksum")
             got = hasher.hexdigest()
+            index = None
             if got == desc.digest.hex:
                 try:
                     if content_error is None:
-                        got_diff, size = digester.finish()
-                except TarError as e:
+                        index = digester.finish()
+                except (TarError, ContentError) as e:
                     content_error = e
                 if content_error is not None:   # the registry's blob itself is broken: keep nothing
                     ing.discard()
                     raise content_error
+            else:
+                digester.close()
             try:
                 ing.commit(got)
             except OSError as e:
@@ -337,6 +275,8 @@ class Puller:
                 e.where = where
                 raise
             self.progress(short, "Download complete")
+            got_diff, size = index.diff_id, index.size
+            index.save(index_path(self.store, desc.digest))
             if diff_id is not None and got_diff != diff_id:
                 raise DigestMismatch(f"layer {short}: uncompressed content is {got_diff}, image config says {diff_id}",
                                      where=where)

@@ -15,8 +15,8 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Iterator, Mapping
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
@@ -28,7 +28,7 @@ from .errors import (AccessDenied, AuthenticationError, ForeignLayerError, Layer
                      ManifestError, NotFoundError, RegistryError, RegistryUnreachable,
                      SizeMismatch)
 from .oci import ACCEPT_MANIFESTS, FOREIGN_LAYER_TYPES, Descriptor, Digest, Index, Manifest, parse_manifest
-from .reference import DOCKER_HUB, Reference, is_local_registry
+from .reference import DOCKER_HUB, is_local_registry
 
 log = logging.getLogger(__name__)
 

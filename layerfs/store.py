@@ -443,7 +443,11 @@ class Store:
                             continue
                     removed += 1
                     freed += size
-                    for side in (self.root / "layers").glob(f"{d.algorithm}-{d.hex}.*"):
+                    for sub in ("layers", "indexes"):   # facts and layer indexes of the blob
+                        for side in (self.root / sub).glob(f"{d.algorithm}-{d.hex}.*"):
+                            with contextlib.suppress(OSError):
+                                side.unlink()
+                    for side in (self.root / "trees").glob(f"{d.algorithm}-{d.hex}*"):   # merged-tree caches
                         with contextlib.suppress(OSError):
                             side.unlink()
             # partial downloads nobody is writing right now
