@@ -59,6 +59,8 @@ CACHE_TIMEOUT = 365 * 86400.0
 BLOCK_SIZE = 4096
 #: readahead (KiB) set on the mount's BDI: big sequential FUSE reads (the kernel caps one at max_pages, 1 MiB)
 READ_AHEAD_KB = 1024
+#: trees up to this many inodes get all their Node objects made in the background after mounting
+WARM_MAX_NODES = 500_000
 #: the options every layerfs mount gets (before the user's -o ones)
 BASE_OPTIONS = ("default_permissions", "subtype=layerfs")
 
@@ -421,7 +423,24 @@ async def _run(ops: LayerFS, mountpoint: str, on_ready: Callable[[], None] | Non
             await trio.to_thread.run_sync(tune_readahead, mountpoint)
             if on_ready is not None:
                 on_ready()
+            ready_event.set()
 
+        async def warm() -> None:
+            # A tree loaded from the union's cache makes its Node objects on first access (~5 us each):
+            # make them while the mount is idle rather than on the first `find`, in slices so requests
+            # never wait long behind it. Huge trees stay lazy (memory).
+            nodes = ops._nodes
+            n = len(nodes)
+            if n > WARM_MAX_NODES:
+                return
+            await ready_event.wait()
+            for lo in range(1, n, 128):
+                for i in range(lo, min(n, lo + 128)):
+                    nodes[i]
+                await trio.sleep(0)
+
+        ready_event = trio.Event()
         nursery.start_soon(fs)
         nursery.start_soon(signals)
         nursery.start_soon(ready)
+        nursery.start_soon(warm)
