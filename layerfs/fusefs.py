@@ -61,8 +61,6 @@ BLOCK_SIZE = 4096
 READ_AHEAD_KB = 1024
 #: trees up to this many inodes get all their Node objects made in the background after mounting
 WARM_MAX_NODES = 500_000
-#: the options every layerfs mount gets (before the user's -o ones)
-BASE_OPTIONS = ("default_permissions", "subtype=layerfs")
 
 _FSENC = sys.getfilesystemencoding()
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
@@ -352,8 +350,12 @@ def _escape_option(value: str) -> str:
 
 def mount_options(fsname: str, extra: Iterable[str] = (), *, read_only: bool = True) -> set[str]:
     """The libfuse ``-o`` options for a mount (validated by libfuse when mounting)."""
-    opts = set(BASE_OPTIONS)
-    opts.add(f"fsname={_escape_option(fsname)}")
+    extra = list(extra)
+    opts = {"default_permissions"}
+    if not any(o.startswith("subtype=") for o in extra):
+        opts.add("subtype=layerfs")
+    if not any(o.startswith("fsname=") for o in extra):
+        opts.add(f"fsname={_escape_option(fsname)}")
     if read_only:
         opts.add("ro")
     opts.update(extra)
@@ -392,15 +394,50 @@ def serve(tree: MergedTree, mountpoint: str, options: Iterable[str], *,
     ops = LayerFS(tree, threads=threads)
     opts = set(options)
     try:
-        pyfuse3.init(ops, mountpoint, opts)
-    except RuntimeError as e:
-        raise LayerfsError(f"cannot mount {mountpoint}: libfuse refused ({e})", where=mountpoint,
-                           hint="check -o options (see 'man mount.fuse3'), /dev/fuse and fusermount3; "
-                                "rerun with -f --debug for libfuse's own message") from None
+        said = _stderr_of(pyfuse3.init, ops, mountpoint, opts)
+    except _Failed as f:
+        lines = [l.strip() for l in f.stderr.splitlines() if l.strip()]
+        why = lines[-1] if lines else str(f.error)
+        raise LayerfsError(f"cannot mount {mountpoint}: {why}",
+                           hint="check the -o options (man mount.fuse3), /dev/fuse and fusermount3") from None
+    if said.strip():
+        log.info("libfuse: %s", " ".join(said.split()))
     try:
         trio.run(_run, ops, mountpoint, on_ready)
     finally:
         pyfuse3.close(unmount=True)
+
+
+class _Failed(Exception):
+    def __init__(self, error: BaseException, stderr: str):
+        super().__init__(str(error))
+        self.error = error
+        self.stderr = stderr
+
+
+def _stderr_of(fn, *args) -> str:
+    """Run *fn* with fd 2 captured (libfuse and fusermount3 explain failures there).
+
+    Returns the text; raises :class:`_Failed` (the exception and the text) if *fn* fails.
+    """
+    import tempfile
+    with tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        error = None
+        try:
+            fn(*args)
+        except Exception as e:
+            error = e
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        text = tmp.read().decode("utf-8", "replace")
+    if error is not None:
+        raise _Failed(error, text)
+    return text
 
 
 async def _run(ops: LayerFS, mountpoint: str, on_ready: Callable[[], None] | None) -> None:

@@ -82,8 +82,8 @@ class MountOptions:
         object.__setattr__(self, "fuse_options", tuple(o for o in self.fuse_options if o))
         if self.layer is not None and self.layer < 0:
             raise UsageError(f"--layer {self.layer} is negative")
-        if not self.read_only:
-            raise UsageError("writable mounts are not supported yet", hint="mount with --read-only")
+        if not self.read_only or "rw" in self.fuse_options:
+            raise UsageError("writable mounts are not supported yet", hint="mount with --read-only, without -o rw")
 
     @property
     def allow_nonempty(self) -> bool:
@@ -222,6 +222,17 @@ class MountRegistry:
     def log_path(self, mountpoint: str) -> Path:
         return self._stem(mountpoint).with_suffix(".log")
 
+    def lock(self, mountpoint: str) -> int:
+        """An fd holding the exclusive lock of *mountpoint* (close it to release)."""
+        import fcntl
+        fd = os.open(self._stem(mountpoint).with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def write(self, record: MountRecord) -> None:
         # temp + rename, without fsync: the record describes a live process, a crash ends both
         path = self.record_path(record.mountpoint)
@@ -324,25 +335,35 @@ def mount_image(store: Store, ref_text: str, mountpoint: str | os.PathLike[str],
     the merged tree (default: :func:`layerfs.union.open_image_tree`); *pull*
     pulls a :class:`Reference` into *store* (default: a :class:`Puller`).
     """
-    real = check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)
+    real = check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)   # fail before pulling
     image, manifest = resolve_image(store, ref_text, options, pull)
     tree = (tree_factory or _default_tree_factory)(store, manifest, upto=options.layer)
-    return mount_tree(tree, real, options, store=store, image=image, manifest_digest=str(manifest.digest),
-                      checked=True)
+    return mount_tree(tree, real, options, store=store, image=image, manifest_digest=str(manifest.digest))
 
 
 def mount_tree(tree: "MergedTree", mountpoint: str | os.PathLike[str], options: MountOptions, *, store: Store,
-               image: str, manifest_digest: str = "", checked: bool = False) -> MountRecord:
+               image: str, manifest_digest: str = "") -> MountRecord:
     """Mount an already built *tree* at *mountpoint* (see :func:`mount_image`)."""
-    real = os.fspath(mountpoint) if checked else check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)
     registry = MountRegistry(store)
     registry.active()  # clean stale records
     registry.dir.mkdir(parents=True, exist_ok=True)
-    record = MountRecord(image=image, manifest_digest=manifest_digest, mountpoint=real, pid=0, upper=None,
-                         started="", layer=options.layer, log=str(registry.log_path(real)))
-    if options.foreground:
-        return _serve_here(tree, record, options, registry, _Reporter(options.ready_fd))
-    return _daemonize(tree, record, options, registry)
+    # One mount at a time per mount point: checked and mounted under a lock held until the mount answers.
+    lock = registry.lock(_abs_mountpoint(mountpoint))
+    try:
+        real = check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)
+        record = MountRecord(image=image, manifest_digest=manifest_digest, mountpoint=real, pid=0, upper=None,
+                             started="", layer=options.layer, log=str(registry.log_path(real)))
+        if options.foreground:
+            return _serve_here(tree, record, options, registry, _Reporter(options.ready_fd, lock))
+        return _daemonize(tree, record, options, registry, lock)
+    finally:
+        _close(lock)
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _now() -> str:
@@ -350,17 +371,19 @@ def _now() -> str:
 
 
 class _Reporter:
-    """Reports readiness (``ok``) or the one-line error once on a pipe, then closes it."""
+    """Reports readiness (``ok``) or the one-line error once on a pipe, then closes it (and the lock)."""
 
-    def __init__(self, fd: int | None):
+    def __init__(self, fd: int | None, lock: int | None = None):
         self.fd = fd
+        self.lock = lock      # the mount point's lock: released together with the report
 
     def _final(self, line: str) -> None:
+        lock, self.lock = self.lock, None
+        _close(lock)
         if self.fd is not None:
             fd, self.fd = self.fd, None
             _send(fd, line)
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            _close(fd)
 
     def ok(self) -> None:
         self._final("ok")
@@ -404,7 +427,7 @@ def _serve_here(tree: "MergedTree", record: MountRecord, options: MountOptions, 
 
 
 def _daemonize(tree: "MergedTree", record: MountRecord, options: MountOptions,
-               registry: MountRegistry) -> MountRecord:
+               registry: MountRegistry, lock: int) -> MountRecord:
     r, w = os.pipe()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -414,6 +437,7 @@ def _daemonize(tree: "MergedTree", record: MountRecord, options: MountOptions,
         code = 1
         try:
             os.close(r)
+            os.close(lock)   # the lock stays with the caller until the mount answers
             os.setsid()
             if os.fork() == 0:
                 code = _daemon_main(tree, record, options, registry, w)

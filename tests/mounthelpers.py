@@ -238,10 +238,12 @@ def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
 def force_unmount(mountpoint: str | os.PathLike[str], pid: int | None = None) -> None:
     """Tear a mount down whatever state it is in; kill *pid* if it survives."""
     mnt = os.path.realpath(mountpoint)
-    if is_mounted(mnt):
+    for _ in range(5):   # mounts may be stacked
+        if not is_mounted(mnt):
+            break
         subprocess.run(["fusermount3", "-u", "-q", mnt], stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
-    if is_mounted(mnt):
-        subprocess.run(["umount", "-l", mnt], stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", mnt], stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
     if pid and pid_alive(pid):
         deadline = time.monotonic() + 3
         while pid_alive(pid) and time.monotonic() < deadline:

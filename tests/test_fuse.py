@@ -433,10 +433,13 @@ def test_bad_fuse_option_is_one_clear_error(store, tmp_path):
     m.mkdir()
     with pytest.raises(MountError) as e:
         mount_tree(_tiny_tree(), m, MountOptions(fuse_options=["no_such_option"]), store=store, image="tiny:1")
-    assert "libfuse refused" in e.value.one_line() and "\n" not in e.value.one_line()
+    msg = e.value.one_line()
+    assert "unknown option" in msg and "no_such_option" in msg and "\n" not in msg
     assert not is_mounted(m) and mounts(store) == []
     with pytest.raises(UsageError):
         MountOptions(read_only=False)
+    with pytest.raises(UsageError):
+        MountOptions(fuse_options=["allow_other", "rw"])
     with pytest.raises(UsageError):
         MountOptions(layer=-1)
 
@@ -531,6 +534,26 @@ def test_cli_mount_umount_and_layers(store, tmp_path):
     assert "two:1 (layer 1)" in _cli(store, "mounts").stdout
     _cli(store, "umount", str(m))
     assert mounts(store) == []
+
+
+def test_concurrent_mounts_of_one_mount_point_one_wins(store, tmp_path):
+    require_fuse()
+    put_image(store, "docker.io/library/two:1", _two_layer_image())
+    m = tmp_path / "m"
+    m.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "layerfs", "--root", str(store.root), "mount", "two:1", str(m)]
+    procs = [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+             for _ in range(3)]
+    results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+    recs = mounts(store)
+    for rec in recs:
+        track(m, rec.pid)
+    assert sorted(code for code, _ in results) == [0, 1, 1], results
+    assert all("already mounted" in err for code, err in results if code)
+    assert len(recs) == 1 and mount_table()[str(m)][0] == FSTYPE
+    assert sum(1 for line in Path("/proc/self/mountinfo").read_text().splitlines() if f" {m} " in line) == 1
+    umount(store, m)
 
 
 def test_cli_errors_are_one_line(store, tmp_path):
