@@ -40,9 +40,10 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -170,8 +171,7 @@ def _abs_mountpoint(path: str | os.PathLike[str]) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
 
 
-def check_mountpoint(path: str | os.PathLike[str], *, allow_nonempty: bool = False,
-                     table: dict[str, tuple[str, str]] | None = None) -> str:
+def check_mountpoint(path: str | os.PathLike[str], *, allow_nonempty: bool = False) -> str:
     """Validate a mount point; return its real path or raise one clear :class:`MountError`."""
     shown = os.fspath(path)
     try:
@@ -183,11 +183,10 @@ def check_mountpoint(path: str | os.PathLike[str], *, allow_nonempty: bool = Fal
             raise MountError(f"{shown} is a dead FUSE mount (its daemon is gone)",
                              hint=f"clean it up with 'layerfs umount {shown}'") from None
         raise MountError(f"cannot use mount point {shown}: {e.strerror}") from None
-    import stat as _stat
-    if not _stat.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mount point {shown} is not a directory")
     real = os.path.realpath(shown)
-    table = mount_table() if table is None else table
+    table = mount_table()
     if real in table:
         fstype = table[real][0]
         what = "a layerfs mount" if fstype == FSTYPE else f"a {fstype} mount"
@@ -291,11 +290,7 @@ TreeFactory = Callable[..., "MergedTree"]
 
 
 def _default_tree_factory(store: Store, manifest: Manifest, *, upto: int | None) -> "MergedTree":
-    try:
-        from .union import open_image_tree
-    except ImportError as e:
-        raise MountError(f"this layerfs cannot build image trees yet ({e})",
-                         hint="layerfs.union is missing from the installation") from None
+    from .union import open_image_tree
     return open_image_tree(store, manifest, upto=upto)
 
 
@@ -335,10 +330,10 @@ def mount_image(store: Store, ref_text: str, mountpoint: str | os.PathLike[str],
     the merged tree (default: :func:`layerfs.union.open_image_tree`); *pull*
     pulls a :class:`Reference` into *store* (default: a :class:`Puller`).
     """
-    real = check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)   # fail before pulling
+    check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)   # fail before pulling
     image, manifest = resolve_image(store, ref_text, options, pull)
     tree = (tree_factory or _default_tree_factory)(store, manifest, upto=options.layer)
-    return mount_tree(tree, real, options, store=store, image=image, manifest_digest=str(manifest.digest))
+    return mount_tree(tree, mountpoint, options, store=store, image=image, manifest_digest=str(manifest.digest))
 
 
 def mount_tree(tree: "MergedTree", mountpoint: str | os.PathLike[str], options: MountOptions, *, store: Store,
@@ -351,10 +346,14 @@ def mount_tree(tree: "MergedTree", mountpoint: str | os.PathLike[str], options: 
     lock = registry.lock(_abs_mountpoint(mountpoint))
     try:
         real = check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)
-        record = MountRecord(image=image, manifest_digest=manifest_digest, mountpoint=real, pid=0, upper=None,
-                             started="", layer=options.layer, log=str(registry.log_path(real)))
-        if options.foreground:
-            return _serve_here(tree, record, options, registry, _Reporter(options.ready_fd, lock))
+    except BaseException:
+        _close(lock)
+        raise
+    record = MountRecord(image=image, manifest_digest=manifest_digest, mountpoint=real, pid=0, upper=None,
+                         started="", layer=options.layer, log=str(registry.log_path(real)))
+    if options.foreground:   # the reporter releases the lock once the mount answers (or failed)
+        return _serve_here(tree, record, options, registry, _Reporter(options.ready_fd, lock))
+    try:
         return _daemonize(tree, record, options, registry, lock)
     finally:
         _close(lock)
@@ -421,6 +420,7 @@ def _serve_here(tree: "MergedTree", record: MountRecord, options: MountOptions, 
         reporter.error(f"mount failed: {type(e).__name__}: {e}")
         raise
     finally:
+        reporter.error(f"the mount at {record.mountpoint} ended before it answered")   # no-op once reported
         registry.remove(record.mountpoint, pid=record.pid)
     log.info("unmounted %s", record.mountpoint)
     return record
@@ -512,7 +512,7 @@ def _wait_ready(r: int, record: MountRecord, options: MountOptions, registry: Mo
                 rec = registry.get(record.mountpoint)
                 return rec if rec is not None else record
             elif kind == "error":
-                raise MountError(rest, where=None)
+                raise MountError(rest)
         left = deadline - time.monotonic()
         if left <= 0:
             if daemon_pid:

@@ -16,16 +16,15 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from mounthelpers import (MTIME_NS, Sample, force_unmount, is_mounted, mounted, put_fake_image, put_image,
+from mounthelpers import (MTIME_NS, Sample, is_mounted, mounted, put_fake_image, put_image,
                           require_fuse, track, wait_until, watchdog)
-from layerfs.errors import LayerfsError, UsageError
+from layerfs.errors import UsageError
 from layerfs.mount import (FSTYPE, MountError, MountOptions, MountRecord, MountRegistry, mount_image, mount_table,
                            mount_tree, mounts, pid_alive, umount)
 from layerfs.store import Store
