@@ -715,6 +715,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=None, help="runs per tool (default 3, --quick 1)")
     ap.add_argument("--quick", action="store_true", help="small image, 1 run: a smoke test")
     ap.add_argument("--only", help="comma-separated subset of: layerfs,overlay,fuse-overlayfs,ratarmount")
+    ap.add_argument("--no-pyc", action="store_true",
+                    help="run layerfs with the environment's byte-code settings (default: byte code cached in "
+                         "WORKDIR/pycache, as for an installed package)")
     ap.add_argument("--json", type=Path, help="also write the raw samples here")
     ap.add_argument("--no-wait-quiet", action="store_true",
                     help="do not wait for an idle machine before each mount (default: wait up to 30 s)")
@@ -729,6 +732,7 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     sub = workdir / ("quick" if args.quick else "full")
     sub.mkdir(exist_ok=True)
+    pyc_note = bl.use_pycache(None if args.no_pyc else workdir / "pycache")
     res = Results()
     live: set[Path] = set()
     failed = False
@@ -858,7 +862,7 @@ def main(argv=None) -> int:
     print("\nPeer cells: value (layerfs / peer; below 1 = layerfs faster). Cold = sync + drop_caches + fresh mount.")
     print(f"Host: {platform.node()} {platform.release()}, {os.cpu_count()} CPUs; load average before "
           f"{load0[0]:.1f}, after {os.getloadavg()[0]:.1f}; {time.monotonic() - t_start:.0f} s in all; "
-          f"{GATE.summary()}.")
+          f"{GATE.summary()}.\n{pyc_note}.")
     for n, why in res.na.items():
         print(f"- {n}: n/a: {why}")
     for n, e in res.errors.items():

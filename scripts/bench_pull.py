@@ -190,6 +190,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="also profile one layerfs pull with py-spy")
     ap.add_argument("--fail-on-target", action="store_true", help=f"exit 3 if layerfs > {TARGET}x skopeo")
     ap.add_argument("--timeout", type=float, default=600, help="per pull (s)")
+    ap.add_argument("--no-pyc", action="store_true",
+                    help="run layerfs with the environment's byte-code settings (default: byte code cached in "
+                         "WORKDIR/pycache, as for an installed package)")
     ap.add_argument("--json", type=Path, help="also write the raw timings here")
     ap.add_argument("--no-wait-quiet", action="store_true",
                     help="do not wait for an idle machine before each pull (default: wait up to 30 s)")
@@ -201,6 +204,7 @@ def main(argv=None) -> int:
         return 1
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    pyc_note = bl.use_pycache(None if args.no_pyc else workdir / "pycache")
     runs_dir = Path(tempfile.mkdtemp(prefix="pull-runs-", dir=workdir))
     times: dict[str, list[float]] = {t: [] for t in TOOLS}
     failures: list[str] = []
@@ -260,7 +264,7 @@ def main(argv=None) -> int:
     print(bl.markdown_table(["tool", "median s", "min s", "max s", "MB/s (compressed)", "ratio to skopeo", "runs"],
                             rows))
     print(f"\n{os.cpu_count()} CPUs; load average before {load0[0]:.1f}, after {os.getloadavg()[0]:.1f}; "
-          f"{gate.summary()}")
+          f"{gate.summary()}; {pyc_note}")
     verdict = None
     if times["layerfs"] and sk:
         ratio = bl.median(times["layerfs"]) / sk
