@@ -428,6 +428,9 @@ def _serve_here(tree: "MergedTree", record: MountRecord, options: MountOptions, 
 
 def _daemonize(tree: "MergedTree", record: MountRecord, options: MountOptions,
                registry: MountRegistry, lock: int) -> MountRecord:
+    import threading
+    if threading.active_count() > 1:
+        log.debug("forking the mount daemon with %d threads running", threading.active_count())
     r, w = os.pipe()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -471,7 +474,9 @@ def _daemon_main(tree: "MergedTree", record: MountRecord, options: MountOptions,
         os.close(nullfd)
         sys.stdout = open(1, "w", buffering=1, errors="backslashreplace", closefd=False)
         sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+        # default handling until the server takes them over; SIGPIPE stays ignored (Python's default), so a
+        # caller that went away before "ok" costs an EPIPE, not the daemon
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         _daemon_logging(options.debug)
         _serve_here(tree, record, options, registry, reporter)
