@@ -12,27 +12,36 @@ files are opened with ``keep_cache`` so the kernel page cache survives
 close/open. The mount is made with ``ro``, so the VFS itself refuses writes
 with EROFS before they reach us; the write handlers answer EROFS anyway.
 
-Performance notes (see also the tests' benchmark helper):
+Performance notes (measure with ``python tests/mounthelpers.py DIR``):
 
 * libfuse answers ``readdir`` with readdirplus only (pyfuse3 disables
   READDIRPLUS_AUTO), so one request lists a batch of entries *with* their
-  attributes and ``find``/``ls -l`` need no per-entry LOOKUP/GETATTR.
+  attributes and ``find``/``ls -l`` need no per-entry LOOKUP/GETATTR. A
+  directory costs OPENDIR, two READDIRPLUS (the second one says EOF) and
+  RELEASEDIR; the directory's inode is its handle (no handle table).
 * pyfuse3 copies an :class:`EntryAttributes` into the reply right after the
   handler returns, without yielding to trio in between; handlers that fill
   attributes never ``await`` before returning, so one scratch object is
   reused for every lookup/getattr/readdir entry instead of allocating one
-  per call.
+  per call. Names are encoded only when sent.
 * ``MergedTree.read`` may block (decompression, disk reads): it runs in
   worker threads behind a :class:`trio.CapacityLimiter`, so concurrent
   readers (and the kernel's parallel readahead requests) overlap. Reads
   that need no I/O (inline bytes, empty or hole-only files, reads at EOF)
   are answered on the event loop.
+* A tree loaded lazily (the union's cache makes Node objects on first
+  access) is completed in the background once the mount answers, so the
+  first ``find`` does not pay for it.
 * pyfuse3 3.5 gives handlers no way to set FOPEN_CACHE_DIR (kernel readdir
   cache) or the ``max_readahead``/``max_background`` connection fields, and
   its ``read``/``readdir`` handlers get only the file handle, so
-  FUSE_NO_OPEN(DIR) cannot be used either. The kernel's readahead window is
-  raised after mounting through the mount's BDI (``read_ahead_kb``) instead,
-  see :func:`tune_readahead`.
+  FUSE_NO_OPEN(DIR) cannot be used either; replies are copied
+  (``fuse_reply_buf``, no splice). The kernel's readahead window is raised
+  after mounting through the mount's BDI (``read_ahead_kb``) instead, see
+  :func:`tune_readahead`; each read request then carries 1 MiB (libfuse's
+  maximum). Pushing sequentially read files into the page cache ahead of
+  the reader (FUSE NOTIFY_STORE from threads) was tried and measured: no
+  gain on 2 CPUs, a loss when the reader is CPU-bound (duplicate work).
 """
 from __future__ import annotations
 
