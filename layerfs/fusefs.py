@@ -314,41 +314,11 @@ class LayerFS(pyfuse3.Operations):
             raise _failure("statfs", None, e) from None
 
     # -- everything that writes: EROFS -------------------------------------------------
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def _read_only(self, *args):
         raise FUSEError(errno.EROFS)
 
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        raise FUSEError(errno.EROFS)
-
-    async def mkdir(self, parent_inode, name, mode, ctx):
-        raise FUSEError(errno.EROFS)
-
-    async def unlink(self, parent_inode, name, ctx):
-        raise FUSEError(errno.EROFS)
-
-    async def rmdir(self, parent_inode, name, ctx):
-        raise FUSEError(errno.EROFS)
-
-    async def symlink(self, parent_inode, name, target, ctx):
-        raise FUSEError(errno.EROFS)
-
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        raise FUSEError(errno.EROFS)
-
-    async def link(self, inode, new_parent_inode, new_name, ctx):
-        raise FUSEError(errno.EROFS)
-
-    async def write(self, fh, off, buf):
-        raise FUSEError(errno.EROFS)
-
-    async def create(self, parent_inode, name, mode, flags, ctx):
-        raise FUSEError(errno.EROFS)
-
-    async def setxattr(self, inode, name, value, ctx):
-        raise FUSEError(errno.EROFS)
-
-    async def removexattr(self, inode, name, ctx):
-        raise FUSEError(errno.EROFS)
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = write = create = _read_only
+    setxattr = removexattr = _read_only
 
 
 # --- running a mount -------------------------------------------------------------------
