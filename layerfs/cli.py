@@ -219,7 +219,7 @@ def cmd_inspect(ctx: Context) -> int:
             info = store.layer_info(l.digest) or {}
             layers.append({"Digest": str(l.digest), "MediaType": l.media_type, "Size": l.size,
                            "UncompressedSize": size, "DiffID": info.get("diff_id"),
-                           "IndexSize": info.get("index_size")})
+                           "IndexSize": _index_size(store, l.digest)})
         doc = cfg.doc
         docs.append({
             "Id": str(m.config.digest),
@@ -246,6 +246,15 @@ def cmd_inspect(ctx: Context) -> int:
         return 0
     print(json.dumps(docs, indent=4))
     return 0
+
+
+def _index_size(store, digest) -> int | None:
+    """Bytes of the layer's index file (TOC + random-access checkpoints), None when not built yet."""
+    from .layerindex import index_path
+    try:
+        return index_path(store, digest).stat().st_size
+    except OSError:
+        return None
 
 
 def _source_manifest(store, rec) -> dict | None:

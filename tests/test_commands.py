@@ -117,6 +117,7 @@ def test_inspect(pulled, capsys):
     assert doc["RootFS"]["Layers"] == [str(d) for d in img.diff_ids]
     assert [l["Digest"] for l in doc["Layers"]] == [str(d.digest) for d in img.layer_descriptors]
     assert [l["UncompressedSize"] for l in doc["Layers"]] == [len(t) for t in img.uncompressed_layers]
+    assert all(isinstance(l["IndexSize"], int) and 0 < l["IndexSize"] < 10_000 for l in doc["Layers"])
     assert doc["Manifest"]["MediaType"] == "application/vnd.oci.image.manifest.v1+json"
     code, out, _ = run(["inspect", "-f", "{{.Id}} {{json .RootFS.Type}}", ref], capsys)
     assert out.strip() == f'{img.config_descriptor.digest} "layers"'
