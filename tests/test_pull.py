@@ -89,6 +89,11 @@ def test_pull_formats(registry, unique_repo, store_root, capsys, compression, do
         assert (store_root / "blobs" / "sha256" / d.digest.hex).read_bytes() == img.blobs[d.digest]
     assert_store_valid(store_root)
     info = skopeo_inspect(store_root, ref)
+    umoci = require_binary("umoci")
+    ls = subprocess.run([umoci, "ls", "--layout", str(store_root)], capture_output=True, text=True, timeout=60)
+    assert ls.returncode == 0 and ref in ls.stdout.split(), ls.stderr
+    st_ = subprocess.run([umoci, "stat", "--image", f"{store_root}:{ref}"], capture_output=True, text=True, timeout=60)
+    assert st_.returncode == 0 and all(str(d.digest) in st_.stdout for d in img.layer_descriptors), st_.stderr
     if not docker:
         assert info["Digest"] == str(img.manifest_digest)
     assert info["Layers"] == [str(d.digest) for d in img.layer_descriptors]
