@@ -509,3 +509,23 @@ def test_insecure_registry_flag_and_env(registry, unique_repo, store_root, capsy
     code, out, err = run(["--insecure-registry", f"localhost:{port}", "pull", f"localhost:{port}/{unique_repo}:t"],
                          capsys)
     assert code == 0, err
+
+
+def test_identity_token_refresh_flow(registry_token, unique_repo, store_root, capsys, tmp_path):
+    """config.json `identitytoken` (what `docker login` stores for OAuth registries): POST grant_type=refresh_token."""
+    import requests
+    ts = registry_token.token_server
+    ts.allow_anonymous = False
+    img = build_image(small_layers(1))
+    push_image(registry_token.host, unique_repo, "t", img, auth=registry_token.auth)
+    r = requests.post(ts.realm, data={"grant_type": "password", "username": registry_token.username,
+                                      "password": registry_token.password, "access_type": "offline",
+                                      "service": ts.service, "client_id": "test"}, timeout=10)
+    refresh = r.json()["refresh_token"]
+    (tmp_path / "docker-config").mkdir(exist_ok=True)
+    (tmp_path / "docker-config" / "config.json").write_text(json.dumps(
+        {"auths": {registry_token.host: {"identitytoken": refresh}}}))
+    ts.clear_requests()
+    code, out, err = run(["pull", f"{registry_token.host}/{unique_repo}:t"], capsys)
+    assert code == 0, err
+    assert ts.requests and all(r.method == "POST" and r.form["grant_type"] == ["refresh_token"] for r in ts.requests)
