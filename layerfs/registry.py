@@ -138,7 +138,8 @@ class RegistryClient:
         params = {}
         if challenge.params.get("service"):
             params["service"] = challenge.params["service"]
-        scopes = [s for s in (scope, challenge.params.get("scope")) if s]
+        # a scope argument may name several scopes separated by spaces (push + pull of another repo)
+        scopes = [s for x in (scope, challenge.params.get("scope")) if x for s in x.split()]
         creds = self._credentials()
         auth = creds.basic if creds else None
         try:
@@ -206,30 +207,37 @@ class RegistryClient:
 
     # -- requests ----------------------------------------------------------------
     def request(self, method: str, path: str, *, scope: str | None = None, headers: Mapping[str, str] | None = None,
-                stream: bool = False, ok: tuple[int, ...] = (200,), what: str = "") -> requests.Response:
-        """One registry request with auth, redirects and retries of temporary failures."""
+                stream: bool = False, ok: tuple[int, ...] = (200,), what: str = "", data: bytes | None = None,
+                retries: int | None = None) -> requests.Response:
+        """One registry request with auth, redirects and retries of temporary failures.
+
+        *data* is the request body (bytes, so it can be sent again after a 401
+        or a retry); *retries* overrides ``options.max_retries`` (0 for requests
+        that must not be repeated, e.g. one chunk of an upload)."""
         if not self._scheme_checked:
             self._pick_insecure_scheme()
         url = path if "://" in path else self.base + path
+        max_retries = self.options.max_retries if retries is None else retries
         attempt = 0
         refreshed = False
         while True:
             try:
                 r = self._send(method, url, scope=scope, headers=headers, stream=stream,
-                               refresh=False)
+                               refresh=False, data=data)
                 if r.status_code == 401:
                     new = self._learn_challenge(r)
                     if new or not refreshed:
                         r.close()
                         refreshed = True
-                        r = self._send(method, url, scope=scope, headers=headers, stream=stream, refresh=True)
+                        r = self._send(method, url, scope=scope, headers=headers, stream=stream, refresh=True,
+                                       data=data)
                 if r.status_code in ok:
                     return r
                 err = self._error_from(r, what)
                 r.close()
                 raise err
             except RegistryError as e:
-                if not e.temporary or attempt >= self.options.max_retries:
+                if not e.temporary or attempt >= max_retries:
                     raise
                 delay = self._backoff(attempt, e.retry_after)
                 log.info("%s: %s; retrying in %.1fs", self.registry, e.message, delay)
@@ -265,7 +273,7 @@ class RegistryClient:
         return changed
 
     def _send(self, method: str, url: str, *, scope: str | None, headers: Mapping[str, str] | None,
-              stream: bool, refresh: bool) -> requests.Response:
+              stream: bool, refresh: bool, data: bytes | None = None) -> requests.Response:
         hdrs = dict(headers or {})
         auth = self._auth_header(scope, refresh=refresh)
         origin = urlsplit(url).netloc
@@ -275,7 +283,7 @@ class RegistryClient:
                 send["Authorization"] = auth
             try:
                 r = self.session.request(method, url, headers=send, stream=stream, allow_redirects=False,
-                                         timeout=self.options.timeout, verify=self.session.verify)
+                                         timeout=self.options.timeout, verify=self.session.verify, data=data)
             except requests.exceptions.SSLError as e:
                 raise RegistryError(f"TLS error talking to {urlsplit(url).netloc}: {_short_exc(e)}",
                                     registry=self.registry,
@@ -290,6 +298,7 @@ class RegistryClient:
                     raise RegistryError(f"refusing redirect to {nxt!r}", registry=self.registry)
                 if r.status_code == 303:
                     method = "GET"
+                    data = None
                 url = nxt
                 continue
             return r
@@ -439,6 +448,100 @@ class RegistryClient:
             raise DigestMismatch(f"blob digest is {got}, expected {desc.digest}", where=self.registry)
         return data
 
+
+    # -- push (distribution spec: blob uploads, cross-repository mounts, manifests) -------
+    @staticmethod
+    def push_scope(repository: str) -> str:
+        return f"repository:{repository}:push,pull"
+
+    def _location(self, r: requests.Response, what: str) -> str:
+        loc = r.headers.get("Location")
+        if not loc:
+            raise RegistryError(f"{what}: the registry sent no upload Location (HTTP {r.status_code})",
+                                registry=self.registry)
+        nxt = urljoin(r.url or self.base + "/", loc)
+        if urlsplit(nxt).scheme not in ("http", "https"):
+            raise RegistryError(f"{what}: refusing upload location {loc!r}", registry=self.registry)
+        return nxt
+
+    def blob_exists(self, repository: str, digest: Digest, *, size: int | None = None) -> bool:
+        """``HEAD /v2/<name>/blobs/<digest>``: True when the repository has the blob (of *size*, when given)."""
+        what = f"blob {digest.short}"
+        r = self.request("HEAD", f"/v2/{repository}/blobs/{digest}", scope=self.push_scope(repository),
+                         ok=(200, 404), what=what)
+        r.close()
+        if r.status_code == 404:
+            return False
+        length = r.headers.get("Content-Length")
+        if size is not None and length and length.isdigit() and int(length) != size:
+            raise SizeMismatch(f"{what}: the registry has {length} bytes, expected {size}", where=self.registry)
+        return True
+
+    def mount_blob(self, repository: str, digest: Digest, from_repository: str) -> str | None:
+        """Cross-repository mount (``POST /v2/<name>/blobs/uploads/?mount=<digest>&from=<repo>``).
+
+        Returns None when the registry mounted the blob (201); otherwise the
+        URL of the upload session it opened instead (202), to upload into."""
+        what = f"blob {digest.short} (mount from {from_repository})"
+        query = urlencode({"mount": str(digest), "from": from_repository})
+        r = self.request("POST", f"/v2/{repository}/blobs/uploads/?{query}",
+                         scope=f"{self.push_scope(repository)} {self.pull_scope(from_repository)}",
+                         ok=(201, 202), what=what)
+        r.close()
+        if r.status_code == 201:
+            return None
+        return self._location(r, what)
+
+    def start_upload(self, repository: str) -> str:
+        """Open an upload session (``POST /v2/<name>/blobs/uploads/``); returns its URL."""
+        what = f"upload to {repository}"
+        r = self.request("POST", f"/v2/{repository}/blobs/uploads/", scope=self.push_scope(repository),
+                         ok=(202,), what=what)
+        r.close()
+        return self._location(r, what)
+
+    def upload_chunk(self, repository: str, location: str, data: bytes, offset: int) -> str:
+        """``PATCH`` one chunk at *offset* (``Content-Range: start-end``); returns the session's next URL.
+
+        Not retried here: after a failure the whole blob upload starts over."""
+        end = offset + len(data) - 1
+        what = f"upload to {repository} (bytes {offset}-{end})"
+        r = self.request("PATCH", location, scope=self.push_scope(repository), data=data, retries=0,
+                         headers={"Content-Type": "application/octet-stream", "Content-Range": f"{offset}-{end}"},
+                         ok=(202, 204), what=what)
+        r.close()
+        got = r.headers.get("Range")
+        if got:
+            first, _, last = got.removeprefix("bytes=").partition("-")
+            if not (first.strip() == "0" and last.strip().isdigit() and int(last) == end):
+                raise RegistryError(f"{what}: the registry has range {got!r}, expected 0-{end}",
+                                    registry=self.registry)
+        return self._location(r, what) if r.headers.get("Location") else location
+
+    def finish_upload(self, repository: str, location: str, digest: Digest, data: bytes = b"") -> None:
+        """Close an upload session with its last bytes (``PUT <location>?digest=``); the registry verifies the digest."""
+        sep = "&" if urlsplit(location).query else "?"
+        what = f"blob {digest.short}"
+        r = self.request("PUT", f"{location}{sep}{urlencode({'digest': str(digest)})}",
+                         scope=self.push_scope(repository), data=data, retries=0,
+                         headers={"Content-Type": "application/octet-stream"}, ok=(201, 204), what=what)
+        r.close()
+        got = r.headers.get("Docker-Content-Digest")
+        if got and got.strip() != str(digest):
+            raise RegistryError(f"{what}: the registry stored it as {got.strip()}", registry=self.registry)
+
+    def put_manifest(self, repository: str, reference: str, raw: bytes, media_type: str) -> Digest:
+        """``PUT /v2/<name>/manifests/<tag|digest>`` with the exact bytes; returns their digest."""
+        digest = Digest.of(raw)
+        what = f"manifest {repository}:{reference}"
+        r = self.request("PUT", f"/v2/{repository}/manifests/{reference}", scope=self.push_scope(repository),
+                         data=raw, headers={"Content-Type": media_type}, ok=(200, 201, 204), what=what)
+        r.close()
+        got = r.headers.get("Docker-Content-Digest")
+        if got and got.strip() != str(digest):
+            raise ManifestError(f"{what}: the registry stored it as {got.strip()}, expected {digest}",
+                                where=self.registry)
+        return digest
 
 def _short_exc(e: BaseException) -> str:
     """A one-line, human description of a requests/urllib3 exception."""
