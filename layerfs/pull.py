@@ -11,19 +11,19 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import requests
 import urllib3
 
 from .errors import (ContentError, DigestMismatch, ForeignLayerError, ManifestError, PlatformNotFound, RegistryError,
                      RegistryUnreachable, SizeMismatch, TarError)
-from .oci import (FOREIGN_LAYER_TYPES, Descriptor, Digest, ImageConfig, Index, Manifest,
+from .oci import (FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Index, Manifest,
                   Platform, docker_to_oci, iter_layer_compression)
 from .reference import Reference
 from .registry import RegistryClient, RegistryOptions, _short_exc
-from .layerindex import LayerIndexer, index_path
-from .store import Store
+from .layerindex import LayerIndex, LayerIndexer, index_path
+from .store import Ingest, Store, _os_error
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,136 @@ def layer_facts_from_blob(store: Store, desc: Descriptor) -> dict:
     info = {"diff_id": str(idx.diff_id), "size": idx.size, "media_type": desc.media_type}
     store.set_layer_info(desc.digest, info)
     return info
+
+
+class LayerWriter:
+    """The one streaming pass of a layer blob into the store, shared by pull and local imports.
+
+    Each chunk is written to the blob's partial file in ``ingest/``, hashed
+    (the blob digest) and fed to a :class:`LayerIndexer` (diff_id, size, TOC
+    and checkpoints). :meth:`commit` verifies digest and size and publishes
+    the blob (a bad one is discarded, never stored); :meth:`record` saves the
+    layer index and the layer's facts (``layer_info``), checking the diff_id
+    the image config expects. A tar stream that is broken is judged only
+    after the digest: a blob that does not match is a transfer problem, one
+    that matches but is not a valid layer is the source's own fault.
+    """
+
+    def __init__(self, store: Store, desc: Descriptor, ing: Ingest, *, compression: str | None = None,
+                 where: str | None = None):
+        self.store = store
+        self.desc = desc
+        self.ing = ing
+        self.compression = compression if compression is not None else LAYER_COMPRESSION.get(desc.media_type)
+        self.where = where or f"layer {desc.digest.short}"
+        self.offset = 0
+        self.content_error: TarError | ContentError | None = None
+        self._file = None
+        self.hasher = None
+        self.indexer: LayerIndexer | None = None
+
+    def start(self, offset: int = 0) -> None:
+        """(Re)start at *offset*: bytes already in the partial file are hashed and indexed first (resume)."""
+        if self.indexer is not None:
+            self.indexer.close()
+        self.content_error = None
+        self.hasher = self.desc.digest.hasher()
+        self.indexer = LayerIndexer(self.compression, where=f"layer {self.desc.digest.short}",
+                                    digest=self.desc.digest)
+        if offset:
+            self.ing.hash_existing(_Tee(self.hasher, self.indexer), offset)
+        if self._file is not None:
+            self._file.close()
+        self._file = self.ing.open(offset)
+        self.offset = offset
+
+    def feed(self, chunk: bytes) -> None:
+        if self.offset + len(chunk) > self.desc.size:
+            raise SizeMismatch(f"blob {self.desc.digest.short} is larger than its declared {self.desc.size} bytes",
+                               where=self.where)
+        self._file.write(chunk)
+        self.hasher.update(chunk)
+        if self.content_error is None:
+            try:
+                self.indexer.feed(chunk)
+            except (TarError, ContentError) as e:   # judged after the digest
+                self.content_error = e
+        self.offset += len(chunk)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def commit(self) -> LayerIndex:
+        """Verify the blob (digest, size, then its content) and move it into ``blobs/``."""
+        got = self.hasher.hexdigest()
+        index = None
+        if got == self.desc.digest.hex:
+            try:
+                if self.content_error is None:
+                    index = self.indexer.finish()
+            except (TarError, ContentError) as e:
+                self.content_error = e
+            if self.content_error is not None:   # the source's blob itself is broken: keep nothing
+                self.ing.discard()
+                raise self.content_error
+        else:
+            self.indexer.close()
+        try:
+            self.ing.commit(got)
+        except OSError as e:
+            self.ing.discard()
+            raise _os_error(e, f"blob {self.desc.digest}") from None
+        except DigestMismatch as e:
+            e.where = self.where
+            raise
+        assert index is not None
+        return index
+
+    def record(self, index: LayerIndex, diff_id: Digest | None = None) -> dict:
+        """Save the layer index and the layer's facts; check the diff_id the image config expects."""
+        index.save(index_path(self.store, self.desc.digest))
+        if diff_id is not None and index.diff_id != diff_id:
+            raise DigestMismatch(f"layer {self.desc.digest.short}: uncompressed content is {index.diff_id}, "
+                                 f"image config says {diff_id}", where=self.where)
+        info = {"diff_id": str(index.diff_id), "size": index.size, "media_type": self.desc.media_type}
+        self.store.set_layer_info(self.desc.digest, info)
+        return info
+
+    def abandon(self) -> None:
+        """Give up: stop the indexer and delete the partial file."""
+        if self.indexer is not None:
+            self.indexer.close()
+        self.ing.discard()
+
+
+def ingest_layer(store: Store, desc: Descriptor, chunks: Iterable[bytes], *, diff_id: Digest | None = None,
+                 where: str | None = None) -> dict | None:
+    """Stream one layer blob from a local source into the store through :class:`LayerWriter`.
+
+    The caller holds the store's ``gc`` lock (shared). Returns the layer's
+    facts, or None when the blob was in the store already (the stream is
+    then left unread). Nothing is resumed and nothing stays behind on
+    failure: the partial file is deleted, a bad blob is never stored.
+    """
+    with store.ingest(desc.digest, desc.size) as ing:
+        if store.has_blob(desc.digest, desc.size):
+            return None
+        w = LayerWriter(store, desc, ing, where=where)
+        try:
+            w.start(0)
+            for chunk in chunks:
+                w.feed(chunk)
+            if w.offset != desc.size:
+                raise SizeMismatch(f"blob {desc.digest.short} has {w.offset} bytes, expected {desc.size}",
+                                   where=w.where)
+            index = w.commit()
+        except OSError as e:
+            w.abandon()
+            raise _os_error(e, f"blob {desc.digest}") from None
+        except BaseException:
+            w.abandon()
+            raise
+        return w.record(index, diff_id)
 
 
 # --- pulling ---------------------------------------------------------------------
@@ -194,94 +324,48 @@ class Puller:
                 self.progress(short, "Already exists")
                 return
             attempts = 0
-            content_error: TarError | None = None
-            hasher = desc.digest.hasher()
-            digester = LayerIndexer(compression, where=f"layer {short}", digest=desc.digest)
+            w = LayerWriter(self.store, desc, ing, compression=compression, where=where)
             offset = ing.offset
             if offset:
                 log.info("resuming %s at %d of %d bytes", short, offset, desc.size)
-                ing.hash_existing(_Tee(hasher, digester), offset)
-            f = ing.open(offset)
+            w.start(offset)
             while True:
                 try:
-                    resp = client.open_blob(repo, desc, start=offset)
-                    if resp.start != offset:  # the registry ignored Range: start over
-                        offset = 0
-                        content_error = None
-                        hasher = desc.digest.hasher()
-                        digester.close()
-                        digester = LayerIndexer(compression, where=f"layer {short}", digest=desc.digest)
-                        f = ing.open(0)
+                    resp = client.open_blob(repo, desc, start=w.offset)
+                    if resp.start != w.offset:  # the registry ignored Range: start over
+                        w.start(0)
                     try:
                         for chunk in resp.chunks():
-                            if offset + len(chunk) > desc.size:
-                                raise SizeMismatch(f"blob {short} is larger than its declared {desc.size} bytes",
-                                                   where=where)
-                            f.write(chunk)
-                            hasher.update(chunk)
-                            if content_error is None:
-                                try:
-                                    digester.feed(chunk)
-                                except (TarError, ContentError) as e:   # judged after the digest
-                                    content_error = e
-                            offset += len(chunk)
-                            self.progress(short, "Downloading", offset, desc.size)
+                            w.feed(chunk)
+                            self.progress(short, "Downloading", w.offset, desc.size)
                     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
                         if isinstance(e, OSError) and not isinstance(e, (ConnectionError, TimeoutError)) \
                                 and getattr(e, "errno", None) is not None:
                             raise  # disk errors are not the network's fault
-                        raise RegistryUnreachable(f"blob {short}: connection lost after {offset} of {desc.size} bytes: "
-                                                  f"{_short_exc(e)}", registry=client.registry) from None
+                        raise RegistryUnreachable(f"blob {short}: connection lost after {w.offset} of {desc.size} "
+                                                  f"bytes: {_short_exc(e)}", registry=client.registry) from None
                     finally:
                         resp.close()
-                    if offset < desc.size:
-                        raise RegistryUnreachable(f"blob {short}: response ended after {offset} of {desc.size} bytes",
-                                                  registry=client.registry)
+                    if w.offset < desc.size:
+                        raise RegistryUnreachable(f"blob {short}: response ended after {w.offset} of {desc.size} "
+                                                  f"bytes", registry=client.registry)
                     break
                 except RegistryError as e:
                     if not e.temporary or attempts >= client.options.max_retries:
-                        f.flush()
+                        w.flush()
                         raise
                     attempts += 1
                     delay = client._backoff(attempts - 1, e.retry_after)
-                    log.info("%s; retrying from byte %d in %.1fs", e.message, offset, delay)
-                    f.flush()
+                    log.info("%s; retrying from byte %d in %.1fs", e.message, w.offset, delay)
+                    w.flush()
                     threading.Event().wait(delay)
                 except OSError as e:
-                    from .store import _os_error
                     ing.discard()
                     raise _os_error(e, f"blob {desc.digest}") from None
             self.progress(short, "Verifying Checksum")
-            got = hasher.hexdigest()
-            index = None
-            if got == desc.digest.hex:
-                try:
-                    if content_error is None:
-                        index = digester.finish()
-                except (TarError, ContentError) as e:
-                    content_error = e
-                if content_error is not None:   # the registry's blob itself is broken: keep nothing
-                    ing.discard()
-                    raise content_error
-            else:
-                digester.close()
-            try:
-                ing.commit(got)
-            except OSError as e:
-                from .store import _os_error
-                ing.discard()
-                raise _os_error(e, f"blob {desc.digest}") from None
-            except DigestMismatch as e:
-                e.where = where
-                raise
+            index = w.commit()
             self.progress(short, "Download complete")
-            got_diff, size = index.diff_id, index.size
-            index.save(index_path(self.store, desc.digest))
-            if diff_id is not None and got_diff != diff_id:
-                raise DigestMismatch(f"layer {short}: uncompressed content is {got_diff}, image config says {diff_id}",
-                                     where=where)
-            self.store.set_layer_info(desc.digest, {"diff_id": str(got_diff), "size": size,
-                                                    "media_type": desc.media_type})
+            w.record(index, diff_id)
             self.progress(short, "Pull complete")
 
 
