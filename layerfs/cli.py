@@ -73,7 +73,10 @@ def cmd_pull(ctx: Context) -> int:
     from .display import PullProgress
     from .pull import PullOptions, Puller
     from .reference import Reference
+    from .sources import is_source
     a = ctx.args
+    if is_source(a.ref):   # oci:DIR[:REF], oci-archive:FILE[:REF], docker-archive:FILE[:TAG]: imported, no registry
+        return _pull_source(ctx)
     ref = Reference.parse(a.ref)
     platform = Platform.parse(a.platform) if a.platform else None
     if a.max_concurrent_downloads < 1:
@@ -96,6 +99,68 @@ def cmd_pull(ctx: Context) -> int:
             progress.message(f"Status: Image is up to date for {shown}")
     print(str(ref))
     return 0
+
+
+def _pull_source(ctx: Context) -> int:
+    """``pull`` of a local source (skopeo's transports): imported like ``load``, printed like ``pull``."""
+    from .display import PullProgress
+    from .sources import LoadOptions, load
+    a = ctx.args
+    platform = Platform.parse(a.platform) if a.platform else None
+    progress = None if a.quiet else PullProgress(sys.stdout)
+    result = load(ctx.store, a.ref, LoadOptions(platform=platform, single=True), progress)
+    img = result.images[0]
+    if progress:
+        for name in img.familiar_names:
+            progress.message(f"Loaded image: {name}")
+    for name in img.names:
+        print(name)
+    return 0
+
+
+def cmd_load(ctx: Context) -> int:
+    """``docker load``: an archive (docker-archive or OCI, maybe compressed) or an OCI layout into the store."""
+    from .display import PullProgress
+    from .sources import LoadOptions, load
+    a = ctx.args
+    if a.input and a.file:
+        raise UsageError("give the archive once: -i FILE or FILE")
+    opts = LoadOptions(platform=Platform.parse(a.platform) if a.platform else None)
+    progress = PullProgress(sys.stdout) if not a.quiet and sys.stdout.isatty() else None
+    text = a.input or a.file
+    if text:
+        result = load(ctx.store, text, opts, progress)
+    else:
+        result = _load_stdin(ctx, opts, progress)
+    for img in result.images:
+        for name in img.familiar_names:
+            print(f"Loaded image: {name}")
+    return 0
+
+
+def _load_stdin(ctx: Context, opts, progress):
+    """An archive on standard input: read in place when it is a file, else spooled beside the store first."""
+    import dataclasses
+    import os
+    import shutil
+    import stat
+    import tempfile
+    from .sources import load
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("requested load from stdin, but stdin is empty",
+                         hint="use 'layerfs load -i FILE', or redirect the archive: layerfs load < FILE")
+    opts = dataclasses.replace(opts, stem=opts.stem or "stdin")
+    fd = sys.stdin.fileno()
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return load(ctx.store, f"/proc/self/fd/{fd}", opts, progress)
+    ctx.store.init()   # a pipe: layers are read at random, so the archive is kept on disk while loading
+    with tempfile.NamedTemporaryFile(dir=ctx.store.root / "ingest", prefix="load-", suffix=".tar") as tmp:
+        shutil.copyfileobj(sys.stdin.buffer, tmp, 1 << 20)
+        tmp.flush()
+        if not tmp.tell():
+            raise UsageError("requested load from stdin, but stdin is empty",
+                             hint="use 'layerfs load -i FILE', or pipe an archive in: cat FILE | layerfs load")
+        return load(ctx.store, tmp.name, opts, progress)
 
 
 def _image_rows(ctx: Context):
@@ -478,12 +543,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"layerfs {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("pull", help="download an image into the store")
+    s = sub.add_parser("pull", help="download an image into the store (or import oci:DIR[:REF], "
+                                    "oci-archive:FILE[:REF], docker-archive:FILE[:TAG])")
     s.add_argument("ref", metavar="REF")
     s.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform image")
     s.add_argument("-q", "--quiet", action="store_true", help="print only the image reference")
     s.add_argument("--max-concurrent-downloads", type=int, default=3, metavar="N")
     s.set_defaults(func=cmd_pull)
+
+    s = sub.add_parser("load", help="load images from a docker save archive or an OCI archive/layout")
+    s.add_argument("file", nargs="?", metavar="FILE", help="the archive (or OCI layout directory), with or without "
+                                                           "a transport: oci:, oci-archive:, docker-archive:")
+    s.add_argument("-i", "--input", metavar="FILE", help="read from FILE instead of standard input")
+    s.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform OCI image")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    s.set_defaults(func=cmd_load)
 
     def images_args(s):
         s.add_argument("filter_ref", nargs="?", metavar="REPOSITORY[:TAG]")

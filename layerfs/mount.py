@@ -303,8 +303,14 @@ def _default_pull(store: Store, options: MountOptions) -> Callable[["Reference"]
 
 def resolve_image(store: Store, ref_text: str, options: MountOptions,
                   pull: Callable[["Reference"], Any] | None = None) -> tuple[str, Manifest]:
-    """(name to show, manifest) of a local image, pulling it first when absent (or of another platform)."""
+    """(name to show, manifest) of a local image, pulling it first when absent (or of another platform).
+
+    A local source (``oci:DIR[:REF]``, ``oci-archive:FILE[:REF]``,
+    ``docker-archive:FILE[:TAG]``) is imported first, then its tagged name is used."""
     from .reference import Reference
+    from .sources import LoadOptions, is_source, load
+    if is_source(ref_text):
+        ref_text = load(store, ref_text, LoadOptions(platform=options.platform, single=True)).images[0].names[0]
     try:
         rec, manifest = store.resolve(ref_text)
         if options.platform is not None:
