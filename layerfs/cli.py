@@ -531,6 +531,129 @@ def cmd_version(ctx: Context) -> int:
     return 0
 
 
+# --- changes: diff, commit, export, push ------------------------------------------------
+
+def cmd_diff(ctx: Context) -> int:
+    from .changes import diff, resolve_target
+    a = ctx.args
+    target = resolve_target(ctx.store, a.target, image=a.image)
+    for change in diff(target.lower_tree(ctx.store), target.scan()):
+        print(change)
+    return 0
+
+
+def cmd_commit(ctx: Context) -> int:
+    from .changes import CommitOptions, commit, parse_new_reference, resolve_target
+    a = ctx.args
+    ref = parse_new_reference(a.newref)       # a bad NEWREF fails before anything is read
+    target = resolve_target(ctx.store, a.target, image=a.image)
+    result = commit(ctx.store, target, ref, CommitOptions(message=a.message or "", author=a.author or "",
+                                                         changes=tuple(a.change or ())))
+    print(result.image_id)
+    return 0
+
+
+def cmd_export(ctx: Context) -> int:
+    from .changes import export_source, export_tree, output_file
+    a = ctx.args
+    out = a.output or "-"
+    if out == "-" and sys.stdout.isatty():
+        raise UsageError("cowardly refusing to write a tar to a terminal", hint="use -o FILE or redirect stdout")
+    tree = export_source(ctx.store, a.target, upper=a.upper)
+    if out == "-":
+        sys.stdout.flush()
+        export_tree(tree, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    else:
+        with output_file(out) as f:
+            export_tree(tree, f)
+    return 0
+
+
+class _PushProgress:
+    """Docker's push screen: per-layer lines; ``Pushing`` bars only on a terminal."""
+
+    def __init__(self, out):
+        from .display import PullProgress
+        self.lines = PullProgress(out)
+
+    def message(self, text: str) -> None:
+        self.lines.message(text)
+
+    def __call__(self, layer: str, status: str, current: int | None = None, total: int | None = None) -> None:
+        from .display import _bar, human_size
+        if status == "Pushing":
+            if not self.lines.tty or not total:
+                return
+            status = f"Pushing {_bar(current or 0, total)} {human_size(current or 0)}/{human_size(total)}"
+        elif status == "Waiting" and not self.lines.tty:
+            return
+        self.lines(layer, status)
+
+
+def cmd_push(ctx: Context) -> int:
+    from .push import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_THRESHOLD, PushOptions, Pusher, push_target
+    a = ctx.args
+    _, _, ref = push_target(ctx.store, a.ref, a.newref)    # errors before any output
+    opts = PushOptions(registry=ctx.registry_options(),
+                       chunk_threshold=DEFAULT_CHUNK_THRESHOLD if a.chunk_threshold is None else a.chunk_threshold,
+                       chunk_size=DEFAULT_CHUNK_SIZE if a.chunk_size is None else a.chunk_size,
+                       max_concurrent_uploads=a.max_concurrent_uploads)
+    progress = None if a.quiet else _PushProgress(sys.stdout)
+    if progress:
+        progress.message(f"The push refers to repository [{ref.name}]")
+    result = Pusher(ctx.store, opts, progress).push(a.ref, a.newref)
+    if progress:
+        progress.message(f"{ref.tag or ref.identifier}: digest: {result.digest} size: {result.size}")
+    else:
+        print(str(result.reference))
+    return 0
+
+
+def _size_arg(text: str) -> int:
+    """A byte count: 1048576, 64k, 16M, 1G (powers of 1024)."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in ("k", "m", "g") else t
+    if not num.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 1048576, 512k, 16M)")
+    return int(num) * mult
+
+
+def _add_change_commands(sub) -> None:
+    s = sub.add_parser("diff", help="list what a mount changed (A added, C changed, D deleted)")
+    s.add_argument("target", metavar="MOUNTPOINT|UPPER", help="a layerfs mount, or an upper directory with --image")
+    s.add_argument("--image", metavar="REF", help="the image an upper directory (not a mount) sits on")
+    s.set_defaults(func=cmd_diff)
+
+    s = sub.add_parser("commit", help="make a new image from a mount's changes (one layer more)")
+    s.add_argument("target", metavar="MOUNTPOINT|UPPER", help="a layerfs mount, or an upper directory with --image")
+    s.add_argument("newref", metavar="NEWREF", help="name of the new image, NAME[:TAG]")
+    s.add_argument("-m", "--message", help="commit message (the history comment)")
+    s.add_argument("-a", "--author", help="author, e.g. 'Jane Doe <jane@example.com>'")
+    s.add_argument("-c", "--change", action="append", metavar="INSTRUCTION",
+                   help="apply a Dockerfile instruction to the config: CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, "
+                        "ONBUILD, STOPSIGNAL, USER, VOLUME, WORKDIR (repeatable)")
+    s.add_argument("--image", metavar="REF", help="the image an upper directory (not a mount) sits on")
+    s.set_defaults(func=cmd_commit)
+
+    s = sub.add_parser("push", help="upload an image to a registry")
+    s.add_argument("ref", metavar="REF", help="a local image")
+    s.add_argument("newref", nargs="?", metavar="NEWREF", help="push under this name instead (NAME[:TAG])")
+    s.add_argument("-q", "--quiet", action="store_true", help="print only the pushed reference")
+    s.add_argument("--max-concurrent-uploads", type=int, default=3, metavar="N")
+    s.add_argument("--chunk-threshold", type=_size_arg, default=None, metavar="SIZE",
+                   help="upload blobs larger than this in chunks (default 64M)")
+    s.add_argument("--chunk-size", type=_size_arg, default=None, metavar="SIZE", help="chunk size (default 16M)")
+    s.set_defaults(func=cmd_push)
+
+    s = sub.add_parser("export", help="write the merged tree of an image or a mount as one tar")
+    s.add_argument("target", metavar="REF|MOUNTPOINT")
+    s.add_argument("-o", "--output", metavar="FILE", help="write to FILE ('-' or absent: standard output)")
+    s.add_argument("--upper", metavar="DIR", help="an upper directory to apply over the image REF")
+    s.set_defaults(func=cmd_export)
+
+
 # --- parser --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -636,6 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="only mount points")
     s.add_argument("--format", choices=["table", "json"], default=None)
     s.set_defaults(func=cmd_mounts)
+
+    _add_change_commands(sub)
 
     s = sub.add_parser("version", help="print the version")
     s.set_defaults(func=cmd_version)
