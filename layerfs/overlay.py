@@ -1,0 +1,1301 @@
+"""The writable overlay: a read-only :class:`~layerfs.tree.MergedTree` plus an upper directory.
+
+A plain Python object (no FUSE import): the FUSE adapter
+(:mod:`layerfs.fuse_overlay`) maps requests onto it, tests drive it
+directly. Its API is inode based like FUSE's low-level protocol::
+
+    ovl = Overlay(tree, "/var/lib/layerfs/uppers/ab12/upper")
+    a = ovl.lookup(ROOT_INO, "etc")                   # Attr (st_* fields), raises OSError(ENOENT)
+    fh, attr = ovl.create(a.ino, "new", 0o644, os.O_WRONLY, uid=0, gid=0)
+    ovl.write(fh, 0, b"hi\\n"); ovl.release(fh)
+    ovl.unlink(a.ino, "motd")                         # writes the whiteout upper/etc/.wh.motd
+    ovl.close()
+
+Every failure is an :class:`OSError` with the errno the kernel's overlayfs
+gives for the same call (checked against it by tests/test_overlay_kernel_diff.py).
+
+Upper directory format (shared with ``layerfs diff``/``commit``; do not change)
+-----------------------------------------------------------------------------
+* a real directory tree mirroring paths: new and changed entries live there
+  as ordinary files, directories, symlinks, fifos, sockets (devices too where
+  the process may create them);
+* a deleted lower entry NAME is an empty regular file ``.wh.NAME`` in its
+  parent (the OCI whiteout form: ``commit`` tars the upper as is, no root
+  needed to write or read it);
+* a lower directory removed and re-created (or a directory moved onto a place
+  where a lower entry of the same name exists) is opaque: it holds the empty
+  file ``.wh..wh..opq``;
+* as in an OCI layer, ``.wh.NAME`` hides NAME of the *lower* layers only: an
+  upper ``NAME`` beside ``.wh.NAME`` is shown (and, if a directory, is not
+  merged with the lower one). The overlay uses this for crash safety: it may
+  write the whiteout before it removes the entry;
+* ownership and permission bits the process cannot give a file on the host
+  (rootless mounts: chown to another uid, or a mode that would lock the
+  daemon out) are kept in the xattr ``user.layerfs.override_stat`` =
+  ``"UID:GID:MODE"`` (MODE octal incl. setuid/setgid/sticky, e.g.
+  ``"0:0:4755"``) and shown through the mount instead of the real values;
+* a file type the process cannot create (character/block devices without
+  CAP_MKNOD) is an empty regular file with
+  ``user.layerfs.override_stat`` = ``"UID:GID:MODE:TYPE:MAJOR:MINOR"``, TYPE
+  one of ``c`` ``b`` (``p`` ``s`` are accepted when read);
+* names beginning with ``.wh.`` cannot be created through the mount
+  (EINVAL), and the upper's whiteout files never show through it;
+* the work directory ``<upper parent>/.<upper name>.work`` (same file system:
+  renames out of it are atomic) holds copy-ups in progress and entries being
+  deleted; a mount takes an exclusive lock on it (one mount per upper) and
+  removes its leftovers.
+
+Semantics (kernel overlayfs as on this machine: index=off, redirect_dir=off, metacopy=off)
+-----------------------------------------------------------------------------------------
+* copy-up before the first change of a lower entry (open for writing or with
+  O_TRUNC, setattr, set/remove xattr, link, rename; parents when an entry is
+  created or removed in them): data, mode, owner, times and xattrs are written
+  to a temporary in the work dir, fsync'ed and renamed into place, so a crash
+  never shows a half-copied file; the parent directory keeps its times;
+* hard links of the lower layers break on copy-up (index=off): every name of a
+  lower hard-linked file is its own inode for the kernel (same ``st_ino`` and
+  ``st_nlink`` as the lower file while lower), and the name that is copied up
+  becomes a new file; links made through the mount are real hard links;
+* renaming a directory that exists in a lower layer fails with EXDEV (no
+  redirect_dir), as does RENAME_EXCHANGE with one; directories created through
+  the mount move freely (made opaque when moved over a lower name);
+* a merged directory (upper and lower) has ``st_nlink`` 1 like overlayfs; a
+  lower-only directory keeps the union's count;
+* RENAME_NOREPLACE and RENAME_EXCHANGE are supported, RENAME_WHITEOUT is EINVAL;
+* changing attributes of an open, unlinked lower file fails with EEXIST (the
+  kernel cannot copy it up either);
+* xattrs ``user.layerfs.*`` are reserved (EPERM to set, never listed).
+
+Thread safety: every method may be called from any thread; namespace and
+metadata changes are serialised by one lock, data reads/writes on open
+handles run in parallel.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import functools
+import logging
+import os
+import shutil
+import stat
+import threading
+from typing import Callable, Iterator
+
+from .tree import ROOT_INO, MergedTree, Node
+
+log = logging.getLogger(__name__)
+
+WH_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OVERRIDE_XATTR = "user.layerfs.override_stat"
+RESERVED_XATTR_PREFIX = "user.layerfs."
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+COPY_CHUNK = 1 << 20
+_TYPE_CHARS = {"c": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO, "s": stat.S_IFSOCK}
+_CHAR_OF_TYPE = {v: k for k, v in _TYPE_CHARS.items()}
+
+
+def work_dir_for(upper: str | os.PathLike[str]) -> str:
+    """The work directory of *upper*: ``<upper parent>/.<upper name>.work``."""
+    upper = os.path.abspath(os.fspath(upper))
+    parent, name = os.path.split(upper.rstrip("/"))
+    return os.path.join(parent, f".{name}.work")
+
+
+class UpperInUse(OSError):
+    """Another mount holds the upper directory (its work dir lock)."""
+
+
+def _err(code: int, what: str = "") -> OSError:
+    return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
+
+
+class Attr:
+    """What ``stat`` shows for one inode (``ino`` is the FUSE inode, ``st_ino`` the number shown)."""
+
+    __slots__ = ("ino", "st_ino", "mode", "nlink", "uid", "gid", "rdev", "size", "blocks",
+                 "atime_ns", "mtime_ns", "ctime_ns")
+
+    def __init__(self, ino: int, st_ino: int, mode: int, nlink: int, uid: int, gid: int, rdev: int, size: int,
+                 blocks: int, atime_ns: int, mtime_ns: int, ctime_ns: int):
+        self.ino = ino
+        self.st_ino = st_ino
+        self.mode = mode
+        self.nlink = nlink
+        self.uid = uid
+        self.gid = gid
+        self.rdev = rdev
+        self.size = size
+        self.blocks = blocks
+        self.atime_ns = atime_ns
+        self.mtime_ns = mtime_ns
+        self.ctime_ns = ctime_ns
+
+    def __repr__(self) -> str:
+        return (f"Attr(ino={self.ino}, st_ino={self.st_ino}, mode={oct(self.mode)}, nlink={self.nlink}, "
+                f"uid={self.uid}, gid={self.gid}, size={self.size})")
+
+
+class Override:
+    """A parsed ``user.layerfs.override_stat`` value."""
+
+    __slots__ = ("uid", "gid", "mode", "ftype", "rdev")
+
+    def __init__(self, uid: int, gid: int, mode: int, ftype: int | None = None, rdev: int = 0):
+        self.uid, self.gid, self.mode, self.ftype, self.rdev = uid, gid, mode, ftype, rdev
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "Override | None":
+        try:
+            parts = raw.decode("ascii").strip().split(":")
+            uid, gid, mode = int(parts[0]), int(parts[1]), int(parts[2], 8) & 0o7777
+            if len(parts) == 3:
+                return cls(uid, gid, mode)
+            if len(parts) == 6 and parts[3] in _TYPE_CHARS:
+                return cls(uid, gid, mode, _TYPE_CHARS[parts[3]], os.makedev(int(parts[4]), int(parts[5])))
+        except (ValueError, IndexError, UnicodeDecodeError):
+            pass
+        log.warning("ignoring malformed %s value %r", OVERRIDE_XATTR, raw)
+        return None
+
+    def encode(self) -> bytes:
+        text = f"{self.uid}:{self.gid}:{self.mode:04o}"
+        if self.ftype is not None:
+            text += f":{_CHAR_OF_TYPE[self.ftype]}:{os.major(self.rdev)}:{os.minor(self.rdev)}"
+        return text.encode()
+
+
+_UNKNOWN = object()    # override not read yet
+
+
+class Dir:
+    """A directory of the merged view."""
+
+    __slots__ = ("ino", "parent", "name", "lower", "upper", "entries", "whiteouts", "opaque", "override", "dead")
+    is_dir = True
+
+    def __init__(self, ino: int, parent: int, name: str, lower: Node | None, upper: bool):
+        self.ino = ino
+        self.parent = parent          # parent Dir's ino (the root is its own parent)
+        self.name = name
+        self.lower = lower            # lower directory merged in (None: pure upper or opaque)
+        self.upper = upper            # the upper directory exists
+        self.entries: dict[str, int] | None = None   # merged listing, loaded on first use
+        self.whiteouts: set[str] = set()              # names with a .wh. file in the upper dir
+        self.opaque = False           # the upper dir holds the opaque marker
+        self.override = _UNKNOWN
+        self.dead = False
+
+
+class File:
+    """A non-directory of the merged view that is no longer a plain lower file."""
+
+    __slots__ = ("ino", "lower", "upper", "links", "anon_fd", "override", "nopen", "dead")
+    is_dir = False
+
+    def __init__(self, ino: int, lower: Node | None, upper: bool):
+        self.ino = ino
+        self.lower = lower            # the lower file (data and attributes while not copied up)
+        self.upper = upper            # an upper file exists (at links, or anon_fd when unlinked)
+        self.links: dict[tuple[int, str], None] = {}   # (dir ino, name) of each name (ordered set)
+        self.anon_fd: int | None = None   # O_PATH fd of an upper file whose last name was removed while open
+        self.override = _UNKNOWN
+        self.nopen = 0
+        self.dead = False
+
+
+class Handle:
+    """An open file: the upper fd, or None while reading a lower file."""
+
+    __slots__ = ("ino", "fd", "writable", "lower_ino")
+
+    def __init__(self, ino: int, fd: int | None, writable: bool, lower_ino: int):
+        self.ino = ino
+        self.fd = fd
+        self.writable = writable
+        self.lower_ino = lower_ino
+
+
+def _locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kw):
+        with self._lock:
+            return method(self, *args, **kw)
+    return wrapper
+
+
+_libc = None
+
+
+def _renameat2(old: str, new: str, flags: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), ctypes.c_uint(flags)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), old, None, new)
+
+
+class Overlay:
+    """The merged view of *tree* (read-only lower layers) and the directory *upper*.
+
+    *read_only*: serve the upper's changes without allowing new ones (EROFS).
+    *on_attr_changed(ino)* is called (with the overlay's lock held, from the
+    thread of the request) when attributes of an inode changed without the
+    caller asking for it (a directory became merged and shows nlink 1, a
+    hard-linked lower file was copied up and shows its own inode number), so
+    the FUSE adapter can drop the kernel's cached attributes.
+    """
+
+    def __init__(self, tree: MergedTree, upper: str | os.PathLike[str], *, read_only: bool = False,
+                 on_attr_changed: Callable[[int], None] | None = None):
+        self.tree = tree
+        self.nodes = tree.nodes
+        self.read_only = read_only
+        self.upper_root = os.path.abspath(os.fspath(upper))
+        self.work = work_dir_for(self.upper_root)
+        self.on_attr_changed = on_attr_changed
+        self.euid = os.geteuid()
+        self._lock = threading.RLock()
+        self._next_ino = len(tree.nodes)
+        self._next_fh = 1
+        self.inodes: dict[int, Dir | File] = {}
+        self.handles: dict[int, Handle] = {}
+        self._upper_inos: dict[tuple[int, int], int] = {}   # host (dev, ino) → our ino, for upper hard links
+        self._tmp_seq = 0
+        self._lock_fd: int | None = None
+        self._open_upper()
+        root = Dir(ROOT_INO, ROOT_INO, "", tree.nodes[ROOT_INO], True)
+        self.inodes[ROOT_INO] = root
+
+    # -- setup ------------------------------------------------------------------------------
+    def _open_upper(self) -> None:
+        fresh = False
+        if not os.path.isdir(self.upper_root):
+            if self.read_only:
+                raise _err(errno.ENOENT, f"upper directory {self.upper_root}")
+            os.makedirs(self.upper_root, exist_ok=True)
+            fresh = True
+        elif not self.read_only:
+            with os.scandir(self.upper_root) as it:
+                fresh = next(it, None) is None
+        if self.read_only:
+            return
+        os.makedirs(self.work, mode=0o700, exist_ok=True)
+        fd = os.open(self.work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UpperInUse(errno.EBUSY, f"the upper directory {self.upper_root} is in use by another mount")
+        self._lock_fd = fd
+        if os.stat(self.work).st_dev != os.stat(self.upper_root).st_dev:
+            raise _err(errno.EXDEV, f"work directory {self.work} is on another file system than {self.upper_root}")
+        self._clean_work()
+        if fresh:   # the mount's root shows the image root's mode, owner and times
+            root = self.nodes[ROOT_INO]
+            self._apply_stat(self.upper_root, stat.S_IFDIR, root.uid, root.gid, stat.S_IMODE(root.mode))
+            os.utime(self.upper_root, ns=(root.mtime_ns, root.mtime_ns))
+
+    def _clean_work(self) -> None:
+        with os.scandir(self.work) as it:
+            for e in it:
+                p = os.path.join(self.work, e.name)
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(p)
+
+    def close(self) -> None:
+        with self._lock:
+            for h in self.handles.values():
+                if h.fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(h.fd)
+            self.handles.clear()
+            for i in self.inodes.values():
+                if isinstance(i, File) and i.anon_fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(i.anon_fd)
+                    i.anon_fd = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    # -- inode table ----------------------------------------------------------------------------
+    def _new_ino(self) -> int:
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
+    def _get(self, ino: int) -> Dir | File | Node:
+        """The Dir/File of *ino*, or the lower Node of a plain (untouched, single-name) lower file."""
+        i = self.inodes.get(ino)
+        if i is not None:
+            return i
+        if 0 < ino < len(self.nodes) and not ino == ROOT_INO:
+            node = self.nodes[ino]
+            if node is not None and not node.is_dir:
+                return node
+        raise _err(errno.ENOENT)
+
+    def _dir(self, ino: int) -> Dir:
+        i = self.inodes.get(ino)
+        if isinstance(i, Dir):
+            return i
+        self._get(ino)
+        raise _err(errno.ENOTDIR)
+
+    def _file(self, ino: int) -> File:
+        """The File object of *ino* (a plain lower file gets one, with its name)."""
+        i = self._get(ino)
+        if isinstance(i, File):
+            return i
+        if isinstance(i, Dir):
+            raise _err(errno.EISDIR)
+        node = i
+        f = File(ino, node, False)
+        parent = self.inodes.get(node.parent)
+        if isinstance(parent, Dir) and not parent.dead:
+            for name, child in self._entries(parent).items():
+                if child == ino:
+                    f.links[(parent.ino, name)] = None
+                    break
+        self.inodes[ino] = f
+        return f
+
+    # -- paths ----------------------------------------------------------------------------------
+    def _dpath(self, d: Dir) -> str:
+        parts = []
+        while d.ino != ROOT_INO:
+            parts.append(d.name)
+            d = self.inodes[d.parent]  # type: ignore[assignment]
+        return os.path.join(self.upper_root, *reversed(parts)) if parts else self.upper_root
+
+    def _fpath(self, f: File) -> str:
+        """A path of *f*'s upper file (any of its names, or through /proc for an unlinked one)."""
+        for (dino, name) in f.links:
+            return os.path.join(self._dpath(self.inodes[dino]), name)  # type: ignore[arg-type]
+        if f.anon_fd is not None:
+            return f"/proc/self/fd/{f.anon_fd}"
+        raise _err(errno.ENOENT)
+
+    def _tmp(self, what: str) -> str:
+        self._tmp_seq += 1
+        return os.path.join(self.work, f"{what}-{os.getpid()}-{self._tmp_seq}")
+
+    # -- merged directory listings ----------------------------------------------------------------
+    def _entries(self, d: Dir) -> dict[str, int]:
+        if d.entries is not None:
+            return d.entries
+        entries: dict[str, int] = {}
+        upper: dict[str, os.DirEntry] = {}
+        if d.upper:
+            try:
+                with os.scandir(self._dpath(d)) as it:
+                    for e in it:
+                        name = e.name
+                        if name.startswith(WH_PREFIX):
+                            if name == OPAQUE_MARKER:
+                                d.opaque = True
+                            else:
+                                d.whiteouts.add(name[len(WH_PREFIX):])
+                            continue
+                        upper[name] = e
+            except FileNotFoundError:
+                log.warning("upper directory of %s vanished", self._dpath(d))
+                d.upper = False
+        if d.opaque:
+            d.lower = None
+        lower = d.lower
+        if lower is not None and lower.children:
+            nodes = self.nodes
+            wh = d.whiteouts
+            for name, lino in lower.children.items():
+                if name in upper or name in wh:
+                    continue
+                node = nodes[lino]
+                if node.is_dir:
+                    self.inodes[lino] = Dir(lino, d.ino, name, node, False)
+                    entries[name] = lino
+                elif node.nlink > 1:
+                    f = File(self._new_ino(), node, False)
+                    f.links[(d.ino, name)] = None
+                    self.inodes[f.ino] = f
+                    entries[name] = f.ino
+                else:
+                    entries[name] = lino
+        for name, e in upper.items():
+            entries[name] = self._upper_child(d, name, e)
+        d.entries = entries
+        return entries
+
+    def _lower_child(self, d: Dir, name: str) -> Node | None:
+        """The lower entry *name* of *d* that a new upper entry would hide (whiteouts aside)."""
+        if d.lower is None or not d.lower.children:
+            return None
+        lino = d.lower.children.get(name)
+        return self.nodes[lino] if lino is not None else None
+
+    def _upper_child(self, d: Dir, name: str, e: os.DirEntry) -> int:
+        try:
+            is_dir = e.is_dir(follow_symlinks=False)
+        except OSError:
+            is_dir = False
+        lower = None if name in d.whiteouts else self._lower_child(d, name)
+        if is_dir:
+            ldir = lower if lower is not None and lower.is_dir else None
+            ino = ldir.ino if ldir is not None else self._new_ino()
+            self.inodes[ino] = Dir(ino, d.ino, name, ldir, True)
+            return ino
+        st = e.stat(follow_symlinks=False)
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in self._upper_inos:
+            ino = self._upper_inos[key]
+            f = self.inodes[ino]
+        else:
+            ino = self._new_ino()
+            f = File(ino, None, True)
+            self.inodes[ino] = f
+            if st.st_nlink > 1:
+                self._upper_inos[key] = ino
+        f.links[(d.ino, name)] = None  # type: ignore[union-attr]
+        return ino
+
+    # -- attributes ----------------------------------------------------------------------------------
+    def _override(self, i: Dir | File, path: str, st: os.stat_result) -> Override | None:
+        if i.override is _UNKNOWN:
+            ov = None
+            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                try:
+                    ov = Override.parse(os.getxattr(path, OVERRIDE_XATTR, follow_symlinks=False))
+                except OSError:
+                    ov = None
+            i.override = ov
+        return i.override  # type: ignore[return-value]
+
+    def _upper_attr(self, i: Dir | File, path: str, st: os.stat_result | None = None, *,
+                    nlink: int | None = None) -> Attr:
+        if st is None:
+            st = os.lstat(path)
+        mode, uid, gid, rdev, size = st.st_mode, st.st_uid, st.st_gid, st.st_rdev, st.st_size
+        ov = self._override(i, path, st)
+        if ov is not None:
+            uid, gid = ov.uid, ov.gid
+            if ov.ftype is not None:
+                mode, rdev, size = ov.ftype | ov.mode, ov.rdev, 0
+            else:
+                mode = stat.S_IFMT(mode) | ov.mode
+        return Attr(i.ino, i.ino, mode, st.st_nlink if nlink is None else nlink, uid, gid, rdev, size,
+                    st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+
+    @staticmethod
+    def _node_attr(ino: int, node: Node) -> Attr:
+        mode = node.mode
+        size = node.size
+        if stat.S_ISLNK(mode) and node.target is not None:
+            size = len(os.fsencode(node.target))
+        if node.sparse is None:
+            blocks = (size + 511) >> 9 if stat.S_ISREG(mode) or stat.S_ISLNK(mode) else 0
+        else:
+            blocks = (sum(e[1] for e in node.sparse) + 511) >> 9
+        t = node.mtime_ns
+        return Attr(ino, node.ino, mode, node.nlink, node.uid, node.gid, node.rdev, size, blocks, t, t, t)
+
+    def _attr(self, ino: int) -> Attr:
+        i = self._get(ino)
+        if isinstance(i, Node):
+            return self._node_attr(ino, i)
+        if isinstance(i, Dir):
+            if i.upper and not i.dead:
+                if i.lower is not None and i.entries is None:
+                    self._entries(i)      # learn whether it is opaque
+                return self._upper_attr(i, self._dpath(i), nlink=1 if i.lower is not None else None)
+            if i.lower is not None:
+                a = self._node_attr(ino, i.lower)
+                if i.dead:
+                    a.nlink = 0
+                return a
+            raise _err(errno.ENOENT)
+        if i.upper:
+            if i.links:
+                return self._upper_attr(i, self._fpath(i))
+            if i.anon_fd is not None:
+                return self._upper_attr(i, self._fpath(i), os.fstat(i.anon_fd))
+            raise _err(errno.ENOENT)
+        return self._node_attr(ino, i.lower)  # type: ignore[arg-type]
+
+    @_locked
+    def getattr(self, ino: int) -> Attr:
+        return self._attr(ino)
+
+    @_locked
+    def lookup(self, parent: int, name: str) -> Attr:
+        d = self._dir(parent)
+        if name == ".":
+            return self._attr(parent)
+        if name == "..":
+            return self._attr(d.parent)
+        ino = self._entries(d).get(name)
+        if ino is None:
+            raise _err(errno.ENOENT)
+        return self._attr(ino)
+
+    @_locked
+    def readdir(self, ino: int) -> list[tuple[str, Attr]]:
+        """Every entry of directory *ino* with its attributes (without ``.`` and ``..``)."""
+        d = self._dir(ino)
+        if d.dead:
+            return []
+        return [(name, self._attr(child)) for name, child in list(self._entries(d).items())]
+
+    @_locked
+    def listdir(self, ino: int) -> list[tuple[str, int]]:
+        d = self._dir(ino)
+        return [] if d.dead else list(self._entries(d).items())
+
+    def parent_of(self, ino: int) -> int:
+        return self._dir(ino).parent
+
+    @_locked
+    def readlink(self, ino: int) -> str:
+        i = self._get(ino)
+        if isinstance(i, Dir):
+            raise _err(errno.EINVAL)
+        if isinstance(i, File) and i.upper:
+            if i.links:
+                return os.readlink(self._fpath(i))
+            raise _err(errno.EINVAL)
+        node = i if isinstance(i, Node) else i.lower
+        if node is None or not stat.S_ISLNK(node.mode) or node.target is None:
+            raise _err(errno.EINVAL)
+        return node.target
+
+    # -- writing helpers -----------------------------------------------------------------------------
+    def _writable(self) -> None:
+        if self.read_only:
+            raise _err(errno.EROFS)
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if name.startswith(WH_PREFIX):
+            raise _err(errno.EINVAL, f"names beginning with {WH_PREFIX} are reserved for whiteouts")
+        if len(os.fsencode(name)) > 255:
+            raise _err(errno.ENAMETOOLONG)
+        if name in (".", "..") or "/" in name or not name:
+            raise _err(errno.EINVAL)
+
+    def _apply_stat(self, path: str, ftype: int, uid: int, gid: int, mode: int, *, rdev: int = 0,
+                    placeholder: bool = False, i: Dir | File | None = None) -> None:
+        """Give the upper entry *path* owner and mode (really, or through the override xattr)."""
+        exact = not placeholder
+        try:
+            if self.euid == 0:
+                os.lchown(path, uid, gid)
+            else:
+                st = os.lstat(path)
+                if (st.st_uid, st.st_gid) != (uid, gid):
+                    os.lchown(path, uid, gid)
+        except PermissionError:
+            exact = False
+        except OSError as e:
+            if e.errno != errno.EINVAL:     # EINVAL: an id not mapped in this user namespace
+                raise
+            exact = False
+        if ftype != stat.S_IFLNK:
+            real = mode
+            if self.euid != 0:     # the daemon must keep reading, writing and listing its files
+                real |= 0o700 if ftype == stat.S_IFDIR else 0o600
+            os.chmod(path, real)
+            if real != mode:
+                exact = False
+        if exact:
+            if i is not None and i.override is not None:
+                with contextlib.suppress(OSError):
+                    os.removexattr(path, OVERRIDE_XATTR, follow_symlinks=False)
+            if i is not None:
+                i.override = None
+            return
+        ov = Override(uid, gid, mode, ftype if placeholder else None, rdev)
+        try:
+            os.setxattr(path, OVERRIDE_XATTR, ov.encode(), follow_symlinks=False)
+        except OSError as e:
+            # user.* xattrs exist only on regular files and directories
+            raise _err(errno.EPERM, f"cannot record owner/mode of {path}: {e.strerror}") from None
+        if i is not None:
+            i.override = ov
+
+    def _copy_xattrs(self, path: str, xattrs: dict[str, bytes] | None, *, symlink: bool = False) -> None:
+        for k, v in (xattrs or {}).items():
+            if k.startswith(RESERVED_XATTR_PREFIX):
+                continue
+            try:
+                os.setxattr(path, k, v, follow_symlinks=False)
+            except OSError as e:
+                if symlink and e.errno in (errno.EPERM, errno.ENOTSUP):
+                    continue
+                log.warning("copy-up of %s: cannot set xattr %s: %s", path, k, e.strerror)
+
+    @contextlib.contextmanager
+    def _keep_times(self, dirpath: str) -> Iterator[None]:
+        st = os.stat(dirpath)
+        yield
+        os.utime(dirpath, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    def _make_special(self, path: str, ftype: int, rdev: int) -> bool:
+        """Create a fifo/socket/device at *path*; False when devices need the placeholder form."""
+        try:
+            os.mknod(path, ftype | 0o600, rdev)
+            return True
+        except PermissionError:
+            if ftype in (stat.S_IFCHR, stat.S_IFBLK):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                os.close(fd)
+                return False
+            raise
+
+    # -- copy-up ---------------------------------------------------------------------------------------
+    def _copy_up_dir(self, d: Dir) -> None:
+        if d.upper:
+            return
+        if d.dead:
+            raise _err(errno.ENOENT)
+        parent = self.inodes[d.parent]
+        assert isinstance(parent, Dir)
+        self._copy_up_dir(parent)
+        node = d.lower
+        assert node is not None
+        ppath = self._dpath(parent)
+        tmp = self._tmp("dir")
+        os.mkdir(tmp, 0o700)
+        try:
+            self._copy_xattrs(tmp, node.xattrs)
+            self._apply_stat(tmp, stat.S_IFDIR, node.uid, node.gid, stat.S_IMODE(node.mode), i=d)
+            os.utime(tmp, ns=(node.mtime_ns, node.mtime_ns))
+            with self._keep_times(ppath):
+                os.rename(tmp, os.path.join(ppath, d.name))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        d.upper = True
+        if d.entries is None:
+            d.entries = None      # loads from both sides when first listed
+        self._changed(d.ino)
+
+    def _changed(self, ino: int) -> None:
+        if self.on_attr_changed is not None:
+            try:
+                self.on_attr_changed(ino)
+            except Exception:  # never fail the operation for a cache hint
+                log.debug("attribute invalidation of %d failed", ino, exc_info=True)
+
+    def _copy_up(self, f: File, *, size: int | None = None) -> None:
+        """Copy *f* up (only its first *size* bytes of data when given: a truncate follows)."""
+        if f.upper:
+            return
+        node = f.lower
+        assert node is not None
+        if not f.links:   # open and unlinked: overlayfs cannot copy it up either
+            raise _err(errno.EEXIST)
+        (dino, name) = next(iter(f.links))
+        parent = self.inodes[dino]
+        assert isinstance(parent, Dir)
+        self._copy_up_dir(parent)
+        ppath = self._dpath(parent)
+        ftype = stat.S_IFMT(node.mode)
+        tmp = self._tmp("copyup")
+        placeholder = False
+        try:
+            if ftype == stat.S_IFREG:
+                self._copy_data(node, tmp, node.size if size is None else min(size, node.size))
+            elif ftype == stat.S_IFLNK:
+                os.symlink(node.target or "", tmp)
+            else:
+                placeholder = not self._make_special(tmp, ftype, node.rdev)
+            self._copy_xattrs(tmp, node.xattrs, symlink=ftype == stat.S_IFLNK)
+            self._apply_stat(tmp, ftype, node.uid, node.gid, stat.S_IMODE(node.mode), rdev=node.rdev,
+                             placeholder=placeholder, i=f)
+            os.utime(tmp, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
+            with self._keep_times(ppath):
+                os.rename(tmp, os.path.join(ppath, name))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        f.upper = True
+        if node.nlink > 1:      # now a file of its own: its own inode number and link count
+            self._changed(f.ino)
+
+    def _copy_data(self, node: Node, tmp: str, size: int) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            if node.sparse is not None:
+                spans = [(o, min(l, size - o)) for o, l, _ in node.sparse if o < size]
+            elif node.inline is None and node.layer < 0:
+                spans = []   # all zeros
+            else:
+                spans = [(0, size)]
+            for start, length in spans:
+                off = start
+                end = start + length
+                while off < end:
+                    n = min(COPY_CHUNK, end - off)
+                    data = self.tree.read(node.ino, off, n)
+                    if not data:
+                        break
+                    if data.count(0) != len(data):     # leave holes where the data is zeros
+                        os.pwrite(fd, data, off)
+                    off += len(data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _ensure_upper(self, ino: int, *, size: int | None = None) -> Dir | File:
+        i = self._get(ino)
+        if isinstance(i, Dir):
+            self._copy_up_dir(i)
+            return i
+        f = self._file(ino)
+        self._copy_up(f, size=size)
+        return f
+
+    def _path_of(self, i: Dir | File) -> str:
+        return self._dpath(i) if isinstance(i, Dir) else self._fpath(i)
+
+    # -- creating entries ----------------------------------------------------------------------------------
+    def _prepare_create(self, parent: int, name: str) -> tuple[Dir, str]:
+        self._writable()
+        d = self._dir(parent)
+        if d.dead:
+            raise _err(errno.ENOENT)
+        self._check_name(name)
+        if name in self._entries(d):
+            raise _err(errno.EEXIST)
+        self._copy_up_dir(d)
+        return d, self._dpath(d)
+
+    def _owner_for(self, d: Dir, uid: int, gid: int, mode: int, is_dir: bool) -> tuple[int, int, int]:
+        da = self._attr(d.ino)
+        if da.mode & stat.S_ISGID:
+            gid = da.gid
+            if is_dir:
+                mode |= stat.S_ISGID
+        return uid, gid, mode
+
+    def _drop_whiteout(self, d: Dir, dpath: str, name: str) -> None:
+        if name in d.whiteouts:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(dpath, WH_PREFIX + name))
+            d.whiteouts.discard(name)
+
+    def _add_file(self, d: Dir, name: str, ino: int | None = None) -> File:
+        ino = self._new_ino() if ino is None else ino
+        f = File(ino, None, True)
+        f.links[(d.ino, name)] = None
+        self.inodes[ino] = f
+        self._entries(d)[name] = ino
+        return f
+
+    @_locked
+    def create(self, parent: int, name: str, mode: int, flags: int, *, uid: int, gid: int) -> tuple[int, Attr]:
+        """Create and open a regular file (O_EXCL implied: the name must not exist). Returns (fh, attr)."""
+        d, dpath = self._prepare_create(parent, name)
+        uid, gid, mode = self._owner_for(d, uid, gid, stat.S_IMODE(mode), False)
+        path = os.path.join(dpath, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            f = self._add_file(d, name)
+            self._apply_stat(path, stat.S_IFREG, uid, gid, mode, i=f)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            self._entries(d).pop(name, None)
+            raise
+        self._drop_whiteout(d, dpath, name)
+        f.nopen += 1
+        fh = self._new_handle(Handle(f.ino, fd, True, 0))
+        return fh, self._attr(f.ino)
+
+    @_locked
+    def mknod(self, parent: int, name: str, mode: int, rdev: int = 0, *, uid: int, gid: int) -> Attr:
+        d, dpath = self._prepare_create(parent, name)
+        ftype = stat.S_IFMT(mode) or stat.S_IFREG
+        uid, gid, perm = self._owner_for(d, uid, gid, stat.S_IMODE(mode), False)
+        path = os.path.join(dpath, name)
+        placeholder = False
+        if ftype == stat.S_IFREG:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        elif ftype in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+            placeholder = not self._make_special(path, ftype, rdev)
+        else:
+            raise _err(errno.EINVAL)
+        try:
+            f = self._add_file(d, name)
+            self._apply_stat(path, ftype, uid, gid, perm, rdev=rdev, placeholder=placeholder, i=f)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            self._entries(d).pop(name, None)
+            raise
+        self._drop_whiteout(d, dpath, name)
+        return self._attr(f.ino)
+
+    @_locked
+    def mkdir(self, parent: int, name: str, mode: int, *, uid: int, gid: int) -> Attr:
+        d, dpath = self._prepare_create(parent, name)
+        uid, gid, mode = self._owner_for(d, uid, gid, stat.S_IMODE(mode), True)
+        path = os.path.join(dpath, name)
+        hides_lower = self._lower_child(d, name) is not None
+        ino = self._new_ino()
+        child = Dir(ino, d.ino, name, None, True)
+        child.entries = {}
+        if hides_lower:
+            # over a whiteout: made complete (opaque) in the work dir, then renamed into place
+            tmp = self._tmp("mkdir")
+            os.mkdir(tmp, 0o700)
+            try:
+                os.close(os.open(os.path.join(tmp, OPAQUE_MARKER), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                self._apply_stat(tmp, stat.S_IFDIR, uid, gid, mode, i=child)
+                os.rename(tmp, path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            child.opaque = True
+        else:
+            os.mkdir(path, 0o700)
+            try:
+                self._apply_stat(path, stat.S_IFDIR, uid, gid, mode, i=child)
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
+        self.inodes[ino] = child
+        self._entries(d)[name] = ino
+        self._drop_whiteout(d, dpath, name)
+        return self._attr(ino)
+
+    @_locked
+    def symlink(self, parent: int, name: str, target: str, *, uid: int, gid: int) -> Attr:
+        d, dpath = self._prepare_create(parent, name)
+        uid, gid, _ = self._owner_for(d, uid, gid, 0o777, False)
+        path = os.path.join(dpath, name)
+        os.symlink(target, path)
+        try:
+            f = self._add_file(d, name)
+            self._apply_stat(path, stat.S_IFLNK, uid, gid, 0o777, i=f)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            self._entries(d).pop(name, None)
+            raise
+        self._drop_whiteout(d, dpath, name)
+        return self._attr(f.ino)
+
+    @_locked
+    def link(self, ino: int, parent: int, name: str) -> Attr:
+        self._writable()
+        i = self._get(ino)
+        if isinstance(i, Dir):
+            raise _err(errno.EPERM)
+        d, dpath = self._prepare_create(parent, name)
+        f = self._file(ino)
+        if not f.links and not f.upper:
+            raise _err(errno.ENOENT)
+        self._copy_up(f)
+        if not f.links:
+            raise _err(errno.ENOENT)
+        src = self._fpath(f)
+        path = os.path.join(dpath, name)
+        os.link(src, path, follow_symlinks=False)
+        st = os.lstat(path)
+        self._upper_inos[(st.st_dev, st.st_ino)] = f.ino
+        f.links[(d.ino, name)] = None
+        self._entries(d)[name] = f.ino
+        self._drop_whiteout(d, dpath, name)
+        return self._attr(f.ino)
+
+    # -- removing entries ----------------------------------------------------------------------------------------
+    def _write_whiteout(self, d: Dir, dpath: str, name: str) -> None:
+        if name in d.whiteouts:
+            return
+        fd = os.open(os.path.join(dpath, WH_PREFIX + name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.close(fd)
+        d.whiteouts.add(name)
+
+    def _needs_whiteout(self, d: Dir, name: str) -> bool:
+        return self._lower_child(d, name) is not None
+
+    def _unlink_upper_file(self, f: File, d: Dir, dpath: str, name: str) -> None:
+        """Remove the upper name (d, name) of *f*; keep an fd when it was its last name and it is open."""
+        path = os.path.join(dpath, name)
+        last = len(f.links) == 1
+        if f.upper:
+            if last and f.nopen > 0 and f.anon_fd is None:
+                f.anon_fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            os.unlink(path)
+        del f.links[(d.ino, name)]
+        if not f.links:
+            if f.nopen == 0:
+                self._forget_file(f)
+
+    def _forget_file(self, f: File) -> None:
+        f.dead = True
+        if f.anon_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(f.anon_fd)
+            f.anon_fd = None
+        # keep plain-lower inode numbers resolvable as "gone": a File without names
+        if f.upper and f.ino >= len(self.nodes):
+            self.inodes.pop(f.ino, None)
+
+    @_locked
+    def unlink(self, parent: int, name: str) -> None:
+        self._writable()
+        d = self._dir(parent)
+        entries = self._entries(d)
+        ino = entries.get(name)
+        if ino is None:
+            raise _err(errno.ENOENT)
+        if isinstance(self.inodes.get(ino), Dir):
+            raise _err(errno.EISDIR)
+        f = self._file(ino)
+        self._copy_up_dir(d)
+        dpath = self._dpath(d)
+        if self._needs_whiteout(d, name):
+            self._write_whiteout(d, dpath, name)
+        if f.upper:
+            self._unlink_upper_file(f, d, dpath, name)
+        else:
+            del f.links[(d.ino, name)]
+        del entries[name]
+
+    def _is_empty(self, d: Dir) -> bool:
+        return not self._entries(d)
+
+    def _discard_upper_dir(self, path: str) -> None:
+        """Move an upper directory (holding only whiteouts) away atomically, then delete it."""
+        trash = self._tmp("rm")
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    @_locked
+    def rmdir(self, parent: int, name: str) -> None:
+        self._writable()
+        d = self._dir(parent)
+        entries = self._entries(d)
+        ino = entries.get(name)
+        if ino is None:
+            raise _err(errno.ENOENT)
+        child = self.inodes.get(ino)
+        if not isinstance(child, Dir):
+            raise _err(errno.ENOTDIR)
+        if not self._is_empty(child):
+            raise _err(errno.ENOTEMPTY)
+        self._copy_up_dir(d)
+        dpath = self._dpath(d)
+        if self._needs_whiteout(d, name):
+            self._write_whiteout(d, dpath, name)
+        if child.upper:
+            self._discard_upper_dir(os.path.join(dpath, name))
+        del entries[name]
+        child.dead = True
+        child.upper = False
+
+    # -- rename ------------------------------------------------------------------------------------------------------
+    def _movable(self, i: Dir | File | Node) -> bool:
+        return not isinstance(i, Dir) or i.lower is None
+
+    def _is_ancestor(self, a: Dir, d: Dir) -> bool:
+        while True:
+            if d.ino == a.ino:
+                return True
+            if d.ino == ROOT_INO:
+                return False
+            d = self.inodes[d.parent]  # type: ignore[assignment]
+
+    @_locked
+    def rename(self, parent: int, name: str, new_parent: int, new_name: str, flags: int = 0) -> None:
+        self._writable()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or (flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE):
+            raise _err(errno.EINVAL)
+        d1, d2 = self._dir(parent), self._dir(new_parent)
+        e1, e2 = self._entries(d1), self._entries(d2)
+        sino = e1.get(name)
+        if sino is None:
+            raise _err(errno.ENOENT)
+        if d2.dead:
+            raise _err(errno.ENOENT)
+        tino = e2.get(new_name)
+        if flags & RENAME_EXCHANGE and tino is None:
+            raise _err(errno.ENOENT)
+        if flags & RENAME_NOREPLACE and tino is not None:
+            raise _err(errno.EEXIST)
+        src = self._get(sino)
+        tgt = self._get(tino) if tino is not None else None
+        if d1 is d2 and name == new_name:
+            return
+        if not flags & RENAME_EXCHANGE:
+            self._check_name(new_name)
+        if tgt is not None and not flags & RENAME_EXCHANGE:
+            if isinstance(src, Dir) and not isinstance(tgt, Dir):
+                raise _err(errno.ENOTDIR)
+            if not isinstance(src, Dir) and isinstance(tgt, Dir):
+                raise _err(errno.EISDIR)
+        if isinstance(src, Dir) and self._is_ancestor(src, d2):
+            raise _err(errno.EINVAL)
+        if flags & RENAME_EXCHANGE and isinstance(tgt, Dir) and self._is_ancestor(tgt, d1):
+            raise _err(errno.EINVAL)
+        if tino == sino:    # two names of one file: nothing to do (rename(2))
+            return
+        if not self._movable(src) or (flags & RENAME_EXCHANGE and not self._movable(tgt)):  # type: ignore[arg-type]
+            raise _err(errno.EXDEV)
+        if isinstance(tgt, Dir) and not flags & RENAME_EXCHANGE and not self._is_empty(tgt):
+            raise _err(errno.ENOTEMPTY)
+        if flags & RENAME_EXCHANGE:
+            self._exchange(d1, name, sino, d2, new_name, tino)  # type: ignore[arg-type]
+        else:
+            self._move(d1, name, sino, d2, new_name, tino)
+
+    def _copy_up_named(self, ino: int) -> Dir | File:
+        return self._ensure_upper(ino)
+
+    def _move(self, d1: Dir, name: str, sino: int, d2: Dir, new_name: str, tino: int | None) -> None:
+        self._copy_up_dir(d1)
+        self._copy_up_dir(d2)
+        src = self._copy_up_named(sino)
+        p1, p2 = self._dpath(d1), self._dpath(d2)
+        old, new = os.path.join(p1, name), os.path.join(p2, new_name)
+        tgt = self.inodes.get(tino) if tino is not None else None
+        if tino is not None and tgt is None:
+            tgt = self._file(tino)
+        if isinstance(src, Dir):
+            # a directory moved where a lower entry of that name exists must hide it
+            if self._lower_child(d2, new_name) is not None and not src.opaque:
+                os.close(os.open(os.path.join(old, OPAQUE_MARKER), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                src.opaque = True
+        if self._needs_whiteout(d1, name):
+            self._write_whiteout(d1, p1, name)     # first: old name stays shown by the upper entry until the rename
+        if isinstance(tgt, Dir) and tgt.upper:
+            self._discard_upper_dir(new)           # empty in the merged view: only whiteouts inside
+        if isinstance(tgt, File) and tgt.upper:
+            last = len(tgt.links) == 1
+            if last and tgt.nopen > 0 and tgt.anon_fd is None:
+                tgt.anon_fd = os.open(new, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        os.rename(old, new)
+        self._drop_whiteout(d2, p2, new_name)
+        # bookkeeping
+        e1, e2 = self._entries(d1), self._entries(d2)
+        del e1[name]
+        if tgt is not None:
+            if isinstance(tgt, Dir):
+                tgt.dead = True
+                tgt.upper = False
+            else:
+                tgt.links.pop((d2.ino, new_name), None)
+                if not tgt.links and tgt.nopen == 0:
+                    self._forget_file(tgt)
+        e2[new_name] = sino
+        if isinstance(src, Dir):
+            src.parent = d2.ino
+            src.name = new_name
+        else:
+            del src.links[(d1.ino, name)]
+            src.links[(d2.ino, new_name)] = None
+
+    def _exchange(self, d1: Dir, name: str, sino: int, d2: Dir, new_name: str, tino: int) -> None:
+        self._copy_up_dir(d1)
+        self._copy_up_dir(d2)
+        src = self._copy_up_named(sino)
+        tgt = self._copy_up_named(tino)
+        p1, p2 = self._dpath(d1), self._dpath(d2)
+        old, new = os.path.join(p1, name), os.path.join(p2, new_name)
+        for moved, dest_dir, dest_name, path in ((src, d2, new_name, old), (tgt, d1, name, new)):
+            if isinstance(moved, Dir) and not moved.opaque and self._lower_child(dest_dir, dest_name) is not None:
+                os.close(os.open(os.path.join(path, OPAQUE_MARKER), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                moved.opaque = True
+        _renameat2(old, new, RENAME_EXCHANGE)
+        e1, e2 = self._entries(d1), self._entries(d2)
+        e1[name], e2[new_name] = tino, sino
+        for moved, (od, on), (nd, nn) in ((src, (d1, name), (d2, new_name)), (tgt, (d2, new_name), (d1, name))):
+            if isinstance(moved, Dir):
+                moved.parent, moved.name = nd.ino, nn
+            else:
+                del moved.links[(od.ino, on)]
+                moved.links[(nd.ino, nn)] = None
+
+    # -- attributes: setattr -------------------------------------------------------------------------------------
+    @_locked
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
+                fh: int | None = None) -> Attr:
+        self._writable()
+        i = self._get(ino)
+        if size is not None and isinstance(i, Dir):
+            raise _err(errno.EISDIR)
+        i = self._ensure_upper(ino, size=size)
+        path = self._path_of(i)
+        if size is not None:
+            h = self.handles.get(fh) if fh is not None else None
+            if h is not None and h.fd is not None and h.writable:
+                os.ftruncate(h.fd, size)
+            else:
+                os.truncate(path, size)
+        if mode is not None or uid is not None or gid is not None:
+            cur = self._attr(ino)
+            nuid = cur.uid if uid is None else uid
+            ngid = cur.gid if gid is None else gid
+            nmode = stat.S_IMODE(cur.mode) if mode is None else stat.S_IMODE(mode)
+            ftype = stat.S_IFMT(cur.mode)
+            if mode is None and (uid is not None or gid is not None) and ftype != stat.S_IFDIR:
+                # chown clears set-user-ID, and set-group-ID of group-executable files
+                nmode &= ~stat.S_ISUID
+                if nmode & stat.S_IXGRP:
+                    nmode &= ~stat.S_ISGID
+            ov = i.override if i.override is not _UNKNOWN else None
+            placeholder = isinstance(ov, Override) and ov.ftype is not None
+            self._apply_stat(path, ftype, nuid, ngid, nmode, rdev=cur.rdev, placeholder=placeholder, i=i)
+        if atime_ns is not None or mtime_ns is not None:
+            if atime_ns is None or mtime_ns is None:
+                st = os.lstat(path)
+                atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+                mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+            os.utime(path, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+        return self._attr(ino)
+
+    # -- xattrs ------------------------------------------------------------------------------------------------------
+    def _xattr_source(self, ino: int) -> tuple[str | None, dict[str, bytes] | None]:
+        i = self._get(ino)
+        if isinstance(i, Node):
+            return None, i.xattrs
+        if i.upper and not (isinstance(i, Dir) and i.dead):
+            return self._path_of(i), None
+        return None, i.lower.xattrs if i.lower is not None else None
+
+    @_locked
+    def getxattr(self, ino: int, name: str) -> bytes:
+        if name.startswith(RESERVED_XATTR_PREFIX):
+            raise _err(errno.ENODATA)
+        path, xattrs = self._xattr_source(ino)
+        if path is None:
+            value = (xattrs or {}).get(name)
+            if value is None:
+                raise _err(errno.ENODATA)
+            return value
+        return os.getxattr(path, name, follow_symlinks=False)
+
+    @_locked
+    def listxattr(self, ino: int) -> list[str]:
+        path, xattrs = self._xattr_source(ino)
+        names = list(xattrs or ()) if path is None else os.listxattr(path, follow_symlinks=False)
+        return [n for n in names if not n.startswith(RESERVED_XATTR_PREFIX)]
+
+    @_locked
+    def setxattr(self, ino: int, name: str, value: bytes) -> None:
+        self._writable()
+        if name.startswith(RESERVED_XATTR_PREFIX):
+            raise _err(errno.EPERM)
+        i = self._ensure_upper(ino)
+        os.setxattr(self._path_of(i), name, value, follow_symlinks=False)
+
+    @_locked
+    def removexattr(self, ino: int, name: str) -> None:
+        self._writable()
+        if name.startswith(RESERVED_XATTR_PREFIX):
+            raise _err(errno.ENODATA)
+        path, xattrs = self._xattr_source(ino)
+        if path is None and name not in (xattrs or {}):
+            raise _err(errno.ENODATA)      # like overlayfs: no copy-up for nothing
+        i = self._ensure_upper(ino)
+        os.removexattr(self._path_of(i), name, follow_symlinks=False)
+
+    # -- files -------------------------------------------------------------------------------------------------------
+    def _new_handle(self, h: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = h
+        return fh
+
+    @_locked
+    def open(self, ino: int, flags: int) -> int:
+        """Open a regular file; writing (or O_TRUNC) copies it up first. Returns a handle number."""
+        i = self._get(ino)
+        if isinstance(i, Dir):
+            raise _err(errno.EISDIR)
+        acc = flags & os.O_ACCMODE
+        write = acc != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if write:
+            self._writable()
+        f = self._file(ino)
+        if write:
+            self._copy_up(f, size=0 if flags & os.O_TRUNC else None)
+        if f.upper:
+            path = self._fpath(f)
+            if path.startswith("/proc/"):
+                fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+            else:
+                fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW)
+            if flags & os.O_TRUNC:
+                os.ftruncate(fd, 0)
+        else:
+            fd = None
+        f.nopen += 1
+        return self._new_handle(Handle(f.ino, fd, write, f.lower.ino if f.lower is not None else 0))
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handles.get(fh)
+        if h is None:
+            raise _err(errno.EBADF)
+        if h.fd is None:
+            with self._lock:
+                f = self.inodes.get(h.ino)
+                if isinstance(f, File) and f.upper and h.fd is None:   # copied up since it was opened
+                    h.fd = os.open(self._fpath(f), os.O_RDONLY | os.O_CLOEXEC)
+            if h.fd is None:
+                return self.tree.read(h.lower_ino, off, size)
+        return os.pread(h.fd, size, off)
+
+    def write(self, fh: int, off: int, data: bytes) -> int:
+        h = self.handles.get(fh)
+        if h is None or h.fd is None or not h.writable:
+            raise _err(errno.EBADF)
+        return os.pwrite(h.fd, data, off)
+
+    def fsync(self, fh: int, datasync: bool = False) -> None:
+        h = self.handles.get(fh)
+        if h is not None and h.fd is not None:
+            (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    def handle_needs_io(self, fh: int) -> bool:
+        h = self.handles.get(fh)
+        return h is not None and (h.fd is not None or self.inodes.get(h.ino) is not None)
+
+    @_locked
+    def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        if h.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(h.fd)
+        f = self.inodes.get(h.ino)
+        if isinstance(f, File):
+            f.nopen -= 1
+            if f.nopen <= 0 and not f.links:
+                self._forget_file(f)
+
+    # -- the file system --------------------------------------------------------------------------------------------
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.upper_root)
+
+    def is_plain(self, ino: int) -> bool:
+        """True for an untouched lower file (its attributes and data need no I/O on the upper)."""
+        return ino not in self.inodes and 0 < ino < len(self.nodes)
