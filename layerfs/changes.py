@@ -47,7 +47,6 @@ import contextlib
 import copy
 import datetime as _dt
 import errno
-import gzip
 import hashlib
 import json
 import logging
@@ -57,6 +56,7 @@ import re
 import stat
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
@@ -177,9 +177,10 @@ class UpperScan:
 
 
 def parse_override(value: bytes, *, where: str = "") -> tuple[int, int, int, str | None, int, int]:
-    """``UID:GID:MODE[:TYPE:MAJOR:MINOR]`` → (uid, gid, mode, "c"|"b"|None, major, minor)."""
+    """``UID:GID:MODE[:TYPE:MAJOR:MINOR]`` → (uid, gid, mode, TYPE or None, major, minor);
+    TYPE is ``c`` or ``b`` (devices), ``p`` (fifo) or ``s`` (socket)."""
     bad = UpperDirError(f"{where}: bad {OVERRIDE_XATTR} value {value[:80]!r}",
-                        hint="expected UID:GID:MODE (MODE in octal) or UID:GID:MODE:c|b:MAJOR:MINOR")
+                        hint="expected UID:GID:MODE (MODE in octal) or UID:GID:MODE:c|b|p|s:MAJOR:MINOR")
     try:
         parts = value.decode("ascii").strip().split(":")
     except UnicodeDecodeError:
@@ -193,7 +194,7 @@ def parse_override(value: bytes, *, where: str = "") -> tuple[int, int, int, str
         kind = major = minor = None
         if len(parts) == 6:
             kind, major, minor = parts[3], int(parts[4]), int(parts[5])
-            if kind not in ("c", "b"):
+            if kind not in ("c", "b", "p", "s"):
                 raise ValueError
     except ValueError:
         raise bad from None
@@ -303,11 +304,15 @@ def scan_upper(upper: str | os.PathLike[str]) -> UpperScan:
             kw = dict(mode=perm, uid=uid, gid=gid, mtime_ns=st.st_mtime_ns, xattrs=xattrs or None, host=host)
             if devkind is not None:
                 if not stat.S_ISREG(mode):
-                    raise UpperDirError(f"{host}: a device override on something that is not a regular file")
+                    raise UpperDirError(f"{host}: a file type override on something that is not a regular file")
                 if st.st_size:
-                    log.warning("upper %s: device placeholder %r is not empty; its bytes are ignored", root, path)
-                kind = CHAR if devkind == "c" else BLOCK
-                kw.update(devmajor=major, devminor=minor)
+                    log.warning("upper %s: placeholder %r is not empty; its bytes are ignored", root, path)
+                if devkind == "s":
+                    log.warning("upper %s: skipping socket %r (a layer cannot hold sockets)", root, path)
+                    continue
+                kind = {"c": CHAR, "b": BLOCK, "p": FIFO}[devkind]
+                if kind != FIFO:
+                    kw.update(devmajor=major, devminor=minor)
             elif stat.S_ISDIR(mode):
                 kind = DIR
             elif stat.S_ISREG(mode):
@@ -337,8 +342,6 @@ def scan_upper(upper: str | os.PathLike[str]) -> UpperScan:
                 subdirs.append((path, opaque))
         if opaque_xattr and d.opaque is None:
             d.opaque = UpperEntry(rel, OPAQUE, mode=0o755, host=host_dir)
-        for victim in [v for v in d.whiteouts if v in d.kids]:
-            del d.whiteouts[victim]             # an entry of the same name wins over its whiteout
         stack.extend(reversed(subdirs))
     return UpperScan(root, _layer_order(dirs), dirs)
 
@@ -346,7 +349,7 @@ def scan_upper(upper: str | os.PathLike[str]) -> UpperScan:
 def _dir_items(d: UpperDir) -> list[UpperEntry]:
     """A directory's records in layer order: opaque marker, whiteouts, entries (names by their bytes)."""
     out = [d.opaque] if d.opaque is not None else []
-    out += [d.whiteouts[v] for v in sorted(d.whiteouts, key=os.fsencode)]
+    out += [d.whiteouts[v] for v in sorted(d.whiteouts, key=os.fsencode)]   # before an entry of the same name
     out += [d.kids[n] for n in sorted(d.kids, key=os.fsencode)]
     return out
 
@@ -409,7 +412,8 @@ def diff(lower: MergedTree, scan: UpperScan) -> list[Change]:
                 if e.kind == DIR:
                     added(e.path)
             elif e.kind == DIR and node.is_dir:
-                sub_opaque = opaque or scan.dirs[e.path].opaque is not None
+                # below an opaque directory, or a directory beside its own whiteout, nothing lower shows
+                sub_opaque = opaque or scan.dirs[e.path].opaque is not None or name in d.whiteouts
                 if visit(e.path, lk, sub_opaque) or _dir_attrs_differ(e, node):
                     out.append(Change(path, "C"))
             else:
@@ -417,7 +421,7 @@ def diff(lower: MergedTree, scan: UpperScan) -> list[Change]:
                 if e.kind == DIR:
                     added(e.path)
         for name in d.whiteouts:
-            if name in lkids:
+            if name in lkids and name not in d.kids:
                 out.append(Change("/" + _join(rel, name), "D"))
         if opaque:
             for name in lkids:
@@ -597,7 +601,8 @@ def overlay_tree(lower: MergedTree, scan: UpperScan) -> MergedTree:
                 c = add_upper(oino, e)
                 if c is not None and c.is_dir:
                     below = None
-                    if ln is not None and ln.children is not None and not opaque and name in ln.children:
+                    if ln is not None and ln.children is not None and not opaque and name in ln.children \
+                            and name not in ud.whiteouts:      # beside its whiteout a directory is not merged
                         lk = ln.children[name]
                         if lower.get(lk).is_dir:
                             below = lk
@@ -861,9 +866,10 @@ def write_layer(store: Store, scan: UpperScan) -> LayerResult:
     entries), whole-second mtimes, no user/group names, xattrs (binary ones
     too) as ``SCHILY.xattr.*``, hard links within the upper (same inode) as
     tar hard links to the first name, ``user.layerfs.override_stat`` applied,
-    no padding to a tar record. The gzip stream: level 6, mtime 0, no file
-    name, as :func:`layerfs.imagebuild.compress` writes it. So the same upper
-    gives the same bytes.
+    no padding to a tar record. The gzip stream: zlib level 6 with its fixed
+    header (mtime 0, no file name, OS 3), byte for byte what
+    :func:`layerfs.imagebuild.compress` writes (zlib's output does not depend
+    on how the input is chunked). So the same upper gives the same bytes.
 
     The blob streams to a temporary file (memory stays bounded), is hashed
     while written, read back to verify its digest, and published through the
@@ -877,10 +883,11 @@ def write_layer(store: Store, scan: UpperScan) -> LayerResult:
     try:
         with open(tmp, "wb") as f:
             compressed = _Hashing(f.write, indexer.feed)
-            gz = gzip.GzipFile(filename="", mode="wb", compresslevel=_GZIP_LEVEL, fileobj=compressed, mtime=0)
-            raw = _Hashing(gz.write)
+            # zlib's own gzip wrapper: mtime 0, no name, OS 3, as gzip.compress(mtime=0) in imagebuild.compress
+            gz = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)
+            raw = _Hashing(lambda b: compressed.write(gz.compress(b)))
             write_layer_tar(scan, raw.write)
-            gz.close()
+            compressed.write(gz.flush())
             f.flush()
             os.fsync(f.fileno())
         digest = Digest("sha256", compressed.hash.hexdigest())
