@@ -362,15 +362,18 @@ def tune_readahead(mountpoint: str, kib: int | None = None) -> bool:
 
 
 def serve(tree: MergedTree, mountpoint: str, options: Iterable[str], *,
-          on_ready: Callable[[], None] | None = None, threads: int | None = None) -> None:
+          on_ready: Callable[[], None] | None = None, threads: int | None = None,
+          ops: pyfuse3.Operations | None = None) -> None:
     """Mount *tree* at *mountpoint* and serve it until unmounted or SIGTERM/SIGINT/SIGHUP.
 
     *on_ready* is called (on the event loop) once the mount answers a
     ``stat`` of its root. On a signal the file system is unmounted (lazily,
-    so busy files do not keep it), never left dead.
+    so busy files do not keep it), never left dead. *ops* serves other
+    operations than the read-only :class:`LayerFS` of *tree* (the writable
+    overlay's; it needs ``_limiter`` and ``_nodes`` like LayerFS).
     Raises :class:`LayerfsError` when libfuse refuses the options or the mount.
     """
-    ops = LayerFS(tree, threads=threads)
+    ops = ops if ops is not None else LayerFS(tree, threads=threads)
     opts = set(options)
     try:
         said = _stderr_of(pyfuse3.init, ops, mountpoint, opts)
