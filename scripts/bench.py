@@ -730,6 +730,9 @@ def main(argv=None) -> int:
     GATE.enabled = not (args.no_wait_quiet or args.quick)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    if bl.fs_type(workdir) in ("tmpfs", "ramfs"):
+        print(f"bench: warning: {workdir} is on {bl.fs_type(workdir)}: drop_caches cannot make it cold, "
+              "so cold numbers are warm ones; use --workdir on a disk", file=sys.stderr)
     sub = workdir / ("quick" if args.quick else "full")
     sub.mkdir(exist_ok=True)
     pyc_note = bl.use_pycache(None if args.no_pyc else workdir / "pycache")

@@ -183,7 +183,7 @@ def summarize_collapsed(path: Path, top: int = 15) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "layerfs-bench",
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/layerfs-bench"),
                     help="image cache and scratch space (default: %(default)s)")
     ap.add_argument("--runs", type=int, default=None, help="pulls per tool (default 5, --quick 2)")
     ap.add_argument("--quick", action="store_true", help="small image, 2 runs: a smoke test")

@@ -642,6 +642,19 @@ def force_unmount(path: Path | str) -> None:
                        timeout=60)
 
 
+def fs_type(path: Path | str) -> str:
+    """File-system type of the mount holding *path* (from /proc/self/mountinfo)."""
+    path = os.path.realpath(path)
+    best, typ = "", "?"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mp = left.split()[4].encode().decode("unicode_escape")
+            if (path == mp or path.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+                best, typ = mp, right.split()[0]
+    return typ
+
+
 def pids_serving(mountpoint: Path | str, exclude: Iterable[int] = ()) -> list[int]:
     """Processes whose command line names *mountpoint* (the FUSE daemon), oldest first."""
     target = os.path.normpath(os.path.abspath(mountpoint)).encode()  # no realpath: never stat a FUSE mount
