@@ -335,9 +335,15 @@ class _Archive:
             if e.errno is None:   # decompressors report damage as bare OSErrors
                 raise SourceError(f"{what}: {_describe(e)}", where=self.where) from None
             raise SourceError(f"{what}: {e.strerror or e}", where=self.where, hint="check the file") from None
+        except ImportError as e:
+            raise UnsupportedMediaType(f"reading {self.compression}-compressed archives needs the "
+                                       f"{'python-xz' if self.compression == 'xz' else e.name} package",
+                                       where=self.where, hint="pip install python-xz, or decompress the archive "
+                                                              "first") from None
         except Exception as e:   # python-xz's XZError, zstandard's ZstdError, ...
             if type(e).__module__.split(".")[0] in ("xz", "zstandard", "zstd"):
-                raise SourceError(f"{what}: {_describe(e)}", where=self.where) from None
+                raise SourceError(f"{what}: damaged or truncated {self.compression} data ({e})",
+                                  where=self.where) from None
             raise
 
     def _open_stream(self) -> BinaryIO:
@@ -468,11 +474,10 @@ class _Archive:
             if ti.linkname.startswith("/"):
                 raise TarError(f"archive member {ti.name!r} is a symlink to the absolute path {ti.linkname!r}",
                                where=self.where, hint=_HOSTILE)
-            target = self._norm(posixpath.join(posixpath.dirname(name), ti.linkname),
-                                f"target of symlink {ti.name!r}")
+            target = self._link_target(posixpath.join(posixpath.dirname(name), ti.linkname), ti, "symlink")
             kind = "symlink"
         elif ti.islnk():
-            target = self._norm(ti.linkname, f"target of hard link {ti.name!r}")
+            target = self._link_target(ti.linkname, ti, "hard link")
             kind = "hardlink"
         elif ti.isreg() and not ti.issparse():
             kind = "file"
@@ -483,6 +488,13 @@ class _Archive:
         m = _Member(name, kind, ti.size if kind == "file" else 0, ti.offset_data, target)
         self.members[name] = m
         return m
+
+    def _link_target(self, path: str, ti: tarfile.TarInfo, what: str) -> str:
+        try:
+            return self._norm(path, what)
+        except TarError:
+            raise TarError(f"archive member {ti.name!r} is a {what} to {ti.linkname!r}, outside the archive",
+                           where=self.where, hint=_HOSTILE) from None
 
     # -- lookups -------------------------------------------------------------------------
     def find(self, name: str, what: str = "file") -> _Member | None:
@@ -654,10 +666,12 @@ def _read_blob(files: Files, desc: Descriptor, what: str) -> bytes:
 
 
 def _parse(raw: bytes, what: str, where: str, expected: Digest | None = None) -> Manifest | Index:
+    _json(raw, what, where)
     try:
         return parse_manifest(raw, expected=expected, where=where)
     except LayerfsError as e:
         e.message = f"{what}: {e.message}"
+        e.where = e.where or where
         if e.hint is None or isinstance(e, DigestMismatch):
             e.hint = _DAMAGED
         raise
