@@ -29,6 +29,19 @@ passing the options on).
 
 SIGTERM, SIGINT or SIGHUP to the daemon unmounts cleanly (lazily: open files
 keep working until closed) and removes the record.
+
+Writable mounts (``MountOptions(read_only=False)``, the CLI's default) serve a
+:class:`layerfs.overlay.Overlay`: the image's layers plus an upper directory
+(format in :mod:`layerfs.overlay`). ``upper=DIR`` uses that directory (made
+if missing; remounting the same image with it shows the earlier changes);
+without it the upper lives in the store, ``ROOT/uppers/<id>/upper`` with a
+new 12-hex ``<id>`` per mount (``info.json`` beside it names the image), kept
+after unmounting until ``umount(..., remove_upper=True)`` (``layerfs umount
+--rm``) or :func:`remove_upper` (``layerfs rm ID``). The overlay's work dir is
+the upper's sibling ``.<name>.work``; the daemon holds a lock on it, so one
+upper serves one mount at a time. ``read_only=True`` with ``upper=DIR``
+shows an upper's changes without allowing new ones. The record's ``upper``
+field names the upper directory (None for a plain read-only mount).
 """
 from __future__ import annotations
 
@@ -39,6 +52,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import shutil
 import signal
 import stat
 import sys
@@ -70,7 +85,8 @@ class MountError(LayerfsError):
 
 @dataclass(frozen=True, kw_only=True)
 class MountOptions:
-    read_only: bool = True                 # the only mode until the overlay (upper dir) lands
+    read_only: bool = True                 # False: writable overlay (an upper directory, see the module doc)
+    upper: str | None = None               # the upper directory (None: a new one in the store when writable)
     layer: int | None = None               # show only the first N layers (the image after layer N)
     platform: Platform | None = None       # used when the image must be pulled
     fuse_options: Sequence[str] = ()       # passed to libfuse (-o), e.g. allow_other; "nonempty" is ours
@@ -83,8 +99,13 @@ class MountOptions:
         object.__setattr__(self, "fuse_options", tuple(o for o in self.fuse_options if o))
         if self.layer is not None and self.layer < 0:
             raise UsageError(f"--layer {self.layer} is negative")
-        if not self.read_only or "rw" in self.fuse_options:
-            raise UsageError("writable mounts are not supported yet", hint="mount with --read-only, without -o rw")
+        if self.read_only and "rw" in self.fuse_options:
+            raise UsageError("-o rw contradicts a read-only mount", hint="leave out --read-only for a writable mount")
+        if not self.read_only and "ro" in self.fuse_options:
+            raise UsageError("-o ro: use --read-only for a read-only mount")
+        object.__setattr__(self, "fuse_options", tuple(o for o in self.fuse_options if o != "rw"))
+        if self.upper is not None:
+            object.__setattr__(self, "upper", os.path.abspath(os.fspath(self.upper)))
 
     @property
     def allow_nonempty(self) -> bool:
@@ -346,23 +367,102 @@ def mount_tree(tree: "MergedTree", mountpoint: str | os.PathLike[str], options: 
                image: str, manifest_digest: str = "") -> MountRecord:
     """Mount an already built *tree* at *mountpoint* (see :func:`mount_image`)."""
     registry = MountRegistry(store)
-    registry.active()  # clean stale records
+    active = registry.active()  # clean stale records
     registry.dir.mkdir(parents=True, exist_ok=True)
     # One mount at a time per mount point: checked and mounted under a lock held until the mount answers.
     lock = registry.lock(_abs_mountpoint(mountpoint))
+    created: Path | None = None
     try:
         real = check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)
+        upper, created = _prepare_upper(store, options, active, image=image, manifest_digest=manifest_digest)
     except BaseException:
         _close(lock)
         raise
-    record = MountRecord(image=image, manifest_digest=manifest_digest, mountpoint=real, pid=0, upper=None,
+    record = MountRecord(image=image, manifest_digest=manifest_digest, mountpoint=real, pid=0, upper=upper,
                          started="", layer=options.layer, log=str(registry.log_path(real)))
-    if options.foreground:   # the reporter releases the lock once the mount answers (or failed)
-        return _serve_here(tree, record, options, registry, _Reporter(options.ready_fd, lock))
     try:
-        return _daemonize(tree, record, options, registry, lock)
-    finally:
-        _close(lock)
+        if options.foreground:   # the reporter releases the lock once the mount answers (or failed)
+            return _serve_here(tree, record, options, registry, _Reporter(options.ready_fd, lock))
+        try:
+            return _daemonize(tree, record, options, registry, lock)
+        finally:
+            _close(lock)
+    except BaseException:
+        if created is not None:     # a new upper of the store that never served: not worth keeping
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+# --- upper directories ---------------------------------------------------------------------
+
+def uppers_dir(store: Store) -> Path:
+    """Where the store keeps the upper directories of writable mounts: ``ROOT/uppers/<id>/upper``."""
+    return store.root / "uppers"
+
+
+def stored_upper_id(store: Store, upper: str | os.PathLike[str] | None) -> str | None:
+    """The ``<id>`` of *upper* when it is one the store manages, else None."""
+    if not upper:
+        return None
+    p = Path(os.path.abspath(os.fspath(upper)))
+    base = Path(os.path.abspath(uppers_dir(store)))
+    if p.name == "upper" and p.parent.parent == base:
+        return p.parent.name
+    return None
+
+
+def _prepare_upper(store: Store, options: MountOptions, active: list[MountRecord], *, image: str,
+                   manifest_digest: str) -> tuple[str | None, Path | None]:
+    """(upper directory or None, the store directory made for it or None); checked before forking."""
+    from .overlay import work_dir_for
+    if options.read_only and options.upper is None:
+        return None, None
+    created = None
+    if options.upper is None:
+        while True:
+            mid = secrets.token_hex(6)
+            base = uppers_dir(store) / mid
+            if not base.exists():
+                break
+        (base / "upper").mkdir(parents=True)
+        created = base
+        info = {"id": mid, "image": image, "manifest_digest": manifest_digest, "created": _now()}
+        (base / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+        upper = str(base / "upper")
+    else:
+        upper = options.upper
+        if os.path.exists(upper) and not os.path.isdir(upper):
+            raise MountError(f"upper directory {upper} is not a directory")
+        if options.read_only and not os.path.isdir(upper):
+            raise MountError(f"upper directory {upper} does not exist", hint="a read-only mount only shows an upper")
+        if not options.read_only:
+            try:
+                os.makedirs(upper, exist_ok=True)
+                os.makedirs(work_dir_for(upper), mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise MountError(f"cannot create upper directory {upper}: {e.strerror}") from None
+    for rec in active:
+        if rec.upper and os.path.abspath(rec.upper) == upper and not options.read_only:
+            raise MountError(f"upper directory {upper} is in use by the mount at {rec.mountpoint}",
+                             hint="unmount it first, or use another --upper")
+    return upper, created
+
+
+def remove_upper(store: Store, what: str) -> Path:
+    """Delete a stored upper directory by its id (or its path); refused while a mount uses it."""
+    base = uppers_dir(store)
+    mid = what if (what and "/" not in what and (base / what).is_dir()) else stored_upper_id(store, what)
+    if not mid or not (base / mid).is_dir():
+        raise MountError(f"no stored upper directory {what}",
+                         hint="'layerfs mounts' shows the upper of each mount; ids are the directory names in "
+                              f"{base}")
+    path = base / mid
+    for rec in mounts(store):
+        if rec.upper and stored_upper_id(store, rec.upper) == mid:
+            raise MountError(f"upper {mid} is in use by the mount at {rec.mountpoint}",
+                             hint=f"unmount it first ('layerfs umount --rm {rec.mountpoint}')")
+    shutil.rmtree(path)
+    return path
 
 
 def _close(fd: int | None) -> None:
@@ -409,6 +509,7 @@ def _serve_here(tree: "MergedTree", record: MountRecord, options: MountOptions, 
     from . import fusefs
     record = replace(record, pid=os.getpid())
     fuse_opts = fusefs.mount_options(record.image, options.libfuse_options, read_only=options.read_only)
+    overlay = None
 
     def ready() -> None:
         nonlocal record
@@ -418,7 +519,18 @@ def _serve_here(tree: "MergedTree", record: MountRecord, options: MountOptions, 
         reporter.ok()
 
     try:
-        fusefs.serve(tree, record.mountpoint, fuse_opts, on_ready=ready)
+        if record.upper is None:
+            fusefs.serve(tree, record.mountpoint, fuse_opts, on_ready=ready)
+        else:
+            from .fuse_overlay import serve_overlay
+            from .overlay import Overlay, UpperInUse
+            try:
+                overlay = Overlay(tree, record.upper, read_only=options.read_only)
+            except UpperInUse as e:
+                raise MountError(str(e.strerror), hint="unmount the other mount first, or use another --upper") from None
+            except OSError as e:
+                raise MountError(f"cannot use upper directory {record.upper}: {e.strerror}") from None
+            serve_overlay(overlay, record.mountpoint, fuse_opts, on_ready=ready)
     except LayerfsError as e:
         reporter.error(e.one_line())
         raise
@@ -428,6 +540,8 @@ def _serve_here(tree: "MergedTree", record: MountRecord, options: MountOptions, 
     finally:
         reporter.error(f"the mount at {record.mountpoint} ended before it answered")   # no-op once reported
         registry.remove(record.mountpoint, pid=record.pid)
+        if overlay is not None:
+            overlay.close()
     log.info("unmounted %s", record.mountpoint)
     return record
 
@@ -560,12 +674,15 @@ def _unmount_cmd(mountpoint: str) -> list[str]:
                      hint="install fuse3 (Debian: apt-get install fuse3)")
 
 
-def umount(store: Store, mountpoint: str | os.PathLike[str], *, timeout: float = EXIT_TIMEOUT) -> MountRecord | None:
+def umount(store: Store, mountpoint: str | os.PathLike[str], *, timeout: float = EXIT_TIMEOUT,
+           remove_upper: bool = False) -> MountRecord | None:
     """Unmount the layerfs mount at *mountpoint*, wait for its daemon to exit, drop its record.
 
     Returns the mount's record (None when the mount had none, e.g. another
     store's). Raises :class:`MountError` if *mountpoint* is not a layerfs
-    mount or the unmount fails (busy).
+    mount or the unmount fails (busy). *remove_upper* deletes the mount's
+    upper directory afterwards when the store manages it (never one given
+    with ``--upper``).
     """
     shown = os.fspath(mountpoint)
     real = _abs_mountpoint(shown)
@@ -596,4 +713,7 @@ def umount(store: Store, mountpoint: str | os.PathLike[str], *, timeout: float =
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
         registry.remove(real, pid=rec.pid)
+        mid = stored_upper_id(store, rec.upper)
+        if remove_upper and mid is not None:
+            shutil.rmtree(uppers_dir(store) / mid, ignore_errors=True)
     return rec

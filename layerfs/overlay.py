@@ -52,10 +52,15 @@ Semantics (kernel overlayfs as on this machine: index=off, redirect_dir=off, met
   created or removed in them): data, mode, owner, times and xattrs are written
   to a temporary in the work dir, fsync'ed and renamed into place, so a crash
   never shows a half-copied file; the parent directory keeps its times;
-* hard links of the lower layers break on copy-up (index=off): every name of a
-  lower hard-linked file is its own inode for the kernel (same ``st_ino`` and
-  ``st_nlink`` as the lower file while lower), and the name that is copied up
-  becomes a new file; links made through the mount are real hard links;
+* hard links of the lower layers break on copy-up (index=off): while lower,
+  all names of a hard-linked file are one inode (FUSE shows the inode number
+  it serves, so ``st_ino`` is shared like overlayfs shows the lower one); the
+  name that is copied up keeps that inode and becomes a file of its own, the
+  other names move to a fresh inode (still the lower file). FUSE requests on
+  an inode carry no name: the name is the one the kernel last looked up for
+  it, which is exact because such names are given entry timeout 0 (every path
+  walk through them sends a LOOKUP, see :attr:`Attr.volatile`). Links made
+  through the mount are real hard links in the upper;
 * renaming a directory that exists in a lower layer fails with EXDEV (no
   redirect_dir), as does RENAME_EXCHANGE with one; directories created through
   the mount move freely (made opaque when moved over a lower name);
@@ -121,7 +126,7 @@ class Attr:
     """What ``stat`` shows for one inode (``ino`` is the FUSE inode, ``st_ino`` the number shown)."""
 
     __slots__ = ("ino", "st_ino", "mode", "nlink", "uid", "gid", "rdev", "size", "blocks",
-                 "atime_ns", "mtime_ns", "ctime_ns")
+                 "atime_ns", "mtime_ns", "ctime_ns", "volatile")
 
     def __init__(self, ino: int, st_ino: int, mode: int, nlink: int, uid: int, gid: int, rdev: int, size: int,
                  blocks: int, atime_ns: int, mtime_ns: int, ctime_ns: int):
@@ -137,6 +142,7 @@ class Attr:
         self.atime_ns = atime_ns
         self.mtime_ns = mtime_ns
         self.ctime_ns = ctime_ns
+        self.volatile = False     # the name→inode binding may change behind the kernel: no entry caching
 
     def __repr__(self) -> str:
         return (f"Attr(ino={self.ino}, st_ino={self.st_ino}, mode={oct(self.mode)}, nlink={self.nlink}, "
@@ -269,6 +275,8 @@ class Overlay:
         self.inodes: dict[int, Dir | File] = {}
         self.handles: dict[int, Handle] = {}
         self._upper_inos: dict[tuple[int, int], int] = {}   # host (dev, ino) → our ino, for upper hard links
+        self._alias: dict[int, int] = {}        # lower hard-linked node → the inode of its names still lower
+        self._last_name: dict[int, tuple[int, str]] = {}    # that inode → the name last looked up
         self._tmp_seq = 0
         self._lock_fd: int | None = None
         self._open_upper()
@@ -426,11 +434,14 @@ class Overlay:
                 if node.is_dir:
                     self.inodes[lino] = Dir(lino, d.ino, name, node, False)
                     entries[name] = lino
-                elif node.nlink > 1:
-                    f = File(self._new_ino(), node, False)
+                elif node.nlink > 1:    # one inode for all its lower names, until one is copied up
+                    aid = self._alias.get(lino, lino)
+                    f = self.inodes.get(aid)
+                    if not isinstance(f, File):
+                        f = File(aid, node, False)
+                        self.inodes[aid] = f
                     f.links[(d.ino, name)] = None
-                    self.inodes[f.ino] = f
-                    entries[name] = f.ino
+                    entries[name] = aid
                 else:
                     entries[name] = lino
         for name, e in upper.items():
@@ -508,7 +519,9 @@ class Overlay:
         else:
             blocks = (sum(e[1] for e in node.sparse) + 511) >> 9
         t = node.mtime_ns
-        return Attr(ino, node.ino, mode, node.nlink, node.uid, node.gid, node.rdev, size, blocks, t, t, t)
+        a = Attr(ino, ino, mode, node.nlink, node.uid, node.gid, node.rdev, size, blocks, t, t, t)
+        a.volatile = node.nlink > 1 and not stat.S_ISDIR(mode)
+        return a
 
     def _attr(self, ino: int) -> Attr:
         i = self._get(ino)
@@ -547,7 +560,10 @@ class Overlay:
         ino = self._entries(d).get(name)
         if ino is None:
             raise _err(errno.ENOENT)
-        return self._attr(ino)
+        a = self._attr(ino)
+        if a.volatile:
+            self._last_name[ino] = (d.ino, name)
+        return a
 
     @_locked
     def readdir(self, ino: int) -> list[tuple[str, Attr]]:
@@ -705,7 +721,7 @@ class Overlay:
         assert node is not None
         if not f.links:   # open and unlinked: overlayfs cannot copy it up either
             raise _err(errno.EEXIST)
-        (dino, name) = next(iter(f.links))
+        (dino, name) = self._split_links(f)
         parent = self.inodes[dino]
         assert isinstance(parent, Dir)
         self._copy_up_dir(parent)
@@ -733,6 +749,23 @@ class Overlay:
         f.upper = True
         if node.nlink > 1:      # now a file of its own: its own inode number and link count
             self._changed(f.ino)
+
+    def _split_links(self, f: File) -> tuple[int, str]:
+        """The name of lower file *f* to copy up; its other lower names move to a new inode."""
+        node = f.lower
+        assert node is not None
+        last = self._last_name.pop(f.ino, None)
+        link = last if last in f.links else next(iter(f.links))
+        if node.nlink > 1:
+            rest = File(self._new_ino(), node, False)
+            for other in f.links:
+                if other != link:
+                    rest.links[other] = None
+                    self.inodes[other[0]].entries[other[1]] = rest.ino  # type: ignore[union-attr,index]
+            self.inodes[rest.ino] = rest
+            self._alias[node.ino] = rest.ino
+            f.links = {link: None}
+        return link
 
     def _copy_data(self, node: Node, tmp: str, size: int) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -436,7 +436,7 @@ def test_bad_fuse_option_is_one_clear_error(store, tmp_path):
     assert "unknown option" in msg and "no_such_option" in msg and "\n" not in msg
     assert not is_mounted(m) and mounts(store) == []
     with pytest.raises(UsageError):
-        MountOptions(read_only=False)
+        MountOptions(read_only=False, fuse_options=["ro"])
     with pytest.raises(UsageError):
         MountOptions(fuse_options=["allow_other", "rw"])
     with pytest.raises(UsageError):
