@@ -18,6 +18,7 @@ from layerfs.changes import (EMPTY_TAR_DIGEST, OVERRIDE_XATTR, ChangeSyntaxError
                              apply_changes, commit, diff, export_tree, overlay_tree, resolve_target, scan_upper,
                              write_layer_tar)
 from layerfs.cli import main
+from layerfs.errors import LayerfsError
 from layerfs.imagebuild import LayerBuilder, build_image, compress
 from layerfs.layerindex import index_path
 from layerfs.oci import OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, Digest
@@ -573,3 +574,77 @@ def test_export_to_stdout_and_errors(store, tmp_path, capsys, monkeypatch):
     assert code == 1 and "no such image" in err and not (tmp_path / "x.tar").exists()
     code, out, err = run(["export", tmp_path, "-o", tmp_path / "x.tar"], capsys)
     assert code == 1 and "neither a local image nor a layerfs mount point" in err
+
+
+# --- through real mounts -----------------------------------------------------------------------------
+
+def _mount(store: Store, mnt: Path, **options):
+    from mounthelpers import require_fuse, track
+    from layerfs.mount import MountOptions, mount_image
+    require_fuse()
+    try:
+        opts = MountOptions(**options)
+    except (TypeError, LayerfsError) as e:
+        pytest.skip(f"this kind of mount is not available yet: {e}")
+    mnt.mkdir(exist_ok=True)
+    rec = mount_image(store, BASE, mnt, opts)
+    track(mnt, rec.pid)
+    return rec
+
+
+def test_read_only_mount_has_no_changes(store, tmp_path, capsys):
+    from mounthelpers import watchdog
+    mnt = tmp_path / "mnt"
+    with watchdog(60):
+        _mount(store, mnt, read_only=True)
+        code, out, err = run(["diff", mnt], capsys)
+        assert (code, out) == (0, ""), err
+        code, out, err = run(["export", mnt, "-o", tmp_path / "m.tar"], capsys)
+        assert code == 0, err
+        code, out, err = run(["commit", "-c", "LABEL from=mount", mnt, "localhost/test/ro:1"], capsys)
+        assert code == 0, err
+    rec, m = store.resolve("localhost/test/ro:1")
+    base = store.resolve(BASE)[1]
+    assert list(m.layers) == list(base.layers) and store.config(m).doc["history"][-1]["empty_layer"] is True
+    assert json.loads(m.raw)["annotations"]["org.opencontainers.image.base.name"] == "localhost/test/base:1"
+    assert tar_snapshot((tmp_path / "m.tar").read_bytes()) == tree_snapshot(open_image_tree(store, base))
+
+
+def test_writable_mount_diff_commit_export(store, tmp_path, capsys):
+    """Changes made through a real writable mount: diff, commit (checked with umoci and the mount itself), export."""
+    import shutil
+    from mounthelpers import watchdog
+    mnt, up = tmp_path / "mnt", tmp_path / "upper"
+    with watchdog(60):
+        rec = _mount(store, mnt, read_only=False, upper=str(up))
+        assert rec.upper and Path(rec.upper) == up
+        os.unlink(mnt / "etc/passwd")
+        (mnt / "etc/new.conf").write_bytes(b"new\n")
+        with open(mnt / "etc/motd", "ab") as f:
+            f.write(b"appended\n")
+        shutil.rmtree(mnt / "opt")
+        (mnt / "opt").mkdir()
+        (mnt / "opt/z").write_bytes(b"z")
+        (mnt / "newdir").mkdir()
+        (mnt / "newdir/a").write_bytes(b"linked")
+        os.link(mnt / "newdir/a", mnt / "newdir/b")
+        os.setxattr(mnt / "newdir/a", "user.bin", BIN)
+        os.chmod(mnt / "usr/bin/su", 0o755)
+        os.symlink("etc/keep", mnt / "newlink")
+        code, out, err = run(["diff", mnt], capsys)
+        assert code == 0, err
+        assert out == ("C /etc\nC /etc/motd\nA /etc/new.conf\nD /etc/passwd\nA /newdir\nA /newdir/a\nA /newdir/b\n"
+                       "A /newlink\nC /opt\nD /opt/sub\nD /opt/y\nA /opt/z\nC /usr\nC /usr/bin\nC /usr/bin/su\n")
+        code, out, err = run(["diff", up], capsys)             # the upper directory names the same mount
+        assert code == 0 and out.count("\n") == 15
+        code, out, err = run(["commit", "-m", "through the mount", mnt, "localhost/test/rw:1"], capsys)
+        assert code == 0, err
+        seen = without_dir_mtimes(dir_snapshot(mnt))
+        code, out, err = run(["export", mnt, "-o", tmp_path / "mnt.tar"], capsys)
+        assert code == 0, err
+    rec, m = store.resolve("localhost/test/rw:1")
+    committed = tree_snapshot(open_image_tree(store, m))
+    assert without_dir_mtimes(committed) == seen
+    rootfs = umoci_unpack(store.root, "localhost/test/rw:1", tmp_path / "rootfs")
+    assert without_dir_mtimes(dir_snapshot(rootfs)) == seen
+    assert without_dir_mtimes(tar_snapshot((tmp_path / "mnt.tar").read_bytes())) == seen
