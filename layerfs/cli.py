@@ -477,7 +477,8 @@ def _server_name(text: str | None) -> str:
 def cmd_mount(ctx: Context) -> int:
     from .mount import MountOptions, mount_image
     a = ctx.args
-    opts = MountOptions(read_only=True, layer=a.layer, platform=Platform.parse(a.platform) if a.platform else None,
+    opts = MountOptions(read_only=a.read_only, upper=a.upper, layer=a.layer,
+                        platform=Platform.parse(a.platform) if a.platform else None,
                         fuse_options=[o.strip() for opt in a.options or () for o in opt.split(",")],
                         foreground=a.foreground, debug=a.debug, ready_fd=a.ready_fd)
     if a.foreground and not a.debug:
@@ -499,8 +500,19 @@ def cmd_mount(ctx: Context) -> int:
 
 
 def cmd_umount(ctx: Context) -> int:
-    from .mount import umount
-    umount(ctx.store, ctx.args.mountpoint)
+    from .mount import stored_upper_id, umount
+    rec = umount(ctx.store, ctx.args.mountpoint, remove_upper=ctx.args.rm)
+    if ctx.args.rm and rec is not None and rec.upper and stored_upper_id(ctx.store, rec.upper) is None:
+        print(f"layerfs: kept {rec.upper} (given with --upper; only upper directories of the store are removed)",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_rm(ctx: Context) -> int:
+    from .mount import remove_upper
+    for what in ctx.args.ids:
+        remove_upper(ctx.store, what)
+        print(what)
     return 0
 
 
@@ -742,7 +754,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("mount", help="mount an image (pulled if absent); returns once the mount answers")
     s.add_argument("ref", metavar="REF")
     s.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing, empty directory")
-    s.add_argument("--read-only", action="store_true", help="read-only mount (the only mode for now)")
+    s.add_argument("--read-only", action="store_true",
+                   help="read-only mount (default: writable, changes go to an upper directory)")
+    s.add_argument("--upper", metavar="DIR",
+                   help="upper directory for the changes (made if missing; remount with it to see them again); "
+                        "default: a new one in the store, kept until 'layerfs umount --rm' or 'layerfs rm ID'")
     s.add_argument("--layer", type=int, metavar="N", help="show the image as it was after its first N layers")
     s.add_argument("--platform", help="OS/ARCH[/VARIANT] to pull when the image is not local")
     s.add_argument("-o", dest="options", action="append", metavar="OPT[,OPT...]",
@@ -753,7 +769,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("umount", aliases=["unmount"], help="unmount a layerfs mount")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.add_argument("--rm", action="store_true", help="also delete the mount's upper directory (if the store's)")
     s.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("rm", help="delete upper directories the store keeps for writable mounts")
+    s.add_argument("ids", nargs="+", metavar="ID|UPPER", help="the id (ROOT/uppers/ID) or the upper's path")
+    s.set_defaults(func=cmd_rm)
 
     s = sub.add_parser("mounts", help="list active layerfs mounts")
     s.add_argument("-q", "--quiet", action="store_true", help="only mount points")
