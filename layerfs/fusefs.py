@@ -285,9 +285,9 @@ class LayerFS(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         try:
-            node = self._node(fh)
-            if node.inline is not None or node.layer < 0 or off >= node.size:   # no I/O: answer right here
-                return self.tree.read(fh, off, size)
+            data = self.tree.read_nowait(fh, off, size)   # inline data, holes, decoded spans: no thread hop
+            if data is not None:
+                return data
             return await trio.to_thread.run_sync(self.tree.read, fh, off, size, limiter=self._limiter)
         except Exception as e:
             raise _failure("read", (fh, off, size), e) from None

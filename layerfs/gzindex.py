@@ -627,6 +627,11 @@ class SpanCache:
                 self._bytes -= old.nbytes
             return e
 
+    def peek(self, key: object):
+        """The entry for *key* if cached, else None; never creates one (no stats)."""
+        with self._lock:
+            return self._items.get(key)
+
     def discard(self, key: object, e: object) -> None:
         with self._lock:
             if self._items.get(key) is e:
@@ -672,6 +677,10 @@ class _GzipSpan:
                         self.decoder = None
         with memoryview(self.buf) as mv:
             return bytes(mv[a:b])
+
+    def ready(self, b: int) -> bool:
+        """True when bytes up to *b* are decoded: get() will not block on I/O or inflation."""
+        return b <= self.filled
 
 
 class BlobReader:
@@ -751,6 +760,21 @@ class _SpannedReader(BlobReader):
     def _decode(self, key: object, start: int, skip: int, length: int) -> bytes:
         """Uncached: ``length`` bytes at ``start + skip``."""
         raise NotImplementedError
+
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """The bytes when every span they touch is already decoded in the cache,
+        else None: a read that never blocks (the FUSE adapter answers it inline)."""
+        offset, end = self._range(offset, length)
+        parts = []
+        while offset < end:
+            key, s0, s1 = self._span_of(offset)
+            stop = min(end, s1)
+            entry = self._cache.peek((self._token, key))
+            if entry is None or not entry.ready(stop - s0):
+                return None
+            parts.append(entry.get(offset - s0, stop - s0))
+            offset = stop
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def read(self, offset: int, length: int) -> bytes:
         offset, end = self._range(offset, length)
@@ -837,6 +861,9 @@ class _ZstdPiece:
         self.data: bytes | None = None
         self.nbytes = size
         self.lock = threading.Lock()
+
+    def ready(self, b: int) -> bool:
+        return self.data is not None
 
     def get(self, a: int, b: int) -> bytes:
         if self.data is None:

@@ -809,3 +809,19 @@ def test_shared_span_cache(indexed, zstd_blob):
     assert all(k[0] is r2._token for k in cache._items)
     r2.close()
     assert cache.nbytes == 0
+
+
+@pytest.mark.parametrize("comp", ["gzip", "zstd"])
+def test_read_cached_never_decodes(comp, tar_data, tmp_path):
+    """read_cached answers only from spans already decoded in the cache, else None."""
+    blob = GZIP_MAKERS[sorted(GZIP_MAKERS)[0]](tar_data) if comp == "gzip" else \
+        __import__("zstandard").ZstdCompressor().compress(tar_data)
+    path = write(tmp_path, "layer", blob)
+    with open_reader(path, comp, None, cache_bytes=64 * MiB) as r:
+        assert r.read_cached(1000, 5000) is None          # nothing decoded yet
+        misses = r.cache_stats[1]
+        assert r.read(1000, 5000) == tar_data[1000:6000]
+        assert r.read_cached(1000, 5000) == tar_data[1000:6000]
+        assert r.read_cached(1200, 100) == tar_data[1200:1300]
+        assert r.read_cached(len(tar_data) - 10, 10) in (None, tar_data[-10:])   # decoded ahead, or not
+        assert r.cache_stats[1] == misses + 1              # read_cached created no entries
