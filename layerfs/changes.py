@@ -7,6 +7,9 @@ in ``MountRecord.upper``) is a real directory mirroring paths:
   (the OCI whiteout form, so a commit tars it as is);
 * ``DIR/.wh..wh..opq`` (an empty regular file) makes ``DIR`` opaque: a lower
   directory removed and created again, nothing of the lower ``DIR`` shows;
+* as in an OCI layer a whiteout hides the *lower* entry only: an upper
+  ``NAME`` beside ``.wh.NAME`` shows (a directory is then not merged with the
+  lower one), and a commit keeps both, the whiteout first;
 * ownership and mode the host could not take (rootless) are in the xattr
   ``user.layerfs.override_stat`` = ``UID:GID:MODE`` (MODE octal, with
   setuid/setgid/sticky); a device node that could not be created is an empty
@@ -468,8 +471,9 @@ def _image_name(rec) -> str:
 
 
 def resolve_target(store: Store, text: str, *, image: str | None = None) -> Target:
-    """What ``diff``/``commit``/``export`` act on: a mount point (or the upper dir of a mount),
-    or, with *image*, an upper directory over that local image."""
+    """What ``diff``/``commit`` act on: a mount point (or the upper dir of a mount), an upper
+    directory the store kept after its mount ended (by path or id), or, with *image*, any
+    upper directory over that local image."""
     from .mount import mounts
     real = _abs(text)
     records = mounts(store) if (store.root / "mounts").is_dir() else []
@@ -488,6 +492,9 @@ def resolve_target(store: Store, text: str, *, image: str | None = None) -> Targ
             raise StoreError(f"mount {rec.mountpoint}: {rec.manifest_digest} is not an image manifest")
         return Target(m, rec.layer, rec.image, Path(rec.upper) if rec.upper else None, rec.mountpoint)
     if image is None:
+        stored = _stored_upper(store, text, real)
+        if stored is not None:
+            return stored
         if os.path.isdir(real):
             raise UnknownTarget(f"{text} is not a layerfs mount point",
                                 hint="list mounts with 'layerfs mounts'; for an upper directory name its image "
@@ -497,6 +504,31 @@ def resolve_target(store: Store, text: str, *, image: str | None = None) -> Targ
         raise UnknownTarget(f"upper directory {text} does not exist or is not a directory")
     rec, m = store.resolve(image)
     return Target(m, None, _image_name(rec), Path(real))
+
+
+def _stored_upper(store: Store, text: str, real: str) -> Target | None:
+    """An upper directory the store keeps after its mount ended (``ROOT/uppers/<id>/upper``, named by
+    path or by id): its ``info.json`` names the image it was made on."""
+    base = store.root / "uppers"
+    path = Path(real)
+    if "/" not in text and (base / text / "upper").is_dir():
+        path = base / text / "upper"
+    if path.name != "upper" or _abs(str(path.parent.parent)) != _abs(str(base)) or not path.is_dir():
+        return None
+    try:
+        info = json.loads((path.parent / "info.json").read_bytes())
+        digest = Digest.parse(info["manifest_digest"])
+        image = str(info.get("image") or digest)
+    except (OSError, ValueError, KeyError, TypeError, LayerfsError):
+        return None
+    try:
+        m = store.manifest(digest)
+    except StoreError:
+        raise ImageNotFound(f"the image of upper directory {path} ({image}) is gone from the store") from None
+    if not isinstance(m, Manifest):
+        return None
+    layer = info.get("layer")
+    return Target(m, layer if isinstance(layer, int) and not isinstance(layer, bool) else None, image, path)
 
 
 # --- an image plus an upper directory, as one merged tree ---------------------------------------

@@ -346,6 +346,18 @@ def test_diff_small_cases(store, tmp_path):
     assert d(lambda u: ((u / "link").mkdir(), (u / "link/x").write_bytes(b""))) == ["C /link", "A /link/x"]
 
 
+def test_upper_kept_by_the_store_after_its_mount(store, capsys):
+    """``ROOT/uppers/<id>/upper`` with ``info.json`` (written by mount) is found by path or id, no --image."""
+    base = store.root / "uppers" / "0123456789ab"
+    (base / "upper/etc").mkdir(parents=True)
+    (base / "upper/etc/.wh.motd").write_bytes(b"")
+    (base / "info.json").write_text(json.dumps({"id": "0123456789ab", "image": BASE,
+                                                "manifest_digest": str(store.resolve(BASE)[1].digest)}))
+    for target in ("0123456789ab", base / "upper"):
+        code, out, err = run(["diff", target], capsys)
+        assert (code, out) == (0, "C /etc\nD /etc/motd\n"), err
+
+
 def test_diff_and_commit_of_a_read_only_mount_or_bad_targets(store, tmp_path, capsys):
     code, out, err = run(["diff", tmp_path / "nowhere"], capsys)
     assert code == 1 and err.startswith("layerfs: error: unknown mount point") and err.count("\n") == 1
