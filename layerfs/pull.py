@@ -8,6 +8,7 @@ its size. A download cut short resumes with ``Range`` from what is on disk.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -70,6 +71,45 @@ def layer_facts_from_blob(store: Store, desc: Descriptor) -> dict:
     return info
 
 
+class _Feeder:
+    """Feeds a :class:`LayerIndexer` from its own thread behind a small bounded queue.
+
+    The download thread then only receives, writes and hashes the compressed
+    bytes, while inflating (C, without the GIL) runs on the other core: one
+    big layer no longer bounds the pull to one core. A content error is
+    kept (the digest judges first) and later chunks are dropped."""
+
+    _STOP = object()
+
+    def __init__(self, indexer: LayerIndexer):
+        self.indexer = indexer
+        self.error: BaseException | None = None
+        self._q: queue.Queue = queue.Queue(8)
+        self._thread = threading.Thread(target=self._run, name="layer-inflate", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._q.get()
+            if chunk is _Feeder._STOP:
+                return
+            if self.error is None:
+                try:
+                    self.indexer.feed(chunk)
+                except BaseException as e:   # noqa: BLE001 - reported by join()
+                    self.error = e
+
+    def feed(self, chunk: bytes) -> None:
+        self._q.put(chunk)
+
+    def join(self) -> BaseException | None:
+        """Wait until every chunk fed is consumed; the first error, if any."""
+        if self._thread.is_alive():
+            self._q.put(_Feeder._STOP)
+            self._thread.join()
+        return self.error
+
+
 class LayerWriter:
     """The one streaming pass of a layer blob into the store, shared by pull and local imports.
 
@@ -95,17 +135,18 @@ class LayerWriter:
         self._file = None
         self.hasher = None
         self.indexer: LayerIndexer | None = None
+        self._feeder: _Feeder | None = None
 
     def start(self, offset: int = 0) -> None:
         """(Re)start at *offset*: bytes already in the partial file are hashed and indexed first (resume)."""
-        if self.indexer is not None:
-            self.indexer.close()
+        self._stop_indexer()
         self.content_error = None
         self.hasher = self.desc.digest.hasher()
         self.indexer = LayerIndexer(self.compression, where=f"layer {self.desc.digest.short}",
                                     digest=self.desc.digest)
+        self._feeder = _Feeder(self.indexer)
         if offset:
-            self.ing.hash_existing(_Tee(self.hasher, self.indexer), offset)
+            self.ing.hash_existing(_Tee(self.hasher, self._feeder), offset)
         if self._file is not None:
             self._file.close()
         self._file = self.ing.open(offset)
@@ -117,11 +158,7 @@ class LayerWriter:
                                where=self.where)
         self._file.write(chunk)
         self.hasher.update(chunk)
-        if self.content_error is None:
-            try:
-                self.indexer.feed(chunk)
-            except (TarError, ContentError) as e:   # judged after the digest
-                self.content_error = e
+        self._feeder.feed(chunk)
         self.offset += len(chunk)
 
     def flush(self) -> None:
@@ -131,6 +168,12 @@ class LayerWriter:
         """Verify the blob (digest, size, then its content) and move it into ``blobs/``."""
         got = self.hasher.hexdigest()
         index = None
+        err = self._feeder.join()
+        if err is not None:
+            if not isinstance(err, (TarError, ContentError)):
+                self.indexer.close()
+                raise err
+            self.content_error = err       # judged after the digest
         if got == self.desc.digest.hex:
             try:
                 if self.content_error is None:
@@ -163,10 +206,20 @@ class LayerWriter:
         self.store.set_layer_info(self.desc.digest, info)
         return info
 
-    def abandon(self) -> None:
-        """Give up: stop the indexer and delete the partial file."""
+    def stop_threads(self) -> None:
+        """Stop the indexing threads (idempotent); the partial file stays for a later resume."""
+        self._stop_indexer()
+
+    def _stop_indexer(self) -> None:
+        if self._feeder is not None:
+            self._feeder.join()
+            self._feeder = None
         if self.indexer is not None:
             self.indexer.close()
+
+    def abandon(self) -> None:
+        """Give up: stop the indexer and delete the partial file."""
+        self._stop_indexer()
         self.ing.discard()
 
 
@@ -323,50 +376,58 @@ class Puller:
             if self.store.has_blob(desc.digest, desc.size):  # another process finished it meanwhile
                 self.progress(short, "Already exists")
                 return
-            attempts = 0
             w = LayerWriter(self.store, desc, ing, compression=compression, where=where)
             offset = ing.offset
             if offset:
                 log.info("resuming %s at %d of %d bytes", short, offset, desc.size)
             w.start(offset)
-            while True:
+            try:
+                self._transfer(client, repo, desc, ing, w, diff_id)
+            finally:
+                w.stop_threads()   # a partial kept for resume needs no indexer threads
+
+    def _transfer(self, client: RegistryClient, repo: str, desc: Descriptor, ing, w: "LayerWriter",
+                  diff_id: Digest | None) -> None:
+        short = desc.digest.short
+        attempts = 0
+        while True:
+            try:
+                resp = client.open_blob(repo, desc, start=w.offset)
+                if resp.start != w.offset:  # the registry ignored Range: start over
+                    w.start(0)
                 try:
-                    resp = client.open_blob(repo, desc, start=w.offset)
-                    if resp.start != w.offset:  # the registry ignored Range: start over
-                        w.start(0)
-                    try:
-                        for chunk in resp.chunks():
-                            w.feed(chunk)
-                            self.progress(short, "Downloading", w.offset, desc.size)
-                    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-                        if isinstance(e, OSError) and not isinstance(e, (ConnectionError, TimeoutError)) \
-                                and getattr(e, "errno", None) is not None:
-                            raise  # disk errors are not the network's fault
-                        raise RegistryUnreachable(f"blob {short}: connection lost after {w.offset} of {desc.size} "
-                                                  f"bytes: {_short_exc(e)}", registry=client.registry) from None
-                    finally:
-                        resp.close()
-                    if w.offset < desc.size:
-                        raise RegistryUnreachable(f"blob {short}: response ended after {w.offset} of {desc.size} "
-                                                  f"bytes", registry=client.registry)
-                    break
-                except RegistryError as e:
-                    if not e.temporary or attempts >= client.options.max_retries:
-                        w.flush()
-                        raise
-                    attempts += 1
-                    delay = client._backoff(attempts - 1, e.retry_after)
-                    log.info("%s; retrying from byte %d in %.1fs", e.message, w.offset, delay)
+                    for chunk in resp.chunks():
+                        w.feed(chunk)
+                        self.progress(short, "Downloading", w.offset, desc.size)
+                except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+                    if isinstance(e, OSError) and not isinstance(e, (ConnectionError, TimeoutError)) \
+                            and getattr(e, "errno", None) is not None:
+                        raise  # disk errors are not the network's fault
+                    raise RegistryUnreachable(f"blob {short}: connection lost after {w.offset} of {desc.size} "
+                                              f"bytes: {_short_exc(e)}", registry=client.registry) from None
+                finally:
+                    resp.close()
+                if w.offset < desc.size:
+                    raise RegistryUnreachable(f"blob {short}: response ended after {w.offset} of {desc.size} "
+                                              f"bytes", registry=client.registry)
+                break
+            except RegistryError as e:
+                if not e.temporary or attempts >= client.options.max_retries:
                     w.flush()
-                    threading.Event().wait(delay)
-                except OSError as e:
-                    ing.discard()
-                    raise _os_error(e, f"blob {desc.digest}") from None
-            self.progress(short, "Verifying Checksum")
-            index = w.commit()
-            self.progress(short, "Download complete")
-            w.record(index, diff_id)
-            self.progress(short, "Pull complete")
+                    raise
+                attempts += 1
+                delay = client._backoff(attempts - 1, e.retry_after)
+                log.info("%s; retrying from byte %d in %.1fs", e.message, w.offset, delay)
+                w.flush()
+                threading.Event().wait(delay)
+            except OSError as e:
+                ing.discard()
+                raise _os_error(e, f"blob {desc.digest}") from None
+        self.progress(short, "Verifying Checksum")
+        index = w.commit()
+        self.progress(short, "Download complete")
+        w.record(index, diff_id)
+        self.progress(short, "Pull complete")
 
 
 class _Tee:
