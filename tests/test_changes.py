@@ -654,6 +654,13 @@ def test_writable_mount_diff_commit_export(store, tmp_path, capsys):
         seen = without_dir_mtimes(dir_snapshot(mnt))
         code, out, err = run(["export", mnt, "-o", tmp_path / "mnt.tar"], capsys)
         assert code == 0, err
+        # the new image mounts at once and shows what the writable mount showed
+        from layerfs.mount import MountOptions, mount_image
+        from mounthelpers import track
+        mnt2 = tmp_path / "mnt2"
+        mnt2.mkdir()
+        track(mnt2, mount_image(store, "localhost/test/rw:1", mnt2, MountOptions(read_only=True)).pid)
+        assert without_dir_mtimes(dir_snapshot(mnt2)) == seen
     rec, m = store.resolve("localhost/test/rw:1")
     committed = tree_snapshot(open_image_tree(store, m))
     assert without_dir_mtimes(committed) == seen
