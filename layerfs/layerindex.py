@@ -703,7 +703,9 @@ class LayerIndex:
     """The TOC of one layer blob: entries, diff_id, sizes and the gzindex checkpoints.
 
     There is one record per path (a later duplicate replaces an earlier one,
-    as extraction does), in archive order of the surviving records.
+    as extraction does), in archive order of the surviving records; a hard
+    link keeps the file its target held when the link was read (see
+    :func:`_dedupe`).
     :attr:`entries` gives them as :class:`Entry` tuples; :meth:`rows` as
     plain tuples in the same field order (cheaper, for bulk consumers such
     as the union view). After :meth:`load` the records are decoded on first use.
@@ -1042,14 +1044,54 @@ class LayerIndexer:
 
 
 def _dedupe(entries: list[Entry]) -> list[Entry]:
-    """One entry per path, the last one (tar extraction overwrites)."""
+    """One entry per path, the last one (tar extraction overwrites).
+
+    A hard link names the file its target path held *when the link was
+    read*: extraction links to that inode, and a later member of the target
+    path replaces the name only (``a``, ``b`` linked to ``a``, ``a`` again:
+    ``b`` keeps the first ``a``). When that first entry is dropped here, the
+    first surviving link to it takes its place (a copy of its record under
+    the link's path: its data is still in the stream) and the other links to
+    it are pointed at that path. A link to a name not read yet is left as it
+    is (resolved against the final entries, as before).
+    """
     last: dict[str, int] = {}
     for i, e in enumerate(entries):
         last[e.path] = i
     if len(last) == len(entries):
         return entries
+    # for every hard link: the entry that made the inode its target named at that moment
+    current: dict[str, int] = {}
+    root: dict[int, int] = {}
+    for i, e in enumerate(entries):
+        if e.type == HARDLINK:
+            j = current.get(e.linkname)
+            if j is not None:
+                r = root.get(j) if entries[j].type == HARDLINK else j
+                if r is not None and entries[r].type != DIR:
+                    root[i] = r
+        current[e.path] = i
     keep = sorted(last.values())
-    return [entries[i] for i in keep]
+    out = [entries[i] for i in keep]
+    if not root:
+        return out
+    surviving = set(keep)
+    named: dict[int, str] = {}       # inode's entry -> the surviving path that now carries it
+    for k, i in enumerate(keep):
+        r = root.get(i)
+        if r is None:
+            continue
+        e = out[k]
+        if r in surviving:
+            t = last[e.linkname]
+            if t != r and root.get(t) != r:          # the target path was written again after the link
+                out[k] = e._replace(linkname=entries[r].path)
+        elif r in named:
+            out[k] = e._replace(linkname=named[r])
+        else:                                          # the inode's own entry is gone: this name takes it over
+            out[k] = entries[r]._replace(path=e.path)
+            named[r] = e.path
+    return out
 
 
 # --- the store side ----------------------------------------------------------------
