@@ -18,7 +18,9 @@ attribute-only invalidations (no inode lock is involved, so no deadlock):
 a lower directory becoming merged (``st_nlink`` 1), a hard-linked lower
 file copied up. Names of lower hard-linked files get entry timeout 0, so the
 kernel looks them up on every path walk: their inode can change when another
-name of the same lower file is copied up. Everything else keeps long
+name of the same lower file is copied up; files opened by such names use direct I/O (the page
+cache belongs to the inode, and its names may become different files).
+Everything else keeps long
 timeouts, negative entries included; file data stays in the page cache
 across opens (``keep_cache``): only this mount writes the upper directory.
 """
@@ -297,6 +299,8 @@ class OverlayFS(pyfuse3.Operations):
     @_wrap
     async def open(self, inode, flags, ctx):
         fh = await self._run(self.ovl.open, inode, flags)
+        if self.ovl.handle_is_shared(fh):      # one name of a lower hard-linked file: no page cache
+            return FileInfo(fh=fh, keep_cache=False, direct_io=True)
         return FileInfo(fh=fh, keep_cache=True)
 
     @_wrap

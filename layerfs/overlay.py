@@ -220,13 +220,15 @@ class File:
 class Handle:
     """An open file: the upper fd, or None while reading a lower file."""
 
-    __slots__ = ("ino", "fd", "writable", "lower_ino")
+    __slots__ = ("ino", "fd", "writable", "lower_ino", "link")
 
-    def __init__(self, ino: int, fd: int | None, writable: bool, lower_ino: int):
+    def __init__(self, ino: int, fd: int | None, writable: bool, lower_ino: int,
+                 link: tuple[int, str] | None = None):
         self.ino = ino
         self.fd = fd
         self.writable = writable
         self.lower_ino = lower_ino
+        self.link = link          # the name a lower hard-linked file was opened by
 
 
 def _locked(method):
@@ -765,6 +767,11 @@ class Overlay:
             self.inodes[rest.ino] = rest
             self._alias[node.ino] = rest.ino
             f.links = {link: None}
+            for h in self.handles.values():     # files opened by the other names stay theirs
+                if h.ino == f.ino and h.link is not None and h.link in rest.links:
+                    h.ino = rest.ino
+                    f.nopen -= 1
+                    rest.nopen += 1
         return link
 
     def _copy_data(self, node: Node, tmp: str, size: int) -> None:
@@ -1281,7 +1288,8 @@ class Overlay:
         else:
             fd = None
         f.nopen += 1
-        return self._new_handle(Handle(f.ino, fd, write, f.lower.ino if f.lower is not None else 0))
+        link = self._last_name.get(f.ino) if f.lower is not None and not f.upper else None
+        return self._new_handle(Handle(f.ino, fd, write, f.lower.ino if f.lower is not None else 0, link))
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles.get(fh)
@@ -1306,6 +1314,12 @@ class Overlay:
         h = self.handles.get(fh)
         if h is not None and h.fd is not None:
             (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    def handle_is_shared(self, fh: int) -> bool:
+        """True for a file opened by one name of a lower hard-linked file: its data must bypass the
+        kernel's page cache (which belongs to the inode, and the names may become different files)."""
+        h = self.handles.get(fh)
+        return h is not None and h.link is not None
 
     def handle_needs_io(self, fh: int) -> bool:
         h = self.handles.get(fh)
