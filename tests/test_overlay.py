@@ -417,3 +417,72 @@ def test_rootless_owner_mode_and_devices_go_to_the_override_xattr(upper, monkeyp
         assert (su.uid, stat.S_IMODE(su.mode)) == (1234, 0o511)
     finally:
         o.close()
+
+
+# --- writable mounts through the CLI ---------------------------------------------------------------
+
+def _cli(store, *args, check=True):
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "layerfs", "--root", str(store.root), *args], capture_output=True,
+                       text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_cli_writable_mounts_uppers_and_removal(tmp_path):
+    from mounthelpers import put_image, require_fuse, track, watchdog
+    from layerfs.imagebuild import LayerBuilder, build_image
+    from layerfs.mount import mounts, uppers_dir
+    from layerfs.store import Store
+    require_fuse()
+    store = Store(tmp_path / "store")
+    put_image(store, "docker.io/library/w:1",
+              build_image([LayerBuilder().add_dir("etc").add_file("etc/motd", b"hi\n").build()]))
+    m = tmp_path / "m"
+    m.mkdir()
+    with watchdog(60):
+        _cli(store, "mount", "w:1", str(m))                 # writable by default, upper in the store
+        [rec] = mounts(store)
+        track(m, rec.pid)
+        mid = Path(rec.upper).parent.name
+        assert Path(rec.upper) == uppers_dir(store) / mid / "upper" and len(mid) == 12
+        (m / "etc/motd").write_bytes(b"changed\n")
+        os.unlink(m / "etc/motd")
+        (m / "new").write_bytes(b"n")
+        assert (Path(rec.upper) / "etc/.wh.motd").exists()
+        assert rec.upper in _cli(store, "mounts").stdout
+        _cli(store, "umount", str(m))
+        assert (uppers_dir(store) / mid / "upper" / "new").exists()          # kept after unmounting
+        # remounting with that upper shows the changes; a read-only view of it refuses new ones
+        _cli(store, "mount", "--read-only", "--upper", rec.upper, "w:1", str(m))
+        track(m, mounts(store)[0].pid)
+        assert sorted(os.listdir(m)) == ["etc", "new"] and os.listdir(m / "etc") == []
+        assert errno_of(os.unlink, m / "new") == errno.EROFS
+        p = _cli(store, "rm", mid, check=False)
+        assert p.returncode == 1 and "in use" in p.stderr
+        _cli(store, "umount", str(m))
+        _cli(store, "rm", mid)
+        assert not (uppers_dir(store) / mid).exists()
+        # --upper DIR: made if missing, kept by umount --rm; a second mount of one upper is refused
+        up = tmp_path / "myupper"
+        _cli(store, "mount", "--upper", str(up), "w:1", str(m))
+        track(m, mounts(store)[0].pid)
+        (m / "x").write_bytes(b"x")
+        m2 = tmp_path / "m2"
+        m2.mkdir()
+        p = _cli(store, "mount", "--upper", str(up), "w:1", str(m2), check=False)
+        assert p.returncode == 1 and "in use" in p.stderr
+        p = _cli(store, "umount", "--rm", str(m))
+        assert "kept" in p.stderr and (up / "x").read_bytes() == b"x"
+        assert (tmp_path / ".myupper.work").is_dir()
+        # umount --rm deletes a store upper
+        _cli(store, "mount", "w:1", str(m))
+        [rec] = mounts(store)
+        track(m, rec.pid)
+        _cli(store, "umount", "--rm", str(m))
+        assert not Path(rec.upper).exists() and list(uppers_dir(store).iterdir()) == []
+        assert mounts(store) == []
