@@ -148,7 +148,9 @@ class OverlayFS(pyfuse3.Operations):
     @_wrap
     async def lookup(self, parent_inode, name, ctx=None):
         try:
-            a = await self._run(self.ovl.lookup, parent_inode, _name(name))
+            a = self.ovl.try_lookup(parent_inode, _name(name))      # lower entries: no thread needed
+            if a is None:
+                a = await self._run(self.ovl.lookup, parent_inode, _name(name))
         except FileNotFoundError:
             return self._negative()
         except OSError as e:
@@ -158,13 +160,16 @@ class OverlayFS(pyfuse3.Operations):
         return self._entry(a)
 
     async def forget(self, inode_list):
-        pass    # inodes live as long as the overlay (unlinked ones go when their last handle closes)
+        # inodes with names live as long as the overlay; a forgotten one without names goes
+        for ino, _ in inode_list:
+            self.ovl.forget(ino)
 
     @_wrap
     async def getattr(self, inode, ctx=None):
-        if self.ovl.is_plain(inode):
-            return self._entry(self.ovl.getattr(inode))
-        return self._entry(await self._run(self.ovl.getattr, inode))
+        a = self.ovl.try_getattr(inode)
+        if a is None:
+            a = await self._run(self.ovl.getattr, inode)
+        return self._entry(a)
 
     @_wrap
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -255,7 +260,10 @@ class OverlayFS(pyfuse3.Operations):
     # -- directories ----------------------------------------------------------------------------------------
     @_wrap
     async def opendir(self, inode, ctx):
-        if not stat.S_ISDIR((await self._run(self.ovl.getattr, inode)).mode):
+        a = self.ovl.try_getattr(inode)
+        if a is None:
+            a = await self._run(self.ovl.getattr, inode)
+        if not stat.S_ISDIR(a.mode):
             raise FUSEError(errno.ENOTDIR)
         fh = self._next_dir_fh
         self._next_dir_fh += 1
@@ -265,14 +273,26 @@ class OverlayFS(pyfuse3.Operations):
     async def _snapshot(self, fh: int) -> list[tuple[bytes, Attr]]:
         ino = self._dir_ino[fh]
 
-        def listing():
-            here = self.ovl.getattr(ino)
-            try:
-                up = self.ovl.getattr(self.ovl.parent_of(ino))
-            except OSError:
-                up = here
-            return [(b".", here), (b"..", up)] + [(os.fsencode(n), a) for n, a in self.ovl.readdir(ino)]
-        snap = await self._run(listing)
+        def listing(nowait: bool = False):
+            if nowait:
+                entries = self.ovl.try_readdir(ino)
+                if entries is None:
+                    return None
+                here = self.ovl.try_getattr(ino)
+                up = self.ovl.try_getattr(self.ovl.parent_of(ino))
+                if here is None or up is None:
+                    return None
+            else:
+                entries = self.ovl.readdir(ino)
+                here = self.ovl.getattr(ino)
+                try:
+                    up = self.ovl.getattr(self.ovl.parent_of(ino))
+                except OSError:
+                    up = here
+            return [(b".", here), (b"..", up)] + [(os.fsencode(n), a) for n, a in entries]
+        snap = listing(nowait=True)          # a lower-only directory: no thread needed
+        if snap is None:
+            snap = await self._run(listing)
         self._dirs[fh] = snap
         return snap
 

@@ -203,7 +203,7 @@ class Dir:
 class File:
     """A non-directory of the merged view that is no longer a plain lower file."""
 
-    __slots__ = ("ino", "lower", "upper", "links", "anon_fd", "override", "nopen", "dead")
+    __slots__ = ("ino", "lower", "upper", "links", "anon_fd", "override", "nopen", "dead", "dead_attr")
     is_dir = False
 
     def __init__(self, ino: int, lower: Node | None, upper: bool):
@@ -215,6 +215,8 @@ class File:
         self.override = _UNKNOWN
         self.nopen = 0
         self.dead = False
+        self.dead_attr: Attr | None = None   # what fstat shows once its last name is gone (fifos open
+                                             # without asking us, so they are never "open" here)
 
 
 class Handle:
@@ -545,6 +547,8 @@ class Overlay:
                 return self._upper_attr(i, self._fpath(i))
             if i.anon_fd is not None:
                 return self._upper_attr(i, self._fpath(i), os.fstat(i.anon_fd))
+            if i.dead_attr is not None:
+                return i.dead_attr
             raise _err(errno.ENOENT)
         return self._node_attr(ino, i.lower)  # type: ignore[arg-type]
 
@@ -981,6 +985,9 @@ class Overlay:
         if f.upper:
             if last and f.nopen > 0 and f.anon_fd is None:
                 f.anon_fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            elif last:
+                f.dead_attr = self._upper_attr(f, path)
+                f.dead_attr.nlink = 0
             os.unlink(path)
         del f.links[(d.ino, name)]
         if not f.links:
@@ -993,9 +1000,20 @@ class Overlay:
             with contextlib.suppress(OSError):
                 os.close(f.anon_fd)
             f.anon_fd = None
-        # keep plain-lower inode numbers resolvable as "gone": a File without names
-        if f.upper and f.ino >= len(self.nodes):
+        # kept until the kernel forgets the inode (see forget): fstat of an open fifo, devices
+        if f.upper and f.dead_attr is None and f.ino >= len(self.nodes):
             self.inodes.pop(f.ino, None)
+
+    def forget(self, ino: int) -> None:
+        """The kernel dropped *ino*: a file without names is gone for good (never waits for the lock)."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            f = self.inodes.get(ino)
+            if isinstance(f, File) and f.dead and not f.links and f.nopen <= 0 and f.ino >= len(self.nodes):
+                del self.inodes[ino]
+        finally:
+            self._lock.release()
 
     @_locked
     def unlink(self, parent: int, name: str) -> None:
@@ -1130,6 +1148,9 @@ class Overlay:
             last = len(tgt.links) == 1
             if last and tgt.nopen > 0 and tgt.anon_fd is None:
                 tgt.anon_fd = os.open(new, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            elif last:
+                tgt.dead_attr = self._upper_attr(tgt, new)
+                tgt.dead_attr.nlink = 0
         os.rename(old, new)
         self._drop_whiteout(d2, p2, new_name)
         # bookkeeping
@@ -1342,6 +1363,55 @@ class Overlay:
     # -- the file system --------------------------------------------------------------------------------------------
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.upper_root)
+
+    # -- answers without I/O (for the FUSE adapter's event loop) ---------------------------------------
+    def _memory_only(self, ino: int) -> bool:
+        i = self.inodes.get(ino)
+        if i is None:
+            return 0 < ino < len(self.nodes)
+        return not i.upper
+
+    def try_lookup(self, parent: int, name: str) -> Attr | None:
+        """:meth:`lookup` if it needs no disk I/O and the lock is free, else None (raises ENOENT etc.)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            d = self.inodes.get(parent)
+            if not isinstance(d, Dir) or (d.entries is None and d.upper) or name in (".", ".."):
+                return None
+            ino = self._entries(d).get(name)
+            if ino is None:
+                raise _err(errno.ENOENT)
+            if not self._memory_only(ino):
+                return None
+            a = self._attr(ino)
+            if a.volatile:
+                self._last_name[ino] = (d.ino, name)
+            return a
+        finally:
+            self._lock.release()
+
+    def try_getattr(self, ino: int) -> Attr | None:
+        if not self._memory_only(ino) or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self._attr(ino)
+        finally:
+            self._lock.release()
+
+    def try_readdir(self, ino: int) -> list[tuple[str, Attr]] | None:
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            d = self.inodes.get(ino)
+            if not isinstance(d, Dir) or d.upper or d.dead:
+                return None
+            entries = self._entries(d)
+            if not all(self._memory_only(c) for c in entries.values()):
+                return None
+            return [(name, self._attr(c)) for name, c in entries.items()]
+        finally:
+            self._lock.release()
 
     def is_plain(self, ino: int) -> bool:
         """True for an untouched lower file (its attributes and data need no I/O on the upper)."""
