@@ -313,6 +313,7 @@ class Overlay:
         self._clean_work()
         if fresh:   # the mount's root shows the image root's mode, owner and times
             root = self.nodes[ROOT_INO]
+            assert root is not None
             self._apply_stat(self.upper_root, stat.S_IFDIR, root.uid, root.gid, stat.S_IMODE(root.mode))
             os.utime(self.upper_root, ns=(root.mtime_ns, root.mtime_ns))
 
@@ -435,6 +436,7 @@ class Overlay:
                 if name in upper or name in wh:
                     continue
                 node = nodes[lino]
+                assert node is not None
                 if node.is_dir:
                     self.inodes[lino] = Dir(lino, d.ino, name, node, False)
                     entries[name] = lino
