@@ -470,7 +470,7 @@ class _TarScanner:
 
 # --- the layer index -------------------------------------------------------------
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: hard links keep the file their target named when read (rewritten names)
 _MAGIC = b"LFSLIDX\n"
 _HEAD = struct.Struct("<8sIIQ")         # magic, version, flags, xxh3_64 of everything after the head
 _SECTIONS = struct.Struct("<IQQ")       # meta length, records length, checkpoints length

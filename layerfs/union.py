@@ -311,7 +311,7 @@ def _to_tree(top: _M, readers: list) -> MergedTree:
 
 # --- the tree cache -------------------------------------------------------------------
 
-TREE_FORMAT_VERSION = 1
+TREE_FORMAT_VERSION = 2   # built from version-2 layer indexes
 _TREE_MAGIC = b"LFSTREE\n"
 
 

@@ -457,7 +457,9 @@ def test_corrupt_truncated_and_old_index_files_raise(tmp_path):
         b = bytearray(good)
         b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
         cases.append(bytes(b))
-    cases += [_rewrite_head(good, version=0), _rewrite_head(good, version=2), _rewrite_head(good, magic=b"NOTANIDX"),
+    from layerfs.layerindex import FORMAT_VERSION
+    cases += [_rewrite_head(good, version=FORMAT_VERSION - 1), _rewrite_head(good, version=FORMAT_VERSION + 1),
+              _rewrite_head(good, version=0), _rewrite_head(good, magic=b"NOTANIDX"),
               good + b"\0"]
     for data in cases:
         p.write_bytes(data)
@@ -623,10 +625,10 @@ def test_load_or_build_on_a_read_only_store(tmp_path, monkeypatch, caplog):
 
 def test_damaged_records_behind_a_valid_checksum_fail_cleanly():
     """Random damage the checksum cannot see: IndexFormatError, or records the union view copes with."""
-    from layerfs.layerindex import pack_file, unpack_file
+    from layerfs.layerindex import FORMAT_VERSION, pack_file, unpack_file
     from layerfs.union import build_tree
     idx = index_bytes(RICH_TAR, None)
-    meta, (records, cps) = unpack_file(idx.to_bytes(), 1, 2)
+    meta, (records, cps) = unpack_file(idx.to_bytes(), FORMAT_VERSION, 2)
     raw = zstandard.ZstdDecompressor().decompress(bytes(records))
     rng = random.Random(4)
     rejected = 0
@@ -634,7 +636,7 @@ def test_damaged_records_behind_a_valid_checksum_fail_cleanly():
         b = bytearray(raw)
         for _ in range(rng.randint(1, 3)):
             b[rng.randrange(len(b))] = rng.choice([0, 1, 2, 0x2F, 0x2E, 0xFF, rng.randrange(256)])
-        data = pack_file(1, meta, [zstandard.ZstdCompressor().compress(bytes(b)), bytes(cps)])
+        data = pack_file(FORMAT_VERSION, meta, [zstandard.ZstdCompressor().compress(bytes(b)), bytes(cps)])
         try:
             back = LayerIndex.from_bytes(data)
             back.entries

@@ -753,10 +753,11 @@ def test_damaged_tree_cache_behind_a_valid_checksum_fails_cleanly(tmp_path):
     """Damage the checksum cannot see (a bug, or a hostile file): IndexFormatError or a usable tree, never a crash."""
     import zstandard
     from layerfs.layerindex import IndexFormatError, pack_file, unpack_file
+    from layerfs.union import TREE_FORMAT_VERSION
     tars = [make_tar(m) for m in LAYERS]
     readers = [BytesReader(t) for t in tars]
     save_tree(build_tree([index_of(t) for t in tars], readers), tmp_path / "t.tree")
-    meta, (body,) = unpack_file((tmp_path / "t.tree").read_bytes(), 1, 1, magic=b"LFSTREE\n")
+    meta, (body,) = unpack_file((tmp_path / "t.tree").read_bytes(), TREE_FORMAT_VERSION, 1, magic=b"LFSTREE\n")
     raw = zstandard.ZstdDecompressor().decompress(bytes(body))
     rng = random.Random(11)
     outcomes = collections.Counter()
@@ -766,7 +767,7 @@ def test_damaged_tree_cache_behind_a_valid_checksum_fails_cleanly(tmp_path):
             b[rng.randrange(len(b))] = rng.choice([0, 1, 0x7F, 0xFF, rng.randrange(256)])
         if rng.random() < 0.2:
             b = b[:rng.randrange(len(b))]
-        data = pack_file(1, meta, [zstandard.ZstdCompressor().compress(bytes(b))], magic=b"LFSTREE\n")
+        data = pack_file(TREE_FORMAT_VERSION, meta, [zstandard.ZstdCompressor().compress(bytes(b))], magic=b"LFSTREE\n")
         (tmp_path / "bad.tree").write_bytes(data)
         try:
             t = load_tree(tmp_path / "bad.tree", readers)
