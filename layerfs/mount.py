@@ -196,9 +196,20 @@ def check_mountpoint(path: str | os.PathLike[str], *, allow_nonempty: bool = Fal
     """Validate a mount point; return its real path or raise one clear :class:`MountError`."""
     shown = os.fspath(path)
     try:
-        st = os.stat(shown)
-    except FileNotFoundError:
-        raise MountError(f"mount point {shown} does not exist", hint=f"create it first: mkdir -p {shown}") from None
+        try:
+            st = os.stat(shown)
+        except FileNotFoundError:
+            # like docker's bind mounts: a missing last component is created (its parent must exist)
+            try:
+                os.mkdir(shown, 0o755)
+            except FileNotFoundError:
+                raise MountError(f"mount point {shown} does not exist, nor does its parent directory",
+                                 hint=f"create it first: mkdir -p {shown}") from None
+            except FileExistsError:
+                pass
+            st = os.stat(shown)
+    except MountError:
+        raise
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             raise MountError(f"{shown} is a dead FUSE mount (its daemon is gone)",

@@ -408,7 +408,14 @@ def test_mountpoint_errors(store, tmp_path):
             mount_tree(tree, path, MountOptions(**kw), store=store, image="tiny:1")
         return e.value.one_line()
 
-    assert "does not exist" in fails(tmp_path / "missing")
+    assert "does not exist" in fails(tmp_path / "missing" / "deeper")
+    # a missing last component is created, as docker does for bind mounts
+    created = tmp_path / "created"
+    rec = mount_tree(tree, created, MountOptions(), store=store, image="tiny:1")
+    try:
+        assert created.is_dir() and os.path.ismount(created)
+    finally:
+        umount(store, created)
     (tmp_path / "file").write_text("x")
     assert "not a directory" in fails(tmp_path / "file")
     full = tmp_path / "full"
@@ -560,7 +567,7 @@ def test_cli_errors_are_one_line(store, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [
-        (("mount", "two:1", str(tmp_path / "missing")), 1, "does not exist"),
+        (("mount", "two:1", str(tmp_path / "missing" / "deeper")), 1, "does not exist"),
         (("mount", "two:1", str(tmp_path)), 1, "is not empty"),
         (("umount", str(empty)), 1, "not a layerfs mount"),
         (("mount", "Bad_Name", str(empty)), 2, "invalid reference"),
