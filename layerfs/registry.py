@@ -117,13 +117,17 @@ class RegistryClient:
         self._challenge: Challenge | None = None
         self._challenge_known = False
         self._lock = threading.Lock()
+        self._creds_lock = threading.Lock()
 
     # -- credentials -------------------------------------------------------------
     def _credentials(self) -> Credentials | None:
-        if self._creds is None and not self._creds_loaded:
-            self._creds_loaded = True
-            store = self.options.credential_store or CredentialStore()
-            self._creds = store.get(self.registry)
+        if not self._creds_loaded:
+            with self._creds_lock:   # threads share the client: none may see "loaded" before the creds are
+                if not self._creds_loaded:
+                    if self._creds is None:
+                        store = self.options.credential_store or CredentialStore()
+                        self._creds = store.get(self.registry)
+                    self._creds_loaded = True
         return self._creds
 
     # -- token flow --------------------------------------------------------------
@@ -139,7 +143,7 @@ class RegistryClient:
         if challenge.params.get("service"):
             params["service"] = challenge.params["service"]
         # a scope argument may name several scopes separated by spaces (push + pull of another repo)
-        scopes = [s for x in (scope, challenge.params.get("scope")) if x for s in x.split()]
+        scopes = (scope or "").split()
         creds = self._credentials()
         auth = creds.basic if creds else None
         try:
@@ -185,7 +189,12 @@ class RegistryClient:
         return self.session.request(method, url, timeout=self.options.timeout, allow_redirects=False,
                                     verify=self.session.verify, **kw)
 
-    def _auth_header(self, scope: str | None, *, refresh: bool = False) -> str | None:
+    def _auth_header(self, scope: str | None, *, refresh: bool = False,
+                     extra_scope: str | None = None) -> str | None:
+        """The Authorization value for a request needing *scope*; with *refresh*, a new token
+        that also covers *extra_scope* (the scope of the 401 challenge that asked for it).
+        Tokens are cached by the exact set of scopes they were asked for, never mixed with
+        another request's challenge, so concurrent requests cannot get a token short of a scope."""
         ch = self._challenge
         if ch is None:
             return None
@@ -195,13 +204,16 @@ class RegistryClient:
                 return requests.auth._basic_auth_str(*creds.basic)
             return None
         if ch.scheme == "bearer":
-            key = scope or ""
+            base = " ".join(sorted(set((scope or "").split())))
+            wanted = (scope or "").split() + (extra_scope.split() if refresh and extra_scope else [])
+            key = " ".join(sorted(set(wanted)))
             with self._lock:
                 tok = self._tokens.get(key)
             if tok is None or refresh or not tok.valid():
-                tok = self._fetch_token(ch, scope)
+                tok = self._fetch_token(ch, key)
                 with self._lock:
                     self._tokens[key] = tok
+                    self._tokens[base] = tok   # covers more than the base scope: later requests reuse it
             return f"Bearer {tok.value}"
         return None
 
@@ -219,18 +231,19 @@ class RegistryClient:
         url = path if "://" in path else self.base + path
         max_retries = self.options.max_retries if retries is None else retries
         attempt = 0
-        refreshed = False
+        refreshes = 0
         while True:
             try:
                 r = self._send(method, url, scope=scope, headers=headers, stream=stream,
                                refresh=False, data=data)
-                if r.status_code == 401:
-                    new = self._learn_challenge(r)
-                    if new or not refreshed:
-                        r.close()
-                        refreshed = True
-                        r = self._send(method, url, scope=scope, headers=headers, stream=stream, refresh=True,
-                                       data=data)
+                # a 401 means: learn the challenge and fetch a fresh token. Concurrent requests share
+                # the client, so a token can race with another thread's challenge: renew it twice at most.
+                while r.status_code == 401 and refreshes < 2:
+                    ch = self._learn_challenge(r)
+                    r.close()
+                    refreshes += 1
+                    r = self._send(method, url, scope=scope, headers=headers, stream=stream, refresh=True,
+                                   data=data, extra_scope=ch.params.get("scope") if ch else None)
                 if r.status_code in ok:
                     return r
                 err = self._error_from(r, what)
@@ -264,18 +277,22 @@ class RegistryClient:
         d = min(self.options.backoff_cap, self.options.backoff_base * (2 ** attempt))
         return d * (0.5 + random.random() / 2)
 
-    def _learn_challenge(self, r: requests.Response) -> bool:
+    def _learn_challenge(self, r: requests.Response) -> "Challenge | None":
         chs = parse_www_authenticate(r.headers.get("WWW-Authenticate"))
         pick = next((c for c in chs if c.scheme == "bearer"), None) or next((c for c in chs if c.scheme == "basic"), None)
-        changed = pick != self._challenge
-        self._challenge = pick
+        if pick is not None:
+            # realm and service are the registry's; the scope belongs to this one request
+            shared = Challenge(pick.scheme, {k: v for k, v in pick.params.items() if k != "scope"})
+            with self._lock:
+                self._challenge = shared
         self._challenge_known = True
-        return changed
+        return pick
 
     def _send(self, method: str, url: str, *, scope: str | None, headers: Mapping[str, str] | None,
-              stream: bool, refresh: bool, data: bytes | None = None) -> requests.Response:
+              stream: bool, refresh: bool, data: bytes | None = None,
+              extra_scope: str | None = None) -> requests.Response:
         hdrs = dict(headers or {})
-        auth = self._auth_header(scope, refresh=refresh)
+        auth = self._auth_header(scope, refresh=refresh, extra_scope=extra_scope)
         origin = urlsplit(url).netloc
         for _ in range(MAX_REDIRECTS + 1):
             send = dict(hdrs)

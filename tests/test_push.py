@@ -207,7 +207,7 @@ def test_token_auth_scopes_and_mount(registry_token, unique_repo, store_root, ca
         assert f"{d.digest.short}: Mounted from {unique_repo}" in out
     scopes = [set(r.query.get("scope", [])) for r in ts.requests]
     push_scope, src_pull = f"repository:{dest_repo}:push,pull", f"repository:{unique_repo}:pull"
-    assert all(push_scope in s for s in scopes)
+    assert all(push_scope in s for s in scopes), scopes
     assert any(src_pull in s for s in scopes)            # the mount: pull on the source repository too
     assert all(r.authorization and r.authorization.startswith("Basic ") for r in ts.requests)
     got = skopeo_dir(f"{registry_token.host}/{dest_repo}:v1", tmp_path / "back", creds=registry_token.auth)
