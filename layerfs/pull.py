@@ -22,7 +22,7 @@ from .errors import (ContentError, DigestMismatch, ForeignLayerError, ManifestEr
 from .oci import (FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Index, Manifest,
                   Platform, docker_to_oci, iter_layer_compression)
 from .reference import Reference
-from .registry import RegistryClient, RegistryOptions, _short_exc
+from .registry import ClientPool, RegistryClient, RegistryOptions, _short_exc
 from .layerindex import LayerIndex, LayerIndexer, index_path
 from .store import Ingest, Store, _os_error
 
@@ -260,12 +260,7 @@ class Puller:
         self.store = store
         self.options = options or PullOptions()
         self.progress = progress or _no_progress
-        self._clients: dict[str, RegistryClient] = {}
-
-    def client(self, registry: str) -> RegistryClient:
-        if registry not in self._clients:
-            self._clients[registry] = RegistryClient(registry, self.options.registry or RegistryOptions.from_env())
-        return self._clients[registry]
+        self.client = ClientPool(self.options.registry)
 
     def resolve(self, ref: Reference) -> tuple[Manifest, Index | None]:
         """Fetch the manifest for *ref*, choosing the platform from an index."""

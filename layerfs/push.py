@@ -35,7 +35,7 @@ from .errors import AccessDenied, AuthenticationError, RegistryError, UsageError
 from .oci import FOREIGN_LAYER_TYPES, Descriptor, Digest, Manifest, parse_manifest
 from .pull import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, _no_progress
 from .reference import Reference
-from .registry import RegistryClient, RegistryOptions
+from .registry import ClientPool, RegistryClient, RegistryOptions
 from .store import ImageRecord, Store
 
 log = logging.getLogger(__name__)
@@ -105,12 +105,7 @@ class Pusher:
         self.store = store
         self.options = options or PushOptions()
         self.progress = progress or _no_progress
-        self._clients: dict[str, RegistryClient] = {}
-
-    def client(self, registry: str) -> RegistryClient:
-        if registry not in self._clients:
-            self._clients[registry] = RegistryClient(registry, self.options.registry or RegistryOptions.from_env())
-        return self._clients[registry]
+        self.client = ClientPool(self.options.registry)
 
     # -- what to push ------------------------------------------------------------------
     def _manifest_to_push(self, rec: ImageRecord, m: Manifest) -> Manifest:

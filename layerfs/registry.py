@@ -560,6 +560,22 @@ class RegistryClient:
                                 where=self.registry)
         return digest
 
+class ClientPool:
+    """One :class:`RegistryClient` per registry, shared by the requests of one command
+    (so its tokens and connections are reused)."""
+
+    def __init__(self, options: RegistryOptions | None = None):
+        self.options = options
+        self._clients: dict[str, RegistryClient] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, registry: str) -> RegistryClient:
+        with self._lock:
+            if registry not in self._clients:
+                self._clients[registry] = RegistryClient(registry, self.options or RegistryOptions.from_env())
+            return self._clients[registry]
+
+
 def _short_exc(e: BaseException) -> str:
     """A one-line, human description of a requests/urllib3 exception."""
     text = str(e)
