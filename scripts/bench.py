@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Read-only mount benchmark: layerfs against kernel overlayfs, fuse-overlayfs and ratarmount.
+"""Mount benchmark: layerfs against kernel overlayfs, fuse-overlayfs and ratarmount (read-only), and
+against kernel overlayfs and fuse-overlayfs (write workloads on a writable mount).
 
     python scripts/bench.py [--workdir DIR] [--runs 3] [--quick] [--only TOOL,...]
+                            [--writes-only | --no-writes] [--profile DIR]
 
 Needs root (mounts, drop_caches), fuse3, fuse-overlayfs, docker-registry, and
 ratarmount (pip install ratarmount). Generates once (cached in --workdir) an
@@ -33,8 +35,28 @@ unmount; the table shows the largest. "Cold" = `sync; echo 3 >
 carry "layerfs time / peer time" (below 1 = layerfs faster). Before each mount
 the script waits (up to 30 s) for an idle machine, since the box may be shared.
 
---quick: a ~40 MB image and 1 run (a smoke test). Exit status: 0 ok (a column
-may be n/a, e.g. while `layerfs mount` does not exist); 1 a step failed.
+Write workloads (after the read-only part; --writes-only runs them alone,
+--no-writes skips them), layerfs, kernel overlayfs and fuse-overlayfs on the
+same image/layers; each sample: drop caches, a fresh writable mount with a
+fresh, empty upper in WORKDIR (kernel overlayfs: upperdir+workdir there;
+fuse-overlayfs: -o lowerdir=...,upperdir=...,workdir=...; layerfs: --upper
+there, its work dir beside it), the timed workload ending with `sync` (so
+write-back to disk counts the same for all), an untimed check through the
+mount, unmount, upper removed:
+  untar:  `tar -xf` of a plain tar of 20k small files (generated once in
+          --workdir, read from the page cache) into a new directory
+  append: open(f, 'a').write('x\n') on 1000 lower files of the small-files
+          layer (each a copy-up), in the benchmark's process, then sync
+  dd:     `dd if=/dev/zero bs=1M count=500 conv=fsync`
+  rm:     `rm -rf srv/small` (the small-files layer's tree, 20k lower files)
+Target: layerfs <= 1.5x fuse-overlayfs on each. The table also shows the
+FUSE daemon's CPU time (user+sys, /proc/PID/stat) over each timed workload.
+--profile DIR: afterwards one more, untimed layerfs run of each workload with
+`py-spy record` (pip install py-spy) on the mount daemon; raw stacks in DIR.
+
+--quick: a ~40 MB image and 1 run (a smoke test; writes: 1500 files, 200
+appends, 50 MB). Exit status: 0 ok (a column may be n/a, e.g. while `layerfs
+mount` does not exist); 1 a step failed or a check after a write workload did.
 """
 from __future__ import annotations
 
@@ -44,6 +66,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -316,6 +339,15 @@ class Tool:
     def mount(self, mnt: Path) -> None:
         raise NotImplementedError
 
+    writable = False            # takes part in the write workloads
+
+    def write_unavailable(self) -> str | None:
+        return None if self.writable else "read-only tool"
+
+    def mount_rw(self, mnt: Path, base: Path) -> None:
+        """A writable mount whose upper (and work) directories go in the fresh, empty directory *base*."""
+        raise NotImplementedError
+
     def umount(self, mnt: Path) -> None:
         bl.run(["fusermount3", "-u", str(mnt)], timeout=60, what=f"{self.name}: fusermount3 -u")
 
@@ -338,6 +370,16 @@ class KernelOverlay(Tool):
     def umount(self, mnt):
         bl.run(["umount", str(mnt)], timeout=60, what="umount overlay")
 
+    writable = True
+
+    def mount_rw(self, mnt, base):
+        lower = ":".join(str(p) for p in reversed(self.ctx.lowers))
+        (base / "upper").mkdir()
+        (base / "work").mkdir()
+        bl.run(["mount", "-t", "overlay", "overlay", "-o",
+                f"lowerdir={lower},upperdir={base / 'upper'},workdir={base / 'work'}", str(mnt)], timeout=60,
+               what="mount -t overlay (writable)")
+
 
 class FuseOverlayfs(Tool):
     name = "fuse-overlayfs"
@@ -348,6 +390,15 @@ class FuseOverlayfs(Tool):
     def mount(self, mnt):
         lower = ":".join(str(p) for p in reversed(self.ctx.lowers))
         bl.run(["fuse-overlayfs", "-o", f"lowerdir={lower}", str(mnt)], timeout=60, what="fuse-overlayfs")
+
+    writable = True
+
+    def mount_rw(self, mnt, base):
+        lower = ":".join(str(p) for p in reversed(self.ctx.lowers))
+        (base / "upper").mkdir()
+        (base / "work").mkdir()
+        bl.run(["fuse-overlayfs", "-o", f"lowerdir={lower},upperdir={base / 'upper'},workdir={base / 'work'}",
+                str(mnt)], timeout=60, what="fuse-overlayfs (writable)")
 
 
 class Ratarmount(Tool):
@@ -366,6 +417,8 @@ class Layerfs(Tool):
     name = "layerfs"
     _why: str | None = None
     _ro: bool = False
+    _rw: bool = False
+    writable = True
 
     def unavailable(self):
         if self._why is not None:
@@ -381,6 +434,7 @@ class Layerfs(Tool):
             self._why = f"`layerfs mount` not available yet ({last.strip()})"
             return self._why
         Layerfs._ro = "--read-only" in p.stdout
+        Layerfs._rw = "--upper" in p.stdout
         if self.ctx.ref is None:
             self._why = "image not pulled (see the pull error)"
             return self._why
@@ -391,6 +445,15 @@ class Layerfs(Tool):
         args = ["--root", str(self.ctx.store), "mount"] + (["--read-only"] if self._ro else []) + [self.ctx.ref,
                                                                                                  str(mnt)]
         bl.run(bl.layerfs_cmd(*args), env=bl.layerfs_env(), cwd=bl.REPO_ROOT, timeout=300, what="layerfs mount")
+
+    def write_unavailable(self):
+        return self.unavailable() or (None if self._rw else "`layerfs mount --upper` not available")
+
+    def mount_rw(self, mnt, base):
+        # the overlay's work dir is the upper's sibling (base/.upper.work): both on base's file system
+        bl.run(bl.layerfs_cmd("--root", str(self.ctx.store), "mount", "--upper", str(base / "upper"), self.ctx.ref,
+                              str(mnt)), env=bl.layerfs_env(), cwd=bl.REPO_ROOT, timeout=300,
+               what="layerfs mount (writable)")
 
     def umount(self, mnt):
         bl.run(bl.layerfs_cmd("--root", str(self.ctx.store), "umount", str(mnt)), env=bl.layerfs_env(),
@@ -474,6 +537,7 @@ class Results:
     tar_bytes: dict = field(default_factory=dict)
     cat_bytes: dict = field(default_factory=dict)
     find_out: dict = field(default_factory=dict)    # tool -> path of a (normalised, sorted) find listing
+    checks: dict = field(default_factory=dict)      # (tool, write workload) -> what was wrong afterwards
     prepare_note: dict = field(default_factory=dict)
 
     def add(self, tool: str, metric: str, v: float) -> None:
@@ -487,8 +551,9 @@ class Results:
 class Mounted:
     """A mount of *tool* at *mnt* for one session; always unmounted (cleanly, else forced)."""
 
-    def __init__(self, tool: Tool, mnt: Path, res: Results, live: set):
+    def __init__(self, tool: Tool, mnt: Path, res: Results, live: set, upper_base: Path | None = None):
         self.tool, self.mnt, self.res, self.live = tool, mnt, res, live
+        self.upper_base = upper_base        # set: a writable mount with its upper in this fresh directory
         self.pid: int | None = None
         self.mount_s = 0.0
 
@@ -498,7 +563,10 @@ class Mounted:
         self.live.add(self.mnt)
         GATE.wait()
         t0 = time.perf_counter()
-        self.tool.mount(self.mnt)
+        if self.upper_base is None:
+            self.tool.mount(self.mnt)
+        else:
+            self.tool.mount_rw(self.mnt, self.upper_base)
         bl.wait_mounted(self.mnt, timeout=60)
         os.listdir(self.mnt)  # ready = a first readdir answers
         self.mount_s = time.perf_counter() - t0
@@ -619,6 +687,201 @@ def diff_listing(a: Path, b: Path, limit: int = 6) -> tuple[int, int, list[str]]
     return len(only_a), len(only_b), ex
 
 
+# --- write workloads --------------------------------------------------------------------------
+
+WRITES = ("untar", "append", "dd", "rm")
+WRITE_FACTOR = 1.5      # target: layerfs <= 1.5x fuse-overlayfs on each write workload
+
+
+def write_spec(quick: bool) -> dict:
+    if quick:
+        return {"untar_files": 1500, "append_files": 200, "dd_mb": 50}
+    return {"untar_files": 20000, "append_files": 1000, "dd_mb": 500}
+
+
+def append_targets(spec: dict, n: int) -> list[str]:
+    """*n* files of the small-files layer that the image still shows (see build_layers: every 50th is
+    whited out, d007 is deleted, d010 is opaque), spread evenly over the tree."""
+    per = spec["small_per_dir"]
+    ndirs = (spec["small"] + per - 1) // per
+    hidden = {min(7, ndirs - 1), min(10, ndirs - 1)}
+    cands = [f"srv/small/d{i // per:03d}/f{i:05d}.txt" for i in range(spec["small"])
+             if i % 50 and i // per not in hidden]
+    n = min(n, len(cands))
+    return [cands[k * len(cands) // n] for k in range(n)]
+
+
+@dataclass
+class WriteCtx:
+    archive: bl.Archive
+    targets: list[str]          # lower files for copy-up-and-append
+    dd_mb: int
+    rm_tree: str = "srv/small"  # the 20k-small-files layer's tree
+
+
+def w_untar(mnt: Path, wc: WriteCtx) -> float:
+    d = mnt / "untar"
+    return sh(f"mkdir {q(d)} && tar -xf {q(wc.archive.path)} -C {q(d)} && sync", "untar").seconds
+
+
+def w_append(mnt: Path, wc: WriteCtx) -> float:
+    # in-process, so that not a thousand shell or process starts are timed: the same for every tool
+    paths = [os.path.join(mnt, p) for p in wc.targets]
+    t0 = time.perf_counter()
+    for p in paths:
+        with open(p, "a") as f:
+            f.write("x\n")
+    os.sync()
+    return time.perf_counter() - t0
+
+
+def w_dd(mnt: Path, wc: WriteCtx) -> float:
+    return sh(f"dd if=/dev/zero of={q(mnt / 'dd.out')} bs=1M count={wc.dd_mb} conv=fsync status=none && sync",
+              "dd").seconds
+
+
+def w_rm(mnt: Path, wc: WriteCtx) -> float:
+    return sh(f"rm -rf {q(mnt / wc.rm_tree)} && sync", "rm -rf").seconds
+
+
+def check_write(wl: str, mnt: Path, wc: WriteCtx) -> str | None:
+    """Untimed, through the mount, after the timed part: did the workload do what it should?"""
+    if wl == "untar":
+        got = bl.tree_counts(mnt / "untar")
+        want = (wc.archive.files, wc.archive.dirs, wc.archive.file_bytes)
+        return None if got == want else f"untar: (files, dirs, bytes) {got}, want {want}"
+    if wl == "append":
+        bad = 0
+        for p in wc.targets:
+            with open(mnt / p, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - 2))
+                if size <= 2 or f.read() != b"x\n":     # lower files have >= 16 bytes
+                    bad += 1
+        return None if not bad else f"append: {bad} of {len(wc.targets)} files not a lower file + 'x\\n'"
+    if wl == "dd":
+        size = os.stat(mnt / "dd.out").st_size
+        return None if size == wc.dd_mb << 20 else f"dd: {size} bytes, want {wc.dd_mb << 20}"
+    if wl == "rm":
+        if os.path.lexists(mnt / wc.rm_tree):
+            return f"rm: {wc.rm_tree} still there"
+        return None if os.path.isdir(mnt / "srv") else "rm: srv gone too"
+    return None
+
+
+WRITE_FN = {"untar": w_untar, "append": w_append, "dd": w_dd, "rm": w_rm}
+
+
+def write_labels(wc: WriteCtx) -> dict:
+    n = wc.archive.files
+    k = f"{n / 1000:g}k" if n >= 1000 else str(n)
+    return {"untar": f"untar {k} files (tar -xf) + sync",
+            "append": f"copy-up + append, {len(wc.targets)} lower files + sync",
+            "dd": f"dd {wc.dd_mb} MB, bs=1M conv=fsync + sync",
+            "rm": f"rm -rf {wc.rm_tree} (lower tree) + sync"}
+
+
+class PySpy:
+    """``py-spy record`` (raw collapsed stacks) on a daemon while a workload runs; stop() ends it."""
+
+    def __init__(self, pid: int, out: Path, rate: int = 200):
+        self.out = out
+        self.log = open(out.with_suffix(".log"), "wb")
+        self.proc = subprocess.Popen(["py-spy", "record", "-p", str(pid), "-f", "raw", "-o", str(out), "-r", str(rate),
+                                      "--threads", "--nonblocking"], stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        time.sleep(1.0)         # attached and sampling before the workload starts
+        if self.proc.poll() is not None:
+            self.log.close()
+            raise bl.BenchError(f"py-spy exited ({self.proc.returncode}): "
+                                + out.with_suffix(".log").read_text(errors="replace").strip()[-300:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def session_write(tool: Tool, wl: str, mnt: Path, res: Results, live: set, wc: WriteCtx, upper_root: Path,
+                  profile: Path | None = None) -> float:
+    """Drop caches, a fresh writable mount with a fresh, empty upper, the timed workload (ending with
+    sync), an untimed check; the upper is removed after the unmount. Returns the workload's seconds."""
+    base = upper_root / tool.name.replace(" ", "-")
+    if base.exists():
+        shutil.rmtree(base)
+    base.mkdir(parents=True)
+    try:
+        bl.drop_caches()
+        if wl == "untar":       # the archive comes from the page cache for every tool
+            sh(f"cat {q(wc.archive.path)} > /dev/null", "cat archive")
+        with Mounted(tool, mnt, res, live, upper_base=base) as m:
+            spy = PySpy(m.pid, profile) if profile is not None and m.pid else None
+            cpu0 = bl.proc_cpu_s(m.pid) if m.pid else None
+            try:
+                dt = WRITE_FN[wl](mnt, wc)
+            finally:
+                cpu1 = bl.proc_cpu_s(m.pid) if m.pid else None
+                if spy is not None:
+                    spy.stop()
+            if profile is None:
+                res.add(tool.name, wl, dt)
+                if cpu0 and cpu1:
+                    res.add(tool.name, wl + "_cpu", (cpu1[0] - cpu0[0]) + (cpu1[1] - cpu0[1]))
+                    res.add(tool.name, wl + "_sys", cpu1[1] - cpu0[1])
+            bad = check_write(wl, mnt, wc)
+            if bad:
+                res.checks[(tool.name, wl)] = bad
+        return dt
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def build_write_table(res: Results, tools: list[Tool], wc: WriteCtx) -> str:
+    L, F, K = "layerfs", "fuse-overlayfs", "kernel overlayfs"
+    names = [t.name for t in tools]
+    labels = write_labels(wc)
+
+    def failed(n, wl):
+        return f"{n}|{wl}" in res.errors
+
+    def cell(n, metric, wl):
+        if n in res.na:
+            return "n/a"
+        v = res.med(n, metric)
+        if v is None:
+            return "failed" if failed(n, wl) or n in res.errors else "n/a"
+        s = bl.fmt_s(v)
+        lv = res.med(L, metric)
+        if n != L and lv is not None and v > 0:
+            s += f" ({lv / v:.2f}x)"
+        return s
+
+    rows = []
+    for wl in WRITES:
+        lv, fv = res.med(L, wl), res.med(F, wl)
+        ok = None if lv is None or fv is None or fv == 0 else lv / fv <= WRITE_FACTOR
+        verdict = "n/a" if ok is None else ("met" if ok else "**NOT met**")
+        rows.append([labels[wl]] + [cell(n, wl, wl) for n in names] + [f"<= {WRITE_FACTOR}x fuse-overlayfs", verdict])
+        cpu = []
+        for n in names:
+            if n == K:
+                cpu.append("(kernel)")
+            elif res.med(n, wl + "_cpu") is None:
+                cpu.append("n/a")
+            else:
+                cpu.append(f"{bl.fmt_s(res.med(n, wl + '_cpu'))} (sys {bl.fmt_s(res.med(n, wl + '_sys'))})")
+        rows.append(["  mount daemon CPU during it"] + cpu + ["", ""])
+    rows.append(["peak RSS of the mount process"] + [
+        ("n/a" if n in res.na else ("(kernel)" if n == K else fmt_rss(res.rss_kb.get(n)))) for n in names] + ["", ""])
+    header = ["workload (median)"] + names + ["target (layerfs)", "layerfs"]
+    return bl.markdown_table(header, rows)
+
+
 # --- the table --------------------------------------------------------------------------------
 
 def fmt_rss(kb: int | None) -> str:
@@ -721,7 +984,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the raw samples here")
     ap.add_argument("--no-wait-quiet", action="store_true",
                     help="do not wait for an idle machine before each mount (default: wait up to 30 s)")
+    sec = ap.add_mutually_exclusive_group()
+    sec.add_argument("--writes-only", action="store_true", help="only the write workloads (no read-only part)")
+    sec.add_argument("--no-writes", action="store_true", help="only the read-only part")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="after the timed runs, one more (untimed) layerfs run of each write workload with "
+                         "`py-spy record` on the mount daemon; raw stacks in DIR, a summary printed")
     args = ap.parse_args(argv)
+    do_read, do_write = not args.writes_only, not args.no_writes
     runs = args.runs or (1 if args.quick else 3)
     if os.geteuid() != 0 or not bl.can_drop_caches():
         print("bench: needs root (mount, /proc/sys/vm/drop_caches)", file=sys.stderr)
@@ -737,6 +1007,10 @@ def main(argv=None) -> int:
     sub.mkdir(exist_ok=True)
     pyc_note = bl.use_pycache(None if args.no_pyc else workdir / "pycache")
     res = Results()
+    wres = Results()        # the write workloads
+    wctx: WriteCtx | None = None
+    upper_fs = "?"
+    profiles: dict = {}     # write workload -> (seconds under py-spy, summary lines)
     live: set[Path] = set()
     failed = False
     prep: dict[str, str] = {}
@@ -765,7 +1039,7 @@ def main(argv=None) -> int:
                     print(f"bench: unknown tool {k!r} (choose from {', '.join(KEYS)})", file=sys.stderr)
                     return 2
                 wanted.add(KEYS[k.strip()])
-        tools = [T(ctx) for T in TOOLS if wanted is None or T.name in wanted]
+        tools = [T(ctx) for T in TOOLS if (wanted is None or T.name in wanted) and (do_read or T.writable)]
         names = [t.name for t in tools]
 
         # layerfs: pull from a private registry into a fresh store
@@ -791,7 +1065,7 @@ def main(argv=None) -> int:
                 res.na[t.name] = why
         if any(n in names for n in ("kernel overlayfs", "fuse-overlayfs")):
             ts = []
-            for r in range(runs):
+            for r in range(runs if do_read else 1):
                 bl.drop_caches()
                 GATE.wait()
                 t0 = time.perf_counter()
@@ -809,7 +1083,7 @@ def main(argv=None) -> int:
                 bl.force_unmount(m)
             m.mkdir(exist_ok=True)
             mnts[t.name] = m.resolve()
-        if "ratarmount" in names and "ratarmount" not in res.na:
+        if do_read and "ratarmount" in names and "ratarmount" not in res.na:
             ts = []
             try:
                 for r in range(runs):
@@ -825,7 +1099,7 @@ def main(argv=None) -> int:
 
         scratch = sub / "scratch"
         scratch.mkdir(exist_ok=True)
-        for r in range(runs):
+        for r in range(runs if do_read else 0):
             order = tools[r % len(tools):] + tools[:r % len(tools)]
             for t in order:
                 if t.name in res.na or t.name in res.errors:
@@ -843,6 +1117,44 @@ def main(argv=None) -> int:
                     res.errors[t.name] = str(e)
                     failed = True
                     bl.log(f"run {r + 1}/{runs} {t.name} FAILED: {e}")
+
+        # write workloads: each on a fresh writable mount with a fresh upper on the work dir's disk
+        if do_write:
+            wspec = write_spec(args.quick)
+            archive = bl.cached_small_archive(workdir, wspec["untar_files"])
+            wctx = WriteCtx(archive, append_targets(spec, wspec["append_files"]), wspec["dd_mb"])
+            wtools = [t for t in tools if t.writable]
+            for t in wtools:
+                why = t.write_unavailable()
+                if why:
+                    wres.na[t.name] = why
+            upper_root = sub / "uppers"
+            upper_root.mkdir(exist_ok=True)
+            upper_fs = bl.fs_type(upper_root)
+            for r in range(runs):
+                order = wtools[r % len(wtools):] + wtools[:r % len(wtools)] if wtools else []
+                for wl in WRITES:
+                    for t in order:
+                        if t.name in wres.na or t.name in wres.errors or f"{t.name}|{wl}" in wres.errors:
+                            continue
+                        try:
+                            dt = session_write(t, wl, mnts[t.name], wres, live, wctx, upper_root)
+                            bl.log(f"writes run {r + 1}/{runs} {t.name}: {wl} {bl.fmt_s(dt)}")
+                        except (bl.BenchError, OSError) as e:
+                            wres.errors[f"{t.name}|{wl}"] = str(e)
+                            failed = True
+                            bl.log(f"writes run {r + 1}/{runs} {t.name} {wl} FAILED: {e}")
+            lt = next((t for t in wtools if t.name == "layerfs"), None)
+            if args.profile and lt is not None and "layerfs" not in wres.na:
+                args.profile.mkdir(parents=True, exist_ok=True)
+                for wl in WRITES:
+                    out = args.profile.resolve() / f"layerfs-{wl}.txt"
+                    try:
+                        dt = session_write(lt, wl, mnts["layerfs"], wres, live, wctx, upper_root, profile=out)
+                        profiles[wl] = (dt, bl.pyspy_summary(out) if out.exists() else ["(no py-spy output)"])
+                        bl.log(f"profiled layerfs {wl}: {bl.fmt_s(dt)} (under py-spy) -> {out}")
+                    except (bl.BenchError, OSError) as e:
+                        profiles[wl] = (None, [f"FAILED: {e}"])
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
@@ -855,30 +1167,68 @@ def main(argv=None) -> int:
             for pid in bl.pids_serving(m):
                 bl.kill_pid(pid)
 
-    table, notes = build_table(res, tools, prep, round(image_spec(args.quick)["big"] / 2**20))
     m = img.meta
-    print(f"\n## Read-only mount benchmark: {len(img.layers)} gzip layers, {bl.mb(img.uncompressed_size)} "
-          f"uncompressed, {bl.mb(img.compressed_size)} compressed, {img.entries} tar entries "
-          f"({m.get('base_files')} base files from the host's /usr, {m.get('small_files')} small files, "
-          f"{m.get('whiteouts')} whiteouts, 2 opaque dirs); {runs} run(s), medians\n")
-    print(table)
-    print("\nPeer cells: value (layerfs / peer; below 1 = layerfs faster). Cold = sync + drop_caches + fresh mount.")
-    print(f"Host: {platform.node()} {platform.release()}, {os.cpu_count()} CPUs; load average before "
-          f"{load0[0]:.1f}, after {os.getloadavg()[0]:.1f}; {time.monotonic() - t_start:.0f} s in all; "
-          f"{GATE.summary()}.\n{pyc_note}.")
-    for n, why in res.na.items():
-        print(f"- {n}: n/a: {why}")
-    for n, e in res.errors.items():
-        print(f"- {n}: FAILED: {e}")
-    for line in notes:
-        print(f"- {line}")
-    if "ratarmount" in [t.name for t in tools]:
-        print("- ratarmount does not apply OCI whiteouts/opaque dirs: it shows .wh.* files and deleted entries.")
+    image_line = (f"{len(img.layers)} gzip layers, {bl.mb(img.uncompressed_size)} "
+                  f"uncompressed, {bl.mb(img.compressed_size)} compressed, {img.entries} tar entries "
+                  f"({m.get('base_files')} base files from the host's /usr, {m.get('small_files')} small files, "
+                  f"{m.get('whiteouts')} whiteouts, 2 opaque dirs)")
+    def host_line() -> None:
+        print(f"Host: {platform.node()} {platform.release()}, {os.cpu_count()} CPUs; load average before "
+              f"{load0[0]:.1f}, after {os.getloadavg()[0]:.1f}; {time.monotonic() - t_start:.0f} s in all; "
+              f"{GATE.summary()}.\n{pyc_note}.")
+
+    if do_read:
+        table, notes = build_table(res, tools, prep, round(image_spec(args.quick)["big"] / 2**20))
+        print(f"\n## Read-only mount benchmark: {image_line}; {runs} run(s), medians\n")
+        print(table)
+        print("\nPeer cells: value (layerfs / peer; below 1 = layerfs faster). "
+              "Cold = sync + drop_caches + fresh mount.")
+        host_line()
+        for n, why in res.na.items():
+            print(f"- {n}: n/a: {why}")
+        for n, e in res.errors.items():
+            print(f"- {n}: FAILED: {e}")
+        for line in notes:
+            print(f"- {line}")
+        if "ratarmount" in [t.name for t in tools]:
+            print("- ratarmount does not apply OCI whiteouts/opaque dirs: it shows .wh.* files and deleted entries.")
+    if do_write and wctx is not None:
+        wtools = [t for t in tools if t.writable]
+        print(f"\n## Write workloads on a writable mount of the same image; {runs} run(s), medians\n")
+        print(build_write_table(wres, wtools, wctx))
+        print(f"\nEach sample: sync + drop_caches, a fresh writable mount with a fresh, empty upper directory "
+              f"(and work dir) on the work dir's {upper_fs}, then the timed workload, which ends with `sync`. "
+              "Peer cells: value (layerfs / peer; below 1 = layerfs faster). untar: a plain tar of "
+              f"{wctx.archive.files} files ({bl.mb(wctx.archive.file_bytes)}), read from the page cache, into "
+              f"a new directory at the mount's root; append: open(..., 'a').write('x\\n') in the benchmark's "
+              "process on lower files of the small-files layer (each a copy-up), then os.sync(); rm -rf: the "
+              "small-files layer's tree (every file a lower one: whiteouts in the upper). Daemon CPU: user+sys "
+              "of the FUSE process from /proc/PID/stat over the timed part.")
+        if not do_read:
+            print(f"Image: {image_line}.")
+            host_line()
+        for (n, wl), bad in sorted(wres.checks.items()):
+            print(f"- {n}: CHECK FAILED after {wl}: {bad}")
+        if not wres.checks and wres.samples:
+            print("- checks after each sample (through the mount): all passed")
+        for n, why in wres.na.items():
+            print(f"- {n}: writes n/a: {why}")
+        for n, e in wres.errors.items():
+            print(f"- {n.replace('|', ', ')}: writes FAILED: {e}")
+        if any(t.name == "ratarmount" for t in tools):
+            print("- ratarmount: read-only here, not in the write workloads")
+        for wl, (dt, lines) in profiles.items():
+            print(f"\n### py-spy on the layerfs daemon: {write_labels(wctx)[wl]} "
+                  f"({bl.fmt_s(dt)} under py-spy, not in the table)\n")
+            print("```\n" + "\n".join(lines) + "\n```")
     if args.json:
         args.json.write_text(json.dumps({
             "samples": {f"{k[0]}|{k[1]}": v for k, v in res.samples.items()}, "rss_kb": res.rss_kb,
-            "errors": res.errors, "na": res.na, "prepare": prep, "image": img.to_json()}, indent=1))
-    return 1 if failed or res.errors else 0
+            "errors": res.errors, "na": res.na, "prepare": prep, "image": img.to_json(),
+            "writes": {"samples": {f"{k[0]}|{k[1]}": v for k, v in wres.samples.items()}, "rss_kb": wres.rss_kb,
+                       "errors": wres.errors, "na": wres.na,
+                       "checks": {f"{k[0]}|{k[1]}": v for k, v in wres.checks.items()}}}, indent=1))
+    return 1 if failed or res.errors or wres.errors or wres.checks else 0
 
 
 if __name__ == "__main__":

@@ -764,3 +764,127 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     out = [line(cells[0]), "| " + " | ".join("-" * w for w in widths) + " |"]
     out += [line(r) for r in cells[1:]]
     return "\n".join(out)
+
+
+# --- write workloads -------------------------------------------------------------------------
+
+@dataclass
+class Archive:
+    """A plain (uncompressed) tar of many small files, for an untar workload."""
+    path: Path
+    files: int
+    dirs: int
+    file_bytes: int
+
+
+def cached_small_archive(workdir: Path, files: int, per_dir: int = 200, seed: int = 11) -> Archive:
+    """An uncompressed tar of *files* small text files (16..3000 bytes, ``dNNN/fNNNNN.txt``, *per_dir*
+    to a directory), written once into *workdir* and reused while its parameters are the same."""
+    spec = {"version": 1, "files": files, "per_dir": per_dir, "seed": seed}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    path = workdir / f"untar-{files}-{key}.tar"
+    meta = path.with_suffix(".json")
+    if path.exists() and meta.exists():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            d = json.loads(meta.read_text())
+            if path.stat().st_size == d["size"]:
+                return Archive(path, d["files"], d["dirs"], d["file_bytes"])
+    import io
+    rng = random.Random(seed)
+    text = TextSource(seed=seed, pool=1 << 20)
+    fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".untar-", suffix=".tmp")
+    os.close(fd)
+    ndirs = total = 0
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            def info(name: str, type_: bytes, mode: int, size: int = 0) -> tarfile.TarInfo:
+                ti = tarfile.TarInfo(name)
+                ti.type, ti.mode, ti.size, ti.mtime = type_, mode, size, MTIME
+                ti.uid = ti.gid = 0
+                ti.uname = ti.gname = "root"
+                return ti
+            for n in range(files):
+                if n % per_dir == 0:
+                    tar.addfile(info(f"d{n // per_dir:03d}", tarfile.DIRTYPE, 0o755))
+                    ndirs += 1
+                data = text.take(rng.randint(16, 3000))
+                total += len(data)
+                tar.addfile(info(f"d{n // per_dir:03d}/f{n:05d}.txt", tarfile.REGTYPE, 0o644, len(data)),
+                            io.BytesIO(data))
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    meta.write_text(json.dumps({"size": path.stat().st_size, "files": files, "dirs": ndirs, "file_bytes": total}))
+    log(f"generated {path} ({files} files, {mb(path.stat().st_size)})")
+    return Archive(path, files, ndirs, total)
+
+
+def tree_counts(root: Path | str) -> tuple[int, int, int]:
+    """(regular files, directories below *root*, bytes in the regular files), no symlinks followed."""
+    files = dirs = size = 0
+    stack = [str(root)]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    dirs += 1
+                    stack.append(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    files += 1
+                    size += e.stat(follow_symlinks=False).st_size
+    return files, dirs, size
+
+
+def proc_cpu_s(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds used so far by *pid*, all its threads (/proc/PID/stat utime, stime)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            v = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    return int(v[11]) / hz, int(v[12]) / hz
+
+
+_OUTER = ("layerfs/cli.py", "layerfs/mount.py", "serve_overlay (", "serve (layerfs/fusefs.py")
+
+
+def pyspy_summary(raw: Path, top: int = 12) -> list[str]:
+    """Lines summarising a ``py-spy record --format raw --threads`` file (collapsed stacks), as % of all
+    samples: the split between the thread running the event loop (the one that started as the main
+    program) and the others (worker threads); the functions most often on top of the stack (self);
+    layerfs's own functions by inclusive samples, the daemon's start-up chain (cli, mount, serve) left
+    out. Line numbers are dropped, so a function counts once."""
+    import re
+    selfc: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    main_n = total = 0
+    with open(raw, errors="replace") as f:
+        for line in f:
+            stack, _, n = line.rstrip("\n").rpartition(" ")
+            if not stack or not n.isdigit():
+                continue
+            n = int(n)
+            frames = [re.sub(r":\d+\)$", ")", fr) for fr in stack.split(";") if fr]
+            while frames and frames[0].startswith(("process ", "thread ")):
+                frames = frames[1:]
+            if not frames:
+                continue
+            total += n
+            if frames[0].startswith("_run_module_as_main"):
+                main_n += n
+            selfc[frames[-1]] = selfc.get(frames[-1], 0) + n
+            for fr in set(frames):
+                if "layerfs/" in fr and not any(o in fr for o in _OUTER):
+                    incl[fr] = incl.get(fr, 0) + n
+    if not total:
+        return ["(no samples)"]
+    pc = lambda c: f"{100 * c / total:5.1f}%"  # noqa: E731
+    out = [f"{total} samples of non-idle threads: {pc(main_n).strip()} event-loop (main) thread, "
+           f"{pc(total - main_n).strip()} worker threads", "self (top of stack):"]
+    out += [f"  {pc(c)}  {fr}" for fr, c in sorted(selfc.items(), key=lambda x: -x[1])[:top]]
+    out.append("layerfs functions, inclusive:")
+    out += [f"  {pc(c)}  {fr}" for fr, c in sorted(incl.items(), key=lambda x: -x[1])[:top]]
+    return out
