@@ -495,7 +495,22 @@ def cmd_mount(ctx: Context) -> int:
         progress.message(f"Status: Downloaded newer image for {ref.familiar()}")
         return result
 
+    if a.lazy:
+        from .lazy import mount_lazy
+        mount_lazy(ctx.store, a.ref, a.mountpoint, opts, registry_options=ctx.registry_options())
+        return 0
     mount_image(ctx.store, a.ref, a.mountpoint, opts, pull=pull)
+    return 0
+
+
+def cmd_convert(ctx: Context) -> int:
+    from .estargz import convert_image
+    a = ctx.args
+    if not a.estargz:
+        from .errors import UsageError
+        raise UsageError("convert needs a target format", hint="use --estargz")
+    m = convert_image(ctx.store, a.src, a.newref, chunk_size=a.chunk_size)
+    print(m.digest)
     return 0
 
 
@@ -765,7 +780,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FUSE mount options, e.g. allow_other, suid, dev; nonempty allows a non-empty MOUNTPOINT")
     s.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground until unmounted")
     s.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--lazy", action="store_true",
+                   help="mount from the registry without pulling: eStargz layers are fetched as files are read "
+                        "(other layers are pulled whole)")
     s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("convert", help="write a converted copy of a local image (eStargz layers)")
+    s.add_argument("--estargz", action="store_true", help="convert the layers to eStargz (lazily mountable)")
+    s.add_argument("--chunk-size", type=_size_arg, default=4 << 20, metavar="SIZE",
+                   help="eStargz chunk size of large files (default 4MiB)")
+    s.add_argument("src", metavar="SRC")
+    s.add_argument("newref", metavar="NEWREF")
+    s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("umount", aliases=["unmount"], help="unmount a layerfs mount")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")

@@ -444,6 +444,62 @@ class RegistryClient:
                                where=self.registry)
         return BlobResponse(r, 0, desc.size)
 
+    def read_range(self, repository: str, desc: Descriptor, start: int, end: int, *,
+                   retries: int | None = None) -> bytes:
+        """Bytes [*start*, *end*) of a blob with one ``Range`` request (for lazy reads; not verified:
+        the caller checks what it asked for). A 206 must answer exactly that range (a multipart
+        answer is refused); a 200 (a server without ranges) is read up to *end* and cut."""
+        if not 0 <= start < end <= desc.size:
+            raise ValueError(f"bad range {start}-{end} of a {desc.size}-byte blob")
+        if desc.media_type in FOREIGN_LAYER_TYPES and desc.urls:
+            raise ForeignLayerError(f"layer {desc.digest.short} is a foreign (non-distributable) layer",
+                                    registry=self.registry)
+        headers = {"Accept-Encoding": "identity", "Range": f"bytes={start}-{end - 1}"}
+        r = self.request("GET", f"/v2/{repository}/blobs/{desc.digest}", scope=self.pull_scope(repository),
+                         headers=headers, stream=True, ok=(200, 206), what=f"blob {desc.digest.short}",
+                         retries=retries)
+        try:
+            if r.status_code == 206:
+                if (r.headers.get("Content-Type") or "").lower().startswith("multipart/"):
+                    raise RegistryError(f"blob {desc.digest.short}: multipart answer to a single range",
+                                        registry=self.registry)
+                cr = r.headers.get("Content-Range", "")
+                unit, _, rest = cr.partition(" ")
+                rng, _, _total = rest.partition("/")
+                first, _, last = rng.partition("-")
+                try:
+                    ok = unit == "bytes" and int(first) == start and int(last) == end - 1
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise SizeMismatch(f"blob {desc.digest.short}: Content-Range {cr!r} does not answer "
+                                       f"bytes={start}-{end - 1}", where=self.registry)
+                skip = 0
+            else:
+                skip = start
+            want = end - start
+            out = bytearray()
+            raw = r.raw
+            while skip:
+                b = raw.read(min(skip, _CHUNK), decode_content=False)
+                if not b:
+                    break
+                skip -= len(b)
+            while len(out) < want:
+                b = raw.read(min(want - len(out), _CHUNK), decode_content=False)
+                if not b:
+                    break
+                out += b
+            if len(out) != want:
+                raise SizeMismatch(f"blob {desc.digest.short}: range {start}-{end - 1} ended after "
+                                   f"{len(out)} of {want} bytes", where=self.registry)
+            return bytes(out)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+            raise RegistryUnreachable(f"blob {desc.digest.short}: connection failed: {_short_exc(e)}",
+                                      registry=self.registry) from None
+        finally:
+            r.close()
+
     def get_blob_bytes(self, repository: str, desc: Descriptor, limit: int = 64 << 20) -> bytes:
         """Fetch a small blob (config) whole, verified."""
         if desc.size > limit:

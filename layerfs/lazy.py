@@ -1,0 +1,357 @@
+"""Lazy remote mounts of eStargz images (``layerfs mount --lazy REF MNT``).
+
+Nothing is downloaded up front but the manifest, the config and, for each
+eStargz layer (one with the ``containerd.io/snapshot/stargz/toc.digest``
+annotation), its footer and TOC, fetched with HTTP Range requests; the TOC
+is checked against the annotation. The TOC becomes the layer's records
+(:class:`~layerfs.layerindex.LayerIndex`), so :func:`layerfs.union.build_tree`
+merges lazy and ordinary layers alike. Other layers are pulled whole (logged).
+
+A lazy layer's reader (:class:`LazyLayer`) serves its files from a private
+address space: file *k* occupies ``[base_k, base_k + size_k)`` (the records'
+``offset`` points there, not into the tar stream). A read fetches the gzip
+member of each chunk it touches by Range, inflates it, checks ``chunkDigest``
+and stores the verified bytes in the layer's cache in the store
+(``ROOT/lazy/<alg>-<hex>/data``, a sparse file laid out as that address space,
+plus ``chunks.json``: the chunks present), which later reads and later mounts
+use. A fetch that fails or does not verify fails that read with EIO; nothing
+is cached from it and the mount goes on.
+"""
+from __future__ import annotations
+
+import base64
+import bisect
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import ContentError, LayerfsError, ManifestError
+from .estargz import (FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION, EStargzError,
+                      is_estargz, parse_footer, parse_rfc3339_ns, parse_toc_member)
+from .layerindex import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, LayerIndex, load_or_build,
+                         normalize_path, open_layer_reader)
+from .oci import Descriptor, Digest, ImageConfig, Manifest, iter_layer_compression
+from .registry import RegistryClient
+from .store import Store, atomic_write, file_lock
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LazyLayer", "LazyReadError", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
+
+#: retries of one chunk fetch (each with the client's backoff) before the read fails
+READ_RETRIES = 1
+_TYPES = {"reg": FILE, "dir": DIR, "symlink": SYMLINK, "hardlink": HARDLINK, "char": CHAR, "block": BLOCK,
+          "fifo": FIFO}
+_MAX_TOC = 256 << 20
+
+
+class LazyReadError(ContentError):
+    """A lazy read could not be served (fetch failed or did not verify): EIO for that read."""
+    errno = errno.EIO
+
+
+def lazy_cache_dir(store: Store, digest: Digest) -> Path:
+    return store.root / "lazy" / f"{digest.algorithm}-{digest.hex}"
+
+
+@dataclass
+class _Chunk:
+    off: int            # in the file
+    size: int
+    start: int          # compressed range of its gzip member (start, end) in the blob
+    end: int
+    digest: str
+    cid: int            # chunk number within the layer
+    inner: int = 0      # innerOffset: where the chunk starts in its member's inflated bytes
+
+
+@dataclass
+class _File:
+    name: str
+    base: int           # in the layer's private address space
+    size: int
+    chunks: list[_Chunk]
+    inline: bytes | None = None
+
+
+def _toc_records(toc: dict, toc_json: bytes, toc_offset: int, where: str) -> tuple[list[Entry], list[_File]]:
+    """Records and file table of a TOC (the TOC file itself included, as the tar holds it)."""
+    entries: dict[str, Entry] = {}
+    files: list[_File] = []
+    regs: dict[str, tuple[_File, dict, list[dict]]] = {}
+    pending: list[tuple[_File, dict, list[dict]]] = []
+    base = 0
+    for e in toc["entries"]:
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not isinstance(e.get("type"), str):
+            raise EStargzError("eStargz TOC entry without name or type", where=where)
+        typ = e["type"]
+        if typ == "chunk":
+            ent = regs.get(normalize_path(e["name"], where=where))
+            if ent is None:
+                raise EStargzError(f"eStargz TOC: chunk of unknown file {e['name']!r}", where=where)
+            ent[2].append(e)
+            continue
+        t = _TYPES.get(typ)
+        if t is None:
+            log.warning("%s: ignoring TOC entry %r of type %r", where, e["name"], typ)
+            continue
+        path = normalize_path(e["name"], where=where)
+        size = int(e.get("size") or 0) if t == FILE else 0
+        if size < 0:
+            raise EStargzError(f"eStargz TOC: negative size for {path!r}", where=where)
+        link = e.get("linkName") or None
+        if t == HARDLINK and link is not None:
+            link = normalize_path(link, where=where, what="link target")
+        if t in (SYMLINK, HARDLINK) and link is None:
+            link = ""
+        xattrs = None
+        if isinstance(e.get("xattrs"), dict) and e["xattrs"]:
+            xattrs = {str(k): base64.b64decode(v) for k, v in e["xattrs"].items()}
+        mtime = parse_rfc3339_ns(e["modtime"]) if isinstance(e.get("modtime"), str) and e["modtime"] else 0
+        off = 0
+        if t == FILE and size:
+            f = _File(path, base, size, [])
+            files.append(f)
+            regs[path] = (f, e, [e])
+            pending.append(regs[path])
+            off = base
+            base += size
+        entries.pop(path, None)
+        entries[path] = Entry(path, t, int(e.get("mode") or 0) & 0o7777, int(e.get("uid") or 0),
+                              int(e.get("gid") or 0), size, mtime, link, int(e.get("devMajor") or 0),
+                              int(e.get("devMinor") or 0), off, xattrs, None)
+    # chunk ranges: a chunk's member ends where the next known member starts (or the TOC)
+    starts = sorted({int(c.get("offset") or 0) for _, _, cs in pending for c in cs} | {toc_offset})
+    cid = 0
+    for f, e, cs in pending:
+        for c in cs:
+            coff = int(c.get("chunkOffset") or 0)
+            csize = int(c.get("chunkSize") or 0) or (f.size - coff)
+            start = int(c.get("offset") or 0)
+            i = bisect.bisect_right(starts, start)
+            end = starts[i] if i < len(starts) else toc_offset
+            dg = c.get("chunkDigest") or (e.get("digest") if len(cs) == 1 else None)
+            if not isinstance(dg, str) or not dg.startswith("sha256:"):
+                raise EStargzError(f"eStargz TOC: {f.name!r} chunk at {coff} has no sha256 digest", where=where)
+            if coff < 0 or csize <= 0 or coff + csize > f.size or not 0 <= start < end:
+                raise EStargzError(f"eStargz TOC: bad chunk of {f.name!r} at {coff}", where=where)
+            inner = int(c.get("innerOffset") or 0)
+            if inner < 0:
+                raise EStargzError(f"eStargz TOC: bad innerOffset of {f.name!r} at {coff}", where=where)
+            f.chunks.append(_Chunk(coff, csize, start, end, dg, cid, inner))
+            cid += 1
+        f.chunks.sort(key=lambda c: c.off)
+        covered = 0
+        for c in f.chunks:
+            if c.off != covered:
+                raise EStargzError(f"eStargz TOC: chunks of {f.name!r} do not cover it", where=where)
+            covered += c.size
+        if covered != f.size:
+            raise EStargzError(f"eStargz TOC: chunks of {f.name!r} do not cover it", where=where)
+    # the TOC file itself is a member of the tar (a full pull shows it too)
+    if TOC_TAR_NAME not in entries:
+        tf = _File(TOC_TAR_NAME, base, len(toc_json), [], inline=toc_json)
+        files.append(tf)
+        entries[TOC_TAR_NAME] = Entry(TOC_TAR_NAME, FILE, 0o644, 0, 0, len(toc_json), 0, None, 0, 0, base, None, None)
+    return list(entries.values()), files
+
+
+class LazyLayer:
+    """The LayerReader of one eStargz layer: Range fetches on first read, verified, cached in the store."""
+
+    def __init__(self, store: Store, client: Callable[[], RegistryClient], repository: str, desc: Descriptor,
+                 files: list[_File], toc_digest: str):
+        self.store = store
+        self._client = client
+        self.repository = repository
+        self.desc = desc
+        self.files = files
+        self._bases = [f.base for f in files]
+        self.dir = lazy_cache_dir(store, desc.digest)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._data_path = self.dir / "data"
+        self._map_path = self.dir / "chunks.json"
+        self._toc_digest = toc_digest
+        self._lock = threading.Lock()
+        self._have: set[int] = self._load_map()
+        self.fetched_bytes = 0
+
+    def _load_map(self) -> set[int]:
+        try:
+            doc = json.loads(self._map_path.read_bytes())
+            if doc.get("toc") == self._toc_digest and self._data_path.exists():
+                return {int(x) for x in doc.get("chunks", [])}
+        except (FileNotFoundError, ValueError, TypeError, AttributeError):
+            pass
+        return set()
+
+    def _save_map(self, new: int) -> None:
+        with file_lock(self.dir / "chunks.lock"):
+            have = self._load_map() | self._have | {new}
+            atomic_write(self._map_path, json.dumps({"toc": self._toc_digest, "chunks": sorted(have)}).encode())
+            self._have = have
+
+    # -- LayerReader ----------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> bytes:
+        return self._read(offset, size, fetch=True)
+
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        return self._read(offset, size, fetch=False)
+
+    def _read(self, offset: int, size: int, *, fetch: bool) -> bytes | None:
+        i = bisect.bisect_right(self._bases, offset) - 1
+        if i < 0 or size <= 0:
+            return b""
+        f = self.files[i]
+        rel = offset - f.base
+        end = min(rel + size, f.size)
+        if rel >= end:
+            return b""
+        if f.inline is not None:
+            return f.inline[rel:end]
+        out = bytearray()
+        k = bisect.bisect_right([c.off for c in f.chunks], rel) - 1
+        for c in f.chunks[max(k, 0):]:
+            if c.off >= end:
+                break
+            if c.cid not in self._have:
+                if not fetch:
+                    return None
+                self._fetch(f, c)
+            lo, hi = max(rel, c.off), min(end, c.off + c.size)
+            out += self._pread(f.base + lo, hi - lo)
+        return bytes(out)
+
+    def _pread(self, pos: int, n: int) -> bytes:
+        with open(self._data_path, "rb") as fh:
+            b = os.pread(fh.fileno(), n, pos)
+        if len(b) != n:
+            raise LazyReadError(f"lazy cache {self._data_path} is short")
+        return b
+
+    def _fetch(self, f: _File, c: _Chunk) -> None:
+        with self._lock:
+            if c.cid in self._have:
+                return
+            where = f"{self.desc.digest.short}:{f.name}"
+            try:
+                raw = self._client().read_range(self.repository, self.desc, c.start, c.end, retries=READ_RETRIES)
+            except LayerfsError as e:
+                raise LazyReadError(f"{where}: fetching bytes {c.start}-{c.end} failed: {e.message}") from None
+            self.fetched_bytes += len(raw)
+            try:
+                d = zlib.decompressobj(31)
+                data = d.decompress(raw, c.inner + c.size)[c.inner:]
+            except zlib.error as e:
+                raise LazyReadError(f"{where}: chunk at {c.off} is not gzip ({e})") from None
+            if len(data) != c.size or "sha256:" + hashlib.sha256(data).hexdigest() != c.digest:
+                raise LazyReadError(f"{where}: chunk at {c.off} does not match its chunkDigest; not cached")
+            try:
+                fd = os.open(self._data_path, os.O_WRONLY | os.O_CREAT, 0o644)
+                try:
+                    os.pwrite(fd, data, f.base + c.off)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                self._save_map(c.cid)
+            except OSError as e:
+                raise LazyReadError(f"{where}: cannot write the lazy cache: {e}") from None
+
+
+# --- opening an image lazily -----------------------------------------------------------------
+
+def _fetch_toc(store: Store, client: RegistryClient, repository: str, desc: Descriptor) -> tuple[bytes, dict, int]:
+    """(TOC JSON, TOC, TOC offset) of an eStargz layer: from the lazy cache, else by Range; verified."""
+    want = desc.annotations[TOC_DIGEST_ANNOTATION]
+    cached = lazy_cache_dir(store, desc.digest) / "toc.json"
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        doc = cached.read_bytes()
+        off_s, _, js = doc.partition(b"\n")
+        if "sha256:" + hashlib.sha256(js).hexdigest() == want:
+            return js, json.loads(js), int(off_s)
+    where = f"layer {desc.digest.short}"
+    if desc.size < FOOTER_SIZE:
+        raise EStargzError(f"{where} is too small for eStargz", where=where)
+    toc_off = parse_footer(client.read_range(repository, desc, desc.size - FOOTER_SIZE, desc.size))
+    if not 0 <= toc_off < desc.size - FOOTER_SIZE or desc.size - FOOTER_SIZE - toc_off > _MAX_TOC:
+        raise EStargzError(f"{where}: TOC offset {toc_off} out of range", where=where)
+    js, toc = parse_toc_member(client.read_range(repository, desc, toc_off, desc.size - FOOTER_SIZE))
+    got = "sha256:" + hashlib.sha256(js).hexdigest()
+    if got != want:
+        from .errors import DigestMismatch
+        raise DigestMismatch(f"{where}: TOC digest is {got}, the manifest says {want}", where=where)
+    d = lazy_cache_dir(store, desc.digest)
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write(cached, b"%d\n" % toc_off + js)
+    return js, toc, toc_off
+
+
+def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_options=None):
+    """(image name, manifest, merged tree, lazy readers) of a remote image, mounted lazily."""
+    from .pull import PullOptions, Puller
+    from .reference import Reference
+    from .registry import ClientPool
+    from .union import build_tree
+    ref = Reference.parse(ref_text)
+    store.init()
+    puller = Puller(store, PullOptions(platform=platform, registry=registry_options))
+    manifest, _ = puller.resolve(ref)
+    client = puller.client(ref.registry)
+    repo = ref.repository
+    config = ImageConfig.parse(client.get_blob_bytes(repo, manifest.config), where=f"{ref.registry}/{repo}")
+    diff_ids = config.diff_ids
+    if len(diff_ids) != len(manifest.layers):
+        raise ManifestError(f"image config lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers",
+                            where=f"{ref.registry}/{repo}")
+    compressions = iter_layer_compression(manifest.layers)
+    # the readers make their own client in the process that serves (the mount daemon is forked)
+    state: dict = {}
+
+    def reader_client() -> RegistryClient:
+        if state.get("pid") != os.getpid():
+            state["pid"] = os.getpid()
+            state["client"] = ClientPool(registry_options)(ref.registry)
+        return state["client"]
+
+    indexes, readers = [], []
+    for i, desc in enumerate(manifest.layers):
+        if is_estargz(desc):
+            js, toc, toc_off = _fetch_toc(store, client, repo, desc)
+            where = f"layer {desc.digest.short}"
+            entries, files = _toc_records(toc, js, toc_off, where)
+            usize = int((desc.annotations or {}).get(UNCOMPRESSED_SIZE_ANNOTATION) or 0)
+            idx = LayerIndex(entries, diff_id=diff_ids[i], size=usize, compression="gzip", checkpoints=b"",
+                             digest=desc.digest, compressed_size=desc.size)
+            reader = LazyLayer(store, reader_client, repo, desc, files, desc.annotations[TOC_DIGEST_ANNOTATION])
+            log.info("layer %s: eStargz, %d entries, mounted lazily", desc.digest.short, len(entries))
+        else:
+            log.warning("layer %s is not eStargz: pulling it whole", desc.digest.short)
+            if not store.has_blob(desc.digest, desc.size):
+                with store.lock("gc", shared=True):
+                    puller._download_layer(client, repo, desc, compressions[i], diff_ids[i])
+            idx = load_or_build(store, desc)
+            reader = open_layer_reader(store, desc, idx)
+        indexes.append(idx)
+        readers.append(reader)
+    tree = build_tree(indexes, readers)
+    return ref.familiar(), manifest, tree, readers
+
+
+def mount_lazy(store: Store, ref_text: str, mountpoint, options, *, registry_options=None):
+    """Mount *ref_text* from its registry lazily (see the module docs); returns the MountRecord."""
+    from .mount import check_mountpoint, mount_tree
+    check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)
+    if options.layer is not None:
+        from .errors import UsageError
+        raise UsageError("--layer is not supported with --lazy")
+    image, manifest, tree, _ = open_lazy_tree(store, ref_text, platform=options.platform,
+                                              registry_options=registry_options)
+    return mount_tree(tree, mountpoint, options, store=store, image=image, manifest_digest=str(manifest.digest))
