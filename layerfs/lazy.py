@@ -181,6 +181,7 @@ class LazyLayer:
         self._map_path = self.dir / "chunks.json"
         self._toc_digest = toc_digest
         self._lock = threading.Lock()
+        self._locks: dict[int, threading.Lock] = {}
         self._have: set[int] = self._load_map()
         self.fetched_bytes = 0
 
@@ -194,7 +195,7 @@ class LazyLayer:
         return set()
 
     def _save_map(self, new: int) -> None:
-        with file_lock(self.dir / "chunks.lock"):
+        with self._lock, file_lock(self.dir / "chunks.lock"):
             have = self._load_map() | self._have | {new}
             atomic_write(self._map_path, json.dumps({"toc": self._toc_digest, "chunks": sorted(have)}).encode())
             self._have = have
@@ -237,8 +238,16 @@ class LazyLayer:
             raise LazyReadError(f"lazy cache {self._data_path} is short")
         return b
 
-    def _fetch(self, f: _File, c: _Chunk) -> None:
+    def _chunk_lock(self, cid: int) -> threading.Lock:
         with self._lock:
+            lk = self._locks.get(cid)
+            if lk is None:
+                lk = self._locks[cid] = threading.Lock()
+            return lk
+
+    def _fetch(self, f: _File, c: _Chunk) -> None:
+        # one fetch per chunk at a time (readers of the same chunk wait for it); other chunks go in parallel
+        with self._chunk_lock(c.cid):
             if c.cid in self._have:
                 return
             where = f"{self.desc.digest.short}:{f.name}"
@@ -246,7 +255,8 @@ class LazyLayer:
                 raw = self._client().read_range(self.repository, self.desc, c.start, c.end, retries=READ_RETRIES)
             except LayerfsError as e:
                 raise LazyReadError(f"{where}: fetching bytes {c.start}-{c.end} failed: {e.message}") from None
-            self.fetched_bytes += len(raw)
+            with self._lock:
+                self.fetched_bytes += len(raw)
             try:
                 d = zlib.decompressobj(31)
                 data = d.decompress(raw, c.inner + c.size)[c.inner:]

@@ -177,6 +177,10 @@ def test_converted_image_is_plain_gzip_with_the_same_tree(image, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "rootfs/data/big").read_bytes() == _rand(BIG, 99)
     assert (tmp_path / "rootfs/old/c").read_bytes() == b"new c" and not (tmp_path / "rootfs/old/a").exists()
+    skopeo = require_binary("skopeo")                   # and skopeo copies it (digests and sizes checked)
+    proc = subprocess.run([skopeo, "copy", f"oci:{st.root}:{DST}", f"dir:{tmp_path / 'copy'}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
 
 
 # --- lazy trees ----------------------------------------------------------------------------------
@@ -371,6 +375,13 @@ def test_inner_offsets_of_packed_members_and_bad_tocs(tmp_path):
     assert layer.read(by["d/b"].offset, 10) == b"wxyz" and layer.read(by["d/a"].offset + 1, 2) == b"bc"
     assert layer.read(by[TOC_TAR_NAME].offset, 5) == js[:5]
     assert len(client.ranges) == 2 and layer.read_cached(by["d/a"].offset, 3) == b"abc"
+    # readers of one chunk share its fetch
+    from concurrent.futures import ThreadPoolExecutor
+    client2 = _BytesClient(blob)
+    fresh = LazyLayer(Store(tmp_path / "u").init(), lambda: client2, "repo", desc, files, sha(js))
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: fresh.read(by["d/b"].offset, 4), range(16)))
+    assert got == [b"wxyz"] * 16 and client2.ranges == [(0, toc_off)]
     # a chunk whose bytes do not match its digest: an error, nothing cached
     toc["entries"][2]["chunkDigest"] = sha(b"nope")
     _, files2 = _toc_records(toc, js, toc_off, "test")
