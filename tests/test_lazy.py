@@ -394,3 +394,26 @@ def test_inner_offsets_of_packed_members_and_bad_tocs(tmp_path):
                    {"entries": [{"name": "../x", "type": "dir"}]}):
         with pytest.raises(Exception):
             _toc_records(broken, b"{}", 10, "test")
+
+
+def test_toc_is_checked_against_its_annotation_and_cached(image, tmp_path):
+    from layerfs.errors import DigestMismatch
+    from layerfs.lazy import _fetch_toc
+    from layerfs.oci import Descriptor
+    st, _, m = image
+    desc = m.layers[1]
+    blob = st.read_blob(desc.digest)
+    client = _BytesClient(blob)
+    lying = Descriptor(desc.media_type, desc.digest, desc.size,
+                       {**desc.annotations, TOC_DIGEST_ANNOTATION: "sha256:" + "0" * 64})
+    fresh = Store(tmp_path / "s").init()
+    with pytest.raises(DigestMismatch, match="TOC digest"):
+        _fetch_toc(fresh, client, "repo", lying)
+    assert not (lazy_cache_dir(fresh, desc.digest) / "toc.json").exists()
+    assert len(client.ranges) == 2 and client.ranges[0] == (desc.size - FOOTER_SIZE, desc.size)
+    js, toc, off = _fetch_toc(fresh, client, "repo", desc)
+    assert str(Digest.of(js)) == desc.annotations[TOC_DIGEST_ANNOTATION] and off == parse_footer(blob[-FOOTER_SIZE:])
+    client.ranges.clear()
+    assert _fetch_toc(fresh, client, "repo", desc)[0] == js and client.ranges == []     # from the cache
+    (lazy_cache_dir(fresh, desc.digest) / "toc.json").write_bytes(b"%d\n" % off + js.replace(b"reg", b"REG", 1))
+    assert _fetch_toc(fresh, client, "repo", desc)[0] == js and len(client.ranges) == 2  # a bad cache is refetched
