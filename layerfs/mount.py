@@ -5,15 +5,24 @@
     umount(store, "/mnt/x")                                       # unmount, wait for the daemon
 
 Daemon model (libfuse's ``fuse_daemonize``, done before any thread or event
-loop exists): the calling process resolves the image (pulling it if absent),
-builds the merged tree and checks the mount point, so those errors surface
-directly. It then forks twice (the daemon is re-parented, never a zombie of
-a long-lived caller) and waits on a pipe. The daemon starts a new session,
-sends stdio to ``ROOT/mounts/<id>.log``, imports pyfuse3/trio (only the
-daemon pays for them), mounts, ``stat``\\ s its own mount root through the
-kernel, writes its record and only then reports ``ok`` over the pipe; on
-failure it sends its one-line error instead. The tree is built before the
-fork and shared copy-on-write.
+loop exists): the daemon is forked twice (re-parented, never a zombie of a
+long-lived caller, in a new session, stdio to ``ROOT/mounts/<id>.log``) and
+the caller waits on a pipe. The daemon imports pyfuse3/trio (only the daemon
+pays for them), mounts, ``stat``\\ s its own mount root through the kernel,
+writes its record and only then reports ``ok`` over the pipe; on failure it
+sends its one-line error instead. The caller resolves the image (pulling it
+if absent) and checks the mount point, so those errors surface directly.
+
+Start-up is the daemon's imports (~0.1 s) plus the caller's work, so
+:func:`mount_image` overlaps them: it forks the daemon first, before even
+resolving the image (:class:`_Helper`). The daemon imports while the caller
+resolves, checks and makes sure the image's tree cache exists (building it
+if missing), then gets the mount (manifest digest and record) over a second
+pipe, loads the tree from the cache and serves. Every error of the caller
+closes that pipe without a mount, and so does its death: the waiting daemon
+then exits quietly, so a failed ``mount`` leaves no process behind. A tree
+built by the caller (:func:`mount_tree`, a custom tree factory, an
+unwritable store) is shared with a daemon forked once it is built.
 
 Registry of active mounts: ``ROOT/mounts/<id>.json`` (``<id>`` hashes the
 mount point's real path), written by the daemon once ready and removed when
@@ -48,11 +57,11 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import functools
 import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import stat
@@ -320,6 +329,9 @@ class MountRegistry:
 
 TreeFactory = Callable[..., "MergedTree"]
 
+#: the transport prefixes of local sources (``layerfs.sources.TRANSPORTS``; a test keeps them equal)
+_TRANSPORTS = ("oci", "oci-archive", "docker-archive")
+
 
 def _default_tree_factory(store: Store, manifest: Manifest, *, upto: int | None) -> "MergedTree":
     from .union import open_image_tree
@@ -339,10 +351,10 @@ def resolve_image(store: Store, ref_text: str, options: MountOptions,
 
     A local source (``oci:DIR[:REF]``, ``oci-archive:FILE[:REF]``,
     ``docker-archive:FILE[:TAG]``) is imported first, then its tagged name is used."""
-    from .reference import Reference
-    from .sources import LoadOptions, is_source, load
-    if is_source(ref_text):
-        ref_text = load(store, ref_text, LoadOptions(platform=options.platform, single=True)).images[0].names[0]
+    if ref_text.partition(":")[0] in _TRANSPORTS:   # importing .sources costs requests & co.: only for a source
+        from .sources import LoadOptions, is_source, load
+        if is_source(ref_text):
+            ref_text = load(store, ref_text, LoadOptions(platform=options.platform, single=True)).images[0].names[0]
     try:
         rec, manifest = store.resolve(ref_text)
         if options.platform is not None:
@@ -350,6 +362,7 @@ def resolve_image(store: Store, ref_text: str, options: MountOptions,
             if cfg is not None and not options.platform.matches(cfg):
                 raise ImageNotFound(f"local {ref_text} is for {cfg}, not {options.platform}")
     except ImageNotFound:
+        from .reference import Reference
         ref = Reference.parse(ref_text)
         log.info("image %s is not local: pulling it", ref.familiar())
         (pull or _default_pull(store, options))(ref)
@@ -367,21 +380,73 @@ def mount_image(store: Store, ref_text: str, mountpoint: str | os.PathLike[str],
     (``options.foreground``). *tree_factory(store, manifest, upto=N)* builds
     the merged tree (default: :func:`layerfs.union.open_image_tree`); *pull*
     pulls a :class:`Reference` into *store* (default: a :class:`Puller`).
+
+    Daemon mode with the default tree forks the mount daemon first (see
+    :class:`_Helper`): it imports pyfuse3/trio while this process resolves
+    the image and checks the mount point, then loads the tree from the
+    store's tree cache itself (built here first when missing; rebuilt by
+    the daemon when corrupt or outdated).
     """
-    check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)   # fail before pulling
-    image, manifest = resolve_image(store, ref_text, options, pull)
-    tree = (tree_factory or _default_tree_factory)(store, manifest, upto=options.layer)
-    return mount_tree(tree, mountpoint, options, store=store, image=image, manifest_digest=str(manifest.digest))
+    if options.foreground or tree_factory is not None:
+        check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)   # fail before pulling
+        image, manifest = resolve_image(store, ref_text, options, pull)
+        tree = (tree_factory or _default_tree_factory)(store, manifest, upto=options.layer)
+        return mount_tree(tree, mountpoint, options, store=store, image=image, manifest_digest=str(manifest.digest))
+    from . import union   # noqa: F401  (both processes need it: imported once, before forking)
+    helper = _Helper(store.root, options)
+    try:
+        check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)   # fail before pulling
+        image, manifest = resolve_image(store, ref_text, options, pull)
+        tree = _cached_tree(store, manifest, options.layer)
+        if tree is None:    # the tree cache is there: the daemon loads it
+            start = functools.partial(helper.run, manifest)
+        else:               # an unwritable store (no cache): fork the daemon now, sharing this tree
+            helper.close()
+            start = functools.partial(_daemonize, tree)
+        return _mount(start, mountpoint, options, store=store, image=image, manifest_digest=str(manifest.digest))
+    finally:
+        helper.close()
+
+
+def _cached_tree(store: Store, manifest: Manifest, upto: int | None) -> "MergedTree | None":
+    """None when the tree cache (and the layer indexes) of the image's first *upto* layers exist; else the
+    tree, built now (which saves the cache: then None too). Raises what :func:`open_image_tree` raises."""
+    from .layerindex import index_path
+    from .union import open_image_tree, tree_cache_path
+    n = len(manifest.layers) if upto is None else upto
+
+    def cached() -> bool:
+        return (0 <= n <= len(manifest.layers) and tree_cache_path(store, manifest, n).is_file()
+                and all(index_path(store, d.digest).is_file() for d in manifest.layers[:n]))
+
+    if cached():
+        return None
+    tree = open_image_tree(store, manifest, upto=upto)
+    return None if cached() else tree
 
 
 def mount_tree(tree: "MergedTree", mountpoint: str | os.PathLike[str], options: MountOptions, *, store: Store,
                image: str, manifest_digest: str = "") -> MountRecord:
     """Mount an already built *tree* at *mountpoint* (see :func:`mount_image`)."""
+    if options.foreground:   # the reporter releases the lock once the mount answers (or failed)
+        def start(record: MountRecord, opts: MountOptions, registry: MountRegistry, lock: int) -> MountRecord:
+            return _serve_here(tree, record, opts, registry, _Reporter(opts.ready_fd, lock))
+    else:
+        start = functools.partial(_daemonize, tree)
+    return _mount(start, mountpoint, options, store=store, image=image, manifest_digest=manifest_digest)
+
+
+def _mount(start: Callable[[MountRecord, MountOptions, MountRegistry, int], MountRecord],
+           mountpoint: str | os.PathLike[str], options: MountOptions, *, store: Store, image: str,
+           manifest_digest: str) -> MountRecord:
+    """Check the mount point and prepare the upper under the mount point's lock, then
+    ``start(record, options, registry, lock)`` (which serves or hands over the mount)."""
     registry = MountRegistry(store)
     active = registry.active()  # clean stale records
     registry.dir.mkdir(parents=True, exist_ok=True)
     # One mount at a time per mount point: checked and mounted under a lock held until the mount answers.
     lock = registry.lock(_abs_mountpoint(mountpoint))
+    _CALLER_FDS.add(lock)
     created: Path | None = None
     try:
         real = check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)
@@ -392,12 +457,11 @@ def mount_tree(tree: "MergedTree", mountpoint: str | os.PathLike[str], options: 
     record = MountRecord(image=image, manifest_digest=manifest_digest, mountpoint=real, pid=0, upper=upper,
                          started="", layer=options.layer, log=str(registry.log_path(real)))
     try:
-        if options.foreground:   # the reporter releases the lock once the mount answers (or failed)
-            return _serve_here(tree, record, options, registry, _Reporter(options.ready_fd, lock))
         try:
-            return _daemonize(tree, record, options, registry, lock)
+            return start(record, options, registry, lock)
         finally:
-            _close(lock)
+            if not options.foreground:
+                _close(lock)
     except BaseException:
         if created is not None:     # a new upper of the store that never served: not worth keeping
             shutil.rmtree(created, ignore_errors=True)
@@ -425,11 +489,11 @@ def stored_upper_id(store: Store, upper: str | os.PathLike[str] | None) -> str |
 def _prepare_upper(store: Store, options: MountOptions, active: list[MountRecord], *, image: str,
                    manifest_digest: str) -> tuple[str | None, Path | None]:
     """(upper directory or None, the store directory made for it or None); checked before forking."""
-    from .overlay import work_dir_for
     if options.read_only and options.upper is None:
         return None, None
     created = None
     if options.upper is None:
+        import secrets
         while True:
             mid = secrets.token_hex(6)
             base = uppers_dir(store) / mid
@@ -447,6 +511,7 @@ def _prepare_upper(store: Store, options: MountOptions, active: list[MountRecord
         if options.read_only and not os.path.isdir(upper):
             raise MountError(f"upper directory {upper} does not exist", hint="a read-only mount only shows an upper")
         if not options.read_only:
+            from .overlay import work_dir_for
             try:
                 os.makedirs(upper, exist_ok=True)
                 os.makedirs(work_dir_for(upper), mode=0o700, exist_ok=True)
@@ -476,10 +541,25 @@ def remove_upper(store: Store, what: str) -> Path:
     return path
 
 
+#: fds of this process's mounts in flight (locks, the caller's ends of daemon pipes): every process forked for
+#: a mount closes them, so that none outlives its use in another mount's daemon (a helper would wait forever on
+#: a pipe a sibling holds open)
+_CALLER_FDS: set[int] = set()
+
+
 def _close(fd: int | None) -> None:
     if fd is not None:
+        _CALLER_FDS.discard(fd)
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def _close_caller_fds() -> None:
+    """In a forked child: close the fds of the caller's mounts in flight."""
+    for fd in list(_CALLER_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _CALLER_FDS.clear()
 
 
 def _now() -> str:
@@ -557,12 +637,10 @@ def _serve_here(tree: "MergedTree", record: MountRecord, options: MountOptions, 
     return record
 
 
-def _daemonize(tree: "MergedTree", record: MountRecord, options: MountOptions,
-               registry: MountRegistry, lock: int) -> MountRecord:
-    import threading
-    if threading.active_count() > 1:
-        log.debug("forking the mount daemon with %d threads running", threading.active_count())
-    r, w = os.pipe()
+def _fork_daemon(main: Callable[[], int], w: int) -> int:
+    """Fork twice, libfuse's ``fuse_daemonize``: *main* runs in a grandchild in a new session (re-parented, never
+    a zombie of a long-lived caller) and its result is that process's exit code. Returns the pid of the
+    intermediate child, which exits at once (reap it). Failures in the children are reported on *w*."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -570,50 +648,165 @@ def _daemonize(tree: "MergedTree", record: MountRecord, options: MountOptions,
     if pid == 0:  # intermediate child: new session, fork the daemon, leave
         code = 1
         try:
-            os.close(r)
-            os.close(lock)   # the lock stays with the caller until the mount answers
+            _close_caller_fds()
             os.setsid()
             if os.fork() == 0:
-                code = _daemon_main(tree, record, options, registry, w)
+                _send(w, f"pid {os.getpid()}")   # to stop it if it does not answer in time
+                code = main()
             else:
                 code = 0
         except BaseException as e:  # never return into the caller's code
             _send(w, f"error cannot start the mount daemon: {e}")
         finally:
             os._exit(code)
-    os.close(w)
+    return pid
+
+
+def _daemonize(tree: "MergedTree", record: MountRecord, options: MountOptions,
+               registry: MountRegistry, lock: int) -> MountRecord:
+    """Fork the daemon serving *tree* (shared copy-on-write) and wait until it answers."""
+    import threading
+    if threading.active_count() > 1:
+        log.debug("forking the mount daemon with %d threads running", threading.active_count())
+    r, w = os.pipe()
+    _CALLER_FDS.add(r)   # the lock is there already: the daemon keeps neither
     try:
+        try:
+            pid = _fork_daemon(lambda: _daemon_main(lambda: tree, record, options, registry, w), w)
+        finally:
+            os.close(w)
         os.waitpid(pid, 0)
         return _wait_ready(r, record, options, registry)
     finally:
-        os.close(r)
+        _close(r)
 
 
-def _daemon_main(tree: "MergedTree", record: MountRecord, options: MountOptions, registry: MountRegistry,
-                 w: int) -> int:
-    """The daemon: stdio to the log, serve, report readiness or the error on *w*. Returns the exit code."""
-    _send(w, f"pid {os.getpid()}")
+class _Helper:
+    """The mount daemon to be, forked by :func:`mount_image` before the image is even resolved.
+
+    It detaches (new session, stdio to /dev/null) and imports what serving
+    needs (pyfuse3 and trio: the bulk of a mount's start-up) while the
+    caller resolves the image, checks the mount point and prepares the
+    upper; then it waits on a pipe. :meth:`run` sends it the mount (the
+    manifest digest and the record) and waits for its readiness like
+    :func:`_daemonize`; the helper loads the tree from the store's tree
+    cache and serves. Without a mount (:meth:`close`, any error of the
+    caller, the caller's death) the pipe closes and the helper exits
+    quietly: it never outlives a failed ``mount``.
+    """
+
+    def __init__(self, root: Path, options: MountOptions):
+        self._ctl: int | None = None
+        self._status: int | None = None
+        self._pid: int | None = None
+        ctl_r, self._ctl = os.pipe()
+        _CALLER_FDS.add(self._ctl)
+        try:
+            self._status, status_w = os.pipe()
+            _CALLER_FDS.add(self._status)
+            try:
+                self._pid = _fork_daemon(functools.partial(_helper_main, root, options, ctl_r, status_w), status_w)
+            finally:
+                os.close(status_w)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.close(ctl_r)
+
+    def run(self, manifest: Manifest, record: MountRecord, options: MountOptions, registry: MountRegistry,
+            lock: int) -> MountRecord:
+        """Hand the mount of *record* (the tree of *manifest*) to the helper; return once it answers."""
+        ctl, self._ctl = self._ctl, None
+        try:
+            _write_all(ctl, f"{manifest.digest}\n".encode() + record.to_json())
+        except OSError:   # it is gone: its status pipe says why
+            pass
+        finally:
+            _close(ctl)   # end of the message
+        return _wait_ready(self._status, record, options, registry)
+
+    def close(self) -> None:
+        """Dismiss the helper (a no-op once it has its mount) and reap the intermediate child."""
+        for name in ("_ctl", "_status"):
+            fd = getattr(self, name)
+            setattr(self, name, None)
+            _close(fd)
+        pid, self._pid = self._pid, None
+        if pid is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _helper_main(root: Path, options: MountOptions, ctl: int, w: int) -> int:
+    """The pre-forked daemon (see :class:`_Helper`): import, wait for the mount, serve it. Returns the exit code."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    _redirect_stdio(os.devnull)   # the caller's stdio may be pipes that its own caller reads to the end
+    # Failures are left for later: the same import fails again while mounting, and is reported then.
+    with contextlib.suppress(Exception):
+        import tempfile  # noqa: F401  (fusefs captures libfuse's stderr in a temporary file)
+    with contextlib.suppress(Exception):
+        from . import fusefs  # noqa: F401
+    if not options.read_only or options.upper is not None:
+        with contextlib.suppress(Exception):
+            from . import fuse_overlay  # noqa: F401
+    chunks = []
+    while chunk := os.read(ctl, 65536):
+        chunks.append(chunk)
+    os.close(ctl)
+    if not chunks:
+        return 0   # no mount for us: the caller failed, or is gone
+    digest, _, raw = b"".join(chunks).partition(b"\n")
+    record = MountRecord.from_json(raw)
+    store = Store(root)
+
+    def load_tree() -> "MergedTree":
+        from .oci import Digest
+        manifest = store.manifest(Digest.parse(digest.decode()))
+        assert isinstance(manifest, Manifest)
+        return _default_tree_factory(store, manifest, upto=options.layer)
+
+    return _daemon_main(load_tree, record, options, MountRegistry(store), w)
+
+
+def _redirect_stdio(out: str) -> None:
+    """stdin from /dev/null, stdout and stderr to *out* (truncated)."""
+    outfd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    nullfd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(nullfd, 0)
+    os.dup2(outfd, 1)
+    os.dup2(outfd, 2)
+    os.close(outfd)
+    os.close(nullfd)
+    sys.stdout = open(1, "w", buffering=1, errors="backslashreplace", closefd=False)
+    sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
+
+
+def _daemon_main(load_tree: Callable[[], "MergedTree"], record: MountRecord, options: MountOptions,
+                 registry: MountRegistry, w: int) -> int:
+    """The daemon: stdio to the log, get the tree, serve, report readiness or the error on *w*.
+    Returns the exit code."""
     reporter = _Reporter(w)
     try:
         os.chdir("/")
-        logfd = os.open(record.log or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        nullfd = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(nullfd, 0)
-        os.dup2(logfd, 1)
-        os.dup2(logfd, 2)
-        os.close(logfd)
-        os.close(nullfd)
-        sys.stdout = open(1, "w", buffering=1, errors="backslashreplace", closefd=False)
-        sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
+        _redirect_stdio(record.log or os.devnull)
         # default handling until the server takes them over; SIGPIPE stays ignored (Python's default), so a
         # caller that went away before "ok" costs an EPIPE, not the daemon
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         _daemon_logging(options.debug)
-        _serve_here(tree, record, options, registry, reporter)
+        _serve_here(load_tree(), record, options, registry, reporter)
         return 0
     except LayerfsError as e:
         log.error("%s", e.one_line())
+        reporter.error(e.one_line())   # a no-op if already reported
         return 1
     except BaseException as e:
         log.exception("mount daemon failed")

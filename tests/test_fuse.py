@@ -611,3 +611,158 @@ def test_mount_image_pulls_only_when_absent(store, tmp_path):
     track(m, rec.pid)
     assert len(calls) == 2
     umount(store, m)
+
+
+# --- the mount daemon forked early (mount_image's helper) -----------------------------------
+
+def _processes_of(store: Store) -> set[int]:
+    """Live processes (not zombies) whose command line names *store* (the CLI and every process it forked)."""
+    key = str(store.root).encode()
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if key in cmdline and pid_alive(int(entry)):
+            found.add(int(entry))
+    return found
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        st = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return int(st[st.rfind(b")") + 2:].split()[1])
+
+
+def test_failed_cli_mounts_leave_no_process_behind(store, tmp_path):
+    """The mount daemon is forked before the image is resolved; every failure after that ends it too."""
+    require_fuse()
+    put_image(store, "docker.io/library/two:1", _two_layer_image())
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    _cli(store, "mount", "--read-only", "two:1", str(busy))
+    [rec] = mounts(store)
+    track(busy, rec.pid)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    cases = [
+        (("two:1", str(tmp_path / "missing" / "deeper")), 1, "does not exist"),                    # mount point
+        (("two:1", str(tmp_path / "full")), 1, "is not empty"),
+        (("two:1", str(busy)), 1, "already mounted"),
+        (("localhost:1/nowhere/none:1", str(empty)), 1, "cannot reach"),                          # pull fails
+        (("--layer", "9", "two:1", str(empty)), 2, "out of range"),                                # the tree
+        (("-o", "no_such_option", "two:1", str(empty)), 1, "unknown option"),                      # the daemon
+        (("--upper", str(tmp_path / "full" / "x"), "two:1", str(empty)), 1, "not a directory"),    # the upper
+    ]
+    for args, code, text in cases:
+        p = _cli(store, "mount", *args, check=False)
+        assert p.returncode == code, (args, p.stderr)
+        lines = p.stderr.splitlines()
+        assert text in lines[-1] and lines[-1].startswith("layerfs: error:"), (args, p.stderr)
+        assert wait_until(lambda: _processes_of(store) <= {rec.pid}), (args, _processes_of(store))
+        assert not is_mounted(empty) and os.listdir(empty) == []
+    assert mounts(store) == [rec]
+    umount(store, busy)
+    assert wait_until(lambda: not _processes_of(store))
+
+
+def test_the_early_mount_daemon_ends_with_a_killed_mount_command(store, tmp_path):
+    """SIGKILL the command while it waits on a registry: the daemon it forked sees its pipe close and exits."""
+    require_fuse()
+    import socket
+    m = tmp_path / "m"
+    m.mkdir()
+    with socket.socket() as silent:          # accepts connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        cmd = [sys.executable, "-m", "layerfs", "--root", str(store.root), "--insecure-registry",
+               f"127.0.0.1:{port}", "mount", f"127.0.0.1:{port}/silent/app:1", str(m)]
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+
+            def forked() -> set[int]:   # the daemon, not the intermediate child (which exits at once)
+                return {p for p in _processes_of(store) - {proc.pid} if _ppid(p) != proc.pid}
+
+            assert wait_until(lambda: len(forked()) == 1, timeout=20), "the mount command forked no daemon"
+            [helper] = forked()
+            time.sleep(0.2)                  # still waiting for the registry
+            assert proc.poll() is None and pid_alive(helper)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert wait_until(lambda: not pid_alive(helper), timeout=10)
+    assert not _processes_of(store) and not is_mounted(m) and mounts(store) == []
+
+
+def test_cli_mount_imports(store, tmp_path):
+    """A local image mounts without the registry client (requests & co.); only the daemon imports pyfuse3/trio."""
+    require_fuse()
+    from layerfs.mount import _TRANSPORTS
+    from layerfs.sources import TRANSPORTS
+    assert _TRANSPORTS == TRANSPORTS
+    put_image(store, "docker.io/library/two:1", _two_layer_image())
+    m = tmp_path / "m"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for args in (("--read-only",), ()):      # the first mount builds the tree cache, the second one loads it
+        p = subprocess.run([sys.executable, "-X", "importtime", "-m", "layerfs", "--root", str(store.root), "mount",
+                            *args, "two:1", str(m)], capture_output=True, text=True, env=env, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        assert p.returncode == 0, p.stderr
+        [rec] = mounts(store)
+        track(m, rec.pid)
+        assert sorted(os.listdir(m / "etc")) == ["motd"]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if "|" in line}
+        assert "layerfs.mount" in imported
+        assert not imported & {"requests", "urllib3", "charset_normalizer", "layerfs.pull", "layerfs.sources",
+                               "layerfs.registry", "pyfuse3", "trio", "layerfs.fusefs"}, sorted(imported)
+        umount(store, m, remove_upper=True)
+    assert not _processes_of(store)
+
+
+def test_mount_image_tree_cache_missing_unwritable_or_corrupt(store, tmp_path, monkeypatch):
+    """The daemon loads the tree from the store's tree cache; the caller builds it first when missing, shares the
+    tree it built when the cache cannot be written, and a corrupt cache is rebuilt by the daemon."""
+    require_fuse()
+    from layerfs import union
+    put_image(store, "docker.io/library/two:1", _two_layer_image())
+    _, manifest = store.resolve("two:1")
+    cache = union.tree_cache_path(store, manifest, 2)
+    m = tmp_path / "m"
+
+    def mount_and_check(**kw) -> MountRecord:
+        rec = mount_image(store, "two:1", m, MountOptions(**kw))
+        track(m, rec.pid)
+        if kw.get("layer") == 1:
+            assert os.listdir(m / "etc") == ["os-release"]
+        else:
+            assert sorted(os.listdir(m / "etc")) == ["motd"] and (m / "etc/motd").read_bytes() == b"hi\n"
+        assert os.stat(m / "dev/null").st_rdev == os.makedev(1, 3)
+        umount(store, m, remove_upper=True)
+        return rec
+
+    def no_save(*args, **kw):
+        raise OSError(errno.EROFS, "read-only file system")
+
+    with monkeypatch.context() as mp:        # the cache cannot be written: the daemon is forked with the tree
+        mp.setattr(union, "save_tree", no_save)
+        rec = mount_and_check()
+        assert not cache.exists() and "tree cache" not in Path(rec.log).read_text()   # built once, here
+    mount_and_check(read_only=True)          # built by the caller, loaded by the daemon
+    assert cache.is_file()
+    cache.write_bytes(b"garbage")            # looks cached to the caller: the daemon rebuilds it
+    rec = mount_and_check()
+    assert "rebuilding" in Path(rec.log).read_text()
+    assert cache.read_bytes() != b"garbage"
+    mount_and_check(read_only=True, layer=1)
+    assert union.tree_cache_path(store, manifest, 1).is_file()
+    assert mounts(store) == []
