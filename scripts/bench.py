@@ -52,7 +52,8 @@ mount, unmount, upper removed:
 Target: layerfs <= 1.5x fuse-overlayfs on each. The table also shows the
 FUSE daemon's CPU time (user+sys, /proc/PID/stat) over each timed workload.
 --profile DIR: afterwards one more, untimed layerfs run of each workload with
-`py-spy record` (pip install py-spy) on the mount daemon; raw stacks in DIR.
+`py-spy record --gil` (pip install py-spy) on the mount daemon (samples of the
+thread holding the GIL: its Python CPU); raw stacks in DIR, a summary printed.
 
 --quick: a ~40 MB image and 1 run (a smoke test; writes: 1500 files, 200
 appends, 50 MB). Exit status: 0 ok (a column may be n/a, e.g. while `layerfs
@@ -782,13 +783,15 @@ def write_labels(wc: WriteCtx) -> dict:
 
 
 class PySpy:
-    """``py-spy record`` (raw collapsed stacks) on a daemon while a workload runs; stop() ends it."""
+    """``py-spy record --gil`` (raw collapsed stacks) on a daemon while a workload runs; stop() ends it.
+    Only samples of the thread holding the GIL: where the daemon's Python CPU time goes (without
+    --gil, threads blocked in epoll or on the thread cache's lock show up as busy)."""
 
     def __init__(self, pid: int, out: Path, rate: int = 200):
         self.out = out
         self.log = open(out.with_suffix(".log"), "wb")
         self.proc = subprocess.Popen(["py-spy", "record", "-p", str(pid), "-f", "raw", "-o", str(out), "-r", str(rate),
-                                      "--threads", "--nonblocking"], stdin=subprocess.DEVNULL, stdout=self.log,
+                                      "--threads", "--gil", "--nonblocking"], stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT)
         time.sleep(1.0)         # attached and sampling before the workload starts
         if self.proc.poll() is not None:
@@ -1218,7 +1221,7 @@ def main(argv=None) -> int:
         if any(t.name == "ratarmount" for t in tools):
             print("- ratarmount: read-only here, not in the write workloads")
         for wl, (dt, lines) in profiles.items():
-            print(f"\n### py-spy on the layerfs daemon: {write_labels(wctx)[wl]} "
+            print(f"\n### py-spy --gil on the layerfs daemon: {write_labels(wctx)[wl]} "
                   f"({bl.fmt_s(dt)} under py-spy, not in the table)\n")
             print("```\n" + "\n".join(lines) + "\n```")
     if args.json:

@@ -851,15 +851,28 @@ def proc_cpu_s(pid: int) -> tuple[float, float] | None:
 _OUTER = ("layerfs/cli.py", "layerfs/mount.py", "serve_overlay (", "serve (layerfs/fusefs.py")
 
 
+def _module_of(frame: str) -> str:
+    """A coarse owner for a py-spy frame ``func (path/file.py)``: trio, pyfuse3, a layerfs file, or other."""
+    path = frame.rpartition(" (")[2].rstrip(")")
+    if "trio/" in path or "outcome/" in path or "attrs generated" in path:
+        return "trio (event loop, to_thread, thread cache; outcome, attrs)"
+    if "pyfuse3" in path:
+        return "pyfuse3"
+    if "layerfs/" in path:
+        return "layerfs/" + path.rpartition("layerfs/")[2]
+    return "other (stdlib ...)"
+
+
 def pyspy_summary(raw: Path, top: int = 12) -> list[str]:
     """Lines summarising a ``py-spy record --format raw --threads`` file (collapsed stacks), as % of all
     samples: the split between the thread running the event loop (the one that started as the main
-    program) and the others (worker threads); the functions most often on top of the stack (self);
-    layerfs's own functions by inclusive samples, the daemon's start-up chain (cli, mount, serve) left
-    out. Line numbers are dropped, so a function counts once."""
+    program) and the others (worker threads); the samples grouped by the module on top of the stack;
+    the functions most often on top of the stack (self); layerfs's own functions by inclusive samples,
+    the daemon's start-up chain (cli, mount, serve) left out. Line numbers are dropped."""
     import re
     selfc: dict[str, int] = {}
     incl: dict[str, int] = {}
+    mods: dict[str, int] = {}
     main_n = total = 0
     with open(raw, errors="replace") as f:
         for line in f:
@@ -876,14 +889,18 @@ def pyspy_summary(raw: Path, top: int = 12) -> list[str]:
             if frames[0].startswith("_run_module_as_main"):
                 main_n += n
             selfc[frames[-1]] = selfc.get(frames[-1], 0) + n
+            m = _module_of(frames[-1])
+            mods[m] = mods.get(m, 0) + n
             for fr in set(frames):
                 if "layerfs/" in fr and not any(o in fr for o in _OUTER):
                     incl[fr] = incl.get(fr, 0) + n
     if not total:
         return ["(no samples)"]
     pc = lambda c: f"{100 * c / total:5.1f}%"  # noqa: E731
-    out = [f"{total} samples of non-idle threads: {pc(main_n).strip()} event-loop (main) thread, "
-           f"{pc(total - main_n).strip()} worker threads", "self (top of stack):"]
+    out = [f"{total} samples: {pc(main_n).strip()} in the event-loop (main) thread, "
+           f"{pc(total - main_n).strip()} in worker threads", "by module (top of stack):"]
+    out += [f"  {pc(c)}  {m}" for m, c in sorted(mods.items(), key=lambda x: -x[1])[:6]]
+    out.append("self (top of stack):")
     out += [f"  {pc(c)}  {fr}" for fr, c in sorted(selfc.items(), key=lambda x: -x[1])[:top]]
     out.append("layerfs functions, inclusive:")
     out += [f"  {pc(c)}  {fr}" for fr, c in sorted(incl.items(), key=lambda x: -x[1])[:top]]
