@@ -885,9 +885,15 @@ class Overlay:
             placeholder = not self._make_special(path, ftype, rdev)
         else:
             raise _err(errno.EINVAL)
+        return self._register_made(d, dpath, name, path, ftype, uid, gid, perm, rdev=rdev, placeholder=placeholder)
+
+    def _register_made(self, d: "Dir", dpath: str, name: str, path: str, ftype: int, uid: int, gid: int,
+                       perm: int, **stat_kw) -> Attr:
+        """Record a non-directory just made at *path* in the upper: owner and mode applied,
+        the name entered, its whiteout dropped; on failure the file is removed again."""
         try:
             f = self._add_file(d, name)
-            self._apply_stat(path, ftype, uid, gid, perm, rdev=rdev, placeholder=placeholder, i=f)
+            self._apply_stat(path, ftype, uid, gid, perm, i=f, **stat_kw)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -935,16 +941,7 @@ class Overlay:
         uid, gid, _ = self._owner_for(d, uid, gid, 0o777, False)
         path = os.path.join(dpath, name)
         os.symlink(target, path)
-        try:
-            f = self._add_file(d, name)
-            self._apply_stat(path, stat.S_IFLNK, uid, gid, 0o777, i=f)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            self._entries(d).pop(name, None)
-            raise
-        self._drop_whiteout(d, dpath, name)
-        return self._attr(f.ino)
+        return self._register_made(d, dpath, name, path, stat.S_IFLNK, uid, gid, 0o777)
 
     @_locked
     def link(self, ino: int, parent: int, name: str) -> Attr:
