@@ -1014,14 +1014,19 @@ class Overlay:
         finally:
             self._lock.release()
 
-    @_locked
-    def unlink(self, parent: int, name: str) -> None:
+    def _removable(self, parent: int, name: str) -> tuple[Dir, dict[str, int], int]:
+        """(parent dir, its entries, the inode) of a name about to be removed; EROFS, ENOENT."""
         self._writable()
         d = self._dir(parent)
         entries = self._entries(d)
         ino = entries.get(name)
         if ino is None:
             raise _err(errno.ENOENT)
+        return d, entries, ino
+
+    @_locked
+    def unlink(self, parent: int, name: str) -> None:
+        d, entries, ino = self._removable(parent, name)
         if isinstance(self.inodes.get(ino), Dir):
             raise _err(errno.EISDIR)
         f = self._file(ino)
@@ -1046,12 +1051,7 @@ class Overlay:
 
     @_locked
     def rmdir(self, parent: int, name: str) -> None:
-        self._writable()
-        d = self._dir(parent)
-        entries = self._entries(d)
-        ino = entries.get(name)
-        if ino is None:
-            raise _err(errno.ENOENT)
+        d, entries, ino = self._removable(parent, name)
         child = self.inodes.get(ino)
         if not isinstance(child, Dir):
             raise _err(errno.ENOTDIR)
