@@ -3,8 +3,22 @@
 ``layerfs._zran`` (native/zran.c) does streaming gzip inflation with
 zran-style random-access checkpoints; it links against the system zlib
 (Debian: ``apt-get install zlib1g-dev`` for the headers).
+``layerfs._fuse`` (native/fuseloop.c) serves libfuse 3 low-level requests
+from native threads (``libfuse3-dev``).
 """
+import shlex
+import subprocess
+
 from setuptools import Extension, setup
+
+
+def pkg_config(flag: str, package: str, default: list[str]) -> list[str]:
+    try:
+        out = subprocess.run(["pkg-config", flag, package], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return default
+    return [w[2:] for w in shlex.split(out)]
+
 
 setup(
     ext_modules=[
@@ -12,6 +26,14 @@ setup(
             "layerfs._zran",
             sources=["native/zran.c"],
             libraries=["z"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                                "-Wno-missing-field-initializers"],
+        ),
+        Extension(
+            "layerfs._fuse",
+            sources=["native/fuseloop.c"],
+            include_dirs=pkg_config("--cflags-only-I", "fuse3", ["/usr/include/fuse3"]),
+            libraries=pkg_config("--libs-only-l", "fuse3", ["fuse3", "pthread"]),
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
         ),

@@ -1,14 +1,13 @@
-"""The FUSE adapter of the writable overlay: pyfuse3 operations serving a :class:`~layerfs.overlay.Overlay`.
+"""The FUSE adapter of the writable overlay: handlers serving a :class:`~layerfs.overlay.Overlay`.
 
 Thin like :mod:`layerfs.fusefs` (whose mount loop, options and attribute
 constants it reuses): names are decoded, errors become errnos, the caller's
 uid/gid go to new entries; the semantics live in the overlay.
 
-Threads: every request that may touch the upper directory (or decompress
-lower data) runs in a worker thread behind a :class:`trio.CapacityLimiter`;
-attributes and reads of untouched lower files are answered on the event
-loop. The overlay serialises namespace changes with its own lock, reads and
-writes on open handles run in parallel.
+Threads: requests are served by the native threads of :mod:`layerfs._fuse`
+(see :mod:`layerfs.fusefs`), each calling these plain methods. The overlay
+serialises namespace changes with its own lock; reads and writes on open
+handles run in parallel (the GIL is released in every syscall).
 
 Caching (correctness first): everything that changes does so through the
 kernel, which updates or drops its own cached entries and attributes for the
@@ -27,45 +26,27 @@ across opens (``keep_cache``): only this mount writes the upper directory.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import stat
 import sys
 from typing import Callable, Iterable
 
-import pyfuse3
-import trio
-from pyfuse3 import EntryAttributes, FileInfo, FUSEError, StatvfsData
-
+from . import _fuse
 from .errors import LayerfsError
-from .fusefs import BLOCK_SIZE, CACHE_TIMEOUT, default_threads, serve
+from .fusefs import CACHE_TIMEOUT, fuse_error, serve
 from .overlay import Attr, Overlay
 from .tree import ROOT_INO
 
 log = logging.getLogger(__name__)
 
 _FSENC = sys.getfilesystemencoding()
-_FLAG_NAMES = {pyfuse3.RENAME_NOREPLACE: 1, pyfuse3.RENAME_EXCHANGE: 2}
+#: rename(2) flags the overlay knows (RENAME_NOREPLACE, RENAME_EXCHANGE)
+_RENAME_FLAGS = 1 | 2
 
 
 def _name(raw: bytes) -> str:
     return raw.decode(_FSENC, "surrogateescape")
-
-
-def _fail(op: str, arg, e: BaseException) -> FUSEError:
-    """One errno reply for any failure of a handler (never an exception that ends pyfuse3's loop)."""
-    if isinstance(e, FUSEError):
-        return e
-    if isinstance(e, OSError):
-        if e.errno in (errno.EIO, None) or e.errno not in _QUIET:
-            log.warning("%s(%r): %s", op, arg, e)
-        return FUSEError(e.errno or errno.EIO)
-    if isinstance(e, LayerfsError):
-        log.error("%s(%r) failed: %s", op, arg, e.one_line())
-        return FUSEError(e.errno or errno.EIO)
-    log.error("%s(%r) failed", op, arg, exc_info=e)
-    return FUSEError(errno.EIO)
 
 
 #: errnos that are ordinary answers (not worth a log line)
@@ -74,325 +55,221 @@ _QUIET = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, e
                     errno.ERANGE, errno.ENOTSUP, errno.ENOSPC, errno.EDQUOT, errno.EBADF})
 
 
-def _wrap(method):
-    """Turn any exception of a handler into a FUSEError reply."""
-    name = method.__name__
-
-    @functools.wraps(method)
-    async def handler(self, *args):
-        try:
-            return await method(self, *args)
-        except Exception as e:
-            raise _fail(name, args[:2], e) from None
-    return handler
+def _entry(a: Attr) -> tuple:
+    return (a.ino, a.mode, a.nlink, a.uid, a.gid, a.rdev, a.size, a.blocks, a.atime_ns, a.mtime_ns, a.ctime_ns,
+            0.0 if a.volatile else CACHE_TIMEOUT)
 
 
-class OverlayFS(pyfuse3.Operations):
-    """pyfuse3 operations serving one :class:`Overlay` (writable unless the overlay is read-only)."""
+class OverlayFS:
+    """The handlers serving one :class:`Overlay` (writable unless the overlay is read-only)."""
 
-    supports_dot_lookup = True
-    enable_writeback_cache = False
-    enable_acl = False
-
-    def __init__(self, overlay: Overlay, *, threads: int | None = None):
-        super().__init__()
+    def __init__(self, overlay: Overlay):
         self.ovl = overlay
         self._nodes = overlay.nodes            # the mount loop makes lazy lower nodes in the background
-        self._limiter = trio.CapacityLimiter(threads or default_threads())
         self._dirs: dict[int, list[tuple[bytes, Attr]]] = {}
         self._dir_ino: dict[int, int] = {}
         self._next_dir_fh = 1
-        self.live = False                      # kernel notifications only once the mount answers
+        self.session = None                    # set by serve(); kernel notifications once the mount answers
+        self.live = False
         overlay.on_attr_changed = self._attr_changed
 
-    # -- helpers --------------------------------------------------------------------------------
+    def error(self, op: str, e: BaseException) -> int:
+        """One errno reply for any failure of a handler (logged unless it is an ordinary answer)."""
+        if isinstance(e, LayerfsError):
+            log.error("%s failed: %s", op, e.one_line())
+            return e.errno or errno.EIO
+        log.error("%s failed", op, exc_info=e)
+        return errno.EIO
+
     def _attr_changed(self, ino: int) -> None:
         if not self.live:
             return
         try:
-            pyfuse3.invalidate_inode(ino, attr_only=True)
+            self.session.invalidate_inode(ino, True)
         except OSError as e:     # ENOENT: the kernel does not know the inode
             log.debug("invalidate_inode(%d): %s", ino, e)
 
-    async def _run(self, fn, *args, **kw):
-        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kw), limiter=self._limiter)
-
-    async def _quick(self, fn, *args, **kw):
-        """Run a cheap metadata operation on the loop thread: a handful of syscalls on the
-        upper directory, no copy-up of file data. A worker-thread hop costs ~100 µs of
-        trio machinery, many times the operation itself (untar, rm -rf). When a worker
-        holds the overlay's lock (a copy-up), the call goes to a thread instead of
-        blocking the loop."""
-        lock = self.ovl._lock
-        if not lock.acquire(blocking=False):
-            return await self._run(fn, *args, **kw)
-        try:
-            return fn(*args, **kw)
-        finally:
-            lock.release()
-
-    def _in_upper(self, ino: int) -> bool:
-        """True when *ino* already lives in the upper (changing it copies no data up)."""
-        i = self.ovl.inodes.get(ino)
-        return i is not None and getattr(i, "upper", False)
-
-    @staticmethod
-    def _entry(a: Attr) -> EntryAttributes:
-        e = EntryAttributes()
-        e.st_ino = a.ino
-        e.st_mode = a.mode
-        e.st_nlink = a.nlink
-        e.st_uid = a.uid
-        e.st_gid = a.gid
-        e.st_rdev = a.rdev
-        e.st_size = a.size
-        e.st_blocks = a.blocks
-        e.st_blksize = BLOCK_SIZE
-        e.st_atime_ns = a.atime_ns
-        e.st_mtime_ns = a.mtime_ns
-        e.st_ctime_ns = a.ctime_ns
-        t = 0.0 if a.volatile else CACHE_TIMEOUT
-        e.entry_timeout = t
-        e.attr_timeout = t
-        return e
-
-    @staticmethod
-    def _negative() -> EntryAttributes:
-        e = EntryAttributes()
-        e.st_ino = 0
-        e.entry_timeout = CACHE_TIMEOUT
-        return e
-
     # -- names and attributes -------------------------------------------------------------------------
-    @_wrap
-    async def lookup(self, parent_inode, name, ctx=None):
+    def lookup(self, parent: int, name: bytes):
         try:
-            a = self.ovl.try_lookup(parent_inode, _name(name))      # lower entries: no thread needed
-            if a is None:
-                a = await self._quick(self.ovl.lookup, parent_inode, _name(name))
-        except FileNotFoundError:
-            return self._negative()
+            return _entry(self.ovl.lookup(parent, _name(name)))
         except OSError as e:
             if e.errno == errno.ENOENT:
-                return self._negative()
+                return None
+            _log(e, "lookup", parent, name)
             raise
-        return self._entry(a)
 
-    async def forget(self, inode_list):
+    def forget(self, inodes):
         # inodes with names live as long as the overlay; a forgotten one without names goes
-        for ino, _ in inode_list:
+        for ino, _ in inodes:
             self.ovl.forget(ino)
 
-    @_wrap
-    async def getattr(self, inode, ctx=None):
-        a = self.ovl.try_getattr(inode)
-        if a is None:
-            a = await self._quick(self.ovl.getattr, inode)
-        return self._entry(a)
+    def getattr(self, ino: int, fh):
+        return _entry(self.ovl.getattr(ino))
 
-    @_wrap
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    def setattr(self, ino, to_set, mode, uid, gid, size, atime_ns, mtime_ns, fh):
         kw = {}
-        if fields.update_mode:
-            kw["mode"] = attr.st_mode
-        if fields.update_uid:
-            kw["uid"] = attr.st_uid
-        if fields.update_gid:
-            kw["gid"] = attr.st_gid
-        if fields.update_size:
-            kw["size"] = attr.st_size
-        if fields.update_atime:
-            kw["atime_ns"] = attr.st_atime_ns
-        if fields.update_mtime:
-            kw["mtime_ns"] = attr.st_mtime_ns
+        if to_set & _fuse.SET_ATTR_MODE:
+            kw["mode"] = mode
+        if to_set & _fuse.SET_ATTR_UID:
+            kw["uid"] = uid
+        if to_set & _fuse.SET_ATTR_GID:
+            kw["gid"] = gid
+        if to_set & _fuse.SET_ATTR_SIZE:
+            kw["size"] = size
+        if to_set & _fuse.SET_ATTR_ATIME:
+            kw["atime_ns"] = atime_ns
+        if to_set & _fuse.SET_ATTR_MTIME:
+            kw["mtime_ns"] = mtime_ns
         if not kw:      # ctime only (e.g. a write that cleared nothing): nothing to store
-            return self._entry(await self._quick(self.ovl.getattr, inode))
-        run = self._quick if self._in_upper(inode) and "size" not in kw else self._run
-        return self._entry(await run(self.ovl.setattr, inode, fh=fh, **kw))
+            return _entry(self.ovl.getattr(ino))
+        return _entry(self.ovl.setattr(ino, fh=fh, **kw))
 
-    @_wrap
-    async def readlink(self, inode, ctx):
-        return os.fsencode(await self._quick(self.ovl.readlink, inode))
-
-    @_wrap
-    async def access(self, inode, mode, ctx):
-        # only reached without default_permissions: root-like answers, EROFS for writes on a read-only overlay
-        await self._run(self.ovl.getattr, inode)
-        if mode & os.W_OK and self.ovl.read_only:
-            raise FUSEError(errno.EROFS)
-        return True
+    def readlink(self, ino: int) -> bytes:
+        return os.fsencode(self.ovl.readlink(ino))
 
     # -- creating and removing ---------------------------------------------------------------------------
-    @_wrap
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self._entry(await self._quick(self.ovl.mknod, parent_inode, _name(name), mode, rdev,
-                                           uid=ctx.uid, gid=ctx.gid))
+    def mknod(self, parent, name, mode, rdev, uid, gid):
+        return _entry(self.ovl.mknod(parent, _name(name), mode, rdev, uid=uid, gid=gid))
 
-    @_wrap
-    async def mkdir(self, parent_inode, name, mode, ctx):
-        return self._entry(await self._quick(self.ovl.mkdir, parent_inode, _name(name), mode, uid=ctx.uid, gid=ctx.gid))
+    def mkdir(self, parent, name, mode, uid, gid):
+        return _entry(self.ovl.mkdir(parent, _name(name), mode, uid=uid, gid=gid))
 
-    @_wrap
-    async def symlink(self, parent_inode, name, target, ctx):
-        return self._entry(await self._quick(self.ovl.symlink, parent_inode, _name(name), _name(target),
-                                           uid=ctx.uid, gid=ctx.gid))
+    def symlink(self, parent, name, target, uid, gid):
+        return _entry(self.ovl.symlink(parent, _name(name), _name(target), uid=uid, gid=gid))
 
-    @_wrap
-    async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self._entry(await self._run(self.ovl.link, inode, new_parent_inode, _name(new_name)))
+    def link(self, ino, new_parent, new_name):
+        return _entry(self.ovl.link(ino, new_parent, _name(new_name)))
 
-    @_wrap
-    async def unlink(self, parent_inode, name, ctx):
-        await self._quick(self.ovl.unlink, parent_inode, _name(name))
+    def unlink(self, parent, name):
+        self.ovl.unlink(parent, _name(name))
 
-    @_wrap
-    async def rmdir(self, parent_inode, name, ctx):
-        await self._quick(self.ovl.rmdir, parent_inode, _name(name))
+    def rmdir(self, parent, name):
+        self.ovl.rmdir(parent, _name(name))
 
-    @_wrap
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        ours = 0
-        for theirs, mine in _FLAG_NAMES.items():
-            if flags & theirs:
-                ours |= mine
-                flags &= ~theirs
-        if flags:
-            raise FUSEError(errno.EINVAL)
-        await self._run(self.ovl.rename, parent_inode_old, _name(name_old), parent_inode_new, _name(name_new), ours)
+    def rename(self, parent, name, new_parent, new_name, flags):
+        if flags & ~_RENAME_FLAGS:
+            raise fuse_error(errno.EINVAL)
+        self.ovl.rename(parent, _name(name), new_parent, _name(new_name), flags)
 
     # -- extended attributes -----------------------------------------------------------------------------
-    @_wrap
-    async def getxattr(self, inode, name, ctx):
-        return await self._quick(self.ovl.getxattr, inode, _name(name))
+    def getxattr(self, ino, name):
+        return self.ovl.getxattr(ino, _name(name))
 
-    @_wrap
-    async def listxattr(self, inode, ctx):
-        return [os.fsencode(n) for n in await self._quick(self.ovl.listxattr, inode)]
+    def listxattr(self, ino):
+        return [os.fsencode(n) for n in self.ovl.listxattr(ino)]
 
-    @_wrap
-    async def setxattr(self, inode, name, value, ctx):
-        await self._run(self.ovl.setxattr, inode, _name(name), value)
+    def setxattr(self, ino, name, value, flags):
+        if flags & ~(os.XATTR_CREATE | os.XATTR_REPLACE):
+            raise fuse_error(errno.EINVAL)
+        if flags:
+            try:
+                self.ovl.getxattr(ino, _name(name))
+            except OSError as e:
+                if e.errno != errno.ENODATA or flags & os.XATTR_REPLACE:
+                    raise
+            else:
+                if flags & os.XATTR_CREATE:
+                    raise fuse_error(errno.EEXIST)
+        self.ovl.setxattr(ino, _name(name), value)
 
-    @_wrap
-    async def removexattr(self, inode, name, ctx):
-        await self._run(self.ovl.removexattr, inode, _name(name))
+    def removexattr(self, ino, name):
+        self.ovl.removexattr(ino, _name(name))
 
     # -- directories ----------------------------------------------------------------------------------------
-    @_wrap
-    async def opendir(self, inode, ctx):
-        a = self.ovl.try_getattr(inode)
-        if a is None:
-            a = await self._run(self.ovl.getattr, inode)
-        if not stat.S_ISDIR(a.mode):
-            raise FUSEError(errno.ENOTDIR)
+    def opendir(self, ino):
+        if not stat.S_ISDIR(self.ovl.getattr(ino).mode):
+            raise fuse_error(errno.ENOTDIR)
         fh = self._next_dir_fh
         self._next_dir_fh += 1
-        self._dir_ino[fh] = inode
-        return fh
+        self._dir_ino[fh] = ino
+        return fh, 0
 
-    async def _snapshot(self, fh: int) -> list[tuple[bytes, Attr]]:
+    def _snapshot(self, fh: int) -> list[tuple[bytes, Attr]]:
         ino = self._dir_ino[fh]
-
-        def listing(nowait: bool = False):
-            if nowait:
-                entries = self.ovl.try_readdir(ino)
-                if entries is None:
-                    return None
-                here = self.ovl.try_getattr(ino)
-                up = self.ovl.try_getattr(self.ovl.parent_of(ino))
-                if here is None or up is None:
-                    return None
-            else:
-                entries = self.ovl.readdir(ino)
-                here = self.ovl.getattr(ino)
-                try:
-                    up = self.ovl.getattr(self.ovl.parent_of(ino))
-                except OSError:
-                    up = here
-            return [(b".", here), (b"..", up)] + [(os.fsencode(n), a) for n, a in entries]
-        snap = listing(nowait=True)          # a lower-only directory: no thread needed
-        if snap is None:
-            snap = await self._run(listing)
+        entries = self.ovl.readdir(ino)
+        here = self.ovl.getattr(ino)
+        try:
+            up = self.ovl.getattr(self.ovl.parent_of(ino))
+        except OSError:
+            up = here
+        snap = [(b".", here), (b"..", up)] + [(os.fsencode(n), a) for n, a in entries]
         self._dirs[fh] = snap
         return snap
 
-    @_wrap
-    async def readdir(self, fh, start_id, token):
+    def readdir(self, ino, fh, off, count):
         # offsets: 0 ".", 1 "..", 2 + i the i-th entry of a snapshot taken when reading starts (or restarts)
         snap = self._dirs.get(fh)
-        if snap is None or start_id == 0:
-            snap = await self._snapshot(fh)
-        reply = pyfuse3.readdir_reply
-        for off in range(start_id, len(snap)):
-            name, a = snap[off]
-            if not reply(token, name, self._entry(a), off + 1):
-                break
+        if snap is None or off == 0:
+            snap = self._snapshot(fh)
+        return [(name, _entry(a), i) for i, (name, a) in enumerate(snap[off:off + count], off + 1)]
 
-    async def releasedir(self, fh):
+    def releasedir(self, fh):
         self._dirs.pop(fh, None)
         self._dir_ino.pop(fh, None)
 
-    async def fsyncdir(self, fh, datasync):
-        pass
-
     # -- files --------------------------------------------------------------------------------------------------
-    @_wrap
-    async def open(self, inode, flags, ctx):
-        fh = await self._run(self.ovl.open, inode, flags)
+    def open(self, ino, flags):
+        fh = self.ovl.open(ino, flags)
         if self.ovl.handle_is_shared(fh):      # one name of a lower hard-linked file: no page cache
-            return FileInfo(fh=fh, keep_cache=False, direct_io=True)
-        return FileInfo(fh=fh, keep_cache=True)
+            return fh, _fuse.DIRECT_IO | _fuse.NOFLUSH
+        return fh, _fuse.KEEP_CACHE | _fuse.NOFLUSH
 
-    @_wrap
-    async def create(self, parent_inode, name, mode, flags, ctx):
-        fh, a = await self._quick(self.ovl.create, parent_inode, _name(name), mode, flags, uid=ctx.uid, gid=ctx.gid)
-        return FileInfo(fh=fh, keep_cache=True), self._entry(a)
+    def create(self, parent, name, mode, flags, uid, gid):
+        fh, a = self.ovl.create(parent, _name(name), mode, flags, uid=uid, gid=gid)
+        return fh, _fuse.KEEP_CACHE | _fuse.NOFLUSH, _entry(a)
 
-    @_wrap
-    async def read(self, fh, off, size):
-        if not self.ovl.handle_needs_io(fh):
-            h = self.ovl.handles.get(fh)
-            node = self.ovl.nodes[h.lower_ino] if h is not None else None
-            if node is not None and (node.inline is not None or node.layer < 0 or off >= node.size):
-                return self.ovl.read(fh, off, size)
-        return await self._run(self.ovl.read, fh, off, size)
+    def read(self, ino, fh, off, size):
+        return self.ovl.read(fh, off, size)
 
-    @_wrap
-    async def write(self, fh, off, buf):
-        return await self._quick(self.ovl.write, fh, off, buf)   # into the page cache; fsync is threaded
+    def write(self, fh, off, data):
+        return self.ovl.write(fh, off, data)
 
-    async def flush(self, fh):
-        pass
+    def fsync(self, fh, datasync):
+        self.ovl.fsync(fh, bool(datasync))
 
-    @_wrap
-    async def fsync(self, fh, datasync):
-        await self._run(self.ovl.fsync, fh, datasync)
+    def fallocate(self, fh, mode, off, length):
+        self.ovl.fallocate(fh, mode, off, length)
 
-    @_wrap
-    async def release(self, fh):
-        await self._quick(self.ovl.release, fh)
+    def release(self, fh):
+        self.ovl.release(fh)
 
     # -- the file system -------------------------------------------------------------------------------------------
-    @_wrap
-    async def statfs(self, ctx):
-        st = await self._run(self.ovl.statfs)
-        s = StatvfsData()
-        s.f_bsize = st.f_bsize
-        s.f_frsize = st.f_frsize
-        s.f_blocks = st.f_blocks
-        s.f_bfree = st.f_bfree
-        s.f_bavail = st.f_bavail
-        s.f_files = st.f_files
-        s.f_ffree = st.f_ffree
-        s.f_favail = st.f_favail
-        s.f_namemax = st.f_namemax
-        return s
+    def statfs(self):
+        st = self.ovl.statfs()
+        return (st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree,
+                st.f_favail, st.f_namemax)
+
+
+def _log(e: OSError, op: str, *args) -> None:
+    if e.errno in (errno.EIO, None) or e.errno not in _QUIET:
+        log.warning("%s%r: %s", op, args, e)
+
+
+def _logged(method):
+    """Log the unusual errnos a handler answers (EIO and the like; ENOENT & co. are ordinary answers)."""
+    def handler(self, *args):
+        try:
+            return method(self, *args)
+        except OSError as e:
+            _log(e, method.__name__, *args[:2])
+            raise
+    handler.__name__ = method.__name__
+    handler.__doc__ = method.__doc__
+    return handler
+
+
+for _op in ("getattr", "setattr", "readlink", "mknod", "mkdir", "symlink", "link", "unlink", "rmdir", "rename",
+            "getxattr", "listxattr", "setxattr", "removexattr", "opendir", "readdir", "open", "create", "read",
+            "write", "fsync", "fallocate", "release", "statfs"):
+    setattr(OverlayFS, _op, _logged(getattr(OverlayFS, _op)))
+del _op
 
 
 def serve_overlay(overlay: Overlay, mountpoint: str, options: Iterable[str], *,
                   on_ready: Callable[[], None] | None = None, threads: int | None = None) -> None:
     """Mount *overlay* at *mountpoint* and serve it until unmounted (see :func:`layerfs.fusefs.serve`)."""
-    ops = OverlayFS(overlay, threads=threads)
+    ops = OverlayFS(overlay)
 
     def ready() -> None:
         ops.live = True
@@ -402,4 +279,4 @@ def serve_overlay(overlay: Overlay, mountpoint: str, options: Iterable[str], *,
     serve(overlay.tree, mountpoint, options, on_ready=ready, threads=threads, ops=ops)
 
 
-assert ROOT_INO == pyfuse3.ROOT_INODE
+assert ROOT_INO == _fuse.ROOT_INO

@@ -1,63 +1,46 @@
-"""The FUSE adapter: serve a :class:`~layerfs.tree.MergedTree` read-only through pyfuse3.
+"""The FUSE adapter: serve a :class:`~layerfs.tree.MergedTree` read-only through libfuse.
 
-pyfuse3 is libfuse 3's low-level API on trio: the kernel talks in inode
-numbers, and a tree :class:`~layerfs.tree.Node`'s ``ino`` *is* the FUSE
-inode (``ROOT_INO`` == ``pyfuse3.ROOT_INODE`` == 1). This module only maps
-requests onto the tree: errno mapping, file handles, caching hints. It never
-looks below the tree protocol.
+The kernel talks in inode numbers, and a tree :class:`~layerfs.tree.Node`'s
+``ino`` *is* the FUSE inode (``ROOT_INO`` == 1). This module only maps
+requests onto the tree: errno mapping, caching hints, attribute tuples. It
+never looks below the tree protocol.
+
+Requests are served by :mod:`layerfs._fuse` (native/fuseloop.c): libfuse's
+low-level API with a pool of native threads calling these plain methods
+(see that file for the protocol). Blocking work (decompression, disk reads)
+releases the GIL, so concurrent readers and the kernel's parallel readahead
+overlap; a request costs a few microseconds of binding, not an event loop.
 
 Caching: lower layers never change, so every entry (also a negative one: a
-name that does not exist) and every attribute is given a long timeout, and
-files are opened with ``keep_cache`` so the kernel page cache survives
-close/open. The mount is made with ``ro``, so the VFS itself refuses writes
-with EROFS before they reach us; the write handlers answer EROFS anyway.
+name that does not exist) and every attribute is given a long timeout.
+There are no ``open``/``opendir`` handlers: the kernel then stops sending
+OPEN, OPENDIR, FLUSH and RELEASE(DIR) at all and treats every file as
+``keep_cache`` and every directory as ``cache_readdir``, so file data and
+directory listings stay in the kernel's caches across opens (a warm
+``find`` never reaches this process). Symlink targets are cached too
+(CACHE_SYMLINKS). The mount is made with ``ro``, so the VFS itself refuses
+writes with EROFS before they reach us; the write handlers answer EROFS anyway.
 
-Performance notes (measure with ``python tests/mounthelpers.py DIR``):
-
-* libfuse answers ``readdir`` with readdirplus only (pyfuse3 disables
-  READDIRPLUS_AUTO), so one request lists a batch of entries *with* their
-  attributes and ``find``/``ls -l`` need no per-entry LOOKUP/GETATTR. A
-  directory costs OPENDIR, two READDIRPLUS (the second one says EOF) and
-  RELEASEDIR; the directory's inode is its handle (no handle table).
-* pyfuse3 copies an :class:`EntryAttributes` into the reply right after the
-  handler returns, without yielding to trio in between; handlers that fill
-  attributes never ``await`` before returning, so one scratch object is
-  reused for every lookup/getattr/readdir entry instead of allocating one
-  per call. Names are encoded only when sent.
-* ``MergedTree.read`` may block (decompression, disk reads): it runs in
-  worker threads behind a :class:`trio.CapacityLimiter`, so concurrent
-  readers (and the kernel's parallel readahead requests) overlap. Reads
-  that need no I/O (inline bytes, empty or hole-only files, reads at EOF)
-  are answered on the event loop.
-* A tree loaded lazily (the union's cache makes Node objects on first
-  access) is completed in the background once the mount answers, so the
-  first ``find`` does not pay for it.
-* pyfuse3 3.5 gives handlers no way to set FOPEN_CACHE_DIR (kernel readdir
-  cache) or the ``max_readahead``/``max_background`` connection fields, and
-  its ``read``/``readdir`` handlers get only the file handle, so
-  FUSE_NO_OPEN(DIR) cannot be used either; replies are copied
-  (``fuse_reply_buf``, no splice). The kernel's readahead window is raised
-  after mounting through the mount's BDI (``read_ahead_kb``) instead, see
-  :func:`tune_readahead`; each read request then carries 1 MiB (libfuse's
-  maximum). Pushing sequentially read files into the page cache ahead of
-  the reader (FUSE NOTIFY_STORE from threads) was tried and measured: no
-  gain on 2 CPUs, a loss when the reader is CPU-bound (duplicate work).
+Directory listings are readdirplus only (one request lists a batch of
+entries *with* their attributes; ``find``/``ls -l`` need no per-entry
+LOOKUP/GETATTR). The kernel's readahead window is raised after mounting
+through the mount's BDI (``read_ahead_kb``, see :func:`tune_readahead`), so
+each read request carries 1 MiB.
 """
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
 import stat
 import sys
-from itertools import islice
+import threading
+import time
 from typing import Callable, Iterable
 
-import pyfuse3
-import trio
-from pyfuse3 import EntryAttributes, FileInfo, FUSEError, StatvfsData
-
+from . import _fuse
 from .errors import LayerfsError
 from .tree import ROOT_INO, MergedTree, Node
 
@@ -70,255 +53,149 @@ BLOCK_SIZE = 4096
 READ_AHEAD_KB = 1024
 #: trees up to this many inodes get all their Node objects made in the background after mounting
 WARM_MAX_NODES = 500_000
+#: FUSE requests the kernel keeps in flight in the background (readahead, async reads)
+MAX_BACKGROUND = 64
 
 _FSENC = sys.getfilesystemencoding()
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
-assert ROOT_INO == pyfuse3.ROOT_INODE
+assert ROOT_INO == _fuse.ROOT_INO
 
 
 def default_threads() -> int:
-    """Worker threads for blocking reads: enough to overlap I/O and GIL-free decompression."""
+    """Threads serving requests: enough to overlap I/O and GIL-free decompression."""
     return max(4, min(32, 4 * (os.cpu_count() or 1)))
 
 
-def fill_attributes(a: EntryAttributes, node: Node) -> EntryAttributes:
-    """Copy *node*'s metadata into *a* (everything ``stat`` shows)."""
-    a.st_ino = node.ino
+def fuse_error(no: int) -> OSError:
+    """The exception a handler raises to answer *no* (an errno)."""
+    return OSError(no, os.strerror(no))
+
+
+def attributes(node: Node) -> tuple:
+    """*node*'s metadata as the binding's attribute tuple (everything ``stat`` shows)."""
     mode = node.mode
-    a.st_mode = mode
-    a.st_nlink = node.nlink
-    a.st_uid = node.uid
-    a.st_gid = node.gid
-    a.st_rdev = node.rdev
     size = node.size
     if node.target is not None and stat.S_ISLNK(mode):
         size = len(node.target.encode(_FSENC, "surrogateescape"))
-    a.st_size = size
     if node.sparse is None:
-        a.st_blocks = (size + 511) >> 9
+        blocks = (size + 511) >> 9
     else:
-        a.st_blocks = (sum(ext[1] for ext in node.sparse) + 511) >> 9
+        blocks = (sum(ext[1] for ext in node.sparse) + 511) >> 9
     t = node.mtime_ns
-    a.st_mtime_ns = t
-    a.st_atime_ns = t
-    a.st_ctime_ns = t
-    return a
+    return (node.ino, mode, node.nlink, node.uid, node.gid, node.rdev, size, blocks, t, t, t, CACHE_TIMEOUT)
 
 
-def _failure(op: str, arg, e: BaseException) -> FUSEError:
-    """The errno reply for an exception of a handler (logged unless it is one already).
-
-    pyfuse3 ends its main loop (the mount goes dead) when a handler raises
-    anything but FUSEError; so every handler turns any failure into one: a
-    bug or a bad tree node fails one request with EIO, never the mount.
-    """
-    if isinstance(e, FUSEError):
-        return e
+def errno_of(op: str, arg, e: BaseException) -> int:
+    """The errno reply for an exception of a handler, logged: a bug or a bad tree node fails one
+    request with EIO, never the mount."""
     if isinstance(e, LayerfsError):
         log.error("%s(%r) failed: %s", op, arg, e.one_line())
-        return FUSEError(e.errno or errno.EIO)
+        return e.errno or errno.EIO
     if isinstance(e, OSError):
         log.error("%s(%r) failed: %s", op, arg, e)
-        return FUSEError(e.errno or errno.EIO)
+        return e.errno or errno.EIO
     log.error("%s(%r) failed", op, arg, exc_info=e)
-    return FUSEError(errno.EIO)
+    return errno.EIO
 
 
-class LayerFS(pyfuse3.Operations):
-    """pyfuse3 operations serving one MergedTree, read-only."""
+class LayerFS:
+    """The handlers serving one MergedTree, read-only (the protocol of :mod:`layerfs._fuse`)."""
 
-    supports_dot_lookup = True
-    enable_writeback_cache = False
-    enable_acl = False
-
-    def __init__(self, tree: MergedTree, *, threads: int | None = None):
-        super().__init__()
+    def __init__(self, tree: MergedTree):
         self.tree = tree
         self._nodes = tree.nodes
-        self._limiter = trio.CapacityLimiter(threads or default_threads())
-        self._attr = self._new_attr()        # scratch: refilled by every handler, see module doc
-        self._negative = self._new_attr()    # "no such name", cached by the kernel like a dentry
-        self._negative.st_ino = 0
-        self._fileinfo = FileInfo(fh=0, keep_cache=True)
-        self._statfs: StatvfsData | None = None
-
-    @staticmethod
-    def _new_attr() -> EntryAttributes:
-        a = EntryAttributes()
-        a.entry_timeout = CACHE_TIMEOUT
-        a.attr_timeout = CACHE_TIMEOUT
-        a.st_blksize = BLOCK_SIZE
-        return a
+        self._listings: dict[int, list[tuple[bytes, int]]] = {}
+        self._statfs: tuple | None = None
 
     def _node(self, ino: int) -> Node:
         node = self.tree.get(ino)
         if node is None:
-            raise FUSEError(errno.ENOENT)
+            raise fuse_error(errno.ENOENT)
         return node
 
+    def error(self, op: str, e: BaseException) -> int:
+        return errno_of(op, None, e)
+
     # -- names and attributes -----------------------------------------------------
-    # Every handler ends in `except Exception as e: raise _failure(...)` (zero cost until something fails).
-
-    async def lookup(self, parent_inode, name, ctx=None):
-        try:
-            parent = self._node(parent_inode)
-            children = parent.children
-            if children is None:
-                raise FUSEError(errno.ENOTDIR)
-            ino = children.get(name.decode(_FSENC, "surrogateescape"))
-            if ino is None:
-                if name == b".":
-                    ino = parent.ino
-                elif name == b"..":
-                    ino = parent.parent
-                else:
-                    return self._negative
-            return fill_attributes(self._attr, self._nodes[ino])
-        except Exception as e:
-            raise _failure("lookup", (parent_inode, name), e) from None
-
-    async def forget(self, inode_list):
-        # Inodes are the tree's table entries and live as long as the mount:
-        # nothing is freed, so the kernel's lookup counts need no bookkeeping.
-        pass
-
-    async def getattr(self, inode, ctx=None):
-        try:
-            return fill_attributes(self._attr, self._node(inode))
-        except Exception as e:
-            raise _failure("getattr", inode, e) from None
-
-    async def readlink(self, inode, ctx):
-        try:
-            node = self._node(inode)
-            if node.target is None or not stat.S_ISLNK(node.mode):
-                raise FUSEError(errno.EINVAL)
-            return node.target.encode(_FSENC, "surrogateescape")
-        except Exception as e:
-            raise _failure("readlink", inode, e) from None
-
-    async def access(self, inode, mode, ctx):
-        # Only reached without default_permissions (the kernel checks by itself otherwise).
-        try:
-            node = self._node(inode)
-            if mode & os.W_OK:
-                raise FUSEError(errno.EROFS)
-            if ctx.uid == 0:
-                return not (mode & os.X_OK) or stat.S_ISDIR(node.mode) or bool(node.mode & 0o111)
-            if ctx.uid == node.uid:
-                bits = (node.mode >> 6) & 7
-            elif ctx.gid == node.gid or node.gid in pyfuse3.get_sup_groups(ctx.pid):
-                bits = (node.mode >> 3) & 7
+    def lookup(self, parent_ino: int, name: bytes):
+        parent = self._node(parent_ino)
+        children = parent.children
+        if children is None:
+            raise fuse_error(errno.ENOTDIR)
+        ino = children.get(name.decode(_FSENC, "surrogateescape"))
+        if ino is None:
+            if name == b".":
+                ino = parent.ino
+            elif name == b"..":
+                ino = parent.parent
             else:
-                bits = node.mode & 7
-            return (mode & 7) & ~bits == 0
-        except Exception as e:
-            raise _failure("access", inode, e) from None
+                return None
+        return attributes(self._nodes[ino])
+
+    #: inodes are the tree's table entries and live as long as the mount: nothing to forget
+    forget = None
+
+    def getattr(self, ino: int, fh):
+        return attributes(self._node(ino))
+
+    def readlink(self, ino: int) -> bytes:
+        node = self._node(ino)
+        if node.target is None or not stat.S_ISLNK(node.mode):
+            raise fuse_error(errno.EINVAL)
+        return node.target.encode(_FSENC, "surrogateescape")
 
     # -- extended attributes --------------------------------------------------------
-    async def getxattr(self, inode, name, ctx):
-        try:
-            xattrs = self._node(inode).xattrs
-            value = xattrs.get(name.decode(_FSENC, "surrogateescape")) if xattrs else None
-            if value is None:
-                raise FUSEError(errno.ENODATA)
-            return value
-        except Exception as e:
-            raise _failure("getxattr", (inode, name), e) from None
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        xattrs = self._node(ino).xattrs
+        value = xattrs.get(name.decode(_FSENC, "surrogateescape")) if xattrs else None
+        if value is None:
+            raise fuse_error(errno.ENODATA)
+        return value
 
-    async def listxattr(self, inode, ctx):
-        try:
-            xattrs = self._node(inode).xattrs
-            return [k.encode(_FSENC, "surrogateescape") for k in xattrs] if xattrs else []
-        except Exception as e:
-            raise _failure("listxattr", inode, e) from None
+    def listxattr(self, ino: int) -> list[bytes]:
+        xattrs = self._node(ino).xattrs
+        return [k.encode(_FSENC, "surrogateescape") for k in xattrs] if xattrs else []
 
     # -- directories ----------------------------------------------------------------
-    async def opendir(self, inode, ctx):
-        # The tree never changes under a handle: the directory's inode is its handle.
-        try:
-            if self._node(inode).children is None:
-                raise FUSEError(errno.ENOTDIR)
-            return inode
-        except Exception as e:
-            raise _failure("opendir", inode, e) from None
-
-    async def readdir(self, fh, start_id, token):
-        # offsets: 0 is ".", 1 is "..", 2 + i the i-th child; names are encoded only when sent
-        try:
-            node = self._node(fh)
-            reply = pyfuse3.readdir_reply
-            a = self._attr
-            nodes = self._nodes
-            if start_id == 0:
-                if not reply(token, b".", fill_attributes(a, node), 1):
-                    return
-                start_id = 1
-            if start_id == 1:
-                if not reply(token, b"..", fill_attributes(a, nodes[node.parent]), 2):
-                    return
-                start_id = 2
-            items = iter(node.children.items())
-            if start_id > 2:
-                items = islice(items, start_id - 2, None)
-            for off, (name, ino) in enumerate(items, start_id + 1):
-                if not reply(token, name.encode(_FSENC, "surrogateescape"), fill_attributes(a, nodes[ino]), off):
-                    break
-        except Exception as e:
-            raise _failure("readdir", fh, e) from None
-
-    async def releasedir(self, fh):
-        pass
+    def readdir(self, ino: int, fh: int, off: int, count: int) -> list:
+        # offsets: 0 is ".", 1 is "..", 2 + i the i-th child
+        node = self._node(ino)
+        if node.children is None:
+            raise fuse_error(errno.ENOTDIR)
+        nodes = self._nodes
+        out = []
+        if off == 0:
+            out.append((b".", attributes(node), 1))
+        if off <= 1:
+            out.append((b"..", attributes(nodes[node.parent]), 2))
+        listing = self._listings.get(ino)
+        if listing is None:        # the tree never changes: names are encoded once per directory
+            listing = [(name.encode(_FSENC, "surrogateescape"), child) for name, child in node.children.items()]
+            self._listings[ino] = listing
+        first = max(off, 2) - 2
+        for i, (name, child) in enumerate(listing[first:first + count], first + 3):
+            out.append((name, attributes(nodes[child]), i))
+        if not listing or first + count >= len(listing):
+            self._listings.pop(ino, None)     # listed to the end: the kernel caches it from here on
+        return out
 
     # -- files ------------------------------------------------------------------------
-    async def open(self, inode, flags, ctx):
-        try:
-            if flags & _WRITE_FLAGS:
-                raise FUSEError(errno.EROFS)
-            if self._node(inode).children is not None:
-                raise FUSEError(errno.EISDIR)
-            fi = self._fileinfo
-            fi.fh = inode
-            return fi
-        except Exception as e:
-            raise _failure("open", inode, e) from None
-
-    async def read(self, fh, off, size):
-        try:
-            data = self.tree.read_nowait(fh, off, size)   # inline data, holes, decoded spans: no thread hop
-            if data is not None:
-                return data
-            return await trio.to_thread.run_sync(self.tree.read, fh, off, size, limiter=self._limiter)
-        except Exception as e:
-            raise _failure("read", (fh, off, size), e) from None
-
-    async def release(self, fh):
-        pass
+    def read(self, ino: int, fh: int, off: int, size: int) -> bytes:
+        return self.tree.read(ino, off, size)
 
     # -- the file system ---------------------------------------------------------------
-    async def statfs(self, ctx):
-        try:
-            if self._statfs is None:
-                st = self.tree.statfs()
-                s = StatvfsData()
-                s.f_bsize = BLOCK_SIZE
-                s.f_frsize = BLOCK_SIZE
-                s.f_blocks = (st.total_bytes + BLOCK_SIZE - 1) // BLOCK_SIZE
-                s.f_bfree = s.f_bavail = 0
-                s.f_files = st.total_files
-                s.f_ffree = s.f_favail = 0
-                s.f_namemax = 255
-                self._statfs = s
-            return self._statfs
-        except Exception as e:
-            raise _failure("statfs", None, e) from None
+    def statfs(self) -> tuple:
+        if self._statfs is None:
+            st = self.tree.statfs()
+            blocks = (st.total_bytes + BLOCK_SIZE - 1) // BLOCK_SIZE
+            self._statfs = (BLOCK_SIZE, BLOCK_SIZE, blocks, 0, 0, st.total_files, 0, 0, 255)
+        return self._statfs
 
     # -- everything that writes: EROFS -------------------------------------------------
-    async def _read_only(self, *args):
-        raise FUSEError(errno.EROFS)
+    def _read_only(self, *args):
+        raise fuse_error(errno.EROFS)
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = write = create = _read_only
-    setxattr = removexattr = _read_only
+    setxattr = removexattr = fallocate = _read_only
 
 
 # --- running a mount -------------------------------------------------------------------
@@ -363,20 +240,21 @@ def tune_readahead(mountpoint: str, kib: int | None = None) -> bool:
 
 def serve(tree: MergedTree, mountpoint: str, options: Iterable[str], *,
           on_ready: Callable[[], None] | None = None, threads: int | None = None,
-          ops: pyfuse3.Operations | None = None) -> None:
+          ops: object | None = None, writeback: bool = False) -> None:
     """Mount *tree* at *mountpoint* and serve it until unmounted or SIGTERM/SIGINT/SIGHUP.
 
-    *on_ready* is called (on the event loop) once the mount answers a
-    ``stat`` of its root. On a signal the file system is unmounted (lazily,
-    so busy files do not keep it), never left dead. *ops* serves other
-    operations than the read-only :class:`LayerFS` of *tree* (the writable
-    overlay's; it needs ``_limiter`` and ``_nodes`` like LayerFS).
-    Raises :class:`LayerfsError` when libfuse refuses the options or the mount.
+    *on_ready* is called once the mount answers a ``stat`` of its root. On a
+    signal the file system is unmounted (lazily, so busy files do not keep
+    it), never left dead. *ops* serves other operations than the read-only
+    :class:`LayerFS` of *tree* (the writable overlay's); it gets the running
+    session as ``ops.session`` (for kernel cache invalidations). Raises
+    :class:`LayerfsError` when libfuse refuses the options or the mount.
     """
-    ops = ops if ops is not None else LayerFS(tree, threads=threads)
-    opts = set(options)
+    ops = ops if ops is not None else LayerFS(tree)
     try:
-        said = _stderr_of(pyfuse3.init, ops, mountpoint, opts)
+        session, said = _stderr_of(functools.partial(
+            _fuse.Session, ops, mountpoint, sorted(options), negative_timeout=CACHE_TIMEOUT,
+            writeback=writeback, max_background=MAX_BACKGROUND))
     except _Failed as f:
         lines = [l.strip() for l in f.stderr.splitlines() if l.strip()]
         why = lines[-1] if lines else str(f.error)
@@ -384,10 +262,52 @@ def serve(tree: MergedTree, mountpoint: str, options: Iterable[str], *,
                            hint="check the -o options (man mount.fuse3), /dev/fuse and fusermount3") from None
     if said.strip():
         log.info("libfuse: %s", " ".join(said.split()))
+    ops.session = session
+    restore = _on_signals(session, mountpoint)
     try:
-        trio.run(_run, ops, mountpoint, on_ready)
+        session.start(threads or default_threads())
+        st = os.stat(mountpoint)
+        if st.st_ino != ROOT_INO:
+            raise LayerfsError(f"the mount at {mountpoint} does not answer", where=mountpoint)
+        tune_readahead(mountpoint)
+        if on_ready is not None:
+            on_ready()
+        threading.Thread(target=_warm, args=(ops._nodes, session), name="warm", daemon=True).start()
+        while not session.wait(0.25):     # wakes up for Python's signal handlers
+            pass
     finally:
-        pyfuse3.close(unmount=True)
+        restore()
+        session.close()
+
+
+def _on_signals(session, mountpoint: str) -> Callable[[], None]:
+    """Stop serving *session* on SIGTERM/SIGINT/SIGHUP; returns what puts the old handlers back."""
+    def stop(signum, frame) -> None:
+        log.info("%s: unmounting %s", signal.Signals(signum).name, mountpoint)
+        session.exit()
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            old[sig] = signal.signal(sig, stop)
+
+    def restore() -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return restore
+
+
+def _warm(nodes, session) -> None:
+    """Make the Node objects of a tree loaded from the union's cache (~5 us each, made on first access)
+    while the mount is idle rather than on the first ``find``, in slices so requests never wait long
+    behind it. Huge trees stay lazy (memory)."""
+    n = len(nodes)
+    if n > WARM_MAX_NODES:
+        return
+    for lo in range(1, n, 128):
+        for i in range(lo, min(n, lo + 128)):
+            nodes[i]
+        time.sleep(0)
 
 
 class _Failed(Exception):
@@ -397,19 +317,19 @@ class _Failed(Exception):
         self.stderr = stderr
 
 
-def _stderr_of(fn, *args) -> str:
+def _stderr_of(fn):
     """Run *fn* with fd 2 captured (libfuse and fusermount3 explain failures there).
 
-    Returns the text; raises :class:`_Failed` (the exception and the text) if *fn* fails.
+    Returns (its result, the text); raises :class:`_Failed` (the exception and the text) if *fn* fails.
     """
     import tempfile
     with tempfile.TemporaryFile() as tmp:
         sys.stderr.flush()
         saved = os.dup(2)
         os.dup2(tmp.fileno(), 2)
-        error = None
+        error = result = None
         try:
-            fn(*args)
+            result = fn()
         except Exception as e:
             error = e
         finally:
@@ -419,47 +339,4 @@ def _stderr_of(fn, *args) -> str:
         text = tmp.read().decode("utf-8", "replace")
     if error is not None:
         raise _Failed(error, text)
-    return text
-
-
-async def _run(ops: LayerFS, mountpoint: str, on_ready: Callable[[], None] | None) -> None:
-    async with trio.open_nursery() as nursery:
-        async def fs() -> None:
-            await pyfuse3.main(min_tasks=1, max_tasks=ops._limiter.total_tokens + 32)
-            nursery.cancel_scope.cancel()
-
-        async def signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-                async for signum in sigs:
-                    log.info("%s: unmounting %s", signal.Signals(signum).name, mountpoint)
-                    pyfuse3.terminate()
-                    return
-
-        async def ready() -> None:
-            st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-            if st.st_ino != ROOT_INO:
-                raise LayerfsError(f"the mount at {mountpoint} does not answer", where=mountpoint)
-            await trio.to_thread.run_sync(tune_readahead, mountpoint)
-            if on_ready is not None:
-                on_ready()
-            ready_event.set()
-
-        async def warm() -> None:
-            # A tree loaded from the union's cache makes its Node objects on first access (~5 us each):
-            # make them while the mount is idle rather than on the first `find`, in slices so requests
-            # never wait long behind it. Huge trees stay lazy (memory).
-            nodes = ops._nodes
-            n = len(nodes)
-            if n > WARM_MAX_NODES:
-                return
-            await ready_event.wait()
-            for lo in range(1, n, 128):
-                for i in range(lo, min(n, lo + 128)):
-                    nodes[i]
-                await trio.sleep(0)
-
-        ready_event = trio.Event()
-        nursery.start_soon(fs)
-        nursery.start_soon(signals)
-        nursery.start_soon(ready)
-        nursery.start_soon(warm)
+    return result, text

@@ -122,6 +122,21 @@ def _err(code: int, what: str = "") -> OSError:
     return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
 
 
+def _fallocate(fd: int, mode: int, off: int, length: int) -> None:
+    """fallocate(2) with its *mode* (os.posix_fallocate has none); the GIL is released during the call."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if _libc.fallocate(fd, mode, off, length) != 0:
+        import ctypes
+        raise _err(ctypes.get_errno())
+
+
+_libc = None
+
+
 class Attr:
     """What ``stat`` shows for one inode (``ino`` is the FUSE inode, ``st_ino`` the number shown)."""
 
@@ -1334,6 +1349,13 @@ class Overlay:
         h = self.handles.get(fh)
         if h is not None and h.fd is not None:
             (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        """fallocate(2) on an open handle's upper file, any *mode* the upper file system supports."""
+        h = self.handles.get(fh)
+        if h is None or h.fd is None or not h.writable:
+            raise _err(errno.EBADF)
+        _fallocate(h.fd, mode, off, length)
 
     def handle_is_shared(self, fh: int) -> bool:
         """True for a file opened by one name of a lower hard-linked file: its data must bypass the

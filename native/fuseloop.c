@@ -1,0 +1,1270 @@
+/*
+ * layerfs._fuse: a thin binding of libfuse 3's low-level API that serves
+ * requests from a pool of native threads and calls plain (synchronous)
+ * Python handlers.
+ *
+ * Why not pyfuse3: every pyfuse3 request goes through trio (a task wakes,
+ * a coroutine runs, a worker-thread hop for anything blocking), which
+ * costs several times what layerfs' own handlers cost, and pyfuse3 3.5
+ * cannot set the FUSE flags that matter most for an image that never
+ * changes (FOPEN_CACHE_DIR, FOPEN_NOFLUSH, no-open, CACHE_SYMLINKS,
+ * max_background), has no fallocate handler, and asks the kernel to leave
+ * setuid clearing to the server (HANDLE_KILLPRIV) without giving the
+ * write handler the caller's credentials.
+ *
+ * Model: N worker threads each poll /dev/fuse (non-blocking, so they can
+ * notice a stop request), read one request and dispatch it; a handler
+ * takes the GIL, calls the Python method of the ops object, converts the
+ * result and replies (with the GIL released for the reply's write).
+ * Handlers that block release the GIL themselves (syscalls, zlib, zran),
+ * so concurrent requests overlap.
+ *
+ * The Python protocol (all handlers optional; a missing one, or None,
+ * answers ENOSYS, which for open/opendir tells the kernel to stop sending
+ * them and to cache file data and directory listings on its own):
+ *
+ *   attr tuple: (ino, mode, nlink, uid, gid, rdev, size, blocks,
+ *                atime_ns, mtime_ns, ctime_ns, timeout)
+ *   lookup(parent, name) -> attr | None (negative entry)
+ *   forget([(ino, nlookup), ...])
+ *   getattr(ino, fh | None) -> attr
+ *   setattr(ino, to_set, mode, uid, gid, size, atime_ns, mtime_ns, fh | None) -> attr
+ *   readlink(ino) -> bytes
+ *   mknod(parent, name, mode, rdev, uid, gid) -> attr
+ *   mkdir(parent, name, mode, uid, gid) -> attr
+ *   unlink(parent, name); rmdir(parent, name)
+ *   symlink(parent, name, target, uid, gid) -> attr
+ *   rename(parent, name, newparent, newname, flags)
+ *   link(ino, newparent, newname) -> attr
+ *   open(ino, flags) -> (fh, open_bits)
+ *   create(parent, name, mode, flags, uid, gid) -> (fh, open_bits, attr)
+ *   read(ino, fh, off, size) -> bytes-like
+ *   write(fh, off, data) -> int
+ *   flush(fh); release(fh); fsync(fh, datasync); fallocate(fh, mode, off, length)
+ *   opendir(ino) -> (fh, open_bits)
+ *   readdir(ino, fh, off, count) -> [(name, attr, next_off), ...]
+ *   releasedir(fh); fsyncdir(fh, datasync)
+ *   statfs() -> (bsize, frsize, blocks, bfree, bavail, files, ffree, favail, namemax)
+ *   getxattr(ino, name) -> bytes; listxattr(ino) -> [bytes]; setxattr(ino, name, value, flags);
+ *   removexattr(ino, name)
+ *   error(opname, exception) -> errno   (any exception but an OSError with an errno)
+ *
+ * open_bits: 1 keep_cache, 2 direct_io, 4 cache_readdir, 8 noflush, 16 nonseekable.
+ * Handlers fail by raising OSError(errno, ...).
+ */
+#define FUSE_USE_VERSION 34
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <fuse_lowlevel.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <time.h>
+#include <unistd.h>
+
+enum {
+    OP_LOOKUP, OP_FORGET, OP_GETATTR, OP_SETATTR, OP_READLINK, OP_MKNOD, OP_MKDIR, OP_UNLINK,
+    OP_RMDIR, OP_SYMLINK, OP_RENAME, OP_LINK, OP_OPEN, OP_READ, OP_WRITE, OP_FLUSH, OP_RELEASE,
+    OP_FSYNC, OP_OPENDIR, OP_READDIR, OP_RELEASEDIR, OP_FSYNCDIR, OP_STATFS, OP_SETXATTR,
+    OP_GETXATTR, OP_LISTXATTR, OP_REMOVEXATTR, OP_CREATE, OP_FALLOCATE, OP_ERROR, N_OPS
+};
+
+static const char *const op_names[N_OPS] = {
+    "lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir", "unlink",
+    "rmdir", "symlink", "rename", "link", "open", "read", "write", "flush", "release",
+    "fsync", "opendir", "readdir", "releasedir", "fsyncdir", "statfs", "setxattr",
+    "getxattr", "listxattr", "removexattr", "create", "fallocate", "error",
+};
+
+#define BIT_KEEP_CACHE 1
+#define BIT_DIRECT_IO 2
+#define BIT_CACHE_DIR 4
+#define BIT_NOFLUSH 8
+#define BIT_NONSEEKABLE 16
+
+typedef struct {
+    PyObject_HEAD
+    struct fuse_session *se;
+    PyObject *ops[N_OPS];
+    int mounted;
+    int fd;
+    /* workers */
+    pthread_t *threads;
+    int nthreads;
+    int live;
+    volatile int stop;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    /* connection settings */
+    double negative_timeout;
+    int writeback;
+    int cache_symlinks;
+    unsigned max_background;
+    unsigned long long requests;
+} Session;
+
+static inline Session *sess(fuse_req_t req) { return (Session *)fuse_req_userdata(req); }
+
+/* ---- conversions --------------------------------------------------------------------------- */
+
+static void ns_to_ts(long long ns, struct timespec *ts)
+{
+    long long sec = ns / 1000000000LL, rem = ns % 1000000000LL;
+    if (rem < 0) {
+        rem += 1000000000LL;
+        sec -= 1;
+    }
+    ts->tv_sec = (time_t)sec;
+    ts->tv_nsec = (long)rem;
+}
+
+static long long ts_to_ns(const struct timespec *ts)
+{
+    return (long long)ts->tv_sec * 1000000000LL + ts->tv_nsec;
+}
+
+/* attr tuple -> struct stat + timeout; -1 with an exception set on a bad value */
+static int parse_attr(PyObject *t, struct stat *st, double *timeout)
+{
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 12) {
+        PyErr_SetString(PyExc_TypeError, "attributes must be a 12-tuple");
+        return -1;
+    }
+    memset(st, 0, sizeof(*st));
+    st->st_ino = (ino_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 0));
+    st->st_mode = (mode_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 1));
+    st->st_nlink = (nlink_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 2));
+    st->st_uid = (uid_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 3));
+    st->st_gid = (gid_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 4));
+    st->st_rdev = (dev_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 5));
+    st->st_size = (off_t)PyLong_AsLongLong(PyTuple_GET_ITEM(t, 6));
+    st->st_blocks = (blkcnt_t)PyLong_AsLongLong(PyTuple_GET_ITEM(t, 7));
+    st->st_blksize = 4096;
+    ns_to_ts(PyLong_AsLongLong(PyTuple_GET_ITEM(t, 8)), &st->st_atim);
+    ns_to_ts(PyLong_AsLongLong(PyTuple_GET_ITEM(t, 9)), &st->st_mtim);
+    ns_to_ts(PyLong_AsLongLong(PyTuple_GET_ITEM(t, 10)), &st->st_ctim);
+    *timeout = PyFloat_AsDouble(PyTuple_GET_ITEM(t, 11));
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static int parse_entry(PyObject *t, struct fuse_entry_param *e)
+{
+    double timeout;
+    memset(e, 0, sizeof(*e));
+    if (parse_attr(t, &e->attr, &timeout) < 0)
+        return -1;
+    e->ino = e->attr.st_ino;
+    e->attr_timeout = timeout;
+    e->entry_timeout = timeout;
+    return 0;
+}
+
+static void apply_bits(struct fuse_file_info *fi, unsigned long bits)
+{
+    fi->keep_cache = !!(bits & BIT_KEEP_CACHE);
+    fi->direct_io = !!(bits & BIT_DIRECT_IO);
+    fi->cache_readdir = !!(bits & BIT_CACHE_DIR);
+    fi->noflush = !!(bits & BIT_NOFLUSH);
+    fi->nonseekable = !!(bits & BIT_NONSEEKABLE);
+}
+
+/* (fh, bits) -> fi; -1 with an exception set */
+static int parse_open(PyObject *r, struct fuse_file_info *fi)
+{
+    unsigned long long fh;
+    unsigned long bits;
+    if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) < 2) {
+        PyErr_SetString(PyExc_TypeError, "open must return (fh, bits)");
+        return -1;
+    }
+    fh = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(r, 0));
+    bits = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(r, 1));
+    if (PyErr_Occurred())
+        return -1;
+    fi->fh = fh;
+    apply_bits(fi, bits);
+    return 0;
+}
+
+/* ---- errors -------------------------------------------------------------------------------- */
+
+/* The errno for the pending exception (cleared); GIL held. */
+static int take_error(Session *s, int op)
+{
+    PyObject *type, *value, *tb;
+    int err = EIO;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL && PyErr_GivenExceptionMatches(type, PyExc_OSError)) {
+        PyObject *no = PyObject_GetAttrString(value, "errno");
+        if (no != NULL && PyLong_Check(no)) {
+            long v = PyLong_AsLong(no);
+            if (v > 0 && v < 4096) {
+                Py_DECREF(no);
+                Py_XDECREF(type);
+                Py_XDECREF(value);
+                Py_XDECREF(tb);
+                return (int)v;
+            }
+        }
+        Py_XDECREF(no);
+        PyErr_Clear();
+    }
+    if (s->ops[OP_ERROR] != NULL && value != NULL) {
+        PyObject *r;
+        if (tb != NULL)
+            PyException_SetTraceback(value, tb);
+        r = PyObject_CallFunction(s->ops[OP_ERROR], "sO", op_names[op], value);
+        if (r != NULL && PyLong_Check(r)) {
+            long v = PyLong_AsLong(r);
+            if (v > 0 && v < 4096)
+                err = (int)v;
+        }
+        Py_XDECREF(r);
+        if (PyErr_Occurred())
+            PyErr_WriteUnraisable(s->ops[OP_ERROR]);
+    } else {
+        PyErr_Restore(type, value, tb);
+        PyErr_WriteUnraisable(NULL);
+        return EIO;
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return err;
+}
+
+/* Reply with the error of the pending exception and drop the GIL. */
+static void fail(fuse_req_t req, Session *s, int op, PyGILState_STATE g)
+{
+    int err = take_error(s, op);
+    PyGILState_Release(g);
+    fuse_reply_err(req, err);
+}
+
+#define HAVE(op) (s->ops[op] != NULL)
+#define ENTER(op)                                   \
+    Session *s = sess(req);                         \
+    PyGILState_STATE g;                             \
+    PyObject *r;                                    \
+    if (!HAVE(op)) {                                \
+        fuse_reply_err(req, ENOSYS);                \
+        return;                                     \
+    }                                               \
+    g = PyGILState_Ensure();
+
+/* reply for handlers that answer an entry */
+static void reply_entry(fuse_req_t req, Session *s, int op, PyGILState_STATE g, PyObject *r)
+{
+    struct fuse_entry_param e;
+    if (r == NULL) {
+        fail(req, s, op, g);
+        return;
+    }
+    if (r == Py_None) {
+        memset(&e, 0, sizeof(e));
+        e.entry_timeout = s->negative_timeout;
+        Py_DECREF(r);
+        PyGILState_Release(g);
+        fuse_reply_entry(req, &e);
+        return;
+    }
+    if (parse_entry(r, &e) < 0) {
+        Py_DECREF(r);
+        fail(req, s, op, g);
+        return;
+    }
+    Py_DECREF(r);
+    PyGILState_Release(g);
+    fuse_reply_entry(req, &e);
+}
+
+/* reply 0 for handlers whose result is ignored */
+static void reply_ok(fuse_req_t req, Session *s, int op, PyGILState_STATE g, PyObject *r)
+{
+    if (r == NULL) {
+        fail(req, s, op, g);
+        return;
+    }
+    Py_DECREF(r);
+    PyGILState_Release(g);
+    fuse_reply_err(req, 0);
+}
+
+static PyObject *fh_or_none(struct fuse_file_info *fi)
+{
+    if (fi == NULL)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(fi->fh);
+}
+
+/* ---- handlers ------------------------------------------------------------------------------ */
+
+static void ll_init(void *userdata, struct fuse_conn_info *conn)
+{
+    Session *s = userdata;
+    conn->want &= ~(FUSE_CAP_HANDLE_KILLPRIV | FUSE_CAP_READDIRPLUS_AUTO | FUSE_CAP_SPLICE_READ |
+                    FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
+    if (conn->capable & FUSE_CAP_READDIRPLUS)
+        conn->want |= FUSE_CAP_READDIRPLUS;
+    if (conn->capable & FUSE_CAP_PARALLEL_DIROPS)
+        conn->want |= FUSE_CAP_PARALLEL_DIROPS;
+    if (conn->capable & FUSE_CAP_ASYNC_READ)
+        conn->want |= FUSE_CAP_ASYNC_READ;
+    if (s->cache_symlinks && (conn->capable & FUSE_CAP_CACHE_SYMLINKS))
+        conn->want |= FUSE_CAP_CACHE_SYMLINKS;
+    if (s->writeback && (conn->capable & FUSE_CAP_WRITEBACK_CACHE))
+        conn->want |= FUSE_CAP_WRITEBACK_CACHE;
+    else
+        conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+    if (s->max_background) {
+        conn->max_background = s->max_background;
+        conn->congestion_threshold = s->max_background * 3 / 4;
+    }
+    conn->time_gran = 1;
+}
+
+static void ll_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    ENTER(OP_LOOKUP)
+    r = PyObject_CallFunction(s->ops[OP_LOOKUP], "Ky", (unsigned long long)parent, name);
+    reply_entry(req, s, OP_LOOKUP, g, r);
+}
+
+static void forget_list(Session *s, size_t n, const struct fuse_forget_data *f)
+{
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *lst = PyList_New((Py_ssize_t)n), *r;
+    size_t i;
+    if (lst == NULL)
+        goto out;
+    for (i = 0; i < n; i++) {
+        PyObject *t = Py_BuildValue("KK", (unsigned long long)f[i].ino, (unsigned long long)f[i].nlookup);
+        if (t == NULL) {
+            Py_DECREF(lst);
+            goto out;
+        }
+        PyList_SET_ITEM(lst, (Py_ssize_t)i, t);
+    }
+    r = PyObject_CallOneArg(s->ops[OP_FORGET], lst);
+    Py_DECREF(lst);
+    Py_XDECREF(r);
+out:
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable(s->ops[OP_FORGET]);
+    PyGILState_Release(g);
+}
+
+static void ll_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
+{
+    Session *s = sess(req);
+    if (HAVE(OP_FORGET)) {
+        struct fuse_forget_data f = {.ino = ino, .nlookup = nlookup};
+        forget_list(s, 1, &f);
+    }
+    fuse_reply_none(req);
+}
+
+static void ll_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forgets)
+{
+    Session *s = sess(req);
+    if (HAVE(OP_FORGET) && count)
+        forget_list(s, count, forgets);
+    fuse_reply_none(req);
+}
+
+static void ll_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct stat st;
+    double timeout;
+    ENTER(OP_GETATTR)
+    r = PyObject_CallFunction(s->ops[OP_GETATTR], "KN", (unsigned long long)ino, fh_or_none(fi));
+    if (r == NULL || parse_attr(r, &st, &timeout) < 0) {
+        Py_XDECREF(r);
+        fail(req, s, OP_GETATTR, g);
+        return;
+    }
+    Py_DECREF(r);
+    PyGILState_Release(g);
+    fuse_reply_attr(req, &st, timeout);
+}
+
+static void ll_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi)
+{
+    struct stat st;
+    double timeout;
+    struct timespec now;
+    long long atime = ts_to_ns(&attr->st_atim), mtime = ts_to_ns(&attr->st_mtim);
+    ENTER(OP_SETATTR)
+    if (to_set & (FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) {
+        clock_gettime(CLOCK_REALTIME, &now);
+        if (to_set & FUSE_SET_ATTR_ATIME_NOW) {
+            atime = ts_to_ns(&now);
+            to_set |= FUSE_SET_ATTR_ATIME;
+        }
+        if (to_set & FUSE_SET_ATTR_MTIME_NOW) {
+            mtime = ts_to_ns(&now);
+            to_set |= FUSE_SET_ATTR_MTIME;
+        }
+    }
+    r = PyObject_CallFunction(s->ops[OP_SETATTR], "KiIIILLLN", (unsigned long long)ino, to_set,
+                              (unsigned)attr->st_mode, (unsigned)attr->st_uid, (unsigned)attr->st_gid,
+                              (long long)attr->st_size, atime, mtime, fh_or_none(fi));
+    if (r == NULL || parse_attr(r, &st, &timeout) < 0) {
+        Py_XDECREF(r);
+        fail(req, s, OP_SETATTR, g);
+        return;
+    }
+    Py_DECREF(r);
+    PyGILState_Release(g);
+    fuse_reply_attr(req, &st, timeout);
+}
+
+static void ll_readlink(fuse_req_t req, fuse_ino_t ino)
+{
+    ENTER(OP_READLINK)
+    r = PyObject_CallFunction(s->ops[OP_READLINK], "K", (unsigned long long)ino);
+    if (r == NULL || !PyBytes_Check(r)) {
+        if (r != NULL) {
+            Py_DECREF(r);
+            PyErr_SetString(PyExc_TypeError, "readlink must return bytes");
+        }
+        fail(req, s, OP_READLINK, g);
+        return;
+    }
+    /* PyBytes are NUL-terminated; the object stays alive until the reply is sent */
+    PyGILState_Release(g);
+    fuse_reply_readlink(req, PyBytes_AS_STRING(r));
+    g = PyGILState_Ensure();
+    Py_DECREF(r);
+    PyGILState_Release(g);
+}
+
+static void ll_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
+{
+    const struct fuse_ctx *c = fuse_req_ctx(req);
+    ENTER(OP_MKNOD)
+    r = PyObject_CallFunction(s->ops[OP_MKNOD], "KyIKII", (unsigned long long)parent, name, (unsigned)mode,
+                              (unsigned long long)rdev, (unsigned)c->uid, (unsigned)c->gid);
+    reply_entry(req, s, OP_MKNOD, g, r);
+}
+
+static void ll_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
+{
+    const struct fuse_ctx *c = fuse_req_ctx(req);
+    ENTER(OP_MKDIR)
+    r = PyObject_CallFunction(s->ops[OP_MKDIR], "KyIII", (unsigned long long)parent, name, (unsigned)mode,
+                              (unsigned)c->uid, (unsigned)c->gid);
+    reply_entry(req, s, OP_MKDIR, g, r);
+}
+
+static void ll_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    ENTER(OP_UNLINK)
+    r = PyObject_CallFunction(s->ops[OP_UNLINK], "Ky", (unsigned long long)parent, name);
+    reply_ok(req, s, OP_UNLINK, g, r);
+}
+
+static void ll_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    ENTER(OP_RMDIR)
+    r = PyObject_CallFunction(s->ops[OP_RMDIR], "Ky", (unsigned long long)parent, name);
+    reply_ok(req, s, OP_RMDIR, g, r);
+}
+
+static void ll_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name)
+{
+    const struct fuse_ctx *c = fuse_req_ctx(req);
+    ENTER(OP_SYMLINK)
+    r = PyObject_CallFunction(s->ops[OP_SYMLINK], "KyyII", (unsigned long long)parent, name, link,
+                              (unsigned)c->uid, (unsigned)c->gid);
+    reply_entry(req, s, OP_SYMLINK, g, r);
+}
+
+static void ll_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
+                      const char *newname, unsigned int flags)
+{
+    ENTER(OP_RENAME)
+    r = PyObject_CallFunction(s->ops[OP_RENAME], "KyKyI", (unsigned long long)parent, name,
+                              (unsigned long long)newparent, newname, flags);
+    reply_ok(req, s, OP_RENAME, g, r);
+}
+
+static void ll_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *newname)
+{
+    ENTER(OP_LINK)
+    r = PyObject_CallFunction(s->ops[OP_LINK], "KKy", (unsigned long long)ino, (unsigned long long)newparent,
+                              newname);
+    reply_entry(req, s, OP_LINK, g, r);
+}
+
+static void ll_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    ENTER(OP_OPEN)
+    r = PyObject_CallFunction(s->ops[OP_OPEN], "Ki", (unsigned long long)ino, fi->flags);
+    if (r == NULL || parse_open(r, fi) < 0) {
+        Py_XDECREF(r);
+        fail(req, s, OP_OPEN, g);
+        return;
+    }
+    Py_DECREF(r);
+    PyGILState_Release(g);
+    if (fuse_reply_open(req, fi) == -ENOENT && HAVE(OP_RELEASE)) {
+        /* the open was interrupted: the handle will never be released by the kernel */
+        g = PyGILState_Ensure();
+        r = PyObject_CallFunction(s->ops[OP_RELEASE], "K", (unsigned long long)fi->fh);
+        Py_XDECREF(r);
+        PyErr_Clear();
+        PyGILState_Release(g);
+    }
+}
+
+static void ll_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, struct fuse_file_info *fi)
+{
+    const struct fuse_ctx *c = fuse_req_ctx(req);
+    struct fuse_entry_param e;
+    ENTER(OP_CREATE)
+    r = PyObject_CallFunction(s->ops[OP_CREATE], "KyIiII", (unsigned long long)parent, name, (unsigned)mode,
+                              fi->flags, (unsigned)c->uid, (unsigned)c->gid);
+    if (r == NULL || parse_open(r, fi) < 0 || PyTuple_GET_SIZE(r) != 3 ||
+        parse_entry(PyTuple_GET_ITEM(r, 2), &e) < 0) {
+        if (r != NULL && !PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "create must return (fh, bits, attr)");
+        Py_XDECREF(r);
+        fail(req, s, OP_CREATE, g);
+        return;
+    }
+    Py_DECREF(r);
+    PyGILState_Release(g);
+    if (fuse_reply_create(req, &e, fi) == -ENOENT && HAVE(OP_RELEASE)) {
+        g = PyGILState_Ensure();
+        r = PyObject_CallFunction(s->ops[OP_RELEASE], "K", (unsigned long long)fi->fh);
+        Py_XDECREF(r);
+        PyErr_Clear();
+        PyGILState_Release(g);
+    }
+}
+
+static void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    Py_buffer view;
+    ENTER(OP_READ)
+    r = PyObject_CallFunction(s->ops[OP_READ], "KKLn", (unsigned long long)ino, (unsigned long long)fi->fh,
+                              (long long)off, (Py_ssize_t)size);
+    if (r == NULL || PyObject_GetBuffer(r, &view, PyBUF_SIMPLE) < 0) {
+        Py_XDECREF(r);
+        fail(req, s, OP_READ, g);
+        return;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    fuse_reply_buf(req, view.buf, (size_t)view.len > size ? size : (size_t)view.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    Py_DECREF(r);
+    PyGILState_Release(g);
+}
+
+static void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+                     struct fuse_file_info *fi)
+{
+    size_t n;
+    ENTER(OP_WRITE)
+    r = PyObject_CallFunction(s->ops[OP_WRITE], "KLy#", (unsigned long long)fi->fh, (long long)off, buf,
+                              (Py_ssize_t)size);
+    if (r == NULL) {
+        fail(req, s, OP_WRITE, g);
+        return;
+    }
+    n = PyLong_AsSize_t(r);
+    Py_DECREF(r);
+    if (PyErr_Occurred()) {
+        fail(req, s, OP_WRITE, g);
+        return;
+    }
+    PyGILState_Release(g);
+    fuse_reply_write(req, n);
+}
+
+static void call_fh(fuse_req_t req, int op, struct fuse_file_info *fi)
+{
+    ENTER(op)
+    r = PyObject_CallFunction(s->ops[op], "K", (unsigned long long)fi->fh);
+    reply_ok(req, s, op, g, r);
+}
+
+static void ll_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (!sess(req)->ops[OP_FLUSH]) {
+        fuse_reply_err(req, 0);
+        return;
+    }
+    call_fh(req, OP_FLUSH, fi);
+}
+
+static void ll_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (!sess(req)->ops[OP_RELEASE]) {
+        fuse_reply_err(req, 0);
+        return;
+    }
+    call_fh(req, OP_RELEASE, fi);
+}
+
+static void ll_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (!sess(req)->ops[OP_RELEASEDIR]) {
+        fuse_reply_err(req, 0);
+        return;
+    }
+    call_fh(req, OP_RELEASEDIR, fi);
+}
+
+static void fsync_common(fuse_req_t req, int op, int datasync, struct fuse_file_info *fi)
+{
+    Session *s0 = sess(req);
+    if (!s0->ops[op]) {
+        fuse_reply_err(req, 0);
+        return;
+    }
+    {
+        ENTER(op)
+        r = PyObject_CallFunction(s->ops[op], "Ki", (unsigned long long)fi->fh, datasync);
+        reply_ok(req, s, op, g, r);
+    }
+}
+
+static void ll_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    fsync_common(req, OP_FSYNC, datasync, fi);
+}
+
+static void ll_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    fsync_common(req, OP_FSYNCDIR, datasync, fi);
+}
+
+static void ll_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                         struct fuse_file_info *fi)
+{
+    ENTER(OP_FALLOCATE)
+    r = PyObject_CallFunction(s->ops[OP_FALLOCATE], "KiLL", (unsigned long long)fi->fh, mode, (long long)offset,
+                              (long long)length);
+    reply_ok(req, s, OP_FALLOCATE, g, r);
+}
+
+static void ll_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    ENTER(OP_OPENDIR)
+    r = PyObject_CallFunction(s->ops[OP_OPENDIR], "K", (unsigned long long)ino);
+    if (r == NULL || parse_open(r, fi) < 0) {
+        Py_XDECREF(r);
+        fail(req, s, OP_OPENDIR, g);
+        return;
+    }
+    Py_DECREF(r);
+    PyGILState_Release(g);
+    if (fuse_reply_open(req, fi) == -ENOENT && HAVE(OP_RELEASEDIR)) {
+        g = PyGILState_Ensure();
+        r = PyObject_CallFunction(s->ops[OP_RELEASEDIR], "K", (unsigned long long)fi->fh);
+        Py_XDECREF(r);
+        PyErr_Clear();
+        PyGILState_Release(g);
+    }
+}
+
+static void readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi,
+                           int plus)
+{
+    char *buf;
+    size_t pos = 0;
+    Py_ssize_t i, n, count;
+    ENTER(OP_READDIR)
+    /* a hint of how many entries can fit: a direntplus is >= 152 bytes, a dirent >= 32 */
+    count = (Py_ssize_t)(size / (plus ? 152 : 32)) + 1;
+    r = PyObject_CallFunction(s->ops[OP_READDIR], "KKLn", (unsigned long long)ino,
+                              (unsigned long long)(fi ? fi->fh : 0), (long long)off, count);
+    if (r == NULL || !PyList_Check(r)) {
+        if (r != NULL) {
+            Py_DECREF(r);
+            PyErr_SetString(PyExc_TypeError, "readdir must return a list");
+        }
+        fail(req, s, OP_READDIR, g);
+        return;
+    }
+    buf = malloc(size ? size : 1);
+    if (buf == NULL) {
+        Py_DECREF(r);
+        PyGILState_Release(g);
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    n = PyList_GET_SIZE(r);
+    for (i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(r, i);
+        struct fuse_entry_param e;
+        const char *name;
+        long long next;
+        size_t need;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 || !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
+            PyErr_SetString(PyExc_TypeError, "readdir entries must be (name, attr, next_offset)");
+            break;
+        }
+        name = PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 0));
+        next = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 2));
+        if (parse_entry(PyTuple_GET_ITEM(item, 1), &e) < 0)
+            break;
+        if (plus)
+            need = fuse_add_direntry_plus(req, buf + pos, size - pos, name, &e, (off_t)next);
+        else
+            need = fuse_add_direntry(req, buf + pos, size - pos, name, &e.attr, (off_t)next);
+        if (need > size - pos)
+            break;
+        pos += need;
+    }
+    Py_DECREF(r);
+    if (PyErr_Occurred()) {
+        free(buf);
+        fail(req, s, OP_READDIR, g);
+        return;
+    }
+    PyGILState_Release(g);
+    fuse_reply_buf(req, buf, pos);
+    free(buf);
+}
+
+static void ll_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    readdir_common(req, ino, size, off, fi, 0);
+}
+
+static void ll_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    readdir_common(req, ino, size, off, fi, 1);
+}
+
+static void ll_statfs(fuse_req_t req, fuse_ino_t ino)
+{
+    struct statvfs sv;
+    unsigned long long v[9];
+    int i;
+    ENTER(OP_STATFS)
+    r = PyObject_CallNoArgs(s->ops[OP_STATFS]);
+    if (r == NULL || !PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 9) {
+        if (r != NULL) {
+            Py_DECREF(r);
+            PyErr_SetString(PyExc_TypeError, "statfs must return a 9-tuple");
+        }
+        fail(req, s, OP_STATFS, g);
+        return;
+    }
+    for (i = 0; i < 9; i++)
+        v[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(r, i));
+    Py_DECREF(r);
+    if (PyErr_Occurred()) {
+        fail(req, s, OP_STATFS, g);
+        return;
+    }
+    PyGILState_Release(g);
+    memset(&sv, 0, sizeof(sv));
+    sv.f_bsize = v[0];
+    sv.f_frsize = v[1];
+    sv.f_blocks = v[2];
+    sv.f_bfree = v[3];
+    sv.f_bavail = v[4];
+    sv.f_files = v[5];
+    sv.f_ffree = v[6];
+    sv.f_favail = v[7];
+    sv.f_namemax = v[8];
+    fuse_reply_statfs(req, &sv);
+}
+
+static void ll_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value, size_t size,
+                        int flags)
+{
+    ENTER(OP_SETXATTR)
+    r = PyObject_CallFunction(s->ops[OP_SETXATTR], "Kyy#i", (unsigned long long)ino, name, value,
+                              (Py_ssize_t)size, flags);
+    reply_ok(req, s, OP_SETXATTR, g, r);
+}
+
+/* reply a value for getxattr/listxattr: its size when size == 0, ERANGE when it does not fit */
+static void reply_xattr_value(fuse_req_t req, PyGILState_STATE g, PyObject *value, size_t size)
+{
+    Py_ssize_t len = PyBytes_GET_SIZE(value);
+    if (size == 0) {
+        Py_DECREF(value);
+        PyGILState_Release(g);
+        fuse_reply_xattr(req, (size_t)len);
+    } else if ((size_t)len > size) {
+        Py_DECREF(value);
+        PyGILState_Release(g);
+        fuse_reply_err(req, ERANGE);
+    } else {
+        PyGILState_Release(g);
+        fuse_reply_buf(req, PyBytes_AS_STRING(value), (size_t)len);
+        g = PyGILState_Ensure();
+        Py_DECREF(value);
+        PyGILState_Release(g);
+    }
+}
+
+static void ll_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    PyObject *b;
+    ENTER(OP_GETXATTR)
+    r = PyObject_CallFunction(s->ops[OP_GETXATTR], "Ky", (unsigned long long)ino, name);
+    if (r == NULL || (b = PyBytes_FromObject(r)) == NULL) {
+        Py_XDECREF(r);
+        fail(req, s, OP_GETXATTR, g);
+        return;
+    }
+    Py_DECREF(r);
+    reply_xattr_value(req, g, b, size);
+}
+
+static void ll_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+    PyObject *names, *joined;
+    Py_ssize_t i, n, total = 0;
+    char *p;
+    ENTER(OP_LISTXATTR)
+    r = PyObject_CallFunction(s->ops[OP_LISTXATTR], "K", (unsigned long long)ino);
+    if (r == NULL) {
+        fail(req, s, OP_LISTXATTR, g);
+        return;
+    }
+    names = PySequence_Fast(r, "listxattr must return a sequence of bytes");
+    Py_DECREF(r);
+    if (names == NULL) {
+        fail(req, s, OP_LISTXATTR, g);
+        return;
+    }
+    /* the names, each followed by a NUL */
+    n = PySequence_Fast_GET_SIZE(names);
+    for (i = 0; i < n; i++) {
+        PyObject *name = PySequence_Fast_GET_ITEM(names, i);
+        if (!PyBytes_Check(name)) {
+            Py_DECREF(names);
+            PyErr_SetString(PyExc_TypeError, "listxattr must return a sequence of bytes");
+            fail(req, s, OP_LISTXATTR, g);
+            return;
+        }
+        total += PyBytes_GET_SIZE(name) + 1;
+    }
+    joined = PyBytes_FromStringAndSize(NULL, total);
+    if (joined == NULL) {
+        Py_DECREF(names);
+        fail(req, s, OP_LISTXATTR, g);
+        return;
+    }
+    p = PyBytes_AS_STRING(joined);
+    for (i = 0; i < n; i++) {
+        PyObject *name = PySequence_Fast_GET_ITEM(names, i);
+        memcpy(p, PyBytes_AS_STRING(name), (size_t)PyBytes_GET_SIZE(name) + 1);
+        p += PyBytes_GET_SIZE(name) + 1;
+    }
+    Py_DECREF(names);
+    reply_xattr_value(req, g, joined, size);
+}
+
+static void ll_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
+{
+    ENTER(OP_REMOVEXATTR)
+    r = PyObject_CallFunction(s->ops[OP_REMOVEXATTR], "Ky", (unsigned long long)ino, name);
+    reply_ok(req, s, OP_REMOVEXATTR, g, r);
+}
+
+static const struct fuse_lowlevel_ops ll_ops = {
+    .init = ll_init,
+    .lookup = ll_lookup,
+    .forget = ll_forget,
+    .forget_multi = ll_forget_multi,
+    .getattr = ll_getattr,
+    .setattr = ll_setattr,
+    .readlink = ll_readlink,
+    .mknod = ll_mknod,
+    .mkdir = ll_mkdir,
+    .unlink = ll_unlink,
+    .rmdir = ll_rmdir,
+    .symlink = ll_symlink,
+    .rename = ll_rename,
+    .link = ll_link,
+    .open = ll_open,
+    .read = ll_read,
+    .write = ll_write,
+    .flush = ll_flush,
+    .release = ll_release,
+    .fsync = ll_fsync,
+    .opendir = ll_opendir,
+    .readdir = ll_readdir,
+    .readdirplus = ll_readdirplus,
+    .releasedir = ll_releasedir,
+    .fsyncdir = ll_fsyncdir,
+    .statfs = ll_statfs,
+    .setxattr = ll_setxattr,
+    .getxattr = ll_getxattr,
+    .listxattr = ll_listxattr,
+    .removexattr = ll_removexattr,
+    .create = ll_create,
+    .fallocate = ll_fallocate,
+};
+
+/* ---- the worker threads -------------------------------------------------------------------- */
+
+static void *worker(void *arg)
+{
+    Session *s = arg;
+    struct fuse_buf buf;
+    struct pollfd p;
+    PyGILState_STATE g;
+    PyThreadState *ts;
+    memset(&buf, 0, sizeof(buf));
+    /* one Python thread state for the worker's life: handlers then only take and drop the GIL */
+    g = PyGILState_Ensure();
+    ts = PyEval_SaveThread();
+    p.fd = s->fd;
+    p.events = POLLIN;
+    while (!s->stop && !fuse_session_exited(s->se)) {
+        int res = poll(&p, 1, 200);
+        if (res <= 0)
+            continue; /* timeout or EINTR: look at the stop flag again */
+        res = fuse_session_receive_buf(s->se, &buf);
+        if (res == -EINTR || res == -EAGAIN)
+            continue;
+        if (res <= 0) {
+            if (res < 0)
+                fuse_session_exit(s->se);
+            break;
+        }
+        fuse_session_process_buf(s->se, &buf);
+    }
+    free(buf.mem);
+    PyEval_RestoreThread(ts);
+    PyGILState_Release(g);
+    pthread_mutex_lock(&s->lock);
+    s->live--;
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+    return NULL;
+}
+
+/* ---- the Session type ---------------------------------------------------------------------- */
+
+static void session_release(Session *s)
+{
+    int i;
+    if (s->threads != NULL) {
+        s->stop = 1;
+        Py_BEGIN_ALLOW_THREADS
+        for (i = 0; i < s->nthreads; i++)
+            pthread_join(s->threads[i], NULL);
+        Py_END_ALLOW_THREADS
+        free(s->threads);
+        s->threads = NULL;
+        s->nthreads = 0;
+    }
+    if (s->se != NULL) {
+        if (s->mounted) {
+            Py_BEGIN_ALLOW_THREADS
+            fuse_session_unmount(s->se);
+            Py_END_ALLOW_THREADS
+            s->mounted = 0;
+        }
+        fuse_session_destroy(s->se);
+        s->se = NULL;
+    }
+}
+
+static void Session_dealloc(Session *s)
+{
+    int i;
+    session_release(s);
+    for (i = 0; i < N_OPS; i++)
+        Py_CLEAR(s->ops[i]);
+    pthread_mutex_destroy(&s->lock);
+    pthread_cond_destroy(&s->cond);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyObject *Session_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"ops", "mountpoint", "options", "negative_timeout", "writeback", "cache_symlinks",
+                             "max_background", NULL};
+    PyObject *ops, *options, *opt_text = NULL;
+    const char *mountpoint;
+    double negative_timeout = 0.0;
+    int writeback = 0, cache_symlinks = 1;
+    unsigned int max_background = 0;
+    Session *s;
+    struct fuse_args fargs = FUSE_ARGS_INIT(0, NULL);
+    char *argv[4];
+    int i, rc;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OsO|dppI", kwlist, &ops, &mountpoint, &options,
+                                     &negative_timeout, &writeback, &cache_symlinks, &max_background))
+        return NULL;
+    s = (Session *)type->tp_alloc(type, 0);
+    if (s == NULL)
+        return NULL;
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->cond, NULL);
+    s->fd = -1;
+    s->negative_timeout = negative_timeout;
+    s->writeback = writeback;
+    s->cache_symlinks = cache_symlinks;
+    s->max_background = max_background;
+    for (i = 0; i < N_OPS; i++) {
+        PyObject *m = PyObject_GetAttrString(ops, op_names[i]);
+        if (m == NULL) {
+            PyErr_Clear();
+            continue;
+        }
+        if (m == Py_None || !PyCallable_Check(m)) {
+            Py_DECREF(m);
+            continue;
+        }
+        s->ops[i] = m;
+    }
+    /* "-o a,b,c" (the options are escaped for libfuse's parser by the caller) */
+    {
+        PyObject *comma = PyUnicode_FromString(",");
+        if (comma == NULL)
+            goto error;
+        opt_text = PyUnicode_Join(comma, options);
+        Py_DECREF(comma);
+        if (opt_text == NULL)
+            goto error;
+    }
+    argv[0] = "layerfs";
+    argv[1] = "-o";
+    argv[2] = (char *)PyUnicode_AsUTF8(opt_text);
+    argv[3] = NULL;
+    if (argv[2] == NULL)
+        goto error;
+    fargs.argc = argv[2][0] ? 3 : 1;
+    fargs.argv = argv;
+    fargs.allocated = 0;
+    Py_BEGIN_ALLOW_THREADS
+    s->se = fuse_session_new(&fargs, &ll_ops, sizeof(ll_ops), s);
+    Py_END_ALLOW_THREADS
+    fuse_opt_free_args(&fargs);
+    Py_CLEAR(opt_text);
+    if (s->se == NULL) {
+        PyErr_SetString(PyExc_OSError, "libfuse refused the options");
+        goto error;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = fuse_session_mount(s->se, mountpoint);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_Format(PyExc_OSError, "cannot mount %s", mountpoint);
+        goto error;
+    }
+    s->mounted = 1;
+    s->fd = fuse_session_fd(s->se);
+    {
+        int fl = fcntl(s->fd, F_GETFL);
+        if (fl < 0 || fcntl(s->fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto error;
+        }
+    }
+    return (PyObject *)s;
+error:
+    Py_XDECREF(opt_text);
+    Py_DECREF(s);
+    return NULL;
+}
+
+static PyObject *Session_start(Session *s, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    int i;
+    sigset_t all, old;
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 1 || n > 256) {
+        PyErr_SetString(PyExc_ValueError, "threads must be 1..256");
+        return NULL;
+    }
+    if (s->se == NULL || s->threads != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "session closed or already started");
+        return NULL;
+    }
+    s->threads = calloc((size_t)n, sizeof(pthread_t));
+    if (s->threads == NULL)
+        return PyErr_NoMemory();
+    /* workers never take signals: Python handles them in the main thread */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    for (i = 0; i < n; i++) {
+        if (pthread_create(&s->threads[i], NULL, worker, s) != 0)
+            break;
+        pthread_mutex_lock(&s->lock);
+        s->live++;
+        pthread_mutex_unlock(&s->lock);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    s->nthreads = i;
+    if (i == 0) {
+        free(s->threads);
+        s->threads = NULL;
+        PyErr_SetString(PyExc_OSError, "cannot start worker threads");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* wait(timeout) -> True once every worker has ended (the file system was unmounted or stopped) */
+static PyObject *Session_wait(Session *s, PyObject *arg)
+{
+    double timeout = PyFloat_AsDouble(arg);
+    struct timespec deadline;
+    int done;
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += (time_t)timeout;
+    deadline.tv_nsec += (long)((timeout - (double)(time_t)timeout) * 1e9);
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec += 1;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&s->lock);
+    while (s->live > 0) {
+        if (pthread_cond_timedwait(&s->cond, &s->lock, &deadline) == ETIMEDOUT)
+            break;
+    }
+    done = s->live == 0;
+    pthread_mutex_unlock(&s->lock);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(done);
+}
+
+/* exit(): ask the workers to stop (they notice within 0.2 s) */
+static PyObject *Session_exit(Session *s, PyObject *unused)
+{
+    s->stop = 1;
+    if (s->se != NULL)
+        fuse_session_exit(s->se);
+    Py_RETURN_NONE;
+}
+
+/* close(): stop, join the workers, unmount (lazily) and free the session */
+static PyObject *Session_close(Session *s, PyObject *unused)
+{
+    session_release(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_invalidate_inode(Session *s, PyObject *args)
+{
+    unsigned long long ino;
+    int attr_only = 1, rc;
+    if (!PyArg_ParseTuple(args, "K|p", &ino, &attr_only))
+        return NULL;
+    if (s->se == NULL)
+        Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fuse_lowlevel_notify_inval_inode(s->se, (fuse_ino_t)ino, attr_only ? -1 : 0, 0);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        errno = -rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_invalidate_entry(Session *s, PyObject *args)
+{
+    unsigned long long parent;
+    const char *name;
+    Py_ssize_t len;
+    int rc;
+    if (!PyArg_ParseTuple(args, "Ky#", &parent, &name, &len))
+        return NULL;
+    if (s->se == NULL)
+        Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fuse_lowlevel_notify_inval_entry(s->se, (fuse_ino_t)parent, name, (size_t)len);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        errno = -rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_get_fd(Session *s, void *closure) { return PyLong_FromLong(s->fd); }
+
+static PyMethodDef Session_methods[] = {
+    {"start", (PyCFunction)Session_start, METH_O, "start(threads): serve requests from that many threads"},
+    {"wait", (PyCFunction)Session_wait, METH_O, "wait(timeout) -> True once all workers ended"},
+    {"exit", (PyCFunction)Session_exit, METH_NOARGS, "ask the workers to stop"},
+    {"close", (PyCFunction)Session_close, METH_NOARGS, "stop, unmount (lazily) and free the session"},
+    {"invalidate_inode", (PyCFunction)Session_invalidate_inode, METH_VARARGS,
+     "invalidate_inode(ino, attr_only=True): drop the kernel's cached attributes (and data)"},
+    {"invalidate_entry", (PyCFunction)Session_invalidate_entry, METH_VARARGS,
+     "invalidate_entry(parent, name): drop the kernel's cached dentry"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Session_getset[] = {
+    {"fd", (getter)Session_get_fd, NULL, "the /dev/fuse descriptor", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject SessionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "layerfs._fuse.Session",
+    .tp_basicsize = sizeof(Session),
+    .tp_dealloc = (destructor)Session_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Session(ops, mountpoint, options, negative_timeout=0.0, writeback=False, cache_symlinks=True, "
+              "max_background=0): a mounted libfuse low-level session",
+    .tp_methods = Session_methods,
+    .tp_getset = Session_getset,
+    .tp_new = Session_new,
+};
+
+static struct PyModuleDef fusemodule = {
+    PyModuleDef_HEAD_INIT, "layerfs._fuse", "libfuse 3 low-level sessions served by native threads", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fuse(void)
+{
+    PyObject *m;
+    if (PyType_Ready(&SessionType) < 0)
+        return NULL;
+    m = PyModule_Create(&fusemodule);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&SessionType);
+    if (PyModule_AddObject(m, "Session", (PyObject *)&SessionType) < 0) {
+        Py_DECREF(&SessionType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "KEEP_CACHE", BIT_KEEP_CACHE);
+    PyModule_AddIntConstant(m, "DIRECT_IO", BIT_DIRECT_IO);
+    PyModule_AddIntConstant(m, "CACHE_DIR", BIT_CACHE_DIR);
+    PyModule_AddIntConstant(m, "NOFLUSH", BIT_NOFLUSH);
+    PyModule_AddIntConstant(m, "NONSEEKABLE", BIT_NONSEEKABLE);
+    PyModule_AddIntConstant(m, "SET_ATTR_MODE", FUSE_SET_ATTR_MODE);
+    PyModule_AddIntConstant(m, "SET_ATTR_UID", FUSE_SET_ATTR_UID);
+    PyModule_AddIntConstant(m, "SET_ATTR_GID", FUSE_SET_ATTR_GID);
+    PyModule_AddIntConstant(m, "SET_ATTR_SIZE", FUSE_SET_ATTR_SIZE);
+    PyModule_AddIntConstant(m, "SET_ATTR_ATIME", FUSE_SET_ATTR_ATIME);
+    PyModule_AddIntConstant(m, "SET_ATTR_MTIME", FUSE_SET_ATTR_MTIME);
+    PyModule_AddIntConstant(m, "SET_ATTR_CTIME", FUSE_SET_ATTR_CTIME);
+    PyModule_AddIntConstant(m, "ROOT_INO", FUSE_ROOT_ID);
+    return m;
+}
