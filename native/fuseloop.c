@@ -12,8 +12,8 @@
  * setuid clearing to the server (HANDLE_KILLPRIV) without giving the
  * write handler the caller's credentials.
  *
- * Model: N worker threads each poll /dev/fuse (non-blocking, so they can
- * notice a stop request), read one request and dispatch it; a handler
+ * Model: N worker threads each read one request from /dev/fuse (blocking;
+ * a stop interrupts them with a signal) and dispatch it; a handler
  * takes the GIL, calls the Python method of the ops object, converts the
  * result and replies (with the GIL released for the reply's write).
  * Handlers that block release the GIL themselves (syscalls, zlib, zran),
@@ -59,7 +59,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
-#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -918,24 +917,29 @@ static const struct fuse_lowlevel_ops ll_ops = {
 
 /* ---- the worker threads -------------------------------------------------------------------- */
 
+/* The signal that interrupts a worker's blocking read of /dev/fuse when the session stops. */
+static int wake_signal(void) { return SIGRTMIN + 3; }
+
+static void on_wake(int sig) { (void)sig; }
+
 static void *worker(void *arg)
 {
     Session *s = arg;
     struct fuse_buf buf;
-    struct pollfd p;
     PyGILState_STATE g;
     PyThreadState *ts;
+    sigset_t wake;
     memset(&buf, 0, sizeof(buf));
     /* one Python thread state for the worker's life: handlers then only take and drop the GIL */
     g = PyGILState_Ensure();
     ts = PyEval_SaveThread();
-    p.fd = s->fd;
-    p.events = POLLIN;
+    sigemptyset(&wake);
+    sigaddset(&wake, wake_signal());
+    pthread_sigmask(SIG_UNBLOCK, &wake, NULL);
+    /* Blocking reads: the kernel wakes one waiting reader per request (an exclusive wait), where
+       poll() would wake every worker for each request. A stop interrupts them with wake_signal(). */
     while (!s->stop && !fuse_session_exited(s->se)) {
-        int res = poll(&p, 1, 200);
-        if (res <= 0)
-            continue; /* timeout or EINTR: look at the stop flag again */
-        res = fuse_session_receive_buf(s->se, &buf);
+        int res = fuse_session_receive_buf(s->se, &buf);
         if (res == -EINTR || res == -EAGAIN)
             continue;
         if (res <= 0) {
@@ -955,17 +959,51 @@ static void *worker(void *arg)
     return NULL;
 }
 
+/* Stop the workers: interrupt their reads until all have ended (GIL released by the caller).
+   Returns 0, or -1 when some are still stuck after a few seconds (they are then left alone). */
+static int stop_workers(Session *s)
+{
+    int i, rounds;
+    s->stop = 1;
+    fuse_session_exit(s->se);
+    for (rounds = 0; rounds < 100; rounds++) {
+        struct timespec deadline;
+        int live;
+        pthread_mutex_lock(&s->lock);
+        live = s->live;
+        pthread_mutex_unlock(&s->lock);
+        if (live == 0)
+            return 0;
+        for (i = 0; i < s->nthreads; i++)
+            pthread_kill(s->threads[i], wake_signal());
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_nsec += 30 * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec += 1;
+            deadline.tv_nsec -= 1000000000L;
+        }
+        pthread_mutex_lock(&s->lock);
+        if (s->live > 0)
+            pthread_cond_timedwait(&s->cond, &s->lock, &deadline);
+        pthread_mutex_unlock(&s->lock);
+    }
+    return -1;
+}
+
 /* ---- the Session type ---------------------------------------------------------------------- */
 
 static void session_release(Session *s)
 {
-    int i;
+    int i, stuck = 0;
     if (s->threads != NULL) {
-        s->stop = 1;
         Py_BEGIN_ALLOW_THREADS
-        for (i = 0; i < s->nthreads; i++)
-            pthread_join(s->threads[i], NULL);
+        stuck = stop_workers(s) < 0;
+        if (!stuck)
+            for (i = 0; i < s->nthreads; i++)
+                pthread_join(s->threads[i], NULL);
         Py_END_ALLOW_THREADS
+        if (stuck)
+            return; /* workers still use the session: leave it to the process's exit */
         free(s->threads);
         s->threads = NULL;
         s->nthreads = 0;
@@ -1069,13 +1107,6 @@ static PyObject *Session_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     }
     s->mounted = 1;
     s->fd = fuse_session_fd(s->se);
-    {
-        int fl = fcntl(s->fd, F_GETFL);
-        if (fl < 0 || fcntl(s->fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-            PyErr_SetFromErrno(PyExc_OSError);
-            goto error;
-        }
-    }
     return (PyObject *)s;
 error:
     Py_XDECREF(opt_text);
@@ -1101,7 +1132,14 @@ static PyObject *Session_start(Session *s, PyObject *arg)
     s->threads = calloc((size_t)n, sizeof(pthread_t));
     if (s->threads == NULL)
         return PyErr_NoMemory();
-    /* workers never take signals: Python handles them in the main thread */
+    {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_handler = on_wake; /* no SA_RESTART: a read in progress returns EINTR */
+        sigemptyset(&sa.sa_mask);
+        sigaction(wake_signal(), &sa, NULL);
+    }
+    /* workers take no signal but wake_signal(): Python handles them in the main thread */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
     for (i = 0; i < n; i++) {
@@ -1149,12 +1187,15 @@ static PyObject *Session_wait(Session *s, PyObject *arg)
     return PyBool_FromLong(done);
 }
 
-/* exit(): ask the workers to stop (they notice within 0.2 s) */
+/* exit(): ask the workers to stop (from a signal handler: must not block) */
 static PyObject *Session_exit(Session *s, PyObject *unused)
 {
+    int i;
     s->stop = 1;
     if (s->se != NULL)
         fuse_session_exit(s->se);
+    for (i = 0; i < s->nthreads; i++)
+        pthread_kill(s->threads[i], wake_signal());
     Py_RETURN_NONE;
 }
 
