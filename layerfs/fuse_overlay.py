@@ -49,12 +49,6 @@ def _name(raw: bytes) -> str:
     return raw.decode(_FSENC, "surrogateescape")
 
 
-#: errnos that are ordinary answers (not worth a log line)
-_QUIET = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR, errno.EXDEV,
-                    errno.EINVAL, errno.ENODATA, errno.EPERM, errno.EACCES, errno.EROFS, errno.ENAMETOOLONG,
-                    errno.ERANGE, errno.ENOTSUP, errno.ENOSPC, errno.EDQUOT, errno.EBADF})
-
-
 def _entry(a: Attr) -> tuple:
     return (a.ino, a.mode, a.nlink, a.uid, a.gid, a.rdev, a.size, a.blocks, a.atime_ns, a.mtime_ns, a.ctime_ns,
             0.0 if a.volatile else CACHE_TIMEOUT)
@@ -74,7 +68,10 @@ class OverlayFS:
         overlay.on_attr_changed = self._attr_changed
 
     def error(self, op: str, e: BaseException) -> int:
-        """One errno reply for any failure of a handler (logged unless it is an ordinary answer)."""
+        """The errno reply for a failure that is not an ordinary answer (EIO and the like), logged."""
+        if isinstance(e, OSError):
+            log.warning("%s: %s", op, e)
+            return e.errno or errno.EIO
         if isinstance(e, LayerfsError):
             log.error("%s failed: %s", op, e.one_line())
             return e.errno or errno.EIO
@@ -96,7 +93,6 @@ class OverlayFS:
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return None
-            _log(e, "lookup", parent, name)
             raise
 
     def forget(self, inodes):
@@ -239,31 +235,6 @@ class OverlayFS:
         st = self.ovl.statfs()
         return (st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree,
                 st.f_favail, st.f_namemax)
-
-
-def _log(e: OSError, op: str, *args) -> None:
-    if e.errno in (errno.EIO, None) or e.errno not in _QUIET:
-        log.warning("%s%r: %s", op, args, e)
-
-
-def _logged(method):
-    """Log the unusual errnos a handler answers (EIO and the like; ENOENT & co. are ordinary answers)."""
-    def handler(self, *args):
-        try:
-            return method(self, *args)
-        except OSError as e:
-            _log(e, method.__name__, *args[:2])
-            raise
-    handler.__name__ = method.__name__
-    handler.__doc__ = method.__doc__
-    return handler
-
-
-for _op in ("getattr", "setattr", "readlink", "mknod", "mkdir", "symlink", "link", "unlink", "rmdir", "rename",
-            "getxattr", "listxattr", "setxattr", "removexattr", "opendir", "readdir", "open", "create", "read",
-            "write", "fsync", "fallocate", "release", "statfs"):
-    setattr(OverlayFS, _op, _logged(getattr(OverlayFS, _op)))
-del _op
 
 
 def serve_overlay(overlay: Overlay, mountpoint: str, options: Iterable[str], *,

@@ -113,6 +113,7 @@ class LayerFS:
         return node
 
     def error(self, op: str, e: BaseException) -> int:
+        """The errno reply for a failure that is not an ordinary answer (EIO and the like), logged."""
         return errno_of(op, None, e)
 
     # -- names and attributes -----------------------------------------------------

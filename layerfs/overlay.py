@@ -297,6 +297,7 @@ class Overlay:
         self._alias: dict[int, int] = {}        # lower hard-linked node → the inode of its names still lower
         self._last_name: dict[int, tuple[int, str]] = {}    # that inode → the name last looked up
         self._tmp_seq = 0
+        self._dpaths: dict[int, str] = {}     # upper path of directories (cleared when one moves)
         self._lock_fd: int | None = None
         self._open_upper()
         root = Dir(ROOT_INO, ROOT_INO, "", tree.nodes[ROOT_INO], True)
@@ -402,11 +403,16 @@ class Overlay:
 
     # -- paths ----------------------------------------------------------------------------------
     def _dpath(self, d: Dir) -> str:
-        parts = []
-        while d.ino != ROOT_INO:
-            parts.append(d.name)
-            d = self.inodes[d.parent]  # type: ignore[assignment]
-        return os.path.join(self.upper_root, *reversed(parts)) if parts else self.upper_root
+        path = self._dpaths.get(d.ino)
+        if path is None:
+            parts = []
+            top = d
+            while top.ino != ROOT_INO:
+                parts.append(top.name)
+                top = self.inodes[top.parent]  # type: ignore[assignment]
+            path = os.path.join(self.upper_root, *reversed(parts)) if parts else self.upper_root
+            self._dpaths[d.ino] = path
+        return path
 
     def _fpath(self, f: File) -> str:
         """A path of *f*'s upper file (any of its names, or through /proc for an unlinked one)."""
@@ -1182,6 +1188,7 @@ class Overlay:
         if isinstance(src, Dir):
             src.parent = d2.ino
             src.name = new_name
+            self._dpaths.clear()        # its path and those of everything below it changed
         else:
             del src.links[(d1.ino, name)]
             src.links[(d2.ino, new_name)] = None
@@ -1203,6 +1210,7 @@ class Overlay:
         for moved, (od, on), (nd, nn) in ((src, (d1, name), (d2, new_name)), (tgt, (d2, new_name), (d1, name))):
             if isinstance(moved, Dir):
                 moved.parent, moved.name = nd.ino, nn
+                self._dpaths.clear()
             else:
                 del moved.links[(od.ino, on)]
                 moved.links[(nd.ino, nn)] = None

@@ -47,7 +47,8 @@
  *   statfs() -> (bsize, frsize, blocks, bfree, bavail, files, ffree, favail, namemax)
  *   getxattr(ino, name) -> bytes; listxattr(ino) -> [bytes]; setxattr(ino, name, value, flags);
  *   removexattr(ino, name)
- *   error(opname, exception) -> errno   (any exception but an OSError with an errno)
+ *   error(opname, exception) -> errno   (any exception but an OSError with an ordinary errno:
+ *                                        ENOENT, EEXIST, ENOTEMPTY...; see quiet_errno)
  *
  * open_bits: 1 keep_cache, 2 direct_io, 4 cache_readdir, 8 noflush, 16 nonseekable.
  * Handlers fail by raising OSError(errno, ...).
@@ -106,7 +107,9 @@ typedef struct {
     int writeback;
     int cache_symlinks;
     unsigned max_background;
-    unsigned long long requests;
+    /* inodes known to have no security.capability (the kernel asks before every write) */
+    unsigned char *nocap;
+    size_t nocap_len;
 } Session;
 
 static inline Session *sess(fuse_req_t req) { return (Session *)fuse_req_userdata(req); }
@@ -194,7 +197,23 @@ static int parse_open(PyObject *r, struct fuse_file_info *fi)
 
 /* ---- errors -------------------------------------------------------------------------------- */
 
-/* The errno for the pending exception (cleared); GIL held. */
+/* errnos that are ordinary answers of a file system: replied without a word to the error handler */
+static int quiet_errno(long v)
+{
+    switch (v) {
+    case ENOENT: case EEXIST: case ENOTEMPTY: case EISDIR: case ENOTDIR: case EXDEV: case EINVAL:
+    case ENODATA: case EPERM: case EACCES: case EROFS: case ENAMETOOLONG: case ERANGE: case ENOTSUP:
+    case ENOSPC: case EDQUOT: case EBADF: case ENOSYS: case ELOOP: case EMLINK: case EFBIG: case ETXTBSY:
+    case EOVERFLOW: case ESPIPE: case EAGAIN: case EINTR:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* The errno for the pending exception (cleared); GIL held. An OSError with an ordinary errno is
+   answered as it is; anything else goes to the ops' error(opname, exception) (to log it), which
+   returns the errno to answer. */
 static int take_error(Session *s, int op)
 {
     PyObject *type, *value, *tb;
@@ -205,7 +224,7 @@ static int take_error(Session *s, int op)
         PyObject *no = PyObject_GetAttrString(value, "errno");
         if (no != NULL && PyLong_Check(no)) {
             long v = PyLong_AsLong(no);
-            if (v > 0 && v < 4096) {
+            if (v > 0 && v < 4096 && (quiet_errno(v) || s->ops[OP_ERROR] == NULL)) {
                 Py_DECREF(no);
                 Py_XDECREF(type);
                 Py_XDECREF(value);
@@ -302,6 +321,47 @@ static PyObject *fh_or_none(struct fuse_file_info *fi)
     if (fi == NULL)
         Py_RETURN_NONE;
     return PyLong_FromUnsignedLongLong(fi->fh);
+}
+
+/* ---- the security.capability cache ----------------------------------------------------------
+ * The kernel asks for security.capability before every write(2) and chown (to drop file
+ * capabilities). The answer only changes through setxattr/removexattr requests, which pass here:
+ * remembering "none" per inode answers those requests without Python. Inode numbers are never
+ * reused by a session's handlers while the kernel knows them. */
+#define CAP_XATTR "security.capability"
+
+static int nocap_get(Session *s, fuse_ino_t ino)
+{
+    int r;
+    pthread_mutex_lock(&s->lock);
+    r = (size_t)(ino >> 3) < s->nocap_len && (s->nocap[ino >> 3] >> (ino & 7)) & 1;
+    pthread_mutex_unlock(&s->lock);
+    return r;
+}
+
+static void nocap_set(Session *s, fuse_ino_t ino, int on)
+{
+    size_t byte = (size_t)(ino >> 3);
+    pthread_mutex_lock(&s->lock);
+    if (byte >= s->nocap_len && on && byte < ((size_t)1 << 28)) {
+        size_t n = s->nocap_len ? s->nocap_len : 4096;
+        unsigned char *p;
+        while (n <= byte)
+            n *= 2;
+        p = realloc(s->nocap, n);
+        if (p != NULL) {
+            memset(p + s->nocap_len, 0, n - s->nocap_len);
+            s->nocap = p;
+            s->nocap_len = n;
+        }
+    }
+    if (byte < s->nocap_len) {
+        if (on)
+            s->nocap[byte] |= (unsigned char)(1u << (ino & 7));
+        else
+            s->nocap[byte] &= (unsigned char)~(1u << (ino & 7));
+    }
+    pthread_mutex_unlock(&s->lock);
 }
 
 /* ---- handlers ------------------------------------------------------------------------------ */
@@ -787,10 +847,13 @@ static void ll_statfs(fuse_req_t req, fuse_ino_t ino)
 static void ll_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value, size_t size,
                         int flags)
 {
+    nocap_set(sess(req), ino, 0);
+    {
     ENTER(OP_SETXATTR)
     r = PyObject_CallFunction(s->ops[OP_SETXATTR], "Kyy#i", (unsigned long long)ino, name, value,
                               (Py_ssize_t)size, flags);
     reply_ok(req, s, OP_SETXATTR, g, r);
+    }
 }
 
 /* reply a value for getxattr/listxattr: its size when size == 0, ERANGE when it does not fit */
@@ -817,15 +880,27 @@ static void reply_xattr_value(fuse_req_t req, PyGILState_STATE g, PyObject *valu
 static void ll_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
     PyObject *b;
+    int cap = strcmp(name, CAP_XATTR) == 0;
+    if (cap && nocap_get(sess(req), ino)) {
+        fuse_reply_err(req, ENODATA);
+        return;
+    }
+    {
     ENTER(OP_GETXATTR)
     r = PyObject_CallFunction(s->ops[OP_GETXATTR], "Ky", (unsigned long long)ino, name);
     if (r == NULL || (b = PyBytes_FromObject(r)) == NULL) {
+        int err;
         Py_XDECREF(r);
-        fail(req, s, OP_GETXATTR, g);
+        err = take_error(s, OP_GETXATTR);
+        PyGILState_Release(g);
+        if (cap && err == ENODATA)
+            nocap_set(s, ino, 1);
+        fuse_reply_err(req, err);
         return;
     }
     Py_DECREF(r);
     reply_xattr_value(req, g, b, size);
+    }
 }
 
 static void ll_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
@@ -875,9 +950,12 @@ static void ll_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 
 static void ll_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
 {
+    nocap_set(sess(req), ino, 0);
+    {
     ENTER(OP_REMOVEXATTR)
     r = PyObject_CallFunction(s->ops[OP_REMOVEXATTR], "Ky", (unsigned long long)ino, name);
     reply_ok(req, s, OP_REMOVEXATTR, g, r);
+    }
 }
 
 static const struct fuse_lowlevel_ops ll_ops = {
@@ -1028,6 +1106,7 @@ static void Session_dealloc(Session *s)
         Py_CLEAR(s->ops[i]);
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->cond);
+    free(s->nocap);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
