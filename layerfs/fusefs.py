@@ -223,7 +223,7 @@ def tune_readahead(mountpoint: str, kib: int | None = None) -> bool:
     """Raise the kernel readahead of the FUSE mount at *mountpoint* (needs root; best effort).
 
     The FUSE INIT reply can only lower the BDI's 128 KiB default and
-    pyfuse3 does not expose it anyway; the BDI's sysfs knob can raise it.
+    the BDI's sysfs knob can raise it.
     """
     kib = READ_AHEAD_KB if kib is None else kib
     if kib <= 0:

@@ -7,13 +7,13 @@
 Daemon model (libfuse's ``fuse_daemonize``, done before any thread or event
 loop exists): the daemon is forked twice (re-parented, never a zombie of a
 long-lived caller, in a new session, stdio to ``ROOT/mounts/<id>.log``) and
-the caller waits on a pipe. The daemon imports pyfuse3/trio (only the daemon
-pays for them), mounts, ``stat``\\ s its own mount root through the kernel,
+the caller waits on a pipe. The daemon imports the FUSE adapter (only the
+daemon pays for it), mounts, ``stat``\\ s its own mount root through the kernel,
 writes its record and only then reports ``ok`` over the pipe; on failure it
 sends its one-line error instead. The caller resolves the image (pulling it
 if absent) and checks the mount point, so those errors surface directly.
 
-Start-up is the daemon's imports (~0.1 s) plus the caller's work, so
+Start-up is the daemon's imports plus the caller's work, so
 :func:`mount_image` overlaps them: it forks the daemon first, before even
 resolving the image (:class:`_Helper`). The daemon imports while the caller
 resolves, checks and makes sure the image's tree cache exists (building it
@@ -382,7 +382,7 @@ def mount_image(store: Store, ref_text: str, mountpoint: str | os.PathLike[str],
     pulls a :class:`Reference` into *store* (default: a :class:`Puller`).
 
     Daemon mode with the default tree forks the mount daemon first (see
-    :class:`_Helper`): it imports pyfuse3/trio while this process resolves
+    :class:`_Helper`): it imports the FUSE adapter while this process resolves
     the image and checks the mount point, then loads the tree from the
     store's tree cache itself (built here first when missing; rebuilt by
     the daemon when corrupt or outdated).
@@ -685,7 +685,7 @@ class _Helper:
     """The mount daemon to be, forked by :func:`mount_image` before the image is even resolved.
 
     It detaches (new session, stdio to /dev/null) and imports what serving
-    needs (pyfuse3 and trio: the bulk of a mount's start-up) while the
+    needs (the FUSE adapter and the union code) while the
     caller resolves the image, checks the mount point and prepares the
     upper; then it waits on a pipe. :meth:`run` sends it the mount (the
     manifest digest and the record) and waits for its readiness like

@@ -852,12 +852,8 @@ _OUTER = ("layerfs/cli.py", "layerfs/mount.py", "serve_overlay (", "serve (layer
 
 
 def _module_of(frame: str) -> str:
-    """A coarse owner for a py-spy frame ``func (path/file.py)``: trio, pyfuse3, a layerfs file, or other."""
+    """A coarse owner for a py-spy frame ``func (path/file.py)``: a layerfs file, or other."""
     path = frame.rpartition(" (")[2].rstrip(")")
-    if "trio/" in path or "outcome/" in path or "attrs generated" in path:
-        return "trio (event loop, to_thread, thread cache; outcome, attrs)"
-    if "pyfuse3" in path:
-        return "pyfuse3"
     if "layerfs/" in path:
         return "layerfs/" + path.rpartition("layerfs/")[2]
     return "other (stdlib ...)"
@@ -865,7 +861,7 @@ def _module_of(frame: str) -> str:
 
 def pyspy_summary(raw: Path, top: int = 12) -> list[str]:
     """Lines summarising a ``py-spy record --format raw --threads`` file (collapsed stacks), as % of all
-    samples: the split between the thread running the event loop (the one that started as the main
+    samples: the split between the main thread (the one that started as the main
     program) and the others (worker threads); the samples grouped by the module on top of the stack;
     the functions most often on top of the stack (self); layerfs's own functions by inclusive samples,
     the daemon's start-up chain (cli, mount, serve) left out. Line numbers are dropped."""
@@ -897,7 +893,7 @@ def pyspy_summary(raw: Path, top: int = 12) -> list[str]:
     if not total:
         return ["(no samples)"]
     pc = lambda c: f"{100 * c / total:5.1f}%"  # noqa: E731
-    out = [f"{total} samples: {pc(main_n).strip()} in the event-loop (main) thread, "
+    out = [f"{total} samples: {pc(main_n).strip()} in the main thread, "
            f"{pc(total - main_n).strip()} in worker threads", "by module (top of stack):"]
     out += [f"  {pc(c)}  {m}" for m, c in sorted(mods.items(), key=lambda x: -x[1])[:6]]
     out.append("self (top of stack):")

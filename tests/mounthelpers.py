@@ -222,12 +222,12 @@ def put_image(store: Store, name: str, image) -> Digest:
 # --- mounting --------------------------------------------------------------------------------
 
 def require_fuse() -> None:
-    """Skip without FUSE (/dev/fuse, fusermount3, pyfuse3), except under CI=true where that is a failure."""
+    """Skip without FUSE (/dev/fuse, fusermount3, layerfs._fuse), except under CI=true where that is a failure."""
     from registryfixtures import missing_prerequisite, require_binary, require_module
     if not os.path.exists("/dev/fuse"):
         missing_prerequisite("FUSE is not usable here: /dev/fuse is missing")
     require_binary("fusermount3")
-    require_module("pyfuse3")
+    require_module("layerfs._fuse")
 
 
 def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:

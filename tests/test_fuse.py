@@ -705,7 +705,7 @@ def test_the_early_mount_daemon_ends_with_a_killed_mount_command(store, tmp_path
 
 
 def test_cli_mount_imports(store, tmp_path):
-    """A local image mounts without the registry client (requests & co.); only the daemon imports pyfuse3/trio."""
+    """A local image mounts without the registry client (requests & co.); only the daemon imports the FUSE adapter."""
     require_fuse()
     from layerfs.mount import _TRANSPORTS
     from layerfs.sources import TRANSPORTS
@@ -724,7 +724,7 @@ def test_cli_mount_imports(store, tmp_path):
         imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if "|" in line}
         assert "layerfs.mount" in imported
         assert not imported & {"requests", "urllib3", "charset_normalizer", "layerfs.pull", "layerfs.sources",
-                               "layerfs.registry", "pyfuse3", "trio", "layerfs.fusefs"}, sorted(imported)
+                               "layerfs.registry", "layerfs._fuse", "layerfs.fusefs"}, sorted(imported)
         umount(store, m, remove_upper=True)
     assert not _processes_of(store)
 
