@@ -122,6 +122,14 @@ def _err(code: int, what: str = "") -> OSError:
     return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
 
 
+_NOFOLLOW = {"follow_symlinks": False}
+
+
+def _nofollow(path: str | int) -> dict:
+    """The keyword arguments of a path call that must not follow a final symlink (none for an fd)."""
+    return {} if isinstance(path, int) else _NOFOLLOW
+
+
 def _fallocate(fd: int, mode: int, off: int, length: int) -> None:
     """fallocate(2) with its *mode* (os.posix_fallocate has none); the GIL is released during the call."""
     global _libc
@@ -218,7 +226,7 @@ class Dir:
 class File:
     """A non-directory of the merged view that is no longer a plain lower file."""
 
-    __slots__ = ("ino", "lower", "upper", "links", "anon_fd", "override", "nopen", "dead", "dead_attr")
+    __slots__ = ("ino", "lower", "upper", "links", "anon_fd", "override", "nopen", "dead", "dead_attr", "wfd")
     is_dir = False
 
     def __init__(self, ino: int, lower: Node | None, upper: bool):
@@ -232,6 +240,8 @@ class File:
         self.dead = False
         self.dead_attr: Attr | None = None   # what fstat shows once its last name is gone (fifos open
                                              # without asking us, so they are never "open" here)
+        self.wfd: int | None = None   # the upper file's fd of an open writable handle: attribute calls on
+                                      # it need no path walk (fstat, fchown, futimens...)
 
 
 class Handle:
@@ -509,18 +519,18 @@ class Overlay:
         return ino
 
     # -- attributes ----------------------------------------------------------------------------------
-    def _override(self, i: Dir | File, path: str, st: os.stat_result) -> Override | None:
+    def _override(self, i: Dir | File, path: str | int, st: os.stat_result) -> Override | None:
         if i.override is _UNKNOWN:
             ov = None
             if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
                 try:
-                    ov = Override.parse(os.getxattr(path, OVERRIDE_XATTR, follow_symlinks=False))
+                    ov = Override.parse(os.getxattr(path, OVERRIDE_XATTR, **_nofollow(path)))
                 except OSError:
                     ov = None
             i.override = ov
         return i.override  # type: ignore[return-value]
 
-    def _upper_attr(self, i: Dir | File, path: str, st: os.stat_result | None = None, *,
+    def _upper_attr(self, i: Dir | File, path: str | int, st: os.stat_result | None = None, *,
                     nlink: int | None = None) -> Attr:
         if st is None:
             st = os.lstat(path)
@@ -567,6 +577,8 @@ class Overlay:
             raise _err(errno.ENOENT)
         if i.upper:
             if i.links:
+                if i.wfd is not None:
+                    return self._upper_attr(i, i.wfd, os.fstat(i.wfd))
                 return self._upper_attr(i, self._fpath(i))
             if i.anon_fd is not None:
                 return self._upper_attr(i, self._fpath(i), os.fstat(i.anon_fd))
@@ -638,17 +650,18 @@ class Overlay:
         if name in (".", "..") or "/" in name or not name:
             raise _err(errno.EINVAL)
 
-    def _apply_stat(self, path: str, ftype: int, uid: int, gid: int, mode: int, *, rdev: int = 0,
+    def _apply_stat(self, path: str | int, ftype: int, uid: int, gid: int, mode: int, *, rdev: int = 0,
                     placeholder: bool = False, i: Dir | File | None = None) -> None:
-        """Give the upper entry *path* owner and mode (really, or through the override xattr)."""
+        """Give the upper entry *path* (or open fd) owner and mode (really, or through the override xattr)."""
         exact = not placeholder
+        nofollow = _nofollow(path)
         try:
             if self.euid == 0:
-                os.lchown(path, uid, gid)
+                os.chown(path, uid, gid, **nofollow)
             else:
-                st = os.lstat(path)
+                st = os.stat(path, **nofollow)
                 if (st.st_uid, st.st_gid) != (uid, gid):
-                    os.lchown(path, uid, gid)
+                    os.chown(path, uid, gid, **nofollow)
         except PermissionError:
             exact = False
         except OSError as e:
@@ -665,13 +678,13 @@ class Overlay:
         if exact:
             if i is not None and i.override is not None:
                 with contextlib.suppress(OSError):
-                    os.removexattr(path, OVERRIDE_XATTR, follow_symlinks=False)
+                    os.removexattr(path, OVERRIDE_XATTR, **nofollow)
             if i is not None:
                 i.override = None
             return
         ov = Override(uid, gid, mode, ftype if placeholder else None, rdev)
         try:
-            os.setxattr(path, OVERRIDE_XATTR, ov.encode(), follow_symlinks=False)
+            os.setxattr(path, OVERRIDE_XATTR, ov.encode(), **nofollow)
         except OSError as e:
             # user.* xattrs exist only on regular files and directories
             raise _err(errno.EPERM, f"cannot record owner/mode of {path}: {e.strerror}") from None
@@ -881,7 +894,8 @@ class Overlay:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             f = self._add_file(d, name)
-            self._apply_stat(path, stat.S_IFREG, uid, gid, mode, i=f)
+            f.override = None          # a new file has no xattrs
+            self._apply_stat(fd, stat.S_IFREG, uid, gid, mode, i=f)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -890,6 +904,7 @@ class Overlay:
             raise
         self._drop_whiteout(d, dpath, name)
         f.nopen += 1
+        f.wfd = fd
         fh = self._new_handle(Handle(f.ino, fd, True, 0))
         return fh, self._attr(f.ino)
 
@@ -1225,7 +1240,7 @@ class Overlay:
         if size is not None and isinstance(i, Dir):
             raise _err(errno.EISDIR)
         i = self._ensure_upper(ino, size=size)
-        path = self._path_of(i)
+        path = i.wfd if isinstance(i, File) and i.wfd is not None else self._path_of(i)
         if size is not None:
             h = self.handles.get(fh) if fh is not None else None
             if h is not None and h.fd is not None and h.writable:
@@ -1245,13 +1260,17 @@ class Overlay:
                     nmode &= ~stat.S_ISGID
             ov = i.override if i.override is not _UNKNOWN else None
             placeholder = isinstance(ov, Override) and ov.ftype is not None
-            self._apply_stat(path, ftype, nuid, ngid, nmode, rdev=cur.rdev, placeholder=placeholder, i=i)
+            if (i.override is None and self.euid == 0 and (nuid, ngid) == (cur.uid, cur.gid)
+                    and ftype != stat.S_IFLNK):
+                os.chmod(path, nmode, **_nofollow(path))     # the owner stays: a chmod is all it takes
+            else:
+                self._apply_stat(path, ftype, nuid, ngid, nmode, rdev=cur.rdev, placeholder=placeholder, i=i)
         if atime_ns is not None or mtime_ns is not None:
             if atime_ns is None or mtime_ns is None:
-                st = os.lstat(path)
+                st = os.stat(path, **_nofollow(path))
                 atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
                 mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-            os.utime(path, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+            os.utime(path, ns=(atime_ns, mtime_ns), **_nofollow(path))
         return self._attr(ino)
 
     # -- xattrs ------------------------------------------------------------------------------------------------------
@@ -1331,6 +1350,8 @@ class Overlay:
         else:
             fd = None
         f.nopen += 1
+        if write and fd is not None:
+            f.wfd = fd
         link = self._last_name.get(f.ino) if f.lower is not None and not f.upper else None
         return self._new_handle(Handle(f.ino, fd, write, f.lower.ino if f.lower is not None else 0, link))
 
@@ -1385,6 +1406,8 @@ class Overlay:
                 os.close(h.fd)
         f = self.inodes.get(h.ino)
         if isinstance(f, File):
+            if f.wfd == h.fd:
+                f.wfd = None
             f.nopen -= 1
             if f.nopen <= 0 and not f.links:
                 self._forget_file(f)
