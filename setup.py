@@ -25,7 +25,7 @@ setup(
         Extension(
             "layerfs._zran",
             sources=["native/zran.c"],
-            libraries=["z"],
+            libraries=["z", "isal"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
         ),

@@ -6,7 +6,7 @@ set -euo pipefail
 LAYERFS_HOME="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${LAYERFS_VENV:-$LAYERFS_HOME/.venv}"
 
-_layerfs_apt_packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv zlib1g-dev attr
+_layerfs_apt_packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv zlib1g-dev libisal-dev attr
                        tar gzip ca-certificates)
 if [ "${1:-}" = "--test" ]; then
   _layerfs_apt_packages+=(docker-registry skopeo umoci fuse-overlayfs pigz zstd xz-utils make git)
