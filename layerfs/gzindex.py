@@ -76,12 +76,13 @@ Typical use::
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import stat
 import struct
 import threading
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Protocol, Union, runtime_checkable
 
@@ -611,14 +612,16 @@ class SpanCache:
     def nbytes(self) -> int:
         return self._bytes
 
-    def entry(self, key: object, factory):
+    def entry(self, key: object, factory, *, count: bool = True):
+        """The entry for *key*, made by *factory()* when absent (LRU order
+        refreshed).  ``count=False``: not counted in hits/misses (decode-ahead)."""
         with self._lock:
             e = self._items.get(key)
             if e is not None:
                 self._items.move_to_end(key)
-                self.hits += 1
+                self.hits += count
                 return e
-            self.misses += 1
+            self.misses += count
             e = factory()
             self._items[key] = e
             self._bytes += e.nbytes
@@ -645,42 +648,134 @@ class SpanCache:
                 self._bytes -= self._items.pop(k).nbytes
 
 
-_READAHEAD = 256 * KiB
+_READAHEAD = 256 * KiB      # a read that must inflate goes this far past its end
+_AHEAD_STEP = 512 * KiB     # decode-ahead inflates a span in steps of this size
+_SEQ_TRIGGER = 1 * MiB      # sequential bytes that switch decode-ahead on
+
+
+def _advise(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start reading [offset, offset+length) of the blob (best effort)."""
+    if length > 0 and _FADVISE is not None:
+        try:
+            os.posix_fadvise(fd, offset, length, _FADVISE)
+        except OSError:
+            pass
+
+
+_FADVISE = getattr(os, "POSIX_FADV_WILLNEED", None)
 
 
 class _GzipSpan:
     """One cached gzip span: a buffer of the span's size filled front to
-    back on demand by a resumable decoder, so a read costs decompression
-    only up to its end and reads further on continue from there."""
+    back by a resumable decoder, so a read costs decompression only up to
+    its end and reads further on continue from there.
 
-    __slots__ = ("buf", "filled", "decoder", "lock", "nbytes")
+    One thread at a time inflates (``busy``), without holding the lock, so
+    the bytes already there stay readable meanwhile; a read that needs more
+    waits for it (decode-ahead fills a span in steps, and publishes each)
+    or, when nobody is inflating, inflates itself."""
 
-    def __init__(self, fd: int, cp: Checkpoint, size: int) -> None:
+    __slots__ = ("buf", "filled", "decoder", "cond", "nbytes", "busy")
+
+    def __init__(self, fd: int, cp: Checkpoint, size: int, clen: int = 0) -> None:
         self.buf = _zran.empty_bytearray(size)
         self.nbytes = size
         self.filled = 0
         self.decoder = _zran.Decoder(fd, cp.coffset, cp.bits, cp.window)
-        self.lock = threading.Lock()
+        self.cond = threading.Condition(threading.Lock())
+        self.busy = False
+        _advise(fd, max(0, cp.coffset - 1), clen + 1)
+
+    def fill(self, goal: int, extra: int, step: int | None = None, *, wait: bool = True) -> None:
+        """Inflate until ``filled >= goal`` (each inflation going up to
+        ``extra`` bytes further, at most ``step`` bytes at a time).  With
+        ``wait=False`` return instead of waiting for another inflating thread."""
+        cond = self.cond
+        with cond:
+            while self.filled < goal:
+                if self.busy:
+                    if not wait:
+                        return
+                    cond.wait()
+                    continue
+                start = self.filled
+                target = min(self.nbytes, max(goal, start + extra))
+                if step is not None:
+                    target = min(target, start + step)
+                self.busy = True
+                ok = False
+                cond.release()
+                try:
+                    with memoryview(self.buf) as mv:
+                        self.decoder.readinto(mv[start:target])
+                    ok = True
+                finally:
+                    cond.acquire()
+                    self.busy = False
+                    if ok:
+                        self.filled = target
+                        if target == self.nbytes:
+                            self.decoder = None
+                    cond.notify_all()
 
     def get(self, a: int, b: int) -> bytes:
         if b > self.filled:
-            with self.lock:
-                if b > self.filled:
-                    target = min(self.nbytes, max(b, self.filled + _READAHEAD))
-                    with memoryview(self.buf) as mv:
-                        try:
-                            self.decoder.readinto(mv[self.filled:target])
-                        except _zran.Error as exc:
-                            raise _wrap_zran(exc) from None
-                    self.filled = target
-                    if target == self.nbytes:
-                        self.decoder = None
+            try:
+                self.fill(b, _READAHEAD)
+            except _zran.Error as exc:
+                raise _wrap_zran(exc) from None
         with memoryview(self.buf) as mv:
             return bytes(mv[a:b])
 
     def ready(self, b: int) -> bool:
         """True when bytes up to *b* are decoded: get() will not block on I/O or inflation."""
         return b <= self.filled
+
+
+class _DecodeAhead:
+    """Worker threads that inflate spans a sequential reader will want next,
+    on the other cores, while it consumes the current one.  Jobs are
+    callables; when too many wait, the oldest are dropped (the reader has
+    moved on)."""
+
+    MAX_QUEUED = 32
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._jobs: deque = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._started = 0
+
+    def submit(self, job) -> None:
+        with self._cond:
+            self._jobs.append(job)
+            while len(self._jobs) > self.MAX_QUEUED:
+                self._jobs.popleft()
+            if self._started < self.workers:
+                self._started += 1
+                threading.Thread(target=self._run, name="layerfs-decode-ahead", daemon=True).start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                job = self._jobs.popleft()
+            try:
+                job()
+            except Exception:   # noqa: BLE001 - the reader that needs the span inflates it and raises
+                pass
+
+    def _after_fork(self) -> None:
+        self._jobs = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._started = 0
+
+
+_AHEAD = _DecodeAhead(max(1, min(4, os.cpu_count() or 1)))
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_AHEAD._after_fork)
 
 
 class BlobReader:
@@ -801,32 +896,113 @@ class _SpannedReader(BlobReader):
 
 class GzipReader(_SpannedReader):
     """Random access into a gzip blob through its checkpoints (``pread``
-    plus inflation in C without the GIL)."""
+    plus inflation in C without the GIL).
+
+    Decode-ahead: once reads run sequentially (``_SEQ_TRIGGER`` bytes, each
+    read starting near where an earlier one ended), the next spans after the
+    one being read are inflated into the cache by the :data:`_AHEAD` worker
+    threads, one span per worker at a time, so the reader finds them ready
+    and the other cores inflate while it consumes.  Only when the cache
+    holds them with room to spare (``ahead`` spans plus two)."""
 
     compression = "gzip"
 
     def __init__(self, blob: PathOrFd, index: SeekIndex, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 cache: SpanCache | None = None):
+                 cache: SpanCache | None = None, ahead: int | None = None):
         if index.compression != "gzip":
             raise BadIndex(f"a {index.compression or 'plain'} index for a gzip blob")
         super().__init__(blob, index, cache_bytes=cache_bytes, cache=cache)
         self._cps = index.checkpoints
         self._starts = [cp.uoffset for cp in self._cps]
+        ahead = _AHEAD.workers if ahead is None else max(0, ahead)
+        biggest = max((b - a for a, b in zip(self._starts, self._starts[1:] + [self.size])), default=0)
+        self._ahead = ahead if (ahead + 2) * biggest <= self._cache.max_bytes else 0
+        self._seq_end = -1          # end of the latest read of a sequential run
+        self._seq_run = 0           # bytes read in that run
+        self._queued: set[int] = set()
+        self._inflight = 0
+        self._stopping = False
+        self._ahead_cond = threading.Condition(threading.Lock())
 
     def _span_of(self, offset: int) -> tuple[object, int, int]:
         i = bisect.bisect_right(self._starts, offset) - 1
         end = self._starts[i + 1] if i + 1 < len(self._starts) else self.size
         return i, self._starts[i], end
 
+    def _clen(self, key: int) -> int:
+        nxt = self._cps[key + 1].coffset if key + 1 < len(self._cps) else self.index.compressed_size
+        return nxt - self._cps[key].coffset
+
     def _new_entry(self, key, start: int, size: int) -> _GzipSpan:
-        return _GzipSpan(self._fd, self._cps[key], size)
+        return _GzipSpan(self._fd, self._cps[key], size, self._clen(key))
 
     def _decode(self, key, start: int, skip: int, length: int) -> bytes:
         cp = self._cps[key]
+        _advise(self._fd, max(0, cp.coffset - 1), self._clen(key) + 1)
         try:
             return _zran.read_at(self._fd, cp.coffset, cp.bits, cp.window, skip, length)
         except _zran.Error as exc:
             raise _wrap_zran(exc) from None
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self._ahead and length > 0 and 0 <= offset < self.size:
+            self._note(offset, min(offset + length, self.size))
+        return super().read(offset, length)
+
+    def _note(self, offset: int, end: int) -> None:
+        """Track sequential reading; when on, queue the spans after *end*'s."""
+        prev = self._seq_end
+        if prev - 1 * MiB <= offset <= prev + 4 * MiB:     # parallel requests come a little out of order
+            self._seq_run += end - offset
+            if end > prev:
+                self._seq_end = end
+        else:
+            self._seq_run = end - offset
+            self._seq_end = end
+        if self._seq_run < _SEQ_TRIGGER:
+            return
+        i = bisect.bisect_right(self._starts, end - 1) - 1
+        last = min(i + self._ahead, len(self._starts) - 1)
+        for k in range(i + 1, last + 1):
+            if k in self._queued:
+                continue
+            e = self._cache.peek((self._token, k))
+            if e is not None and (e.busy or e.filled == e.nbytes):
+                continue
+            with self._ahead_cond:
+                if k in self._queued or self._stopping:
+                    continue
+                self._queued.add(k)
+            _AHEAD.submit(functools.partial(self._ahead_job, k))
+
+    def _ahead_job(self, k: int) -> None:
+        with self._ahead_cond:
+            self._queued.discard(k)
+            if self._stopping:
+                return
+            # the reader went elsewhere meanwhile: not needed any more
+            i = bisect.bisect_right(self._starts, max(self._seq_end - 1, 0)) - 1
+            if not (i < k <= i + self._ahead + 1):
+                return
+            self._inflight += 1
+        try:
+            s0 = self._starts[k]
+            s1 = self._starts[k + 1] if k + 1 < len(self._starts) else self.size
+            entry = self._cache.entry((self._token, k), lambda: self._new_entry(k, s0, s1 - s0), count=False)
+            entry.fill(entry.nbytes, 0, _AHEAD_STEP, wait=False)
+        finally:
+            with self._ahead_cond:
+                self._inflight -= 1
+                self._ahead_cond.notify_all()
+
+    def close(self) -> None:
+        cond = getattr(self, "_ahead_cond", None)
+        if cond is not None and not self._closed:
+            with cond:
+                self._stopping = True   # no new decode-ahead; wait for running ones (they use the fd)
+                while self._inflight:
+                    cond.wait()
+        super().close()
 
 
 class _PreadFile:
