@@ -41,7 +41,12 @@ decoder: the first read in a span decompresses from its checkpoint only up
 to the end of that read (plus 256 KiB read-ahead), later reads in the span
 are served from memory or continue where decompression stopped -- many small
 files in one span cost one decompression.  Spans larger than half the cache
-are read uncached.
+are read uncached.  A gzip reader that is read sequentially also inflates
+the next spans ahead of it on worker threads (decode-ahead, see
+:class:`GzipReader`), and asks the kernel to read a span's compressed bytes
+(``POSIX_FADV_WILLNEED``) when it starts inflating it.  Reading inflates
+with ISA-L's igzip (the indexer uses zlib, which reports the deflate block
+boundaries that checkpoints need).
 
 Indexes serialise to a compact, versioned byte string
 (:meth:`SeekIndex.to_bytes` / :meth:`SeekIndex.from_bytes`) that the layer
@@ -93,7 +98,7 @@ try:
 except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
         "layerfs._zran (native/zran.c) is not built; run 'pip install -e .' "
-        "(needs gcc and zlib headers: apt-get install zlib1g-dev)"
+        "(needs gcc, zlib and ISA-L headers: apt-get install zlib1g-dev libisal-dev)"
     ) from exc
 
 __all__ = [
@@ -675,7 +680,7 @@ class _GzipSpan:
     waits for it (decode-ahead fills a span in steps, and publishes each)
     or, when nobody is inflating, inflates itself."""
 
-    __slots__ = ("buf", "filled", "decoder", "cond", "nbytes", "busy")
+    __slots__ = ("buf", "filled", "decoder", "cond", "nbytes", "busy", "advice")
 
     def __init__(self, fd: int, cp: Checkpoint, size: int, clen: int = 0) -> None:
         self.buf = _zran.empty_bytearray(size)
@@ -684,7 +689,8 @@ class _GzipSpan:
         self.decoder = _zran.Decoder(fd, cp.coffset, cp.bits, cp.window)
         self.cond = threading.Condition(threading.Lock())
         self.busy = False
-        _advise(fd, max(0, cp.coffset - 1), clen + 1)
+        # the span's compressed bytes: the first inflation asks the kernel to read them all at once
+        self.advice: tuple[int, int, int] | None = (fd, max(0, cp.coffset - 1), clen + 1)
 
     def fill(self, goal: int, extra: int, step: int | None = None, *, wait: bool = True) -> None:
         """Inflate until ``filled >= goal`` (each inflation going up to
@@ -704,8 +710,11 @@ class _GzipSpan:
                     target = min(target, start + step)
                 self.busy = True
                 ok = False
+                advice, self.advice = self.advice, None
                 cond.release()
                 try:
+                    if advice is not None:
+                        _advise(*advice)
                     with memoryview(self.buf) as mv:
                         self.decoder.readinto(mv[start:target])
                     ok = True

@@ -14,7 +14,10 @@
  *     no window, it simply restarts gzip header parsing there;
  *   - windows are stored zlib-compressed;
  *   - the GIL is released while inflating, and everything that comes from
- *     outside (data, index, file) is bounds-checked: bad input raises.
+ *     outside (data, index, file) is bounds-checked: bad input raises;
+ *   - the indexer inflates with zlib (inflate(Z_BLOCK) reports the block
+ *     boundaries), random reads (read_at, Decoder) with ISA-L's igzip,
+ *     2-3x faster; the checkpoints are the same deflate positions for both.
  *
  * Python API (wrapped by layerfs/gzindex.py, which is the supported API):
  *
