@@ -24,6 +24,10 @@ kernel's parallel readahead requests): at most N requests are in flight, all
 near the reader's position. Every sample checks the total byte count; the
 first also a hash of the bytes, against a warm single-thread pass.
 
+--fuse times instead the commands of scripts/bench.py (`tar cf - -C MNT usr |
+wc -c`, `cat MNT/opt/big/blob.bin`) through a fresh `layerfs mount
+--read-only` after drop_caches: the whole path, adapter included.
+
 Prints per workload and thread count the median and all samples (seconds),
 MB/s of file data and the process's CPU time (user+sys, all threads); --profile FILE writes a cProfile of one more sample
 (1 thread, both workloads) to FILE and prints its top entries.
@@ -144,6 +148,32 @@ def run_requests(tree, reqs, threads: int, digest: bool = False) -> tuple[float,
     return dt, sum(total), h
 
 
+def fuse_runs(store: Store, name: str, workdir: Path, runs: int) -> None:
+    """End to end through ``layerfs mount --read-only``: the commands of scripts/bench.py, cold."""
+    import subprocess
+    mnt = workdir / "read" / "mnt"
+    mnt.mkdir(parents=True, exist_ok=True)
+    cmds = {"tar": f"tar cf - -C {mnt} usr | wc -c", "cat": f"cat {mnt}/{bench.BIG} >/dev/null"}
+    res: dict[str, list[float]] = {}
+    for r in range(runs):
+        for w, cmd in cmds.items():
+            bl.drop_caches()
+            bl.run(bl.layerfs_cmd("--root", str(store.root), "mount", "--read-only", name, str(mnt)),
+                   env=bl.layerfs_env(), cwd=bl.REPO_ROOT, timeout=120, what="layerfs mount")
+            try:
+                t0 = time.perf_counter()
+                subprocess.run(["sh", "-c", cmd], check=True, stdout=subprocess.DEVNULL)
+                res.setdefault(w, []).append(time.perf_counter() - t0)
+            finally:
+                bl.run(bl.layerfs_cmd("--root", str(store.root), "umount", str(mnt)), env=bl.layerfs_env(),
+                       cwd=bl.REPO_ROOT, timeout=60, what="layerfs umount")
+            bl.log(f"fuse run {r + 1}/{runs} {w}: {res[w][-1]:.3f} s")
+    print(f"\n## through `layerfs mount`, cold, medians of {runs}\n")
+    print(bl.markdown_table(["command", "median", "samples"],
+                            [[cmds[w].replace(str(mnt), "MNT"), f"{bl.median(xs):.3f} s",
+                              " ".join(f"{x:.3f}" for x in xs)] for w, xs in res.items()]))
+
+
 def close_tree(tree) -> None:
     for r in tree.readers:
         r.close()
@@ -160,12 +190,17 @@ def main() -> int:
                     help="decode-ahead worker counts to compare, e.g. 0,2 (0: off; default: the reader's own)")
     ap.add_argument("--warm", action="store_true", help="do not drop caches (blob files in the page cache)")
     ap.add_argument("--no-check", action="store_true", help="skip the content hash check")
+    ap.add_argument("--fuse", action="store_true",
+                    help="instead: time `tar cf - usr` and `cat` of the big file through `layerfs mount`, cold")
     ap.add_argument("--profile", type=Path, help="cProfile one more 1-thread sample of each workload")
     args = ap.parse_args()
     if not args.warm and not bl.can_drop_caches():
         print("bench_read: needs root for drop_caches (or --warm)", file=sys.stderr)
         return 2
     store, manifest = prepare(args.workdir.resolve())
+    if args.fuse:
+        fuse_runs(store, store.images()[0].name, args.workdir.resolve(), args.runs)
+        return 0
     workloads = [w for w in args.workload.split(",") if w]
     threads = [int(t) for t in args.threads.split(",") if t]
 
