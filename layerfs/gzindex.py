@@ -86,6 +86,7 @@ import os
 import stat
 import struct
 import threading
+import weakref
 import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -777,12 +778,16 @@ class _DecodeAhead:
                 pass
 
     def _after_fork(self) -> None:
+        """In a forked child: no worker threads, no jobs (and no reader waits for one)."""
         self._jobs = deque()
         self._cond = threading.Condition(threading.Lock())
         self._started = 0
+        for r in list(_GZIP_READERS):
+            r._reset_ahead()
 
 
 _AHEAD = _DecodeAhead(max(1, min(4, os.cpu_count() or 1)))
+_GZIP_READERS: "weakref.WeakSet[GzipReader]" = weakref.WeakSet()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_AHEAD._after_fork)
 
@@ -928,9 +933,13 @@ class GzipReader(_SpannedReader):
         self._ahead = ahead if (ahead + 2) * biggest <= self._cache.max_bytes else 0
         self._seq_end = -1          # end of the latest read of a sequential run
         self._seq_run = 0           # bytes read in that run
-        self._queued: set[int] = set()
-        self._inflight = 0
         self._stopping = False
+        self._reset_ahead()
+        _GZIP_READERS.add(self)
+
+    def _reset_ahead(self) -> None:
+        self._queued: set[int] = set()     # spans queued for decode-ahead
+        self._inflight = 0                  # decode-ahead jobs running
         self._ahead_cond = threading.Condition(threading.Lock())
 
     def _span_of(self, offset: int) -> tuple[object, int, int]:
