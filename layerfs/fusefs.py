@@ -84,19 +84,6 @@ def attributes(node: Node) -> tuple:
     return (node.ino, mode, node.nlink, node.uid, node.gid, node.rdev, size, blocks, t, t, t, CACHE_TIMEOUT)
 
 
-def errno_of(op: str, arg, e: BaseException) -> int:
-    """The errno reply for an exception of a handler, logged: a bug or a bad tree node fails one
-    request with EIO, never the mount."""
-    if isinstance(e, LayerfsError):
-        log.error("%s(%r) failed: %s", op, arg, e.one_line())
-        return e.errno or errno.EIO
-    if isinstance(e, OSError):
-        log.error("%s(%r) failed: %s", op, arg, e)
-        return e.errno or errno.EIO
-    log.error("%s(%r) failed", op, arg, exc_info=e)
-    return errno.EIO
-
-
 class LayerFS:
     """The handlers serving one MergedTree, read-only (the protocol of :mod:`layerfs._fuse`)."""
 
@@ -113,8 +100,16 @@ class LayerFS:
         return node
 
     def error(self, op: str, e: BaseException) -> int:
-        """The errno reply for a failure that is not an ordinary answer (EIO and the like), logged."""
-        return errno_of(op, None, e)
+        """The errno reply for a failure that is not an ordinary answer (EIO and the like), logged:
+        a bug or a bad tree node fails one request, never the mount."""
+        if isinstance(e, LayerfsError):
+            log.error("%s failed: %s", op, e.one_line())
+            return e.errno or errno.EIO
+        if isinstance(e, OSError):
+            log.error("%s failed: %s", op, e)
+            return e.errno or errno.EIO
+        log.error("%s failed", op, exc_info=e)
+        return errno.EIO
 
     # -- names and attributes -----------------------------------------------------
     def lookup(self, parent_ino: int, name: bytes):

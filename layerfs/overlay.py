@@ -1392,10 +1392,6 @@ class Overlay:
         h = self.handles.get(fh)
         return h is not None and h.link is not None
 
-    def handle_needs_io(self, fh: int) -> bool:
-        h = self.handles.get(fh)
-        return h is not None and (h.fd is not None or self.inodes.get(h.ino) is not None)
-
     @_locked
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
@@ -1415,56 +1411,3 @@ class Overlay:
     # -- the file system --------------------------------------------------------------------------------------------
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.upper_root)
-
-    # -- answers without I/O (for the FUSE adapter's event loop) ---------------------------------------
-    def _memory_only(self, ino: int) -> bool:
-        i = self.inodes.get(ino)
-        if i is None:
-            return 0 < ino < len(self.nodes)
-        return not i.upper
-
-    def try_lookup(self, parent: int, name: str) -> Attr | None:
-        """:meth:`lookup` if it needs no disk I/O and the lock is free, else None (raises ENOENT etc.)."""
-        if not self._lock.acquire(blocking=False):
-            return None
-        try:
-            d = self.inodes.get(parent)
-            if not isinstance(d, Dir) or (d.entries is None and d.upper) or name in (".", ".."):
-                return None
-            ino = self._entries(d).get(name)
-            if ino is None:
-                raise _err(errno.ENOENT)
-            if not self._memory_only(ino):
-                return None
-            a = self._attr(ino)
-            if a.volatile:
-                self._last_name[ino] = (d.ino, name)
-            return a
-        finally:
-            self._lock.release()
-
-    def try_getattr(self, ino: int) -> Attr | None:
-        if not self._memory_only(ino) or not self._lock.acquire(blocking=False):
-            return None
-        try:
-            return self._attr(ino)
-        finally:
-            self._lock.release()
-
-    def try_readdir(self, ino: int) -> list[tuple[str, Attr]] | None:
-        if not self._lock.acquire(blocking=False):
-            return None
-        try:
-            d = self.inodes.get(ino)
-            if not isinstance(d, Dir) or d.upper or d.dead:
-                return None
-            entries = self._entries(d)
-            if not all(self._memory_only(c) for c in entries.values()):
-                return None
-            return [(name, self._attr(c)) for name, c in entries.items()]
-        finally:
-            self._lock.release()
-
-    def is_plain(self, ino: int) -> bool:
-        """True for an untouched lower file (its attributes and data need no I/O on the upper)."""
-        return ino not in self.inodes and 0 < ino < len(self.nodes)
