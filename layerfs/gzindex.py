@@ -43,10 +43,8 @@ are served from memory or continue where decompression stopped -- many small
 files in one span cost one decompression.  Spans larger than half the cache
 are read uncached.  A gzip reader that is read sequentially also inflates
 the next spans ahead of it on worker threads (decode-ahead, see
-:class:`GzipReader`), and asks the kernel to read a span's compressed bytes
-(``POSIX_FADV_WILLNEED``) when it starts inflating it.  Reading inflates
-with ISA-L's igzip (the indexer uses zlib, which reports the deflate block
-boundaries that checkpoints need).
+:class:`GzipReader`).  Reading inflates with ISA-L's igzip (the indexer
+uses zlib, which reports the deflate block boundaries checkpoints need).
 
 Indexes serialise to a compact, versioned byte string
 (:meth:`SeekIndex.to_bytes` / :meth:`SeekIndex.from_bytes`) that the layer
@@ -659,18 +657,6 @@ _AHEAD_STEP = 512 * KiB     # decode-ahead inflates a span in steps of this size
 _SEQ_TRIGGER = 1 * MiB      # sequential bytes that switch decode-ahead on
 
 
-def _advise(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start reading [offset, offset+length) of the blob (best effort)."""
-    if length > 0 and _FADVISE is not None:
-        try:
-            os.posix_fadvise(fd, offset, length, _FADVISE)
-        except OSError:
-            pass
-
-
-_FADVISE = getattr(os, "POSIX_FADV_WILLNEED", None)
-
-
 class _GzipSpan:
     """One cached gzip span: a buffer of the span's size filled front to
     back by a resumable decoder, so a read costs decompression only up to
@@ -681,17 +667,15 @@ class _GzipSpan:
     waits for it (decode-ahead fills a span in steps, and publishes each)
     or, when nobody is inflating, inflates itself."""
 
-    __slots__ = ("buf", "filled", "decoder", "cond", "nbytes", "busy", "advice")
+    __slots__ = ("buf", "filled", "decoder", "cond", "nbytes", "busy")
 
-    def __init__(self, fd: int, cp: Checkpoint, size: int, clen: int = 0) -> None:
+    def __init__(self, fd: int, cp: Checkpoint, size: int) -> None:
         self.buf = _zran.empty_bytearray(size)
         self.nbytes = size
         self.filled = 0
         self.decoder = _zran.Decoder(fd, cp.coffset, cp.bits, cp.window)
         self.cond = threading.Condition(threading.Lock())
         self.busy = False
-        # the span's compressed bytes: the first inflation asks the kernel to read them all at once
-        self.advice: tuple[int, int, int] | None = (fd, max(0, cp.coffset - 1), clen + 1)
 
     def fill(self, goal: int, extra: int, step: int | None = None, *, wait: bool = True) -> None:
         """Inflate until ``filled >= goal`` (each inflation going up to
@@ -711,11 +695,8 @@ class _GzipSpan:
                     target = min(target, start + step)
                 self.busy = True
                 ok = False
-                advice, self.advice = self.advice, None
                 cond.release()
                 try:
-                    if advice is not None:
-                        _advise(*advice)
                     with memoryview(self.buf) as mv:
                         self.decoder.readinto(mv[start:target])
                     ok = True
@@ -947,16 +928,11 @@ class GzipReader(_SpannedReader):
         end = self._starts[i + 1] if i + 1 < len(self._starts) else self.size
         return i, self._starts[i], end
 
-    def _clen(self, key: int) -> int:
-        nxt = self._cps[key + 1].coffset if key + 1 < len(self._cps) else self.index.compressed_size
-        return nxt - self._cps[key].coffset
-
     def _new_entry(self, key, start: int, size: int) -> _GzipSpan:
-        return _GzipSpan(self._fd, self._cps[key], size, self._clen(key))
+        return _GzipSpan(self._fd, self._cps[key], size)
 
     def _decode(self, key, start: int, skip: int, length: int) -> bytes:
         cp = self._cps[key]
-        _advise(self._fd, max(0, cp.coffset - 1), self._clen(key) + 1)
         try:
             return _zran.read_at(self._fd, cp.coffset, cp.bits, cp.window, skip, length)
         except _zran.Error as exc:
