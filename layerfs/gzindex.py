@@ -657,6 +657,39 @@ _AHEAD_STEP = 512 * KiB     # decode-ahead inflates a span in steps of this size
 _SEQ_TRIGGER = 1 * MiB      # sequential bytes that switch decode-ahead on
 
 
+class _BufferPool:
+    """Span buffers of spans that left the cache, for the next spans to fill:
+    memory that is already mapped and faulted in (a new 4 MiB buffer costs
+    a thousand page faults and the zeroing of every page).  Holds at most
+    ``max_items`` buffers."""
+
+    def __init__(self, max_items: int = 4) -> None:
+        self.max_items = max_items
+        self._bufs: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of at least *size* bytes (at most a quarter more), contents undefined."""
+        with self._lock:
+            best = -1
+            for i, b in enumerate(self._bufs):
+                if size <= len(b) <= size + size // 4 and (best < 0 or len(b) < len(self._bufs[best])):
+                    best = i
+            if best >= 0:
+                return self._bufs.pop(best)
+        # sizes rounded up to 64 KiB, so that spans of about the same size share buffers
+        return _zran.empty_bytearray(-(-size // (64 * KiB)) * (64 * KiB))
+
+    def give(self, buf: bytearray) -> None:
+        with self._lock:
+            self._bufs.append(buf)
+            if len(self._bufs) > self.max_items:
+                del self._bufs[0]
+
+
+_BUFFERS = _BufferPool()
+
+
 class _GzipSpan:
     """One cached gzip span: a buffer of the span's size filled front to
     back by a resumable decoder, so a read costs decompression only up to
@@ -670,7 +703,7 @@ class _GzipSpan:
     __slots__ = ("buf", "filled", "decoder", "cond", "nbytes", "busy")
 
     def __init__(self, fd: int, cp: Checkpoint, size: int) -> None:
-        self.buf = _zran.empty_bytearray(size)
+        self.buf = _BUFFERS.take(size)      # may be longer than the span: only nbytes are used
         self.nbytes = size
         self.filled = 0
         self.decoder = _zran.Decoder(fd, cp.coffset, cp.bits, cp.window)
@@ -721,6 +754,13 @@ class _GzipSpan:
     def ready(self, b: int) -> bool:
         """True when bytes up to *b* are decoded: get() will not block on I/O or inflation."""
         return b <= self.filled
+
+    def __del__(self) -> None:
+        # nobody holds the span any more (not the cache, no reader, no inflating thread)
+        try:
+            _BUFFERS.give(self.buf)
+        except Exception:   # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 class _DecodeAhead:
