@@ -660,6 +660,19 @@ def cmd_push(ctx: Context) -> int:
     return 0
 
 
+def cmd_index_push(ctx: Context) -> int:
+    from .indexpush import push_index
+    a = ctx.args
+    say = None if a.quiet else (lambda line: print(line, flush=True))
+    result = push_index(ctx.store, a.ref, span=a.span, registry_options=ctx.registry_options(), progress=say)
+    if a.quiet:
+        print(result.digest)
+    else:
+        print(f"Published the layer index of {a.ref} ({len(result.layers)} layer(s)): {result.digest}, "
+              f"attached to {result.subject} (found by the {result.via})")
+    return 0
+
+
 def _size_arg(text: str) -> int:
     """A byte count: 1048576, 64k, 16M, 1G (powers of 1024)."""
     t = text.strip().lower().removesuffix("b").removesuffix("i")
@@ -696,6 +709,16 @@ def _add_change_commands(sub) -> None:
                    help="upload blobs larger than this in chunks (default 64M)")
     s.add_argument("--chunk-size", type=_size_arg, default=None, metavar="SIZE", help="chunk size (default 16M)")
     s.set_defaults(func=cmd_push)
+
+    s = sub.add_parser("index", help="publish the layer indexes of an image (for lazy mounts of plain gzip images)")
+    isub = s.add_subparsers(dest="index_command", metavar="COMMAND")
+    i = isub.add_parser("push", help="publish the layer indexes of a local image to its registry, attached to "
+                                     "the image (referrers API, else the sha256-<hex> tag)")
+    i.add_argument("ref", metavar="REF", help="a local image, by the name it was pushed or pulled as")
+    i.add_argument("--span", type=_size_arg, default=1 << 20, metavar="SIZE",
+                   help="uncompressed bytes between checkpoints: about what a lazy read fetches (default 1M)")
+    i.add_argument("-q", "--quiet", action="store_true", help="print only the digest of the index artifact")
+    i.set_defaults(func=cmd_index_push)
 
     s = sub.add_parser("export", help="write the merged tree of an image or a mount as one tar")
     s.add_argument("target", metavar="REF|MOUNTPOINT")
@@ -804,8 +827,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground until unmounted")
     s.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     s.add_argument("--lazy", action="store_true",
-                   help="mount from the registry without pulling: eStargz layers are fetched as files are read "
-                        "(other layers are pulled whole)")
+                   help="mount from the registry without pulling: eStargz layers, and gzip layers whose index "
+                        "was published ('layerfs index push'), are fetched as files are read (others are pulled "
+                        "whole)")
     s.set_defaults(func=cmd_mount)
 
     s = sub.add_parser("convert", help="write a converted copy of a local image (eStargz layers)")

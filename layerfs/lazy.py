@@ -5,7 +5,17 @@ eStargz layer (one with the ``containerd.io/snapshot/stargz/toc.digest``
 annotation), its footer and TOC, fetched with HTTP Range requests; the TOC
 is checked against the annotation. The TOC becomes the layer's records
 (:class:`~layerfs.layerindex.LayerIndex`), so :func:`layerfs.union.build_tree`
-merges lazy and ordinary layers alike. Other layers are pulled whole (logged).
+merges lazy and ordinary layers alike.
+
+A plain gzip layer is mounted lazily when an index was published for its
+image (``layerfs index push``, see :mod:`layerfs.indexpush`): found through
+the referrers API or the ``<alg>-<hex>`` tag, its head (records and
+checkpoints) is fetched by Range and checked against the artifact manifest,
+and a read fetches the inflate window and the compressed span of each
+checkpoint it touches (:class:`LazyGzipLayer`), checks both against their
+published sha256, keeps them in ``ROOT/lazy/<alg>-<hex>/spans/`` and inflates
+from the checkpoint. Other layers, and gzip layers without a usable index,
+are pulled whole (logged).
 
 A lazy layer's reader (:class:`LazyLayer`) serves its files from a private
 address space: file *k* occupies ``[base_k, base_k + size_k)`` (the records'
@@ -33,18 +43,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import _zran
 from .errors import ContentError, LayerfsError, ManifestError
+from .gzindex import SpanCache
 from .estargz import (FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION, EStargzError,
                       is_estargz, parse_footer, parse_rfc3339_ns, parse_toc_member)
 from .layerindex import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, LayerIndex, load_or_build,
                          normalize_path, open_layer_reader)
-from .oci import Descriptor, Digest, ImageConfig, Manifest, iter_layer_compression
+from .oci import LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Manifest, iter_layer_compression
 from .registry import RegistryClient
 from .store import Store, atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LazyLayer", "LazyReadError", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
+__all__ = ["LazyLayer", "LazyGzipLayer", "LazyReadError", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
 
 #: retries of one chunk fetch (each with the client's backoff) before the read fails
 READ_RETRIES = 1
@@ -276,6 +288,167 @@ class LazyLayer:
                 raise LazyReadError(f"{where}: cannot write the lazy cache: {e}") from None
 
 
+class _DecodedSpan:
+    """One inflated span in the shared :class:`~layerfs.gzindex.SpanCache` (made on first get)."""
+
+    __slots__ = ("nbytes", "data", "lock")
+
+    def __init__(self, size: int):
+        self.nbytes = size
+        self.data: bytes | None = None
+        self.lock = threading.Lock()
+
+    def ready(self, b: int) -> bool:
+        return self.data is not None
+
+    def get(self, produce: Callable[[], bytes], a: int, b: int) -> bytes:
+        if self.data is None:
+            with self.lock:
+                if self.data is None:
+                    self.data = produce()
+        return self.data[a:b]
+
+
+class LazyGzipLayer:
+    """The LayerReader of a plain gzip layer with a published index (:mod:`layerfs.indexpush`).
+
+    ``read(offset, size)`` addresses the layer's uncompressed tar stream, as for a pulled layer. Each
+    span a read touches is fetched once (its window from the index blob, its compressed bytes from the
+    layer blob, two Range requests), checked against the published sha256s, kept in
+    ``ROOT/lazy/<alg>-<hex>/spans/<n>`` (window then span) and inflated from its checkpoint; inflated
+    spans stay in a shared in-memory cache. A failed or bad fetch fails that read with EIO and leaves
+    nothing behind."""
+
+    def __init__(self, store: Store, client: Callable[[], RegistryClient], repository: str, desc: Descriptor,
+                 index_desc: Descriptor, pub, head_size: int, cache: SpanCache):
+        self.store = store
+        self._client = client
+        self.repository = repository
+        self.desc = desc
+        self.index_desc = index_desc
+        self.pub = pub
+        self.spans = pub.spans
+        self._starts = [sp.ustart for sp in pub.spans]
+        self._head_size = head_size
+        self._cache = cache
+        self._token = object()
+        self.dir = lazy_cache_dir(store, desc.digest) / "spans"
+        self._lock = threading.Lock()
+        self._locks: dict[int, threading.Lock] = {}
+        self._verified: set[int] = set()
+        self.fetched_bytes = 0
+
+    @property
+    def size(self) -> int:
+        return self.pub.size
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self._read(offset, size, fetch=True)
+
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        return self._read(offset, size, fetch=False)
+
+    def _read(self, offset: int, size: int, *, fetch: bool) -> bytes | None:
+        end = min(offset + size, self.pub.size)
+        if offset < 0 or offset >= end:
+            return b""
+        parts = []
+        while offset < end:
+            i = bisect.bisect_right(self._starts, offset) - 1
+            sp = self.spans[i]
+            stop = min(end, sp.uend)
+            key = (self._token, i)
+            if not fetch:
+                e = self._cache.peek(key)
+                if e is None or e.data is None:
+                    return None
+                parts.append(e.data[offset - sp.ustart:stop - sp.ustart])
+            else:
+                e = self._cache.entry(key, lambda: _DecodedSpan(sp.uend - sp.ustart))
+                try:
+                    parts.append(e.get(lambda: self._inflate(i), offset - sp.ustart, stop - sp.ustart))
+                except BaseException:
+                    self._cache.discard(key, e)
+                    raise
+            offset = stop
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _where(self, i: int) -> str:
+        return f"layer {self.desc.digest.short} span {i}"
+
+    def _inflate(self, i: int) -> bytes:
+        sp = self.spans[i]
+        path = self._ensure(i)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise LazyReadError(f"{self._where(i)}: cannot read the lazy cache: {e.strerror}") from None
+        try:
+            window = os.pread(fd, sp.wlen, 0) if sp.wlen else None
+            return _zran.read_at(fd, sp.wlen + sp.coffset - sp.cstart, sp.bits, window, 0, sp.uend - sp.ustart)
+        except _zran.Error as e:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            with self._lock:
+                self._verified.discard(i)
+            raise LazyReadError(f"{self._where(i)}: does not inflate ({e}); not kept") from None
+        finally:
+            os.close(fd)
+
+    def _span_lock(self, i: int) -> threading.Lock:
+        with self._lock:
+            lk = self._locks.get(i)
+            if lk is None:
+                lk = self._locks[i] = threading.Lock()
+            return lk
+
+    def _good(self, i: int, data: bytes) -> bool:
+        sp = self.spans[i]
+        w, c = data[:sp.wlen], data[sp.wlen:]
+        return len(c) == sp.cend - sp.cstart and hashlib.sha256(c).digest() == sp.ssha \
+            and (not sp.wlen or hashlib.sha256(w).digest() == sp.wsha)
+
+    def has_span(self, i: int) -> bool:
+        return (self.dir / str(i)).exists()
+
+    def _ensure(self, i: int) -> Path:
+        """The cache file of span *i*, fetched and verified if needed."""
+        path = self.dir / str(i)
+        if i in self._verified:
+            return path
+        with self._span_lock(i):
+            if i in self._verified:
+                return path
+            with contextlib.suppress(FileNotFoundError):
+                if self._good(i, path.read_bytes()):
+                    self._verified.add(i)
+                    return path
+                log.warning("%s: the cached copy is damaged; fetching it again", self._where(i))
+            sp = self.spans[i]
+            try:
+                client = self._client()
+                w = b""
+                if sp.wlen:
+                    a = self._head_size + sp.woff
+                    w = client.read_range(self.repository, self.index_desc, a, a + sp.wlen, retries=READ_RETRIES)
+                c = client.read_range(self.repository, self.desc, sp.cstart, sp.cend, retries=READ_RETRIES)
+            except LayerfsError as e:
+                raise LazyReadError(f"{self._where(i)}: fetching bytes {sp.cstart}-{sp.cend} failed: "
+                                    f"{e.message}") from None
+            with self._lock:
+                self.fetched_bytes += len(w) + len(c)
+            if not self._good(i, w + c):
+                raise LazyReadError(f"{self._where(i)}: bytes {sp.cstart}-{sp.cend} do not match the published "
+                                    f"sha256; not kept")
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, w + c)
+            except OSError as e:
+                raise LazyReadError(f"{self._where(i)}: cannot write the lazy cache: {e}") from None
+            self._verified.add(i)
+            return path
+
+
 # --- opening an image lazily -----------------------------------------------------------------
 
 def _fetch_toc(store: Store, client: RegistryClient, repository: str, desc: Descriptor) -> tuple[bytes, dict, int]:
@@ -302,6 +475,62 @@ def _fetch_toc(store: Store, client: RegistryClient, repository: str, desc: Desc
     d.mkdir(parents=True, exist_ok=True)
     atomic_write(cached, b"%d\n" % toc_off + js)
     return js, toc, toc_off
+
+
+def _find_published(client: RegistryClient, repo: str, manifest: Manifest):
+    """(artifact manifest, its index blobs by layer, how found) of the image's published index, or None."""
+    from .indexpush import find_index, index_blobs
+    try:
+        found = find_index(client, repo, manifest)
+        if found is None:
+            log.info("%s/%s@%s: no published layer index", client.registry, repo, manifest.digest.short)
+            return None
+        art, via = found
+        return art, index_blobs(art), via
+    except LayerfsError as e:
+        log.warning("published layer index of %s: %s", manifest.digest.short, e.one_line())
+        return None
+
+
+def _open_published(store: Store, client: RegistryClient, reader_client, repo: str, desc: Descriptor,
+                    diff_id: Digest, found, cache: SpanCache):
+    """(LayerIndex, LazyGzipLayer) of a gzip layer from its published index, or None (none or unusable: logged)."""
+    from .indexpush import HEAD_DIGEST_ANNOTATION, HEAD_SIZE_ANNOTATION, parse_head
+    if found is None:
+        return None
+    art, blobs, via = found
+    bdesc = blobs.get(desc.digest)
+    if bdesc is None:
+        log.warning("layer %s: the published index %s does not cover it; pulling it whole", desc.digest.short,
+                    art.digest.short)
+        return None
+    where = f"{client.registry}/{repo}"
+    head_size = int(bdesc.annotations[HEAD_SIZE_ANNOTATION])
+    want = Digest.parse(bdesc.annotations[HEAD_DIGEST_ANNOTATION])
+    cached = lazy_cache_dir(store, desc.digest) / f"index-{want.algorithm}-{want.hex}"
+    try:
+        head = None
+        with contextlib.suppress(FileNotFoundError):
+            head = cached.read_bytes()
+            if Digest.of(head, want.algorithm) != want:
+                head = None
+        if head is None:
+            head = client.read_range(repo, bdesc, 0, head_size)
+            if Digest.of(head, want.algorithm) != want:
+                from .indexpush import IndexArtifactError
+                raise IndexArtifactError(f"index head of layer {desc.digest.short} does not match its digest",
+                                         where=where)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cached, head)
+        pub = parse_head(head, desc, diff_id=diff_id, windows_size=bdesc.size - head_size, where=where)
+    except (LayerfsError, OSError) as e:
+        msg = e.one_line() if isinstance(e, LayerfsError) else str(e)
+        log.warning("layer %s: the published index is unusable: %s; pulling it whole", desc.digest.short, msg)
+        return None
+    reader = LazyGzipLayer(store, reader_client, repo, desc, bdesc, pub, head_size, cache)
+    log.info("layer %s: gzip, %d entries, %d spans, mounted lazily (index %s, found by %s)", desc.digest.short,
+             len(pub.index), len(pub.spans), art.digest.short, via)
+    return pub.index, reader
 
 
 def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_options=None):
@@ -332,8 +561,18 @@ def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_optio
         return state["client"]
 
     indexes, readers = [], []
+    published: list = []                  # [(artifact, via) or None], looked up once, when needed
+    span_cache = SpanCache()
     for i, desc in enumerate(manifest.layers):
-        if is_estargz(desc):
+        lazy_gzip = None
+        if not is_estargz(desc) and LAYER_COMPRESSION.get(desc.media_type) == "gzip":
+            if not published:
+                published.append(_find_published(client, repo, manifest))
+            lazy_gzip = _open_published(store, client, reader_client, repo, desc, diff_ids[i], published[0],
+                                        span_cache)
+        if lazy_gzip is not None:
+            idx, reader = lazy_gzip
+        elif is_estargz(desc):
             js, toc, toc_off = _fetch_toc(store, client, repo, desc)
             where = f"layer {desc.digest.short}"
             entries, files = _toc_records(toc, js, toc_off, where)
@@ -343,7 +582,11 @@ def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_optio
             reader = LazyLayer(store, reader_client, repo, desc, files, desc.annotations[TOC_DIGEST_ANNOTATION])
             log.info("layer %s: eStargz, %d entries, mounted lazily", desc.digest.short, len(entries))
         else:
-            log.warning("layer %s is not eStargz: pulling it whole", desc.digest.short)
+            if LAYER_COMPRESSION.get(desc.media_type) != "gzip":
+                log.warning("layer %s is neither eStargz nor gzip: pulling it whole", desc.digest.short)
+            elif published[0] is None:
+                log.warning("layer %s is not eStargz and its image has no published index ('layerfs index "
+                            "push'): pulling it whole", desc.digest.short)
             if not store.has_blob(desc.digest, desc.size):
                 with store.lock("gc", shared=True):
                     puller._download_layer(client, repo, desc, compressions[i], diff_ids[i])

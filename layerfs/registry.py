@@ -605,6 +605,11 @@ class RegistryClient:
 
     def put_manifest(self, repository: str, reference: str, raw: bytes, media_type: str) -> Digest:
         """``PUT /v2/<name>/manifests/<tag|digest>`` with the exact bytes; returns their digest."""
+        return self.put_manifest_ex(repository, reference, raw, media_type)[0]
+
+    def put_manifest_ex(self, repository: str, reference: str, raw: bytes, media_type: str) -> tuple[Digest, str | None]:
+        """Like :meth:`put_manifest`; also returns the ``OCI-Subject`` header the registry answered with
+        (distribution spec 1.1: set by registries with the referrers API for a manifest with a ``subject``)."""
         digest = Digest.of(raw)
         what = f"manifest {repository}:{reference}"
         r = self.request("PUT", f"/v2/{repository}/manifests/{reference}", scope=self.push_scope(repository),
@@ -614,7 +619,37 @@ class RegistryClient:
         if got and got.strip() != str(digest):
             raise ManifestError(f"{what}: the registry stored it as {got.strip()}, expected {digest}",
                                 where=self.registry)
-        return digest
+        subject = r.headers.get("OCI-Subject")
+        return digest, subject.strip() if subject else None
+
+    def get_referrers(self, repository: str, digest: Digest, *, artifact_type: str | None = None) -> Index | None:
+        """``GET /v2/<name>/referrers/<digest>`` (distribution spec 1.1): the image index listing the
+        manifests whose ``subject`` is *digest*, or None when the registry has no referrers API
+        (404, 405 or 400: the caller then reads the ``<alg>-<hex>`` tag instead)."""
+        path = f"/v2/{repository}/referrers/{digest}"
+        if artifact_type:
+            path += "?" + urlencode({"artifactType": artifact_type})
+        what = f"referrers of {repository}@{digest.short}"
+        r = self.request("GET", path, scope=self.pull_scope(repository), stream=True,
+                         headers={"Accept": "application/vnd.oci.image.index.v1+json"},
+                         ok=(200, 400, 404, 405), what=what)
+        try:
+            if r.status_code != 200:
+                return None
+            raw = r.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            raise RegistryUnreachable(f"{what}: connection failed: {_short_exc(e)}", registry=self.registry) from None
+        finally:
+            r.close()
+        if len(raw) > MAX_MANIFEST_SIZE:
+            raise ManifestError(f"{what}: the answer is too large", where=self.registry)
+        ct = (r.headers.get("Content-Type") or "").split(";")[0].strip()
+        if ct and ct not in ("application/vnd.oci.image.index.v1+json", "application/json"):
+            return None          # not the referrers API (e.g. an HTML page of a front end)
+        doc = parse_manifest(raw, "application/vnd.oci.image.index.v1+json", where=f"{self.registry}/{repository}")
+        if not isinstance(doc, Index):
+            raise ManifestError(f"{what}: the answer is not an image index", where=self.registry)
+        return doc
 
 class ClientPool:
     """One :class:`RegistryClient` per registry, shared by the requests of one command

@@ -24,6 +24,7 @@ import base64
 import collections
 import contextlib
 import fnmatch
+import hashlib
 import http.client
 import importlib
 import json
@@ -906,6 +907,12 @@ class FaultProxy:
     ``requests`` records every request (headers included), ``count()`` and
     ``counts`` count them.  ``stop()`` closes open connections and joins
     the worker threads.
+
+    ``emulate_referrers = True`` gives the registry behind the proxy the
+    referrers API of distribution spec 1.1: a manifest PUT with a ``subject``
+    that the registry stores is answered with ``OCI-Subject``, and
+    ``GET /v2/<name>/referrers/<digest>`` lists those manifests (an OCI image
+    index; ``?artifactType=`` filters, with ``OCI-Filters-Applied``).
     """
 
     def __init__(self, target_host: str, *, max_body: int = 256 << 20, upstream_timeout: float = 30.0,
@@ -917,6 +924,8 @@ class FaultProxy:
         self.idle_timeout = idle_timeout
         self._rules: list[FaultRule] = []
         self._log: list[ProxiedRequest] = []
+        self.emulate_referrers = False
+        self._referrers: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: _ProxyServer | None = None
@@ -1103,6 +1112,26 @@ def _make_proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
 
+            ref_m = re.fullmatch(r"/v2/(.+)/referrers/(sha256:[0-9a-f]{64})", split.path)
+            if proxy.emulate_referrers and ref_m and method == "GET":
+                want = urllib.parse.parse_qs(split.query).get("artifactType", [None])[0]
+                with proxy._lock:
+                    found = list(proxy._referrers.get((ref_m.group(1), ref_m.group(2)), []))
+                if want:
+                    found = [d for d in found if d.get("artifactType") == want]
+                out = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                                  "manifests": found}).encode()
+                rec.status = 200
+                self.send_response(200)
+                self.send_header("Content-Type", "application/vnd.oci.image.index.v1+json")
+                if want:
+                    self.send_header("OCI-Filters-Applied", "artifactType")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+                rec.bytes_sent = len(out)
+                return
+
             delay, rule = proxy._plan(method, split.path)
             if delay:
                 rec.fault = "delay"
@@ -1152,7 +1181,27 @@ def _make_proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 return
 
             rec.status = resp.status
+            man_m = re.fullmatch(r"/v2/(.+)/manifests/[^/]+", split.path)
+            subject_header = None
+            if proxy.emulate_referrers and man_m and method == "PUT" and 200 <= resp.status < 300:
+                with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
+                    doc = json.loads(body)
+                    subj = doc.get("subject")
+                    if isinstance(subj, dict) and isinstance(subj.get("digest"), str):
+                        desc = {"mediaType": doc.get("mediaType") or "application/vnd.oci.image.manifest.v1+json",
+                                "digest": "sha256:" + hashlib.sha256(body).hexdigest(), "size": len(body),
+                                "artifactType": doc.get("artifactType") or doc["config"]["mediaType"]}
+                        if doc.get("annotations"):
+                            desc["annotations"] = doc["annotations"]
+                        key = (man_m.group(1), subj["digest"])
+                        with proxy._lock:
+                            lst = proxy._referrers.setdefault(key, [])
+                            if desc["digest"] not in [d["digest"] for d in lst]:
+                                lst.append(desc)
+                        subject_header = subj["digest"]
             self.send_response_only(resp.status, resp.reason)
+            if subject_header:
+                self.send_header("OCI-Subject", subject_header)
             for k, v in resp_headers:
                 lk = k.lower()
                 if lk in _HOP_BY_HOP or (lk == "content-length" and method != "HEAD"):
