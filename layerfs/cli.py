@@ -669,7 +669,7 @@ def cmd_index_push(ctx: Context) -> int:
         print(result.digest)
     else:
         print(f"Published the layer index of {a.ref} ({len(result.layers)} layer(s)): {result.digest}, "
-              f"attached to {result.subject} (found by the {result.via})")
+              f"attached to {result.subject} through the {result.via}")
     return 0
 
 
