@@ -13,7 +13,7 @@ the referrers API or the ``<alg>-<hex>`` tag, its head (records and
 checkpoints) is fetched by Range and checked against the artifact manifest,
 and a read fetches the inflate window and the compressed span of each
 checkpoint it touches (:class:`LazyGzipLayer`), checks both against their
-published sha256, keeps them in ``ROOT/lazy/<alg>-<hex>/spans/`` and inflates
+published sha256, keeps them in ``ROOT/lazy/<alg>-<hex>/spans-*/`` and inflates
 from the checkpoint. Other layers, and gzip layers without a usable index,
 are pulled whole (logged).
 
@@ -315,12 +315,12 @@ class LazyGzipLayer:
     ``read(offset, size)`` addresses the layer's uncompressed tar stream, as for a pulled layer. Each
     span a read touches is fetched once (its window from the index blob, its compressed bytes from the
     layer blob, two Range requests), checked against the published sha256s, kept in
-    ``ROOT/lazy/<alg>-<hex>/spans/<n>`` (window then span) and inflated from its checkpoint; inflated
+    ``ROOT/lazy/<alg>-<hex>/spans-<head>/<n>`` (window then span) and inflated from its checkpoint; inflated
     spans stay in a shared in-memory cache. A failed or bad fetch fails that read with EIO and leaves
     nothing behind."""
 
     def __init__(self, store: Store, client: Callable[[], RegistryClient], repository: str, desc: Descriptor,
-                 index_desc: Descriptor, pub, head_size: int, cache: SpanCache):
+                 index_desc: Descriptor, pub, head_size: int, cache: SpanCache, head_digest: Digest):
         self.store = store
         self._client = client
         self.repository = repository
@@ -332,7 +332,8 @@ class LazyGzipLayer:
         self._head_size = head_size
         self._cache = cache
         self._token = object()
-        self.dir = lazy_cache_dir(store, desc.digest) / "spans"
+        # span numbers are those of one published index: its spans live apart from another index's
+        self.dir = lazy_cache_dir(store, desc.digest) / f"spans-{head_digest.hex[:16]}"
         self._lock = threading.Lock()
         self._locks: dict[int, threading.Lock] = {}
         self._verified: set[int] = set()
@@ -527,7 +528,7 @@ def _open_published(store: Store, client: RegistryClient, reader_client, repo: s
         msg = e.one_line() if isinstance(e, LayerfsError) else str(e)
         log.warning("layer %s: the published index is unusable: %s; pulling it whole", desc.digest.short, msg)
         return None
-    reader = LazyGzipLayer(store, reader_client, repo, desc, bdesc, pub, head_size, cache)
+    reader = LazyGzipLayer(store, reader_client, repo, desc, bdesc, pub, head_size, cache, want)
     log.info("layer %s: gzip, %d entries, %d spans, mounted lazily (index %s, found by %s)", desc.digest.short,
              len(pub.index), len(pub.spans), art.digest.short, via)
     return pub.index, reader
