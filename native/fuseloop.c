@@ -110,6 +110,7 @@ typedef struct {
     /* inodes known to have no security.capability (the kernel asks before every write) */
     unsigned char *nocap;
     size_t nocap_len;
+    unsigned long long requests; /* requests read so far (for callers that want to work when idle) */
 } Session;
 
 static inline Session *sess(fuse_req_t req) { return (Session *)fuse_req_userdata(req); }
@@ -1025,6 +1026,7 @@ static void *worker(void *arg)
                 fuse_session_exit(s->se);
             break;
         }
+        __atomic_add_fetch(&s->requests, 1, __ATOMIC_RELAXED);
         fuse_session_process_buf(s->se, &buf);
     }
     free(buf.mem);
@@ -1325,6 +1327,11 @@ static PyObject *Session_invalidate_entry(Session *s, PyObject *args)
 
 static PyObject *Session_get_fd(Session *s, void *closure) { return PyLong_FromLong(s->fd); }
 
+static PyObject *Session_get_requests(Session *s, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(&s->requests, __ATOMIC_RELAXED));
+}
+
 static PyMethodDef Session_methods[] = {
     {"start", (PyCFunction)Session_start, METH_O, "start(threads): serve requests from that many threads"},
     {"wait", (PyCFunction)Session_wait, METH_O, "wait(timeout) -> True once all workers ended"},
@@ -1339,6 +1346,7 @@ static PyMethodDef Session_methods[] = {
 
 static PyGetSetDef Session_getset[] = {
     {"fd", (getter)Session_get_fd, NULL, "the /dev/fuse descriptor", NULL},
+    {"requests", (getter)Session_get_requests, NULL, "how many requests were read so far", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
