@@ -655,6 +655,7 @@ class SpanCache:
 _READAHEAD = 256 * KiB      # a read that must inflate goes this far past its end
 _AHEAD_STEP = 512 * KiB     # decode-ahead inflates a span in steps of this size
 _SEQ_TRIGGER = 1 * MiB      # sequential bytes that switch decode-ahead on
+_AHEAD_SPANS = 3            # spans decoded ahead of a sequential reader
 
 
 class _BufferPool:
@@ -934,11 +935,13 @@ class GzipReader(_SpannedReader):
     plus inflation in C without the GIL).
 
     Decode-ahead: once reads run sequentially (``_SEQ_TRIGGER`` bytes, each
-    read starting near where an earlier one ended), the next spans after the
-    one being read are inflated into the cache by the :data:`_AHEAD` worker
-    threads, one span per worker at a time, so the reader finds them ready
-    and the other cores inflate while it consumes.  Only when the cache
-    holds them with room to spare (``ahead`` spans plus two)."""
+    read starting near where an earlier one ended), the ``ahead`` spans
+    (default ``_AHEAD_SPANS``) after the one being read are inflated into
+    the cache by the :data:`_AHEAD` worker threads (one per core, at most
+    4; a span is inflated by one thread), so the reader finds them ready,
+    the other cores inflate while it consumes, and the blob's reads overlap.
+    Only when the cache holds them with room to spare (``ahead`` spans plus
+    two)."""
 
     compression = "gzip"
 
@@ -949,7 +952,7 @@ class GzipReader(_SpannedReader):
         super().__init__(blob, index, cache_bytes=cache_bytes, cache=cache)
         self._cps = index.checkpoints
         self._starts = [cp.uoffset for cp in self._cps]
-        ahead = _AHEAD.workers if ahead is None else max(0, ahead)
+        ahead = (_AHEAD_SPANS if _AHEAD.workers else 0) if ahead is None else max(0, ahead)
         biggest = max((b - a for a, b in zip(self._starts, self._starts[1:] + [self.size])), default=0)
         self._ahead = ahead if (ahead + 2) * biggest <= self._cache.max_bytes else 0
         self._seq_end = -1          # end of the latest read of a sequential run
