@@ -989,7 +989,10 @@ class GzipReader(_SpannedReader):
     def _note(self, offset: int, end: int) -> None:
         """Track sequential reading; when on, queue the spans after *end*'s."""
         prev = self._seq_end
-        if prev - 1 * MiB <= offset <= prev + 4 * MiB:     # parallel requests come a little out of order
+        span = self.index.span
+        # near the end of the run: parallel requests come a little out of order, and a
+        # reader of files skips the tar headers and the files it does not read
+        if prev - span // 4 <= offset <= prev + span:
             self._seq_run += end - offset
             if end > prev:
                 self._seq_end = end

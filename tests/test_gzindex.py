@@ -565,6 +565,95 @@ def test_concurrent_reads(indexed):
     assert not errors, errors
 
 
+def _wait_for(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_decode_ahead_inflates_the_next_spans(indexed, monkeypatch):
+    tar_data, path, idx = indexed
+    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 100 * KiB)
+    starts = [cp.uoffset for cp in idx.checkpoints] + [idx.uncompressed_size]
+    assert len(starts) > 8
+    with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=3) as r:
+        pos = 0
+        while pos < starts[3] + 1000:           # sequential reads into span 3
+            assert r.read(pos, 16 * KiB) == tar_data[pos:pos + 16 * KiB]
+            pos += 16 * KiB
+        misses = r.cache_stats[1]
+        for k in (4, 5, 6):                     # inflated without being read
+            a, b = starts[k], starts[k + 1]
+            assert _wait_for(lambda: r.read_cached(a, b - a) is not None), k
+            assert r.read_cached(a, b - a) == tar_data[a:b]
+        assert r.read_cached(starts[8], 10) is None     # not that far
+        assert r.cache_stats[1] == misses               # decode-ahead is not counted as misses
+        assert r.read(starts[4], 5000) == tar_data[starts[4]:starts[4] + 5000]
+        assert r.cache_stats[1] == misses
+
+
+def test_no_decode_ahead_for_scattered_reads(indexed, monkeypatch):
+    tar_data, path, idx = indexed
+    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 100 * KiB)
+    starts = [cp.uoffset for cp in idx.checkpoints]
+    with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=3) as r:
+        for k in (1, 7, 3, 9, 5):
+            off = starts[k] + 10
+            assert r.read(off, 60 * KiB) == tar_data[off:off + 60 * KiB]
+        time.sleep(0.1)
+        assert len(r._cache._items) == r.cache_stats[1] == 5
+
+
+def test_decode_ahead_off(indexed, monkeypatch):
+    tar_data, path, idx = indexed
+    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 100 * KiB)
+    with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=0) as r:
+        assert r.read(0, len(tar_data) // 2) == tar_data[:len(tar_data) // 2]
+        time.sleep(0.1)
+        assert len(r._cache._items) == r.cache_stats[1]
+    # a cache too small for the spans ahead switches it off too
+    with gzindex.GzipReader(path, idx, cache_bytes=4 * SPAN, ahead=3) as r:
+        assert r._ahead == 0
+
+
+def test_close_during_decode_ahead(indexed, monkeypatch):
+    """close() waits for running decode-ahead (it uses the fd) and drops queued work."""
+    tar_data, path, idx = indexed
+    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 1)
+    for n in range(30):
+        r = gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=4)
+        for pos in range(0, 3 * SPAN, 32 * KiB):
+            assert r.read(pos, 32 * KiB) == tar_data[pos:pos + 32 * KiB]
+        r.close()
+        assert r._inflight == 0 and r._cache.nbytes == 0
+        with pytest.raises(ValueError):
+            r.read(0, 10)
+
+
+def test_concurrent_sequential_readers_with_decode_ahead(indexed, monkeypatch):
+    """Several threads each read the stream front to back in small pieces (and
+    reused span buffers hold bytes of other spans before they are refilled)."""
+    tar_data, path, idx = indexed
+    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 64 * KiB)
+    errors = []
+    with gzindex.GzipReader(path, idx, cache_bytes=6 * SPAN, ahead=3) as r:
+        def work(step):
+            try:
+                for pos in range(0, len(tar_data), step):
+                    assert r.read(pos, step) == tar_data[pos:pos + step], pos
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+        threads = [threading.Thread(target=work, args=(s,)) for s in (4096, 10_000, 65536, 200_000)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+
+
 def test_concurrent_indexers(tar_data):
     blobs = [gzip.compress(tar_data, lvl, mtime=0) for lvl in (1, 6, 9)] + [multi_member(tar_data)]
     results = [None] * len(blobs)
