@@ -496,9 +496,13 @@ def cmd_mount(ctx: Context) -> int:
         progress.message(f"Status: Downloaded newer image for {ref.familiar()}")
         return result
 
+    if a.prefetch is not None and not a.lazy:
+        from .errors import UsageError
+        raise UsageError("--prefetch needs --lazy")
     if a.lazy:
         from .lazy import mount_lazy
-        mount_lazy(ctx.store, a.ref, a.mountpoint, opts, registry_options=ctx.registry_options())
+        mount_lazy(ctx.store, a.ref, a.mountpoint, opts, registry_options=ctx.registry_options(),
+                   prefetch=a.prefetch or "none")
         return 0
     mount_image(ctx.store, a.ref, a.mountpoint, opts, pull=pull)
     if ctx.program and not a.foreground:
@@ -562,16 +566,27 @@ def cmd_mounts(ctx: Context) -> int:
         for r in records:
             print(r.mountpoint)
         return 0
+    from .lazy import forget_stale_status, lazy_status
+    forget_stale_status(ctx.store, {r.pid for r in records})
+    fetched = {r.mountpoint: lazy_status(ctx.store, r) for r in records}
     if a.format == "json":
         from dataclasses import asdict
         for r in records:
-            print(json.dumps(asdict(r), separators=(",", ":")))
+            doc = asdict(r)
+            if fetched[r.mountpoint] is not None:
+                doc["fetched"] = [round(f, 4) for f in fetched[r.mountpoint]]
+            print(json.dumps(doc, separators=(",", ":")))
         return 0
     from .display import table
-    rows = [["IMAGE", "MOUNTPOINT", "PID", "UPPER"]]
+    lazy = any(v is not None for v in fetched.values())
+    rows = [["IMAGE", "MOUNTPOINT", "PID", "UPPER"] + (["FETCHED (PER LAYER)"] if lazy else [])]
     for r in records:
         image = r.image if r.layer is None else f"{r.image} (layer {r.layer})"
-        rows.append([image, r.mountpoint, str(r.pid), r.upper or "<none>"])
+        row = [image, r.mountpoint, str(r.pid), r.upper or "<none>"]
+        if lazy:
+            f = fetched[r.mountpoint]
+            row.append(" ".join(f"{x:.0%}" for x in f) if f is not None else "-")
+        rows.append(row)
     table(rows, sys.stdout)
     return 0
 
@@ -830,6 +845,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mount from the registry without pulling: eStargz layers, and gzip layers whose index "
                         "was published ('layerfs index push'), are fetched as files are read (others are pulled "
                         "whole)")
+    s.add_argument("--prefetch", choices=["none", "landmark", "all"], default=None,
+                   help="with --lazy: fetch in the background, at low priority, nothing (default), the files "
+                        "before an eStargz layer's .prefetch.landmark, or everything")
     s.set_defaults(func=cmd_mount)
 
     s = sub.add_parser("convert", help="write a converted copy of a local image (eStargz layers)")

@@ -38,6 +38,8 @@ import json
 import logging
 import os
 import threading
+import time
+import weakref
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,13 +58,19 @@ from .store import Store, atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LazyLayer", "LazyGzipLayer", "LazyReadError", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
+__all__ = ["LazyLayer", "LazyGzipLayer", "LazyReadError", "PREFETCH_MODES", "lazy_status", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
 
 #: retries of one chunk fetch (each with the client's backoff) before the read fails
 READ_RETRIES = 1
 _TYPES = {"reg": FILE, "dir": DIR, "symlink": SYMLINK, "hardlink": HARDLINK, "char": CHAR, "block": BLOCK,
           "fifo": FIFO}
 _MAX_TOC = 256 << 20
+#: background fetch of a lazy mount: nothing, the files before an eStargz layer's ``.prefetch.landmark``, all
+PREFETCH_MODES = ("none", "landmark", "all")
+LANDMARK = ".prefetch.landmark"
+NO_LANDMARK = ".no.prefetch.landmark"
+#: the background fetch pauses while reads have fetched something within this many seconds
+PREFETCH_YIELD = 0.5
 
 
 class LazyReadError(ContentError):
@@ -196,6 +204,29 @@ class LazyLayer:
         self._locks: dict[int, threading.Lock] = {}
         self._have: set[int] = self._load_map()
         self.fetched_bytes = 0
+        self.last_demand = 0.0
+
+    # -- background fetch (see _Prefetcher) ---------------------------------------------------
+    @property
+    def pieces(self) -> int:
+        return sum(len(f.chunks) for f in self.files)
+
+    def fetched_fraction(self) -> float:
+        n = self.pieces
+        return len(self._load_map()) / n if n else 1.0
+
+    def prefetch_pieces(self, mode: str) -> list:
+        names = [f.name for f in self.files]
+        if mode == "landmark":
+            if NO_LANDMARK in names or LANDMARK not in names:
+                return []
+            files = self.files[:names.index(LANDMARK)]
+        else:
+            files = self.files
+        return [(f, c) for f in files for c in f.chunks if c.cid not in self._have]
+
+    def prefetch(self, piece) -> None:
+        self._fetch(*piece)
 
     def _load_map(self) -> set[int]:
         try:
@@ -238,6 +269,7 @@ class LazyLayer:
             if c.cid not in self._have:
                 if not fetch:
                     return None
+                self.last_demand = time.monotonic()
                 self._fetch(f, c)
             lo, hi = max(rel, c.off), min(end, c.off + c.size)
             out += self._pread(f.base + lo, hi - lo)
@@ -338,10 +370,31 @@ class LazyGzipLayer:
         self._locks: dict[int, threading.Lock] = {}
         self._verified: set[int] = set()
         self.fetched_bytes = 0
+        self.last_demand = 0.0
 
     @property
     def size(self) -> int:
         return self.pub.size
+
+    # -- background fetch (see _Prefetcher) ---------------------------------------------------
+    @property
+    def pieces(self) -> int:
+        return len(self.spans)
+
+    def fetched_fraction(self) -> float:
+        try:
+            have = sum(1 for n in os.listdir(self.dir) if n.isdigit())
+        except OSError:
+            have = 0
+        return min(1.0, have / len(self.spans))
+
+    def prefetch_pieces(self, mode: str) -> list:
+        if mode != "all":           # a gzip layer has no landmark
+            return []
+        return [i for i in range(len(self.spans)) if i not in self._verified and not self.has_span(i)]
+
+    def prefetch(self, piece) -> None:
+        self._ensure(piece, demand=False)
 
     def read(self, offset: int, size: int) -> bytes:
         return self._read(offset, size, fetch=True)
@@ -412,11 +465,13 @@ class LazyGzipLayer:
     def has_span(self, i: int) -> bool:
         return (self.dir / str(i)).exists()
 
-    def _ensure(self, i: int) -> Path:
+    def _ensure(self, i: int, *, demand: bool = True) -> Path:
         """The cache file of span *i*, fetched and verified if needed."""
         path = self.dir / str(i)
         if i in self._verified:
             return path
+        if demand:
+            self.last_demand = time.monotonic()
         with self._span_lock(i):
             if i in self._verified:
                 return path
@@ -448,6 +503,127 @@ class LazyGzipLayer:
                 raise LazyReadError(f"{self._where(i)}: cannot write the lazy cache: {e}") from None
             self._verified.add(i)
             return path
+
+
+class _Prefetcher:
+    """Fetches the pieces of lazy layers in the background, at low priority: one at a time, in a thread
+    of its own (niced), pausing while reads fetch (within :data:`PREFETCH_YIELD` s). It runs in the mount
+    daemon: :meth:`arm` before the daemon is forked starts it there (after a short delay), and only there."""
+
+    def __init__(self, readers: list, mode: str):
+        self.readers = [r for r in readers if hasattr(r, "prefetch_pieces")]
+        self.mode = mode
+        self.done = threading.Event()
+        self.errors = 0
+
+    def arm(self) -> None:
+        global _AT_FORK
+        if not _AT_FORK:
+            os.register_at_fork(after_in_child=_start_armed)
+            _AT_FORK = True
+        _ARMED.add(self)
+
+    def disarm(self) -> None:
+        _ARMED.discard(self)
+
+    def start(self, delay: float = 0.0) -> None:
+        self.done.clear()
+        threading.Thread(target=self._run, args=(delay,), name="layerfs-prefetch", daemon=True).start()
+
+    def _run(self, delay: float) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        if delay:
+            time.sleep(delay)
+        try:
+            for r in self.readers:
+                todo = r.prefetch_pieces(self.mode)
+                if todo:
+                    log.info("prefetch: layer %s, %d pieces", r.desc.digest.short, len(todo))
+                for piece in todo:
+                    while time.monotonic() - r.last_demand < PREFETCH_YIELD:
+                        time.sleep(PREFETCH_YIELD)
+                    try:
+                        r.prefetch(piece)
+                    except LazyReadError as e:
+                        self.errors += 1
+                        log.info("prefetch: %s", e.message)
+                        time.sleep(min(30.0, 0.5 * 2 ** min(self.errors, 6)))
+                    except Exception as e:  # never let the background fetch take the daemon down
+                        log.warning("prefetch stopped: %s: %s", type(e).__name__, e)
+                        return
+            log.info("prefetch (%s) done", self.mode)
+        finally:
+            self.done.set()
+
+
+_ARMED: "weakref.WeakSet[_Prefetcher]" = weakref.WeakSet()
+_AT_FORK = False
+
+
+def _start_armed() -> None:
+    # in a forked child: the mount daemon to be (or the short-lived process that forks it, which exits
+    # before the delay is over)
+    for p in list(_ARMED):
+        p.start(delay=0.5)
+
+
+def _status_path(store: Store, pid: int) -> Path:
+    return store.root / "lazy" / "mounts" / f"{pid}.json"
+
+
+def _write_status(store: Store, record, readers: list, prefetch: str) -> None:
+    layers = []
+    for r in readers:
+        if isinstance(r, LazyGzipLayer):
+            layers.append({"digest": str(r.desc.digest), "kind": "gzip", "dir": str(r.dir), "pieces": r.pieces})
+        elif isinstance(r, LazyLayer):
+            layers.append({"digest": str(r.desc.digest), "kind": "estargz", "dir": str(r.dir),
+                           "toc": r._toc_digest, "pieces": r.pieces})
+        else:
+            layers.append({"kind": "pulled"})
+    doc = {"mountpoint": str(record.mountpoint), "pid": record.pid, "prefetch": prefetch, "layers": layers}
+    with contextlib.suppress(OSError, LayerfsError):
+        atomic_write(_status_path(store, record.pid), json.dumps(doc).encode())
+
+
+def lazy_status(store: Store, record) -> list[float] | None:
+    """Per layer, the fraction of a lazy mount's data in the local cache (1.0 for layers pulled whole);
+    None when *record* is not a lazy mount."""
+    try:
+        doc = json.loads(_status_path(store, record.pid).read_bytes())
+        if doc.get("mountpoint") != str(record.mountpoint):
+            return None
+        out = []
+        for layer in doc["layers"]:
+            kind, n = layer.get("kind"), int(layer.get("pieces") or 0)
+            if kind == "gzip":
+                with contextlib.suppress(OSError):
+                    have = sum(1 for x in os.listdir(layer["dir"]) if x.isdigit())
+                    out.append(min(1.0, have / n) if n else 1.0)
+                    continue
+                out.append(0.0)
+            elif kind == "estargz":
+                have = 0
+                with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                    m = json.loads((Path(layer["dir"]) / "chunks.json").read_bytes())
+                    if m.get("toc") == layer.get("toc"):
+                        have = len(m.get("chunks") or [])
+                out.append(min(1.0, have / n) if n else 1.0)
+            else:
+                out.append(1.0)
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def forget_stale_status(store: Store, live_pids: set[int]) -> None:
+    """Drop the status files of lazy mounts that are gone."""
+    with contextlib.suppress(OSError):
+        for p in (store.root / "lazy" / "mounts").iterdir():
+            if p.suffix == ".json" and p.stem.isdigit() and int(p.stem) not in live_pids:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 # --- opening an image lazily -----------------------------------------------------------------
@@ -599,13 +775,33 @@ def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_optio
     return ref.familiar(), manifest, tree, readers
 
 
-def mount_lazy(store: Store, ref_text: str, mountpoint, options, *, registry_options=None):
-    """Mount *ref_text* from its registry lazily (see the module docs); returns the MountRecord."""
+def mount_lazy(store: Store, ref_text: str, mountpoint, options, *, registry_options=None, prefetch: str = "none"):
+    """Mount *ref_text* from its registry lazily (see the module docs); returns the MountRecord.
+    *prefetch* (:data:`PREFETCH_MODES`) fetches pieces in the background while the mount serves."""
+    from .errors import UsageError
     from .mount import check_mountpoint, mount_tree
-    check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)
+    if prefetch not in PREFETCH_MODES:
+        raise UsageError(f"unknown prefetch mode {prefetch!r}", hint="use " + ", ".join(PREFETCH_MODES))
+    real = check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)
     if options.layer is not None:
-        from .errors import UsageError
         raise UsageError("--layer is not supported with --lazy")
-    image, manifest, tree, _ = open_lazy_tree(store, ref_text, platform=options.platform,
-                                              registry_options=registry_options)
-    return mount_tree(tree, mountpoint, options, store=store, image=image, manifest_digest=str(manifest.digest))
+    image, manifest, tree, readers = open_lazy_tree(store, ref_text, platform=options.platform,
+                                                    registry_options=registry_options)
+    pf = _Prefetcher(readers, prefetch) if prefetch != "none" else None
+    if options.foreground:
+        # serves here until unmounted: the status is written first, with this process's pid
+        from types import SimpleNamespace
+        _write_status(store, SimpleNamespace(mountpoint=str(real), pid=os.getpid()), readers, prefetch)
+        if pf is not None:
+            pf.start(delay=0.5)
+        return mount_tree(tree, mountpoint, options, store=store, image=image, manifest_digest=str(manifest.digest))
+    if pf is not None:
+        pf.arm()
+    try:
+        record = mount_tree(tree, mountpoint, options, store=store, image=image,
+                            manifest_digest=str(manifest.digest))
+    finally:
+        if pf is not None:
+            pf.disarm()
+    _write_status(store, record, readers, prefetch)
+    return record

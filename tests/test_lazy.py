@@ -390,6 +390,22 @@ def test_inner_offsets_of_packed_members_and_bad_tocs(tmp_path):
     with pytest.raises(LazyReadError, match="chunkDigest"):
         bad.read(by["d/b"].offset, 4)
     assert bad.read_cached(by["d/b"].offset, 4) is None
+    # prefetch: everything, or (landmark) the files the TOC lists before .prefetch.landmark
+    lm = {"version": 1, "entries": [
+        {"name": "a", "type": "reg", "size": 3, "offset": 0, "innerOffset": 512, "chunkDigest": sha(b"abc")},
+        {"name": ".prefetch.landmark", "type": "reg", "size": 1, "offset": 0, "innerOffset": 0,
+         "chunkDigest": sha(b"\0")},
+        {"name": "b", "type": "reg", "size": 4, "offset": 0, "innerOffset": 1536, "chunkDigest": sha(b"wxyz")}]}
+    _, lfiles = _toc_records(lm, json.dumps(lm).encode(), toc_off, "test")
+    client3 = _BytesClient(blob)
+    pl = LazyLayer(Store(tmp_path / "p").init(), lambda: client3, "repo", desc, lfiles, sha(js))
+    assert [f.name for f, _ in pl.prefetch_pieces("landmark")] == ["a"]
+    assert [f.name for f, _ in pl.prefetch_pieces("all")] == ["a", ".prefetch.landmark", "b"]
+    assert pl.fetched_fraction() == 0.0
+    for piece in pl.prefetch_pieces("landmark"):
+        pl.prefetch(piece)
+    assert pl.fetched_fraction() == 1 / 3 and pl.read_cached(lfiles[0].base, 3) == b"abc"
+    assert [f.name for f, _ in pl.prefetch_pieces("all")] == [".prefetch.landmark", "b"]
     for broken in ({"entries": [{"name": "x", "type": "chunk"}]},
                    {"entries": [{"name": "x", "type": "reg", "size": 5, "offset": 0}]},
                    {"entries": [{"name": "../x", "type": "dir"}]}):

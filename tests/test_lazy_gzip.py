@@ -17,6 +17,7 @@ import json
 import os
 import random
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -473,3 +474,42 @@ def test_corrupt_span_and_registry_down_give_eio_only_for_that_read(registry_fac
     reg.start()                                                    # back (new port, same proxy)
     proxy.target_host = reg.host
     assert (mnt / "data/late").read_bytes() == _rand(150_000, 55)
+
+
+def test_prefetch_all_fetches_the_rest_in_the_background_and_mounts_shows_it(published, fault_proxy, tmp_path,
+                                                                            mounts, capsys):
+    st, repo = published
+    ref = f"{fault_proxy.host}/{repo}:v1"
+    fresh = Store(tmp_path / "fresh").init()
+    mnt = tmp_path / "mnt"
+    require_fuse()
+    assert main(["--root", str(fresh.root), "mount", "--prefetch", "all", ref, str(mnt)]) == 2   # needs --lazy
+    assert "--prefetch needs --lazy" in capsys.readouterr().err
+    assert main(["--root", str(fresh.root), "mount", "--lazy", "--read-only", "--prefetch", "all", ref,
+                 str(mnt)]) == 0
+    rec = next(r for r in layerfs_mounts(fresh) if r.mountpoint == str(mnt.resolve()))
+    track(mnt, rec.pid)
+    mounts.append((mnt, rec.pid))
+    capsys.readouterr()
+    deadline = time.monotonic() + 30
+    fetched = None
+    while time.monotonic() < deadline:
+        assert main(["--root", str(fresh.root), "mounts", "--format", "json"]) == 0
+        fetched = json.loads(capsys.readouterr().out.splitlines()[0])["fetched"]
+        if fetched == [1.0, 1.0]:
+            break
+        time.sleep(0.2)
+    assert fetched == [1.0, 1.0]
+    assert main(["--root", str(fresh.root), "mounts"]) == 0
+    out = capsys.readouterr().out
+    assert "FETCHED" in out and "100% 100%" in out
+    # everything is local now: the registry may go away
+    fault_proxy.fail(".*", 503, times=None)
+    got = dir_snapshot(mnt)                                       # reads every file
+    want = tree_snapshot(open_image_tree(st, _manifest(st, f"{fault_proxy.target_host}/{repo}:v1")))
+    assert set(got) - {""} == set(want)
+    assert {p: e.sha256 for p, e in got.items() if e.kind == "file"} == \
+        {p: v[10] for p, v in want.items() if stat.S_ISREG(v[1])}
+    assert (mnt / "data/text").read_bytes() == _text(900_000, 7)
+    assert (mnt / "data/many/m39").read_bytes() == _rand(30_000, 139)
+    assert not any(r.status == 503 for r in fault_proxy.requests if "/blobs/" in r.path)
