@@ -667,7 +667,7 @@ class _BufferPool:
     def __init__(self, max_items: int = 4) -> None:
         self.max_items = max_items
         self._bufs: list[bytearray] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()     # give() runs from __del__, wherever a span is dropped
 
     def take(self, size: int) -> bytearray:
         """A buffer of at least *size* bytes (at most a quarter more), contents undefined."""

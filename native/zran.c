@@ -41,6 +41,8 @@
  *     .read(n) -> bytes, .skip(n), .position
  *
  *   empty_bytearray(n)                  uninitialised bytearray (no memset)
+ *   WINSIZE, MAX_CWIN, READ_CHUNK       window size, largest compressed window,
+ *                                       bytes per pread of read_at / Decoder
  *
  * Input is read with pread(): no file position is shared, so any number of
  * threads may read the same fd at once.  Objects guard against concurrent
@@ -1216,6 +1218,7 @@ PyInit__zran(void)
         goto fail;
     if (PyModule_AddIntConstant(m, "WINSIZE", WINSIZE) < 0 ||
         PyModule_AddIntConstant(m, "MAX_CWIN", MAX_CWIN) < 0 ||
+        PyModule_AddIntConstant(m, "READ_CHUNK", READ_CHUNK) < 0 ||
         PyModule_AddStringConstant(m, "ZLIB_VERSION", zlibVersion()) < 0)
         goto fail;
     return m;

@@ -169,6 +169,54 @@ def test_multi_member_checkpoints_at_member_starts(tar_data):
         assert cp.bits == 0
 
 
+def _stored_block(data: bytes) -> bytes:
+    return b"\x00" + struct.pack("<HH", len(data), len(data) ^ 0xFFFF) + data
+
+
+@pytest.mark.parametrize("d", range(0, 24))
+def test_member_end_near_an_input_boundary(d, tmp_path):
+    """A member whose deflate data ends ``d`` bytes before a boundary of the
+    reader's input (counted from a checkpoint): the bytes the inflater had
+    taken past the end go back to the input, for the trailer and the next
+    member (a raw-deflate resume across a member end)."""
+    rng = random.Random(d)
+    chunk = _zran.READ_CHUNK
+    head = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    text = b" ".join(rng.choice([b"alpha", b"beta", b"gamma", b"delta"]) for _ in range(12000))
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = c.compress(text) + c.flush(zlib.Z_FULL_FLUSH)      # byte aligned from here on
+    blocks = [rng.randbytes(20 * KiB) for _ in range(3)]       # stored: checkpoints at their starts
+    coff = len(head) + len(body) + 5 + len(blocks[0])
+    tail = b"the end of the member, compressed against the window " * (1 + d % 5)
+    out, pos = [text] + blocks, len(head) + len(body) + sum(5 + len(b) for b in blocks)
+
+    def final_block() -> bytes:    # a Huffman-coded last block that refers back into the output
+        fin = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=b"".join(out)[-32 * KiB:])
+        return fin.compress(tail) + fin.flush()
+
+    while (fill := (-d - (pos + 5 - coff) - len(final_block())) % chunk) > 65535:
+        out.append(rng.randbytes(60000))
+        pos += 5 + 60000
+    out.append(rng.randbytes(fill))
+    last = final_block()
+    out.append(tail)
+    data = b"".join(out)
+    deflate = body + b"".join(_stored_block(b) for b in out[1:-1]) + last
+    assert (len(head) + len(deflate) - coff) % chunk == (chunk - d) % chunk
+    second = b"second member " * 1000
+    blob = (head + deflate + struct.pack("<II", zlib.crc32(data), len(data))
+            + gzip.compress(second, 6, mtime=0))
+    full = data + second
+    ix = GzipIndexer(16 * KiB)
+    assert feed_all(ix, blob) == full
+    cp = next(cp for cp in ix.checkpoints if cp.coffset == coff)
+    fd = os.open(write(tmp_path, "b.gz", blob), os.O_RDONLY)
+    try:
+        assert _zran.read_at(fd, cp.coffset, cp.bits, cp.window, 0, len(full) - cp.uoffset) == full[cp.uoffset:]
+    finally:
+        os.close(fd)
+
+
 def test_checkpoints_with_bit_offsets(tar_data):
     ix = GzipIndexer(16 * KiB)
     feed_all(ix, gzip.compress(tar_data, 9, mtime=0))
