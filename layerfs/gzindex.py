@@ -48,11 +48,18 @@ uses zlib, which reports the deflate block boundaries checkpoints need).
 
 Indexes serialise to a compact, versioned byte string
 (:meth:`SeekIndex.to_bytes` / :meth:`SeekIndex.from_bytes`) that the layer
-index file embeds: little-endian ``"LFZI"``, u8 version (1), u8 compression
+index file embeds: little-endian ``"LFZI"``, u8 version (2), u8 compression
 (0 none, 1 gzip, 2 zstd), u16 flags (0), u64 span, u64 compressed size, u64
 uncompressed size, u32 count; per checkpoint u64 uoffset, u64 coffset, u8
-bits, u8 has_window, u32 window length, window bytes; then a CRC-32 of all
-that.  Everything read back is validated; a bad index raises
+bits, u8 has_window, u32 window length, window bytes; u32 count of stored
+blocks and per stored block u64 uoffset, u64 coffset, u16 length (version 1
+has no stored blocks and is still read); then a CRC-32 of all that.
+
+Stored blocks: deflate writes incompressible data as stored blocks, whose
+output is the compressed bytes themselves.  The gzip indexer records them;
+a read that falls entirely in a run of consecutive stored blocks is served
+with one ``preadv`` straight into the result (each block's LEN/NLEN
+checked), without inflating or caching anything.  Everything read back is validated; a bad index raises
 :class:`BadIndex`, bad compressed data raises :class:`CompressedDataError`
 (:class:`TruncatedStream` when it ends early).  The C code checks again what
 it is given, so even an index built by hand can only make reads raise.
@@ -78,6 +85,7 @@ Typical use::
 """
 from __future__ import annotations
 
+import array
 import bisect
 import functools
 import os
@@ -114,7 +122,7 @@ MiB = 1024 * KiB
 
 DEFAULT_SPAN = 4 * MiB
 DEFAULT_CACHE_BYTES = 32 * MiB
-INDEX_VERSION = 1
+INDEX_VERSION = 2                 # 2 adds the stored blocks; version 1 is still read
 WINDOW_SIZE = _zran.WINSIZE
 MAX_COMPRESSED_WINDOW = _zran.MAX_CWIN
 MAX_SPAN = 1 << 40
@@ -195,6 +203,8 @@ class Checkpoint(NamedTuple):
 
 _HEADER = struct.Struct("<4sBBHQQQI")   # magic, version, compression, flags, span, csize, usize, count
 _POINT = struct.Struct("<QQBBI")        # uoffset, coffset, bits, has_window, window length
+_STORED = struct.Struct("<QQH")         # uoffset, coffset, length of a stored block
+_COUNT = struct.Struct("<I")
 _CRC = struct.Struct("<I")
 _MAGIC = b"LFZI"
 _SIZE_LIMIT = 1 << 62
@@ -209,10 +219,14 @@ class SeekIndex:
     compressed_size: int
     uncompressed_size: int
     checkpoints: tuple[Checkpoint, ...] = field(default_factory=tuple)
+    #: gzip: (uoffset, coffset, length) of each stored deflate block (its output is
+    #: the blob's bytes at coffset), by uoffset; readers serve them without inflating
+    stored: tuple[tuple[int, int, int], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "compression", normalize_compression(self.compression))
         object.__setattr__(self, "checkpoints", tuple(Checkpoint(*c) for c in self.checkpoints))
+        object.__setattr__(self, "stored", tuple(tuple(b) for b in self.stored))
         self.validate()
 
     def validate(self) -> None:
@@ -259,6 +273,21 @@ class SeekIndex:
             if u <= prev_u or bitpos <= prev_bitpos:
                 raise BadIndex("checkpoints out of order")
             prev_u, prev_bitpos = u, bitpos
+        self._validate_stored()
+
+    def _validate_stored(self) -> None:
+        if self.stored and self.compression != "gzip":
+            raise BadIndex(f"{self.compression or 'plain'} blobs have no stored blocks")
+        prev_u = prev_c = 0
+        for b in self.stored:
+            if len(b) != 3 or not all(isinstance(x, int) for x in b):
+                raise BadIndex("stored blocks must be (uoffset, coffset, length) integers")
+            u, c, n = b
+            if not (1 <= n <= 65535):
+                raise BadIndex(f"stored block length {n} out of range")
+            if u < prev_u or c < prev_c + 4 or u + n > self.uncompressed_size or c + n > self.compressed_size:
+                raise BadIndex("stored blocks out of order or outside the blob")
+            prev_u, prev_c = u + n, c + n
 
     def to_bytes(self) -> bytes:
         parts = [_HEADER.pack(_MAGIC, INDEX_VERSION, _COMPRESSION_CODES[self.compression], 0,
@@ -268,6 +297,8 @@ class SeekIndex:
             parts.append(_POINT.pack(u, c, bits, win is not None, len(win or b"")))
             if win is not None:
                 parts.append(bytes(win))
+        parts.append(_COUNT.pack(len(self.stored)))
+        parts.extend(_STORED.pack(*b) for b in self.stored)
         body = b"".join(parts)
         return body + _CRC.pack(zlib.crc32(body))
 
@@ -279,8 +310,8 @@ class SeekIndex:
         magic, version = data[:4], data[4]
         if magic != _MAGIC:
             raise BadIndex("not a layerfs seek index (bad magic)")
-        if version != INDEX_VERSION:
-            raise BadIndex(f"unsupported seek index version {version} (this layerfs reads {INDEX_VERSION})")
+        if version not in (1, INDEX_VERSION):
+            raise BadIndex(f"unsupported seek index version {version} (this layerfs reads 1 to {INDEX_VERSION})")
         (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
         body = memoryview(data)[: len(data) - _CRC.size]
         if zlib.crc32(body) != crc:
@@ -308,9 +339,19 @@ class SeekIndex:
                 win = bytes(body[pos:pos + wlen])
                 pos += wlen
             cps.append(Checkpoint(u, c, bits, win))
+        stored = []
+        if version >= 2:
+            if pos + _COUNT.size > len(body):
+                raise BadIndex("index truncated")
+            (n,) = _COUNT.unpack_from(body, pos)
+            pos += _COUNT.size
+            if n > (len(body) - pos) // _STORED.size:
+                raise BadIndex("stored block count exceeds the index size")
+            stored = list(_STORED.iter_unpack(body[pos:pos + n * _STORED.size]))
+            pos += n * _STORED.size
         if pos != len(body):
             raise BadIndex("trailing bytes in index")
-        return cls(_CODE_COMPRESSION[code], span, csize, usize, tuple(cps))
+        return cls(_CODE_COMPRESSION[code], span, csize, usize, tuple(cps), tuple(stored))
 
 
 # --- indexers ----------------------------------------------------------------
@@ -419,7 +460,7 @@ class GzipIndexer(_IndexerBase):
             except _zran.Error as exc:
                 raise _wrap_zran(exc) from None
             self._index = SeekIndex("gzip", self.span, self._inf.total_in, self._inf.total_out,
-                                    tuple(self.checkpoints))
+                                    tuple(self.checkpoints), tuple(self._inf.stored()))
         return self._index
 
     @property
@@ -960,6 +1001,17 @@ class GzipReader(_SpannedReader):
         self._stopping = False
         self._reset_ahead()
         _GZIP_READERS.add(self)
+        # stored blocks, and for each the end of the run of back-to-back stored blocks it is in
+        st = index.stored
+        self._st_u = [u for u, _, _ in st]
+        self._st_c = [c for _, c, _ in st]
+        self._st_n = array.array("H", [n for _, _, n in st])
+        run_end = [0] * len(st)
+        for k in range(len(st) - 1, -1, -1):
+            u, c, n = st[k]
+            nxt = st[k + 1] if k + 1 < len(st) else None
+            run_end[k] = run_end[k + 1] if nxt and nxt[0] == u + n and nxt[1] == c + n + 5 else u + n
+        self._st_run_end = run_end
 
     def _reset_ahead(self) -> None:
         self._queued: set[int] = set()     # spans queued for decode-ahead
@@ -982,9 +1034,24 @@ class GzipReader(_SpannedReader):
             raise _wrap_zran(exc) from None
 
     def read(self, offset: int, length: int) -> bytes:
-        if self._ahead and length > 0 and 0 <= offset < self.size:
-            self._note(offset, min(offset + length, self.size))
+        if length > 0 and 0 <= offset < self.size and not self._closed:
+            end = min(offset + length, self.size)
+            if self._st_u:
+                k = bisect.bisect_right(self._st_u, offset) - 1
+                if k >= 0 and end <= self._st_run_end[k] and offset < self._st_u[k] + self._st_n[k]:
+                    return self._read_stored(k, offset, end)
+            if self._ahead:
+                self._note(offset, end)
         return super().read(offset, length)
+
+    def _read_stored(self, k: int, offset: int, end: int) -> bytes:
+        """[offset, end) from the run of stored blocks that starts with block *k*: straight from the blob."""
+        j = bisect.bisect_left(self._st_u, end, k)
+        try:
+            return _zran.read_stored(self._fd, self._st_c[k], offset - self._st_u[k], end - offset,
+                                     self._st_n[k:j])
+        except _zran.Error as exc:
+            raise _wrap_zran(exc) from None
 
     def _note(self, offset: int, end: int) -> None:
         """Track sequential reading; when on, queue the spans after *end*'s."""

@@ -25,6 +25,7 @@
  *     .feed(data, max_out=-1) -> (bytes out, int consumed)
  *     .finish() -> None                (raises Truncated/Error)
  *     .points() -> list[(uoff, coff, bits, window_or_None)]
+ *     .stored() -> list[(uoff, coff, len)]   stored blocks: output = blob bytes
  *     .total_in, .total_out, .members, .finished
  *
  *   read_at(fd, coff, bits, window, skip, length) -> bytes
@@ -39,6 +40,10 @@
  *   Decoder(fd, coff, bits, window)     the same, resumable:
  *     .readinto(buffer) -> n  (fills the whole buffer)
  *     .read(n) -> bytes, .skip(n), .position
+ *
+ *   read_stored(fd, coff, skip, length, lens) -> bytes
+ *     the output of consecutive stored blocks (Inflater.stored() lists
+ *     them), read from the blob without inflating; LEN/NLEN checked.
  *
  *   empty_bytearray(n)                  uninitialised bytearray (no memset)
  *   WINSIZE, MAX_CWIN, READ_CHUNK       window size, largest compressed window,
@@ -60,6 +65,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/uio.h>
 
 #define WINSIZE 32768U          /* deflate window */
 #define MAX_CWIN 65536U         /* compressed window never exceeds this */
@@ -264,6 +270,14 @@ typedef struct {
 
 enum { ST_START, ST_MEMBER, ST_BETWEEN, ST_PADDING, ST_ERROR };
 
+/* A stored (uncompressed) deflate block: its len bytes of output are the
+ * blob's bytes at coff (after the block's LEN/NLEN at coff-4). */
+typedef struct {
+    uint64_t uoff;
+    uint64_t coff;
+    uint32_t len;
+} stored_t;
+
 typedef struct {
     PyObject_HEAD
     z_stream strm;
@@ -278,6 +292,11 @@ typedef struct {
     uint64_t members;      /* completed members */
     int have_point;
     uint64_t last_point;   /* uoff of the last checkpoint */
+    int blk_valid;         /* blk_*: where the current deflate block started */
+    uint64_t blk_bitpos;   /* its first bit in the blob */
+    uint64_t blk_cout;     /* its first output byte */
+    stored_t *sto;         /* stored blocks seen so far */
+    size_t nsto, capsto;
     point_t *pts;
     size_t npts, cap;
     err_t err;             /* sticky error (state ST_ERROR) */
@@ -376,7 +395,42 @@ Inflater_dealloc(Inflater *self)
     for (size_t i = 0; i < self->npts; i++)
         PyMem_RawFree(self->pts[i].win);
     PyMem_RawFree(self->pts);
+    PyMem_RawFree(self->sto);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* without GIL: a deflate block ended at bit `endbit` of the blob (the next
+ * block starts there, or the member's trailer at the next byte).  It was a
+ * stored block if its bytes are exactly: 3 header bits, padding to a byte,
+ * LEN and NLEN, then its output; record where that output lies in the blob.
+ * (The readers check LEN/NLEN again before they trust it.) */
+static int
+block_ended(Inflater *self, uint64_t endbit, err_t *e)
+{
+    if (!self->blk_valid)
+        return 0;
+    self->blk_valid = 0;
+    uint64_t len = self->cout - self->blk_cout;
+    uint64_t data = (self->blk_bitpos + 3 + 7) / 8 + 4;
+    if (len == 0 || len > 65535 || endbit != (data + len) * 8)
+        return 0;
+    if (self->nsto && self->sto[self->nsto - 1].uoff + self->sto[self->nsto - 1].len > self->blk_cout)
+        return 0;
+    if (self->nsto == self->capsto) {
+        size_t ncap = self->capsto ? self->capsto * 2 : 64;
+        stored_t *n = PyMem_RawRealloc(self->sto, ncap * sizeof(stored_t));
+        if (!n) {
+            set_err(e, E_NOMEM, "out of memory%s", NULL);
+            return -1;
+        }
+        self->sto = n;
+        self->capsto = ncap;
+    }
+    stored_t *b = &self->sto[self->nsto++];
+    b->uoff = self->blk_cout;
+    b->coff = data;
+    b->len = (uint32_t)len;
+    return 0;
 }
 
 /* The core loop, run without the GIL.  Consumes input until it is all used
@@ -413,6 +467,9 @@ inflater_run(Inflater *self, const unsigned char *in, size_t inlen,
             self->member_out += made;
             obuf_commit(ob, made);
             if (ret == Z_STREAM_END) {
+                /* the last block ended at the byte before the 8-byte trailer */
+                if (block_ended(self, (self->cin - 8) * 8, e) < 0)
+                    break;
                 self->members++;
                 self->state = ST_BETWEEN;
                 continue;
@@ -429,6 +486,18 @@ inflater_run(Inflater *self, const unsigned char *in, size_t inlen,
             if (ret != Z_OK) {
                 set_err(e, E_DATA, "invalid gzip data: %s", zmsg(s, ret));
                 break;
+            }
+            if (s->data_type & 128) {
+                /* at a block boundary (or after the member header): a block
+                 * ended here, and the next one starts */
+                uint64_t bitpos = self->cin * 8 - (uint64_t)(s->data_type & 7);
+                if (!self->blk_valid || bitpos != self->blk_bitpos) {
+                    if (block_ended(self, bitpos, e) < 0)
+                        break;
+                    self->blk_valid = 1;
+                    self->blk_bitpos = bitpos;
+                    self->blk_cout = self->cout;
+                }
             }
             /* At a deflate block boundary that is not the end of the last
              * block: a possible checkpoint. */
@@ -454,6 +523,7 @@ inflater_run(Inflater *self, const unsigned char *in, size_t inlen,
                 }
             }
             self->member_out = 0;
+            self->blk_valid = 0;
             if (!self->have_point || self->cout - self->last_point >= self->span) {
                 if (add_point(self, 0, e) < 0)
                     break;
@@ -590,6 +660,29 @@ Inflater_points(Inflater *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
+Inflater_stored(Inflater *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Inflater used from two threads at once");
+        return NULL;
+    }
+    PyObject *list = PyList_New((Py_ssize_t)self->nsto);
+    if (!list)
+        return NULL;
+    for (size_t i = 0; i < self->nsto; i++) {
+        stored_t *b = &self->sto[i];
+        PyObject *t = Py_BuildValue("(KKI)", (unsigned long long)b->uoff, (unsigned long long)b->coff,
+                                    (unsigned int)b->len);
+        if (!t) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    return list;
+}
+
+static PyObject *
 Inflater_get_total_in(Inflater *self, void *c)
 {
     return PyLong_FromUnsignedLongLong(self->cin);
@@ -627,6 +720,8 @@ static PyMethodDef Inflater_methods[] = {
      "`consumed` says how much of `data` was used."},
     {"finish", (PyCFunction)Inflater_finish, METH_NOARGS,
      "Raise unless the stream ended cleanly after a complete member."},
+    {"stored", (PyCFunction)Inflater_stored, METH_NOARGS,
+     "List of (uoff, coff, len): stored blocks, whose output is the blob's bytes at coff."},
     {"points", (PyCFunction)Inflater_points, METH_NOARGS,
      "List of (uoff, coff, bits, compressed_window_or_None)."},
     {NULL}
@@ -1158,6 +1253,125 @@ static PyTypeObject DecoderType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* read_stored: bytes of a run of consecutive stored blocks, read straight
+ * from the blob into the result (one copy, no inflation).  The blocks are
+ * back to back: block k+1's 5 header bytes (BFINAL/BTYPE byte, LEN, NLEN)
+ * follow block k's data.  Every LEN/NLEN is checked against `lens`, so an
+ * index that does not fit the blob makes the read raise. */
+
+static int
+stored_header_ok(const unsigned char *h, unsigned len)
+{
+    unsigned l = h[0] | (unsigned)h[1] << 8, n = h[2] | (unsigned)h[3] << 8;
+    return l == len && n == (~len & 0xFFFF);
+}
+
+static PyObject *
+zran_read_stored(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "coff", "skip", "length", "lens", NULL};
+    int fd;
+    long long coff, skip;
+    Py_ssize_t length;
+    Py_buffer lb;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iLLny*", kwlist, &fd, &coff, &skip, &length, &lb))
+        return NULL;
+    size_t nblk = (size_t)lb.len / sizeof(uint16_t);
+    const uint16_t *lens = lb.buf;
+    if (fd < 0 || coff < 4 || skip < 0 || length < 0 || nblk == 0 || lb.len % sizeof(uint16_t) ||
+        nblk > 1U << 20) {
+        PyBuffer_Release(&lb);
+        PyErr_SetString(PyExc_ValueError, "read_stored: argument out of range");
+        return NULL;
+    }
+    /* the blocks must hold skip + length bytes */
+    uint64_t have = 0;
+    for (size_t k = 0; k < nblk; k++)
+        have += lens[k];
+    if (have < (uint64_t)skip + (uint64_t)length || (uint64_t)skip >= lens[0] + (uint64_t)(length == 0)) {
+        PyBuffer_Release(&lb);
+        PyErr_SetString(PyExc_ValueError, "read_stored: the blocks do not hold the range");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, length);
+    unsigned char *hdr = PyMem_Malloc(5 * nblk + 4);
+    struct iovec *iov = PyMem_Malloc(sizeof(struct iovec) * 2 * nblk);
+    if (!out || !hdr || !iov) {
+        Py_XDECREF(out);
+        PyMem_Free(hdr);
+        PyMem_Free(iov);
+        PyBuffer_Release(&lb);
+        return PyErr_NoMemory();
+    }
+    err_t e = {0};
+    if (length > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(out);
+        size_t need = (size_t)length, niov = 0, used = 0;
+        size_t got;
+        /* block 0's LEN/NLEN, then its data from skip, then header + data of the next ones */
+        if (pread_some(fd, hdr, 4, (uint64_t)coff - 4, &got, &e) == 0 && got != 4)
+            set_err(&e, E_TRUNC, "blob ends inside a stored block header%s", NULL);
+        for (size_t k = 0; e.kind == E_NONE && need > 0 && k < nblk; k++) {
+            if (k > 0) {
+                iov[niov].iov_base = hdr + 4 + 5 * k;
+                iov[niov++].iov_len = 5;
+            }
+            size_t take = (size_t)lens[k] - (k == 0 ? (size_t)skip : 0);
+            if (take > need)
+                take = need;
+            iov[niov].iov_base = dst;
+            iov[niov++].iov_len = take;
+            dst += take;
+            need -= take;
+            used = k + 1;
+        }
+        /* one preadv for the whole range (again from where a short read stopped) */
+        uint64_t pos = (uint64_t)coff + (uint64_t)skip;
+        struct iovec *v = iov;
+        size_t nv = niov;
+        while (e.kind == E_NONE && nv > 0) {
+            ssize_t n = preadv(fd, v, nv > 1024 ? 1024 : (int)nv, (off_t)pos);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                e.kind = E_OS;
+                e.os_errno = errno;
+                break;
+            }
+            if (n == 0) {
+                set_err(&e, E_TRUNC, "blob ends inside a stored block%s", NULL);
+                break;
+            }
+            pos += (uint64_t)n;
+            while (nv > 0 && (size_t)n >= v->iov_len) {
+                n -= (ssize_t)v->iov_len;
+                v++;
+                nv--;
+            }
+            if (nv > 0) {
+                v->iov_base = (unsigned char *)v->iov_base + n;
+                v->iov_len -= (size_t)n;
+            }
+        }
+        for (size_t k = 0; e.kind == E_NONE && k < used; k++) {
+            const unsigned char *h = k == 0 ? hdr : hdr + 4 + 5 * k + 1;
+            if ((k > 0 && (hdr[4 + 5 * k] & 6) != 0) || !stored_header_ok(h, lens[k]))
+                set_err(&e, E_DATA, "the index's stored blocks do not fit the blob%s", NULL);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyMem_Free(hdr);
+    PyMem_Free(iov);
+    PyBuffer_Release(&lb);
+    if (e.kind != E_NONE) {
+        Py_DECREF(out);
+        raise_err(&e);
+        return NULL;
+    }
+    return out;
+}
+
 static PyObject *
 zran_empty_bytearray(PyObject *mod, PyObject *arg)
 {
@@ -1176,6 +1390,11 @@ static PyMethodDef zran_methods[] = {
      "read_at(fd, coff, bits, window, skip, length) -> bytes\n\n"
      "Inflate from a checkpoint (window None: gzip member start at coff),\n"
      "discard `skip` bytes and return the next `length` bytes."},
+    {"read_stored", (PyCFunction)(void (*)(void))zran_read_stored, METH_VARARGS | METH_KEYWORDS,
+     "read_stored(fd, coff, skip, length, lens) -> bytes\n\n"
+     "Bytes [skip, skip+length) of the output of consecutive stored blocks, the\n"
+     "first one's data at blob offset coff; lens: their lengths (uint16 buffer).\n"
+     "Read straight from the blob; each block's LEN/NLEN is checked."},
     {"empty_bytearray", (PyCFunction)zran_empty_bytearray, METH_O,
      "empty_bytearray(n): a bytearray of n uninitialised bytes."},
     {NULL}

@@ -2,6 +2,7 @@
 zstd and uncompressed layer blobs."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import os
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from layerfs import _zran, gzindex
 from layerfs.errors import ContentError
 from layerfs.gzindex import (BadIndex, Checkpoint, CompressedDataError, GzipIndexer, Indexer,
-                             SeekIndex, TruncatedStream, ZstdIndexer, open_reader)
+                             SeekIndex, TruncatedStream, ZstdIndexer, build_index, open_reader)
 from registryfixtures import require_binary
 
 zstandard = pytest.importorskip("zstandard")
@@ -436,8 +437,20 @@ def test_index_roundtrip_and_version(indexed):
     assert raw[:4] == b"LFZI" and raw[4] == gzindex.INDEX_VERSION
     assert SeekIndex.from_bytes(raw) == idx
     assert SeekIndex.from_bytes(memoryview(raw)) == idx
-    # compact: the windows dominate, ~20 bytes per checkpoint otherwise
-    assert len(raw) < 64 + sum(22 + len(cp.window or b"") for cp in idx.checkpoints)
+    # compact: the windows dominate, ~20 bytes per checkpoint and 18 per stored block otherwise
+    assert idx.stored
+    assert len(raw) < 64 + sum(22 + len(cp.window or b"") for cp in idx.checkpoints) + 18 * len(idx.stored)
+
+
+def test_version_1_index_still_read(indexed):
+    """Version 1 (no stored blocks) still loads, and reads inflate everything."""
+    tar_data, path, idx = indexed
+    body = idx.to_bytes()[:-4]
+    v1 = _recrc(body[:4] + b"\x01" + body[5:-(4 + 18 * len(idx.stored))])
+    old = SeekIndex.from_bytes(v1)
+    assert old.stored == () and old.checkpoints == idx.checkpoints
+    with open_reader(path, "gzip", v1) as r:
+        check_reads(r, tar_data, n=30)
 
 
 def _recrc(body: bytes) -> bytes:
@@ -452,7 +465,10 @@ def test_bad_index_bytes_raise(indexed):
         "empty": b"",
         "short": raw[:10],
         "magic": b"XXXX" + raw[4:],
-        "version": _recrc(body[:4] + b"\x02" + body[5:]),
+        "version": _recrc(body[:4] + b"\x03" + body[5:]),
+        "version 1 with stored blocks": _recrc(body[:4] + b"\x01" + body[5:]),
+        "stored count": _recrc(body[:-(4 + 18 * len(idx.stored))] + struct.pack("<I", 10**6)
+                               + body[-18 * len(idx.stored):]),
         "crc": raw[:-1] + bytes([raw[-1] ^ 1]),
         "truncated": _recrc(body[:-10]),
         "trailing": _recrc(body + b"x"),
@@ -583,6 +599,7 @@ def test_random_reads_equal_slices(offset, length, cache, indexed):
 
 def test_cache_serves_small_reads_in_one_span(indexed):
     tar_data, path, idx = indexed
+    idx = inflating(idx)
     with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB) as r:
         base = idx.checkpoints[3].uoffset
         for k in range(50):
@@ -613,6 +630,83 @@ def test_concurrent_reads(indexed):
     assert not errors, errors
 
 
+def inflating(idx: SeekIndex) -> SeekIndex:
+    """The index without its stored blocks: every read inflates (and goes through the span cache)."""
+    return dataclasses.replace(idx, stored=())
+
+
+def _runs(idx: SeekIndex) -> list[tuple[int, int]]:
+    """[start, end) of the uncompressed ranges covered by back-to-back stored blocks."""
+    runs = []
+    prev = None
+    for u, c, n in idx.stored:
+        if prev and prev[0] + prev[2] == u and prev[1] + prev[2] + 5 == c:
+            runs[-1] = (runs[-1][0], u + n)
+        else:
+            runs.append((u, u + n))
+        prev = (u, c, n)
+    return runs
+
+
+@pytest.mark.parametrize("maker", ["python-6", "gzip-1", "pigz", "multi-member", "level-0"])
+def test_stored_blocks_recorded(maker, tar_data):
+    make = GZIP_MAKERS.get(maker) or (lambda d: gzip.compress(d, 0, mtime=0))
+    blob = make(tar_data)
+    ix = GzipIndexer(SPAN)
+    feed_all(ix, blob)
+    stored = ix.index.stored
+    assert stored, "random file data makes stored blocks"
+    for u, c, n in stored:
+        assert tar_data[u:u + n] == blob[c:c + n]
+        assert struct.unpack("<HH", blob[c - 4:c]) == (n, n ^ 0xFFFF)
+    if maker == "level-0":
+        assert sum(n for _, _, n in stored) == len(tar_data)
+    # text compresses: no stored blocks at all
+    text = b" ".join(b"word%d" % (i % 1000) for i in range(200_000))
+    ix = GzipIndexer(SPAN)
+    feed_all(ix, make(text))
+    assert ix.index.stored == () or maker == "level-0"
+
+
+def test_reads_in_stored_runs_are_not_inflated(indexed):
+    tar_data, path, idx = indexed
+    runs = [r for r in _runs(idx) if r[1] - r[0] > 3 * KiB]
+    assert runs
+    with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB) as r:
+        rng = random.Random(2)
+        for a, b in runs:
+            for _ in range(5):
+                off = rng.randrange(a, b - 1)
+                n = rng.randrange(1, b - off + 1)
+                assert r.read(off, n) == tar_data[off:off + n]
+            assert r.read(a, b - a) == tar_data[a:b]
+        assert r.cache_stats == (0, 0)                  # nothing inflated, nothing cached
+        a, b = runs[0]
+        assert r.read(a, b - a + 10) == tar_data[a:b + 10]   # past the run: inflated
+        assert r.cache_stats[1] >= 1
+
+
+def test_stored_blocks_that_do_not_fit_raise(indexed):
+    tar_data, path, idx = indexed
+    a, b = max(_runs(idx), key=lambda r: r[1] - r[0])
+    for shift in (1, -1, 5):
+        bad = dataclasses.replace(idx, stored=tuple((u, c + shift, n) for u, c, n in idx.stored))
+        with gzindex.GzipReader(path, bad) as r:
+            with pytest.raises(CompressedDataError):
+                r.read(a, b - a)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        u, c, n = idx.stored[0]
+        lens = __import__("array").array("H", [n])
+        assert _zran.read_stored(fd, c, 0, n, lens) == tar_data[u:u + n]
+        for args in [(fd, c, 0, n + 1, lens), (fd, c, n, 1, lens), (fd, 2, 0, 1, lens), (-1, c, 0, 1, lens),
+                     (fd, c, 0, 1, b"")]:
+            with pytest.raises(ValueError):
+                _zran.read_stored(*args)
+    finally:
+        os.close(fd)
+
+
 def _wait_for(cond, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -624,6 +718,7 @@ def _wait_for(cond, timeout: float = 10.0) -> bool:
 
 def test_decode_ahead_inflates_the_next_spans(indexed, monkeypatch):
     tar_data, path, idx = indexed
+    idx = inflating(idx)
     monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 100 * KiB)
     starts = [cp.uoffset for cp in idx.checkpoints] + [idx.uncompressed_size]
     assert len(starts) > 8
@@ -645,6 +740,7 @@ def test_decode_ahead_inflates_the_next_spans(indexed, monkeypatch):
 
 def test_no_decode_ahead_for_scattered_reads(indexed, monkeypatch):
     tar_data, path, idx = indexed
+    idx = inflating(idx)
     monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 100 * KiB)
     starts = [cp.uoffset for cp in idx.checkpoints]
     with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=3) as r:
@@ -657,6 +753,7 @@ def test_no_decode_ahead_for_scattered_reads(indexed, monkeypatch):
 
 def test_decode_ahead_off(indexed, monkeypatch):
     tar_data, path, idx = indexed
+    idx = inflating(idx)
     monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 100 * KiB)
     with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=0) as r:
         assert r.read(0, len(tar_data) // 2) == tar_data[:len(tar_data) // 2]
@@ -670,6 +767,7 @@ def test_decode_ahead_off(indexed, monkeypatch):
 def test_close_during_decode_ahead(indexed, monkeypatch):
     """close() waits for running decode-ahead (it uses the fd) and drops queued work."""
     tar_data, path, idx = indexed
+    idx = inflating(idx)
     monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 1)
     for n in range(30):
         r = gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=4)
@@ -685,6 +783,7 @@ def test_concurrent_sequential_readers_with_decode_ahead(indexed, monkeypatch):
     """Several threads each read the stream front to back in small pieces (and
     reused span buffers hold bytes of other spans before they are refilled)."""
     tar_data, path, idx = indexed
+    idx = inflating(idx)
     monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 64 * KiB)
     errors = []
     with gzindex.GzipReader(path, idx, cache_bytes=6 * SPAN, ahead=3) as r:
@@ -990,7 +1089,8 @@ def test_read_cached_never_decodes(comp, tar_data, tmp_path):
     blob = GZIP_MAKERS[sorted(GZIP_MAKERS)[0]](tar_data) if comp == "gzip" else \
         __import__("zstandard").ZstdCompressor().compress(tar_data)
     path = write(tmp_path, "layer", blob)
-    with open_reader(path, comp, None, cache_bytes=64 * MiB) as r:
+    raw = inflating(build_index(path, "gzip")).to_bytes() if comp == "gzip" else None
+    with open_reader(path, comp, raw, cache_bytes=64 * MiB) as r:
         assert r.read_cached(1000, 5000) is None          # nothing decoded yet
         misses = r.cache_stats[1]
         assert r.read(1000, 5000) == tar_data[1000:6000]
