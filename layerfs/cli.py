@@ -419,8 +419,12 @@ def cmd_prune(ctx: Context) -> int:
     store = ctx.store
     store.init()
     removed, freed = store.gc()
+    from .lazy import prune_lazy
+    lazy_removed, lazy_freed = prune_lazy(store)
     print(f"Deleted blobs: {removed}")
-    print(f"Total reclaimed space: {human_size(freed)}")
+    if lazy_removed:
+        print(f"Deleted lazy caches: {lazy_removed}")
+    print(f"Total reclaimed space: {human_size(freed + lazy_freed)}")
     return 0
 
 
@@ -567,7 +571,7 @@ def cmd_mounts(ctx: Context) -> int:
             print(r.mountpoint)
         return 0
     from .lazy import forget_stale_status, lazy_status
-    forget_stale_status(ctx.store, {r.pid for r in records})
+    forget_stale_status(ctx.store)
     fetched = {r.mountpoint: lazy_status(ctx.store, r) for r in records}
     if a.format == "json":
         from dataclasses import asdict
@@ -585,7 +589,7 @@ def cmd_mounts(ctx: Context) -> int:
         row = [image, r.mountpoint, str(r.pid), r.upper or "<none>"]
         if lazy:
             f = fetched[r.mountpoint]
-            row.append(" ".join(f"{x:.0%}" for x in f) if f is not None else "-")
+            row.append(" ".join(f"{int(x * 100)}%" for x in f) if f is not None else "-")
         rows.append(row)
     table(rows, sys.stdout)
     return 0

@@ -58,7 +58,7 @@ from .store import Store, atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LazyLayer", "LazyGzipLayer", "LazyReadError", "PREFETCH_MODES", "lazy_status", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
+__all__ = ["LazyLayer", "LazyGzipLayer", "LazyReadError", "PREFETCH_MODES", "lazy_status", "prune_lazy", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
 
 #: retries of one chunk fetch (each with the client's backoff) before the read fails
 READ_RETRIES = 1
@@ -617,13 +617,58 @@ def lazy_status(store: Store, record) -> list[float] | None:
         return None
 
 
-def forget_stale_status(store: Store, live_pids: set[int]) -> None:
-    """Drop the status files of lazy mounts that are gone."""
-    with contextlib.suppress(OSError):
-        for p in (store.root / "lazy" / "mounts").iterdir():
-            if p.suffix == ".json" and p.stem.isdigit() and int(p.stem) not in live_pids:
+def _alive(pid: int) -> bool:
+    from .mount import pid_alive
+    return pid_alive(pid)
+
+
+def _status_files(store: Store) -> list[Path]:
+    try:
+        return [p for p in (store.root / "lazy" / "mounts").iterdir() if p.suffix == ".json" and p.stem.isdigit()]
+    except OSError:
+        return []
+
+
+def forget_stale_status(store: Store) -> None:
+    """Drop the status files of lazy mounts whose process is gone."""
+    for p in _status_files(store):
+        if not _alive(int(p.stem)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def prune_lazy(store: Store) -> tuple[int, int]:
+    """Delete the lazy caches (``ROOT/lazy/<alg>-<hex>``) of layers that neither an image of the store nor
+    a running lazy mount uses. Returns (caches removed, bytes freed)."""
+    import shutil
+    base = store.root / "lazy"
+    if not base.is_dir():
+        return 0, 0
+    removed = freed = 0
+    with store.lock("gc"):          # lazy mounts being set up hold it shared
+        keep = {f"{d.algorithm}-{d.hex}" for d in store.referenced_blobs()}
+        for p in _status_files(store):
+            if not _alive(int(p.stem)):
                 with contextlib.suppress(OSError):
                     p.unlink()
+                continue
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError):
+                for layer in json.loads(p.read_bytes())["layers"]:
+                    if layer.get("digest"):
+                        d = Digest.parse(layer["digest"])
+                        keep.add(f"{d.algorithm}-{d.hex}")
+        for d in base.iterdir():
+            if d.name == "mounts" or d.name in keep or not d.is_dir() or "-" not in d.name:
+                continue
+            size = 0
+            for f in d.rglob("*"):
+                with contextlib.suppress(OSError):
+                    if f.is_file():
+                        size += f.stat().st_blocks * 512
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
+            freed += size
+    return removed, freed
 
 
 # --- opening an image lazily -----------------------------------------------------------------
@@ -785,13 +830,17 @@ def mount_lazy(store: Store, ref_text: str, mountpoint, options, *, registry_opt
     real = check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)
     if options.layer is not None:
         raise UsageError("--layer is not supported with --lazy")
-    image, manifest, tree, readers = open_lazy_tree(store, ref_text, platform=options.platform,
-                                                    registry_options=registry_options)
+    from types import SimpleNamespace
+    here = SimpleNamespace(mountpoint=str(real), pid=os.getpid())
+    store.init()
+    # prune keeps the caches of running lazy mounts (their status files); until this one has its status
+    # (written with this process's pid, replaced by the daemon's below), the gc lock keeps prune away
+    with store.lock("gc", shared=True):
+        image, manifest, tree, readers = open_lazy_tree(store, ref_text, platform=options.platform,
+                                                        registry_options=registry_options)
+        _write_status(store, here, readers, prefetch)
     pf = _Prefetcher(readers, prefetch) if prefetch != "none" else None
-    if options.foreground:
-        # serves here until unmounted: the status is written first, with this process's pid
-        from types import SimpleNamespace
-        _write_status(store, SimpleNamespace(mountpoint=str(real), pid=os.getpid()), readers, prefetch)
+    if options.foreground:      # serves here until unmounted: the status written above is the mount's
         if pf is not None:
             pf.start(delay=0.5)
         return mount_tree(tree, mountpoint, options, store=store, image=image, manifest_digest=str(manifest.digest))
@@ -800,8 +849,10 @@ def mount_lazy(store: Store, ref_text: str, mountpoint, options, *, registry_opt
     try:
         record = mount_tree(tree, mountpoint, options, store=store, image=image,
                             manifest_digest=str(manifest.digest))
+        _write_status(store, record, readers, prefetch)
     finally:
         if pf is not None:
             pf.disarm()
-    _write_status(store, record, readers, prefetch)
+        with contextlib.suppress(OSError):
+            _status_path(store, here.pid).unlink()
     return record

@@ -513,3 +513,15 @@ def test_prefetch_all_fetches_the_rest_in_the_background_and_mounts_shows_it(pub
     assert (mnt / "data/text").read_bytes() == _text(900_000, 7)
     assert (mnt / "data/many/m39").read_bytes() == _rand(30_000, 139)
     assert not any(r.status == 503 for r in fault_proxy.requests if "/blobs/" in r.path)
+    # prune keeps the caches of a running lazy mount, and drops them once it is gone
+    caches = sorted(p.name for p in (fresh.root / "lazy").iterdir() if p.name.startswith("sha256-"))
+    assert len(caches) == 2
+    assert main(["--root", str(fresh.root), "prune"]) == 0
+    assert "Deleted lazy caches" not in capsys.readouterr().out
+    assert sorted(p.name for p in (fresh.root / "lazy").iterdir() if p.name.startswith("sha256-")) == caches
+    assert (mnt / "data/late").read_bytes() == _rand(150_000, 55)
+    force_unmount(mnt, rec.pid)
+    assert main(["--root", str(fresh.root), "prune"]) == 0
+    out = capsys.readouterr().out
+    assert "Deleted lazy caches: 2" in out
+    assert not [p for p in (fresh.root / "lazy").iterdir() if p.name.startswith("sha256-")]
