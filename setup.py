@@ -2,7 +2,8 @@
 
 ``layerfs._zran`` (native/zran.c) does streaming gzip inflation with
 zran-style random-access checkpoints; it links against the system zlib
-(Debian: ``apt-get install zlib1g-dev`` for the headers).
+(indexing) and ISA-L's igzip (random reads) (Debian: ``apt-get install
+zlib1g-dev libisal-dev`` for the headers).
 ``layerfs._fuse`` (native/fuseloop.c) serves libfuse 3 low-level requests
 from native threads (``libfuse3-dev``).
 """

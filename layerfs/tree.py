@@ -147,21 +147,6 @@ class MergedTree:
             return reader.read(n.offset + offset, size)
         return _read_sparse(reader, n.sparse, offset, size)
 
-    def read_nowait(self, ino: int, offset: int, size: int) -> bytes | None:
-        """Like :meth:`read` when it can answer without blocking (no I/O, no
-        decompression: inline data, holes, or spans already decoded), else None."""
-        n = self.get(ino)
-        if n is None or offset >= n.size or size <= 0:
-            return b""
-        if n.inline is not None or n.layer < 0:
-            return self.read(ino, offset, size)
-        if n.sparse is not None:
-            return None
-        peek = getattr(self.readers[n.layer], "read_cached", None)
-        if peek is None:
-            return None
-        return peek(n.offset + offset, min(size, n.size - offset))
-
     def statfs(self) -> FsStats:
         total = 0
         files = 0
