@@ -118,6 +118,9 @@ class RegistryClient:
         self._challenge_known = False
         self._lock = threading.Lock()
         self._creds_lock = threading.Lock()
+        #: (repository, digest) -> the URL on another host that the last Range GET of that blob was
+        #: redirected to (a signed storage URL): later ranges go there directly until it stops answering
+        self._blob_urls: dict[tuple[str, str], str] = {}
 
     # -- credentials -------------------------------------------------------------
     def _credentials(self) -> Credentials | None:
@@ -232,18 +235,30 @@ class RegistryClient:
         max_retries = self.options.max_retries if retries is None else retries
         attempt = 0
         refreshes = 0
+        redirect_retried = False
         while True:
             try:
                 r = self._send(method, url, scope=scope, headers=headers, stream=stream,
                                refresh=False, data=data)
-                # a 401 means: learn the challenge and fetch a fresh token. Concurrent requests share
-                # the client, so a token can race with another thread's challenge: renew it twice at most.
-                while r.status_code == 401 and refreshes < 2:
-                    ch = self._learn_challenge(r)
+                while True:
+                    # a 401 means: learn the challenge and fetch a fresh token. Concurrent requests share the
+                    # client, so a token can race with another thread's challenge: renew it twice at most.
+                    while r.status_code == 401 and refreshes < 2:
+                        ch = self._learn_challenge(r)
+                        r.close()
+                        refreshes += 1
+                        r = self._send(method, url, scope=scope, headers=headers, stream=stream, refresh=True,
+                                       data=data, extra_scope=ch.params.get("scope") if ch else None)
+                    if r.status_code != 403 or redirect_retried or not _other_host(r.url, url):
+                        break
+                    # the registry redirected to a signed URL that had expired already (clock skew, or
+                    # a wait in a queue): ask the registry once more for a fresh one
+                    redirect_retried = True
+                    log.info("%s: %s: its redirect URL answered HTTP 403; asking the registry for a new one",
+                             self.registry, what or method)
                     r.close()
-                    refreshes += 1
-                    r = self._send(method, url, scope=scope, headers=headers, stream=stream, refresh=True,
-                                   data=data, extra_scope=ch.params.get("scope") if ch else None)
+                    r = self._send(method, url, scope=scope, headers=headers, stream=stream,
+                                   refresh=False, data=data)
                 if r.status_code in ok:
                     return r
                 err = self._error_from(r, what)
@@ -455,9 +470,15 @@ class RegistryClient:
             raise ForeignLayerError(f"layer {desc.digest.short} is a foreign (non-distributable) layer",
                                     registry=self.registry)
         headers = {"Accept-Encoding": "identity", "Range": f"bytes={start}-{end - 1}"}
-        r = self.request("GET", f"/v2/{repository}/blobs/{desc.digest}", scope=self.pull_scope(repository),
-                         headers=headers, stream=True, ok=(200, 206), what=f"blob {desc.digest.short}",
-                         retries=retries)
+        key = (repository, str(desc.digest))
+        r = self._get_redirected(key, headers, desc)
+        if r is None:
+            path = f"/v2/{repository}/blobs/{desc.digest}"
+            r = self.request("GET", path, scope=self.pull_scope(repository), headers=headers, stream=True,
+                             ok=(200, 206), what=f"blob {desc.digest.short}", retries=retries)
+            if r.status_code == 206 and _other_host(r.url, self.base + path):
+                with self._lock:
+                    self._blob_urls[key] = r.url
         try:
             if r.status_code == 206:
                 if (r.headers.get("Content-Type") or "").lower().startswith("multipart/"):
@@ -495,10 +516,45 @@ class RegistryClient:
                                    f"{len(out)} of {want} bytes", where=self.registry)
             return bytes(out)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+            self._forget_redirect(key, r.url)
             raise RegistryUnreachable(f"blob {desc.digest.short}: connection failed: {_short_exc(e)}",
                                       registry=self.registry) from None
+        except LayerfsError:
+            self._forget_redirect(key, r.url)
+            raise
         finally:
             r.close()
+
+    def _get_redirected(self, key: tuple[str, str], headers: Mapping[str, str],
+                        desc: Descriptor) -> requests.Response | None:
+        """The Range GET sent straight to the blob's remembered redirect URL (another host: no
+        ``Authorization``), or None (nothing remembered, or it no longer answers: expired signed URLs
+        answer 403; the caller then asks the registry, which redirects to a fresh URL)."""
+        with self._lock:
+            url = self._blob_urls.get(key)
+        if url is None:
+            return None
+        try:
+            r = self.session.request("GET", url, headers=dict(headers), stream=True, allow_redirects=False,
+                                     timeout=self.options.timeout, verify=self.session.verify)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            self._forget_redirect(key, url)
+            log.info("%s: blob %s: its redirect URL failed (%s); asking the registry again", self.registry,
+                     desc.digest.short, _short_exc(e))
+            return None
+        if r.status_code == 206:
+            return r
+        r.close()
+        self._forget_redirect(key, url)
+        log.info("%s: blob %s: its redirect URL answered HTTP %d%s; asking the registry for a new one",
+                 self.registry, desc.digest.short, r.status_code,
+                 " (expired)" if r.status_code in (401, 403) else "")
+        return None
+
+    def _forget_redirect(self, key: tuple[str, str], url: str | None) -> None:
+        with self._lock:
+            if url is not None and self._blob_urls.get(key) == url:
+                del self._blob_urls[key]
 
     def get_blob_bytes(self, repository: str, desc: Descriptor, limit: int = 64 << 20) -> bytes:
         """Fetch a small blob (config) whole, verified."""
@@ -665,6 +721,11 @@ class ClientPool:
             if registry not in self._clients:
                 self._clients[registry] = RegistryClient(registry, self.options or RegistryOptions.from_env())
             return self._clients[registry]
+
+
+def _other_host(url: str | None, origin: str) -> bool:
+    """True when *url* (where a response came from) is on another host than *origin* (what was asked)."""
+    return bool(url) and urlsplit(url).netloc != urlsplit(origin).netloc
 
 
 def _short_exc(e: BaseException) -> str:

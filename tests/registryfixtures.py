@@ -926,6 +926,10 @@ class FaultProxy:
         self._log: list[ProxiedRequest] = []
         self.emulate_referrers = False
         self._referrers: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        #: when set, blob GETs the registry answers are redirected (307) to a signed URL of this server
+        self.redirect_blobs: "SignedURLServer | None" = None
+        self._revoked: set[str] = set()
+        self._last_challenge: str | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: _ProxyServer | None = None
@@ -1009,6 +1013,15 @@ class FaultProxy:
 
     def drop(self, path: str | re.Pattern[str], *, times: int | None = 1, method: str | None = None) -> FaultRule:
         return self._add(FaultRule("drop", self._pattern(path), method, times))
+
+    def revoke_tokens(self) -> int:
+        """Expire every bearer token seen so far: later requests carrying one get the 401 with a
+        ``WWW-Authenticate`` challenge that a registry sends for an expired token.  Returns how many."""
+        with self._lock:
+            seen = {v for r in self._log for k, v in r.headers.items()
+                    if k.lower() == "authorization" and v.lower().startswith("bearer ")}
+            self._revoked |= seen
+            return len(seen)
 
     def clear_rules(self) -> None:
         with self._lock:
@@ -1132,6 +1145,26 @@ def _make_proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 rec.bytes_sent = len(out)
                 return
 
+            with proxy._lock:
+                revoked = self.headers.get("Authorization") in proxy._revoked
+                challenge = proxy._last_challenge
+            if revoked and challenge:
+                name_m = re.fullmatch(r"/v2/(.+)/(?:blobs|manifests|tags|referrers)/.*", split.path)
+                _, params = parse_challenge(challenge)
+                header = f'Bearer realm="{params.get("realm", "")}",service="{params.get("service", "")}"'
+                if name_m:
+                    header += f',scope="repository:{name_m.group(1)}:pull",error="invalid_token"'
+                out = json.dumps({"errors": [{"code": "UNAUTHORIZED", "message": "token expired"}]}).encode()
+                rec.fault, rec.status = "revoked", 401
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", header)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                if method != "HEAD":
+                    self.wfile.write(out)
+                return
+
             delay, rule = proxy._plan(method, split.path)
             if delay:
                 rec.fault = "delay"
@@ -1181,6 +1214,20 @@ def _make_proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 return
 
             rec.status = resp.status
+            upstream_challenge = resp.getheader("WWW-Authenticate")
+            if upstream_challenge and upstream_challenge.lower().startswith("bearer "):
+                with proxy._lock:
+                    proxy._last_challenge = upstream_challenge
+            blob_m = re.fullmatch(r"/v2/(.+)/blobs/(sha256:[0-9a-f]{64})", split.path)
+            if proxy.redirect_blobs is not None and blob_m and method == "GET" and resp.status in (200, 206):
+                loc = proxy.redirect_blobs.sign(blob_m.group(1), blob_m.group(2), self.headers.get("Authorization"))
+                rec.status = 307
+                rec.response_headers["Location"] = loc
+                self.send_response(307)
+                self.send_header("Location", loc)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             man_m = re.fullmatch(r"/v2/(.+)/manifests/[^/]+", split.path)
             subject_header = None
             if proxy.emulate_referrers and man_m and method == "PUT" and 200 <= resp.status < 300:
@@ -1225,6 +1272,133 @@ def _make_proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             rec.bytes_sent = len(data)
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _proxy
+
+    return Handler
+
+
+class SignedURLServer:
+    """Blob storage behind a registry's redirects (as S3/GCS-backed registries do): ``sign()`` makes a
+    URL of this server (another port: another host to the client) for one blob of the registry at
+    *target_host*, and the server answers GETs of it, ``Range`` included, from the registry with the
+    credential the signed request was made with.  Signed URLs expire: after ``max_uses`` uses (None:
+    never), all at once with ``expire_all()``, or at once when issued while ``dead_on_arrival`` > 0;
+    an expired one answers 403 with an S3-style XML error.  ``requests`` records (path, headers, status).
+    """
+
+    def __init__(self, target_host: str, *, max_uses: int | None = None):
+        self.target_host = target_host
+        self.max_uses = max_uses
+        self.dead_on_arrival = 0
+        self._lock = threading.Lock()
+        self._urls: dict[str, dict[str, Any]] = {}
+        self.requests: list[tuple[str, dict[str, str], int]] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "SignedURLServer":
+        self._server = ThreadingHTTPServer((LOCALHOST, 0), _make_signed_handler(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="signed-url-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> "SignedURLServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def host(self) -> str:
+        if self._server is None:
+            raise RuntimeError("signed URL server is not running")
+        return f"{LOCALHOST}:{self._server.server_address[1]}"
+
+    def sign(self, repository: str, digest: str, authorization: str | None) -> str:
+        sig = secrets.token_hex(12)
+        with self._lock:
+            dead = self.dead_on_arrival > 0
+            self.dead_on_arrival -= dead
+            self._urls[sig] = {"repo": repository, "digest": digest, "auth": authorization, "uses": 0,
+                               "expired": dead}
+        query = urllib.parse.urlencode({"X-Signature": sig, "X-Expires": "900"})
+        return f"http://{self.host}/storage/{digest.replace(':', '/')}?{query}"
+
+    def expire_all(self) -> None:
+        with self._lock:
+            for u in self._urls.values():
+                u["expired"] = True
+
+    @property
+    def issued(self) -> int:
+        with self._lock:
+            return len(self._urls)
+
+    def _take(self, sig: str) -> dict[str, Any] | None:
+        with self._lock:
+            u = self._urls.get(sig)
+            if u is None or u["expired"] or (self.max_uses is not None and u["uses"] >= self.max_uses):
+                return None
+            u["uses"] += 1
+            return dict(u)
+
+
+def _make_signed_handler(server: SignedURLServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _answer(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+            with server._lock:
+                server.requests.append((self.path, dict(self.headers.items()), status))
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            split = urllib.parse.urlsplit(self.path)
+            sig = urllib.parse.parse_qs(split.query).get("X-Signature", [""])[0]
+            u = server._take(sig)
+            if u is None:
+                self._answer(403, {"Content-Type": "application/xml"},
+                             b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AccessDenied</Code>"
+                             b"<Message>Request has expired</Message></Error>")
+                return
+            headers = {"Accept-Encoding": "identity"}
+            if self.headers.get("Range"):
+                headers["Range"] = self.headers["Range"]
+            if u["auth"]:
+                headers["Authorization"] = u["auth"]
+            conn = http.client.HTTPConnection(server.target_host, timeout=30)
+            try:
+                conn.request("GET", f"/v2/{u['repo']}/blobs/{u['digest']}", headers=headers)
+                resp = conn.getresponse()
+                # the registry itself may redirect (it does not here); only the body of a 2xx is relayed
+                data = resp.read()
+                out = {k: v for k, v in resp.getheaders() if k.lower() in ("content-range", "content-type")}
+                self._answer(resp.status, out, data if 200 <= resp.status < 300 else b"")
+            except (OSError, http.client.HTTPException):
+                self._answer(502, {}, b"")
+            finally:
+                conn.close()
+
+        do_HEAD = do_GET
 
     return Handler
 
