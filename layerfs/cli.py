@@ -479,6 +479,36 @@ def _server_name(text: str | None) -> str:
 
 # --- mounts ----------------------------------------------------------------------------
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def _lazy_env() -> bool:
+    """LAYERFS_LAZY=1: mount images that are not local lazily (as --lazy) instead of pulling them."""
+    import os
+    raw = os.environ.get("LAYERFS_LAZY", "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise UsageError(f"LAYERFS_LAZY={raw[:40]!r} is neither 1 nor 0", hint="set LAYERFS_LAZY=1 or unset it")
+
+
+def _is_local(store, ref_text: str, opts) -> bool:
+    """Whether a plain mount of *ref_text* would use a local image (of the wanted platform) or a local
+    source (oci:, oci-archive:, docker-archive:) without pulling."""
+    from .mount import _TRANSPORTS
+    if ref_text.partition(":")[0] in _TRANSPORTS or opts.layer is not None:
+        return True       # a local source, or --layer (never lazy): the plain mount's business
+    try:
+        _, manifest = store.resolve(ref_text)
+    except ImageNotFound:
+        return False
+    if opts.platform is not None:
+        cfg = store.config(manifest).platform
+        return cfg is None or opts.platform.matches(cfg)
+    return True
+
+
 def cmd_mount(ctx: Context) -> int:
     from .mount import MountOptions, mount_image
     a = ctx.args
@@ -500,10 +530,15 @@ def cmd_mount(ctx: Context) -> int:
         progress.message(f"Status: Downloaded newer image for {ref.familiar()}")
         return result
 
-    if a.prefetch is not None and not a.lazy:
-        from .errors import UsageError
+    lazy = a.lazy
+    if lazy is None and _lazy_env():
+        lazy = not _is_local(ctx.store, a.ref, opts)
+        if not lazy and a.prefetch is not None:
+            raise UsageError(f"--prefetch: {a.ref} is a local image, there is nothing to fetch",
+                             hint="use --lazy to mount it from its registry all the same")
+    if a.prefetch is not None and not lazy:
         raise UsageError("--prefetch needs --lazy")
-    if a.lazy:
+    if lazy:
         from .lazy import mount_lazy
         mount_lazy(ctx.store, a.ref, a.mountpoint, opts, registry_options=ctx.registry_options(),
                    prefetch=a.prefetch or "none")
@@ -845,10 +880,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FUSE mount options, e.g. allow_other, suid, dev; nonempty allows a non-empty MOUNTPOINT")
     s.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground until unmounted")
     s.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
-    s.add_argument("--lazy", action="store_true",
+    s.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
                    help="mount from the registry without pulling: eStargz layers, and gzip layers whose index "
                         "was published ('layerfs index push'), are fetched as files are read (others are pulled "
-                        "whole)")
+                        "whole); env LAYERFS_LAZY=1 does so for images that are not local, --no-lazy pulls them")
     s.add_argument("--prefetch", choices=["none", "landmark", "all"], default=None,
                    help="with --lazy: fetch in the background, at low priority, nothing (default), the files "
                         "before an eStargz layer's .prefetch.landmark, or everything")

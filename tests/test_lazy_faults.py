@@ -1,7 +1,7 @@
 """Faults a lazy mount must ride through against a real registry on 127.0.0.1: bearer tokens that
 expire while the mount serves, blob redirects to signed URLs that expire, and registries that refuse
 HEAD requests. Each read must come back with the right bytes, the mount must go on, and the mount's
-log must say at most one plain line per fault.
+log must say at most one plain line per fault. Also the LAYERFS_LAZY default of ``layerfs mount``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from registryfixtures import FaultProxy, SignedURLServer
 from layerfs.auth import Credentials
 from layerfs.cli import main
 from layerfs.imagebuild import LayerBuilder, build_image
-from layerfs.lazy import mount_lazy
+from layerfs.lazy import lazy_status, mount_lazy
 from layerfs.mount import MountOptions
 from layerfs.mount import mounts as layerfs_mounts
 from layerfs.push import PushOptions, Pusher
@@ -219,3 +219,63 @@ def test_lazy_mount_never_needs_head_or_multirange(estargz_store, registry, faul
     assert ranges.count(None) == 1                     # the image config, fetched whole
     assert all(rg.startswith("bytes=") and "," not in rg for rg in ranges if rg is not None)   # one range each
     _quiet(_log(fresh))
+
+
+# --- LAYERFS_LAZY: the default of 'layerfs mount' ------------------------------------------------
+
+def _cli_mount(store: Store, args: list[str], mnt: Path, started) -> object:
+    require_fuse()
+    mnt.mkdir(parents=True, exist_ok=True)
+    assert main(["--root", str(store.root), "mount", "--read-only", *args, str(mnt)]) == 0
+    rec = next(r for r in layerfs_mounts(store) if r.mountpoint == str(mnt.resolve()))
+    track(mnt, rec.pid)
+    started.append((mnt, rec.pid))
+    return rec
+
+
+def test_layerfs_lazy_env_mounts_remote_images_lazily_and_no_lazy_pulls(estargz_store, registry,
+                                                                       fault_proxy_factory, tmp_path,
+                                                                       monkeypatch, mounts):
+    proxy = fault_proxy_factory(registry)
+    ref = _push(estargz_store, proxy.host, "test/lazy-default")
+    layers = estargz_store.resolve(DST)[1].layers
+    monkeypatch.setenv("LAYERFS_LAZY", "1")
+    # not local: mounted lazily, nothing pulled, and file data is fetched on read
+    lazy = Store(tmp_path / "lazy").init()
+    rec = _cli_mount(lazy, [ref], tmp_path / "m1", mounts)
+    assert lazy_status(lazy, rec) is not None
+    assert not any(lazy.has_blob(d.digest, d.size) for d in layers)
+    assert (tmp_path / "m1/data/f3").read_bytes() == FILES["data/f3"]
+    # --no-lazy: pulled whole, then mounted
+    full = Store(tmp_path / "full").init()
+    rec = _cli_mount(full, ["--no-lazy", ref], tmp_path / "m2", mounts)
+    assert lazy_status(full, rec) is None and all(full.has_blob(d.digest, d.size) for d in layers)
+    assert (tmp_path / "m2/data/f3").read_bytes() == FILES["data/f3"]
+    # a local image is mounted from the store: the registry is not asked at all
+    proxy.reset()
+    rec = _cli_mount(full, [ref], tmp_path / "m3", mounts)
+    assert lazy_status(full, rec) is None and proxy.requests == []
+    assert (tmp_path / "m3/data/f5").read_bytes() == FILES["data/f5"]
+    # --lazy still mounts a local image from its registry
+    monkeypatch.setenv("LAYERFS_LAZY", "0")
+    rec = _cli_mount(full, ["--lazy", ref], tmp_path / "m4", mounts)
+    assert lazy_status(full, rec) is not None and proxy.requests
+
+
+def test_layerfs_lazy_env_refusals_are_one_line(estargz_store, tmp_path, monkeypatch, capsys):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    root = str(estargz_store.root)
+    monkeypatch.setenv("LAYERFS_LAZY", "maybe\nnot")
+    assert main(["--root", root, "mount", SRC, str(mnt)]) == 2
+    err = capsys.readouterr().err
+    assert "LAYERFS_LAZY='maybe\\nnot' is neither 1 nor 0" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    monkeypatch.setenv("LAYERFS_LAZY", "1")
+    assert main(["--root", root, "mount", "--prefetch", "all", SRC, str(mnt)]) == 2
+    err = capsys.readouterr().err
+    assert "is a local image, there is nothing to fetch" in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setenv("LAYERFS_LAZY", "0")
+    assert main(["--root", root, "mount", "--prefetch", "all", SRC, str(mnt)]) == 2
+    assert "--prefetch needs --lazy" in capsys.readouterr().err
+    assert list(mnt.iterdir()) == []
