@@ -84,6 +84,14 @@ class BlobResponse:
         self.response.close()
 
 
+class _BodyCut(Exception):
+    """An answer whose body broke off (*error* says how): worth asking again."""
+
+    def __init__(self, error: LayerfsError):
+        super().__init__(error.message)
+        self.error = error
+
+
 class RegistryClient:
     """Talks to one registry on behalf of one or more repositories."""
 
@@ -463,12 +471,30 @@ class RegistryClient:
                    retries: int | None = None) -> bytes:
         """Bytes [*start*, *end*) of a blob with one ``Range`` request (for lazy reads; not verified:
         the caller checks what it asked for). A 206 must answer exactly that range (a multipart
-        answer is refused); a 200 (a server without ranges) is read up to *end* and cut."""
+        answer is refused); a 200 (a server without ranges) is read up to *end* and cut. An answer
+        whose body breaks off (connection lost, or fewer bytes than announced) is asked for again,
+        up to *retries* times (``options.max_retries`` by default) with backoff."""
         if not 0 <= start < end <= desc.size:
             raise ValueError(f"bad range {start}-{end} of a {desc.size}-byte blob")
         if desc.media_type in FOREIGN_LAYER_TYPES and desc.urls:
             raise ForeignLayerError(f"layer {desc.digest.short} is a foreign (non-distributable) layer",
                                     registry=self.registry)
+        max_retries = self.options.max_retries if retries is None else retries
+        attempt = 0
+        while True:
+            try:
+                return self._read_range_once(repository, desc, start, end, retries)
+            except _BodyCut as cut:
+                if attempt >= max_retries:
+                    raise cut.error from None
+                delay = self._backoff(attempt, None)
+                log.info("%s: %s; retrying in %.1fs", self.registry, cut.error.message, delay)
+                time.sleep(delay)
+                attempt += 1
+
+    def _read_range_once(self, repository: str, desc: Descriptor, start: int, end: int,
+                         retries: int | None) -> bytes:
+        """One :meth:`read_range` request; raises :class:`_BodyCut` when its body breaks off."""
         headers = {"Accept-Encoding": "identity", "Range": f"bytes={start}-{end - 1}"}
         key = (repository, str(desc.digest))
         r = self._get_redirected(key, headers, desc)
@@ -512,13 +538,16 @@ class RegistryClient:
                     break
                 out += b
             if len(out) != want:
-                raise SizeMismatch(f"blob {desc.digest.short}: range {start}-{end - 1} ended after "
-                                   f"{len(out)} of {want} bytes", where=self.registry)
+                raise _BodyCut(SizeMismatch(f"blob {desc.digest.short}: range {start}-{end - 1} ended after "
+                                            f"{len(out)} of {want} bytes", where=self.registry))
             return bytes(out)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             self._forget_redirect(key, r.url)
-            raise RegistryUnreachable(f"blob {desc.digest.short}: connection failed: {_short_exc(e)}",
-                                      registry=self.registry) from None
+            raise _BodyCut(RegistryUnreachable(f"blob {desc.digest.short}: connection failed: {_short_exc(e)}",
+                                               registry=self.registry)) from None
+        except _BodyCut:
+            self._forget_redirect(key, r.url)
+            raise
         except LayerfsError:
             self._forget_redirect(key, r.url)
             raise

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import random
 import ipaddress
 import json
 import socket
@@ -275,3 +276,22 @@ def test_retry_after_is_honoured_and_bounded(fake):
         client.get_manifest("r", "t")
     assert ei.value.status == 429 and ei.value.temporary and "TOOMANYREQUESTS" in ei.value.codes
     assert len(calls) == 4
+
+
+def test_read_range_asks_again_when_the_body_breaks_off(registry, fault_proxy, unique_repo, monkeypatch):
+    """A Range answer cut in the middle of its body is asked for again (with backoff), up to *retries* times;
+    beyond that the read fails with one RegistryUnreachable."""
+    monkeypatch.setenv("LAYERFS_BACKOFF_BASE", "0.01")
+    img = build_image([LayerBuilder().add_file("big", random.Random(5).randbytes(1 << 20)).build()])
+    push_image(registry.host, unique_repo, "v1", img)
+    desc = img.layer_descriptors[0]
+    blob = img.blobs[desc.digest]
+    client = RegistryClient(fault_proxy.host, RegistryOptions.from_env())
+    rule = fault_proxy.cut(rf"/blobs/{desc.digest}", after_bytes=5000, times=1)
+    assert client.read_range(unique_repo, desc, 1000, 600_000, retries=1) == blob[1000:600_000]
+    assert rule.hits == 1
+    gets = [r for r in fault_proxy.requests if f"/blobs/{desc.digest}" in r.path]
+    assert len(gets) == 2 and all(r.headers.get("Range") == "bytes=1000-599999" for r in gets)
+    fault_proxy.cut(rf"/blobs/{desc.digest}", after_bytes=5000, times=2)
+    with pytest.raises(RegistryUnreachable, match="connection failed|ended after"):
+        client.read_range(unique_repo, desc, 0, 600_000, retries=1)
