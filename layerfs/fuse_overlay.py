@@ -26,6 +26,7 @@ across opens (``keep_cache``): only this mount writes the upper directory.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -62,7 +63,7 @@ class OverlayFS:
         self._nodes = overlay.nodes            # the mount loop makes lazy lower nodes in the background
         self._dirs: dict[int, list[tuple[bytes, Attr]]] = {}
         self._dir_ino: dict[int, int] = {}
-        self._next_dir_fh = 1
+        self._dir_fhs = itertools.count(1)      # next() is atomic: handlers run in several threads
         self.session = None                    # set by serve(); kernel notifications once the mount answers
         self.live = False
         overlay.on_attr_changed = self._attr_changed
@@ -176,8 +177,7 @@ class OverlayFS:
     def opendir(self, ino):
         if not stat.S_ISDIR(self.ovl.getattr(ino).mode):
             raise fuse_error(errno.ENOTDIR)
-        fh = self._next_dir_fh
-        self._next_dir_fh += 1
+        fh = next(self._dir_fhs)
         self._dir_ino[fh] = ino
         return fh, 0
 

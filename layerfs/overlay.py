@@ -1039,16 +1039,12 @@ class Overlay:
         if f.upper and f.dead_attr is None and f.ino >= len(self.nodes):
             self.inodes.pop(f.ino, None)
 
+    @_locked
     def forget(self, ino: int) -> None:
-        """The kernel dropped *ino*: a file without names is gone for good (never waits for the lock)."""
-        if not self._lock.acquire(blocking=False):
-            return
-        try:
-            f = self.inodes.get(ino)
-            if isinstance(f, File) and f.dead and not f.links and f.nopen <= 0 and f.ino >= len(self.nodes):
-                del self.inodes[ino]
-        finally:
-            self._lock.release()
+        """The kernel dropped *ino*: a file without names is gone for good."""
+        f = self.inodes.get(ino)
+        if isinstance(f, File) and f.dead and not f.links and f.nopen <= 0 and f.ino >= len(self.nodes):
+            del self.inodes[ino]
 
     def _removable(self, parent: int, name: str) -> tuple[Dir, dict[str, int], int]:
         """(parent dir, its entries, the inode) of a name about to be removed; EROFS, ENOENT."""
