@@ -415,9 +415,9 @@ class GzipIndexer(_IndexerBase):
 
     compression = "gzip"
 
-    def __init__(self, span: int = DEFAULT_SPAN, *, window_level: int = 1) -> None:
+    def __init__(self, span: int = DEFAULT_SPAN, *, window_level: int = 1, check: bool = True) -> None:
         super().__init__(span)
-        self._inf = _zran.Inflater(span, window_level)
+        self._inf = _zran.Inflater(span, window_level, check)
 
     def feed(self, chunk: bytes) -> bytes:
         """Inflate one chunk of the blob; returns all its output (a chunk of
@@ -591,11 +591,12 @@ class PlainIndexer(_IndexerBase):
     total_out = total_in
 
 
-def make_indexer(compression: str | None, span: int = DEFAULT_SPAN) -> Indexer:
-    """An indexer for ``"gzip"``, ``"zstd"`` or ``None`` (uncompressed)."""
+def make_indexer(compression: str | None, span: int = DEFAULT_SPAN, *, check: bool = True) -> Indexer:
+    """An indexer for ``"gzip"``, ``"zstd"`` or ``None`` (uncompressed). ``check=False`` skips
+    gzip's own CRC-32/ISIZE check, for callers that verify stronger digests of the same bytes."""
     comp = normalize_compression(compression)
     if comp == "gzip":
-        return GzipIndexer(span)
+        return GzipIndexer(span, check=check)
     if comp == "zstd":
         return ZstdIndexer(span)
     return PlainIndexer(span)

@@ -902,6 +902,10 @@ class LayerIndexer:
     :meth:`close` (or ``finish``) when abandoning an indexer early; dropping
     it also stops the thread. One indexer is fed by one thread at a time.
 
+    *digest* names the blob, and says its bytes are verified against it by
+    the caller (the pull's hash, a verifying read of a stored blob): gzip's
+    own CRC-32 is then not computed again. Without it the CRC is checked.
+
     The caller saves the result: ``indexer.finish().save(index_path(store, digest))``.
     """
 
@@ -936,7 +940,9 @@ class LayerIndexer:
         if actual != self.declared:
             log.info("%s: media type says %s but the data is %s", self.where,
                      self.declared or "uncompressed", actual or "uncompressed")
-        self._ix = gzindex.make_indexer(actual, self.span)
+        # a blob named by its digest is verified by whoever reads it (and what comes out by the diff_id):
+        # gzip's own CRC-32 would only check the same bytes again
+        self._ix = gzindex.make_indexer(actual, self.span, check=self.digest is None)
 
     def feed(self, chunk: bytes) -> None:
         if self._error is not None:
