@@ -274,7 +274,6 @@ def push_index(store, ref_text: str, *, span: int = DEFAULT_PUSH_SPAN, registry_
                progress: Callable[[str], None] | None = None) -> IndexPushResult:
     """Publish the layer indexes of the local image *ref_text* to its registry (see the module docs)."""
     from .estargz import is_estargz
-    from .reference import Reference
     say = progress or (lambda _m: None)
     if not 4096 <= span <= MAX_SPAN_BYTES:
         raise UsageError(f"index span {span} out of range", hint="use 4k to 64M")

@@ -749,7 +749,7 @@ static PyTypeObject InflaterType = {
     .tp_basicsize = sizeof(Inflater),
     .tp_dealloc = (destructor)Inflater_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Inflater(span, window_level=6): streaming gzip inflater that records checkpoints",
+    .tp_doc = "Inflater(span, window_level=6, check=True): streaming gzip inflater that records checkpoints",
     .tp_methods = Inflater_methods,
     .tp_getset = Inflater_getset,
     .tp_init = (initproc)Inflater_init,

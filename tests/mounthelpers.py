@@ -296,6 +296,29 @@ def watchdog(seconds: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def started_mounts(seconds: float) -> Iterator[list[tuple[Path, int]]]:
+    """Under a :func:`watchdog` of *seconds*: a list the test appends (mount point, daemon pid) of
+    each mount it starts to; all of them are torn down whatever happens."""
+    started: list[tuple[Path, int]] = []
+    with watchdog(seconds):
+        yield started
+        for mnt, pid in started:
+            force_unmount(mnt, pid)
+
+
+def mount_lazy_read_only(store: Store, ref: str, mnt: Path, started: list[tuple[Path, int]]) -> Path:
+    """Mount *ref* lazily and read-only at *mnt* (made if missing), recorded in *started* for teardown."""
+    from layerfs.lazy import mount_lazy
+    from layerfs.mount import MountOptions
+    require_fuse()
+    mnt.mkdir(parents=True, exist_ok=True)
+    rec = mount_lazy(store, ref, mnt, MountOptions(read_only=True))
+    track(mnt, rec.pid)
+    started.append((mnt, rec.pid))
+    return mnt
+
+
+@contextlib.contextmanager
 def mounted(tree: MergedTree, mountpoint: Path, store: Store, *, image: str = "test/tree:1",
             **options) -> Iterator[MountRecord]:
     """Mount *tree* daemonised at *mountpoint*; always unmount and kill the daemon afterwards."""

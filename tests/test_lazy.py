@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from mounthelpers import force_unmount, require_fuse, track, watchdog
+from mounthelpers import force_unmount, mount_lazy_read_only, require_fuse, started_mounts, track
 from registryfixtures import require_binary
 from layerfs.cli import main
 from layerfs.estargz import (FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
                              EStargzError, footer_bytes, parse_footer, parse_toc_member)
 from layerfs.imagebuild import LayerBuilder, build_image
-from layerfs.lazy import lazy_cache_dir, open_lazy_tree, mount_lazy
+from layerfs.lazy import lazy_cache_dir, open_lazy_tree
 from layerfs.mount import MountOptions, mount_image
 from layerfs.mount import mounts as layerfs_mounts
 from layerfs.oci import Digest
@@ -107,20 +107,8 @@ def _env(tmp_path, monkeypatch):
 @pytest.fixture
 def mounts():
     """Mount points to tear down (with their daemon pids) whatever happens."""
-    started: list[tuple[Path, int]] = []
-    with watchdog(WATCHDOG):
+    with started_mounts(WATCHDOG) as started:
         yield started
-        for mnt, pid in started:
-            force_unmount(mnt, pid)
-
-
-def _mount_lazy(store: Store, ref: str, mnt: Path, started) -> Path:
-    require_fuse()
-    mnt.mkdir(parents=True, exist_ok=True)
-    rec = mount_lazy(store, ref, mnt, MountOptions(read_only=True))
-    track(mnt, rec.pid)
-    started.append((mnt, rec.pid))
-    return mnt
 
 
 def _blob_bytes(proxy, manifest) -> tuple[int, list]:
@@ -259,7 +247,7 @@ def test_lazy_mount_matches_full_mount_and_reuses_its_cache(image, fault_proxy, 
     st, repo, m = image
     ref = f"{fault_proxy.host}/{repo}:v1"
     fresh = Store(tmp_path / "fresh").init()
-    lazy = _mount_lazy(fresh, ref, tmp_path / "lazy", mounts)
+    lazy = mount_lazy_read_only(fresh, ref, tmp_path / "lazy", mounts)
     meta = _walk(lazy, read=False)                     # metadata only: no file bytes fetched
     toc_bytes, _ = _blob_bytes(fault_proxy, m)
     fault_proxy.reset()
@@ -313,7 +301,7 @@ def test_corrupt_chunk_and_registry_down_give_eio_only_for_that_read(image, regi
     bad[ent["offset"] + 200] ^= 0xFF
     data_file.write_bytes(bytes(bad))
     fresh = Store(tmp_path / "fresh").init()
-    mnt = _mount_lazy(fresh, ref, tmp_path / "mnt", mounts)
+    mnt = mount_lazy_read_only(fresh, ref, tmp_path / "mnt", mounts)
     with pytest.raises(OSError) as ei:
         (mnt / "data/f6").read_bytes()
     assert ei.value.errno == errno.EIO

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from mounthelpers import force_unmount, require_fuse, track, watchdog
+from mounthelpers import mount_lazy_read_only, require_fuse, started_mounts, track
 from registryfixtures import FaultProxy, SignedURLServer
 from layerfs.auth import Credentials
 from layerfs.cli import main
 from layerfs.imagebuild import LayerBuilder, build_image
-from layerfs.lazy import lazy_status, mount_lazy
-from layerfs.mount import MountOptions
+from layerfs.lazy import lazy_status
 from layerfs.mount import mounts as layerfs_mounts
 from layerfs.push import PushOptions, Pusher
 from layerfs.reference import Reference
@@ -57,11 +56,9 @@ def _env(tmp_path, monkeypatch):
 
 @pytest.fixture
 def mounts():
-    started: list[tuple[Path, int]] = []
-    with watchdog(WATCHDOG):
+    """Mount points to tear down (with their daemon pids) whatever happens."""
+    with started_mounts(WATCHDOG) as started:
         yield started
-        for mnt, pid in started:
-            force_unmount(mnt, pid)
 
 
 @pytest.fixture
@@ -79,15 +76,6 @@ def _push(st: Store, host: str, repo: str, creds=None) -> str:
 
 def _alice(reg) -> Credentials:
     return Credentials(username=reg.auth[0], password=reg.auth[1])
-
-
-def _mount_lazy(store: Store, ref: str, mnt: Path, started) -> Path:
-    require_fuse()
-    mnt.mkdir(parents=True, exist_ok=True)
-    rec = mount_lazy(store, ref, mnt, MountOptions(read_only=True))
-    track(mnt, rec.pid)
-    started.append((mnt, rec.pid))
-    return mnt
 
 
 def _log(store: Store) -> str:
@@ -112,7 +100,7 @@ def test_expired_token_is_renewed_during_lazy_reads(estargz_store, token_registr
     proxy = fault_proxy_factory(reg)
     ref = _push(estargz_store, proxy.host, "test/lazy-token", _alice(reg))
     fresh = Store(tmp_path / "fresh").init()
-    mnt = _mount_lazy(fresh, ref, tmp_path / "mnt", mounts)
+    mnt = mount_lazy_read_only(fresh, ref, tmp_path / "mnt", mounts)
     assert (mnt / "etc/motd").read_bytes() == b"hello again\n"
     for round_ in range(2):                        # the renewed token expires in its turn
         assert proxy.revoke_tokens() >= 1
@@ -184,7 +172,7 @@ def test_lazy_mount_rides_through_expiring_signed_urls(signed, tmp_path, mounts)
     server.max_uses = 1                          # every signed URL expires after its first use
     server.dead_on_arrival = 1
     fresh = Store(tmp_path / "fresh").init()
-    mnt = _mount_lazy(fresh, ref, tmp_path / "mnt", mounts)
+    mnt = mount_lazy_read_only(fresh, ref, tmp_path / "mnt", mounts)
     for name, data in FILES.items():
         assert (mnt / name).read_bytes() == data
     server.max_uses = None
@@ -209,7 +197,7 @@ def test_lazy_mount_never_needs_head_or_multirange(estargz_store, registry, faul
     proxy.reset()
     proxy.fail(r"^/v2/", 405, method="HEAD", times=None)
     fresh = Store(tmp_path / "fresh").init()
-    mnt = _mount_lazy(fresh, ref, tmp_path / "mnt", mounts)
+    mnt = mount_lazy_read_only(fresh, ref, tmp_path / "mnt", mounts)
     for name, data in FILES.items():
         assert (mnt / name).read_bytes() == data
     assert (mnt / "etc/motd").read_bytes() == b"hello again\n"

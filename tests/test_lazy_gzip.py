@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from mounthelpers import force_unmount, require_fuse, track, watchdog
+from mounthelpers import force_unmount, mount_lazy_read_only, require_fuse, started_mounts, track
 from treecompare import compare
 from treecompare import snapshot as dir_snapshot
 from layerfs.cli import main
@@ -30,7 +30,7 @@ from layerfs.imagebuild import LayerBuilder, build_image
 from layerfs.indexpush import (ARTIFACT_TYPE, HEAD_DIGEST_ANNOTATION, HEAD_SIZE_ANNOTATION, INDEX_MEDIA_TYPE,
                                LAYER_ANNOTATION, IndexArtifactError, build_index_blob, parse_head, referrers_tag)
 from layerfs.layerindex import load_or_build
-from layerfs.lazy import lazy_cache_dir, mount_lazy, open_lazy_tree
+from layerfs.lazy import lazy_cache_dir, open_lazy_tree
 from layerfs.mount import MountOptions, mount_image
 from layerfs.mount import mounts as layerfs_mounts
 from layerfs.oci import Digest
@@ -381,20 +381,9 @@ def test_unusable_published_index_falls_back_to_a_full_pull(registry, tmp_path, 
 
 @pytest.fixture
 def mounts():
-    started: list[tuple[Path, int]] = []
-    with watchdog(WATCHDOG):
+    """Mount points to tear down (with their daemon pids) whatever happens."""
+    with started_mounts(WATCHDOG) as started:
         yield started
-        for mnt, pid in started:
-            force_unmount(mnt, pid)
-
-
-def _mount_lazy(store: Store, ref: str, mnt: Path, started) -> Path:
-    require_fuse()
-    mnt.mkdir(parents=True, exist_ok=True)
-    rec = mount_lazy(store, ref, mnt, MountOptions(read_only=True))
-    track(mnt, rec.pid)
-    started.append((mnt, rec.pid))
-    return mnt
 
 
 def test_lazy_gzip_mount_equals_the_full_mount_and_reuses_its_cache(published, fault_proxy, tmp_path, mounts):
@@ -402,7 +391,7 @@ def test_lazy_gzip_mount_equals_the_full_mount_and_reuses_its_cache(published, f
     ref = f"{fault_proxy.host}/{repo}:v1"
     m = _manifest(st, f"{fault_proxy.target_host}/{repo}:v1")
     fresh = Store(tmp_path / "fresh").init()
-    lazy = _mount_lazy(fresh, ref, tmp_path / "lazy", mounts)
+    lazy = mount_lazy_read_only(fresh, ref, tmp_path / "lazy", mounts)
     assert _layer_bytes(fault_proxy, m) == (0, [])
     assert (lazy / "etc/motd").read_bytes() == b"hello again\n"                 # layer 2
     assert (lazy / "data/f3").read_bytes() == _rand(70_000, 3)                  # layer 1
@@ -451,7 +440,7 @@ def test_corrupt_span_and_registry_down_give_eio_only_for_that_read(registry_fac
     bad[(sp.cstart + sp.cend) // 2] ^= 0xFF
     data_file.write_bytes(bytes(bad))
     fresh = Store(tmp_path / "fresh").init()
-    mnt = _mount_lazy(fresh, ref, tmp_path / "mnt", mounts)
+    mnt = mount_lazy_read_only(fresh, ref, tmp_path / "mnt", mounts)
     with pytest.raises(OSError) as ei:
         (mnt / "data/f3").read_bytes()
     assert ei.value.errno == errno.EIO
