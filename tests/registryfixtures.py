@@ -498,7 +498,38 @@ class _SigningKey:
         return self.key.sign(message, padding.PKCS1v15(), hashes.SHA256())
 
 
-class TokenServer:
+class _ServedInThread:
+    """A ThreadingHTTPServer on 127.0.0.1 served from a daemon thread: ``start()`` (the subclass's,
+    calling :meth:`_serve`), ``stop()``, and ``with`` for both."""
+
+    _server: ThreadingHTTPServer | None = None
+    _thread: threading.Thread | None = None
+
+    def _serve(self, handler: type, name: str) -> None:
+        server = ThreadingHTTPServer((LOCALHOST, 0), handler)
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> "_ServedInThread":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class TokenServer(_ServedInThread):
     """A Docker-Hub-like token service (``GET /token?service=&scope=``, ``POST /token``).
 
     Issues JWTs signed with a fresh key whose self-signed certificate
@@ -661,28 +692,8 @@ class TokenServer:
         if self._server is not None:
             return self
         self.cert_path.write_bytes(self.key.cert_pem)
-        server = ThreadingHTTPServer((LOCALHOST, 0), _make_token_handler(self))
-        server.daemon_threads = True
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="token-server", daemon=True)
-        self._thread.start()
+        self._serve(_make_token_handler(self), "token-server")
         return self
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> "TokenServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
         split = urllib.parse.urlsplit(path)
@@ -1276,7 +1287,7 @@ def _make_proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class SignedURLServer:
+class SignedURLServer(_ServedInThread):
     """Blob storage behind a registry's redirects (as S3/GCS-backed registries do): ``sign()`` makes a
     URL of this server (another port: another host to the client) for one blob of the registry at
     *target_host*, and the server answers GETs of it, ``Range`` included, from the registry with the
@@ -1296,27 +1307,8 @@ class SignedURLServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> "SignedURLServer":
-        self._server = ThreadingHTTPServer((LOCALHOST, 0), _make_signed_handler(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="signed-url-server", daemon=True)
-        self._thread.start()
+        self._serve(_make_signed_handler(self), "signed-url-server")
         return self
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> "SignedURLServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     @property
     def host(self) -> str:
