@@ -798,7 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ref", metavar="REF")
     s.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform image")
     s.add_argument("-q", "--quiet", action="store_true", help="print only the image reference")
-    s.add_argument("--max-concurrent-downloads", type=int, default=3, metavar="N")
+    s.add_argument("--max-concurrent-downloads", type=int, default=6, metavar="N",
+                   help="layers downloaded at once (default 6, as skopeo)")
     s.set_defaults(func=cmd_pull)
 
     s = sub.add_parser("load", help="load images from a docker save archive or an OCI archive/layout")

@@ -529,3 +529,26 @@ def test_identity_token_refresh_flow(registry_token, unique_repo, store_root, ca
     code, out, err = run(["pull", f"{registry_token.host}/{unique_repo}:t"], capsys)
     assert code == 0, err
     assert ts.requests and all(r.method == "POST" and r.form["grant_type"] == ["refresh_token"] for r in ts.requests)
+
+
+def test_layers_download_biggest_first(registry, unique_repo, store_root):
+    """Layers start in order of size, biggest first (a big layer started last would end the pull
+    alone); the ones past the concurrency limit are announced as waiting, in that same order."""
+    from layerfs.pull import PullOptions, Puller
+    from layerfs.reference import Reference
+    sizes = [3000, 90000, 500, 40000]
+    layers = []
+    for i, n in enumerate(sizes):
+        b = LayerBuilder()
+        b.add_file(f"f{i}", os.urandom(n))
+        layers.append(b.build())
+    img = build_image(layers)
+    push_image(registry.host, unique_repo, "v1", img)
+    events = []
+    Puller(Store(store_root), PullOptions(max_concurrent_downloads=1),
+           lambda layer, status, *a: events.append((layer, status))).pull(
+        Reference.parse(f"{registry.host}/{unique_repo}:v1"))
+    by_size = [d.digest.short for d in sorted(img.layer_descriptors, key=lambda d: -d.size)]
+    started = [l for l, s in events if s == "Verifying Checksum"]
+    assert started == by_size
+    assert [l for l, s in events if s == "Waiting"] == by_size[1:]
