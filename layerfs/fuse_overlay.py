@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _FSENC = sys.getfilesystemencoding()
 #: rename(2) flags the overlay knows (RENAME_NOREPLACE, RENAME_EXCHANGE)
 _RENAME_FLAGS = 1 | 2
+_CAPABILITY = "security.capability"
 
 
 def _name(raw: bytes) -> str:
@@ -208,12 +209,16 @@ class OverlayFS:
     def open(self, ino, flags):
         fh = self.ovl.open(ino, flags)
         if self.ovl.handle_is_shared(fh):      # one name of a lower hard-linked file: no page cache
-            return fh, _fuse.DIRECT_IO | _fuse.NOFLUSH
-        return fh, _fuse.KEEP_CACHE | _fuse.NOFLUSH
+            bits = _fuse.DIRECT_IO | _fuse.NOFLUSH
+        else:
+            bits = _fuse.KEEP_CACHE | _fuse.NOFLUSH
+        if flags & os.O_ACCMODE != os.O_RDONLY and not self.ovl.has_xattr(ino, _CAPABILITY):
+            bits |= _fuse.NO_CAPABILITY        # the kernel asks before every write: answered without us
+        return fh, bits
 
     def create(self, parent, name, mode, flags, uid, gid):
         fh, a = self.ovl.create(parent, _name(name), mode, flags, uid=uid, gid=gid)
-        return fh, _fuse.KEEP_CACHE | _fuse.NOFLUSH, _entry(a)
+        return fh, _fuse.KEEP_CACHE | _fuse.NOFLUSH | _fuse.NO_CAPABILITY, _entry(a)   # a new file: no xattrs
 
     def read(self, ino, fh, off, size):
         return self.ovl.read(fh, off, size)

@@ -98,7 +98,7 @@ class MountOptions:
     upper: str | None = None               # the upper directory (None: a new one in the store when writable)
     layer: int | None = None               # show only the first N layers (the image after layer N)
     platform: Platform | None = None       # used when the image must be pulled
-    fuse_options: Sequence[str] = ()       # passed to libfuse (-o), e.g. allow_other; "nonempty" is ours
+    fuse_options: Sequence[str] = ()       # passed to libfuse (-o), e.g. allow_other; "nonempty", "volatile" are ours
     foreground: bool = False
     debug: bool = False                    # debug logs (libfuse's request trace: fuse_options=["debug"])
     ready_fd: int | None = None            # foreground: report readiness on this fd (like the daemon pipe)
@@ -113,6 +113,8 @@ class MountOptions:
         if not self.read_only and "ro" in self.fuse_options:
             raise UsageError("-o ro: use --read-only for a read-only mount")
         object.__setattr__(self, "fuse_options", tuple(o for o in self.fuse_options if o != "rw"))
+        if self.read_only and self.volatile:
+            raise UsageError("-o volatile is for writable mounts", hint="leave out --read-only")
         if self.upper is not None:
             object.__setattr__(self, "upper", os.path.abspath(os.fspath(self.upper)))
 
@@ -121,8 +123,13 @@ class MountOptions:
         return "nonempty" in self.fuse_options
 
     @property
+    def volatile(self) -> bool:
+        """As kernel overlayfs's option: copy-ups and fsync(2) are not synced to disk."""
+        return "volatile" in self.fuse_options
+
+    @property
     def libfuse_options(self) -> tuple[str, ...]:
-        return tuple(o for o in self.fuse_options if o != "nonempty")
+        return tuple(o for o in self.fuse_options if o not in ("nonempty", "volatile"))
 
 
 @dataclass(frozen=True)
@@ -614,11 +621,14 @@ def _serve_here(tree: "MergedTree", record: MountRecord, options: MountOptions, 
             fusefs.serve(tree, record.mountpoint, fuse_opts, on_ready=ready)
         else:
             from .fuse_overlay import serve_overlay
-            from .overlay import Overlay, UpperInUse
+            from .overlay import Overlay, UpperDirty, UpperInUse
             try:
-                overlay = Overlay(tree, record.upper, read_only=options.read_only)
+                overlay = Overlay(tree, record.upper, read_only=options.read_only, volatile=options.volatile)
             except UpperInUse as e:
                 raise MountError(str(e.strerror), hint="unmount the other mount first, or use another --upper") from None
+            except UpperDirty as e:
+                raise MountError(str(e.strerror), hint=f"its changes may be incomplete; delete {e.filename} "
+                                                       "to use it anyway, or start from a fresh upper") from None
             except OSError as e:
                 raise MountError(f"cannot use upper directory {record.upper}: {e.strerror}") from None
             serve_overlay(overlay, record.mountpoint, fuse_opts, on_ready=ready)

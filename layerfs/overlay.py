@@ -118,6 +118,13 @@ class UpperInUse(OSError):
     """Another mount holds the upper directory (its work dir lock)."""
 
 
+class UpperDirty(OSError):
+    """A volatile mount of the upper directory did not end cleanly (*filename*: its marker)."""
+
+
+VOLATILE_MARKER = "volatile"     # in the work dir while a volatile mount runs (kernel overlayfs: work/incompat/volatile)
+
+
 def _err(code: int, what: str = "") -> OSError:
     return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
 
@@ -269,6 +276,21 @@ def _locked(method):
 _libc = None
 
 
+def _syncfs(fd: int) -> None:
+    """syncfs(2) of the file system holding *fd* (os.sync() where libc lacks it)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        f = _libc.syncfs
+    except AttributeError:
+        os.sync()
+        return
+    if f(fd) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 def _renameat2(old: str, new: str, flags: int) -> None:
     global _libc
     if _libc is None:
@@ -282,6 +304,10 @@ class Overlay:
     """The merged view of *tree* (read-only lower layers) and the directory *upper*.
 
     *read_only*: serve the upper's changes without allowing new ones (EROFS).
+    *volatile*: as kernel overlayfs's ``volatile`` option, nothing is synced to disk while
+    mounted (copy-ups are not fsynced before their rename, fsync(2) does nothing); a marker
+    in the work dir says so until :meth:`close` has synced everything, and an upper whose
+    volatile mount ended without that (a crash) is refused (:class:`UpperDirty`).
     *on_attr_changed(ino)* is called (with the overlay's lock held, from the
     thread of the request) when attributes of an inode changed without the
     caller asking for it (a directory became merged and shows nlink 1, a
@@ -290,10 +316,11 @@ class Overlay:
     """
 
     def __init__(self, tree: MergedTree, upper: str | os.PathLike[str], *, read_only: bool = False,
-                 on_attr_changed: Callable[[int], None] | None = None):
+                 volatile: bool = False, on_attr_changed: Callable[[int], None] | None = None):
         self.tree = tree
         self.nodes = tree.nodes
         self.read_only = read_only
+        self.volatile = volatile and not read_only
         self.upper_root = os.path.abspath(os.fspath(upper))
         self.work = work_dir_for(self.upper_root)
         self.on_attr_changed = on_attr_changed
@@ -333,10 +360,22 @@ class Overlay:
         except BlockingIOError:
             os.close(fd)
             raise UpperInUse(errno.EBUSY, f"the upper directory {self.upper_root} is in use by another mount")
+        try:
+            if os.stat(self.work).st_dev != os.stat(self.upper_root).st_dev:
+                raise _err(errno.EXDEV, f"work directory {self.work} is on another file system than "
+                                        f"{self.upper_root}")
+            marker = os.path.join(self.work, VOLATILE_MARKER)
+            if os.path.lexists(marker):
+                raise UpperDirty(errno.EUCLEAN, f"the upper directory {self.upper_root} was mounted with "
+                                                "-o volatile and that mount did not end cleanly", marker)
+            self._clean_work()
+            if self.volatile:
+                os.mkdir(marker, 0o700)
+                os.fsync(fd)            # the marker is on disk before any change that is not
+        except BaseException:
+            os.close(fd)                # the upper is not ours after all
+            raise
         self._lock_fd = fd
-        if os.stat(self.work).st_dev != os.stat(self.upper_root).st_dev:
-            raise _err(errno.EXDEV, f"work directory {self.work} is on another file system than {self.upper_root}")
-        self._clean_work()
         if fresh:   # the mount's root shows the image root's mode, owner and times
             root = self.nodes[ROOT_INO]
             assert root is not None
@@ -366,6 +405,11 @@ class Overlay:
                         os.close(i.anon_fd)
                     i.anon_fd = None
             if self._lock_fd is not None:
+                if self.volatile:       # everything on disk, then the marker goes
+                    _syncfs(self._lock_fd)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rmdir(os.path.join(self.work, VOLATILE_MARKER))
+                    os.fsync(self._lock_fd)
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
@@ -835,7 +879,8 @@ class Overlay:
                     if data.count(0) != len(data):     # leave holes where the data is zeros
                         os.pwrite(fd, data, off)
                     off += len(data)
-            os.fsync(fd)
+            if not self.volatile:
+                os.fsync(fd)        # on disk before the rename makes it visible (as kernel overlayfs)
         finally:
             os.close(fd)
 
@@ -1291,6 +1336,16 @@ class Overlay:
         return os.getxattr(path, name, follow_symlinks=False)
 
     @_locked
+    def has_xattr(self, ino: int, name: str) -> bool:
+        try:
+            self.getxattr(ino, name)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP):
+                return False
+            raise
+        return True
+
+    @_locked
     def listxattr(self, ino: int) -> list[str]:
         path, xattrs = self._xattr_source(ino)
         names = list(xattrs or ()) if path is None else os.listxattr(path, follow_symlinks=False)
@@ -1372,7 +1427,7 @@ class Overlay:
 
     def fsync(self, fh: int, datasync: bool = False) -> None:
         h = self.handles.get(fh)
-        if h is not None and h.fd is not None:
+        if h is not None and h.fd is not None and not self.volatile:
             (os.fdatasync if datasync else os.fsync)(h.fd)
 
     def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:

@@ -50,7 +50,8 @@
  *   error(opname, exception) -> errno   (any exception but an OSError with an ordinary errno:
  *                                        ENOENT, EEXIST, ENOTEMPTY...; see quiet_errno)
  *
- * open_bits: 1 keep_cache, 2 direct_io, 4 cache_readdir, 8 noflush, 16 nonseekable.
+ * open_bits: 1 keep_cache, 2 direct_io, 4 cache_readdir, 8 noflush, 16 nonseekable,
+ *            32 no_capability (the inode has no security.capability: see the cache below).
  * Handlers fail by raising OSError(errno, ...).
  */
 #define FUSE_USE_VERSION 34
@@ -88,6 +89,7 @@ static const char *const op_names[N_OPS] = {
 #define BIT_CACHE_DIR 4
 #define BIT_NOFLUSH 8
 #define BIT_NONSEEKABLE 16
+#define BIT_NO_CAPABILITY 32
 
 typedef struct {
     PyObject_HEAD
@@ -178,8 +180,8 @@ static void apply_bits(struct fuse_file_info *fi, unsigned long bits)
     fi->nonseekable = !!(bits & BIT_NONSEEKABLE);
 }
 
-/* (fh, bits) -> fi; -1 with an exception set */
-static int parse_open(PyObject *r, struct fuse_file_info *fi)
+/* (fh, bits) -> fi (and *bits_out, when given); -1 with an exception set */
+static int parse_open(PyObject *r, struct fuse_file_info *fi, unsigned long *bits_out)
 {
     unsigned long long fh;
     unsigned long bits;
@@ -193,6 +195,8 @@ static int parse_open(PyObject *r, struct fuse_file_info *fi)
         return -1;
     fi->fh = fh;
     apply_bits(fi, bits);
+    if (bits_out != NULL)
+        *bits_out = bits;
     return 0;
 }
 
@@ -327,8 +331,10 @@ static PyObject *fh_or_none(struct fuse_file_info *fi)
 /* ---- the security.capability cache ----------------------------------------------------------
  * The kernel asks for security.capability before every write(2) and chown (to drop file
  * capabilities). The answer only changes through setxattr/removexattr requests, which pass here:
- * remembering "none" per inode answers those requests without Python. Inode numbers are never
- * reused by a session's handlers while the kernel knows them. */
+ * remembering "none" per inode answers those requests without Python. "None" is learnt from an
+ * ENODATA answer, or from an open or create whose handler says so (BIT_NO_CAPABILITY: a new file,
+ * a file opened for writing that has none), which spares the first write its round trip to Python.
+ * Inode numbers are never reused by a session's handlers while the kernel knows them. */
 #define CAP_XATTR "security.capability"
 
 static int nocap_get(Session *s, fuse_ino_t ino)
@@ -567,15 +573,18 @@ static void ll_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const 
 
 static void ll_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
+    unsigned long bits;
     ENTER(OP_OPEN)
     r = PyObject_CallFunction(s->ops[OP_OPEN], "Ki", (unsigned long long)ino, fi->flags);
-    if (r == NULL || parse_open(r, fi) < 0) {
+    if (r == NULL || parse_open(r, fi, &bits) < 0) {
         Py_XDECREF(r);
         fail(req, s, OP_OPEN, g);
         return;
     }
     Py_DECREF(r);
     PyGILState_Release(g);
+    if (bits & BIT_NO_CAPABILITY)
+        nocap_set(s, ino, 1);
     if (fuse_reply_open(req, fi) == -ENOENT && HAVE(OP_RELEASE)) {
         /* the open was interrupted: the handle will never be released by the kernel */
         g = PyGILState_Ensure();
@@ -590,10 +599,11 @@ static void ll_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
 {
     const struct fuse_ctx *c = fuse_req_ctx(req);
     struct fuse_entry_param e;
+    unsigned long bits;
     ENTER(OP_CREATE)
     r = PyObject_CallFunction(s->ops[OP_CREATE], "KyIiII", (unsigned long long)parent, name, (unsigned)mode,
                               fi->flags, (unsigned)c->uid, (unsigned)c->gid);
-    if (r == NULL || parse_open(r, fi) < 0 || PyTuple_GET_SIZE(r) != 3 ||
+    if (r == NULL || parse_open(r, fi, &bits) < 0 || PyTuple_GET_SIZE(r) != 3 ||
         parse_entry(PyTuple_GET_ITEM(r, 2), &e) < 0) {
         if (r != NULL && !PyErr_Occurred())
             PyErr_SetString(PyExc_TypeError, "create must return (fh, bits, attr)");
@@ -603,6 +613,8 @@ static void ll_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     }
     Py_DECREF(r);
     PyGILState_Release(g);
+    if (bits & BIT_NO_CAPABILITY)
+        nocap_set(s, e.ino, 1);
     if (fuse_reply_create(req, &e, fi) == -ENOENT && HAVE(OP_RELEASE)) {
         g = PyGILState_Ensure();
         r = PyObject_CallFunction(s->ops[OP_RELEASE], "K", (unsigned long long)fi->fh);
@@ -723,7 +735,7 @@ static void ll_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 {
     ENTER(OP_OPENDIR)
     r = PyObject_CallFunction(s->ops[OP_OPENDIR], "K", (unsigned long long)ino);
-    if (r == NULL || parse_open(r, fi) < 0) {
+    if (r == NULL || parse_open(r, fi, NULL) < 0) {
         Py_XDECREF(r);
         fail(req, s, OP_OPENDIR, g);
         return;
@@ -1386,6 +1398,7 @@ PyMODINIT_FUNC PyInit__fuse(void)
     PyModule_AddIntConstant(m, "CACHE_DIR", BIT_CACHE_DIR);
     PyModule_AddIntConstant(m, "NOFLUSH", BIT_NOFLUSH);
     PyModule_AddIntConstant(m, "NONSEEKABLE", BIT_NONSEEKABLE);
+    PyModule_AddIntConstant(m, "NO_CAPABILITY", BIT_NO_CAPABILITY);
     PyModule_AddIntConstant(m, "SET_ATTR_MODE", FUSE_SET_ATTR_MODE);
     PyModule_AddIntConstant(m, "SET_ATTR_UID", FUSE_SET_ATTR_UID);
     PyModule_AddIntConstant(m, "SET_ATTR_GID", FUSE_SET_ATTR_GID);

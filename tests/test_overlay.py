@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mounthelpers import MTIME_NS, BytesReader, fix_dir_nlinks
-from layerfs.overlay import (OPAQUE_MARKER, OVERRIDE_XATTR, RENAME_EXCHANGE, RENAME_NOREPLACE, Overlay,
+from layerfs.overlay import (OPAQUE_MARKER, OVERRIDE_XATTR, RENAME_EXCHANGE, RENAME_NOREPLACE, Overlay, UpperDirty,
                              UpperInUse, work_dir_for)
 from layerfs.tree import ROOT_INO, MergedTree
 
@@ -359,6 +359,42 @@ def test_one_mount_per_upper_and_work_leftovers_are_cleaned(upper):
     assert os.listdir(work) == []
 
 
+def test_volatile_skips_syncs_and_marks_the_upper_until_a_clean_close(upper, monkeypatch):
+    """-o volatile (kernel overlayfs's option): no fsync for copy-ups or fsync(2); the work dir carries a
+    marker while mounted, removed by a clean close after a syncfs; a marker left by a crash is refused."""
+    from layerfs import overlay as ovlmod
+    synced = []
+    monkeypatch.setattr(ovlmod.os, "fsync", lambda fd: synced.append(("fsync", fd)))
+    monkeypatch.setattr(ovlmod, "_syncfs", lambda fd: synced.append(("syncfs", fd)))
+    marker = Path(work_dir_for(upper)) / ovlmod.VOLATILE_MARKER
+    o = Overlay(make_tree(), upper, volatile=True)
+    assert marker.is_dir()
+    n0 = len(synced)                        # the marker's own directory sync
+    write_file(o, "etc/hostname", b"v2")    # a copy-up
+    fh = o.open(ino(o, "etc/hostname"), os.O_WRONLY)
+    o.fsync(fh)
+    o.release(fh)
+    assert synced[n0:] == []
+    o.close()
+    assert [k for k, _ in synced[n0:]] == ["syncfs", "fsync"] and not marker.exists()
+    # a volatile mount that never closed (its process was killed): the upper is refused, marker named
+    o = Overlay(make_tree(), upper, volatile=True)
+    os.close(o._lock_fd)
+    o._lock_fd = None
+    with pytest.raises(UpperDirty) as e:
+        Overlay(make_tree(), upper)
+    assert e.value.filename == str(marker) and "volatile" in e.value.strerror
+    marker.rmdir()                          # the user accepts the upper as it is
+    o = Overlay(make_tree(), upper)
+    assert read_all(o, "etc/hostname") == b"v2"
+    n0 = len(synced)
+    write_file(o, "etc/sub/deep", b"m")     # not volatile: the copy-up is synced before its rename
+    assert synced[n0:] and not marker.exists()
+    o.close()
+    ro = Overlay(make_tree(), upper, read_only=True, volatile=True)
+    assert not ro.volatile and not marker.exists()
+
+
 def test_a_whiteout_beside_an_upper_entry_shows_the_upper_entry(upper):
     (upper / "etc" / "sub").mkdir(parents=True)
     (upper / "etc" / "sub" / "mine").write_bytes(b"m")
@@ -486,3 +522,45 @@ def test_cli_writable_mounts_uppers_and_removal(tmp_path):
         _cli(store, "umount", "--rm", str(m))
         assert not Path(rec.upper).exists() and list(uppers_dir(store).iterdir()) == []
         assert mounts(store) == []
+
+
+def test_cli_volatile_mount_and_an_upper_left_by_a_killed_one(tmp_path):
+    import signal
+    from mounthelpers import force_unmount, put_image, require_fuse, track, wait_until, watchdog
+    from layerfs.imagebuild import LayerBuilder, build_image
+    from layerfs.mount import mounts
+    from layerfs.store import Store
+    require_fuse()
+    store = Store(tmp_path / "store")
+    put_image(store, "docker.io/library/v:1",
+              build_image([LayerBuilder().add_dir("etc").add_file("etc/motd", b"hi\n").build()]))
+    m, up = tmp_path / "m", tmp_path / "up"
+    m.mkdir()
+    marker = tmp_path / ".up.work" / "volatile"
+    with watchdog(60):
+        p = _cli(store, "mount", "--read-only", "-o", "volatile", "v:1", str(m), check=False)
+        assert p.returncode == 2 and "volatile" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+        _cli(store, "mount", "-o", "volatile", "--upper", str(up), "v:1", str(m))
+        [rec] = mounts(store)
+        track(m, rec.pid)
+        assert marker.is_dir()
+        with open(m / "etc/motd", "a") as f:       # a copy-up, and an fsync that does nothing
+            f.write("more\n")
+            os.fsync(f.fileno())
+        _cli(store, "umount", str(m))               # a clean end: everything synced, the marker gone
+        assert not marker.exists() and (up / "etc/motd").read_bytes() == b"hi\nmore\n"
+        _cli(store, "mount", "-o", "volatile", "--upper", str(up), "v:1", str(m))
+        [rec] = mounts(store)
+        track(m, rec.pid)
+        (m / "new").write_bytes(b"n")
+        os.kill(rec.pid, signal.SIGKILL)            # a crash: what was not synced may be lost
+        assert wait_until(lambda: not os.path.exists(f"/proc/{rec.pid}"), 10)
+        force_unmount(m)
+        p = _cli(store, "mount", "--upper", str(up), "v:1", str(m), check=False)
+        assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert "-o volatile" in p.stderr and str(marker) in p.stderr
+        marker.rmdir()                              # the user keeps the upper as it is
+        _cli(store, "mount", "--upper", str(up), "v:1", str(m))
+        track(m, mounts(store)[0].pid)
+        assert (m / "etc/motd").read_bytes() == b"hi\nmore\n"
+        _cli(store, "umount", str(m))
