@@ -37,7 +37,8 @@ the script waits (up to 30 s) for an idle machine, since the box may be shared.
 
 Write workloads (after the read-only part; --writes-only runs them alone,
 --no-writes skips them), layerfs, kernel overlayfs and fuse-overlayfs on the
-same image/layers; each sample: drop caches, a fresh writable mount with a
+same image/layers, and layerfs -o volatile (no copy-up or fsync syncs, as
+fuse-overlayfs; key layerfs-volatile for --only); each sample: drop caches, a fresh writable mount with a
 fresh, empty upper in WORKDIR (kernel overlayfs: upperdir+workdir there;
 fuse-overlayfs: -o lowerdir=...,upperdir=...,workdir=...; layerfs: --upper
 there, its work dir beside it), the timed workload ending with `sync` (so
@@ -329,6 +330,7 @@ class Ctx:
 class Tool:
     name = "?"
     fuse = True
+    reads = True                # takes part in the read-only part
 
     def __init__(self, ctx: Ctx):
         self.ctx = ctx
@@ -485,8 +487,19 @@ class Layerfs(Tool):
         return None
 
 
-TOOLS = [Layerfs, KernelOverlay, FuseOverlayfs, Ratarmount]
-KEYS = {"layerfs": "layerfs", "overlay": "kernel overlayfs", "kernel": "kernel overlayfs",
+class LayerfsVolatile(Layerfs):
+    """layerfs with -o volatile (no copy-up or fsync syncs, as kernel overlayfs's option): write workloads only."""
+    name = "layerfs -o volatile"
+    reads = False
+
+    def mount_rw(self, mnt, base):
+        bl.run(bl.layerfs_cmd("--root", str(self.ctx.store), "mount", "-o", "volatile", "--upper",
+                              str(base / "upper"), self.ctx.ref, str(mnt)), env=bl.layerfs_env(), cwd=bl.REPO_ROOT,
+               timeout=300, what="layerfs mount -o volatile")
+
+
+TOOLS = [Layerfs, KernelOverlay, FuseOverlayfs, Ratarmount, LayerfsVolatile]
+KEYS = {"layerfs": "layerfs", "layerfs-volatile": "layerfs -o volatile", "overlay": "kernel overlayfs", "kernel": "kernel overlayfs",
         "fuse-overlayfs": "fuse-overlayfs", "ratarmount": "ratarmount"}
 
 
@@ -859,8 +872,11 @@ def build_write_table(res: Results, tools: list[Tool], wc: WriteCtx) -> str:
         if v is None:
             return "failed" if failed(n, wl) or n in res.errors else "n/a"
         s = bl.fmt_s(v)
-        lv = res.med(L, metric)
-        if n != L and lv is not None and v > 0:
+        lv, fv = res.med(L, metric), res.med(F, metric)
+        if n == LayerfsVolatile.name:       # a variant of layerfs: its own ratio to fuse-overlayfs
+            if fv:
+                s += f" ({v / fv:.2f}x fuse-overlayfs)"
+        elif n != L and lv is not None and v > 0:
             s += f" ({lv / v:.2f}x)"
         return s
 
@@ -894,7 +910,6 @@ def fmt_rss(kb: int | None) -> str:
 def build_table(res: Results, tools: list[Tool], prep: dict, big_mb: int) -> tuple[str, list[str]]:
     L = "layerfs"
     names = [t.name for t in tools]
-    peers = [n for n in names if n != L]
     have_l = L in names and L not in res.na and L not in res.errors
 
     def cell(tool: str, metric: str) -> str:
@@ -980,7 +995,8 @@ def main(argv=None) -> int:
                     help="image cache, extracted layers, indexes, mount points (default: %(default)s)")
     ap.add_argument("--runs", type=int, default=None, help="runs per tool (default 3, --quick 1)")
     ap.add_argument("--quick", action="store_true", help="small image, 1 run: a smoke test")
-    ap.add_argument("--only", help="comma-separated subset of: layerfs,overlay,fuse-overlayfs,ratarmount")
+    ap.add_argument("--only", help="comma-separated subset of: layerfs,overlay,fuse-overlayfs,ratarmount,"
+                                   "layerfs-volatile")
     ap.add_argument("--no-pyc", action="store_true",
                     help="run layerfs with the environment's byte-code settings (default: byte code cached in "
                          "WORKDIR/pycache, as for an installed package)")
@@ -1046,7 +1062,7 @@ def main(argv=None) -> int:
         names = [t.name for t in tools]
 
         # layerfs: pull from a private registry into a fresh store
-        if "layerfs" in names:
+        if any(n.startswith("layerfs") for n in names):
             if ctx.store.exists():
                 shutil.rmtree(ctx.store)
             try:
@@ -1105,7 +1121,7 @@ def main(argv=None) -> int:
         for r in range(runs if do_read else 0):
             order = tools[r % len(tools):] + tools[:r % len(tools)]
             for t in order:
-                if t.name in res.na or t.name in res.errors:
+                if t.name in res.na or t.name in res.errors or not t.reads:
                     continue
                 mnt = mnts[t.name]
                 try:
@@ -1181,7 +1197,8 @@ def main(argv=None) -> int:
               f"{GATE.summary()}.\n{pyc_note}.")
 
     if do_read:
-        table, notes = build_table(res, tools, prep, round(image_spec(args.quick)["big"] / 2**20))
+        table, notes = build_table(res, [t for t in tools if t.reads], prep,
+                                   round(image_spec(args.quick)["big"] / 2**20))
         print(f"\n## Read-only mount benchmark: {image_line}; {runs} run(s), medians\n")
         print(table)
         print("\nPeer cells: value (layerfs / peer; below 1 = layerfs faster). "
@@ -1201,7 +1218,9 @@ def main(argv=None) -> int:
         print(build_write_table(wres, wtools, wctx))
         print(f"\nEach sample: sync + drop_caches, a fresh writable mount with a fresh, empty upper directory "
               f"(and work dir) on the work dir's {upper_fs}, then the timed workload, which ends with `sync`. "
-              "Peer cells: value (layerfs / peer; below 1 = layerfs faster). untar: a plain tar of "
+              "Peer cells: value (layerfs / peer; below 1 = layerfs faster); the `layerfs -o volatile` column "
+              "(copy-ups and fsync(2) not synced, as kernel overlayfs's option) shows its own ratio to "
+              "fuse-overlayfs, which syncs neither. untar: a plain tar of "
               f"{wctx.archive.files} files ({bl.mb(wctx.archive.file_bytes)}), read from the page cache, into "
               f"a new directory at the mount's root; append: open(..., 'a').write('x\\n') in the benchmark's "
               "process on lower files of the small-files layer (each a copy-up), then os.sync(); rm -rf: the "
