@@ -214,11 +214,12 @@ class OverlayFS:
             bits = _fuse.KEEP_CACHE | _fuse.NOFLUSH
         if flags & os.O_ACCMODE != os.O_RDONLY and not self.ovl.has_xattr(ino, _CAPABILITY):
             bits |= _fuse.NO_CAPABILITY        # the kernel asks before every write: answered without us
-        return fh, bits
+        return fh, bits, self.ovl.direct_fd(fh)
 
     def create(self, parent, name, mode, flags, uid, gid):
         fh, a = self.ovl.create(parent, _name(name), mode, flags, uid=uid, gid=gid)
-        return fh, _fuse.KEEP_CACHE | _fuse.NOFLUSH | _fuse.NO_CAPABILITY, _entry(a)   # a new file: no xattrs
+        # a new file has no xattrs; its writes are pwrite()s the binding does itself
+        return fh, _fuse.KEEP_CACHE | _fuse.NOFLUSH | _fuse.NO_CAPABILITY, _entry(a), self.ovl.direct_fd(fh)
 
     def read(self, ino, fh, off, size):
         return self.ovl.read(fh, off, size)

@@ -1437,6 +1437,18 @@ class Overlay:
             raise _err(errno.EBADF)
         _fallocate(h.fd, mode, off, length)
 
+    def handle_ino(self, fh: int) -> int | None:
+        h = self.handles.get(fh)
+        return None if h is None else h.ino
+
+    def direct_fd(self, fh: int) -> int | None:
+        """The upper fd that writes on handle *fh* may go to without the overlay, or None: a write
+        is a plain pwrite() on it (:meth:`write`), and it stays open until :meth:`release`."""
+        h = self.handles.get(fh)
+        if h is None or h.fd is None or not h.writable:
+            return None
+        return h.fd
+
     def handle_is_shared(self, fh: int) -> bool:
         """True for a file opened by one name of a lower hard-linked file: its data must bypass the
         kernel's page cache (which belongs to the inode, and the names may become different files)."""

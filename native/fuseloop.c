@@ -36,8 +36,8 @@
  *   symlink(parent, name, target, uid, gid) -> attr
  *   rename(parent, name, newparent, newname, flags)
  *   link(ino, newparent, newname) -> attr
- *   open(ino, flags) -> (fh, open_bits)
- *   create(parent, name, mode, flags, uid, gid) -> (fh, open_bits, attr)
+ *   open(ino, flags) -> (fh, open_bits[, fd])
+ *   create(parent, name, mode, flags, uid, gid) -> (fh, open_bits, attr[, fd])
  *   read(ino, fh, off, size) -> bytes-like
  *   write(fh, off, data) -> int
  *   flush(fh); release(fh); fsync(fh, datasync); fallocate(fh, mode, off, length)
@@ -52,6 +52,10 @@
  *
  * open_bits: 1 keep_cache, 2 direct_io, 4 cache_readdir, 8 noflush, 16 nonseekable,
  *            32 no_capability (the inode has no security.capability: see the cache below).
+ * fd (optional, >= 0): writes on this handle are plain pwrite(2)s to that fd, which stays open
+ *            until release: they are served here, without Python (the kernel clears setuid and
+ *            setgid itself before an unprivileged write: HANDLE_KILLPRIV stays off). fh values
+ *            must then stay below 2**32.
  * Handlers fail by raising OSError(errno, ...).
  */
 #define FUSE_USE_VERSION 34
@@ -90,6 +94,9 @@ static const char *const op_names[N_OPS] = {
 #define BIT_NOFLUSH 8
 #define BIT_NONSEEKABLE 16
 #define BIT_NO_CAPABILITY 32
+
+/* A handle with a direct fd carries it in the kernel's fh: FH_DIRECT | (fd << 32) | the handler's fh. */
+#define FH_DIRECT (1ULL << 63)
 
 typedef struct {
     PyObject_HEAD
@@ -180,11 +187,13 @@ static void apply_bits(struct fuse_file_info *fi, unsigned long bits)
     fi->nonseekable = !!(bits & BIT_NONSEEKABLE);
 }
 
-/* (fh, bits) -> fi (and *bits_out, when given); -1 with an exception set */
-static int parse_open(PyObject *r, struct fuse_file_info *fi, unsigned long *bits_out)
+/* (fh, bits, ...) -> fi (and *bits_out, when given); the item at fd_index, when present and not None,
+ * is a direct fd (see the protocol). -1 with an exception set */
+static int parse_open(PyObject *r, struct fuse_file_info *fi, unsigned long *bits_out, Py_ssize_t fd_index)
 {
     unsigned long long fh;
     unsigned long bits;
+    long fd = -1;
     if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) < 2) {
         PyErr_SetString(PyExc_TypeError, "open must return (fh, bits)");
         return -1;
@@ -193,7 +202,15 @@ static int parse_open(PyObject *r, struct fuse_file_info *fi, unsigned long *bit
     bits = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(r, 1));
     if (PyErr_Occurred())
         return -1;
-    fi->fh = fh;
+    if (fd_index > 0 && PyTuple_GET_SIZE(r) > fd_index && PyTuple_GET_ITEM(r, fd_index) != Py_None) {
+        fd = PyLong_AsLong(PyTuple_GET_ITEM(r, fd_index));
+        if (fd == -1 && PyErr_Occurred())
+            return -1;
+    }
+    if (fd >= 0 && fd <= 0x7fffffff && fh <= 0xffffffffULL)
+        fi->fh = FH_DIRECT | ((uint64_t)fd << 32) | fh;
+    else
+        fi->fh = fh;
     apply_bits(fi, bits);
     if (bits_out != NULL)
         *bits_out = bits;
@@ -321,11 +338,21 @@ static void reply_ok(fuse_req_t req, Session *s, int op, PyGILState_STATE g, PyO
     fuse_reply_err(req, 0);
 }
 
+static unsigned long long user_fh(uint64_t fh)
+{
+    return (fh & FH_DIRECT) ? (unsigned long long)(fh & 0xffffffffULL) : (unsigned long long)fh;
+}
+
+static int direct_fd(uint64_t fh)
+{
+    return (fh & FH_DIRECT) ? (int)((fh >> 32) & 0x7fffffff) : -1;
+}
+
 static PyObject *fh_or_none(struct fuse_file_info *fi)
 {
     if (fi == NULL)
         Py_RETURN_NONE;
-    return PyLong_FromUnsignedLongLong(fi->fh);
+    return PyLong_FromUnsignedLongLong(user_fh(fi->fh));
 }
 
 /* ---- the security.capability cache ----------------------------------------------------------
@@ -378,6 +405,7 @@ static void ll_init(void *userdata, struct fuse_conn_info *conn)
     Session *s = userdata;
     conn->want &= ~(FUSE_CAP_HANDLE_KILLPRIV | FUSE_CAP_READDIRPLUS_AUTO | FUSE_CAP_SPLICE_READ |
                     FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
+
     if (conn->capable & FUSE_CAP_READDIRPLUS)
         conn->want |= FUSE_CAP_READDIRPLUS;
     if (conn->capable & FUSE_CAP_PARALLEL_DIROPS)
@@ -576,7 +604,7 @@ static void ll_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     unsigned long bits;
     ENTER(OP_OPEN)
     r = PyObject_CallFunction(s->ops[OP_OPEN], "Ki", (unsigned long long)ino, fi->flags);
-    if (r == NULL || parse_open(r, fi, &bits) < 0) {
+    if (r == NULL || parse_open(r, fi, &bits, 2) < 0) {
         Py_XDECREF(r);
         fail(req, s, OP_OPEN, g);
         return;
@@ -588,7 +616,7 @@ static void ll_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     if (fuse_reply_open(req, fi) == -ENOENT && HAVE(OP_RELEASE)) {
         /* the open was interrupted: the handle will never be released by the kernel */
         g = PyGILState_Ensure();
-        r = PyObject_CallFunction(s->ops[OP_RELEASE], "K", (unsigned long long)fi->fh);
+        r = PyObject_CallFunction(s->ops[OP_RELEASE], "K", user_fh(fi->fh));
         Py_XDECREF(r);
         PyErr_Clear();
         PyGILState_Release(g);
@@ -603,10 +631,10 @@ static void ll_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     ENTER(OP_CREATE)
     r = PyObject_CallFunction(s->ops[OP_CREATE], "KyIiII", (unsigned long long)parent, name, (unsigned)mode,
                               fi->flags, (unsigned)c->uid, (unsigned)c->gid);
-    if (r == NULL || parse_open(r, fi, &bits) < 0 || PyTuple_GET_SIZE(r) != 3 ||
+    if (r == NULL || parse_open(r, fi, &bits, 3) < 0 || PyTuple_GET_SIZE(r) < 3 ||
         parse_entry(PyTuple_GET_ITEM(r, 2), &e) < 0) {
         if (r != NULL && !PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "create must return (fh, bits, attr)");
+            PyErr_SetString(PyExc_TypeError, "create must return (fh, bits, attr[, fd])");
         Py_XDECREF(r);
         fail(req, s, OP_CREATE, g);
         return;
@@ -617,7 +645,7 @@ static void ll_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
         nocap_set(s, e.ino, 1);
     if (fuse_reply_create(req, &e, fi) == -ENOENT && HAVE(OP_RELEASE)) {
         g = PyGILState_Ensure();
-        r = PyObject_CallFunction(s->ops[OP_RELEASE], "K", (unsigned long long)fi->fh);
+        r = PyObject_CallFunction(s->ops[OP_RELEASE], "K", user_fh(fi->fh));
         Py_XDECREF(r);
         PyErr_Clear();
         PyGILState_Release(g);
@@ -628,7 +656,7 @@ static void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 {
     Py_buffer view;
     ENTER(OP_READ)
-    r = PyObject_CallFunction(s->ops[OP_READ], "KKLn", (unsigned long long)ino, (unsigned long long)fi->fh,
+    r = PyObject_CallFunction(s->ops[OP_READ], "KKLn", (unsigned long long)ino, user_fh(fi->fh),
                               (long long)off, (Py_ssize_t)size);
     if (r == NULL || PyObject_GetBuffer(r, &view, PyBUF_SIMPLE) < 0) {
         Py_XDECREF(r);
@@ -647,8 +675,18 @@ static void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
                      struct fuse_file_info *fi)
 {
     size_t n;
+    int fd = direct_fd(fi->fh);
+    if (fd >= 0) {
+        ssize_t w = pwrite(fd, buf, size, off);
+        if (w < 0)
+            fuse_reply_err(req, errno);
+        else
+            fuse_reply_write(req, (size_t)w);
+        return;
+    }
+    {
     ENTER(OP_WRITE)
-    r = PyObject_CallFunction(s->ops[OP_WRITE], "KLy#", (unsigned long long)fi->fh, (long long)off, buf,
+    r = PyObject_CallFunction(s->ops[OP_WRITE], "KLy#", user_fh(fi->fh), (long long)off, buf,
                               (Py_ssize_t)size);
     if (r == NULL) {
         fail(req, s, OP_WRITE, g);
@@ -662,12 +700,13 @@ static void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     }
     PyGILState_Release(g);
     fuse_reply_write(req, n);
+    }
 }
 
 static void call_fh(fuse_req_t req, int op, struct fuse_file_info *fi)
 {
     ENTER(op)
-    r = PyObject_CallFunction(s->ops[op], "K", (unsigned long long)fi->fh);
+    r = PyObject_CallFunction(s->ops[op], "K", user_fh(fi->fh));
     reply_ok(req, s, op, g, r);
 }
 
@@ -707,7 +746,7 @@ static void fsync_common(fuse_req_t req, int op, int datasync, struct fuse_file_
     }
     {
         ENTER(op)
-        r = PyObject_CallFunction(s->ops[op], "Ki", (unsigned long long)fi->fh, datasync);
+        r = PyObject_CallFunction(s->ops[op], "Ki", user_fh(fi->fh), datasync);
         reply_ok(req, s, op, g, r);
     }
 }
@@ -726,7 +765,7 @@ static void ll_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
                          struct fuse_file_info *fi)
 {
     ENTER(OP_FALLOCATE)
-    r = PyObject_CallFunction(s->ops[OP_FALLOCATE], "KiLL", (unsigned long long)fi->fh, mode, (long long)offset,
+    r = PyObject_CallFunction(s->ops[OP_FALLOCATE], "KiLL", user_fh(fi->fh), mode, (long long)offset,
                               (long long)length);
     reply_ok(req, s, OP_FALLOCATE, g, r);
 }
@@ -735,7 +774,7 @@ static void ll_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 {
     ENTER(OP_OPENDIR)
     r = PyObject_CallFunction(s->ops[OP_OPENDIR], "K", (unsigned long long)ino);
-    if (r == NULL || parse_open(r, fi, NULL) < 0) {
+    if (r == NULL || parse_open(r, fi, NULL, 0) < 0) {
         Py_XDECREF(r);
         fail(req, s, OP_OPENDIR, g);
         return;
@@ -744,7 +783,7 @@ static void ll_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     PyGILState_Release(g);
     if (fuse_reply_open(req, fi) == -ENOENT && HAVE(OP_RELEASEDIR)) {
         g = PyGILState_Ensure();
-        r = PyObject_CallFunction(s->ops[OP_RELEASEDIR], "K", (unsigned long long)fi->fh);
+        r = PyObject_CallFunction(s->ops[OP_RELEASEDIR], "K", user_fh(fi->fh));
         Py_XDECREF(r);
         PyErr_Clear();
         PyGILState_Release(g);
@@ -761,7 +800,7 @@ static void readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
     /* a hint of how many entries can fit: a direntplus is >= 152 bytes, a dirent >= 32 */
     count = (Py_ssize_t)(size / (plus ? 152 : 32)) + 1;
     r = PyObject_CallFunction(s->ops[OP_READDIR], "KKLn", (unsigned long long)ino,
-                              (unsigned long long)(fi ? fi->fh : 0), (long long)off, count);
+                              (fi ? user_fh(fi->fh) : 0ULL), (long long)off, count);
     if (r == NULL || !PyList_Check(r)) {
         if (r != NULL) {
             Py_DECREF(r);
