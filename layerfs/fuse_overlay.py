@@ -45,6 +45,8 @@ _FSENC = sys.getfilesystemencoding()
 #: rename(2) flags the overlay knows (RENAME_NOREPLACE, RENAME_EXCHANGE)
 _RENAME_FLAGS = 1 | 2
 _CAPABILITY = "security.capability"
+_SET_ANY = (_fuse.SET_ATTR_MODE | _fuse.SET_ATTR_UID | _fuse.SET_ATTR_GID | _fuse.SET_ATTR_SIZE | _fuse.SET_ATTR_ATIME
+            | _fuse.SET_ATTR_MTIME)
 
 
 def _name(raw: bytes) -> str:
@@ -106,22 +108,16 @@ class OverlayFS:
         return _entry(self.ovl.getattr(ino))
 
     def setattr(self, ino, to_set, mode, uid, gid, size, atime_ns, mtime_ns, fh):
-        kw = {}
-        if to_set & _fuse.SET_ATTR_MODE:
-            kw["mode"] = mode
-        if to_set & _fuse.SET_ATTR_UID:
-            kw["uid"] = uid
-        if to_set & _fuse.SET_ATTR_GID:
-            kw["gid"] = gid
-        if to_set & _fuse.SET_ATTR_SIZE:
-            kw["size"] = size
-        if to_set & _fuse.SET_ATTR_ATIME:
-            kw["atime_ns"] = atime_ns
-        if to_set & _fuse.SET_ATTR_MTIME:
-            kw["mtime_ns"] = mtime_ns
-        if not kw:      # ctime only (e.g. a write that cleared nothing): nothing to store
+        if not to_set & _SET_ANY:     # ctime only (e.g. a write that cleared nothing): nothing to store
             return _entry(self.ovl.getattr(ino))
-        return _entry(self.ovl.setattr(ino, fh=fh, **kw))
+        return _entry(self.ovl.setattr(
+            ino, fh=fh,
+            mode=mode if to_set & _fuse.SET_ATTR_MODE else None,
+            uid=uid if to_set & _fuse.SET_ATTR_UID else None,
+            gid=gid if to_set & _fuse.SET_ATTR_GID else None,
+            size=size if to_set & _fuse.SET_ATTR_SIZE else None,
+            atime_ns=atime_ns if to_set & _fuse.SET_ATTR_ATIME else None,
+            mtime_ns=mtime_ns if to_set & _fuse.SET_ATTR_MTIME else None))
 
     def readlink(self, ino: int) -> bytes:
         return os.fsencode(self.ovl.readlink(ino))

@@ -116,6 +116,9 @@ typedef struct {
     int writeback;
     int cache_symlinks;
     unsigned max_background;
+    /* releases not yet handed to Python (see ll_release), under lock */
+    unsigned long long *released;
+    size_t n_released, cap_released;
     /* inodes known to have no security.capability (the kernel asks before every write) */
     unsigned char *nocap;
     size_t nocap_len;
@@ -289,6 +292,57 @@ static void fail(fuse_req_t req, Session *s, int op, PyGILState_STATE g)
     fuse_reply_err(req, err);
 }
 
+/* ---- deferred releases ----------------------------------------------------------------------
+ * RELEASE is answered at once, and its handler is called later by whichever thread next holds the
+ * GIL for a request (or by the main thread's wait(), or by the releasing thread once many are
+ * pending): a close(2) then never makes the next request of its process wait for the GIL. Handle
+ * numbers are never reused, so a late release cannot close another file; what it frees (the upper
+ * fd, the open count) no answer depends on. */
+#define RELEASE_BATCH 256
+
+/* call the release handler for every pending handle (GIL held) */
+static void drain_releases(Session *s)
+{
+    unsigned long long batch[64];
+    size_t n, i;
+    for (;;) {
+        pthread_mutex_lock(&s->lock);
+        n = s->n_released < 64 ? s->n_released : 64;
+        memcpy(batch, s->released + (s->n_released - n), n * sizeof(batch[0]));
+        s->n_released -= n;
+        pthread_mutex_unlock(&s->lock);
+        if (n == 0)
+            return;
+        for (i = 0; i < n; i++) {
+            PyObject *r = PyObject_CallFunction(s->ops[OP_RELEASE], "K", batch[i]);
+            if (r == NULL)
+                take_error(s, OP_RELEASE);   /* logged there; nobody waits for the answer */
+            Py_XDECREF(r);
+        }
+    }
+}
+
+/* queue a release; returns the number pending, or 0 when it could not be queued */
+static size_t defer_release(Session *s, unsigned long long fh)
+{
+    size_t n = 0;
+    pthread_mutex_lock(&s->lock);
+    if (s->n_released == s->cap_released) {
+        size_t cap = s->cap_released ? s->cap_released * 2 : 64;
+        unsigned long long *p = realloc(s->released, cap * sizeof(*p));
+        if (p != NULL) {
+            s->released = p;
+            s->cap_released = cap;
+        }
+    }
+    if (s->n_released < s->cap_released) {
+        s->released[s->n_released++] = fh;
+        n = s->n_released;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}
+
 #define HAVE(op) (s->ops[op] != NULL)
 #define ENTER(op)                                   \
     Session *s = sess(req);                         \
@@ -298,7 +352,9 @@ static void fail(fuse_req_t req, Session *s, int op, PyGILState_STATE g)
         fuse_reply_err(req, ENOSYS);                \
         return;                                     \
     }                                               \
-    g = PyGILState_Ensure();
+    g = PyGILState_Ensure();                        \
+    if (__atomic_load_n(&s->n_released, __ATOMIC_RELAXED))  \
+        drain_releases(s);
 
 /* reply for handlers that answer an entry */
 static void reply_entry(fuse_req_t req, Session *s, int op, PyGILState_STATE g, PyObject *r)
@@ -721,11 +777,23 @@ static void ll_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 
 static void ll_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    if (!sess(req)->ops[OP_RELEASE]) {
+    Session *s = sess(req);
+    size_t pending;
+    if (!s->ops[OP_RELEASE]) {
         fuse_reply_err(req, 0);
         return;
     }
-    call_fh(req, OP_RELEASE, fi);
+    pending = defer_release(s, user_fh(fi->fh));
+    if (pending == 0) {            /* out of memory: release now */
+        call_fh(req, OP_RELEASE, fi);
+        return;
+    }
+    fuse_reply_err(req, 0);
+    if (pending >= RELEASE_BATCH) {
+        PyGILState_STATE g = PyGILState_Ensure();
+        drain_releases(s);
+        PyGILState_Release(g);
+    }
 }
 
 static void ll_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -1139,6 +1207,8 @@ static void session_release(Session *s)
         s->threads = NULL;
         s->nthreads = 0;
     }
+    if (s->ops[OP_RELEASE] != NULL)
+        drain_releases(s);
     if (s->se != NULL) {
         if (s->mounted) {
             Py_BEGIN_ALLOW_THREADS
@@ -1160,6 +1230,7 @@ static void Session_dealloc(Session *s)
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->cond);
     free(s->nocap);
+    free(s->released);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
@@ -1300,6 +1371,8 @@ static PyObject *Session_wait(Session *s, PyObject *arg)
     int done;
     if (timeout == -1.0 && PyErr_Occurred())
         return NULL;
+    if (s->ops[OP_RELEASE] != NULL)
+        drain_releases(s);           /* the mount went quiet: close what was released */
     clock_gettime(CLOCK_REALTIME, &deadline);
     deadline.tv_sec += (time_t)timeout;
     deadline.tv_nsec += (long)((timeout - (double)(time_t)timeout) * 1e9);
