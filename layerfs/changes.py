@@ -70,7 +70,7 @@ from .layerindex import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, LayerIndexer, ind
 from .oci import (OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, Digest, ImageConfig, Manifest,
                   json_bytes, parse_manifest)
 from .reference import Reference
-from .store import Store, _fsync_dir
+from .store import Store
 from .tree import ROOT_INO, MergedTree, Node
 
 log = logging.getLogger(__name__)

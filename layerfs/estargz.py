@@ -38,11 +38,10 @@ import tarfile
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from .errors import ContentError, StoreError
-from .layerindex import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, index_path, load_or_build, open_layer_reader
+from .layerindex import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, load_or_build, open_layer_reader
 from .oci import (OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, Digest, ImageConfig, Manifest, json_bytes,
                   parse_manifest)
 from .store import Store

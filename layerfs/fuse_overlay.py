@@ -210,12 +210,17 @@ class OverlayFS:
             bits = _fuse.KEEP_CACHE | _fuse.NOFLUSH
         if flags & os.O_ACCMODE != os.O_RDONLY and not self.ovl.has_xattr(ino, _CAPABILITY):
             bits |= _fuse.NO_CAPABILITY        # the kernel asks before every write: answered without us
-        return fh, bits, self.ovl.direct_fd(fh)
+        return fh, bits | self._direct_bits(fh), self.ovl.direct_fd(fh)
 
     def create(self, parent, name, mode, flags, uid, gid):
         fh, a = self.ovl.create(parent, _name(name), mode, flags, uid=uid, gid=gid)
-        # a new file has no xattrs; its writes are pwrite()s the binding does itself
-        return fh, _fuse.KEEP_CACHE | _fuse.NOFLUSH | _fuse.NO_CAPABILITY, _entry(a), self.ovl.direct_fd(fh)
+        # a new file has no xattrs; its writes (and, as root, its stat, chown, chmod and utimes through
+        # the handle) are done by the binding on the upper fd itself
+        return (fh, _fuse.KEEP_CACHE | _fuse.NOFLUSH | _fuse.NO_CAPABILITY | self._direct_bits(fh), _entry(a),
+                self.ovl.direct_fd(fh))
+
+    def _direct_bits(self, fh: int) -> int:
+        return _fuse.DIRECT_ATTR if self.ovl.direct_attrs(fh) else 0
 
     def read(self, ino, fh, off, size):
         return self.ovl.read(fh, off, size)

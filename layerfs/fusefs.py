@@ -252,7 +252,7 @@ def serve(tree: MergedTree, mountpoint: str, options: Iterable[str], *,
     try:
         session, said = _stderr_of(functools.partial(
             _fuse.Session, ops, mountpoint, sorted(options), negative_timeout=CACHE_TIMEOUT,
-            writeback=writeback, max_background=MAX_BACKGROUND))
+            attr_timeout=CACHE_TIMEOUT, writeback=writeback, max_background=MAX_BACKGROUND))
     except _Failed as f:
         lines = [l.strip() for l in f.stderr.splitlines() if l.strip()]
         why = lines[-1] if lines else str(f.error)

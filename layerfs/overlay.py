@@ -1277,10 +1277,6 @@ class Overlay:
                 size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
                 fh: int | None = None) -> Attr:
         self._writable()
-        i = self.inodes.get(ino)
-        if (size is None and self.euid == 0 and isinstance(i, File) and i.wfd is not None and i.upper
-                and i.override is None):
-            return self._setattr_open(i, i.wfd, mode, uid, gid, atime_ns, mtime_ns)
         i = self._get(ino)
         if size is not None and isinstance(i, Dir):
             raise _err(errno.EISDIR)
@@ -1317,32 +1313,6 @@ class Overlay:
                 mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
             os.utime(path, ns=(atime_ns, mtime_ns), **_nofollow(path))
         return self._attr(ino)
-
-    def _setattr_open(self, f: File, fd: int, mode: int | None, uid: int | None, gid: int | None,
-                      atime_ns: int | None, mtime_ns: int | None) -> Attr:
-        """:meth:`setattr` of a regular upper file open for writing, as root, its owner and mode real
-        (no override): what an untar does to each file it writes, through the fd alone."""
-        st = None
-        if mode is not None or uid is not None or gid is not None:
-            st = os.fstat(fd)
-            nuid = st.st_uid if uid is None else uid
-            ngid = st.st_gid if gid is None else gid
-            nmode = stat.S_IMODE(st.st_mode if mode is None else mode)
-            if mode is None and (uid is not None or gid is not None):
-                # chown clears set-user-ID, and set-group-ID of group-executable files
-                nmode &= ~stat.S_ISUID
-                if nmode & stat.S_IXGRP:
-                    nmode &= ~stat.S_ISGID
-            if (nuid, ngid) != (st.st_uid, st.st_gid):
-                os.fchown(fd, nuid, ngid)
-            os.fchmod(fd, nmode)
-        if atime_ns is not None or mtime_ns is not None:
-            if atime_ns is None or mtime_ns is None:
-                st = st or os.fstat(fd)
-                atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
-                mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-            os.utime(fd, ns=(atime_ns, mtime_ns))
-        return self._upper_attr(f, fd, os.fstat(fd))
 
     # -- xattrs ------------------------------------------------------------------------------------------------------
     def _xattr_source(self, ino: int) -> tuple[str | None, dict[str, bytes] | None]:
@@ -1478,6 +1448,16 @@ class Overlay:
         if h is None or h.fd is None or not h.writable:
             return None
         return h.fd
+
+    def direct_attrs(self, fh: int) -> bool:
+        """True when the stat of :meth:`direct_fd`'s fd is the inode's attributes, and owner, mode,
+        size and times set on it are what :meth:`setattr` does (as root, a regular upper file with
+        no override, one name of its own: not a name of a lower hard-linked file)."""
+        h = self.handles.get(fh)
+        if h is None or h.fd is None or not h.writable or h.link is not None or self.euid != 0:
+            return False
+        f = self.inodes.get(h.ino)
+        return isinstance(f, File) and f.upper and f.override is None and f.wfd == h.fd
 
     def handle_is_shared(self, fh: int) -> bool:
         """True for a file opened by one name of a lower hard-linked file: its data must bypass the

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import AccessDenied, AuthenticationError, RegistryError, UsageError
-from .oci import FOREIGN_LAYER_TYPES, Descriptor, Digest, Manifest, parse_manifest
+from .oci import FOREIGN_LAYER_TYPES, Descriptor, Digest, Manifest
 from .pull import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, _no_progress
 from .reference import Reference
 from .registry import ClientPool, RegistryClient, RegistryOptions

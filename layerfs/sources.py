@@ -54,7 +54,6 @@ import contextlib
 import errno as _errno
 import gzip
 import hashlib
-import io
 import json
 import logging
 import lzma

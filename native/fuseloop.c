@@ -52,10 +52,16 @@
  *
  * open_bits: 1 keep_cache, 2 direct_io, 4 cache_readdir, 8 noflush, 16 nonseekable,
  *            32 no_capability (the inode has no security.capability: see the cache below).
+ *            64 direct_attr (with an fd: see below).
  * fd (optional, >= 0): writes on this handle are plain pwrite(2)s to that fd, which stays open
  *            until release: they are served here, without Python (the kernel clears setuid and
- *            setgid itself before an unprivileged write: HANDLE_KILLPRIV stays off). fh values
- *            must then stay below 2**32.
+ *            setgid itself before an unprivileged write: HANDLE_KILLPRIV stays off). With
+ *            direct_attr, the fd's own stat is also the inode's truth (its owner and mode are
+ *            real, it has one name or its links are real): while the handle is open, getattr
+ *            and setattr of the inode (fstat, fchown, fchmod, ftruncate, futimens) are served
+ *            here too, answered with the session's attr_timeout; a chown the host refuses with
+ *            EINVAL still goes to the handler. fh values must then stay below 2**32, fds below
+ *            2**30.
  * Handlers fail by raising OSError(errno, ...).
  */
 #define FUSE_USE_VERSION 34
@@ -94,9 +100,27 @@ static const char *const op_names[N_OPS] = {
 #define BIT_NOFLUSH 8
 #define BIT_NONSEEKABLE 16
 #define BIT_NO_CAPABILITY 32
+#define BIT_DIRECT_ATTR 64
 
-/* A handle with a direct fd carries it in the kernel's fh: FH_DIRECT | (fd << 32) | the handler's fh. */
+/* A handle with a direct fd carries it in the kernel's fh: FH_DIRECT | (fd << 32) | the handler's fh
+ * (fd < 2**30, fh < 2**32). */
 #define FH_DIRECT (1ULL << 63)
+#define FD_MAX 0x3fffffff
+
+static unsigned long long user_fh(uint64_t fh)
+{
+    return (fh & FH_DIRECT) ? (unsigned long long)(fh & 0xffffffffULL) : (unsigned long long)fh;
+}
+
+static int direct_fd(uint64_t fh)
+{
+    return (fh & FH_DIRECT) ? (int)((fh >> 32) & FD_MAX) : -1;
+}
+
+struct ino_fd {
+    uint64_t ino;   /* 0: empty slot */
+    int fd;
+};
 
 typedef struct {
     PyObject_HEAD
@@ -113,9 +137,15 @@ typedef struct {
     pthread_cond_t cond;
     /* connection settings */
     double negative_timeout;
+    double attr_timeout;        /* for attributes answered from a direct fd */
     int writeback;
     int cache_symlinks;
     unsigned max_background;
+    /* inode -> direct fd of an open handle whose fd stat is the inode's truth (BIT_DIRECT_ATTR), under
+     * lock; fdlock is held for reading while such an fd is used, for writing while Python releases */
+    struct ino_fd *attr_fds;
+    size_t n_attr_fds, cap_attr_fds;
+    pthread_rwlock_t fdlock;
     /* releases not yet handed to Python (see ll_release), under lock */
     unsigned long long *released;
     size_t n_released, cap_released;
@@ -210,7 +240,7 @@ static int parse_open(PyObject *r, struct fuse_file_info *fi, unsigned long *bit
         if (fd == -1 && PyErr_Occurred())
             return -1;
     }
-    if (fd >= 0 && fd <= 0x7fffffff && fh <= 0xffffffffULL)
+    if (fd >= 0 && fd <= FD_MAX && fh <= 0xffffffffULL)
         fi->fh = FH_DIRECT | ((uint64_t)fd << 32) | fh;
     else
         fi->fh = fh;
@@ -292,6 +322,100 @@ static void fail(fuse_req_t req, Session *s, int op, PyGILState_STATE g)
     fuse_reply_err(req, err);
 }
 
+/* ---- inodes with a direct fd (BIT_DIRECT_ATTR) --------------------------------------------------
+ * A linear-probing table keyed by inode (never 0), under s->lock. */
+static size_t slot_of(uint64_t ino, size_t cap)
+{
+    return (size_t)((ino * 0x9E3779B97F4A7C15ULL) >> 17) & (cap - 1);
+}
+
+static int attr_fd_get(Session *s, uint64_t ino)
+{
+    int fd = -1;
+    pthread_mutex_lock(&s->lock);
+    if (s->cap_attr_fds) {
+        size_t i = slot_of(ino, s->cap_attr_fds);
+        while (s->attr_fds[i].ino != 0) {
+            if (s->attr_fds[i].ino == ino) {
+                fd = s->attr_fds[i].fd;
+                break;
+            }
+            i = (i + 1) & (s->cap_attr_fds - 1);
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    return fd;
+}
+
+static void attr_fd_insert(struct ino_fd *tab, size_t cap, uint64_t ino, int fd)
+{
+    size_t i = slot_of(ino, cap);
+    while (tab[i].ino != 0 && tab[i].ino != ino)
+        i = (i + 1) & (cap - 1);
+    tab[i].ino = ino;
+    tab[i].fd = fd;
+}
+
+static void attr_fd_put(Session *s, uint64_t ino, int fd)
+{
+    pthread_mutex_lock(&s->lock);
+    if ((s->n_attr_fds + 1) * 2 > s->cap_attr_fds) {
+        size_t cap = s->cap_attr_fds ? s->cap_attr_fds * 2 : 64, i;
+        struct ino_fd *tab = calloc(cap, sizeof(*tab));
+        if (tab == NULL) {          /* no fast path for this one: Python serves it */
+            pthread_mutex_unlock(&s->lock);
+            return;
+        }
+        for (i = 0; i < s->cap_attr_fds; i++)
+            if (s->attr_fds[i].ino != 0)
+                attr_fd_insert(tab, cap, s->attr_fds[i].ino, s->attr_fds[i].fd);
+        free(s->attr_fds);
+        s->attr_fds = tab;
+        s->cap_attr_fds = cap;
+    }
+    {
+        size_t i = slot_of(ino, s->cap_attr_fds);
+        while (s->attr_fds[i].ino != 0 && s->attr_fds[i].ino != ino)
+            i = (i + 1) & (s->cap_attr_fds - 1);
+        if (s->attr_fds[i].ino == 0)
+            s->n_attr_fds++;
+        s->attr_fds[i].ino = ino;
+        s->attr_fds[i].fd = fd;
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* forget ino's entry if it is fd (the handle being released); backward-shift deletion */
+static void attr_fd_drop(Session *s, uint64_t ino, int fd)
+{
+    size_t cap, i, j;
+    pthread_mutex_lock(&s->lock);
+    cap = s->cap_attr_fds;
+    if (cap == 0)
+        goto out;
+    i = slot_of(ino, cap);
+    while (s->attr_fds[i].ino != ino) {
+        if (s->attr_fds[i].ino == 0)
+            goto out;
+        i = (i + 1) & (cap - 1);
+    }
+    if (s->attr_fds[i].fd != fd)
+        goto out;
+    s->attr_fds[i].ino = 0;
+    s->n_attr_fds--;
+    for (j = (i + 1) & (cap - 1); s->attr_fds[j].ino != 0; j = (j + 1) & (cap - 1)) {
+        size_t k = slot_of(s->attr_fds[j].ino, cap);
+        /* move j back to i unless its home slot k lies cyclically in (i, j] */
+        if ((j > i && (k <= i || k > j)) || (j < i && (k <= i && k > j))) {
+            s->attr_fds[i] = s->attr_fds[j];
+            s->attr_fds[j].ino = 0;
+            i = j;
+        }
+    }
+out:
+    pthread_mutex_unlock(&s->lock);
+}
+
 /* ---- deferred releases ----------------------------------------------------------------------
  * RELEASE is answered at once, and its handler is called later by whichever thread next holds the
  * GIL for a request (or by the main thread's wait(), or by the releasing thread once many are
@@ -313,12 +437,16 @@ static void drain_releases(Session *s)
         pthread_mutex_unlock(&s->lock);
         if (n == 0)
             return;
+        Py_BEGIN_ALLOW_THREADS
+        pthread_rwlock_wrlock(&s->fdlock);   /* no direct fd is in use while Python closes them */
+        Py_END_ALLOW_THREADS
         for (i = 0; i < n; i++) {
             PyObject *r = PyObject_CallFunction(s->ops[OP_RELEASE], "K", batch[i]);
             if (r == NULL)
                 take_error(s, OP_RELEASE);   /* logged there; nobody waits for the answer */
             Py_XDECREF(r);
         }
+        pthread_rwlock_unlock(&s->fdlock);
     }
 }
 
@@ -341,6 +469,25 @@ static size_t defer_release(Session *s, unsigned long long fh)
     }
     pthread_mutex_unlock(&s->lock);
     return n;
+}
+
+/* call the release handler at once (no GIL held by the caller) */
+static void release_now(Session *s, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    PyGILState_STATE g;
+    PyObject *r;
+    if (direct_fd(fi->fh) >= 0)
+        attr_fd_drop(s, ino, direct_fd(fi->fh));
+    if (s->ops[OP_RELEASE] == NULL)
+        return;
+    pthread_rwlock_wrlock(&s->fdlock);
+    g = PyGILState_Ensure();
+    r = PyObject_CallFunction(s->ops[OP_RELEASE], "K", user_fh(fi->fh));
+    if (r == NULL)
+        take_error(s, OP_RELEASE);
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    pthread_rwlock_unlock(&s->fdlock);
 }
 
 #define HAVE(op) (s->ops[op] != NULL)
@@ -394,15 +541,7 @@ static void reply_ok(fuse_req_t req, Session *s, int op, PyGILState_STATE g, PyO
     fuse_reply_err(req, 0);
 }
 
-static unsigned long long user_fh(uint64_t fh)
-{
-    return (fh & FH_DIRECT) ? (unsigned long long)(fh & 0xffffffffULL) : (unsigned long long)fh;
-}
 
-static int direct_fd(uint64_t fh)
-{
-    return (fh & FH_DIRECT) ? (int)((fh >> 32) & 0x7fffffff) : -1;
-}
 
 static PyObject *fh_or_none(struct fuse_file_info *fi)
 {
@@ -530,10 +669,32 @@ static void ll_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_dat
     fuse_reply_none(req);
 }
 
+/* reply the attributes of *ino* from its direct fd; -1 (nothing replied) when fstat fails */
+static int reply_fd_attr(fuse_req_t req, Session *s, fuse_ino_t ino, int fd)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return -1;
+    st.st_ino = (ino_t)ino;
+    st.st_blksize = 4096;
+    fuse_reply_attr(req, &st, s->attr_timeout);
+    return 0;
+}
+
 static void ll_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct stat st;
     double timeout;
+    Session *ss = sess(req);
+    int fd, done = -1;
+    pthread_rwlock_rdlock(&ss->fdlock);
+    fd = attr_fd_get(ss, ino);
+    if (fd >= 0)
+        done = reply_fd_attr(req, ss, ino, fd);
+    pthread_rwlock_unlock(&ss->fdlock);
+    if (done == 0)
+        return;
+    {
     ENTER(OP_GETATTR)
     r = PyObject_CallFunction(s->ops[OP_GETATTR], "KN", (unsigned long long)ino, fh_or_none(fi));
     if (r == NULL || parse_attr(r, &st, &timeout) < 0) {
@@ -544,6 +705,68 @@ static void ll_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     Py_DECREF(r);
     PyGILState_Release(g);
     fuse_reply_attr(req, &st, timeout);
+    }
+}
+
+/* setattr through a direct fd (see the protocol), in the overlay's order: owner, size, mode, times.
+ * Returns -1 when the request goes to the handler instead (nothing changed), else 0 (replied). */
+static int direct_setattr(fuse_req_t req, Session *s, fuse_ino_t ino, int fd, struct stat *attr, int to_set)
+{
+    struct stat cur;
+    int err = 0;
+    if (fstat(fd, &cur) != 0 || !S_ISREG(cur.st_mode))
+        return -1;
+    if (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
+        uid_t u = (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : cur.st_uid;
+        gid_t g = (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : cur.st_gid;
+        if (u != cur.st_uid || g != cur.st_gid) {
+            if (fchown(fd, u, g) != 0) {
+                if (errno == EINVAL)
+                    return -1;          /* an id the host cannot hold: the handler records it */
+                err = errno;
+                goto out;
+            }
+        }
+        if (!(to_set & FUSE_SET_ATTR_MODE)) {
+            /* chown clears set-user-ID, and set-group-ID of group-executable files */
+            mode_t m = cur.st_mode & 07777 & ~(mode_t)S_ISUID;
+            if (m & S_IXGRP)
+                m &= ~(mode_t)S_ISGID;
+            if (m != (cur.st_mode & 07777) && fchmod(fd, m) != 0) {
+                err = errno;
+                goto out;
+            }
+        }
+    }
+    if ((to_set & FUSE_SET_ATTR_SIZE) && ftruncate(fd, attr->st_size) != 0) {
+        err = errno;
+        goto out;
+    }
+    if ((to_set & FUSE_SET_ATTR_MODE) && fchmod(fd, attr->st_mode & 07777) != 0) {
+        err = errno;
+        goto out;
+    }
+    if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) {
+        struct timespec ts[2];
+        ts[0].tv_sec = ts[1].tv_sec = 0;
+        ts[0].tv_nsec = ts[1].tv_nsec = UTIME_OMIT;
+        if (to_set & FUSE_SET_ATTR_ATIME_NOW)
+            ts[0].tv_nsec = UTIME_NOW;
+        else if (to_set & FUSE_SET_ATTR_ATIME)
+            ts[0] = attr->st_atim;
+        if (to_set & FUSE_SET_ATTR_MTIME_NOW)
+            ts[1].tv_nsec = UTIME_NOW;
+        else if (to_set & FUSE_SET_ATTR_MTIME)
+            ts[1] = attr->st_mtim;
+        if (futimens(fd, ts) != 0) {
+            err = errno;
+            goto out;
+        }
+    }
+out:
+    if (err != 0 || reply_fd_attr(req, s, ino, fd) != 0)
+        fuse_reply_err(req, err ? err : EIO);
+    return 0;
 }
 
 static void ll_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi)
@@ -552,6 +775,16 @@ static void ll_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
     double timeout;
     struct timespec now;
     long long atime = ts_to_ns(&attr->st_atim), mtime = ts_to_ns(&attr->st_mtim);
+    Session *ss = sess(req);
+    int fd, done = -1;
+    pthread_rwlock_rdlock(&ss->fdlock);
+    fd = attr_fd_get(ss, ino);
+    if (fd >= 0)
+        done = direct_setattr(req, ss, ino, fd, attr, to_set);
+    pthread_rwlock_unlock(&ss->fdlock);
+    if (done == 0)
+        return;
+    {
     ENTER(OP_SETATTR)
     if (to_set & (FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) {
         clock_gettime(CLOCK_REALTIME, &now);
@@ -575,6 +808,7 @@ static void ll_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
     Py_DECREF(r);
     PyGILState_Release(g);
     fuse_reply_attr(req, &st, timeout);
+    }
 }
 
 static void ll_readlink(fuse_req_t req, fuse_ino_t ino)
@@ -669,14 +903,10 @@ static void ll_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     PyGILState_Release(g);
     if (bits & BIT_NO_CAPABILITY)
         nocap_set(s, ino, 1);
-    if (fuse_reply_open(req, fi) == -ENOENT && HAVE(OP_RELEASE)) {
-        /* the open was interrupted: the handle will never be released by the kernel */
-        g = PyGILState_Ensure();
-        r = PyObject_CallFunction(s->ops[OP_RELEASE], "K", user_fh(fi->fh));
-        Py_XDECREF(r);
-        PyErr_Clear();
-        PyGILState_Release(g);
-    }
+    if ((bits & BIT_DIRECT_ATTR) && direct_fd(fi->fh) >= 0)
+        attr_fd_put(s, ino, direct_fd(fi->fh));
+    if (fuse_reply_open(req, fi) == -ENOENT)
+        release_now(s, ino, fi);    /* the open was interrupted: the kernel will never release it */
 }
 
 static void ll_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, struct fuse_file_info *fi)
@@ -699,13 +929,10 @@ static void ll_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     PyGILState_Release(g);
     if (bits & BIT_NO_CAPABILITY)
         nocap_set(s, e.ino, 1);
-    if (fuse_reply_create(req, &e, fi) == -ENOENT && HAVE(OP_RELEASE)) {
-        g = PyGILState_Ensure();
-        r = PyObject_CallFunction(s->ops[OP_RELEASE], "K", user_fh(fi->fh));
-        Py_XDECREF(r);
-        PyErr_Clear();
-        PyGILState_Release(g);
-    }
+    if ((bits & BIT_DIRECT_ATTR) && direct_fd(fi->fh) >= 0)
+        attr_fd_put(s, e.ino, direct_fd(fi->fh));
+    if (fuse_reply_create(req, &e, fi) == -ENOENT)
+        release_now(s, e.ino, fi);
 }
 
 static void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
@@ -783,9 +1010,12 @@ static void ll_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         fuse_reply_err(req, 0);
         return;
     }
+    if (direct_fd(fi->fh) >= 0)
+        attr_fd_drop(s, ino, direct_fd(fi->fh));
     pending = defer_release(s, user_fh(fi->fh));
     if (pending == 0) {            /* out of memory: release now */
-        call_fh(req, OP_RELEASE, fi);
+        fuse_reply_err(req, 0);
+        release_now(s, ino, fi);
         return;
     }
     fuse_reply_err(req, 0);
@@ -1228,6 +1458,8 @@ static void Session_dealloc(Session *s)
     for (i = 0; i < N_OPS; i++)
         Py_CLEAR(s->ops[i]);
     pthread_mutex_destroy(&s->lock);
+    pthread_rwlock_destroy(&s->fdlock);
+    free(s->attr_fds);
     pthread_cond_destroy(&s->cond);
     free(s->nocap);
     free(s->released);
@@ -1237,10 +1469,10 @@ static void Session_dealloc(Session *s)
 static PyObject *Session_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"ops", "mountpoint", "options", "negative_timeout", "writeback", "cache_symlinks",
-                             "max_background", NULL};
+                             "max_background", "attr_timeout", NULL};
     PyObject *ops, *options, *opt_text = NULL;
     const char *mountpoint;
-    double negative_timeout = 0.0;
+    double negative_timeout = 0.0, attr_timeout = 1.0;
     int writeback = 0, cache_symlinks = 1;
     unsigned int max_background = 0;
     Session *s;
@@ -1248,16 +1480,19 @@ static PyObject *Session_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     char *argv[4];
     int i, rc;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OsO|dppI", kwlist, &ops, &mountpoint, &options,
-                                     &negative_timeout, &writeback, &cache_symlinks, &max_background))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OsO|dppId", kwlist, &ops, &mountpoint, &options,
+                                     &negative_timeout, &writeback, &cache_symlinks, &max_background,
+                                     &attr_timeout))
         return NULL;
     s = (Session *)type->tp_alloc(type, 0);
     if (s == NULL)
         return NULL;
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->cond, NULL);
+    pthread_rwlock_init(&s->fdlock, NULL);
     s->fd = -1;
     s->negative_timeout = negative_timeout;
+    s->attr_timeout = attr_timeout;
     s->writeback = writeback;
     s->cache_symlinks = cache_symlinks;
     s->max_background = max_background;
@@ -1511,6 +1746,7 @@ PyMODINIT_FUNC PyInit__fuse(void)
     PyModule_AddIntConstant(m, "NOFLUSH", BIT_NOFLUSH);
     PyModule_AddIntConstant(m, "NONSEEKABLE", BIT_NONSEEKABLE);
     PyModule_AddIntConstant(m, "NO_CAPABILITY", BIT_NO_CAPABILITY);
+    PyModule_AddIntConstant(m, "DIRECT_ATTR", BIT_DIRECT_ATTR);
     PyModule_AddIntConstant(m, "SET_ATTR_MODE", FUSE_SET_ATTR_MODE);
     PyModule_AddIntConstant(m, "SET_ATTR_UID", FUSE_SET_ATTR_UID);
     PyModule_AddIntConstant(m, "SET_ATTR_GID", FUSE_SET_ATTR_GID);
