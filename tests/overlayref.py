@@ -369,6 +369,12 @@ class Runner:
     def op_fdchmod(self, key, mode):
         os.fchmod(self._fd(key), mode)
 
+    def op_fdchown(self, key, uid, gid):
+        os.fchown(self._fd(key), uid, gid)
+
+    def op_fdutime(self, key, atime_ns, mtime_ns):
+        os.utime(self._fd(key), ns=(atime_ns, mtime_ns))
+
 
 # --- snapshots ------------------------------------------------------------------------------------------
 

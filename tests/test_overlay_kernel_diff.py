@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from mounthelpers import MTIME_NS, put_image, require_fuse, track, watchdog
+from mounthelpers import MTIME_NS, put_image, require_fuse, track, wait_until, watchdog
 from overlayref import (OLD_NS, RENAME_EXCHANGE, RENAME_NOREPLACE, Runner, diff_snapshots, extract_layers,
                         kernel_overlay, random_ops, snapshot)
 from layerfs.imagebuild import LayerBuilder, build_image
@@ -335,6 +335,61 @@ def test_attributes(pair):
     d("mkdir", "tmp/sgid-sub")                      # inherits set-group-ID and the group
     d("stat", "tmp/sgid-sub")
     pair.same_tree()
+
+
+def test_attributes_through_open_files(pair):
+    """What tar does to each file it writes, through the open file (fchown, fchmod, futimens, fstat,
+    ftruncate): layerfs serves these from the upper file's fd while it is open, also after the file
+    is renamed, linked and unlinked; and likewise for a lower file opened for writing (copied up)."""
+    d = pair.do
+    d("open", "n", "home/user/made", "excl")
+    d("fdwrite", "n", 0, b"hello world")
+    d("fdchown", "n", 1000, 1000)
+    d("fdchmod", "n", 0o4755)
+    d("fdstat", "n")
+    d("fdchown", "n", 1000, 1001)                 # clears set-user-ID
+    d("fdstat", "n")
+    d("fdchmod", "n", 0o2775)
+    d("fdchown", "n", 0, 0)                       # clears set-group-ID of a group-executable file
+    d("fdutime", "n", OLD_NS, OLD_NS + 3)
+    d("fdtruncate", "n", 5)
+    d("fdstat", "n")
+    d("stat", "home/user/made")
+    d("rename", "home/user/made", "home/user/moved")
+    d("fdchmod", "n", 0o640)
+    d("stat", "home/user/moved")
+    d("link", "home/user/moved", "home/user/second")
+    d("fdstat", "n")                              # two names now
+    d("unlink", "home/user/moved")
+    d("unlink", "home/user/second")
+    d("fdstat", "n")                              # no name left, still open
+    d("fdutime", "n", OLD_NS, OLD_NS)
+    d("close", "n")
+    d("open", "e", "etc/hostname", "rdwr")        # a copy-up
+    d("fdchmod", "e", 0o600)
+    d("fdutime", "e", OLD_NS, OLD_NS + 1)
+    d("fdtruncate", "e", 2)
+    d("fdstat", "e")
+    d("close", "e")
+    d("stat", "etc/hostname")
+    pair.same_tree()
+
+
+def test_closed_files_are_released_soon(pair):
+    """Releases are answered at once and handled later in batches: the daemon's upper fds are all
+    closed again shortly after a burst of creates and closes."""
+    pid = pair.rec.pid
+
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
+    base = fds()
+    for i in range(300):
+        fd = os.open(pair.lmnt / "tmp" / f"burst{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"x")
+        os.close(fd)
+    assert wait_until(lambda: fds() <= base, 5), f"{fds()} fds open in the daemon, {base} before"
+    assert (pair.lmnt / "tmp" / "burst299").read_bytes() == b"x"
 
 
 def test_xattrs(pair):
