@@ -298,7 +298,8 @@ def _on_signals(session, mountpoint: str) -> Callable[[], None]:
 def _warm(nodes, session) -> None:
     """Make the Node objects of a tree loaded from the union's cache (~5 us each, made on first access)
     while the mount is idle rather than on the first ``find``: a slice at a time, and only after a
-    millisecond without requests, so it never holds the GIL while requests are being served (a cold
+    millisecond without new requests and none in progress (a request waiting for the disk must not
+    come back to a held GIL), so it never holds the GIL while requests are being served (a cold
     ``cat`` lost a fifth of its speed to it). Huge trees stay lazy (memory)."""
     n = len(nodes)
     if n > WARM_MAX_NODES:
@@ -308,7 +309,7 @@ def _warm(nodes, session) -> None:
     while lo < n:
         time.sleep(0.001)
         now = session.requests
-        if now != seen:
+        if now != seen or session.busy:
             seen = now
             continue
         for i in range(lo, min(n, lo + WARM_SLICE)):

@@ -153,6 +153,7 @@ typedef struct {
     unsigned char *nocap;
     size_t nocap_len;
     unsigned long long requests; /* requests read so far (for callers that want to work when idle) */
+    unsigned long long busy;     /* requests being served right now */
 } Session;
 
 static inline Session *sess(fuse_req_t req) { return (Session *)fuse_req_userdata(req); }
@@ -996,7 +997,9 @@ static void call_fh(fuse_req_t req, int op, struct fuse_file_info *fi)
 static void ll_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     if (!sess(req)->ops[OP_FLUSH]) {
-        fuse_reply_err(req, 0);
+        /* ENOSYS: the kernel takes it as success and sends no more FLUSH on this connection (a
+         * read-only mount has no open handler, so FOPEN_NOFLUSH cannot spare it one per close) */
+        fuse_reply_err(req, ENOSYS);
         return;
     }
     call_fh(req, OP_FLUSH, fi);
@@ -1376,7 +1379,9 @@ static void *worker(void *arg)
             break;
         }
         __atomic_add_fetch(&s->requests, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&s->busy, 1, __ATOMIC_RELAXED);
         fuse_session_process_buf(s->se, &buf);
+        __atomic_sub_fetch(&s->busy, 1, __ATOMIC_RELAXED);
     }
     free(buf.mem);
     PyEval_RestoreThread(ts);
@@ -1686,6 +1691,11 @@ static PyObject *Session_invalidate_entry(Session *s, PyObject *args)
 
 static PyObject *Session_get_fd(Session *s, void *closure) { return PyLong_FromLong(s->fd); }
 
+static PyObject *Session_get_busy(Session *s, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(&s->busy, __ATOMIC_RELAXED));
+}
+
 static PyObject *Session_get_requests(Session *s, void *closure)
 {
     return PyLong_FromUnsignedLongLong(__atomic_load_n(&s->requests, __ATOMIC_RELAXED));
@@ -1706,6 +1716,7 @@ static PyMethodDef Session_methods[] = {
 static PyGetSetDef Session_getset[] = {
     {"fd", (getter)Session_get_fd, NULL, "the /dev/fuse descriptor", NULL},
     {"requests", (getter)Session_get_requests, NULL, "how many requests were read so far", NULL},
+    {"busy", (getter)Session_get_busy, NULL, "how many requests are being served right now", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
