@@ -1015,6 +1015,7 @@ class GzipReader(_SpannedReader):
         self._st_run_end = run_end
 
     def _reset_ahead(self) -> None:
+        self._noted = -1                    # the span whose followers were last queued
         self._queued: set[int] = set()     # spans queued for decode-ahead
         self._inflight = 0                  # decode-ahead jobs running
         self._ahead_cond = threading.Condition(threading.Lock())
@@ -1067,9 +1068,13 @@ class GzipReader(_SpannedReader):
         else:
             self._seq_run = end - offset
             self._seq_end = end
+            self._noted = -1
         if self._seq_run < _SEQ_TRIGGER:
             return
         i = bisect.bisect_right(self._starts, end - 1) - 1
+        if i == self._noted:      # the spans after this one were looked at by an earlier read
+            return
+        self._noted = i
         last = min(i + self._ahead, len(self._starts) - 1)
         for k in range(i + 1, last + 1):
             if k in self._queued:
