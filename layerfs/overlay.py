@@ -823,6 +823,7 @@ class Overlay:
             else:
                 placeholder = not self._make_special(tmp, ftype, node.rdev)
             self._copy_xattrs(tmp, node.xattrs, symlink=ftype == stat.S_IFLNK)
+            f.override = None       # the new file has no override xattr (reserved names are not copied)
             self._apply_stat(tmp, ftype, node.uid, node.gid, stat.S_IMODE(node.mode), rdev=node.rdev,
                              placeholder=placeholder, i=f)
             os.utime(tmp, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
