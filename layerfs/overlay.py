@@ -87,7 +87,7 @@ import os
 import shutil
 import stat
 import threading
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from .tree import ROOT_INO, MergedTree, Node
 
@@ -137,19 +137,30 @@ def _nofollow(path: str | int) -> dict:
     return {} if isinstance(path, int) else _NOFOLLOW
 
 
+_LIBC_FUNCS: dict[str, Any] = {}
+
+
+def _libc_fn(name: str, argtypes: tuple) -> Any:
+    """The C library's function *name* with its argument types (errno kept; the GIL is released
+    during calls), or None where the C library lacks it."""
+    f = _LIBC_FUNCS.get(name)
+    if f is None:
+        try:
+            f = getattr(ctypes.CDLL(None, use_errno=True), name)
+        except AttributeError:
+            return None
+        f.argtypes = argtypes
+        _LIBC_FUNCS[name] = f
+    return f
+
+
 def _fallocate(fd: int, mode: int, off: int, length: int) -> None:
-    """fallocate(2) with its *mode* (os.posix_fallocate has none); the GIL is released during the call."""
-    global _libc
-    if _libc is None:
-        import ctypes
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    if _libc.fallocate(fd, mode, off, length) != 0:
-        import ctypes
+    """fallocate(2) with its *mode* (os.posix_fallocate has none)."""
+    f = _libc_fn("fallocate", (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64))
+    if f is None:
+        raise _err(errno.EOPNOTSUPP)
+    if f(fd, mode, off, length) != 0:
         raise _err(ctypes.get_errno())
-
-
-_libc = None
 
 
 class Attr:
@@ -273,29 +284,21 @@ def _locked(method):
     return wrapper
 
 
-_libc = None
-
-
 def _syncfs(fd: int) -> None:
     """syncfs(2) of the file system holding *fd* (os.sync() where libc lacks it)."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    try:
-        f = _libc.syncfs
-    except AttributeError:
+    f = _libc_fn("syncfs", (ctypes.c_int,))
+    if f is None:
         os.sync()
-        return
-    if f(fd) != 0:
+    elif f(fd) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 
 
 def _renameat2(old: str, new: str, flags: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), ctypes.c_uint(flags)) != 0:
+    f = _libc_fn("renameat2", (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint))
+    if f is None:
+        raise _err(errno.ENOSYS)
+    if f(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:     # -100: AT_FDCWD
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), old, None, new)
 
@@ -1437,10 +1440,6 @@ class Overlay:
         if h is None or h.fd is None or not h.writable:
             raise _err(errno.EBADF)
         _fallocate(h.fd, mode, off, length)
-
-    def handle_ino(self, fh: int) -> int | None:
-        h = self.handles.get(fh)
-        return None if h is None else h.ino
 
     def direct_fd(self, fh: int) -> int | None:
         """The upper fd that writes on handle *fh* may go to without the overlay, or None: a write
