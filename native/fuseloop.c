@@ -330,38 +330,34 @@ static size_t slot_of(uint64_t ino, size_t cap)
     return (size_t)((ino * 0x9E3779B97F4A7C15ULL) >> 17) & (cap - 1);
 }
 
+/* the slot of *tab* that holds ino, or the empty slot where it would go (cap > 0, never full) */
+static size_t attr_fd_slot(const struct ino_fd *tab, size_t cap, uint64_t ino)
+{
+    size_t i = slot_of(ino, cap);
+    while (tab[i].ino != 0 && tab[i].ino != ino)
+        i = (i + 1) & (cap - 1);
+    return i;
+}
+
 static int attr_fd_get(Session *s, uint64_t ino)
 {
     int fd = -1;
     pthread_mutex_lock(&s->lock);
     if (s->cap_attr_fds) {
-        size_t i = slot_of(ino, s->cap_attr_fds);
-        while (s->attr_fds[i].ino != 0) {
-            if (s->attr_fds[i].ino == ino) {
-                fd = s->attr_fds[i].fd;
-                break;
-            }
-            i = (i + 1) & (s->cap_attr_fds - 1);
-        }
+        size_t i = attr_fd_slot(s->attr_fds, s->cap_attr_fds, ino);
+        if (s->attr_fds[i].ino == ino)
+            fd = s->attr_fds[i].fd;
     }
     pthread_mutex_unlock(&s->lock);
     return fd;
 }
 
-static void attr_fd_insert(struct ino_fd *tab, size_t cap, uint64_t ino, int fd)
-{
-    size_t i = slot_of(ino, cap);
-    while (tab[i].ino != 0 && tab[i].ino != ino)
-        i = (i + 1) & (cap - 1);
-    tab[i].ino = ino;
-    tab[i].fd = fd;
-}
-
 static void attr_fd_put(Session *s, uint64_t ino, int fd)
 {
+    size_t i;
     pthread_mutex_lock(&s->lock);
     if ((s->n_attr_fds + 1) * 2 > s->cap_attr_fds) {
-        size_t cap = s->cap_attr_fds ? s->cap_attr_fds * 2 : 64, i;
+        size_t cap = s->cap_attr_fds ? s->cap_attr_fds * 2 : 64;
         struct ino_fd *tab = calloc(cap, sizeof(*tab));
         if (tab == NULL) {          /* no fast path for this one: Python serves it */
             pthread_mutex_unlock(&s->lock);
@@ -369,20 +365,16 @@ static void attr_fd_put(Session *s, uint64_t ino, int fd)
         }
         for (i = 0; i < s->cap_attr_fds; i++)
             if (s->attr_fds[i].ino != 0)
-                attr_fd_insert(tab, cap, s->attr_fds[i].ino, s->attr_fds[i].fd);
+                tab[attr_fd_slot(tab, cap, s->attr_fds[i].ino)] = s->attr_fds[i];
         free(s->attr_fds);
         s->attr_fds = tab;
         s->cap_attr_fds = cap;
     }
-    {
-        size_t i = slot_of(ino, s->cap_attr_fds);
-        while (s->attr_fds[i].ino != 0 && s->attr_fds[i].ino != ino)
-            i = (i + 1) & (s->cap_attr_fds - 1);
-        if (s->attr_fds[i].ino == 0)
-            s->n_attr_fds++;
-        s->attr_fds[i].ino = ino;
-        s->attr_fds[i].fd = fd;
-    }
+    i = attr_fd_slot(s->attr_fds, s->cap_attr_fds, ino);
+    if (s->attr_fds[i].ino == 0)
+        s->n_attr_fds++;
+    s->attr_fds[i].ino = ino;
+    s->attr_fds[i].fd = fd;
     pthread_mutex_unlock(&s->lock);
 }
 
@@ -394,13 +386,8 @@ static void attr_fd_drop(Session *s, uint64_t ino, int fd)
     cap = s->cap_attr_fds;
     if (cap == 0)
         goto out;
-    i = slot_of(ino, cap);
-    while (s->attr_fds[i].ino != ino) {
-        if (s->attr_fds[i].ino == 0)
-            goto out;
-        i = (i + 1) & (cap - 1);
-    }
-    if (s->attr_fds[i].fd != fd)
+    i = attr_fd_slot(s->attr_fds, cap, ino);
+    if (s->attr_fds[i].ino != ino || s->attr_fds[i].fd != fd)
         goto out;
     s->attr_fds[i].ino = 0;
     s->n_attr_fds--;

@@ -375,6 +375,28 @@ def test_attributes_through_open_files(pair):
     pair.same_tree()
 
 
+def test_many_open_files_keep_their_own_attributes(pair):
+    """Hundreds of files open for writing at once, closed in a shuffled order: attribute calls through
+    each open file keep reaching that file (the binding's inode table grows and shrinks)."""
+    import random
+    d = pair.do
+    n = 300
+    for i in range(n):
+        d("open", f"k{i}", f"tmp/many{i}", "excl")
+        d("fdchmod", f"k{i}", 0o600 | (i % 8) << 3)
+    order = list(range(n))
+    random.Random(5).shuffle(order)
+    for i in order[: n // 2]:
+        d("close", f"k{i}")
+    for i in order[n // 2:]:
+        d("fdchmod", f"k{i}", 0o644)
+        d("fdtruncate", f"k{i}", i)
+        d("fdstat", f"k{i}")
+    for i in order[n // 2:]:
+        d("close", f"k{i}")
+    pair.same_tree()
+
+
 def test_closed_files_are_released_soon(pair):
     """Releases are answered at once and handled later in batches: the daemon's upper fds are all
     closed again shortly after a burst of creates and closes."""
