@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform as _platform
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterable, Mapping
@@ -130,7 +130,7 @@ class Platform:
 
     @classmethod
     def host(cls) -> "Platform":
-        machine = _platform.machine().lower()
+        machine = os.uname().machine.lower()
         arch = _ARCH_ALIASES.get(machine, machine)
         variant = None
         if machine.startswith("armv"):
