@@ -193,7 +193,7 @@ class RegistryClient:
         expires_in = doc.get("expires_in")
         if not isinstance(expires_in, (int, float)) or isinstance(expires_in, bool) or expires_in <= 0:
             expires_in = 60
-        return Token(value, time.monotonic() + float(expires_in))
+        return Token.lasting(value, float(expires_in))
 
     def _token_request(self, method: str, url: str, **kw) -> requests.Response:
         # never follow redirects with credentials attached

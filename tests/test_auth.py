@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from layerfs.auth import CredentialStore, Credentials, parse_www_authenticate
+from layerfs.auth import CredentialStore, Credentials, Token, parse_www_authenticate
 from layerfs.errors import CredentialsError
 
 
@@ -30,6 +30,13 @@ def test_quoted_escapes_and_unquoted_values():
     [c] = parse_www_authenticate('Bearer realm=http://x/t, error="invalid_token", error_description="a \\"b\\""')
     assert c.realm == "http://x/t"
     assert c.params["error_description"] == 'a "b"'
+
+
+def test_tokens_are_renewed_shortly_before_they_expire():
+    t = Token.lasting("a", 300, now=1000.0)            # the usual: 5 s early
+    assert t.valid(1294.9) and not t.valid(1295.0)
+    short = Token.lasting("b", 3, now=1000.0)          # a short-lived token is still used: 0.3 s early
+    assert short.valid(1000.0) and short.valid(1002.6) and not short.valid(1002.7)
 
 
 def test_empty_header():
