@@ -64,6 +64,7 @@ import pytest
 from layerfs.cli import main as cli_main
 from layerfs.imagebuild import DEFAULT_MTIME, LayerBuilder, build_image, decompress, write_oci_layout
 from layerfs.mount import mounts, pid_alive
+from layerfs.overlay import OVERRIDE_XATTR
 from layerfs.store import Store
 from mounthelpers import force_unmount, is_mounted, require_fuse, track, wait_until, watchdog
 from registryfixtures import _clean_env, missing_prerequisite, require_binary
@@ -1103,7 +1104,8 @@ def test_rootless_mount_as_an_ordinary_user(registry, unique_repo, tmp_path):
         require_binary(b)
     l1 = (LayerBuilder().add_dir("etc").add_file("etc/os-release", b"ID=rootless\n")
           .add_file("etc/motd", b"old\n").add_symlink("etc/link", "os-release")
-          .add_file("bin/tool", b"#!/bin/sh\n", mode=0o4755).add_file("big", _big_data()[:3 << 20]).build())
+          .add_file("bin/tool", b"#!/bin/sh\n", mode=0o4755).add_file("big", _big_data()[:3 << 20])
+          .add_dir("tmp", mode=0o1777).add_file("tmp/shared", b"shared\n", mode=0o666).build())
     l2 = LayerBuilder().add_whiteout("etc/motd").add_file("etc/new", b"new\n", uid=1000).build()
     image = build_image([l1, l2])
     from registryfixtures import push_image
@@ -1152,6 +1154,30 @@ def test_rootless_mount_as_an_ordinary_user(registry, unique_repo, tmp_path):
         assert f" {mnt} " not in user.mountinfo()
         assert wait_until(lambda: not pid_alive(pid))
         assert user.layerfs("--root", store, "mounts", "-q").stdout == ""
+
+        # writable, as the user: copy-up and append, a new file, owners the host cannot give kept in
+        # the override xattr, and an unprivileged write clearing the set-user-ID bit it set itself
+        upper = home / "upper"
+        user.layerfs("--root", store, "mount", "--upper", upper, ref, mnt)
+        recs = [r for r in mounts_records(store) if r.mountpoint == str(mnt)]
+        pid = recs[0].pid
+        track(mnt, pid)
+        denied = user.run("sh", "-c", f"echo x >> {mnt}/etc/os-release", check=False)   # root's 0644 file
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        user.run("sh", "-c", f"echo more >> {mnt}/tmp/shared && printf data > {mnt}/tmp/made && "
+                             f"chmod 4750 {mnt}/tmp/made")
+        assert user.run("cat", mnt / "tmp/shared").stdout == "shared\nmore\n"
+        stat_fmt = ["stat", "-c", "%u:%g:%a"]
+        assert user.run(*stat_fmt, mnt / "tmp/shared").stdout.strip() == "0:0:666"      # the image's owner
+        assert user.run(*stat_fmt, mnt / "tmp/made").stdout.strip() == f"{uid}:{gid}:4750"
+        user.run("sh", "-c", f"printf more >> {mnt}/tmp/made")                           # no CAP_FSETID
+        assert user.run(*stat_fmt, mnt / "tmp/made").stdout.strip() == f"{uid}:{gid}:750"
+        assert user.run("cat", mnt / "tmp/made").stdout == "datamore"
+        user.layerfs("--root", store, "umount", mnt)
+        assert wait_until(lambda: not pid_alive(pid))
+        assert (upper / "tmp/shared").read_bytes() == b"shared\nmore\n"
+        assert os.getxattr(upper / "tmp/shared", OVERRIDE_XATTR).startswith(b"0:0:")
+        assert os.stat(upper / "tmp/made").st_uid == uid
 
 
 def mounts_records(store: Path) -> list:
