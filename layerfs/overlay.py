@@ -87,8 +87,9 @@ import os
 import shutil
 import stat
 import threading
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
+from . import libc
 from .tree import ROOT_INO, MergedTree, Node
 
 log = logging.getLogger(__name__)
@@ -137,26 +138,9 @@ def _nofollow(path: str | int) -> dict:
     return {} if isinstance(path, int) else _NOFOLLOW
 
 
-_LIBC_FUNCS: dict[str, Any] = {}
-
-
-def _libc_fn(name: str, argtypes: tuple) -> Any:
-    """The C library's function *name* with its argument types (errno kept; the GIL is released
-    during calls), or None where the C library lacks it."""
-    f = _LIBC_FUNCS.get(name)
-    if f is None:
-        try:
-            f = getattr(ctypes.CDLL(None, use_errno=True), name)
-        except AttributeError:
-            return None
-        f.argtypes = argtypes
-        _LIBC_FUNCS[name] = f
-    return f
-
-
 def _fallocate(fd: int, mode: int, off: int, length: int) -> None:
     """fallocate(2) with its *mode* (os.posix_fallocate has none)."""
-    f = _libc_fn("fallocate", (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64))
+    f = libc.function("fallocate", (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64))
     if f is None:
         raise _err(errno.EOPNOTSUPP)
     if f(fd, mode, off, length) != 0:
@@ -286,7 +270,7 @@ def _locked(method):
 
 def _syncfs(fd: int) -> None:
     """syncfs(2) of the file system holding *fd* (os.sync() where libc lacks it)."""
-    f = _libc_fn("syncfs", (ctypes.c_int,))
+    f = libc.function("syncfs", (ctypes.c_int,))
     if f is None:
         os.sync()
     elif f(fd) != 0:
@@ -295,7 +279,7 @@ def _syncfs(fd: int) -> None:
 
 
 def _renameat2(old: str, new: str, flags: int) -> None:
-    f = _libc_fn("renameat2", (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint))
+    f = libc.function("renameat2", (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint))
     if f is None:
         raise _err(errno.ENOSYS)
     if f(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:     # -100: AT_FDCWD

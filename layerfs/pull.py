@@ -78,20 +78,11 @@ _WRITEBACK_STEP = 8 << 20
 def _sync_file_range(fd: int, offset: int, length: int) -> None:
     """``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start write-back of a range, do not wait.
     A hint only: where it is missing or fails, the final fsync does all the work."""
-    global _sfr
-    if _sfr is None:
-        try:
-            import ctypes
-            f = ctypes.CDLL(None, use_errno=True).sync_file_range
-            f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-            _sfr = f
-        except (OSError, AttributeError):
-            _sfr = False
-    if _sfr:
-        _sfr(fd, offset, length, 2)   # SYNC_FILE_RANGE_WRITE
-
-
-_sfr = None
+    import ctypes
+    from . import libc
+    f = libc.function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))
+    if f is not None:
+        f(fd, offset, length, 2)   # SYNC_FILE_RANGE_WRITE
 
 
 @contextlib.contextmanager
@@ -104,11 +95,11 @@ def _big_buffers_reused() -> Iterator[None]:
     about 60k page faults and a tenth of a pull's CPU for 300 MB. Raised
     thresholds let freed buffers be reused; the defaults come back after,
     and the heap is trimmed."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):   # not glibc
+    import ctypes
+    from . import libc
+    mallopt = libc.function("mallopt", (ctypes.c_int, ctypes.c_int))
+    trim = libc.function("malloc_trim", (ctypes.c_size_t,))
+    if mallopt is None or trim is None:     # not glibc
         yield
         return
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3

@@ -531,6 +531,21 @@ static void reply_ok(fuse_req_t req, Session *s, int op, PyGILState_STATE g, PyO
 
 
 
+/* reply for handlers that answer attributes */
+static void reply_attr_result(fuse_req_t req, Session *s, int op, PyGILState_STATE g, PyObject *r)
+{
+    struct stat st;
+    double timeout;
+    if (r == NULL || parse_attr(r, &st, &timeout) < 0) {
+        Py_XDECREF(r);
+        fail(req, s, op, g);
+        return;
+    }
+    Py_DECREF(r);
+    PyGILState_Release(g);
+    fuse_reply_attr(req, &st, timeout);
+}
+
 static PyObject *fh_or_none(struct fuse_file_info *fi)
 {
     if (fi == NULL)
@@ -669,30 +684,29 @@ static int reply_fd_attr(fuse_req_t req, Session *s, fuse_ino_t ino, int fd)
     return 0;
 }
 
+static int direct_setattr(fuse_req_t req, Session *s, fuse_ino_t ino, int fd, struct stat *attr, int to_set);
+
+/* serve getattr (attr == NULL) or setattr of *ino* from its direct fd, if it has one; 0 when replied */
+static int direct_attr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set)
+{
+    Session *s = sess(req);
+    int fd, done = -1;
+    pthread_rwlock_rdlock(&s->fdlock);
+    fd = attr_fd_get(s, ino);
+    if (fd >= 0)
+        done = attr == NULL ? reply_fd_attr(req, s, ino, fd) : direct_setattr(req, s, ino, fd, attr, to_set);
+    pthread_rwlock_unlock(&s->fdlock);
+    return done;
+}
+
 static void ll_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    struct stat st;
-    double timeout;
-    Session *ss = sess(req);
-    int fd, done = -1;
-    pthread_rwlock_rdlock(&ss->fdlock);
-    fd = attr_fd_get(ss, ino);
-    if (fd >= 0)
-        done = reply_fd_attr(req, ss, ino, fd);
-    pthread_rwlock_unlock(&ss->fdlock);
-    if (done == 0)
+    if (direct_attr(req, ino, NULL, 0) == 0)
         return;
     {
     ENTER(OP_GETATTR)
     r = PyObject_CallFunction(s->ops[OP_GETATTR], "KN", (unsigned long long)ino, fh_or_none(fi));
-    if (r == NULL || parse_attr(r, &st, &timeout) < 0) {
-        Py_XDECREF(r);
-        fail(req, s, OP_GETATTR, g);
-        return;
-    }
-    Py_DECREF(r);
-    PyGILState_Release(g);
-    fuse_reply_attr(req, &st, timeout);
+    reply_attr_result(req, s, OP_GETATTR, g, r);
     }
 }
 
@@ -759,18 +773,9 @@ out:
 
 static void ll_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi)
 {
-    struct stat st;
-    double timeout;
     struct timespec now;
     long long atime = ts_to_ns(&attr->st_atim), mtime = ts_to_ns(&attr->st_mtim);
-    Session *ss = sess(req);
-    int fd, done = -1;
-    pthread_rwlock_rdlock(&ss->fdlock);
-    fd = attr_fd_get(ss, ino);
-    if (fd >= 0)
-        done = direct_setattr(req, ss, ino, fd, attr, to_set);
-    pthread_rwlock_unlock(&ss->fdlock);
-    if (done == 0)
+    if (direct_attr(req, ino, attr, to_set) == 0)
         return;
     {
     ENTER(OP_SETATTR)
@@ -788,14 +793,7 @@ static void ll_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
     r = PyObject_CallFunction(s->ops[OP_SETATTR], "KiIIILLLN", (unsigned long long)ino, to_set,
                               (unsigned)attr->st_mode, (unsigned)attr->st_uid, (unsigned)attr->st_gid,
                               (long long)attr->st_size, atime, mtime, fh_or_none(fi));
-    if (r == NULL || parse_attr(r, &st, &timeout) < 0) {
-        Py_XDECREF(r);
-        fail(req, s, OP_SETATTR, g);
-        return;
-    }
-    Py_DECREF(r);
-    PyGILState_Release(g);
-    fuse_reply_attr(req, &st, timeout);
+    reply_attr_result(req, s, OP_SETATTR, g, r);
     }
 }
 
@@ -1714,7 +1712,7 @@ static PyTypeObject SessionType = {
     .tp_dealloc = (destructor)Session_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Session(ops, mountpoint, options, negative_timeout=0.0, writeback=False, cache_symlinks=True, "
-              "max_background=0): a mounted libfuse low-level session",
+              "max_background=0, attr_timeout=1.0): a mounted libfuse low-level session",
     .tp_methods = Session_methods,
     .tp_getset = Session_getset,
     .tp_new = Session_new,
