@@ -66,7 +66,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .errors import ContentError, ImageNotFound, LayerfsError, StoreError, UsageError
 from .imagebuild import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, XATTR_PREFIX
-from .layerindex import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, LayerIndexer, index_path
+from .layerindex import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, SYMLINK_MODE, LayerIndexer, index_path
 from .oci import (OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, Digest, ImageConfig, Manifest,
                   json_bytes, parse_manifest)
 from .reference import Reference
@@ -651,10 +651,11 @@ def _tarinfo(name: str, type_: bytes, *, mode: int, uid: int, gid: int, mtime_ns
              xattrs: Mapping[str, bytes] | None = None, keep_ns: bool = False) -> tarfile.TarInfo:
     """A PAX header with fixed conventions: no user/group names, whole-second mtime unless
     *keep_ns* (then a PAX ``mtime`` record carries the nanoseconds), xattrs as sorted
-    ``SCHILY.xattr.*`` records (binary values via ``hdrcharset=BINARY``)."""
+    ``SCHILY.xattr.*`` records (binary values via ``hdrcharset=BINARY``); a symlink's mode is
+    always :data:`~layerfs.layerindex.SYMLINK_MODE`."""
     ti = tarfile.TarInfo(name)
     ti.type = type_
-    ti.mode = mode & 0o7777
+    ti.mode = SYMLINK_MODE if type_ == tarfile.SYMTYPE else mode & 0o7777
     ti.uid, ti.gid = uid, gid
     ti.uname = ti.gname = ""
     sec, ns = divmod(mtime_ns, 1_000_000_000)

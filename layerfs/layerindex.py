@@ -60,7 +60,7 @@ __all__ = [
     "FILE", "DIR", "SYMLINK", "HARDLINK", "CHAR", "BLOCK", "FIFO", "TYPES",
     "Entry", "LayerIndex", "LayerIndexer", "IndexFormatError",
     "normalize_path", "index_path", "load_or_build", "build_from_blob", "open_layer_reader",
-    "FORMAT_VERSION",
+    "FORMAT_VERSION", "SYMLINK_MODE",
 ]
 
 # --- records -----------------------------------------------------------------
@@ -75,6 +75,9 @@ FIFO = "fifo"
 #: entry types; the position is the type's code in the index file
 TYPES = (FILE, DIR, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO)
 _TYPE_CODE = {t: i for i, t in enumerate(TYPES)}
+#: the permission bits of every symlink: Linux has no others (lchmod does not exist), so the mode a tar
+#: header or a TOC gives a symlink (0644 is common, e.g. with a PAX long target) is never shown or written
+SYMLINK_MODE = 0o777
 
 
 class Entry(NamedTuple):
@@ -83,7 +86,8 @@ class Entry(NamedTuple):
     ``path`` is normalised (no leading ``./`` or ``/``, no ``.``/empty
     components, ``""`` for the root directory), a str with undecodable bytes
     surrogate-escaped. ``mode`` holds the permission bits incl.
-    setuid/setgid/sticky (no type bits). ``size`` is the file's size (the
+    setuid/setgid/sticky (no type bits); always :data:`SYMLINK_MODE` for a
+    symlink, whatever its source said. ``size`` is the file's size (the
     real size for a sparse file, 0 for non-files). ``linkname`` is the
     symlink target as written, or the normalised path of a hard link's
     target, and None for other types. ``offset`` is where the member's data
@@ -407,6 +411,7 @@ class _TarScanner:
         t = ti.type
         sparse = linkname = None
         size = major = minor = 0
+        mode = ti.mode & 0o7777
         if t in _REG_TYPES or ti.sparse is not None and t not in _SIMPLE_TYPES:
             kind = FILE
             size = ti.size
@@ -419,6 +424,7 @@ class _TarScanner:
                 return None
             if kind == SYMLINK:
                 linkname = ti.linkname
+                mode = SYMLINK_MODE
                 if "\0" in linkname:
                     raise TarError(f"symlink target of {name!r} contains a NUL byte", where=where)
             elif kind == HARDLINK:
@@ -445,7 +451,7 @@ class _TarScanner:
         if not (0 <= uid <= _U64_MAX and 0 <= gid <= _U64_MAX and 0 <= size <= _U64_MAX
                 and 0 <= major <= _U64_MAX and 0 <= minor <= _U64_MAX):
             raise TarError(f"tar member {name!r}: uid, gid, size or device number out of range", where=where)
-        return _new_entry((path, kind, ti.mode & 0o7777, uid, gid, size, mtime_ns, linkname, major, minor,
+        return _new_entry((path, kind, mode, uid, gid, size, mtime_ns, linkname, major, minor,
                            ti.offset_data, xattrs, sparse))
 
     def _sparse(self, ti: tarfile.TarInfo, path: str, next_header: int) -> tuple[tuple[int, int, int], ...]:
@@ -609,6 +615,9 @@ def _decode_columns(raw: bytes) -> tuple[list, ...]:
     except IndexError:
         raise IndexFormatError("layer index records: unknown entry type") from None
     modes, uids, gids, sizes = c.col(n), c.col(n), c.col(n), c.col(n)
+    sym = _TYPE_CODE[SYMLINK]
+    if sym in tcodes:       # records written before symlinks were given SYMLINK_MODE (or by another writer)
+        modes = [SYMLINK_MODE if tc == sym else m for tc, m in zip(tcodes, modes)]
     secs, nsecs = c.col(n, True), c.col(n)
     if any(nsecs):
         mtimes = [s * 1_000_000_000 + ns for s, ns in zip(secs, nsecs)]
@@ -772,6 +781,8 @@ class LayerIndex:
     #          meta (JSON: digest, diff_id, size, compression, compressed_size, count),
     #          records (zstd frame of the columnar encoding, see _encode_columns),
     #          checkpoints (gzindex SeekIndex.to_bytes(), as is)
+    #   A symlink record reads back with SYMLINK_MODE whatever mode it holds: indexes saved (or
+    #   published with 'index push') before symlinks were normalised stay valid, no rebuild needed.
     def to_bytes(self) -> bytes:
         if self._raw_entries is not None:
             records = self._raw_entries

@@ -50,8 +50,8 @@ from .errors import ContentError, LayerfsError, ManifestError
 from .gzindex import SpanCache
 from .estargz import (FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION, EStargzError,
                       is_estargz, parse_footer, parse_rfc3339_ns, parse_toc_member)
-from .layerindex import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, LayerIndex, load_or_build,
-                         normalize_path, open_layer_reader)
+from .layerindex import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, SYMLINK_MODE, Entry, LayerIndex,
+                         load_or_build, normalize_path, open_layer_reader)
 from .oci import LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Manifest, iter_layer_compression
 from .registry import RegistryClient
 from .store import Store, atomic_write, file_lock
@@ -145,7 +145,8 @@ def _toc_records(toc: dict, toc_json: bytes, toc_offset: int, where: str) -> tup
             off = base
             base += size
         entries.pop(path, None)
-        entries[path] = Entry(path, t, int(e.get("mode") or 0) & 0o7777, int(e.get("uid") or 0),
+        mode = SYMLINK_MODE if t == SYMLINK else int(e.get("mode") or 0) & 0o7777
+        entries[path] = Entry(path, t, mode, int(e.get("uid") or 0),
                               int(e.get("gid") or 0), size, mtime, link, int(e.get("devMajor") or 0),
                               int(e.get("devMinor") or 0), off, xattrs, None)
     # chunk ranges: a chunk's member ends where the next known member starts (or the TOC)

@@ -311,7 +311,7 @@ def _to_tree(top: _M, readers: list) -> MergedTree:
 
 # --- the tree cache -------------------------------------------------------------------
 
-TREE_FORMAT_VERSION = 2   # built from version-2 layer indexes
+TREE_FORMAT_VERSION = 3   # 3: symlinks have mode 0777 (caches of version 2 may hold a tar header's mode)
 _TREE_MAGIC = b"LFSTREE\n"
 
 

@@ -127,7 +127,8 @@ def expected_entries(tar: bytes) -> dict[str, Entry]:
                 sparse = tuple(sparse)
             dev = (m.devmajor, m.devminor) if kind in ("char", "block") else (0, 0)
             out.pop(path, None)
-            out[path] = Entry(path, kind, m.mode & 0o7777, m.uid, m.gid, m.size if kind == FILE else 0, mtime,
+            mode = 0o777 if kind == SYMLINK else m.mode & 0o7777      # as extracted: Linux symlinks are 0777
+            out[path] = Entry(path, kind, mode, m.uid, m.gid, m.size if kind == FILE else 0, mtime,
                               link, dev[0], dev[1], m.offset_data, xattrs, sparse)
     return out
 
