@@ -598,9 +598,11 @@ def cmd_rm(ctx: Context) -> int:
 
 
 def cmd_mounts(ctx: Context) -> int:
-    from .mount import mounts
+    from .mount import mount_states
     a = ctx.args
-    records = mounts(ctx.store)
+    listed = mount_states(ctx.store)
+    records = [r for r, _ in listed]
+    state = {r.mountpoint: s for r, s in listed}
     if a.quiet:
         for r in records:
             print(r.mountpoint)
@@ -611,17 +613,17 @@ def cmd_mounts(ctx: Context) -> int:
     if a.format == "json":
         from dataclasses import asdict
         for r in records:
-            doc = asdict(r)
+            doc = dict(asdict(r), state=state[r.mountpoint])
             if fetched[r.mountpoint] is not None:
                 doc["fetched"] = [round(f, 4) for f in fetched[r.mountpoint]]
             print(json.dumps(doc, separators=(",", ":")))
         return 0
     from .display import table
     lazy = any(v is not None for v in fetched.values())
-    rows = [["IMAGE", "MOUNTPOINT", "PID", "UPPER"] + (["FETCHED (PER LAYER)"] if lazy else [])]
+    rows = [["IMAGE", "MOUNTPOINT", "PID", "STATE", "UPPER"] + (["FETCHED (PER LAYER)"] if lazy else [])]
     for r in records:
         image = r.image if r.layer is None else f"{r.image} (layer {r.layer})"
-        row = [image, r.mountpoint, str(r.pid), r.upper or "<none>"]
+        row = [image, r.mountpoint, str(r.pid), state[r.mountpoint], r.upper or "<none>"]
         if lazy:
             f = fetched[r.mountpoint]
             row.append(" ".join(f"{int(x * 100)}%" for x in f) if f is not None else "-")
@@ -908,7 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ids", nargs="+", metavar="ID|UPPER", help="the id (ROOT/uppers/ID) or the upper's path")
     s.set_defaults(func=cmd_rm)
 
-    s = sub.add_parser("mounts", help="list active layerfs mounts")
+    s = sub.add_parser("mounts", help="list layerfs mounts: running, or dead (daemon gone; 'umount' cleans up)")
     s.add_argument("-q", "--quiet", action="store_true", help="only mount points")
     s.add_argument("--format", choices=["table", "json"], default=None)
     s.set_defaults(func=cmd_mounts)

@@ -24,11 +24,17 @@ then exits quietly, so a failed ``mount`` leaves no process behind. A tree
 built by the caller (:func:`mount_tree`, a custom tree factory, an
 unwritable store) is shared with a daemon forked once it is built.
 
-Registry of active mounts: ``ROOT/mounts/<id>.json`` (``<id>`` hashes the
-mount point's real path), written by the daemon once ready and removed when
-it exits. A record whose daemon is gone, or whose mount point is no longer a
-``fuse.layerfs`` mount in ``/proc/self/mountinfo``, is stale and is removed
-whenever mounts are listed or a mount point is (un)mounted.
+Registry of mounts: ``ROOT/mounts/<id>.json`` (``<id>`` hashes the mount
+point's real path), written by the daemon once ready and removed when it
+exits. While its mount point is a ``fuse.layerfs`` mount in
+``/proc/self/mountinfo``, a record is in one of two states
+(:func:`mount_states`): ``running`` (its daemon runs) or ``dead`` (its daemon
+died without unmounting, e.g. ``kill -9`` or the OOM killer: every access to
+the mount point fails with ENOTCONN, "Transport endpoint is not connected",
+until :func:`umount` detaches it and drops the record). A record whose mount
+point is no longer mounted (unmounted by other means, a reboot) describes
+nothing left to serve or clean up: it is removed whenever mounts are listed
+or a mount point is (un)mounted.
 
 Mount point rules: it must exist and be a directory, must not already be a
 mount point, and must be empty unless ``-o nonempty`` is given (libfuse 3
@@ -86,6 +92,9 @@ FSTYPE = "fuse.layerfs"
 READY_TIMEOUT = 60.0
 #: seconds umount waits for the daemon to exit after the unmount
 EXIT_TIMEOUT = 10.0
+#: the states of a mount (see :func:`mount_states`)
+RUNNING = "running"
+DEAD = "dead"
 
 
 class MountError(LayerfsError):
@@ -208,6 +217,15 @@ def _abs_mountpoint(path: str | os.PathLike[str]) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
 
 
+#: what calls on a FUSE mount whose daemon is gone fail with (ECONNABORTED: requests in flight when it died)
+_DEAD_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def _dead_mount(shown: str) -> MountError:
+    return MountError(f"{shown} is a dead FUSE mount (its daemon is gone)",
+                      hint=f"clean it up with 'layerfs umount {shown}'")
+
+
 def check_mountpoint(path: str | os.PathLike[str], *, allow_nonempty: bool = False) -> str:
     """Validate a mount point; return its real path or raise one clear :class:`MountError`."""
     shown = os.fspath(path)
@@ -227,9 +245,8 @@ def check_mountpoint(path: str | os.PathLike[str], *, allow_nonempty: bool = Fal
     except MountError:
         raise
     except OSError as e:
-        if e.errno == errno.ENOTCONN:
-            raise MountError(f"{shown} is a dead FUSE mount (its daemon is gone)",
-                             hint=f"clean it up with 'layerfs umount {shown}'") from None
+        if e.errno in _DEAD_ERRNOS:
+            raise _dead_mount(shown) from None
         raise MountError(f"cannot use mount point {shown}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mount point {shown} is not a directory")
@@ -237,6 +254,13 @@ def check_mountpoint(path: str | os.PathLike[str], *, allow_nonempty: bool = Fal
     table = mount_table()
     if real in table:
         fstype = table[real][0]
+        if fstype.startswith("fuse"):
+            # the root's attributes may still be cached: statfs always asks the daemon
+            try:
+                os.statvfs(real)
+            except OSError as e:
+                if e.errno in _DEAD_ERRNOS:
+                    raise _dead_mount(shown) from None
         what = "a layerfs mount" if fstype == FSTYPE else f"a {fstype} mount"
         raise MountError(f"{shown} is already mounted ({what})",
                          hint=f"unmount it first ('layerfs umount {shown}') or pick another directory")
@@ -317,19 +341,24 @@ class MountRegistry:
             return []
         return [(p, self._load(p)) for p in paths]
 
-    def active(self, table: dict[str, tuple[str, str]] | None = None) -> list[MountRecord]:
-        """Live records; stale ones (daemon gone, or not mounted any more) are removed."""
+    def states(self, table: dict[str, tuple[str, str]] | None = None) -> list[tuple[MountRecord, str]]:
+        """(record, RUNNING or DEAD) of every record whose mount point is mounted, oldest first;
+        the others (not mounted any more, or corrupt) are removed."""
         table = mount_table() if table is None else table
         out = []
         for path, rec in self.records():
-            if rec is not None and pid_alive(rec.pid) and table.get(rec.mountpoint, ("",))[0] == FSTYPE:
-                out.append(rec)
+            if rec is not None and table.get(rec.mountpoint, ("",))[0] == FSTYPE:
+                out.append((rec, RUNNING if pid_alive(rec.pid) else DEAD))
                 continue
             log.info("removing stale mount record %s (%s)", path.name, rec.mountpoint if rec else "corrupt")
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        out.sort(key=lambda r: r.started)
+        out.sort(key=lambda x: x[0].started)
         return out
+
+    def active(self, table: dict[str, tuple[str, str]] | None = None) -> list[MountRecord]:
+        """The running mounts' records (see :meth:`states`)."""
+        return [rec for rec, state in self.states(table) if state == RUNNING]
 
 
 # --- mounting ----------------------------------------------------------------------------
@@ -873,8 +902,14 @@ def _wait_ready(r: int, record: MountRecord, options: MountOptions, registry: Mo
 # --- listing and unmounting ------------------------------------------------------------
 
 def mounts(store: Store) -> list[MountRecord]:
-    """Active layerfs mounts of *store* (stale records are cleaned on the way)."""
+    """Running layerfs mounts of *store* (stale records are cleaned on the way)."""
     return MountRegistry(store).active()
+
+
+def mount_states(store: Store) -> list[tuple[MountRecord, str]]:
+    """Every mount of *store* with its state: :data:`RUNNING`, or :data:`DEAD` (the daemon is
+    gone, the mount point still mounted; :func:`umount` cleans it up). Stale records are cleaned."""
+    return MountRegistry(store).states()
 
 
 def _unmount_cmd(mountpoint: str) -> list[str]:

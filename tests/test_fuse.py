@@ -355,9 +355,10 @@ def test_daemon_mount_lists_and_unmounts(store, tmp_path):
     [listed] = mounts(store)
     assert listed == rec
     out = _cli(store, "mounts").stdout.splitlines()
-    assert out[0].split() == ["IMAGE", "MOUNTPOINT", "PID", "UPPER"]
-    assert out[1].split() == ["tiny:1", str(m.resolve()), str(rec.pid), "<none>"]
-    assert json.loads(_cli(store, "mounts", "--format", "json").stdout)["pid"] == rec.pid
+    assert out[0].split() == ["IMAGE", "MOUNTPOINT", "PID", "STATE", "UPPER"]
+    assert out[1].split() == ["tiny:1", str(m.resolve()), str(rec.pid), "running", "<none>"]
+    doc = json.loads(_cli(store, "mounts", "--format", "json").stdout)
+    assert doc["pid"] == rec.pid and doc["state"] == "running"
     assert "mounted tiny:1" in Path(rec.log).read_text()
 
     assert umount(store, m) == rec
@@ -397,6 +398,50 @@ def test_stale_records_are_cleaned(store, tmp_path):
     (reg.dir / "junk.json").write_text("{not json")
     assert mounts(store) == []
     assert list(reg.dir.glob("*.json")) == []
+
+
+def test_dead_mount_is_listed_until_umount_cleans_it_up(store, tmp_path):
+    """A daemon killed with SIGKILL leaves its mount point mounted but dead (ENOTCONN): ``mounts``
+    lists it as dead (beside a running one), and ``umount --rm`` detaches it, drops its record
+    and deletes its upper; the mount point is a plain directory again."""
+    require_fuse()
+    put_image(store, "docker.io/library/two:1", _two_layer_image())
+    dead, alive = tmp_path / "dead", tmp_path / "alive"
+    _cli(store, "mount", "two:1", str(dead))                       # writable: an upper in the store
+    [rec] = mounts(store)
+    track(dead, rec.pid)
+    _cli(store, "mount", "--read-only", "two:1", str(alive))
+    other = next(r for r in mounts(store) if r.mountpoint == str(alive.resolve()))
+    track(alive, other.pid)
+    (dead / "etc/new").write_bytes(b"new\n")
+    os.kill(rec.pid, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(rec.pid))
+    assert _errno_of(os.listdir, dead) in (errno.ENOTCONN, errno.ECONNABORTED)
+    assert _errno_of(os.stat, dead / "etc/new") == errno.ENOTCONN
+    assert is_mounted(dead) and MountRegistry(store).get(rec.mountpoint) == rec
+    # listed with its state (table, json, -q), not hidden; the running mount is unaffected
+    assert [r.pid for r in mounts(store)] == [other.pid]
+    out = _cli(store, "mounts").stdout.splitlines()
+    assert out[0].split() == ["IMAGE", "MOUNTPOINT", "PID", "STATE", "UPPER"]
+    assert sorted(line.split() for line in out[1:]) == sorted([
+        ["two:1", rec.mountpoint, str(rec.pid), "dead", rec.upper],
+        ["two:1", other.mountpoint, str(other.pid), "running", "<none>"]])
+    docs = {d["mountpoint"]: d for d in map(json.loads, _cli(store, "mounts", "--format", "json").stdout.splitlines())}
+    assert (docs[rec.mountpoint]["state"], docs[other.mountpoint]["state"]) == ("dead", "running")
+    assert docs[rec.mountpoint]["upper"] == rec.upper
+    assert sorted(_cli(store, "mounts", "-q").stdout.split()) == sorted([rec.mountpoint, other.mountpoint])
+    # mounting over it says what it is; umount cleans it up (the record names the upper to remove)
+    p = _cli(store, "mount", "two:1", str(dead), check=False)
+    assert p.returncode == 1 and "dead FUSE mount" in p.stderr and "layerfs umount" in p.stderr
+    assert Path(rec.upper, "etc/new").read_bytes() == b"new\n"
+    _cli(store, "umount", "--rm", str(dead))
+    assert not is_mounted(dead) and os.listdir(dead) == []
+    (dead / "plain").write_bytes(b"x")                            # an ordinary directory again
+    assert os.listdir(dead) == ["plain"]
+    assert not Path(rec.upper).exists() and not MountRegistry(store).record_path(rec.mountpoint).exists()
+    assert _cli(store, "mounts", "-q").stdout.split() == [other.mountpoint]
+    _cli(store, "umount", str(alive))
+    assert _cli(store, "mounts").stdout.split() == ["IMAGE", "MOUNTPOINT", "PID", "STATE", "UPPER"]
 
 
 def test_mountpoint_errors(store, tmp_path):
