@@ -474,9 +474,10 @@ def resolve_target(store: Store, text: str, *, image: str | None = None) -> Targ
     """What ``diff``/``commit`` act on: a mount point (or the upper dir of a mount), an upper
     directory the store kept after its mount ended (by path or id), or, with *image*, any
     upper directory over that local image."""
-    from .mount import mounts
+    from .mount import mount_states
     real = _abs(text)
-    records = mounts(store) if (store.root / "mounts").is_dir() else []
+    # a dead mount (its daemon gone) too: its upper is intact (copy-ups are renamed into place)
+    records = [r for r, _ in mount_states(store)] if (store.root / "mounts").is_dir() else []
     for rec in records:
         by_mount = rec.mountpoint == real
         by_upper = rec.upper is not None and _abs(rec.upper) == real
@@ -1444,10 +1445,10 @@ def commit(store: Store, target: Target, newref: str | Reference, options: Commi
 def export_source(store: Store, text: str, *, upper: str | os.PathLike[str] | None = None) -> MergedTree:
     """The merged tree ``export`` writes: a mount point (its image plus its upper directory), or a
     local image (plus *upper*, an upper directory over it, when given)."""
-    from .mount import mounts
+    from .mount import mount_states
     real = _abs(text)
     if (store.root / "mounts").is_dir():
-        for rec in mounts(store):
+        for rec, _ in mount_states(store):
             if rec.mountpoint == real:
                 if upper is not None:
                     raise UsageError(f"{text} is a layerfs mount; --upper applies to an image only")

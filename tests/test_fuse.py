@@ -403,7 +403,8 @@ def test_stale_records_are_cleaned(store, tmp_path):
 def test_dead_mount_is_listed_until_umount_cleans_it_up(store, tmp_path):
     """A daemon killed with SIGKILL leaves its mount point mounted but dead (ENOTCONN): ``mounts``
     lists it as dead (beside a running one), and ``umount --rm`` detaches it, drops its record
-    and deletes its upper; the mount point is a plain directory again."""
+    and deletes its upper; the mount point is a plain directory again. Until then, ``diff`` and
+    ``commit`` read its upper."""
     require_fuse()
     put_image(store, "docker.io/library/two:1", _two_layer_image())
     dead, alive = tmp_path / "dead", tmp_path / "alive"
@@ -430,6 +431,14 @@ def test_dead_mount_is_listed_until_umount_cleans_it_up(store, tmp_path):
     assert (docs[rec.mountpoint]["state"], docs[other.mountpoint]["state"]) == ("dead", "running")
     assert docs[rec.mountpoint]["upper"] == rec.upper
     assert sorted(_cli(store, "mounts", "-q").stdout.split()) == sorted([rec.mountpoint, other.mountpoint])
+    # its upper is intact: diff and commit still work on it
+    assert _cli(store, "diff", str(dead)).stdout.split() == ["C", "/etc", "A", "/etc/new"]
+    _cli(store, "commit", str(dead), "two:saved")
+    saved = tmp_path / "saved"
+    _cli(store, "mount", "--read-only", "two:saved", str(saved))
+    track(saved, next(r.pid for r in mounts(store) if r.mountpoint == str(saved.resolve())))
+    assert (saved / "etc/new").read_bytes() == b"new\n"
+    _cli(store, "umount", str(saved))
     # mounting over it says what it is; umount cleans it up (the record names the upper to remove)
     p = _cli(store, "mount", "two:1", str(dead), check=False)
     assert p.returncode == 1 and "dead FUSE mount" in p.stderr and "layerfs umount" in p.stderr
