@@ -85,6 +85,12 @@ class TarError(ContentError):
     """A layer tar stream that is malformed or tries to escape its root."""
 
 
+class DecompressionLimit(ContentError):
+    """Compressed data that inflates beyond the configured limit (a decompression bomb, or a huge layer)."""
+
+    errno = _errno.EFBIG
+
+
 # --- registry errors ---------------------------------------------------------
 
 class RegistryError(LayerfsError):

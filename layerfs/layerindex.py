@@ -36,6 +36,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import queue
 import struct
 import sys
@@ -50,7 +51,7 @@ import xxhash
 import zstandard
 
 from . import gzindex
-from .errors import ContentError, LayerfsError, StoreError, TarError
+from .errors import ContentError, DecompressionLimit, LayerfsError, StoreError, TarError, UsageError
 from .oci import LAYER_COMPRESSION, Descriptor, Digest
 from .store import Store, atomic_write
 
@@ -60,7 +61,7 @@ __all__ = [
     "FILE", "DIR", "SYMLINK", "HARDLINK", "CHAR", "BLOCK", "FIFO", "TYPES",
     "Entry", "LayerIndex", "LayerIndexer", "IndexFormatError",
     "normalize_path", "index_path", "load_or_build", "build_from_blob", "open_layer_reader",
-    "FORMAT_VERSION",
+    "FORMAT_VERSION", "MAX_LAYER_SIZE_ENV", "max_layer_size", "parse_size", "format_size",
 ]
 
 # --- records -----------------------------------------------------------------
@@ -816,9 +817,59 @@ class LayerIndex:
         return cls.from_bytes(data)
 
 
+# --- the limit on a layer's uncompressed size -----------------------------------
+
+#: environment variable: the most one layer may inflate to (a byte count such as 68719476736 or 64G)
+MAX_LAYER_SIZE_ENV = "LAYERFS_MAX_LAYER_SIZE"
+_DEFAULT_MAX_LAYER_SIZE = 64 << 30
+_MAX_LAYER_RATIO = 200
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """A byte count: ``1048576``, ``512k``, ``16M``, ``64G``, ``1T`` (powers of 1024; ``64GiB`` too)."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS else ""
+    num = t[:len(t) - len(unit)].strip()
+    if not num.isdigit() or not num.isascii():
+        raise ValueError(f"invalid size {text!r} (e.g. 1048576, 512k, 16M, 64G)")
+    return int(num) * _SIZE_UNITS[unit]
+
+
+def format_size(n: int) -> str:
+    """*n* bytes the way :func:`parse_size` reads it back, in the largest unit that divides it."""
+    for unit in ("T", "G", "M", "k"):
+        if n and n % _SIZE_UNITS[unit.lower()] == 0:
+            return f"{n // _SIZE_UNITS[unit.lower()]}{unit}"
+    return str(n)
+
+
+def max_layer_size(compressed_size: int, configured: int | None = None) -> int:
+    """The most a layer blob of *compressed_size* bytes may inflate to when it is pulled or loaded:
+    *configured* (``PullOptions``/``LoadOptions.max_layer_size``), else ``LAYERFS_MAX_LAYER_SIZE``,
+    else 64 GiB or 200 times the compressed size, whichever is more."""
+    if configured is not None:
+        return configured
+    raw = os.environ.get(MAX_LAYER_SIZE_ENV, "").strip()
+    if raw:
+        try:
+            return parse_size(raw)
+        except ValueError as e:
+            raise UsageError(f"{MAX_LAYER_SIZE_ENV}={raw[:40]!r}: {e}",
+                             hint=f"set {MAX_LAYER_SIZE_ENV} to a size such as 128G, or unset it") from None
+    return max(_DEFAULT_MAX_LAYER_SIZE, _MAX_LAYER_RATIO * max(0, compressed_size))
+
+
+def _limit_error(digest: Digest | None, limit: int) -> DecompressionLimit:
+    blob = f"; blob {digest} was not stored" if digest is not None else ""
+    return DecompressionLimit(
+        f"inflates to more than {format_size(limit)}, the limit on one layer's uncompressed size{blob}",
+        hint=f"if the layer is genuine, raise the limit: {MAX_LAYER_SIZE_ENV}={format_size(2 * limit)}")
+
+
 # --- the streaming indexer -----------------------------------------------------
 
-_OUT_PIECE = 4 << 20    # bound on decompressed bytes handled at once (gzip)
+_OUT_PIECE = 4 << 20    # bound on decompressed bytes handled at once
 _QUEUE_PIECES = 4       # decompressed pieces in flight to the worker thread (<= 16 MiB)
 _BATCH = 256 << 10      # smaller pieces are gathered up to this size before the hand-off
 
@@ -906,14 +957,21 @@ class LayerIndexer:
     the caller (the pull's hash, a verifying read of a stored blob): gzip's
     own CRC-32 is then not computed again. Without it the CRC is checked.
 
+    *max_size* bounds the uncompressed size (see :func:`max_layer_size`):
+    the output beyond it raises :class:`~layerfs.errors.DecompressionLimit`.
+    Whatever the ratio, memory stays bounded: the blob is inflated in pieces
+    of at most 4 MiB, each handed on before the next is made.
+
     The caller saves the result: ``indexer.finish().save(index_path(store, digest))``.
     """
 
     def __init__(self, compression: str | None, *, where: str, digest: Digest | None = None,
-                 span: int = gzindex.DEFAULT_SPAN, threaded: bool = True):
+                 span: int = gzindex.DEFAULT_SPAN, threaded: bool = True, max_size: int | None = None):
         self.declared = gzindex.normalize_compression(compression)
         self.where = where
         self.digest = digest
+        self.max_size = max_size
+        self._made = 0            # uncompressed bytes made so far
         self.span = span
         self.threaded = threaded
         self._ix = None
@@ -966,15 +1024,18 @@ class LayerIndexer:
             chunk, self._head = self._head, b""
             self._start(chunk)
         ix = self._ix
-        if isinstance(ix, gzindex.GzipIndexer):
+        if isinstance(ix, gzindex.PlainIndexer):
+            self._out(ix.feed(chunk))
+        else:
             for out in ix.feed_iter(chunk, _OUT_PIECE):
                 self._out(out)
-        else:
-            self._out(ix.feed(chunk))
 
     def _out(self, data: bytes) -> None:
         if not data:
             return
+        self._made += len(data)
+        if self.max_size is not None and self._made > self.max_size:
+            raise _limit_error(self.digest, self.max_size)
         if not self.threaded:
             self._consumer(data)
             return

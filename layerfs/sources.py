@@ -182,6 +182,7 @@ class LoadOptions:
     platform: Platform | None = None    # for an image index (default: this host's platform)
     single: bool = False                # exactly one image: a source holding several needs :REF or :@N
     stem: str | None = None             # for localhost/<stem>:TAG names (default: from the path)
+    max_layer_size: int | None = None   # most a layer may inflate to (None: see layerindex.max_layer_size)
 
 
 @dataclass
@@ -965,7 +966,8 @@ def _no_progress(layer: str, status: str, current: int | None = None, total: int
     pass
 
 
-def _import(store: Store, files: Files, plans: list[_Plan], progress: ProgressSink) -> list[LoadedImage]:
+def _import(store: Store, files: Files, plans: list[_Plan], progress: ProgressSink,
+            max_layer_size: int | None = None) -> list[LoadedImage]:
     """Stream the missing layers in, store the small blobs, tag; on failure remove what was written."""
     store.init()
     written: set[Digest] = set()
@@ -994,7 +996,8 @@ def _import(store: Store, files: Files, plans: list[_Plan], progress: ProgressSi
                     short = l.digest.short
                     progress(short, "Loading layer", 0, l.size)
                     try:
-                        info = ingest_layer(store, l, chunks, diff_id=did, where=f"{files.where}: {m.name}")
+                        info = ingest_layer(store, l, chunks, diff_id=did, where=f"{files.where}: {m.name}",
+                                            max_size=max_layer_size)
                     except DigestMismatch as e:
                         e.hint = _DAMAGED
                         raise
@@ -1086,7 +1089,7 @@ def load(store: Store, source: str | os.PathLike[str] | Source, options: LoadOpt
             plans = _plan_docker(files, src, opts)   # type: ignore[arg-type]
         else:
             plans = _plan_oci(files, src, opts)
-        images = _import(store, files, plans, progress or _no_progress)
+        images = _import(store, files, plans, progress or _no_progress, opts.max_layer_size)
     finally:
         files.close()
     for img in images:
