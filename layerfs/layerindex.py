@@ -111,19 +111,24 @@ class Entry(NamedTuple):
 _new_entry = functools.partial(tuple.__new__, Entry)   # Entry from a tuple, without Python-level __new__
 
 
+def _shown(name: str, limit: int = 120) -> str:
+    """*name* quoted for an error message, cut short (a PAX path may be megabytes long)."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name)} characters)"
+
+
 def normalize_path(name: str, *, where: str | None = None, what: str = "path") -> str:
     """Normalise a member name: strip ``/`` and ``./`` prefixes, drop ``.`` and
     empty components, resolve ``..`` lexically; a name that climbs above the
     root raises :class:`TarError` (as docker's ``filepath.Clean`` + breakout check)."""
     if "\0" in name:
-        raise TarError(f"tar {what} {name!r} contains a NUL byte", where=where)
+        raise TarError(f"tar {what} {_shown(name)} contains a NUL byte", where=where)
     parts = []
     for p in name.split("/"):
         if p == "" or p == ".":
             continue
         if p == "..":
             if not parts:
-                raise TarError(f"tar {what} {name!r} escapes the layer root", where=where)
+                raise TarError(f"tar {what} {_shown(name)} escapes the layer root", where=where)
             parts.pop()
             continue
         parts.append(p)
@@ -388,6 +393,9 @@ class _TarScanner:
                 return
             except tarfile.TruncatedHeaderError:
                 raise TarError(f"tar stream truncated inside the header at byte {h}", where=self.where) from None
+            except RecursionError:   # tarfile reads each extended header (PAX, GNU long name) recursively
+                raise TarError(f"tar header at byte {h}: too many extended headers in a row",
+                               where=self.where) from None
             except (tarfile.HeaderError, ValueError, IndexError, OverflowError, UnicodeError) as e:
                 raise TarError(f"bad tar header at byte {h}: {e or type(e).__name__}", where=self.where) from None
             if tar.offset < h + tarfile.BLOCKSIZE:  # pragma: no cover - defensive
@@ -416,20 +424,20 @@ class _TarScanner:
         else:
             kind = _SIMPLE_TYPES.get(t)
             if kind is None:
-                log.warning("%s: skipping tar member %r of unsupported type %r", where, name, t)
+                log.warning("%s: skipping tar member %s of unsupported type %r", where, _shown(name), t)
                 return None
             if kind == SYMLINK:
                 linkname = ti.linkname
                 if "\0" in linkname:
-                    raise TarError(f"symlink target of {name!r} contains a NUL byte", where=where)
+                    raise TarError(f"symlink target of {_shown(name)} contains a NUL byte", where=where)
             elif kind == HARDLINK:
                 linkname = normalize_path(ti.linkname, where=where, what="hard link target")
                 if not linkname:
-                    raise TarError(f"hard link {name!r} points at the layer root", where=where)
+                    raise TarError(f"hard link {_shown(name)} points at the layer root", where=where)
             elif kind == CHAR or kind == BLOCK:
                 major, minor = ti.devmajor, ti.devminor
         if not path and kind != DIR:
-            log.warning("%s: skipping tar member %r: the root can only be a directory", where, name)
+            log.warning("%s: skipping tar member %s: the root can only be a directory", where, _shown(name))
             return None
         pax = ti.pax_headers
         xattrs = mtime_ns = None
@@ -445,7 +453,7 @@ class _TarScanner:
         uid, gid = ti.uid, ti.gid
         if not (0 <= uid <= _U64_MAX and 0 <= gid <= _U64_MAX and 0 <= size <= _U64_MAX
                 and 0 <= major <= _U64_MAX and 0 <= minor <= _U64_MAX):
-            raise TarError(f"tar member {name!r}: uid, gid, size or device number out of range", where=where)
+            raise TarError(f"tar member {_shown(name)}: uid, gid, size or device number out of range", where=where)
         return _new_entry((path, kind, ti.mode & 0o7777, uid, gid, size, mtime_ns, linkname, major, minor,
                            ti.offset_data, xattrs, sparse))
 
@@ -460,12 +468,12 @@ class _TarScanner:
             if n == 0:
                 continue
             if foff < last_end or n < 0 or foff + n > ti.size:
-                raise TarError(f"bad sparse map for {ti.name!r}", where=self.where)
+                raise TarError(f"bad sparse map for {_shown(ti.name)}", where=self.where)
             out.append((foff, n, soff))
             soff += n
             last_end = foff + n
         if soff - ti.offset_data > stored:
-            raise TarError(f"sparse map of {ti.name!r} claims more data than the member holds", where=self.where)
+            raise TarError(f"sparse map of {_shown(ti.name)} claims more data than the member holds", where=self.where)
         return tuple(out)
 
 
