@@ -113,7 +113,8 @@ _new_entry = functools.partial(tuple.__new__, Entry)   # Entry from a tuple, wit
 
 def _shown(name: str, limit: int = 120) -> str:
     """*name* quoted for an error message, cut short (a PAX path may be megabytes long)."""
-    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name)} characters)"
+    r = repr(name)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(name)} characters)"
 
 
 def normalize_path(name: str, *, where: str | None = None, what: str = "path") -> str:

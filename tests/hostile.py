@@ -112,6 +112,42 @@ def xz_zeros(head: bytes, zeros: int, tail: bytes, *, piece: int = 64 * MiB) -> 
     return b"".join(parts)
 
 
+# --- malformed tar members -------------------------------------------------------------------
+
+def member(name: str, data: bytes = b"", *, type_: bytes = tarfile.REGTYPE, linkname: str = "",
+           pax: Mapping[str, str] | None = None, fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    """One tar member (header blocks + data padded to a block), exactly as given: no name checks."""
+    ti = tarfile.TarInfo(name)
+    ti.type = type_
+    ti.linkname = linkname
+    ti.mode = 0o644
+    ti.size = len(data) if type_ in (tarfile.REGTYPE, tarfile.AREGTYPE) else 0
+    ti.pax_headers = dict(pax or {})
+    b = LayerBuilder(format=fmt)
+    b.add_tarinfo(ti, data if data else None, set_size=False)
+    return b.build(end_of_archive=False)
+
+
+def base256(value: int, width: int = 12) -> bytes:
+    """A numeric tar field in GNU base-256 form (0x80 positive, 0xff negative, big-endian two's complement)."""
+    if value < 0:
+        return b"\xff" + (value % (256 ** (width - 1))).to_bytes(width - 1, "big")
+    return b"\x80" + value.to_bytes(width - 1, "big")
+
+
+def patch_field(header: bytes, offset: int, field: bytes) -> bytes:
+    """*header* (a 512-byte block first) with *field* written at *offset* and the checksum redone."""
+    h = bytearray(header)
+    h[offset:offset + len(field)] = field
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h[:512])
+    return bytes(h)
+
+
+SIZE_FIELD = 124
+CHKSUM_FIELD = 148
+
+
 # --- running layerfs under limits -------------------------------------------------------------
 
 @dataclass
@@ -128,7 +164,7 @@ class Run:
 
 
 def run_limited(args: Sequence[str], *, env: Mapping[str, str] | None = None, address_space: int = 2 * GiB,
-                timeout: float = 60) -> Run:
+                timeout: float = 60, cwd: str | os.PathLike[str] | None = None) -> Run:
     """``python -m layerfs ARGS`` with RLIMIT_AS set to *address_space*: its exit code, output,
     wall time and peak resident memory (wait4's rusage of that process alone)."""
     def limit() -> None:
@@ -139,7 +175,7 @@ def run_limited(args: Sequence[str], *, env: Mapping[str, str] | None = None, ad
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.monotonic()
         p = subprocess.Popen([sys.executable, "-m", "layerfs", *args], stdin=subprocess.DEVNULL,
-                             stdout=out, stderr=err, env=full_env, preexec_fn=limit)
+                             stdout=out, stderr=err, env=full_env, preexec_fn=limit, cwd=cwd)
         deadline = t0 + timeout
         while True:
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)
