@@ -19,7 +19,7 @@ import tempfile
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from layerfs.imagebuild import LayerBuilder, PrebuiltLayer
 from layerfs.oci import Digest
@@ -76,39 +76,40 @@ def gzip_bomb(data_size: int, *, members: int = 1, diff_id: bool = True) -> Preb
     head = _file_header("zeros", data_size)
     pad = -data_size % 512
 
-    def member(data_parts: Iterable[bytes]) -> bytes:
-        c = zlib.compressobj(9, zlib.DEFLATED, 31)
-        return b"".join([*(c.compress(p) for p in data_parts), c.flush()])
-
-    def zeros(n: int) -> Iterable[bytes]:
-        full, rest = divmod(n, MiB)
-        for _ in range(full):
-            yield _ZEROS
-        if rest:
-            yield bytes(rest)
-
     if members <= 1:
-        blob = member([head, *zeros(data_size + pad + 1024)])
+        c = zlib.compressobj(9, zlib.DEFLATED, 31)
+        parts = [c.compress(head)]
+        full, rest = divmod(data_size + pad + 1024, MiB)
+        parts += [c.compress(_ZEROS) for _ in range(full)]
+        blob = b"".join([*parts, c.compress(bytes(rest)), c.flush()])
     else:
         if data_size % members:
             raise ValueError("data_size must divide into the members")
-        one = member(zeros(data_size // members))
-        blob = member([head]) + one * members + member([bytes(pad + 1024)])
+        blob = zeros_stream("gzip", head, data_size, bytes(pad + 1024), piece=data_size // members)
     did = _zeros_digest(head, data_size + pad + 1024) if diff_id else _unknown_diff_id()
     return PrebuiltLayer(blob, "gzip", did)
 
 
-def xz_zeros(head: bytes, zeros: int, tail: bytes, *, piece: int = 64 * MiB) -> bytes:
-    """*head*, *zeros* zero bytes and *tail* as concatenated xz streams (the zeros made once per
-    *piece*), so a GiB-sized bomb builds in a second."""
-    parts = [lzma.compress(head, preset=0)] if head else []
+def zeros_stream(kind: str, head: bytes, zeros: int, tail: bytes, *, piece: int = 64 * MiB) -> bytes:
+    """*head*, *zeros* zero bytes and *tail*, compressed with *kind* (gzip, xz or zstd) as concatenated
+    members / streams / frames, the zeros made once per *piece*: a GiB-sized bomb builds in a second."""
+    def one(data: bytes) -> bytes:
+        if kind == "xz":
+            return lzma.compress(data, preset=0)
+        if kind == "gzip":
+            c = zlib.compressobj(9, zlib.DEFLATED, 31)
+            return c.compress(data) + c.flush()
+        import zstandard
+        return zstandard.ZstdCompressor(level=3).compress(data)
+
+    parts = [one(head)] if head else []
     full, rest = divmod(zeros, piece)
     if full:
-        parts.append(lzma.compress(bytes(piece), preset=0) * full)
+        parts.append(one(bytes(piece)) * full)
     if rest:
-        parts.append(lzma.compress(bytes(rest), preset=0))
+        parts.append(one(bytes(rest)))
     if tail:
-        parts.append(lzma.compress(tail, preset=0))
+        parts.append(one(tail))
     return b"".join(parts)
 
 
