@@ -24,6 +24,7 @@ from .oci import (FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, Im
                   Platform, docker_to_oci, iter_layer_compression)
 from .reference import Reference
 from .registry import ClientPool, RegistryClient, RegistryOptions, _short_exc
+from .gzindex import CompressedDataError
 from .layerindex import LayerIndex, LayerIndexer, index_path, max_layer_size
 from .store import Ingest, Store, _os_error
 
@@ -237,6 +238,8 @@ class LayerWriter:
                 self.content_error = e
             if self.content_error is not None:   # the source's blob itself is broken: keep nothing
                 self.ing.discard()
+                if isinstance(self.content_error, CompressedDataError):   # its hint is for a stored blob
+                    self.content_error.hint = "the blob matches its digest: the image itself is damaged"
                 raise self.content_error
         else:
             self.indexer.close()

@@ -262,6 +262,11 @@ def _check_normalised(mnt: Path, canary: Path) -> None:
     assert not (mnt / "a").exists()
 
 
+def _check_end_of_archive(mnt: Path, canary: Path) -> None:
+    _check_normalised(mnt, canary)
+    assert not os.path.lexists(mnt / "hidden")       # after the end-of-archive blocks: not part of the layer
+
+
 def _check_absolute(mnt: Path, canary: Path) -> None:
     inside = mnt / str(canary).lstrip("/") / "abs"
     assert inside.read_bytes() == b"data\n"          # the leading / is dropped: inside the image
@@ -307,6 +312,8 @@ CASES: list[tuple[str, Callable[[Path], list], str | Check]] = [
      _check_symlink_then_file),
     ("symlink-lower-file-upper", lambda c: [member("a", type_=tarfile.SYMTYPE, linkname=str(c)) + EOA,
                                             _file("a/evil") + EOA], _check_symlink_lower_file_upper),
+    ("members-after-end-of-archive", lambda c: [_file("b") + _file("c") + EOA + _file("hidden") + EOA],
+     _check_end_of_archive),
     ("symlink-dotdot-target", lambda c: [member("s", type_=tarfile.SYMTYPE,
                                                 linkname="../../../../../../etc/passwd") + EOA], _check_symlink_dotdot),
     ("hardlink-dotdot", lambda c: [_file("x") + member("h", type_=tarfile.LNKTYPE, linkname="../../etc/passwd") + EOA],
