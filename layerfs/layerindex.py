@@ -61,7 +61,7 @@ __all__ = [
     "FILE", "DIR", "SYMLINK", "HARDLINK", "CHAR", "BLOCK", "FIFO", "TYPES",
     "Entry", "LayerIndex", "LayerIndexer", "IndexFormatError",
     "normalize_path", "index_path", "load_or_build", "build_from_blob", "open_layer_reader",
-    "FORMAT_VERSION", "MAX_LAYER_SIZE_ENV", "max_layer_size", "parse_size", "format_size",
+    "FORMAT_VERSION", "MAX_LAYER_SIZE_ENV", "max_layer_size", "layer_too_large", "parse_size", "format_size",
 ]
 
 # --- records -----------------------------------------------------------------
@@ -869,7 +869,8 @@ def max_layer_size(compressed_size: int, configured: int | None = None) -> int:
     return max(_DEFAULT_MAX_LAYER_SIZE, _MAX_LAYER_RATIO * max(0, compressed_size))
 
 
-def _limit_error(digest: Digest | None, limit: int) -> DecompressionLimit:
+def layer_too_large(digest: Digest | None, limit: int) -> DecompressionLimit:
+    """The error for a layer that holds more than *limit* bytes uncompressed."""
     blob = f"; blob {digest} was not stored" if digest is not None else ""
     return DecompressionLimit(
         f"inflates to more than {format_size(limit)}, the limit on one layer's uncompressed size{blob}",
@@ -1044,7 +1045,7 @@ class LayerIndexer:
             return
         self._made += len(data)
         if self.max_size is not None and self._made > self.max_size:
-            raise _limit_error(self.digest, self.max_size)
+            raise layer_too_large(self.digest, self.max_size)
         if not self.threaded:
             self._consumer(data)
             return
