@@ -67,8 +67,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from .errors import (ContentError, DecompressionLimit, DigestMismatch, ImageNotFound, InvalidReference, LayerfsError, ManifestError,
-                     PlatformNotFound, SizeMismatch, TarError, UnsupportedMediaType, UsageError)
+from .errors import (ContentError, DecompressionLimit, DigestMismatch, ImageNotFound, InvalidReference, LayerfsError,
+                     ManifestError, PlatformNotFound, SizeMismatch, TarError, UnsupportedMediaType, UsageError)
 from .oci import (FOREIGN_LAYER_TYPES, OCI_CONFIG, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_MANIFEST,
                   REF_NAME_ANNOTATION, Descriptor, Digest, ImageConfig, Index, Manifest, Platform, docker_to_oci,
                   iter_layer_compression, json_bytes, parse_manifest)
@@ -310,7 +310,6 @@ class _Archive:
 
     def __init__(self, path: Path, max_layer_size: int | None = None):
         self.path = path
-        self.max_layer_size = max_layer_size
         self.where = str(path)
         self.members: dict[str, _Member] = {}
         self._kept: dict[str, bytes] = {}
