@@ -39,7 +39,7 @@ from registryfixtures import push_image
 
 pytestmark = pytest.mark.timeout(240)
 
-#: what one pull or mount may use: the interpreter and its libraries need about 100 MiB of the 1 GiB
+#: address space of one pull, load or mount (a small pull runs within 256 MiB)
 ADDRESS_SPACE = 1 * GiB
 #: resident memory a bomb pull may reach (the bombs inflate to GiBs)
 PEAK_RSS = 256 * MiB
