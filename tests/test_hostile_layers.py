@@ -460,3 +460,41 @@ def test_setuid_and_devices_are_inert(registry, unique_repo, site):
                                    preexec_fn=_as_nobody, timeout=30)
             assert probe.returncode != 0 and probe.stdout == b"", probe
     assert_nothing_escaped(site)
+
+
+# --- lazy mounts ------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(180)
+def test_lazy_estargz_chunk_inflates_in_bounded_memory(registry, unique_repo, site):
+    """An eStargz layer whose one chunk inflates to 256 MiB (its file in one piece): a lazy read
+    inflates it into the cache piece by piece, so the mount daemon stays far below the chunk."""
+    size = 256 * MiB
+    layer = gzip_bomb(size, members=4)
+    _, src = push(registry, unique_repo, "src", [layer])
+    dst = f"{registry.host}/{unique_repo}:estargz"
+    conv = site / "conv"
+    for args in (["pull", "-q", src], ["convert", "--estargz", "--chunk-size", "1G", src, dst], ["push", "-q", dst]):
+        run = run_limited(["--root", str(conv), *args], address_space=ADDRESS_SPACE, timeout=90)
+        assert run.returncode == 0, (args, run.stderr)
+    shutil.rmtree(conv)
+    require_fuse()
+    mnt = site / "mnt"
+    pid = None
+    with watchdog(90):
+        try:
+            run = layerfs(site, "mount", "--lazy", "--read-only", dst, str(mnt), timeout=60)
+            for rec in mounts(Store(site / "store")):
+                if rec.mountpoint == str(mnt):
+                    pid = rec.pid
+                    track(mnt, pid)
+            assert run.returncode == 0, run.stderr
+            with open(mnt / "zeros", "rb") as f:
+                f.seek(size - 4096)
+                assert f.read() == bytes(4096)
+            status = Path(f"/proc/{pid}/status").read_text()
+            hwm = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) << 10
+            print(f"lazy eStargz chunk of {size >> 20} MiB: mount daemon peak RSS {hwm >> 20} MiB")
+            assert hwm < PEAK_RSS, hwm
+        finally:
+            force_unmount(mnt, pid)
+    assert_nothing_escaped(site)
