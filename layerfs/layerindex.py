@@ -258,8 +258,10 @@ class _TarInfo(tarfile.TarInfo):
         return obj
 
 
-#: a single header (PAX/GNU long name chain) may not span more than this
-MAX_HEADER_BYTES = 64 << 20
+#: a single header (PAX/GNU long name chain) may not span more than this: it is held in memory while it
+#: is parsed (a few copies, in each layer being pulled). Go's archive/tar, and so docker and containerd,
+#: refuses a PAX or GNU long-name record of more than 1 MiB.
+MAX_HEADER_BYTES = 8 << 20
 
 _REG_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE})
 _SIMPLE_TYPES = {tarfile.DIRTYPE: DIR, tarfile.SYMTYPE: SYMLINK, tarfile.LNKTYPE: HARDLINK,
@@ -378,7 +380,7 @@ class _TarScanner:
             except _NeedMore:
                 tar.pax_headers = saved_pax or {}
                 if win.want - h > MAX_HEADER_BYTES:
-                    raise TarError(f"tar header at byte {h} is larger than {MAX_HEADER_BYTES} bytes",
+                    raise TarError(f"tar header at byte {h} is larger than {format_size(MAX_HEADER_BYTES)}",
                                    where=self.where) from None
                 if h - win.base > (1 << 20):
                     win.data = win.data[h - win.base:]
