@@ -84,6 +84,14 @@ class PlatformNotFound(ManifestError):
 class TarError(ContentError):
     """A layer tar stream that is malformed or tries to escape its root."""
 
+    default_hint = "the layer is malformed or hostile and was not stored; rebuild the image with a standard tool"
+
+
+class DecompressionLimit(ContentError):
+    """Compressed data that inflates beyond the configured limit (a decompression bomb, or a huge layer)."""
+
+    errno = _errno.EFBIG
+
 
 # --- registry errors ---------------------------------------------------------
 

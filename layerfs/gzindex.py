@@ -65,10 +65,12 @@ checked), without inflating or caching anything.  Everything read back is valida
 it is given, so even an index built by hand can only make reads raise.
 
 Memory: indexers keep no output; a gzip indexer keeps its checkpoints (about
-20-33 KiB each, one per ``span``).  ``GzipIndexer.feed`` returns a chunk's
-whole output (a decompression bomb can make that huge): use
-``feed_iter(chunk, max_out)`` to get it in bounded pieces.  For zstd,
-``feed_iter`` splits the output but the chunk is decompressed at once.
+20-33 KiB each, one per ``span``).  ``feed`` returns a chunk's whole output
+(a decompression bomb can make that huge): use ``feed_iter(chunk,
+max_out)``, which decompresses in steps and yields the output in pieces of
+at most ``max_out`` bytes, for gzip and zstd alike, so memory stays bounded
+whatever the ratio.  A zstd frame may not need a window above libzstd's
+default limit (128 MiB).
 
 Typical use::
 
@@ -144,6 +146,15 @@ class BadIndex(ContentError):
     """A serialised seek index that is malformed or does not fit its blob."""
 
     default_hint = "the layer index is damaged; rebuild it (pull the layer again)"
+
+
+def _zstd_module():
+    """The standard library's ``compression.zstd`` (Python 3.14), else its backport ``backports.zstd``."""
+    try:
+        from compression import zstd
+    except ImportError:
+        from backports import zstd
+    return zstd
 
 
 def _wrap_zran(exc: Exception) -> ContentError:
@@ -393,8 +404,9 @@ class _IndexerBase:
 
     def feed_iter(self, chunk: bytes, max_out: int = 1 * MiB) -> Iterator[bytes]:
         """Like :meth:`feed` but yields the output in pieces of at most
-        ``max_out`` bytes.  Only :class:`GzipIndexer` also bounds the memory
-        it uses; here the chunk's whole output is made first."""
+        ``max_out`` bytes.  :class:`GzipIndexer` and :class:`ZstdIndexer`
+        also bound the memory they use; here (uncompressed) the output is
+        the chunk itself."""
         if max_out <= 0:
             raise ValueError("max_out must be positive")
         out = self.feed(chunk)
@@ -483,59 +495,74 @@ class GzipIndexer(_IndexerBase):
 class ZstdIndexer(_IndexerBase):
     """Streaming zstd decompressor that records frame boundaries (one
     checkpoint about every ``span`` bytes of output, at a frame start).
-    Frame checksums are verified when present."""
+    Frame checksums are verified when present.
+
+    Memory stays bounded whatever the input: :meth:`feed_iter` hands out
+    the output in pieces of at most ``max_out`` bytes (python-zstandard's
+    ``decompressobj`` cannot stop early, so this uses the standard
+    library's ``compression.zstd``, or its backport before Python 3.14),
+    and a frame may not ask for a window above libzstd's default limit
+    (128 MiB, ``ZSTD_WINDOWLOG_LIMIT_DEFAULT``)."""
 
     compression = "zstd"
 
     def __init__(self, span: int = DEFAULT_SPAN) -> None:
         super().__init__(span)
-        import zstandard
-        self._zstd = zstandard
-        self._dctx = zstandard.ZstdDecompressor()
-        self._dobj = None
-        self._cin = 0
+        self._zstd = _zstd_module()
+        self._dec = None            # the decompressor of the frame being read
+        self._cin = 0               # compressed bytes of the frames that ended
+        self._fed = 0               # compressed bytes handed to the current frame's decompressor
         self._cout = 0
         self._frames = 0
         self._points: list[Checkpoint] = []
         self._error: Exception | None = None
 
     def feed(self, chunk: bytes) -> bytes:
+        """Decompress one chunk; returns all its output (use :meth:`feed_iter` to bound memory)."""
+        return b"".join(self.feed_iter(chunk, 16 * MiB))
+
+    def feed_iter(self, chunk: bytes, max_out: int = 1 * MiB) -> Iterator[bytes]:
+        """Decompress one chunk, yielding output pieces of at most ``max_out`` bytes."""
         if self._index is not None:
             raise RuntimeError("feed() after finish()")
         if self._error is not None:
             raise self._error
+        if max_out <= 0:
+            raise ValueError("max_out must be positive")
         data = bytes(chunk)
-        outs = []
         try:
-            while data:
-                if self._dobj is None:
+            while True:
+                if self._dec is None:
+                    if not data:
+                        return
                     if not self._points or self._cout - self._points[-1].uoffset >= self.span:
                         self._points.append(Checkpoint(self._cout, self._cin))
-                    self._dobj = self._dctx.decompressobj()
-                out = self._dobj.decompress(data)
+                    self._dec = self._zstd.ZstdDecompressor()
+                    self._fed = 0
+                dec = self._dec
+                self._fed += len(data)
+                out = dec.decompress(data, max_out)
+                data = b""
                 if out:
-                    outs.append(out)
                     self._cout += len(out)
-                if self._dobj.eof:
-                    rest = self._dobj.unused_data
-                    self._cin += len(data) - len(rest)
-                    data = rest
-                    self._dobj = None
+                    yield out
+                if dec.eof:
+                    data = dec.unused_data
+                    self._cin += self._fed - len(data)
+                    self._dec = None
                     self._frames += 1
-                else:
-                    self._cin += len(data)
-                    data = b""
-        except self._zstd.ZstdError as exc:
+                elif dec.needs_input:
+                    return
+        except (self._zstd.ZstdError, EOFError) as exc:
             self._error = CompressedDataError(f"invalid zstd data: {exc}")
             raise self._error from None
-        return b"".join(outs)
 
     def finish(self) -> SeekIndex:
         if self._index is None:
             if self._error is not None:
                 raise self._error
-            if self._dobj is not None:
-                raise TruncatedStream(f"zstd stream truncated after {self._cin} compressed bytes "
+            if self._dec is not None:
+                raise TruncatedStream(f"zstd stream truncated after {self._cin + self._fed} compressed bytes "
                                       f"({self._cout} bytes decompressed)")
             if not self._frames:
                 raise TruncatedStream("empty blob: no zstd data")
@@ -618,11 +645,8 @@ def build_index(blob: PathOrFd, compression: str | None, span: int = DEFAULT_SPA
             if not chunk:
                 break
             pos += len(chunk)
-            if isinstance(ix, GzipIndexer):
-                for _ in ix.feed_iter(chunk, 16 * MiB):
-                    pass
-            else:
-                ix.feed(chunk)
+            for _ in ix.feed_iter(chunk, 16 * MiB):
+                pass
         return ix.finish()
     finally:
         if own:

@@ -36,7 +36,7 @@ from .oci import (DOCKER_CONFIG, DOCKER_LAYER, DOCKER_LAYER_GZIP, DOCKER_LAYER_Z
 
 __all__ = [
     "DEFAULT_CREATED", "DEFAULT_MTIME", "XATTR_PREFIX", "WHITEOUT_PREFIX", "OPAQUE_WHITEOUT",
-    "Compression", "LayerBuilder", "BuiltImage", "BuiltIndex",
+    "Compression", "LayerBuilder", "PrebuiltLayer", "BuiltImage", "BuiltIndex",
     "compress", "decompress", "layer_media_type", "build_image", "build_index",
     "write_oci_layout", "xattr_bytes",
 ]
@@ -312,6 +312,15 @@ def layer_media_type(kind: Compression, *, docker: bool = False) -> str:
 
 # --- images ------------------------------------------------------------------
 
+class PrebuiltLayer(NamedTuple):
+    """A layer blob made elsewhere (already compressed, e.g. a hand-made stream too big to hold
+    uncompressed), for :func:`build_image`: stored as is, with the diff_id given."""
+
+    blob: bytes
+    compression: Compression
+    diff_id: Digest
+
+
 @dataclass(frozen=True)
 class BuiltImage:
     """A complete single-platform image, every byte known.
@@ -357,7 +366,7 @@ def _platform_json(p: Platform) -> dict[str, str]:
     return out
 
 
-def build_image(layers: Sequence[bytes], *,
+def build_image(layers: Sequence[bytes | PrebuiltLayer], *,
                 compression: Compression | Sequence[Compression] = "gzip",
                 compression_level: int | None = None,
                 docker: bool = False,
@@ -379,7 +388,9 @@ def build_image(layers: Sequence[bytes], *,
     object (Env, Cmd, ...).  Test escape hatches: ``layer_media_types``
     overrides individual layer media types (None keeps the default),
     ``extra_config`` is merged into the top level of the config document, and
-    ``raw_config`` replaces the config blob entirely.
+    ``raw_config`` replaces the config blob entirely.  A :class:`PrebuiltLayer`
+    is stored as it is (``compression`` does not apply to it; its
+    ``uncompressed_layers`` item is empty).
     """
     n = len(layers)
     if compression is None or isinstance(compression, str):
@@ -396,9 +407,13 @@ def build_image(layers: Sequence[bytes], *,
     stored: list[bytes] = []
     descs: list[Descriptor] = []
     for i, (tar, kind) in enumerate(zip(layers, kinds)):
-        tar = bytes(tar)
-        diff_ids.append(Digest.of(tar))
-        blob = compress(tar, kind, compression_level)
+        if isinstance(tar, PrebuiltLayer):
+            diff_ids.append(tar.diff_id)
+            blob, kind = tar.blob, tar.compression
+        else:
+            tar = bytes(tar)
+            diff_ids.append(Digest.of(tar))
+            blob = compress(tar, kind, compression_level)
         override = layer_media_types[i] if layer_media_types is not None else None
         mt = override if override is not None else layer_media_type(kind, docker=docker)
         d = Digest.of(blob)
@@ -447,7 +462,8 @@ def build_image(layers: Sequence[bytes], *,
     blobs[manifest_digest] = manifest_raw
     return BuiltImage(
         config=config_raw, config_descriptor=config_desc, layers=tuple(stored),
-        layer_descriptors=tuple(descs), uncompressed_layers=tuple(bytes(l) for l in layers),
+        layer_descriptors=tuple(descs),
+        uncompressed_layers=tuple(b"" if isinstance(l, PrebuiltLayer) else bytes(l) for l in layers),
         diff_ids=tuple(diff_ids), manifest=manifest_raw, manifest_media_type=manifest_mt,
         manifest_digest=manifest_digest, platform=platform, blobs=blobs,
     )

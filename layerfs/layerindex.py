@@ -36,6 +36,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import queue
 import struct
 import sys
@@ -50,7 +51,7 @@ import xxhash
 import zstandard
 
 from . import gzindex
-from .errors import ContentError, LayerfsError, StoreError, TarError
+from .errors import ContentError, DecompressionLimit, LayerfsError, StoreError, TarError, UsageError
 from .oci import LAYER_COMPRESSION, Descriptor, Digest
 from .store import Store, atomic_write
 
@@ -60,7 +61,8 @@ __all__ = [
     "FILE", "DIR", "SYMLINK", "HARDLINK", "CHAR", "BLOCK", "FIFO", "TYPES",
     "Entry", "LayerIndex", "LayerIndexer", "IndexFormatError",
     "normalize_path", "index_path", "load_or_build", "build_from_blob", "open_layer_reader",
-    "FORMAT_VERSION", "SYMLINK_MODE",
+    "FORMAT_VERSION", "SYMLINK_MODE", "MAX_LAYER_SIZE_ENV", "max_layer_size", "layer_too_large", "parse_size",
+    "format_size",
 ]
 
 # --- records -----------------------------------------------------------------
@@ -114,19 +116,25 @@ class Entry(NamedTuple):
 _new_entry = functools.partial(tuple.__new__, Entry)   # Entry from a tuple, without Python-level __new__
 
 
+def _shown(name: str, limit: int = 120) -> str:
+    """*name* quoted for an error message, cut short (a PAX path may be megabytes long)."""
+    r = repr(name)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(name)} characters)"
+
+
 def normalize_path(name: str, *, where: str | None = None, what: str = "path") -> str:
     """Normalise a member name: strip ``/`` and ``./`` prefixes, drop ``.`` and
     empty components, resolve ``..`` lexically; a name that climbs above the
     root raises :class:`TarError` (as docker's ``filepath.Clean`` + breakout check)."""
     if "\0" in name:
-        raise TarError(f"tar {what} {name!r} contains a NUL byte", where=where)
+        raise TarError(f"tar {what} {_shown(name)} contains a NUL byte", where=where)
     parts = []
     for p in name.split("/"):
         if p == "" or p == ".":
             continue
         if p == "..":
             if not parts:
-                raise TarError(f"tar {what} {name!r} escapes the layer root", where=where)
+                raise TarError(f"tar {what} {_shown(name)} escapes the layer root", where=where)
             parts.pop()
             continue
         parts.append(p)
@@ -255,8 +263,10 @@ class _TarInfo(tarfile.TarInfo):
         return obj
 
 
-#: a single header (PAX/GNU long name chain) may not span more than this
-MAX_HEADER_BYTES = 64 << 20
+#: a single header (PAX/GNU long name chain) may not span more than this: it is held in memory while it
+#: is parsed (a few copies, in each layer being pulled). Go's archive/tar, and so docker and containerd,
+#: refuses a PAX or GNU long-name record of more than 1 MiB.
+MAX_HEADER_BYTES = 8 << 20
 
 _REG_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE})
 _SIMPLE_TYPES = {tarfile.DIRTYPE: DIR, tarfile.SYMTYPE: SYMLINK, tarfile.LNKTYPE: HARDLINK,
@@ -375,7 +385,7 @@ class _TarScanner:
             except _NeedMore:
                 tar.pax_headers = saved_pax or {}
                 if win.want - h > MAX_HEADER_BYTES:
-                    raise TarError(f"tar header at byte {h} is larger than {MAX_HEADER_BYTES} bytes",
+                    raise TarError(f"tar header at byte {h} is larger than {format_size(MAX_HEADER_BYTES)}",
                                    where=self.where) from None
                 if h - win.base > (1 << 20):
                     win.data = win.data[h - win.base:]
@@ -391,6 +401,9 @@ class _TarScanner:
                 return
             except tarfile.TruncatedHeaderError:
                 raise TarError(f"tar stream truncated inside the header at byte {h}", where=self.where) from None
+            except RecursionError:   # tarfile reads each extended header (PAX, GNU long name) recursively
+                raise TarError(f"tar header at byte {h}: too many extended headers in a row",
+                               where=self.where) from None
             except (tarfile.HeaderError, ValueError, IndexError, OverflowError, UnicodeError) as e:
                 raise TarError(f"bad tar header at byte {h}: {e or type(e).__name__}", where=self.where) from None
             if tar.offset < h + tarfile.BLOCKSIZE:  # pragma: no cover - defensive
@@ -420,21 +433,21 @@ class _TarScanner:
         else:
             kind = _SIMPLE_TYPES.get(t)
             if kind is None:
-                log.warning("%s: skipping tar member %r of unsupported type %r", where, name, t)
+                log.warning("%s: skipping tar member %s of unsupported type %r", where, _shown(name), t)
                 return None
             if kind == SYMLINK:
                 linkname = ti.linkname
                 mode = SYMLINK_MODE
                 if "\0" in linkname:
-                    raise TarError(f"symlink target of {name!r} contains a NUL byte", where=where)
+                    raise TarError(f"symlink target of {_shown(name)} contains a NUL byte", where=where)
             elif kind == HARDLINK:
                 linkname = normalize_path(ti.linkname, where=where, what="hard link target")
                 if not linkname:
-                    raise TarError(f"hard link {name!r} points at the layer root", where=where)
+                    raise TarError(f"hard link {_shown(name)} points at the layer root", where=where)
             elif kind == CHAR or kind == BLOCK:
                 major, minor = ti.devmajor, ti.devminor
         if not path and kind != DIR:
-            log.warning("%s: skipping tar member %r: the root can only be a directory", where, name)
+            log.warning("%s: skipping tar member %s: the root can only be a directory", where, _shown(name))
             return None
         pax = ti.pax_headers
         xattrs = mtime_ns = None
@@ -450,7 +463,7 @@ class _TarScanner:
         uid, gid = ti.uid, ti.gid
         if not (0 <= uid <= _U64_MAX and 0 <= gid <= _U64_MAX and 0 <= size <= _U64_MAX
                 and 0 <= major <= _U64_MAX and 0 <= minor <= _U64_MAX):
-            raise TarError(f"tar member {name!r}: uid, gid, size or device number out of range", where=where)
+            raise TarError(f"tar member {_shown(name)}: uid, gid, size or device number out of range", where=where)
         return _new_entry((path, kind, mode, uid, gid, size, mtime_ns, linkname, major, minor,
                            ti.offset_data, xattrs, sparse))
 
@@ -465,12 +478,12 @@ class _TarScanner:
             if n == 0:
                 continue
             if foff < last_end or n < 0 or foff + n > ti.size:
-                raise TarError(f"bad sparse map for {ti.name!r}", where=self.where)
+                raise TarError(f"bad sparse map for {_shown(ti.name)}", where=self.where)
             out.append((foff, n, soff))
             soff += n
             last_end = foff + n
         if soff - ti.offset_data > stored:
-            raise TarError(f"sparse map of {ti.name!r} claims more data than the member holds", where=self.where)
+            raise TarError(f"sparse map of {_shown(ti.name)} claims more data than the member holds", where=self.where)
         return tuple(out)
 
 
@@ -827,9 +840,60 @@ class LayerIndex:
         return cls.from_bytes(data)
 
 
+# --- the limit on a layer's uncompressed size -----------------------------------
+
+#: environment variable: the most one layer may inflate to (a byte count such as 68719476736 or 64G)
+MAX_LAYER_SIZE_ENV = "LAYERFS_MAX_LAYER_SIZE"
+_DEFAULT_MAX_LAYER_SIZE = 64 << 30
+_MAX_LAYER_RATIO = 200
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """A byte count: ``1048576``, ``512k``, ``16M``, ``64G``, ``1T`` (powers of 1024; ``64GiB`` too)."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS else ""
+    num = t[:len(t) - len(unit)].strip()
+    if not num.isdigit() or not num.isascii():
+        raise ValueError(f"invalid size {text!r} (e.g. 1048576, 512k, 16M, 64G)")
+    return int(num) * _SIZE_UNITS[unit]
+
+
+def format_size(n: int) -> str:
+    """*n* bytes the way :func:`parse_size` reads it back, in the largest unit that divides it."""
+    for unit in ("T", "G", "M", "k"):
+        if n and n % _SIZE_UNITS[unit.lower()] == 0:
+            return f"{n // _SIZE_UNITS[unit.lower()]}{unit}"
+    return str(n)
+
+
+def max_layer_size(compressed_size: int, configured: int | None = None) -> int:
+    """The most a layer blob of *compressed_size* bytes may inflate to when it is pulled or loaded:
+    *configured* (``PullOptions``/``LoadOptions.max_layer_size``), else ``LAYERFS_MAX_LAYER_SIZE``,
+    else 64 GiB or 200 times the compressed size, whichever is more."""
+    if configured is not None:
+        return configured
+    raw = os.environ.get(MAX_LAYER_SIZE_ENV, "").strip()
+    if raw:
+        try:
+            return parse_size(raw)
+        except ValueError as e:
+            raise UsageError(f"{MAX_LAYER_SIZE_ENV}={raw[:40]!r}: {e}",
+                             hint=f"set {MAX_LAYER_SIZE_ENV} to a size such as 128G, or unset it") from None
+    return max(_DEFAULT_MAX_LAYER_SIZE, _MAX_LAYER_RATIO * max(0, compressed_size))
+
+
+def layer_too_large(digest: Digest | None, limit: int) -> DecompressionLimit:
+    """The error for a layer that holds more than *limit* bytes uncompressed."""
+    blob = f"; blob {digest} was not stored" if digest is not None else ""
+    return DecompressionLimit(
+        f"inflates to more than {format_size(limit)}, the limit on one layer's uncompressed size{blob}",
+        hint=f"if the layer is genuine, raise the limit: {MAX_LAYER_SIZE_ENV}={format_size(2 * limit)}")
+
+
 # --- the streaming indexer -----------------------------------------------------
 
-_OUT_PIECE = 4 << 20    # bound on decompressed bytes handled at once (gzip)
+_OUT_PIECE = 4 << 20    # bound on decompressed bytes handled at once
 _QUEUE_PIECES = 4       # decompressed pieces in flight to the worker thread (<= 16 MiB)
 _BATCH = 256 << 10      # smaller pieces are gathered up to this size before the hand-off
 
@@ -917,14 +981,21 @@ class LayerIndexer:
     the caller (the pull's hash, a verifying read of a stored blob): gzip's
     own CRC-32 is then not computed again. Without it the CRC is checked.
 
+    *max_size* bounds the uncompressed size (see :func:`max_layer_size`):
+    the output beyond it raises :class:`~layerfs.errors.DecompressionLimit`.
+    Whatever the ratio, memory stays bounded: the blob is inflated in pieces
+    of at most 4 MiB, each handed on before the next is made.
+
     The caller saves the result: ``indexer.finish().save(index_path(store, digest))``.
     """
 
     def __init__(self, compression: str | None, *, where: str, digest: Digest | None = None,
-                 span: int = gzindex.DEFAULT_SPAN, threaded: bool = True):
+                 span: int = gzindex.DEFAULT_SPAN, threaded: bool = True, max_size: int | None = None):
         self.declared = gzindex.normalize_compression(compression)
         self.where = where
         self.digest = digest
+        self.max_size = max_size
+        self._made = 0            # uncompressed bytes made so far
         self.span = span
         self.threaded = threaded
         self._ix = None
@@ -977,15 +1048,18 @@ class LayerIndexer:
             chunk, self._head = self._head, b""
             self._start(chunk)
         ix = self._ix
-        if isinstance(ix, gzindex.GzipIndexer):
+        if isinstance(ix, gzindex.PlainIndexer):
+            self._out(ix.feed(chunk))
+        else:
             for out in ix.feed_iter(chunk, _OUT_PIECE):
                 self._out(out)
-        else:
-            self._out(ix.feed(chunk))
 
     def _out(self, data: bytes) -> None:
         if not data:
             return
+        self._made += len(data)
+        if self.max_size is not None and self._made > self.max_size:
+            raise layer_too_large(self.digest, self.max_size)
         if not self.threaded:
             self._consumer(data)
             return

@@ -51,7 +51,7 @@ from .gzindex import SpanCache
 from .estargz import (FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION, EStargzError,
                       is_estargz, parse_footer, parse_rfc3339_ns, parse_toc_member)
 from .layerindex import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, SYMLINK_MODE, Entry, LayerIndex,
-                         load_or_build, normalize_path, open_layer_reader)
+                         layer_too_large, load_or_build, max_layer_size, normalize_path, open_layer_reader)
 from .oci import LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Manifest, iter_layer_compression
 from .registry import RegistryClient
 from .store import Store, atomic_write, file_lock
@@ -65,6 +65,7 @@ READ_RETRIES = 1
 _TYPES = {"reg": FILE, "dir": DIR, "symlink": SYMLINK, "hardlink": HARDLINK, "char": CHAR, "block": BLOCK,
           "fifo": FIFO}
 _MAX_TOC = 256 << 20
+_INFLATE_PIECE = 4 << 20     # a chunk is inflated into the cache this much at a time
 #: background fetch of a lazy mount: nothing, the files before an eStargz layer's ``.prefetch.landmark``, all
 PREFETCH_MODES = ("none", "landmark", "all")
 LANDMARK = ".prefetch.landmark"
@@ -302,20 +303,38 @@ class LazyLayer:
                 raise LazyReadError(f"{where}: fetching bytes {c.start}-{c.end} failed: {e.message}") from None
             with self._lock:
                 self.fetched_bytes += len(raw)
-            try:
-                d = zlib.decompressobj(31)
-                data = d.decompress(raw, c.inner + c.size)[c.inner:]
-            except zlib.error as e:
-                raise LazyReadError(f"{where}: chunk at {c.off} is not gzip ({e})") from None
-            if len(data) != c.size or "sha256:" + hashlib.sha256(data).hexdigest() != c.digest:
-                raise LazyReadError(f"{where}: chunk at {c.off} does not match its chunkDigest; not cached")
+            # inflated in pieces straight into the cache file (memory stays bounded whatever the chunk
+            # claims); the chunk counts as cached only once its digest matched (_save_map)
             try:
                 fd = os.open(self._data_path, os.O_WRONLY | os.O_CREAT, 0o644)
-                try:
-                    os.pwrite(fd, data, f.base + c.off)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            except OSError as e:
+                raise LazyReadError(f"{where}: cannot write the lazy cache: {e}") from None
+            try:
+                d = zlib.decompressobj(31)
+                h = hashlib.sha256()
+                skip, left, pos, buf = c.inner, c.size, f.base + c.off, raw
+                while left and (buf or not d.eof):
+                    piece = d.decompress(buf, min(_INFLATE_PIECE, skip + left))
+                    buf = d.unconsumed_tail
+                    if not piece:
+                        break
+                    if skip:
+                        cut = min(skip, len(piece))
+                        piece, skip = piece[cut:], skip - cut
+                    h.update(piece)
+                    os.pwrite(fd, piece, pos)
+                    pos += len(piece)
+                    left -= len(piece)
+                if left or "sha256:" + h.hexdigest() != c.digest:
+                    raise LazyReadError(f"{where}: chunk at {c.off} does not match its chunkDigest; not cached")
+                os.fsync(fd)
+            except zlib.error as e:
+                raise LazyReadError(f"{where}: chunk at {c.off} is not gzip ({e})") from None
+            except OSError as e:
+                raise LazyReadError(f"{where}: cannot write the lazy cache: {e}") from None
+            finally:
+                os.close(fd)
+            try:
                 self._save_map(c.cid)
             except OSError as e:
                 raise LazyReadError(f"{where}: cannot write the lazy cache: {e}") from None
@@ -799,6 +818,11 @@ def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_optio
             js, toc, toc_off = _fetch_toc(store, client, repo, desc)
             where = f"layer {desc.digest.short}"
             entries, files = _toc_records(toc, js, toc_off, where)
+            limit = max_layer_size(desc.size)
+            if sum(f.size for f in files) > limit:     # as a pull would stop: the lazy cache fills up to that
+                err = layer_too_large(desc.digest, limit)
+                err.where = where
+                raise err
             usize = int((desc.annotations or {}).get(UNCOMPRESSED_SIZE_ANNOTATION) or 0)
             idx = LayerIndex(entries, diff_id=diff_ids[i], size=usize, compression="gzip", checkpoints=b"",
                              digest=desc.digest, compressed_size=desc.size)

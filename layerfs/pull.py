@@ -24,7 +24,8 @@ from .oci import (FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, Im
                   Platform, docker_to_oci, iter_layer_compression)
 from .reference import Reference
 from .registry import ClientPool, RegistryClient, RegistryOptions, _short_exc
-from .layerindex import LayerIndex, LayerIndexer, index_path
+from .gzindex import CompressedDataError
+from .layerindex import LayerIndex, LayerIndexer, index_path, max_layer_size
 from .store import Ingest, Store, _os_error
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class PullOptions:
     platform: Platform | None = None
     max_concurrent_downloads: int = 6   # as skopeo and podman (containers/image); docker's daemon uses 3
     registry: RegistryOptions | None = None
+    max_layer_size: int | None = None   # most a layer may inflate to (None: see layerindex.max_layer_size)
 
 
 class ProgressSink(Protocol):
@@ -168,8 +170,9 @@ class LayerWriter:
     """
 
     def __init__(self, store: Store, desc: Descriptor, ing: Ingest, *, compression: str | None = None,
-                 where: str | None = None):
+                 where: str | None = None, max_size: int | None = None):
         self.store = store
+        self.max_size = max_layer_size(desc.size, max_size)
         self.desc = desc
         self.ing = ing
         self.compression = compression if compression is not None else LAYER_COMPRESSION.get(desc.media_type)
@@ -187,7 +190,7 @@ class LayerWriter:
         self.content_error = None
         self.hasher = self.desc.digest.hasher()
         self.indexer = LayerIndexer(self.compression, where=f"layer {self.desc.digest.short}",
-                                    digest=self.desc.digest)
+                                    digest=self.desc.digest, max_size=self.max_size)
         self._feeder = _Feeder(self.indexer)
         if offset:
             self.ing.hash_existing(_Tee(self.hasher, self._feeder), offset)
@@ -235,6 +238,8 @@ class LayerWriter:
                 self.content_error = e
             if self.content_error is not None:   # the source's blob itself is broken: keep nothing
                 self.ing.discard()
+                if isinstance(self.content_error, CompressedDataError):   # its hint is for a stored blob
+                    self.content_error.hint = "the blob matches its digest: the image itself is damaged"
                 raise self.content_error
         else:
             self.indexer.close()
@@ -277,7 +282,7 @@ class LayerWriter:
 
 
 def ingest_layer(store: Store, desc: Descriptor, chunks: Iterable[bytes], *, diff_id: Digest | None = None,
-                 where: str | None = None) -> dict | None:
+                 where: str | None = None, max_size: int | None = None) -> dict | None:
     """Stream one layer blob from a local source into the store through :class:`LayerWriter`.
 
     The caller holds the store's ``gc`` lock (shared). Returns the layer's
@@ -288,7 +293,7 @@ def ingest_layer(store: Store, desc: Descriptor, chunks: Iterable[bytes], *, dif
     with store.ingest(desc.digest, desc.size) as ing:
         if store.has_blob(desc.digest, desc.size):
             return None
-        w = LayerWriter(store, desc, ing, where=where)
+        w = LayerWriter(store, desc, ing, where=where, max_size=max_size)
         try:
             w.start(0)
             for chunk in chunks:
@@ -337,6 +342,7 @@ class Puller:
         return m, index
 
     def pull(self, ref: Reference) -> PullResult:
+        max_layer_size(0, self.options.max_layer_size)   # a bad LAYERFS_MAX_LAYER_SIZE fails before anything
         self.store.init()
         with self.store.lock("gc", shared=True), _big_buffers_reused():
             return self._pull(ref)
@@ -427,7 +433,8 @@ class Puller:
             if self.store.has_blob(desc.digest, desc.size):  # another process finished it meanwhile
                 self.progress(short, "Already exists")
                 return
-            w = LayerWriter(self.store, desc, ing, compression=compression, where=where)
+            w = LayerWriter(self.store, desc, ing, compression=compression, where=where,
+                            max_size=self.options.max_layer_size)
             offset = ing.offset
             if offset:
                 log.info("resuming %s at %d of %d bytes", short, offset, desc.size)

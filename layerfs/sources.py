@@ -67,11 +67,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from .errors import (ContentError, DigestMismatch, ImageNotFound, InvalidReference, LayerfsError, ManifestError,
-                     PlatformNotFound, SizeMismatch, TarError, UnsupportedMediaType, UsageError)
+from .errors import (ContentError, DecompressionLimit, DigestMismatch, ImageNotFound, InvalidReference, LayerfsError,
+                     ManifestError, PlatformNotFound, SizeMismatch, TarError, UnsupportedMediaType, UsageError)
 from .oci import (FOREIGN_LAYER_TYPES, OCI_CONFIG, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_MANIFEST,
                   REF_NAME_ANNOTATION, Descriptor, Digest, ImageConfig, Index, Manifest, Platform, docker_to_oci,
                   iter_layer_compression, json_bytes, parse_manifest)
+from .layerindex import MAX_LAYER_SIZE_ENV, format_size, max_layer_size as layer_size_limit
 from .pull import (REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, ingest_layer,
                    layer_facts_from_blob)
 from .reference import Reference
@@ -182,6 +183,7 @@ class LoadOptions:
     platform: Platform | None = None    # for an image index (default: this host's platform)
     single: bool = False                # exactly one image: a source holding several needs :REF or :@N
     stem: str | None = None             # for localhost/<stem>:TAG names (default: from the path)
+    max_layer_size: int | None = None   # most a layer may inflate to (None: see layerindex.max_layer_size)
 
 
 @dataclass
@@ -300,9 +302,13 @@ class _Dir:
 
 
 class _Archive:
-    """A tar archive (plain, gzip, xz or zstd), read in place: see the module doc."""
+    """A tar archive (plain, gzip, xz or zstd), read in place: see the module doc.
 
-    def __init__(self, path: Path):
+    A compressed archive may inflate to no more than a layer may
+    (:func:`~layerfs.layerindex.max_layer_size` of the archive's size): xz
+    says its size up front, gzip and zstd are counted while they are read."""
+
+    def __init__(self, path: Path, max_layer_size: int | None = None):
         self.path = path
         self.where = str(path)
         self.members: dict[str, _Member] = {}
@@ -318,6 +324,7 @@ class _Archive:
             raise UnsupportedMediaType("bzip2-compressed archives are not supported", where=self.where,
                                        hint="decompress it first (bunzip2), or use gzip, xz or zstd")
         self.seekable = self.compression in (None, "xz")
+        self.limit = layer_size_limit(os.stat(path).st_size, max_layer_size)
         self._scan()
 
     # -- plumbing ------------------------------------------------------------------------
@@ -350,16 +357,24 @@ class _Archive:
         if self.compression is None:
             return _open_regular(self.path, "archive")
         if self.compression == "gzip":
-            return gzip.GzipFile(fileobj=_open_regular(self.path, "archive"), mode="rb")
+            return _Bounded(gzip.GzipFile(fileobj=_open_regular(self.path, "archive"), mode="rb"), self)
         if self.compression == "xz":
             import xz   # python-xz: random access into multi-block xz
             return xz.open(_open_regular(self.path, "archive"))
         import zstandard
-        return zstandard.ZstdDecompressor().stream_reader(_open_regular(self.path, "archive"),
-                                                           read_across_frames=True, closefd=True)
+        return _Bounded(zstandard.ZstdDecompressor().stream_reader(_open_regular(self.path, "archive"),
+                                                                    read_across_frames=True, closefd=True), self)
+
+    def too_big(self) -> DecompressionLimit:
+        return DecompressionLimit(f"the {self.compression} archive inflates to more than {format_size(self.limit)}, "
+                                  f"the limit on one layer's uncompressed size", where=self.where,
+                                  hint=f"if the archive is genuine, raise the limit: "
+                                       f"{MAX_LAYER_SIZE_ENV}={format_size(2 * self.limit)}")
 
     @staticmethod
     def _close(f: Any) -> None:
+        if isinstance(f, _Bounded):
+            f = f.raw
         inner = getattr(f, "fileobj", None)
         with contextlib.suppress(Exception):
             f.close()
@@ -398,6 +413,8 @@ class _Archive:
                 if self.seekable:
                     self._raw = raw
                     end = raw.seek(0, os.SEEK_END)
+                    if self.compression is not None and end > self.limit:
+                        raise self.too_big()
                     raw.seek(0)
                     tf = tarfile.open(fileobj=raw, mode="r:")
                     for ti in tf:
@@ -608,6 +625,27 @@ class _Archive:
             if not b:
                 return
             yield b
+
+
+class _Bounded:
+    """A sequential decompressed stream that raises the archive's DecompressionLimit past its limit."""
+
+    def __init__(self, raw: BinaryIO, archive: _Archive):
+        self.raw = raw
+        self.archive = archive
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return b"".join(iter(lambda: self.read(_CHUNK), b""))
+        b = self.raw.read(n)
+        self.count += len(b)
+        if self.count > self.archive.limit:
+            raise self.archive.too_big()
+        return b
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 def _describe(e: BaseException) -> str:
@@ -965,7 +1003,8 @@ def _no_progress(layer: str, status: str, current: int | None = None, total: int
     pass
 
 
-def _import(store: Store, files: Files, plans: list[_Plan], progress: ProgressSink) -> list[LoadedImage]:
+def _import(store: Store, files: Files, plans: list[_Plan], progress: ProgressSink,
+            max_layer_size: int | None = None) -> list[LoadedImage]:
     """Stream the missing layers in, store the small blobs, tag; on failure remove what was written."""
     store.init()
     written: set[Digest] = set()
@@ -994,7 +1033,8 @@ def _import(store: Store, files: Files, plans: list[_Plan], progress: ProgressSi
                     short = l.digest.short
                     progress(short, "Loading layer", 0, l.size)
                     try:
-                        info = ingest_layer(store, l, chunks, diff_id=did, where=f"{files.where}: {m.name}")
+                        info = ingest_layer(store, l, chunks, diff_id=did, where=f"{files.where}: {m.name}",
+                                            max_size=max_layer_size)
                     except DigestMismatch as e:
                         e.hint = _DAMAGED
                         raise
@@ -1035,7 +1075,7 @@ def _import(store: Store, files: Files, plans: list[_Plan], progress: ProgressSi
 
 # --- entry point ---------------------------------------------------------------------------------
 
-def _open(src: Source) -> tuple[Files, str]:
+def _open(src: Source, max_layer_size: int | None = None) -> tuple[Files, str]:
     """The files of *src* and its transport (decided by the content for a bare path)."""
     path = Path(src.path)
     if src.transport == "oci":
@@ -1049,7 +1089,7 @@ def _open(src: Source) -> tuple[Files, str]:
         return _Dir(path), "oci"
     if src.transport and path.is_dir():
         raise SourceError(f"{path} is a directory", hint="for an OCI layout directory use oci:DIR")
-    archive = _Archive(path)
+    archive = _Archive(path, max_layer_size)
     if src.transport:
         return archive, src.transport
     if archive.find("manifest.json") is not None:
@@ -1079,14 +1119,14 @@ def load(store: Store, source: str | os.PathLike[str] | Source, options: LoadOpt
         src = Source.parse(str(source))
     else:
         src = Source("", os.fspath(source))
-    files, transport = _open(src)
+    files, transport = _open(src, opts.max_layer_size)
     try:
         src = replace(src, transport=transport)
         if transport == "docker-archive":
             plans = _plan_docker(files, src, opts)   # type: ignore[arg-type]
         else:
             plans = _plan_oci(files, src, opts)
-        images = _import(store, files, plans, progress or _no_progress)
+        images = _import(store, files, plans, progress or _no_progress, opts.max_layer_size)
     finally:
         files.close()
     for img in images:
