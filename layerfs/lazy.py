@@ -58,7 +58,7 @@ from .store import Store, atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LazyLayer", "LazyGzipLayer", "LazyReadError", "PREFETCH_MODES", "lazy_status", "prune_lazy", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
+__all__ = ["LazyLayer", "LazyGzipLayer", "LazyImage", "LazyImageLayer", "open_lazy_layers", "LazyReadError", "PREFETCH_MODES", "lazy_status", "prune_lazy", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
 
 #: retries of one chunk fetch (each with the client's backoff) before the read fails
 READ_RETRIES = 1
@@ -755,12 +755,32 @@ def _open_published(store: Store, client: RegistryClient, reader_client, repo: s
     return pub.index, reader
 
 
-def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_options=None):
-    """(image name, manifest, merged tree, lazy readers) of a remote image, mounted lazily."""
+@dataclass
+class LazyImageLayer:
+    """One layer of a remotely opened image: its descriptor, diff_id, records and reader; ``lazy`` is False
+    when it had to be pulled whole (its reader reads the stored blob)."""
+    desc: Descriptor
+    diff_id: Digest
+    index: LayerIndex
+    reader: object
+    lazy: bool
+
+
+@dataclass
+class LazyImage:
+    """A remote image opened lazily (:func:`open_lazy_layers`): its reference, manifest and layers, bottom first.
+    ``client()`` is the registry client of the process that calls it (readers and blob reads use it)."""
+    ref: object
+    manifest: Manifest
+    layers: list[LazyImageLayer]
+    client: Callable[[], RegistryClient]
+
+
+def open_lazy_layers(store: Store, ref_text: str, *, platform=None, registry_options=None) -> LazyImage:
+    """Open the layers of a remote image lazily where they allow it (see the module docs), each on its own."""
     from .pull import PullOptions, Puller
     from .reference import Reference
     from .registry import ClientPool
-    from .union import build_tree
     ref = Reference.parse(ref_text)
     store.init()
     puller = Puller(store, PullOptions(platform=platform, registry=registry_options))
@@ -782,11 +802,12 @@ def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_optio
             state["client"] = ClientPool(registry_options)(ref.registry)
         return state["client"]
 
-    indexes, readers = [], []
+    layers: list[LazyImageLayer] = []
     published: list = []                  # [(artifact, via) or None], looked up once, when needed
     span_cache = SpanCache()
     for i, desc in enumerate(manifest.layers):
         lazy_gzip = None
+        lazy = True
         if not is_estargz(desc) and LAYER_COMPRESSION.get(desc.media_type) == "gzip":
             if not published:
                 published.append(_find_published(client, repo, manifest))
@@ -804,6 +825,7 @@ def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_optio
             reader = LazyLayer(store, reader_client, repo, desc, files, desc.annotations[TOC_DIGEST_ANNOTATION])
             log.info("layer %s: eStargz, %d entries, mounted lazily", desc.digest.short, len(entries))
         else:
+            lazy = False
             if LAYER_COMPRESSION.get(desc.media_type) != "gzip":
                 log.warning("layer %s is neither eStargz nor gzip: pulling it whole", desc.digest.short)
             elif published[0] is None:
@@ -814,10 +836,17 @@ def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_optio
                     puller._download_layer(client, repo, desc, compressions[i], diff_ids[i])
             idx = load_or_build(store, desc)
             reader = open_layer_reader(store, desc, idx)
-        indexes.append(idx)
-        readers.append(reader)
-    tree = build_tree(indexes, readers)
-    return ref.familiar(), manifest, tree, readers
+        layers.append(LazyImageLayer(desc, diff_ids[i], idx, reader, lazy))
+    return LazyImage(ref, manifest, layers, reader_client)
+
+
+def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_options=None):
+    """(image name, manifest, merged tree, lazy readers) of a remote image, mounted lazily."""
+    from .union import build_tree
+    image = open_lazy_layers(store, ref_text, platform=platform, registry_options=registry_options)
+    readers = [layer.reader for layer in image.layers]
+    tree = build_tree([layer.index for layer in image.layers], readers)
+    return image.ref.familiar(), image.manifest, tree, readers
 
 
 def mount_lazy(store: Store, ref_text: str, mountpoint, options, *, registry_options=None, prefetch: str = "none"):
