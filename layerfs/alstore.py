@@ -114,6 +114,7 @@ class _Layer:
     blob_size: int
     read_blob: Callable[[int, int], bytes]
     lazy: bool
+    fs: LayerFS                 # the read-only handlers of its diff tree
     views: list = field(default_factory=list)
 
 
@@ -256,7 +257,7 @@ class AdditionalLayerStore:
         toc = (il.desc.annotations or {}).get(TOC_DIGEST_ANNOTATION)
         tree = build_diff_tree(il.index, il.reader)
         layer = _Layer(digest, toc, layer_info(il.desc, il.diff_id, il.index, toc), tree, il.desc.size,
-                       self._blob_reader(image, il), il.lazy)
+                       self._blob_reader(image, il), il.lazy, LayerFS(tree))
         with self._lock:
             return self.layers.setdefault(digest, layer)
 
@@ -396,7 +397,6 @@ class StoreFS:
     def __init__(self, als: AdditionalLayerStore):
         self.als = als
         self._session = None
-        self._layerfs: dict[int, LayerFS] = {}    # id(tree) -> the read-only handlers of a diff tree
 
     @property
     def session(self):
@@ -407,18 +407,8 @@ class StoreFS:
         self._session = value
         self.als.session = value
 
-    def _fs(self, tree: MergedTree) -> LayerFS:
-        fs = self._layerfs.get(id(tree))
-        if fs is None or fs.tree is not tree:
-            fs = self._layerfs[id(tree)] = LayerFS(tree)
-        return fs
-
-    def error(self, op: str, e: BaseException) -> int:
-        if isinstance(e, LayerfsError):
-            log.error("%s failed: %s", op, e.one_line())
-            return e.errno or errno.EIO
-        log.error("%s failed", op, exc_info=e)
-        return errno.EIO
+    #: failures that are not ordinary answers: logged, EIO (or the error's own errno)
+    error = LayerFS.error
 
     # -- names ---------------------------------------------------------------------------------
     def _attr(self, ino: int) -> tuple:
@@ -474,7 +464,7 @@ class StoreFS:
         if t is None:
             raise fuse_error(errno.ENOENT)
         v, tino = t
-        got = self._fs(v.layer.tree).lookup(tino, name)
+        got = v.layer.fs.lookup(tino, name)
         return None if got is None else _shift(got, v.base)
 
     forget = None
@@ -487,21 +477,21 @@ class StoreFS:
         if t is None:
             raise fuse_error(errno.EINVAL)
         v, tino = t
-        return self._fs(v.layer.tree).readlink(tino)
+        return v.layer.fs.readlink(tino)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         t = self.als.tree_of(ino)
         if t is None:
             raise fuse_error(errno.ENODATA)
         v, tino = t
-        return self._fs(v.layer.tree).getxattr(tino, name)
+        return v.layer.fs.getxattr(tino, name)
 
     def listxattr(self, ino: int) -> list[bytes]:
         t = self.als.tree_of(ino)
         if t is None:
             return []
         v, tino = t
-        return self._fs(v.layer.tree).listxattr(tino)
+        return v.layer.fs.listxattr(tino)
 
     # -- directories -----------------------------------------------------------------------------
     def opendir(self, ino: int):
@@ -516,7 +506,7 @@ class StoreFS:
             if t is None:
                 raise fuse_error(errno.ENOENT)
             v, tino = t
-            out = self._fs(v.layer.tree).readdir(tino, fh, off, count)
+            out = v.layer.fs.readdir(tino, fh, off, count)
             return [(name, _shift(attr, v.base), nxt) for name, attr, nxt in out]
         if d.view is not None:
             v = d.view

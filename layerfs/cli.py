@@ -637,8 +637,11 @@ def cmd_store_serve(ctx: Context) -> int:
     a = ctx.args
     if a.grace < 0:
         raise UsageError(f"--grace {a.grace:g} is negative")
-    opts = MountOptions(read_only=True, fuse_options=[o.strip() for opt in a.options or () for o in opt.split(",")],
-                        foreground=a.foreground, debug=a.debug, ready_fd=a.ready_fd)
+    fuse_options = [o.strip() for opt in a.options or () for o in opt.split(",")]
+    if not any(o.startswith("fsname=") for o in fuse_options):
+        fuse_options.append("fsname=layerfs-store")
+    opts = MountOptions(read_only=True, fuse_options=fuse_options, foreground=a.foreground, debug=a.debug,
+                        ready_fd=a.ready_fd)
     if a.foreground and not a.debug:
         logging.getLogger("layerfs").setLevel(logging.INFO)
     serve_fn = functools.partial(serve_store, ctx.store, registry_options=ctx.registry_options(), grace=a.grace)

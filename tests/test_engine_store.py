@@ -11,7 +11,6 @@ containers and images, unmounts the store and kills its daemon.
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import json
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from mounthelpers import force_unmount, require_fuse, started_mounts, track, wait_until
+from mounthelpers import require_fuse, started_mounts, track, wait_until
 from registryfixtures import require_binary
 from layerfs.cli import main
 from layerfs.estargz import TOC_DIGEST_ANNOTATION

@@ -4,7 +4,6 @@ test registry. FaultProxies in front of the mirror and of the upstream show who 
 from __future__ import annotations
 
 import base64
-import os
 import random
 import time
 from pathlib import Path
