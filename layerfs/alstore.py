@@ -72,6 +72,8 @@ STORE_IMAGE_NAME = "<layer store>"
 DEFAULT_GRACE = 600.0
 #: kernel cache validity of the store's own directories (they appear and go)
 DYNAMIC_TIMEOUT = 1.0
+#: seconds a reference that failed to resolve answers with that failure
+FAILURE_MEMO = 5.0
 _DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}$")
 _B64 = re.compile(r"^[A-Za-z0-9+/=]+$")
 _MAX_REF = 4096
@@ -115,6 +117,7 @@ class _Layer:
     read_blob: Callable[[int, int], bytes]
     lazy: bool
     fs: LayerFS                 # the read-only handlers of its diff tree
+    reader: object              # its LayerReader (lazy or of the stored blob)
     views: list = field(default_factory=list)
 
 
@@ -156,8 +159,9 @@ class AdditionalLayerStore:
     *open_image(ref)* returns a :class:`layerfs.lazy.LazyImage` (tests may pass another)."""
 
     def __init__(self, store: Store, *, registry_options=None, grace: float = DEFAULT_GRACE,
-                 open_image: Callable | None = None):
+                 open_image: Callable | None = None, mountpoint: str | None = None):
         self.store = store
+        self.mountpoint = mountpoint
         self.grace = grace
         self._registry_options = registry_options
         self._open_image = open_image or self._open_lazy
@@ -173,6 +177,7 @@ class AdditionalLayerStore:
         self._uses_path = store.root / "alstore" / "uses.json"
         self.uses: dict[str, int] = self._load_uses()
         self._idle: dict[str, float] = {}     # digest -> when its uses went to 0
+        self._failed: dict[str, tuple[float, LayerfsError]] = {}   # reference -> (when, why) it failed
         self.session = None                   # set by fusefs.serve (kernel cache invalidations)
 
     # -- uses ------------------------------------------------------------------------------------
@@ -234,7 +239,16 @@ class AdditionalLayerStore:
             if have is not None:
                 return have
             t0 = time.monotonic()
-            image = self._open_image(ref)
+            with self._lock:
+                failed = self._failed.get(ref)
+            if failed is not None and t0 - failed[0] < FAILURE_MEMO:
+                raise failed[1]               # the engine asks once per layer: one attempt answers them all
+            try:
+                image = self._open_image(ref)
+            except LayerfsError as e:
+                with self._lock:
+                    self._failed[ref] = (time.monotonic(), e)
+                raise
             keys: dict[str, _Layer] = {}
             for il in image.layers:
                 layer = self._make_layer(image, il)
@@ -243,8 +257,18 @@ class AdditionalLayerStore:
                     keys[layer.toc_digest] = layer
             with self._lock:
                 self._images[ref] = keys
+            self._note_readers()
             log.info("resolved %s: %d layers in %.2fs", ref, len(image.layers), time.monotonic() - t0)
             return keys
+
+    def _note_readers(self) -> None:
+        """Keep the lazy caches of the layers in memory from ``layerfs prune`` (and show them in ``mounts``)."""
+        if self.mountpoint is None:
+            return
+        from .lazy import note_lazy_readers
+        with self._lock:
+            readers = [layer.reader for layer in self.layers.values()]
+        note_lazy_readers(self.store, self.mountpoint, os.getpid(), readers)
 
     def _make_layer(self, image, il) -> _Layer:
         from .estargz import TOC_DIGEST_ANNOTATION
@@ -257,7 +281,7 @@ class AdditionalLayerStore:
         toc = (il.desc.annotations or {}).get(TOC_DIGEST_ANNOTATION)
         tree = build_diff_tree(il.index, il.reader)
         layer = _Layer(digest, toc, layer_info(il.desc, il.diff_id, il.index, toc), tree, il.desc.size,
-                       self._blob_reader(image, il), il.lazy, LayerFS(tree))
+                       self._blob_reader(image, il), il.lazy, LayerFS(tree), il.reader)
         with self._lock:
             return self.layers.setdefault(digest, layer)
 
@@ -374,6 +398,8 @@ class AdditionalLayerStore:
                     session.invalidate_entry(parent, name.encode())
         for digest in dropped:
             log.info("layer %s unused for %.0fs: dropped", digest, self.grace)
+        if dropped:
+            self._note_readers()
         return dropped
 
 
@@ -572,7 +598,8 @@ def serve_store(store: Store, mountpoint: str, fuse_options, *, on_ready: Callab
     """Mount the layer store at *mountpoint* and serve it until unmounted (see :func:`layerfs.fusefs.serve`)."""
     from .fusefs import serve
     store.init()
-    als = AdditionalLayerStore(store, registry_options=registry_options, grace=grace)
+    als = AdditionalLayerStore(store, registry_options=registry_options, grace=grace,
+                               mountpoint=os.path.realpath(mountpoint))
     ops = StoreFS(als)
     stop = threading.Event()
     interval = gc_interval if gc_interval is not None else max(1.0, min(60.0, grace / 4))

@@ -58,7 +58,7 @@ from .store import Store, atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LazyLayer", "LazyGzipLayer", "LazyImage", "LazyImageLayer", "open_lazy_layers", "LazyReadError", "PREFETCH_MODES", "lazy_status", "prune_lazy", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
+__all__ = ["LazyLayer", "LazyGzipLayer", "LazyImage", "LazyImageLayer", "open_lazy_layers", "note_lazy_readers", "LazyReadError", "PREFETCH_MODES", "lazy_status", "prune_lazy", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
 
 #: retries of one chunk fetch (each with the client's backoff) before the read fails
 READ_RETRIES = 1
@@ -585,6 +585,13 @@ def _write_status(store: Store, record, readers: list, prefetch: str) -> None:
     doc = {"mountpoint": str(record.mountpoint), "pid": record.pid, "prefetch": prefetch, "layers": layers}
     with contextlib.suppress(OSError, LayerfsError):
         atomic_write(_status_path(store, record.pid), json.dumps(doc).encode())
+
+
+def note_lazy_readers(store: Store, mountpoint: str, pid: int, readers: list) -> None:
+    """Record that process *pid* serves *readers* at *mountpoint* (a file system of another kind, e.g. the
+    layer store): ``layerfs prune`` keeps their caches while it runs and ``layerfs mounts`` shows them."""
+    from types import SimpleNamespace
+    _write_status(store, SimpleNamespace(mountpoint=mountpoint, pid=pid), readers, "none")
 
 
 def lazy_status(store: Store, record) -> list[float] | None:

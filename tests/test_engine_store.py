@@ -132,7 +132,7 @@ def _blob_gets(proxy, manifest, *, by_layerfs: bool) -> list:
 
 # --- the protocol -----------------------------------------------------------------------------
 
-def test_layer_directories_follow_the_protocol(images, fault_proxy, tmp_path, mounts):
+def test_layer_directories_follow_the_protocol(images, fault_proxy, tmp_path, mounts, capsys):
     repo, manifests = images
     root, mnt = tmp_path / "root", tmp_path / "mnt"
     serve_store(root, mnt, mounts)
@@ -180,6 +180,11 @@ def test_layer_directories_follow_the_protocol(images, fault_proxy, tmp_path, mo
             os.rmdir(top)
         assert uses(root).get(digest, 0) == want
     assert (top / "info").is_file()                           # still there for the next engine
+    # layerfs mounts: the store, with how much of each layer it holds
+    capsys.readouterr()
+    assert main(["--root", str(root), "mounts", "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert doc["image"] == "<layer store>" and len(doc["fetched"]) == 2 and 0 < min(doc["fetched"]) < 1
 
 
 def test_kernel_overlay_of_the_diffs_is_the_image(images, registry, tmp_path, mounts):
