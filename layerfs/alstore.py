@@ -268,7 +268,9 @@ class AdditionalLayerStore:
         from .lazy import note_lazy_readers
         with self._lock:
             readers = [layer.reader for layer in self.layers.values()]
-        note_lazy_readers(self.store, self.mountpoint, os.getpid(), readers)
+            pulled = [layer.digest for layer in self.layers.values() if not layer.lazy]
+        from .oci import Digest
+        note_lazy_readers(self.store, self.mountpoint, os.getpid(), readers, [Digest.parse(d) for d in pulled])
 
     def _make_layer(self, image, il) -> _Layer:
         from .estargz import TOC_DIGEST_ANNOTATION

@@ -410,7 +410,9 @@ def _rmi_one(store, text: str, force: bool, no_prune: bool) -> None:
     except LayerfsError:
         m = None
     if not no_prune and isinstance(m, Manifest):
-        store.gc(candidates={deleted_manifest, m.config.digest, *(l.digest for l in m.layers)})
+        from .lazy import served_blobs
+        store.gc(candidates={deleted_manifest, m.config.digest, *(l.digest for l in m.layers)},
+                 keep=served_blobs(store))
         print(f"Deleted: {m.config.digest}")
 
 
@@ -418,8 +420,8 @@ def cmd_prune(ctx: Context) -> int:
     from .display import human_size
     store = ctx.store
     store.init()
-    removed, freed = store.gc()
-    from .lazy import prune_lazy
+    from .lazy import prune_lazy, served_blobs
+    removed, freed = store.gc(keep=served_blobs(store))
     lazy_removed, lazy_freed = prune_lazy(store)
     print(f"Deleted blobs: {removed}")
     if lazy_removed:

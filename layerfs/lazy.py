@@ -58,7 +58,7 @@ from .store import Store, atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LazyLayer", "LazyGzipLayer", "LazyImage", "LazyImageLayer", "open_lazy_layers", "note_lazy_readers", "LazyReadError", "PREFETCH_MODES", "lazy_status", "prune_lazy", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
+__all__ = ["LazyLayer", "LazyGzipLayer", "LazyImage", "LazyImageLayer", "open_lazy_layers", "note_lazy_readers", "served_blobs", "LazyReadError", "PREFETCH_MODES", "lazy_status", "prune_lazy", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
 
 #: retries of one chunk fetch (each with the client's backoff) before the read fails
 READ_RETRIES = 1
@@ -572,7 +572,7 @@ def _status_path(store: Store, pid: int) -> Path:
     return store.root / "lazy" / "mounts" / f"{pid}.json"
 
 
-def _write_status(store: Store, record, readers: list, prefetch: str) -> None:
+def _write_status(store: Store, record, readers: list, prefetch: str, blobs: tuple = ()) -> None:
     layers = []
     for r in readers:
         if isinstance(r, LazyGzipLayer):
@@ -583,15 +583,29 @@ def _write_status(store: Store, record, readers: list, prefetch: str) -> None:
         else:
             layers.append({"kind": "pulled"})
     doc = {"mountpoint": str(record.mountpoint), "pid": record.pid, "prefetch": prefetch, "layers": layers}
+    if blobs:
+        doc["blobs"] = [str(d) for d in blobs]
     with contextlib.suppress(OSError, LayerfsError):
         atomic_write(_status_path(store, record.pid), json.dumps(doc).encode())
 
 
-def note_lazy_readers(store: Store, mountpoint: str, pid: int, readers: list) -> None:
+def note_lazy_readers(store: Store, mountpoint: str, pid: int, readers: list, blobs=()) -> None:
     """Record that process *pid* serves *readers* at *mountpoint* (a file system of another kind, e.g. the
-    layer store): ``layerfs prune`` keeps their caches while it runs and ``layerfs mounts`` shows them."""
+    layer store) and reads the stored *blobs* (digests) that no image may tag: ``layerfs prune`` and
+    ``rmi`` keep both while it runs (:func:`served_blobs`) and ``layerfs mounts`` shows the readers."""
     from types import SimpleNamespace
-    _write_status(store, SimpleNamespace(mountpoint=mountpoint, pid=pid), readers, "none")
+    _write_status(store, SimpleNamespace(mountpoint=mountpoint, pid=pid), readers, "none", tuple(blobs))
+
+
+def served_blobs(store: Store) -> set[Digest]:
+    """The stored blobs running servers read without an image tagging them (see :func:`note_lazy_readers`)."""
+    out: set[Digest] = set()
+    for p in _status_files(store):
+        if not _alive(int(p.stem)):
+            continue
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError, LayerfsError):
+            out.update(Digest.parse(d) for d in json.loads(p.read_bytes()).get("blobs", ()))
+    return out
 
 
 def lazy_status(store: Store, record) -> list[float] | None:

@@ -28,6 +28,7 @@ from registryfixtures import require_binary
 from layerfs.cli import main
 from layerfs.estargz import TOC_DIGEST_ANNOTATION
 from layerfs.imagebuild import LayerBuilder, build_image
+from layerfs.lazy import served_blobs
 from layerfs.mount import mounts as layerfs_mounts
 from layerfs.push import PushOptions, Pusher
 from layerfs.reference import Reference
@@ -206,6 +207,15 @@ def test_kernel_overlay_of_the_diffs_is_the_image(images, registry, tmp_path, mo
             assert (merged / "usr" / "bin" / "cat").read_bytes() == _host_file("/usr/bin/cat")
         finally:
             subprocess.run(["umount", str(merged)], capture_output=True, timeout=30)
+    # the plain image has no published index: its layers were pulled whole into the store, untagged;
+    # prune keeps them while the store serves them
+    m = manifests["plain"]
+    assert all(Store(root).has_blob(d.digest) for d in m.layers)
+    assert {d.digest for d in m.layers} <= served_blobs(Store(root))
+    assert main(["--root", str(root), "prune"]) == 0
+    assert all(Store(root).has_blob(d.digest) for d in m.layers)
+    base = layer_dir(mnt, f"{registry.host}/{repo}:plain", str(m.layers[0].digest))
+    assert (base / "diff" / "old" / "a").read_bytes() == b"a"
 
 
 def test_paths_resolve_again_after_a_restart_and_unused_layers_go(images, registry, tmp_path, mounts):
