@@ -92,6 +92,15 @@ def _decode_reference(text: str) -> str | None:
         return None
 
 
+def _plausible_reference(ref: str) -> bool:
+    from .reference import Reference
+    try:
+        Reference.parse(ref)
+        return True
+    except LayerfsError:
+        return False
+
+
 def layer_info(desc, diff_id, index, toc_digest: str | None = None) -> bytes:
     """The ``info`` file of a layer (containers/storage's Layer JSON fields)."""
     from .oci import LAYER_COMPRESSION
@@ -123,8 +132,8 @@ class _Layer:
 
 @dataclass(eq=False)
 class _Dir:
-    """A directory of the store's own: the root, a reference directory (``prefix``: its name so far; a base64
-    name may hold '/', so a reference can span several levels) or a layer directory (``view``)."""
+    """A directory of the store's own: the root, a reference directory (``prefix``: its name, the base64
+    form of the reference; that of a valid reference never holds a '/') or a layer directory (``view``)."""
     ino: int
     parent: int
     name: str
@@ -340,15 +349,21 @@ class AdditionalLayerStore:
             return v
 
     def ref_dir(self, parent: _Dir, name: str) -> _Dir | None:
-        """The (partial) reference directory *name* below the root or another reference directory."""
-        if not _B64.match(name) or len(parent.prefix or "") + len(name) > 2 * _MAX_REF:
+        """The reference directory *name* (the base64 form of an image reference) below the root, or None."""
+        if parent.ino != ROOT_INO or not _B64.match(name) or len(name) > 2 * _MAX_REF:
             return None
         with self._lock:
             ino = parent.children.get(name)
             if ino is not None:
                 return self.dirs[ino]
-            prefix = f"{parent.prefix}/{name}" if parent.prefix else name
-            d = _Dir(self._alloc(), parent.ino, name, prefix=prefix)
+        ref = _decode_reference(name)
+        if not ref or not _plausible_reference(ref):
+            return None
+        with self._lock:
+            ino = parent.children.get(name)
+            if ino is not None:
+                return self.dirs[ino]
+            d = _Dir(self._alloc(), parent.ino, name, prefix=name)
             self.dirs[d.ino] = d
             parent.children[name] = d.ino
             return d

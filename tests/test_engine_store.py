@@ -170,6 +170,8 @@ def test_layer_directories_follow_the_protocol(images, fault_proxy, tmp_path, mo
     # unknown layers and references: ENOENT
     assert not layer_dir(mnt, ref, "sha256:" + "0" * 64).exists()
     assert not layer_dir(mnt, f"{fault_proxy.host}/{repo}:nosuchtag", str(m.layers[0].digest)).exists()
+    assert not (mnt / "not base64!").exists() and not layer_dir(mnt, "Not A Reference", str(m.layers[0].digest)).exists()
+    assert not (top.parent / "more").exists()
     # use / release: both answer ENOENT and are counted
     digest = str(m.layers[1].digest)
     for _ in range(2):
