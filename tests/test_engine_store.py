@@ -335,6 +335,11 @@ def test_podman_runs_a_container_from_the_store(images, fault_proxy, tmp_path, m
     assert podman("run", "--rm", "--network", "none", "localhost/committed:1", "/bin/cat", "/old/c",
                   check=False, timeout=120).returncode != 0
     podman("rm", "-a", "-f")
+    # a restart of the store: podman's links into it resolve again
+    assert main(["--root", str(root), "umount", str(mnt)]) == 0
+    serve_store(root, mnt, mounts)
+    p = podman("run", "--rm", "--network", "none", "localhost/committed:1", "/bin/cat", "/new", timeout=120)
+    assert p.stdout == "hi\n"
     # removing the images releases the layers
     podman("rmi", "-a", "-f", timeout=120)
     for tag in ("esgz", "plain"):
