@@ -410,7 +410,9 @@ def _rmi_one(store, text: str, force: bool, no_prune: bool) -> None:
     except LayerfsError:
         m = None
     if not no_prune and isinstance(m, Manifest):
-        store.gc(candidates={deleted_manifest, m.config.digest, *(l.digest for l in m.layers)})
+        from .lazy import served_blobs
+        store.gc(candidates={deleted_manifest, m.config.digest, *(l.digest for l in m.layers)},
+                 keep=served_blobs(store))
         print(f"Deleted: {m.config.digest}")
 
 
@@ -418,8 +420,8 @@ def cmd_prune(ctx: Context) -> int:
     from .display import human_size
     store = ctx.store
     store.init()
-    removed, freed = store.gc()
-    from .lazy import prune_lazy
+    from .lazy import prune_lazy, served_blobs
+    removed, freed = store.gc(keep=served_blobs(store))
     lazy_removed, lazy_freed = prune_lazy(store)
     print(f"Deleted blobs: {removed}")
     if lazy_removed:
@@ -632,6 +634,25 @@ def cmd_mounts(ctx: Context) -> int:
     return 0
 
 
+def cmd_store_serve(ctx: Context) -> int:
+    import functools
+    from .alstore import STORE_IMAGE_NAME, serve_store
+    from .mount import MountOptions, mount_service
+    a = ctx.args
+    if a.grace < 0:
+        raise UsageError(f"--grace {a.grace:g} is negative")
+    fuse_options = [o.strip() for opt in a.options or () for o in opt.split(",")]
+    if not any(o.startswith("fsname=") for o in fuse_options):
+        fuse_options.append("fsname=layerfs-store")
+    opts = MountOptions(read_only=True, fuse_options=fuse_options, foreground=a.foreground, debug=a.debug,
+                        ready_fd=a.ready_fd)
+    if a.foreground and not a.debug:
+        logging.getLogger("layerfs").setLevel(logging.INFO)
+    serve_fn = functools.partial(serve_store, ctx.store, registry_options=ctx.registry_options(), grace=a.grace)
+    mount_service(serve_fn, a.mountpoint, opts, store=ctx.store, image=STORE_IMAGE_NAME)
+    return 0
+
+
 def cmd_version(ctx: Context) -> int:
     print(f"layerfs {__version__}")
     return 0
@@ -785,6 +806,26 @@ def _add_change_commands(sub) -> None:
 
 # --- parser --------------------------------------------------------------------------
 
+def _add_store_commands(sub) -> None:
+    s = sub.add_parser("store", help="serve layers to container engines (containers/storage additional layer store)")
+    ssub = s.add_subparsers(dest="store_command", metavar="COMMAND")
+    v = ssub.add_parser("serve", help="mount an additional layer store for podman/CRI-O at MOUNTPOINT "
+                                      "(storage.conf: additionallayerstores = [\"MOUNTPOINT:ref\"])")
+    v.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing, empty directory")
+    v.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground until unmounted")
+    v.add_argument("-o", dest="options", action="append", metavar="OPT[,OPT...]",
+                   help="FUSE mount options, e.g. allow_other; nonempty allows a non-empty MOUNTPOINT")
+    v.add_argument("--grace", type=float, default=600.0, metavar="SECONDS",
+                   help="forget a layer no engine uses after this long (default 600)")
+    v.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    v.set_defaults(func=cmd_store_serve)
+
+    def no_command(ctx: Context) -> int:
+        s.print_help(sys.stderr)
+        return 2
+    s.set_defaults(func=no_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="layerfs", description="Pull OCI/Docker images and mount them as a union filesystem.")
     p.add_argument("--root", default=None, help="store directory (default /var/lib/layerfs as root, "
@@ -916,6 +957,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_mounts)
 
     _add_change_commands(sub)
+    _add_store_commands(sub)
 
     s = sub.add_parser("version", help="print the version")
     s.set_defaults(func=cmd_version)

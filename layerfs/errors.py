@@ -131,6 +131,13 @@ class RegistryUnreachable(RegistryError):
         return True
 
 
+class RangeNotHonoured(RegistryError):
+    """A Range request answered with the whole blob (a pull-through cache on a miss), where only the range
+    was wanted: the caller goes elsewhere for it."""
+
+    default_hint = "the registry (a mirror?) does not serve byte ranges of this blob yet"
+
+
 class AuthenticationError(RegistryError):
     errno = _errno.EACCES
     default_hint = "check your credentials with 'layerfs login REGISTRY'"

@@ -236,7 +236,7 @@ def tune_readahead(mountpoint: str, kib: int | None = None) -> bool:
         return False
 
 
-def serve(tree: MergedTree, mountpoint: str, options: Iterable[str], *,
+def serve(tree: MergedTree | None, mountpoint: str, options: Iterable[str], *,
           on_ready: Callable[[], None] | None = None, threads: int | None = None,
           ops: object | None = None, writeback: bool = False) -> None:
     """Mount *tree* at *mountpoint* and serve it until unmounted or SIGTERM/SIGINT/SIGHUP.
@@ -270,7 +270,9 @@ def serve(tree: MergedTree, mountpoint: str, options: Iterable[str], *,
         tune_readahead(mountpoint)
         if on_ready is not None:
             on_ready()
-        threading.Thread(target=_warm, args=(ops._nodes, session), name="warm", daemon=True).start()
+        nodes = getattr(ops, "_nodes", None)     # a file system of another kind has no tree to warm up
+        if nodes is not None:
+            threading.Thread(target=_warm, args=(nodes, session), name="warm", daemon=True).start()
         while not session.wait(0.25):     # wakes up for Python's signal handlers
             pass
     finally:

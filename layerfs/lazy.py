@@ -58,7 +58,7 @@ from .store import Store, atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LazyLayer", "LazyGzipLayer", "LazyReadError", "PREFETCH_MODES", "lazy_status", "prune_lazy", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
+__all__ = ["LazyLayer", "LazyGzipLayer", "LazyImage", "LazyImageLayer", "open_lazy_layers", "note_lazy_readers", "served_blobs", "LazyReadError", "PREFETCH_MODES", "lazy_status", "prune_lazy", "open_lazy_tree", "mount_lazy", "lazy_cache_dir"]
 
 #: retries of one chunk fetch (each with the client's backoff) before the read fails
 READ_RETRIES = 1
@@ -592,7 +592,7 @@ def _status_path(store: Store, pid: int) -> Path:
     return store.root / "lazy" / "mounts" / f"{pid}.json"
 
 
-def _write_status(store: Store, record, readers: list, prefetch: str) -> None:
+def _write_status(store: Store, record, readers: list, prefetch: str, blobs: tuple = ()) -> None:
     layers = []
     for r in readers:
         if isinstance(r, LazyGzipLayer):
@@ -603,8 +603,29 @@ def _write_status(store: Store, record, readers: list, prefetch: str) -> None:
         else:
             layers.append({"kind": "pulled"})
     doc = {"mountpoint": str(record.mountpoint), "pid": record.pid, "prefetch": prefetch, "layers": layers}
+    if blobs:
+        doc["blobs"] = [str(d) for d in blobs]
     with contextlib.suppress(OSError, LayerfsError):
         atomic_write(_status_path(store, record.pid), json.dumps(doc).encode())
+
+
+def note_lazy_readers(store: Store, mountpoint: str, pid: int, readers: list, blobs=()) -> None:
+    """Record that process *pid* serves *readers* at *mountpoint* (a file system of another kind, e.g. the
+    layer store) and reads the stored *blobs* (digests) that no image may tag: ``layerfs prune`` and
+    ``rmi`` keep both while it runs (:func:`served_blobs`) and ``layerfs mounts`` shows the readers."""
+    from types import SimpleNamespace
+    _write_status(store, SimpleNamespace(mountpoint=mountpoint, pid=pid), readers, "none", tuple(blobs))
+
+
+def served_blobs(store: Store) -> set[Digest]:
+    """The stored blobs running servers read without an image tagging them (see :func:`note_lazy_readers`)."""
+    out: set[Digest] = set()
+    for p in _status_files(store):
+        if not _alive(int(p.stem)):
+            continue
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError, LayerfsError):
+            out.update(Digest.parse(d) for d in json.loads(p.read_bytes()).get("blobs", ()))
+    return out
 
 
 def lazy_status(store: Store, record) -> list[float] | None:
@@ -775,12 +796,32 @@ def _open_published(store: Store, client: RegistryClient, reader_client, repo: s
     return pub.index, reader
 
 
-def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_options=None):
-    """(image name, manifest, merged tree, lazy readers) of a remote image, mounted lazily."""
+@dataclass
+class LazyImageLayer:
+    """One layer of a remotely opened image: its descriptor, diff_id, records and reader; ``lazy`` is False
+    when it had to be pulled whole (its reader reads the stored blob)."""
+    desc: Descriptor
+    diff_id: Digest
+    index: LayerIndex
+    reader: object
+    lazy: bool
+
+
+@dataclass
+class LazyImage:
+    """A remote image opened lazily (:func:`open_lazy_layers`): its reference, manifest and layers, bottom first.
+    ``client()`` is the registry client of the process that calls it (readers and blob reads use it)."""
+    ref: object
+    manifest: Manifest
+    layers: list[LazyImageLayer]
+    client: Callable[[], RegistryClient]
+
+
+def open_lazy_layers(store: Store, ref_text: str, *, platform=None, registry_options=None) -> LazyImage:
+    """Open the layers of a remote image lazily where they allow it (see the module docs), each on its own."""
     from .pull import PullOptions, Puller
     from .reference import Reference
     from .registry import ClientPool
-    from .union import build_tree
     ref = Reference.parse(ref_text)
     store.init()
     puller = Puller(store, PullOptions(platform=platform, registry=registry_options))
@@ -802,11 +843,12 @@ def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_optio
             state["client"] = ClientPool(registry_options)(ref.registry)
         return state["client"]
 
-    indexes, readers = [], []
+    layers: list[LazyImageLayer] = []
     published: list = []                  # [(artifact, via) or None], looked up once, when needed
     span_cache = SpanCache()
     for i, desc in enumerate(manifest.layers):
         lazy_gzip = None
+        lazy = True
         if not is_estargz(desc) and LAYER_COMPRESSION.get(desc.media_type) == "gzip":
             if not published:
                 published.append(_find_published(client, repo, manifest))
@@ -829,6 +871,7 @@ def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_optio
             reader = LazyLayer(store, reader_client, repo, desc, files, desc.annotations[TOC_DIGEST_ANNOTATION])
             log.info("layer %s: eStargz, %d entries, mounted lazily", desc.digest.short, len(entries))
         else:
+            lazy = False
             if LAYER_COMPRESSION.get(desc.media_type) != "gzip":
                 log.warning("layer %s is neither eStargz nor gzip: pulling it whole", desc.digest.short)
             elif published[0] is None:
@@ -839,10 +882,17 @@ def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_optio
                     puller._download_layer(client, repo, desc, compressions[i], diff_ids[i])
             idx = load_or_build(store, desc)
             reader = open_layer_reader(store, desc, idx)
-        indexes.append(idx)
-        readers.append(reader)
-    tree = build_tree(indexes, readers)
-    return ref.familiar(), manifest, tree, readers
+        layers.append(LazyImageLayer(desc, diff_ids[i], idx, reader, lazy))
+    return LazyImage(ref, manifest, layers, reader_client)
+
+
+def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_options=None):
+    """(image name, manifest, merged tree, lazy readers) of a remote image, mounted lazily."""
+    from .union import build_tree
+    image = open_lazy_layers(store, ref_text, platform=platform, registry_options=registry_options)
+    readers = [layer.reader for layer in image.layers]
+    tree = build_tree([layer.index for layer in image.layers], readers)
+    return image.ref.familiar(), image.manifest, tree, readers
 
 
 def mount_lazy(store: Store, ref_text: str, mountpoint, options, *, registry_options=None, prefetch: str = "none"):

@@ -472,6 +472,20 @@ def mount_tree(tree: "MergedTree", mountpoint: str | os.PathLike[str], options: 
     return _mount(start, mountpoint, options, store=store, image=image, manifest_digest=manifest_digest)
 
 
+def mount_service(serve_fn: Callable[..., None], mountpoint: str | os.PathLike[str], options: MountOptions, *,
+                  store: Store, image: str) -> MountRecord:
+    """Mount a file system of another kind than an image view (the layer store, :mod:`layerfs.alstore`):
+    ``serve_fn(mountpoint, fuse_options, on_ready=callback)`` mounts it (not ``ro``: its handlers decide what
+    a write does) and serves it until unmounted. It is daemonised (unless ``options.foreground``), recorded,
+    listed by ``layerfs mounts`` and unmounted by ``layerfs umount`` like an image mount."""
+    if options.foreground:
+        def start(record: MountRecord, opts: MountOptions, registry: MountRegistry, lock: int) -> MountRecord:
+            return _serve_here(None, record, opts, registry, _Reporter(opts.ready_fd, lock), serve_fn=serve_fn)
+    else:
+        start = functools.partial(_daemonize, None, serve_fn=serve_fn)
+    return _mount(start, mountpoint, options, store=store, image=image, manifest_digest="")
+
+
 def _mount(start: Callable[[MountRecord, MountOptions, MountRegistry, int], MountRecord],
            mountpoint: str | os.PathLike[str], options: MountOptions, *, store: Store, image: str,
            manifest_digest: str) -> MountRecord:
@@ -629,8 +643,8 @@ def _send(fd: int, line: str) -> None:
         os.write(fd, (" ".join(line.split("\n")) + "\n").encode("utf-8", "replace"))
 
 
-def _serve_here(tree: "MergedTree", record: MountRecord, options: MountOptions, registry: MountRegistry,
-                reporter: _Reporter) -> MountRecord:
+def _serve_here(tree: "MergedTree | None", record: MountRecord, options: MountOptions, registry: MountRegistry,
+                reporter: _Reporter, *, serve_fn: Callable[..., None] | None = None) -> MountRecord:
     """Mount and serve in this process until unmounted; write *record* once ready, remove it at the end."""
     from dataclasses import replace
     from . import fusefs
@@ -646,7 +660,10 @@ def _serve_here(tree: "MergedTree", record: MountRecord, options: MountOptions, 
         reporter.ok()
 
     try:
-        if record.upper is None:
+        if serve_fn is not None:
+            serve_fn(record.mountpoint, fusefs.mount_options(record.image, options.libfuse_options, read_only=False),
+                     on_ready=ready)
+        elif record.upper is None:
             fusefs.serve(tree, record.mountpoint, fuse_opts, on_ready=ready)
         else:
             from .fuse_overlay import serve_overlay
@@ -701,8 +718,8 @@ def _fork_daemon(main: Callable[[], int], w: int) -> int:
     return pid
 
 
-def _daemonize(tree: "MergedTree", record: MountRecord, options: MountOptions,
-               registry: MountRegistry, lock: int) -> MountRecord:
+def _daemonize(tree: "MergedTree | None", record: MountRecord, options: MountOptions,
+               registry: MountRegistry, lock: int, *, serve_fn: Callable[..., None] | None = None) -> MountRecord:
     """Fork the daemon serving *tree* (shared copy-on-write) and wait until it answers."""
     import threading
     if threading.active_count() > 1:
@@ -711,7 +728,7 @@ def _daemonize(tree: "MergedTree", record: MountRecord, options: MountOptions,
     _CALLER_FDS.add(r)   # the lock is there already: the daemon keeps neither
     try:
         try:
-            pid = _fork_daemon(lambda: _daemon_main(lambda: tree, record, options, registry, w), w)
+            pid = _fork_daemon(lambda: _daemon_main(lambda: tree, record, options, registry, w, serve_fn=serve_fn), w)
         finally:
             os.close(w)
         os.waitpid(pid, 0)
@@ -828,8 +845,8 @@ def _redirect_stdio(out: str) -> None:
     sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
 
 
-def _daemon_main(load_tree: Callable[[], "MergedTree"], record: MountRecord, options: MountOptions,
-                 registry: MountRegistry, w: int) -> int:
+def _daemon_main(load_tree: Callable[[], "MergedTree | None"], record: MountRecord, options: MountOptions,
+                 registry: MountRegistry, w: int, *, serve_fn: Callable[..., None] | None = None) -> int:
     """The daemon: stdio to the log, get the tree, serve, report readiness or the error on *w*.
     Returns the exit code."""
     reporter = _Reporter(w)
@@ -841,7 +858,7 @@ def _daemon_main(load_tree: Callable[[], "MergedTree"], record: MountRecord, opt
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         _daemon_logging(options.debug)
-        _serve_here(load_tree(), record, options, registry, reporter)
+        _serve_here(load_tree(), record, options, registry, reporter, serve_fn=serve_fn)
         return 0
     except LayerfsError as e:
         log.error("%s", e.one_line())

@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
@@ -25,7 +25,7 @@ import urllib3
 from . import __version__
 from .auth import Challenge, CredentialStore, Credentials, Token, parse_www_authenticate
 from .errors import (AccessDenied, AuthenticationError, ForeignLayerError, LayerfsError,
-                     ManifestError, NotFoundError, RegistryError, RegistryUnreachable,
+                     ManifestError, NotFoundError, RangeNotHonoured, RegistryError, RegistryUnreachable,
                      SizeMismatch)
 from .oci import ACCEPT_MANIFESTS, FOREIGN_LAYER_TYPES, Descriptor, Digest, Index, Manifest, parse_manifest
 from .reference import DOCKER_HUB, is_local_registry
@@ -52,6 +52,7 @@ class RegistryOptions:
     backoff_cap: float = 10.0
     credentials: Credentials | None = None    # overrides the credential store (login)
     credential_store: CredentialStore | None = None
+    mirrors: Any = None                       # a layerfs.mirrors.MirrorConfig (from_env loads the config file)
 
     @classmethod
     def from_env(cls, **overrides) -> "RegistryOptions":
@@ -60,6 +61,9 @@ class RegistryOptions:
         kw = dict(insecure_registries=insecure, ca_bundle=ca)
         if os.environ.get("LAYERFS_BACKOFF_BASE"):
             kw["backoff_base"] = float(os.environ["LAYERFS_BACKOFF_BASE"])
+        if "mirrors" not in overrides:
+            from .mirrors import load_mirrors
+            kw["mirrors"] = load_mirrors()
         kw.update(overrides)
         return cls(**kw)
 
@@ -468,12 +472,14 @@ class RegistryClient:
         return BlobResponse(r, 0, desc.size)
 
     def read_range(self, repository: str, desc: Descriptor, start: int, end: int, *,
-                   retries: int | None = None) -> bytes:
+                   retries: int | None = None, require_partial: bool = False) -> bytes:
         """Bytes [*start*, *end*) of a blob with one ``Range`` request (for lazy reads; not verified:
         the caller checks what it asked for). A 206 must answer exactly that range (a multipart
         answer is refused); a 200 (a server without ranges) is read up to *end* and cut. An answer
         whose body breaks off (connection lost, or fewer bytes than announced) is asked for again,
-        up to *retries* times (``options.max_retries`` by default) with backoff."""
+        up to *retries* times (``options.max_retries`` by default) with backoff. With *require_partial*, a
+        200 answer to a range that is not the whole blob raises :class:`RangeNotHonoured` at once, its body
+        unread (a pull-through cache answers a miss so: the caller reads the range elsewhere)."""
         if not 0 <= start < end <= desc.size:
             raise ValueError(f"bad range {start}-{end} of a {desc.size}-byte blob")
         if desc.media_type in FOREIGN_LAYER_TYPES and desc.urls:
@@ -483,7 +489,7 @@ class RegistryClient:
         attempt = 0
         while True:
             try:
-                return self._read_range_once(repository, desc, start, end, retries)
+                return self._read_range_once(repository, desc, start, end, retries, require_partial)
             except _BodyCut as cut:
                 if attempt >= max_retries:
                     raise cut.error from None
@@ -493,7 +499,7 @@ class RegistryClient:
                 attempt += 1
 
     def _read_range_once(self, repository: str, desc: Descriptor, start: int, end: int,
-                         retries: int | None) -> bytes:
+                         retries: int | None, require_partial: bool = False) -> bytes:
         """One :meth:`read_range` request; raises :class:`_BodyCut` when its body breaks off."""
         headers = {"Accept-Encoding": "identity", "Range": f"bytes={start}-{end - 1}"}
         key = (repository, str(desc.digest))
@@ -522,6 +528,9 @@ class RegistryClient:
                     raise SizeMismatch(f"blob {desc.digest.short}: Content-Range {cr!r} does not answer "
                                        f"bytes={start}-{end - 1}", where=self.registry)
                 skip = 0
+            elif require_partial and not (start == 0 and end == desc.size):
+                raise RangeNotHonoured(f"blob {desc.digest.short}: a Range request was answered with the whole "
+                                       f"blob (HTTP {r.status_code})", registry=self.registry)
             else:
                 skip = start
             want = end - start
@@ -748,8 +757,26 @@ class ClientPool:
     def __call__(self, registry: str) -> RegistryClient:
         with self._lock:
             if registry not in self._clients:
-                self._clients[registry] = RegistryClient(registry, self.options or RegistryOptions.from_env())
+                if self.options is None:
+                    self.options = RegistryOptions.from_env()
+                client = RegistryClient(registry, self.options)
+                mirrors = self.options.mirrors
+                if mirrors is not None and registry in mirrors.registries():
+                    from .mirrors import MirroredClient
+                    client = MirroredClient(client, mirrors, self._mirror_client)
+                self._clients[registry] = client
             return self._clients[registry]
+
+    def _mirror_client(self, mirror) -> RegistryClient:
+        """The client of a mirror (a :class:`layerfs.mirrors.Mirror`): no retries, its own insecure flag."""
+        key = f"mirror {mirror.host} {mirror.insecure}"
+        with self._lock:
+            if key not in self._clients:
+                from dataclasses import replace
+                insecure = self.options.insecure_registries + ((mirror.host,) if mirror.insecure else ())
+                self._clients[key] = RegistryClient(mirror.host, replace(
+                    self.options, insecure_registries=insecure, max_retries=0, mirrors=None))
+            return self._clients[key]
 
 
 def _other_host(url: str | None, origin: str) -> bool:

@@ -415,8 +415,8 @@ class Store:
                 live.update(l.digest for l in m.layers)
         return live
 
-    def gc(self, candidates: set[Digest] | None = None) -> tuple[int, int]:
-        """Delete blobs (and their side files) that no tagged image references.
+    def gc(self, candidates: set[Digest] | None = None, *, keep: set[Digest] | frozenset = frozenset()) -> tuple[int, int]:
+        """Delete blobs (and their side files) that no tagged image references, nor *keep*.
 
         With *candidates*, only those blobs are considered (``rmi``); without,
         every blob and every abandoned partial download (``prune``).
@@ -433,7 +433,7 @@ class Store:
                         d = Digest(algo_dir.name, p.name)
                     except Exception:
                         continue
-                    if d in live or (candidates is not None and d not in candidates):
+                    if d in live or d in keep or (candidates is not None and d not in candidates):
                         continue
                     with file_lock(self.root / "locks" / f"blob-{d.algorithm}-{d.hex}.lock"):
                         try:

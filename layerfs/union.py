@@ -56,7 +56,7 @@ from .tree import ROOT_INO, LayerReader, MergedTree, Node
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_tree", "open_image_tree", "tree_cache_path", "save_tree", "load_tree", "LazyNodes",
+__all__ = ["build_tree", "build_diff_tree", "OVERLAY_OPAQUE_XATTR", "open_image_tree", "tree_cache_path", "save_tree", "load_tree", "LazyNodes",
            "TREE_FORMAT_VERSION"]
 
 # Entry field positions (layerindex.Entry order)
@@ -278,6 +278,52 @@ def build_tree(layers: Sequence[LayerIndex], readers: Sequence[LayerReader]) -> 
         ltree, links = _layer_tree(index, li)
         _merge_layer(top, ltree, links, li)
     return _to_tree(top, list(readers))
+
+
+#: how an overlay lower directory marks a whiteout (a 0/0 character device) and an opaque directory (this xattr)
+OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
+
+
+def build_diff_tree(index: LayerIndex, reader: LayerReader) -> MergedTree:
+    """One layer's own contents in the form of a kernel overlayfs lower directory (what a container
+    engine's layer ``diff/`` holds): a ``.wh.NAME`` becomes a 0/0 character device NAME, a
+    ``.wh..wh..opq`` sets ``trusted.overlay.opaque=y`` on its directory; everything else is the
+    layer's entries as they are (hard links resolved within the layer, implicit parents 0755 root)."""
+    ltree, links = _layer_tree(index, 0)
+    made: dict[int, _M] = {}
+
+    def leaf(row: tuple) -> _M:
+        if row[_T] == HARDLINK:
+            row = links[id(row)]
+        m = made.get(id(row))
+        if m is None:
+            m = made[id(row)] = _M(row, 0, None)
+        return m
+
+    def dir_row(t: _LDir, path: str) -> tuple | None:
+        if not t.opaque:
+            return t.row
+        row = t.row or (path, DIR, 0o755, 0, 0, 0, 0, None, 0, 0, 0, None, None)
+        x = dict(row[_XATTR] or {})
+        x[OVERLAY_OPAQUE_XATTR] = b"y"
+        return row[:_XATTR] + (x,) + row[_XATTR + 1:]
+
+    top = _M(dir_row(ltree, ""), 0, {})
+    stack = [(ltree, top, "")]
+    while stack:
+        t, m, path = stack.pop()
+        for name in t.wh:
+            if name not in t.kids:
+                wpath = f"{path}/{name}" if path else name
+                m.kids[name] = _M((wpath, CHAR, 0, 0, 0, 0, 0, None, 0, 0, 0, None, None), 0, None)
+        for name, k in t.kids.items():
+            kpath = f"{path}/{name}" if path else name
+            if type(k) is _LDir:
+                cur = m.kids[name] = _M(dir_row(k, kpath), 0, {})
+                stack.append((k, cur, kpath))
+            else:
+                m.kids[name] = leaf(k)
+    return _to_tree(top, [reader])
 
 
 def _to_tree(top: _M, readers: list) -> MergedTree:

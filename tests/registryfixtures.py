@@ -1198,8 +1198,10 @@ def _make_proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                     rec.bytes_sent = len(rule.body)
                 return
 
-            headers = {k: v for k, v in self.headers.items()
-                       if k.lower() not in _HOP_BY_HOP and k.lower() not in ("content-length", "expect")}
+            headers: dict[str, str] = {}
+            for k, v in self.headers.items():     # a repeated header (podman sends several Accept) is joined
+                if k.lower() not in _HOP_BY_HOP and k.lower() not in ("content-length", "expect"):
+                    headers[k] = f"{headers[k]}, {v}" if k in headers else v
             if body or method in ("POST", "PUT", "PATCH"):
                 headers["Content-Length"] = str(len(body))
             conn = http.client.HTTPConnection(proxy.target_host, timeout=proxy.upstream_timeout)
