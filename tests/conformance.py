@@ -40,6 +40,7 @@ if str(HERE) not in sys.path:
 
 from mounthelpers import force_unmount, put_image, random_bytes, track  # noqa: E402
 from overlayref import extract_layers, kernel_overlay  # noqa: E402
+from layerfs.errors import LayerfsError  # noqa: E402
 from layerfs.imagebuild import LayerBuilder, build_image  # noqa: E402
 from layerfs.mount import MountOptions, mount_image, umount  # noqa: E402
 from layerfs.store import Store  # noqa: E402
@@ -72,6 +73,10 @@ def image():
     return build_image([l1, l2, l3])
 
 
+class SetupError(Exception):
+    """A missing or unusable prerequisite, reported as one line."""
+
+
 @dataclass
 class Target:
     name: str
@@ -83,7 +88,7 @@ def targets(base: Path, names: Sequence[str] = ("layerfs", "kernel")) -> Iterato
     """Mount the image as each of *names* below *base*; everything is unmounted (and daemons killed) on exit."""
     unknown = set(names) - set(TARGETS)
     if unknown:
-        raise ValueError(f"unknown target(s) {', '.join(sorted(unknown))}; known: {', '.join(TARGETS)}")
+        raise SetupError(f"unknown target(s) {', '.join(sorted(unknown))}; known: {', '.join(TARGETS)} (hint: --targets layerfs,kernel)")
     built = image()
     store = Store(base / "store")
     put_image(store, IMAGE_REF, built)
@@ -105,6 +110,8 @@ def targets(base: Path, names: Sequence[str] = ("layerfs", "kernel")) -> Iterato
             root_like = os.stat(out["layerfs"].mountpoint) if "layerfs" in out else None
             out["kernel"] = Target("kernel", stack.enter_context(kernel_overlay(lowers, kbase, root_like=root_like)))
         if "fuse-overlayfs" in names:
+            if not shutil.which("fuse-overlayfs"):
+                raise SetupError("fuse-overlayfs is not installed (hint: apt-get install fuse-overlayfs)")
             fbase = base / "fuse-overlayfs"
             for d in ("upper", "work", "mnt"):
                 (fbase / d).mkdir(parents=True)
@@ -121,7 +128,7 @@ def targets(base: Path, names: Sequence[str] = ("layerfs", "kernel")) -> Iterato
 def _layerfs_down(store: Store, mnt: Path, pid: int) -> None:
     try:
         umount(store, mnt)
-    except Exception:     # busy or dead: force it, and kill the daemon
+    except LayerfsError:     # busy or dead: forced below, and the daemon killed
         pass
     force_unmount(mnt, pid)
 
@@ -129,10 +136,6 @@ def _layerfs_down(store: Store, mnt: Path, pid: int) -> None:
 # --- pjdfstest ------------------------------------------------------------------------------------
 
 PJDFSTEST_ENV = "PJDFSTEST_DIR"
-
-
-class SetupError(Exception):
-    """A missing or unusable prerequisite, reported as one line."""
 
 
 def pjdfstest_dir(given: str | None) -> Path:
@@ -383,8 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return pjdfstest_main(args) if args.cmd == "pjdfstest" else fsx_main(args)
-    except SetupError as e:
+    except (SetupError, LayerfsError, subprocess.CalledProcessError) as e:
         name = "pjdfstest" if args.cmd == "pjdfstest" else "fsx-run"
+        if isinstance(e, subprocess.CalledProcessError):
+            e = SetupError(f"{' '.join(map(str, e.cmd[:3]))} failed: {' '.join((e.stderr or b'').decode().split())}")
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
