@@ -328,14 +328,14 @@ class FsxRun:
 
 
 def run_fsx(fsx: Path, mountpoint: Path, target: str, *, seconds: int, seed: int, ref_dir: Path,
-            timeout: float | None = None) -> list[FsxRun]:
+            timeout: float | None = None, extra: Sequence[str] = ()) -> list[FsxRun]:
     """fsx for *seconds* on a new file, then for *seconds* on the lower-layer file (copy-up), in *mountpoint*."""
     ref = ref_dir / "lower.ref"
     ref.write_bytes(LOWER_DATA)
     runs = []
-    for kind, path, extra in (("new file", mountpoint / f"fsx-new.{seed}", []),
+    for kind, path, start in (("new file", mountpoint / f"fsx-new.{seed}", []),
                               ("copy-up", mountpoint / LOWER_FILE, ["-I", str(ref)])):
-        cmd = [str(fsx), "-d", str(seconds), "-S", str(seed), *extra, str(path)]
+        cmd = [str(fsx), "-d", str(seconds), "-S", str(seed), *extra, *start, str(path)]
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, timeout=timeout or seconds * 3 + 60)
         runs.append(FsxRun(target, kind, proc.returncode, proc.stdout))
@@ -354,8 +354,10 @@ def fsx_main(args: argparse.Namespace) -> int:
         with targets(base, names) as mounted:
             for name in names:
                 secs = seconds if name == "layerfs" else (args.peer_seconds or seconds)
+                extra = [*(["-l", str(args.max_len)] if args.max_len else []),
+                         *(["-o", str(args.max_op)] if args.max_op else [])]
                 for run in run_fsx(fsx, mounted[name].mountpoint, name, seconds=secs, seed=args.seed,
-                                   ref_dir=base):
+                                   ref_dir=base, extra=extra):
                     print(f"{name:15} {run.kind:9} {run.summary}", flush=True)
                     if run.returncode != 0:
                         ok = False
@@ -382,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fx.add_argument("--seconds", type=int, help="instead of --minutes")
     fx.add_argument("--peer-seconds", type=int, help="per file on the other targets (default: the same)")
     fx.add_argument("--seed", type=int, default=1)
+    fx.add_argument("--max-len", type=int, help="largest file size fsx makes (default 256 KiB)")
+    fx.add_argument("--max-op", type=int, help="largest single read/write/copy (default 64 KiB)")
     fx.add_argument("--targets", default="layerfs,kernel", help="comma-separated: layerfs,kernel,fuse-overlayfs")
     args = p.parse_args(argv)
     try:
