@@ -25,6 +25,7 @@ only on group-executable files).
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -43,6 +44,16 @@ from layerfs.store import Store
 WATCHDOG = 60.0
 T = MTIME_NS // 10**9
 BIG = bytes(range(256)) * 4096 + b"end"      # 1 MiB + 3: copy-up in chunks
+
+
+def long_name(tag: str, n: int = 255) -> str:
+    """A name of *n* bytes (NAME_MAX by default) starting with *tag*."""
+    return (tag + "-").ljust(n, "x")
+
+
+# lower entries with names of NAME_MAX bytes (and 251/252: a ".wh." prefix just fits / does not)
+LF, LD, LS, LG, LE, LK = (long_name(t) for t in ("file", "dir", "sym", "gone", "empty", "kept"))
+W251, W252 = long_name("w251", 251), long_name("w252", 252)
 
 
 def _image():
@@ -64,6 +75,10 @@ def _image():
           .add_dir("a").add_dir("a/b").add_dir("a/b/c").add_file("a/b/c/deep", b"deep\n")
           .add_file("a/b/file", b"file\n")
           .add_dir("sticky", mode=0o1777).add_file("sticky/owned", b"o", uid=1000, gid=1000)
+          .add_dir("long").add_file(f"long/{LF}", b"lower long\n", xattrs={"user.origin": b"long"})
+          .add_dir(f"long/{LD}").add_file(f"long/{LD}/inner", b"in").add_symlink(f"long/{LS}", "target-of-long")
+          .add_file(f"long/{LG}", b"gone").add_dir(f"long/{LE}").add_file(f"long/{LK}", b"kept", mode=0o640)
+          .add_file(f"long/{W251}", b"251").add_file(f"long/{W252}", b"252")
           .build())
     l2 = (LayerBuilder(mtime=T + 100)
           .add_dir("etc").add_file("etc/hostname", b"box2\n", xattrs={"user.origin": b"layer2"})
@@ -405,6 +420,7 @@ def test_closed_files_are_released_soon(pair):
     def fds() -> int:
         return len(os.listdir(f"/proc/{pid}/fd"))
 
+    (pair.lmnt / "tmp" / "warm").write_bytes(b"")     # the daemon keeps an fd of the directory (bounded cache)
     base = fds()
     for i in range(300):
         fd = os.open(pair.lmnt / "tmp" / f"burst{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -507,6 +523,203 @@ def test_whiteout_names_are_refused_by_layerfs(pair):
         assert pair.k.run(op)[0] == "ok"            # a plain name for the kernel
         assert pair.l.run(op) == ("err", "EINVAL"), op
     assert pair.l.run(("stat", "etc/.wh.hostname")) == ("err", "ENOENT")
+
+
+# --- long names and long paths (NAME_MAX, PATH_MAX) ----------------------------------------------------------
+
+def test_long_names_of_new_entries(pair):
+    """Every operation on names of 255 bytes works as on the kernel; 256 bytes are ENAMETOOLONG."""
+    d = pair.do
+    n, m = long_name("new"), long_name("mid")
+    d("create", f"long/{n}", 0o640, b"data", expect="ok")
+    d("write", f"long/{n}", b"more", "append", expect="ok")
+    d("truncate", f"long/{n}", 3, expect="ok")
+    d("chmod", f"long/{n}", 0o600, expect="ok")
+    d("chown", f"long/{n}", 7, 8, expect="ok")
+    d("utime", f"long/{n}", OLD_NS, OLD_NS + 1, expect="ok")
+    d("setxattr", f"long/{n}", "user.k", b"v", expect="ok")
+    d("getxattr", f"long/{n}", "user.k", expect="ok")
+    d("link", f"long/{n}", f"long/{long_name('link')}", expect="ok")
+    d("mkdir", f"long/{long_name('newdir')}", 0o750, expect="ok")
+    d("create", f"long/{long_name('newdir')}/{n}", 0o644, b"inside", expect="ok")
+    d("mkfifo", f"long/{long_name('fifo')}", expect="ok")
+    d("mknod", f"long/{long_name('node')}", "c", 1, 3, expect="ok")
+    d("symlink", n, f"long/{long_name('symnew')}", expect="ok")
+    d("readlink", f"long/{long_name('symnew')}", expect="ok")
+    d("rename", f"long/{n}", f"long/{m}", expect="ok")
+    d("rename", f"long/{m}", "long/short", expect="ok")
+    d("rename", "long/short", f"long/{n}", expect="ok")
+    d("rename", f"long/{long_name('newdir')}", f"long/{long_name('newdir2')}", expect="ok")
+    d("rename", f"long/{n}", f"long/{long_name('link')}", RENAME_EXCHANGE, expect="ok")
+    d("unlink", f"long/{long_name('link')}", expect="ok")
+    d("unlink", f"long/{long_name('newdir2')}/{n}", expect="ok")
+    d("rmdir", f"long/{long_name('newdir2')}", expect="ok")
+    d("unlink", f"long/{long_name('fifo')}", expect="ok")
+    too = "y" * 256
+    for op in (("create", f"long/{too}", 0o644, b""), ("mkdir", f"long/{too}"), ("symlink", "t", f"long/{too}"),
+               ("link", f"long/{n}", f"long/{too}"), ("rename", f"long/{n}", f"long/{too}"),
+               ("mkfifo", f"long/{too}"), ("mknod", f"long/{too}", "c", 1, 3), ("stat", f"long/{too}"),
+               ("unlink", f"long/{too}"), ("rmdir", f"long/{too}"), ("write", f"long/{too}", b"x", "creat")):
+        d(*op, expect="ENAMETOOLONG")
+    d("listdir", "long")
+    pair.same_tree()
+    assert max(len(os.fsencode(x)) for x in os.listdir(pair.upper / "long")) <= 255
+
+
+def test_long_names_of_lower_entries(pair):
+    """Lower entries with 255-byte names: copy-up, removal and rename leave whiteouts no longer than the
+    name (the ``.wh.`` prefix does not fit), and new entries over those whiteouts replace them."""
+    d = pair.do
+    d("chmod", f"long/{LF}", 0o600, expect="ok")
+    d("chown", f"long/{LF}", 5, 6, expect="ok")
+    d("utime", f"long/{LF}", OLD_NS, OLD_NS + 2, expect="ok")
+    d("setxattr", f"long/{LF}", "user.more", b"m", expect="ok")
+    d("write", f"long/{LF}", b"appended\n", "append", expect="ok")
+    d("truncate", f"long/{LF}", 5, expect="ok")
+    d("rename", f"long/{LK}", "long/kept-short", expect="ok")      # the kernel says ok: so must we
+    d("stat", f"long/{LK}", expect="ENOENT")
+    d("rename", "long/kept-short", f"long/{LK}", expect="ok")      # back, over its own whiteout
+    d("read", f"long/{LK}")
+    d("unlink", f"long/{LG}", expect="ok")
+    d("stat", f"long/{LG}", expect="ENOENT")
+    d("create", f"long/{LG}", 0o600, b"again", expect="ok")       # over the whiteout
+    d("unlink", f"long/{LD}/inner", expect="ok")
+    d("rmdir", f"long/{LD}", expect="ok")
+    d("mkdir", f"long/{LD}", 0o700, expect="ok")                  # opaque, over the whiteout
+    d("listdir", f"long/{LD}")
+    d("rmdir", f"long/{LE}", expect="ok")
+    d("mkdir", "long/newd", expect="ok")
+    d("create", "long/newd/f", 0o644, b"f")
+    d("rename", "long/newd", f"long/{LE}", expect="ok")           # a directory moved onto the whiteout
+    d("listdir", f"long/{LE}")
+    d("unlink", f"long/{LS}", expect="ok")
+    d("symlink", "elsewhere", f"long/{LS}", expect="ok")
+    d("unlink", f"long/{W251}", expect="ok")                      # ".wh." + 251 bytes: still a .wh. file
+    d("unlink", f"long/{W252}", expect="ok")
+    d("mkfifo", f"long/{W252}", expect="ok")
+    d("rename", f"long/{LF}", f"long/{long_name('moved')}", expect="ok")
+    d("link", f"long/{long_name('moved')}", f"long/{LF}", expect="ok")       # a link onto the whiteout
+    d("rename", f"long/{LK}", f"long/{long_name('moved')}", expect="ok")     # over an upper file
+    d("unlink", f"long/{LG}", expect="ok")
+    d("mknod", f"long/{LG}", "c", 1, 3, expect="ok")
+    d("listdir", "long")
+    pair.same_tree()
+    assert max(len(os.fsencode(x)) for x in os.listdir(pair.upper / "long")) <= 255
+
+
+def _at(op, *args):
+    """Run os.*(*args) and return a comparable result."""
+    try:
+        r = op(*args[:-1], **args[-1])
+        return ("ok", r if isinstance(r, (bytes, str, type(None))) else None)
+    except OSError as e:
+        return ("err", errno.errorcode.get(e.errno, str(e.errno)))
+
+
+def _long_path_ops(root: Path) -> list:
+    """Operations on paths of up to PATH_MAX - 1 bytes relative to the mount's root (the VFS takes them
+    whole), one byte more (ENAMETOOLONG from the VFS), and below a directory fd deeper than PATH_MAX."""
+    out = []
+    rfd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    comps = [f"{i:02d}".ljust(255, "d") for i in range(15)] + ["z" * 200]
+    try:
+        for i in range(len(comps)):
+            out.append(_at(os.mkdir, "/".join(comps[: i + 1]), 0o755, {"dir_fd": rfd}))
+        base = "/".join(comps)                    # 4039 bytes
+        tail = 4095 - len(base) - 1               # a name that makes the path 4095 bytes long
+        ok, over = f"{base}/{'n' * tail}", f"{base}/{'n' * (tail + 1)}"
+        assert len(os.fsencode(ok)) == 4095
+        for p in (ok, over):
+            out.append(_at(lambda q: os.close(os.open(q, os.O_CREAT | os.O_WRONLY, 0o640, dir_fd=rfd)), p, {}))
+            out.append(_at(lambda q: os.stat(q, dir_fd=rfd).st_size, p, {}))
+            out.append(_at(os.chmod, p, 0o600, {"dir_fd": rfd}))
+            out.append(_at(os.chown, p, 3, 4, {"dir_fd": rfd, "follow_symlinks": False}))
+            out.append(_at(os.utime, p, {"dir_fd": rfd, "ns": (OLD_NS, OLD_NS)}))
+            out.append(_at(lambda q: _trunc_at(rfd, q, 9), p, {}))
+            out.append(_at(os.link, p, p[:-1] + "L", {"src_dir_fd": rfd, "dst_dir_fd": rfd}))
+            out.append(_at(os.rename, p, p[:-1] + "R", {"src_dir_fd": rfd, "dst_dir_fd": rfd}))
+            out.append(_at(os.rename, p[:-1] + "R", p, {"src_dir_fd": rfd, "dst_dir_fd": rfd}))
+            out.append(_at(os.unlink, p[:-1] + "L", {"dir_fd": rfd}))
+            out.append(_at(os.symlink, "t", p[:-1] + "S", {"dir_fd": rfd}))
+            out.append(_at(os.readlink, p[:-1] + "S", {"dir_fd": rfd}))
+            out.append(_at(os.mkfifo, p[:-1] + "F", 0o600, {"dir_fd": rfd}))
+            out.append(_at(os.mknod, p[:-1] + "N", stat.S_IFCHR | 0o600, os.makedev(1, 3), {"dir_fd": rfd}))
+            out.append(_at(os.mkdir, p[:-1] + "D", 0o700, {"dir_fd": rfd}))
+            out.append(_at(os.rmdir, p[:-1] + "D", {"dir_fd": rfd}))
+            out.append(_at(os.unlink, p, {"dir_fd": rfd}))
+        # deeper than PATH_MAX below a directory fd: the upper's paths are longer still
+        dfd = os.open(base, os.O_PATH | os.O_DIRECTORY, dir_fd=rfd)
+        try:
+            for name in ("q" * 255, "r" * 255):
+                out.append(_at(os.mkdir, name, 0o755, {"dir_fd": dfd}))
+                nfd = os.open(name, os.O_PATH | os.O_DIRECTORY, dir_fd=dfd)
+                os.close(dfd)
+                dfd = nfd
+            out.append(_at(lambda: _write_at(dfd, "f" * 255, b"deep data"), {}))
+            out.append(_at(os.setxattr, f"/proc/self/fd/{dfd}/{'f' * 255}", "user.deep", b"1",
+                           {"follow_symlinks": False}))
+            out.append(_at(os.getxattr, f"/proc/self/fd/{dfd}/{'f' * 255}", "user.deep", {"follow_symlinks": False}))
+            out.append(_at(os.rename, "f" * 255, "g" * 255, {"src_dir_fd": dfd, "dst_dir_fd": dfd}))
+            out.append(_at(lambda: _read_at(dfd, "g" * 255), {}))
+            out.append(_at(lambda: _list_at(dfd), {}))
+            out.append(_at(os.unlink, "g" * 255, {"dir_fd": dfd}))
+        finally:
+            os.close(dfd)
+        # remove what is deeper than the tree snapshot can walk (its paths are absolute)
+        bfd = os.open(base, os.O_PATH | os.O_DIRECTORY, dir_fd=rfd)
+        qfd = os.open("q" * 255, os.O_PATH | os.O_DIRECTORY, dir_fd=bfd)
+        try:
+            out.append(_at(os.rmdir, "r" * 255, {"dir_fd": qfd}))
+            out.append(_at(os.rmdir, "q" * 255, {"dir_fd": bfd}))
+        finally:
+            os.close(qfd)
+            os.close(bfd)
+        for p in (f"{base}/{'n' * tail}"[:-1] + s for s in "SFN"):
+            out.append(_at(os.unlink, p, {"dir_fd": rfd}))
+        for i in range(len(comps), 12, -1):
+            out.append(_at(os.rmdir, "/".join(comps[:i]), {"dir_fd": rfd}))
+    finally:
+        os.close(rfd)
+    return out
+
+
+def _trunc_at(dfd: int, path: str, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY, dir_fd=dfd)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _write_at(dfd: int, name: str, data: bytes) -> None:
+    fd = os.open(name, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644, dir_fd=dfd)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _read_at(dfd: int, name: str) -> bytes:
+    fd = os.open(name, os.O_RDONLY, dir_fd=dfd)
+    try:
+        return os.read(fd, 100)
+    finally:
+        os.close(fd)
+
+
+def _list_at(dfd: int) -> str:
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
+    try:
+        return "/".join(sorted(os.listdir(fd)))
+    finally:
+        os.close(fd)
+
+
+def test_paths_near_and_beyond_path_max(pair):
+    k, l = _long_path_ops(pair.kmnt), _long_path_ops(pair.lmnt)
+    assert k == l
+    assert ("err", "ENAMETOOLONG") in k and k.count(("err", "ENAMETOOLONG")) < len(k) // 2
+    pair.same_tree()
 
 
 # --- generated sequences ------------------------------------------------------------------------------------
