@@ -590,10 +590,7 @@ class Overlay:
         """Forget the fd of a directory that is gone (closed when no request uses it)."""
         fd = self._dfds.pop(ino, None)
         if fd is not None:
-            if fd in self._pinned:
-                self._closing.append(fd)
-            else:
-                os.close(fd)
+            self._closing.append(fd)        # the request may still use it
 
     def _floc(self, f: File) -> tuple[int, str]:
         """The location of *f*'s upper file (any of its names, or its fd once unlinked)."""
@@ -927,13 +924,19 @@ class Overlay:
 
     # -- copy-up ---------------------------------------------------------------------------------------
     def _copy_up_dir(self, d: Dir) -> None:
-        if d.upper:
-            return
-        if d.dead:
-            raise _err(errno.ENOENT)
+        """Copy *d* up, and first those of its ancestors that are not (top down, without recursion)."""
+        chain = []
+        while not d.upper:
+            if d.dead:
+                raise _err(errno.ENOENT)
+            chain.append(d)
+            d = self.inodes[d.parent]  # type: ignore[assignment]
+        for sub in reversed(chain):
+            self._copy_up_one_dir(sub)
+
+    def _copy_up_one_dir(self, d: Dir) -> None:
         parent = self.inodes[d.parent]
-        assert isinstance(parent, Dir)
-        self._copy_up_dir(parent)
+        assert isinstance(parent, Dir) and parent.upper
         node = d.lower
         assert node is not None
         pfd = self._dfd(parent)
