@@ -52,7 +52,7 @@ Upper directory format (shared with ``layerfs diff``/``commit``; do not change)
   deleted; a mount takes an exclusive lock on it (one mount per upper) and
   removes its leftovers; its temporaries have short generated names.
 
-Semantics (kernel overlayfs as on this machine: index=off, redirect_dir=off, metacopy=off)
+Semantics (kernel overlayfs as on this machine: index=off or index=on, redirect_dir=off, metacopy=off)
 -----------------------------------------------------------------------------------------
 * copy-up before the first change of a lower entry (open for writing or with
   O_TRUNC, setattr, set/remove xattr, link, rename; parents when an entry is
@@ -68,6 +68,12 @@ Semantics (kernel overlayfs as on this machine: index=off, redirect_dir=off, met
   it, which is exact because such names are given entry timeout 0 (every path
   walk through them sends a LOOKUP, see :attr:`Attr.volatile`). Links made
   through the mount are real hard links in the upper;
+* with ``index=on`` (kernel overlayfs' option) they stay one inode: the first
+  copy-up of a lower hard-linked file (also unlinking one of its names, or
+  renaming over one) copies its data once and makes every name the merged
+  view shows a hard link of it in the upper (their parents copied up, keeping
+  their times), so ``st_nlink`` counts the names, a write through one shows
+  through all, and a remount, ``diff`` and ``commit`` see real hard links;
 * renaming a directory that exists in a lower layer fails with EXDEV (no
   redirect_dir), as does RENAME_EXCHANGE with one; directories created through
   the mount move freely (made opaque when moved over a lower name);
@@ -387,6 +393,9 @@ class Overlay:
     mounted (copy-ups are not fsynced before their rename, fsync(2) does nothing); a marker
     in the work dir says so until :meth:`close` has synced everything, and an upper whose
     volatile mount ended without that (a crash) is refused (:class:`UpperDirty`).
+    *index*: as kernel overlayfs's ``index=on``, every name of a lower hard-linked file stays one
+    inode when it is copied up (all its names become hard links in the upper, so a remount, ``diff``
+    and ``commit`` see them so too); the default (index=off) splits them, as Docker's overlay2 does.
     *on_attr_changed(ino)* is called (with the overlay's lock held, from the
     thread of the request) when attributes of an inode changed without the
     caller asking for it (a directory became merged and shows nlink 1, a
@@ -395,11 +404,13 @@ class Overlay:
     """
 
     def __init__(self, tree: MergedTree, upper: str | os.PathLike[str], *, read_only: bool = False,
-                 volatile: bool = False, on_attr_changed: Callable[[int], None] | None = None):
+                 volatile: bool = False, index: bool = False,
+                 on_attr_changed: Callable[[int], None] | None = None):
         self.tree = tree
         self.nodes = tree.nodes
         self.read_only = read_only
         self.volatile = volatile and not read_only
+        self.index = index
         self.upper_root = os.path.abspath(os.fspath(upper))
         self.work = work_dir_for(self.upper_root)
         self.on_attr_changed = on_attr_changed
@@ -411,6 +422,8 @@ class Overlay:
         self.handles: dict[int, Handle] = {}
         self._upper_inos: dict[tuple[int, int], int] = {}   # host (dev, ino) → our ino, for upper hard links
         self._alias: dict[int, int] = {}        # lower hard-linked node → the inode of its names still lower
+        self._link_names: dict[int, list[tuple[int, str]]] | None = None   # index=on: lower names of hard links
+        self._dir_names: dict[int, tuple[int, str]] = {}                    # index=on: lower dir → (parent, name)
         self._last_name: dict[int, tuple[int, str]] = {}    # that inode → the name last looked up
         self._tmp_seq = 0
         # O_PATH fds of upper directories by inode, least recently used first; the fds a request
@@ -973,7 +986,13 @@ class Overlay:
         assert node is not None
         if not f.links:   # open and unlinked: overlayfs cannot copy it up either
             raise _err(errno.EEXIST)
-        (dino, name) = self._split_links(f)
+        indexed = self.index and node.nlink > 1
+        if indexed:
+            self._learn_names(f)
+            last = self._last_name.pop(f.ino, None)
+            (dino, name) = last if last in f.links else next(iter(f.links))
+        else:
+            (dino, name) = self._split_links(f)
         parent = self.inodes[dino]
         assert isinstance(parent, Dir)
         self._copy_up_dir(parent)
@@ -1002,8 +1021,73 @@ class Overlay:
                 os.unlink(tmp, dir_fd=wfd)
             raise
         f.upper = True
+        if indexed:
+            self._link_names_up(f, (dino, name))
         if node.nlink > 1:      # now a file of its own: its own inode number and link count
             self._changed(f.ino)
+
+    # -- index=on: the names of a lower hard-linked file stay one inode --------------------------------------
+    def _learn_names(self, f: File) -> None:
+        """Add every name of lower file *f* that the merged view still shows to ``f.links``."""
+        if self._link_names is None:
+            seen: dict[int, tuple[int, str]] = {}
+            multi: dict[int, list[tuple[int, str]]] = {}
+            dirs = []
+            nodes = self.nodes
+            for p in range(1, len(nodes)):
+                n = nodes[p]
+                if n is None or n.children is None:
+                    continue
+                dirs.append(p)
+                for name, c in n.children.items():
+                    if c in seen:
+                        multi.setdefault(c, [seen[c]]).append((p, name))
+                    else:
+                        seen[c] = (p, name)
+            self._dir_names = {p: seen[p] for p in dirs if p in seen}
+            self._link_names = multi
+        assert f.lower is not None
+        for parent, _ in self._link_names.get(f.lower.ino, ()):
+            d = self._shown_lower_dir(parent)
+            if d is not None:
+                self._entries(d)
+
+    def _shown_lower_dir(self, lino: int) -> Dir | None:
+        """The Dir of lower directory *lino* where the merged view shows it (None: it does not)."""
+        path = []
+        c = lino
+        while c != ROOT_INO:
+            pn = self._dir_names.get(c)
+            if pn is None:
+                return None
+            path.append((c, pn[1]))
+            c = pn[0]
+        d = self.inodes[ROOT_INO]
+        for c, name in reversed(path):
+            if d.dead:
+                return None
+            sub = self.inodes.get(self._entries(d).get(name, -1))  # type: ignore[arg-type]
+            if not isinstance(sub, Dir) or sub.ino != c or sub.lower is None:
+                return None
+            d = sub
+        return d  # type: ignore[return-value]
+
+    def _link_names_up(self, f: File, first: tuple[int, str]) -> None:
+        """The other names of the just copied-up *f* become hard links of its upper file."""
+        sfd, sname = self._dfd(self.inodes[first[0]]), first[1]  # type: ignore[arg-type]
+        for (dino, name) in list(f.links):
+            if (dino, name) == first:
+                continue
+            d = self.inodes[dino]
+            assert isinstance(d, Dir)
+            self._copy_up_dir(d)
+            dfd = self._dfd(d)
+            with self._keep_times(dfd):
+                at = self._make_at(d, dfd, name)
+                os.link(sname, at[1], src_dir_fd=sfd, dst_dir_fd=at[0], follow_symlinks=False)
+                self._settle(d, dfd, name, at, False)
+        st = os.stat(sname, dir_fd=sfd, follow_symlinks=False)
+        self._upper_inos[(st.st_dev, st.st_ino)] = f.ino
 
     def _split_links(self, f: File) -> tuple[int, str]:
         """The name of lower file *f* to copy up; its other lower names move to a new inode."""
@@ -1381,6 +1465,9 @@ class Overlay:
             raise _err(errno.EISDIR)
         f = self._file(ino)
         self._copy_up_dir(d)
+        if self.index and not f.upper and f.lower is not None and f.lower.nlink > 1:
+            self._last_name[f.ino] = (d.ino, name)
+            self._copy_up(f)            # as overlayfs with index=on: the other names' count goes down
         dfd = self._dfd(d)
         whiteout = self._needs_whiteout(d, name)
         if f.upper:
@@ -1488,6 +1575,10 @@ class Overlay:
         tgt = self.inodes.get(tino) if tino is not None else None
         if tino is not None and tgt is None:
             tgt = self._file(tino)
+        if (self.index and isinstance(tgt, File) and not tgt.upper and tgt.lower is not None
+                and tgt.lower.nlink > 1):
+            self._last_name[tgt.ino] = (d2.ino, new_name)
+            self._copy_up(tgt)          # as unlink: the other names' count goes down
         if isinstance(src, Dir):
             # a directory moved where a lower entry of that name exists must hide it
             if self._lower_child(d2, new_name) is not None and not src.opaque:

@@ -133,8 +133,10 @@ def _meta(p: Path, m: tarfile.TarInfo) -> None:
 
 
 @contextlib.contextmanager
-def kernel_overlay(lowers: Sequence[Path], base: Path, *, root_like: os.stat_result | None = None) -> Iterator[Path]:
-    """Mount overlayfs over *lowers* (bottom first) at ``base/kmnt``; ``base/kupper`` is its upper."""
+def kernel_overlay(lowers: Sequence[Path], base: Path, *, root_like: os.stat_result | None = None,
+                   options: str = "") -> Iterator[Path]:
+    """Mount overlayfs over *lowers* (bottom first) at ``base/kmnt``; ``base/kupper`` is its upper;
+    *options* are more mount options (e.g. ``index=on``)."""
     upper, work, mnt = base / "kupper", base / "kwork", base / "kmnt"
     for p in (upper, work, mnt):
         p.mkdir(parents=True)
@@ -143,8 +145,8 @@ def kernel_overlay(lowers: Sequence[Path], base: Path, *, root_like: os.stat_res
         os.chmod(upper, stat.S_IMODE(root_like.st_mode))
         os.utime(upper, ns=(root_like.st_mtime_ns, root_like.st_mtime_ns))
     lowerdir = ":".join(str(p) for p in reversed(lowers))
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lowerdir},upperdir={upper},workdir={work}",
-                    str(mnt)], check=True, capture_output=True)
+    opts = f"lowerdir={lowerdir},upperdir={upper},workdir={work}" + (f",{options}" if options else "")
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], check=True, capture_output=True)
     try:
         yield mnt
     finally:

@@ -741,3 +741,28 @@ def test_long_name_whiteouts_and_long_paths_diff_commit_and_mount(store, tmp_pat
     with tarfile.open(tmp_path / "e.tar") as tf:
         names = {ti.name for ti in tf}
     assert deep in names and not any(f"l/{n}" in names for n in gone) and f"l/{LC}" in names
+
+
+def test_index_on_mount_commit_keeps_hard_links(store, tmp_path, capsys):
+    """-o index=on: a write through one name of a lower hard-linked file shows through the other; diff
+    names both; the committed layer holds them as one file and a hard link, and so shows the new image."""
+    from mounthelpers import watchdog
+    mnt, up = tmp_path / "mnt", tmp_path / "upper"
+    with watchdog(60):
+        _mount(store, mnt, read_only=False, upper=str(up), fuse_options=["index=on"])
+        with open(mnt / "usr/bin/tool", "ab") as f:
+            f.write(b"echo more\n")
+        a, b = os.stat(mnt / "usr/bin/tool"), os.stat(mnt / "usr/bin/tool2")
+        assert a.st_ino == b.st_ino and a.st_nlink == 2
+        assert (mnt / "usr/bin/tool2").read_bytes() == b"#!/bin/sh\necho more\n"
+        code, out, err = run(["diff", mnt], capsys)
+        assert (code, out) == (0, "C /usr\nC /usr/bin\nC /usr/bin/tool\nC /usr/bin/tool2\n"), err
+        code, out, err = run(["commit", mnt, "localhost/test/idx:1"], capsys)
+        assert code == 0, err
+    _, m = store.resolve("localhost/test/idx:1")
+    members = {ti.name: ti for ti in _members(store.read_blob(m.layers[-1].digest))}
+    assert members["usr/bin/tool"].isreg() and members["usr/bin/tool"].size == len(b"#!/bin/sh\necho more\n")
+    assert members["usr/bin/tool2"].islnk() and members["usr/bin/tool2"].linkname == "usr/bin/tool"
+    tree = open_image_tree(store, m)
+    bin_ = tree.get(tree.lookup(tree.lookup(1, "usr").ino, "bin").ino)
+    assert bin_.children["tool"] == bin_.children["tool2"] and tree.get(bin_.children["tool"]).nlink == 2

@@ -655,3 +655,14 @@ def test_long_name_whiteouts_without_devices_are_recorded_in_an_xattr(upper, mon
         o.close()
     assert sorted(os.getxattr(host, WHITEOUTS_XATTR).split(b"/")) == sorted(n.encode() for n in (LONG[0], LONG[3]))
 
+
+
+def test_index_mount_option_parsing():
+    from layerfs.errors import UsageError
+    from layerfs.mount import MountOptions
+    on = MountOptions(read_only=False, fuse_options=["allow_other", "index=on"])
+    assert on.index and on.libfuse_options == ("allow_other",)
+    assert not MountOptions(read_only=False).index
+    assert not MountOptions(read_only=False, fuse_options=["index=on", "index=off"]).index
+    with pytest.raises(UsageError, match="index=on or index=off"):
+        MountOptions(read_only=False, fuse_options=["index=yes"])

@@ -129,16 +129,17 @@ def _short(x) -> str:
 class Pair:
     """One kernel overlay and one layerfs mount of the image, with runners for both."""
 
-    def __init__(self, store: Store, lowers, base: Path, *, read_only=False):
+    def __init__(self, store: Store, lowers, base: Path, *, read_only=False, index=False):
         self.store, self.base = store, base
         self.lmnt = base / "lmnt"
         self.lmnt.mkdir()
         self.upper = base / "lupper"
         opts = MountOptions(read_only=read_only, upper=None if read_only else str(self.upper),
-                            fuse_options=["allow_other", "dev"])      # devices open like on overlayfs
+                            fuse_options=["allow_other", "dev"] + (["index=on"] if index else []))
+        # (dev: devices open like on overlayfs)
         self.rec = mount_image(store, "kdiff:1", self.lmnt, opts)
         track(self.lmnt, self.rec.pid)
-        self._k = kernel_overlay(lowers, base, root_like=os.stat(self.lmnt))
+        self._k = kernel_overlay(lowers, base, root_like=os.stat(self.lmnt), options="index=on" if index else "")
         self.kmnt = self._k.__enter__()
         self.kupper = base / "kupper"
         time.sleep(0.002)
@@ -722,6 +723,64 @@ def test_paths_near_and_beyond_path_max(pair):
     pair.same_tree()
 
 
+# --- index=on: hard links across copy-up ----------------------------------------------------------------------
+
+@pytest.fixture
+def ipair(world, tmp_path):
+    """Both mounts with index=on (kernel overlayfs' option, and layerfs' -o index=on)."""
+    store, lowers = world
+    p = Pair(store, lowers, tmp_path, index=True)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def test_index_on_keeps_the_names_of_a_copied_up_hard_link_one_inode(ipair):
+    d = ipair.do
+    for n in ("h1", "h2", "h3"):
+        d("stat", f"usr/share/{n}")
+    d("write", "usr/share/h1", b"more\n", "append", expect="ok")     # a copy-up: all names follow
+    d("read", "usr/share/h2")
+    d("stat", "usr/share/h2")
+    d("open", "f", "usr/share/h3", "rdwr")
+    d("fdwrite", "f", 0, b"via h3")
+    d("fdstat", "f")
+    d("read", "usr/share/h1")
+    d("unlink", "usr/share/h3", expect="ok")                        # the others keep the data, nlink 2
+    d("stat", "usr/share/h1")
+    d("fdstat", "f")
+    d("close", "f")
+    d("link", "usr/share/h2", "etc/h4", expect="ok")
+    d("stat", "usr/share/h1")
+    d("rename", "usr/share/h2", "var/h2", expect="ok")
+    d("stat", "var/h2")
+    d("unlink", "usr/lib/libx.so.1", expect="ok")                   # not copied up yet: copied up first
+    d("stat", "usr/lib/libx.so")
+    d("chmod", "usr/lib/libx.so", 0o700, expect="ok")
+    d("read", "usr/lib/libx.so")
+    ipair.same_tree()
+    up = ipair.upper
+    assert os.stat(up / "usr/share/h1").st_ino == os.stat(up / "etc/h4").st_ino == os.stat(up / "var/h2").st_ino
+    assert os.stat(up / "usr/share/h1").st_nlink == 3
+
+
+def test_index_off_and_on_differ_as_on_the_kernel(world, tmp_path):
+    """The same writes, index=off then index=on: the other names split off, or follow."""
+    store, lowers = world
+    seen = []
+    for index in (False, True):
+        (tmp_path / str(index)).mkdir()
+        p = Pair(store, lowers, tmp_path / str(index), index=index)
+        try:
+            p.do("write", "usr/share/h1", b"new", "trunc")
+            seen.append((p.do("read", "usr/share/h2"), p.do("stat", "usr/share/h2")[1][5]))
+            p.same_tree()
+        finally:
+            p.close()
+    assert seen == [(("ok", b"linked\n"), 3), (("ok", b"new"), 3)]
+
+
 # --- generated sequences ------------------------------------------------------------------------------------
 
 SEEDS = [int(s) for s in os.environ.get("LAYERFS_DIFF_SEED", ",".join(map(str, range(1, 11)))).split(",")]
@@ -754,20 +813,30 @@ def _same_lower_file(p: Pair, a: str, b: str) -> bool:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_sequences(world, tmp_path, seed):
+    _random_sequence(world, tmp_path, seed, index=False)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:4])
+def test_random_sequences_index_on(world, tmp_path, seed):
+    """As above with index=on on both sides: the image's lower hard links stay one inode when copied up."""
+    _random_sequence(world, tmp_path, seed, index=True)
+
+
+def _random_sequence(world, tmp_path, seed: int, *, index: bool) -> None:
     store, lowers = world
-    p = Pair(store, lowers, tmp_path)
+    p = Pair(store, lowers, tmp_path, index=index)
     try:
 
         shared: set[str] = set()
 
         def apply(op):
-            if op[0] == "rename" and _same_lower_file(p, op[1], op[2]):
+            if not index and op[0] == "rename" and _same_lower_file(p, op[1], op[2]):
                 return           # documented difference (see the module doc)
             if op[0] == "open":
                 shared.discard(op[1])
                 if _lower_hard_link(p, op[2]):
                     shared.add(op[1])
-            if op[0] == "fdstat" and op[1] in shared:
+            if not index and op[0] == "fdstat" and op[1] in shared:
                 return           # documented difference (see the module doc)
             p.do(*op)
             if len(p.log) % 60 == 0:
@@ -778,7 +847,8 @@ def test_random_sequences(world, tmp_path, seed):
                 p.do("close", key)
             p.same_tree()
         except AssertionError as e:
-            raise AssertionError(f"seed {seed} (replay: LAYERFS_DIFF_SEED={seed}): {e}\nlast ops: "
+            raise AssertionError(f"seed {seed}, index={'on' if index else 'off'} (replay: LAYERFS_DIFF_SEED={seed}): "
+                                 f"{e}\nlast ops: "
                                  + "\n".join(map(_short, p.log[-15:]))) from None
     finally:
         p.close()
