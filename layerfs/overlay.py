@@ -1269,6 +1269,8 @@ class Overlay:
         uid, gid, perm = self._owner_for(d, uid, gid, stat.S_IMODE(mode), False)
         if ftype not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
             raise _err(errno.EINVAL)
+        if ftype == stat.S_IFCHR and rdev == 0:
+            raise _err(errno.EPERM, "a character device 0/0 is a whiteout")     # as overlayfs says
         at = self._make_at(d, dfd, name)
         placeholder = False
         if ftype == stat.S_IFREG:

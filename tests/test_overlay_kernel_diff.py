@@ -324,6 +324,7 @@ def test_links_symlinks_devices_fifos(pair):
     d("mkfifo", "tmp/fifo", 0o640, expect="ok")
     d("mknod", "tmp/null", "c", 1, 3, expect="ok")
     d("mknod", "tmp/disk", "b", 8, 1)
+    d("mknod", "tmp/whiteout", "c", 0, 0, expect="EPERM")      # the upper's whiteout form
     d("chmod", "dev/null", 0o600)                  # copy-up of a device
     d("chown", "dev/fifo", 5, 6)
     d("link", "usr/share/h1", "usr/share/h4")      # copy-up of one name of a lower hard link
