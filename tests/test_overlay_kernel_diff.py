@@ -8,6 +8,10 @@ value or errno) must be the same, and so must the visible trees afterwards
 (type, mode, owner, size, content, link target, xattrs, mtime, link counts,
 hard-link groups). Generated sequences print their seed on failure: replay
 one with ``LAYERFS_DIFF_SEED=<seed> pytest tests/test_overlay_kernel_diff.py -k random``.
+Names reach NAME_MAX (255 bytes) and paths PATH_MAX and beyond (below a
+directory fd). The ``index`` tests mount both sides with ``index=on``
+(layerfs ``-o index=on``), where the differences about lower hard links
+below do not exist.
 
 Documented, deliberate differences (asserted as such, not compared):
 names beginning with ``.wh.`` cannot be created through layerfs (EINVAL),
