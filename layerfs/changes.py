@@ -4,7 +4,10 @@ The upper directory (the contract with the overlay, :mod:`layerfs.mount` records
 in ``MountRecord.upper``) is a real directory mirroring paths:
 
 * ``DIR/.wh.NAME`` (an empty regular file) deletes the lower entry ``DIR/NAME``
-  (the OCI whiteout form, so a commit tars it as is);
+  (the OCI whiteout form, so a commit tars it as is); so does a name listed
+  in the xattr ``user.layerfs.whiteouts`` of ``DIR``, or a character device
+  0:0 named ``NAME`` (the forms for names too long for the prefix, see
+  :mod:`layerfs.overlay`); a commit writes each as a ``.wh.NAME`` entry;
 * ``DIR/.wh..wh..opq`` (an empty regular file) makes ``DIR`` opaque: a lower
   directory removed and created again, nothing of the lower ``DIR`` shows;
 * as in an OCI layer a whiteout hides the *lower* entry only: an upper
@@ -67,6 +70,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 from .errors import ContentError, ImageNotFound, LayerfsError, StoreError, UsageError
 from .imagebuild import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, XATTR_PREFIX
 from .layerindex import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, SYMLINK_MODE, LayerIndexer, index_path
+from .overlay import OVERRIDE_XATTR, WHITEOUTS_XATTR, parse_whiteout_record
 from .oci import (OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, Digest, ImageConfig, Manifest,
                   json_bytes, parse_manifest)
 from .reference import Reference
@@ -84,7 +88,6 @@ __all__ = [
     "UnknownTarget", "UpperDirError",
 ]
 
-OVERRIDE_XATTR = "user.layerfs.override_stat"
 #: xattrs that describe the upper directory itself, never content (ours, kernel overlayfs', host labels)
 _SKIP_XATTR_PREFIXES = ("user.layerfs.", "trusted.overlay.", "user.overlay.")
 _SKIP_XATTRS = frozenset({"security.selinux"})
@@ -206,17 +209,19 @@ def parse_override(value: bytes, *, where: str = "") -> tuple[int, int, int, str
     return uid, gid, mode, kind, major or 0, minor or 0
 
 
-def _xattrs(host: str, *, where: str) -> tuple[dict[str, bytes], bytes | None, bool]:
-    """(content xattrs, override value or None, opaque flag) of *host*, never following a symlink."""
+def _xattrs(host: str, *, where: str) -> tuple[dict[str, bytes], bytes | None, bool, list[str]]:
+    """(content xattrs, override value or None, opaque flag, recorded whiteouts) of *host*, never
+    following a symlink."""
     try:
         names = os.listxattr(host, follow_symlinks=False)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.ENODATA, errno.EPERM):
-            return {}, None, False
+            return {}, None, False, []
         raise UpperDirError(f"{where}: cannot list xattrs: {e.strerror}") from None
     out: dict[str, bytes] = {}
     override = None
     opaque = False
+    whiteouts: list[str] = []
     for name in sorted(names):
         try:
             value = os.getxattr(host, name, follow_symlinks=False)
@@ -226,11 +231,13 @@ def _xattrs(host: str, *, where: str) -> tuple[dict[str, bytes], bytes | None, b
             raise UpperDirError(f"{where}: cannot read xattr {name}: {e.strerror}") from None
         if name == OVERRIDE_XATTR:
             override = value
+        elif name == WHITEOUTS_XATTR:
+            whiteouts = parse_whiteout_record(value)
         elif name in _OPAQUE_XATTRS:
             opaque = opaque or value == b"y"
         elif not name.startswith(_SKIP_XATTR_PREFIXES) and name not in _SKIP_XATTRS and "=" not in name:
             out[name] = value
-    return out, override, opaque
+    return out, override, opaque, whiteouts
 
 
 def _join(parent: str, name: str) -> str:
@@ -249,104 +256,152 @@ def scan_upper(upper: str | os.PathLike[str]) -> UpperScan:
     if not stat.S_ISDIR(st.st_mode):
         raise UpperDirError(f"upper directory {root} is not a directory")
     dirs: dict[str, UpperDir] = {}
-    _, _, root_opaque = _xattrs(str(root), where=str(root))
+    _, _, root_opaque, root_wh = _xattrs(str(root), where=str(root))
     # depth first; a directory's own entry is emitted before its contents
-    stack: list[tuple[str, bool]] = [("", root_opaque)]
+    stack: list[tuple[str, bool, list[str], os.stat_result]] = [("", root_opaque, root_wh, st)]
     while stack:
-        rel, opaque_xattr = stack.pop()
-        d = dirs[rel] = UpperDir()
+        rel, opaque_xattr, recorded, dst = stack.pop()
         host_dir = os.path.join(root, rel) if rel else str(root)
         try:
-            with os.scandir(host_dir) as it:
-                names = sorted((e.name for e in it), key=os.fsencode)
+            dfd = _open_long(host_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if rel else 0))
         except OSError as e:
             raise UpperDirError(f"cannot read {host_dir}: {e.strerror}",
                                 hint="the upper directory changed while it was read; try again") from None
-        subdirs: list[tuple[str, bool]] = []
-        for name in names:
-            host = os.path.join(host_dir, name)
-            path = _join(rel, name)
-            try:
-                st = os.lstat(host)
-            except FileNotFoundError:
-                raise UpperDirError(f"{host} vanished while the upper directory was read",
-                                    hint="stop writing to the mount and try again") from None
-            mode = st.st_mode
-            if name.startswith(WHITEOUT_PREFIX):
-                if not stat.S_ISREG(mode):
-                    log.warning("upper %s: ignoring %r: a whiteout name that is not a regular file", root, path)
-                    continue
-                if st.st_size:
-                    log.warning("upper %s: whiteout %r is not empty; treated as a whiteout", root, path)
-                if name == OPAQUE_WHITEOUT:
-                    d.opaque = UpperEntry(rel, OPAQUE, mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid,
-                                          mtime_ns=st.st_mtime_ns, host=host)
-                    continue
-                if name.startswith(_AUFS_META):
-                    log.info("upper %s: ignoring AUFS metadata %r", root, path)
-                    continue
-                victim = name[len(WHITEOUT_PREFIX):]
-                if victim in ("", ".", ".."):
-                    log.warning("upper %s: ignoring bad whiteout %r", root, path)
-                    continue
-                d.whiteouts[victim] = UpperEntry(_join(rel, victim), WHITEOUT, mode=0o600, uid=st.st_uid,
-                                                 gid=st.st_gid, mtime_ns=st.st_mtime_ns, host=host)
-                continue
-            if stat.S_ISCHR(mode) and st.st_rdev == 0:        # kernel overlayfs whiteout
-                d.whiteouts[name] = UpperEntry(path, WHITEOUT, mode=0o600, uid=st.st_uid, gid=st.st_gid,
-                                               mtime_ns=st.st_mtime_ns, host=host)
-                continue
-            if stat.S_ISSOCK(mode):
-                log.warning("upper %s: skipping socket %r (a layer cannot hold sockets)", root, path)
-                continue
-            xattrs, override, opaque = _xattrs(host, where=host)
-            uid, gid, perm = st.st_uid, st.st_gid, stat.S_IMODE(mode)
-            devkind, major, minor = None, 0, 0
-            if override is not None:
-                uid, gid, perm, devkind, major, minor = parse_override(override, where=host)
-            kw = dict(mode=perm, uid=uid, gid=gid, mtime_ns=st.st_mtime_ns, xattrs=xattrs or None, host=host)
-            if devkind is not None:
-                if not stat.S_ISREG(mode):
-                    raise UpperDirError(f"{host}: a file type override on something that is not a regular file")
-                if st.st_size:
-                    log.warning("upper %s: placeholder %r is not empty; its bytes are ignored", root, path)
-                if devkind == "s":
-                    log.warning("upper %s: skipping socket %r (a layer cannot hold sockets)", root, path)
-                    continue
-                kind = {"c": CHAR, "b": BLOCK, "p": FIFO}[devkind]
-                if kind != FIFO:
-                    kw.update(devmajor=major, devminor=minor)
-            elif stat.S_ISDIR(mode):
-                kind = DIR
-            elif stat.S_ISREG(mode):
-                kind = FILE
-                kw["size"] = st.st_size
-            elif stat.S_ISLNK(mode):
-                kind = SYMLINK
-                try:
-                    kw["target"] = os.readlink(host)
-                except OSError as e:
-                    raise UpperDirError(f"cannot read symlink {host}: {e.strerror}") from None
-                if not kw["target"]:
-                    raise UpperDirError(f"{host}: empty symlink target")
-            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-                kind = CHAR if stat.S_ISCHR(mode) else BLOCK
-                kw.update(devmajor=os.major(st.st_rdev), devminor=os.minor(st.st_rdev))
-            elif stat.S_ISFIFO(mode):
-                kind = FIFO
-            else:
-                log.warning("upper %s: skipping %r of unknown type %o", root, path, stat.S_IFMT(mode))
-                continue
-            if kind != DIR and st.st_nlink > 1:
-                kw["inode"] = (st.st_dev, st.st_ino)
-            e = UpperEntry(path, kind, **kw)
-            d.kids[name] = e
-            if kind == DIR:
-                subdirs.append((path, opaque))
+        try:
+            subdirs = _scan_dir(root, rel, host_dir, dfd, dirs, recorded, dst)
+        finally:
+            os.close(dfd)
+        d = dirs[rel]
         if opaque_xattr and d.opaque is None:
             d.opaque = UpperEntry(rel, OPAQUE, mode=0o755, host=host_dir)
         stack.extend(reversed(subdirs))
     return UpperScan(root, _layer_order(dirs), dirs)
+
+
+def _open_long(path: str, flags: int) -> int:
+    """os.open(*path*, *flags*), also for a path longer than PATH_MAX: its start is opened as a path,
+    the rest one name at a time without following symlinks."""
+    try:
+        return os.open(path, flags)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+    parts = path.split("/")
+    head: list[str] = []
+    size = 0
+    while len(parts) > 1 and size + len(os.fsencode(parts[0])) + 1 < 2048:
+        size += len(os.fsencode(parts[0])) + 1
+        head.append(parts.pop(0))
+    fd = os.open("/".join(head) or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in parts[:-1]:
+            if not name:
+                continue
+            nfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return os.open(parts[-1], flags, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _scan_dir(root: Path, rel: str, host_dir: str, dfd: int, dirs: dict[str, UpperDir], recorded: list[str],
+              dst: os.stat_result) -> list[tuple[str, bool, list[str], os.stat_result]]:
+    """One directory of :func:`scan_upper` (open at *dfd*) into ``dirs[rel]``; returns its subdirectories."""
+    d = dirs[rel] = UpperDir()
+    try:
+        with os.scandir(dfd) as it:
+            names = sorted((e.name for e in it), key=os.fsencode)
+    except OSError as e:
+        raise UpperDirError(f"cannot read {host_dir}: {e.strerror}",
+                            hint="the upper directory changed while it was read; try again") from None
+    subdirs: list[tuple[str, bool, list[str], os.stat_result]] = []
+    for name in names:
+        host = os.path.join(host_dir, name)
+        at = f"/proc/self/fd/{dfd}/{name}"     # for the calls that take no dir fd
+        path = _join(rel, name)
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise UpperDirError(f"{host} vanished while the upper directory was read",
+                                hint="stop writing to the mount and try again") from None
+        mode = st.st_mode
+        if name.startswith(WHITEOUT_PREFIX):
+            if not stat.S_ISREG(mode):
+                log.warning("upper %s: ignoring %r: a whiteout name that is not a regular file", root, path)
+                continue
+            if st.st_size:
+                log.warning("upper %s: whiteout %r is not empty; treated as a whiteout", root, path)
+            if name == OPAQUE_WHITEOUT:
+                d.opaque = UpperEntry(rel, OPAQUE, mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid,
+                                      mtime_ns=st.st_mtime_ns, host=host)
+                continue
+            if name.startswith(_AUFS_META):
+                log.info("upper %s: ignoring AUFS metadata %r", root, path)
+                continue
+            victim = name[len(WHITEOUT_PREFIX):]
+            if victim in ("", ".", ".."):
+                log.warning("upper %s: ignoring bad whiteout %r", root, path)
+                continue
+            d.whiteouts[victim] = UpperEntry(_join(rel, victim), WHITEOUT, mode=0o600, uid=st.st_uid,
+                                             gid=st.st_gid, mtime_ns=st.st_mtime_ns, host=host)
+            continue
+        if stat.S_ISCHR(mode) and st.st_rdev == 0:        # kernel overlayfs whiteout
+            d.whiteouts[name] = UpperEntry(path, WHITEOUT, mode=0o600, uid=st.st_uid, gid=st.st_gid,
+                                           mtime_ns=st.st_mtime_ns, host=host)
+            continue
+        if stat.S_ISSOCK(mode):
+            log.warning("upper %s: skipping socket %r (a layer cannot hold sockets)", root, path)
+            continue
+        xattrs, override, opaque, wh_record = _xattrs(at, where=host)
+        uid, gid, perm = st.st_uid, st.st_gid, stat.S_IMODE(mode)
+        devkind, major, minor = None, 0, 0
+        if override is not None:
+            uid, gid, perm, devkind, major, minor = parse_override(override, where=host)
+        kw = dict(mode=perm, uid=uid, gid=gid, mtime_ns=st.st_mtime_ns, xattrs=xattrs or None, host=host)
+        if devkind is not None:
+            if not stat.S_ISREG(mode):
+                raise UpperDirError(f"{host}: a file type override on something that is not a regular file")
+            if st.st_size:
+                log.warning("upper %s: placeholder %r is not empty; its bytes are ignored", root, path)
+            if devkind == "s":
+                log.warning("upper %s: skipping socket %r (a layer cannot hold sockets)", root, path)
+                continue
+            kind = {"c": CHAR, "b": BLOCK, "p": FIFO}[devkind]
+            if kind != FIFO:
+                kw.update(devmajor=major, devminor=minor)
+        elif stat.S_ISDIR(mode):
+            kind = DIR
+        elif stat.S_ISREG(mode):
+            kind = FILE
+            kw["size"] = st.st_size
+        elif stat.S_ISLNK(mode):
+            kind = SYMLINK
+            try:
+                kw["target"] = os.readlink(name, dir_fd=dfd)
+            except OSError as e:
+                raise UpperDirError(f"cannot read symlink {host}: {e.strerror}") from None
+            if not kw["target"]:
+                raise UpperDirError(f"{host}: empty symlink target")
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            kind = CHAR if stat.S_ISCHR(mode) else BLOCK
+            kw.update(devmajor=os.major(st.st_rdev), devminor=os.minor(st.st_rdev))
+        elif stat.S_ISFIFO(mode):
+            kind = FIFO
+        else:
+            log.warning("upper %s: skipping %r of unknown type %o", root, path, stat.S_IFMT(mode))
+            continue
+        if kind != DIR and st.st_nlink > 1:
+            kw["inode"] = (st.st_dev, st.st_ino)
+        e = UpperEntry(path, kind, **kw)
+        d.kids[name] = e
+        if kind == DIR:
+            subdirs.append((path, opaque, wh_record, st))
+    for victim in recorded:
+        if victim not in d.whiteouts:
+            d.whiteouts[victim] = UpperEntry(_join(rel, victim), WHITEOUT, mode=0o600, uid=dst.st_uid,
+                                             gid=dst.st_gid, mtime_ns=dst.st_mtime_ns, host=host_dir)
+    return subdirs
 
 
 def _dir_items(d: UpperDir) -> list[UpperEntry]:
@@ -542,7 +597,7 @@ class _HostFile:
         self.size = size
 
     def read(self, offset: int, size: int) -> bytes:
-        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = _open_long(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             return os.pread(fd, size, offset)
         finally:
@@ -792,7 +847,7 @@ def output_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
 def _upper_file_chunks(e: UpperEntry) -> Iterator[bytes]:
     """The bytes of an upper file, opened without following symlinks; it must still be the file scanned."""
     try:
-        fd = os.open(e.host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = _open_long(e.host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as err:
         raise UpperDirError(f"cannot open {e.host}: {err.strerror}",
                             hint="the upper directory changed while it was read; try again") from None

@@ -922,7 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--platform", help="OS/ARCH[/VARIANT] to pull when the image is not local")
     s.add_argument("-o", dest="options", action="append", metavar="OPT[,OPT...]",
                    help="FUSE mount options, e.g. allow_other, suid, dev; nonempty allows a non-empty MOUNTPOINT; "
-                        "volatile (writable mounts) syncs nothing while mounted, as kernel overlayfs's option")
+                        "volatile (writable mounts) syncs nothing while mounted, as kernel overlayfs's option; "
+                        "index=on keeps the names of a copied-up lower hard-linked file one inode (default "
+                        "index=off: they split, as Docker's overlay2)")
     s.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground until unmounted")
     s.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     s.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,

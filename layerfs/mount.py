@@ -107,7 +107,7 @@ class MountOptions:
     upper: str | None = None               # the upper directory (None: a new one in the store when writable)
     layer: int | None = None               # show only the first N layers (the image after layer N)
     platform: Platform | None = None       # used when the image must be pulled
-    fuse_options: Sequence[str] = ()       # passed to libfuse (-o), e.g. allow_other; "nonempty", "volatile" are ours
+    fuse_options: Sequence[str] = ()       # passed to libfuse (-o), e.g. allow_other; "nonempty", "volatile", "index=" are ours
     foreground: bool = False
     debug: bool = False                    # debug logs (libfuse's request trace: fuse_options=["debug"])
     ready_fd: int | None = None            # foreground: report readiness on this fd (like the daemon pipe)
@@ -124,6 +124,9 @@ class MountOptions:
         object.__setattr__(self, "fuse_options", tuple(o for o in self.fuse_options if o != "rw"))
         if self.read_only and self.volatile:
             raise UsageError("-o volatile is for writable mounts", hint="leave out --read-only")
+        for o in self.fuse_options:
+            if o.startswith("index=") and o not in ("index=on", "index=off"):
+                raise UsageError(f"-o {o}: expected index=on or index=off")
         if self.upper is not None:
             object.__setattr__(self, "upper", os.path.abspath(os.fspath(self.upper)))
 
@@ -137,8 +140,14 @@ class MountOptions:
         return "volatile" in self.fuse_options
 
     @property
+    def index(self) -> bool:
+        """As kernel overlayfs's option: all names of a copied-up lower hard-linked file stay one inode
+        (the last of index=on/index=off given wins; off by default)."""
+        return next((o == "index=on" for o in reversed(self.fuse_options) if o.startswith("index=")), False)
+
+    @property
     def libfuse_options(self) -> tuple[str, ...]:
-        return tuple(o for o in self.fuse_options if o not in ("nonempty", "volatile"))
+        return tuple(o for o in self.fuse_options if o not in ("nonempty", "volatile") and not o.startswith("index="))
 
 
 @dataclass(frozen=True)
@@ -669,7 +678,8 @@ def _serve_here(tree: "MergedTree | None", record: MountRecord, options: MountOp
             from .fuse_overlay import serve_overlay
             from .overlay import Overlay, UpperDirty, UpperInUse
             try:
-                overlay = Overlay(tree, record.upper, read_only=options.read_only, volatile=options.volatile)
+                overlay = Overlay(tree, record.upper, read_only=options.read_only, volatile=options.volatile,
+                                  index=options.index)
             except UpperInUse as e:
                 raise MountError(str(e.strerror), hint="unmount the other mount first, or use another --upper") from None
             except UpperDirty as e:

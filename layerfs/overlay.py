@@ -21,12 +21,19 @@ Upper directory format (shared with ``layerfs diff``/``commit``; do not change)
   the process may create them);
 * a deleted lower entry NAME is an empty regular file ``.wh.NAME`` in its
   parent (the OCI whiteout form: ``commit`` tars the upper as is, no root
-  needed to write or read it);
+  needed to write or read it). A name longer than 251 bytes has no room for
+  the prefix: its whiteout is a character device 0/0 named NAME (kernel
+  overlayfs' form) where the process may create devices, else NAME is listed
+  in the xattr ``user.layerfs.whiteouts`` of the parent (names separated by
+  ``/``; on ext4 all xattrs of a directory share ~4 KiB, so about 15 such
+  names per directory). All three forms are read (``diff``, ``commit`` and
+  ``export`` too), whatever wrote them; a commit writes every whiteout as
+  the OCI ``.wh.NAME`` tar entry (a PAX header carries a long one);
 * a lower directory removed and re-created (or a directory moved onto a place
   where a lower entry of the same name exists) is opaque: it holds the empty
   file ``.wh..wh..opq``;
-* as in an OCI layer, ``.wh.NAME`` hides NAME of the *lower* layers only: an
-  upper ``NAME`` beside ``.wh.NAME`` is shown (and, if a directory, is not
+* as in an OCI layer, ``.wh.NAME`` (or a recorded name) hides NAME of the
+  *lower* layers only: an upper ``NAME`` beside ``.wh.NAME`` is shown (and, if a directory, is not
   merged with the lower one). The overlay uses this for crash safety: it may
   write the whiteout before it removes the entry;
 * ownership and permission bits the process cannot give a file on the host
@@ -43,9 +50,9 @@ Upper directory format (shared with ``layerfs diff``/``commit``; do not change)
 * the work directory ``<upper parent>/.<upper name>.work`` (same file system:
   renames out of it are atomic) holds copy-ups in progress and entries being
   deleted; a mount takes an exclusive lock on it (one mount per upper) and
-  removes its leftovers.
+  removes its leftovers; its temporaries have short generated names.
 
-Semantics (kernel overlayfs as on this machine: index=off, redirect_dir=off, metacopy=off)
+Semantics (kernel overlayfs as on this machine: index=off or index=on, redirect_dir=off, metacopy=off)
 -----------------------------------------------------------------------------------------
 * copy-up before the first change of a lower entry (open for writing or with
   O_TRUNC, setattr, set/remove xattr, link, rename; parents when an entry is
@@ -61,6 +68,12 @@ Semantics (kernel overlayfs as on this machine: index=off, redirect_dir=off, met
   it, which is exact because such names are given entry timeout 0 (every path
   walk through them sends a LOOKUP, see :attr:`Attr.volatile`). Links made
   through the mount are real hard links in the upper;
+* with ``index=on`` (kernel overlayfs' option) they stay one inode: the first
+  copy-up of a lower hard-linked file (also unlinking one of its names, or
+  renaming over one) copies its data once and makes every name the merged
+  view shows a hard link of it in the upper (their parents copied up, keeping
+  their times), so ``st_nlink`` counts the names, a write through one shows
+  through all, and a remount, ``diff`` and ``commit`` see real hard links;
 * renaming a directory that exists in a lower layer fails with EXDEV (no
   redirect_dir), as does RENAME_EXCHANGE with one; directories created through
   the mount move freely (made opaque when moved over a lower name);
@@ -77,6 +90,7 @@ handles run in parallel.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -97,7 +111,15 @@ log = logging.getLogger(__name__)
 WH_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OVERRIDE_XATTR = "user.layerfs.override_stat"
+#: on an upper directory: whiteouts of names too long for ``.wh.NAME`` ("/"-separated names)
+WHITEOUTS_XATTR = "user.layerfs.whiteouts"
 RESERVED_XATTR_PREFIX = "user.layerfs."
+NAME_MAX = 255
+
+#: the forms a whiteout of the upper takes (Dir.whiteouts values)
+WH_FILE, WH_DEVICE, WH_RECORD = "file", "device", "record"
+#: directory fds kept open between requests (least recently used ones are closed)
+DIR_FD_CACHE = 256
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -131,11 +153,6 @@ def _err(code: int, what: str = "") -> OSError:
 
 
 _NOFOLLOW = {"follow_symlinks": False}
-
-
-def _nofollow(path: str | int) -> dict:
-    """The keyword arguments of a path call that must not follow a final symlink (none for an fd)."""
-    return {} if isinstance(path, int) else _NOFOLLOW
 
 
 def _fallocate(fd: int, mode: int, off: int, length: int) -> None:
@@ -219,7 +236,7 @@ class Dir:
         self.lower = lower            # lower directory merged in (None: pure upper or opaque)
         self.upper = upper            # the upper directory exists
         self.entries: dict[str, int] | None = None   # merged listing, loaded on first use
-        self.whiteouts: set[str] = set()              # names with a .wh. file in the upper dir
+        self.whiteouts: dict[str, str] = {}           # whited-out names of the upper dir → WH_* form
         self.opaque = False           # the upper dir holds the opaque marker
         self.override = _UNKNOWN
         self.dead = False
@@ -264,7 +281,13 @@ def _locked(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kw):
         with self._lock:
-            return method(self, *args, **kw)
+            self._depth += 1
+            try:
+                return method(self, *args, **kw)
+            finally:
+                self._depth -= 1
+                if not self._depth:
+                    self._end_request()
     return wrapper
 
 
@@ -278,13 +301,88 @@ def _syncfs(fd: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-def _renameat2(old: str, new: str, flags: int) -> None:
+def _renameat2(olddir: int, old: str, newdir: int, new: str, flags: int) -> None:
+    """renameat2(2): *old* in directory fd *olddir* to *new* in *newdir*, with *flags*."""
     f = libc.function("renameat2", (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint))
     if f is None:
         raise _err(errno.ENOSYS)
-    if f(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:     # -100: AT_FDCWD
+    if f(olddir, os.fsencode(old), newdir, os.fsencode(new), flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), old, None, new)
+
+
+# -- upper entries by location --------------------------------------------------------------------
+# A location is an open fd of the entry itself (int), or (dir fd, name) of a name in an upper
+# directory; the name "" means the dir fd (an O_PATH fd) is the entry itself. Everything works
+# relative to directory fds, so names reach NAME_MAX and paths in the upper have no length limit.
+
+
+def _proc(fd: int, name: str = "") -> str:
+    """A path to *name* in directory fd *fd* (or to *fd* itself) for calls that take no dir fd."""
+    return f"/proc/self/fd/{fd}/{name}" if name else f"/proc/self/fd/{fd}"
+
+
+def _lstat(loc) -> os.stat_result:
+    if isinstance(loc, int):
+        return os.fstat(loc)
+    fd, name = loc
+    return os.stat(name, dir_fd=fd, follow_symlinks=False) if name else os.fstat(fd)
+
+
+def _xtarget(loc) -> tuple[str | int, dict]:
+    """What the xattr (and truncate) calls take for *loc*, with their follow_symlinks keyword."""
+    if isinstance(loc, int):
+        return loc, {}
+    fd, name = loc
+    return (_proc(fd, name), _NOFOLLOW) if name else (_proc(fd), {})
+
+
+def _chown(loc, uid: int, gid: int) -> None:
+    if isinstance(loc, int):
+        os.chown(loc, uid, gid)
+    elif loc[1]:
+        os.chown(loc[1], uid, gid, dir_fd=loc[0], follow_symlinks=False)
+    else:
+        os.chown(_proc(loc[0]), uid, gid)
+
+
+def _chmod(loc, mode: int) -> None:
+    if isinstance(loc, int):
+        os.chmod(loc, mode)
+    elif loc[1]:
+        os.chmod(loc[1], mode, dir_fd=loc[0])      # never a symlink
+    else:
+        os.chmod(_proc(loc[0]), mode)
+
+
+def _utime(loc, ns: tuple[int, int]) -> None:
+    if isinstance(loc, int):
+        os.utime(loc, ns=ns)
+    elif loc[1]:
+        os.utime(loc[1], ns=ns, dir_fd=loc[0], follow_symlinks=False)
+    else:
+        os.utime(_proc(loc[0]), ns=ns)
+
+
+def _truncate(loc, size: int) -> None:
+    if isinstance(loc, int):
+        os.ftruncate(loc, size)
+    else:
+        os.truncate(_xtarget(loc)[0], size)
+
+
+def _touch(dfd: int, name: str, mode: int = 0o644) -> None:
+    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode, dir_fd=dfd))
+
+
+def parse_whiteout_record(raw: bytes) -> list[str]:
+    """The names of a :data:`WHITEOUTS_XATTR` value (``/``-separated, as no name holds a ``/``)."""
+    return [os.fsdecode(n) for n in raw.split(b"/") if n and n not in (b".", b"..")]
+
+
+def whiteout_file_fits(name: str) -> bool:
+    """Whether the whiteout of *name* can be the OCI file ``.wh.NAME`` (at most NAME_MAX bytes)."""
+    return len(os.fsencode(name)) + len(WH_PREFIX) <= NAME_MAX
 
 
 class Overlay:
@@ -295,6 +393,9 @@ class Overlay:
     mounted (copy-ups are not fsynced before their rename, fsync(2) does nothing); a marker
     in the work dir says so until :meth:`close` has synced everything, and an upper whose
     volatile mount ended without that (a crash) is refused (:class:`UpperDirty`).
+    *index*: as kernel overlayfs's ``index=on``, every name of a lower hard-linked file stays one
+    inode when it is copied up (all its names become hard links in the upper, so a remount, ``diff``
+    and ``commit`` see them so too); the default (index=off) splits them, as Docker's overlay2 does.
     *on_attr_changed(ino)* is called (with the overlay's lock held, from the
     thread of the request) when attributes of an inode changed without the
     caller asking for it (a directory became merged and shows nlink 1, a
@@ -303,11 +404,13 @@ class Overlay:
     """
 
     def __init__(self, tree: MergedTree, upper: str | os.PathLike[str], *, read_only: bool = False,
-                 volatile: bool = False, on_attr_changed: Callable[[int], None] | None = None):
+                 volatile: bool = False, index: bool = False,
+                 on_attr_changed: Callable[[int], None] | None = None):
         self.tree = tree
         self.nodes = tree.nodes
         self.read_only = read_only
         self.volatile = volatile and not read_only
+        self.index = index
         self.upper_root = os.path.abspath(os.fspath(upper))
         self.work = work_dir_for(self.upper_root)
         self.on_attr_changed = on_attr_changed
@@ -319,10 +422,19 @@ class Overlay:
         self.handles: dict[int, Handle] = {}
         self._upper_inos: dict[tuple[int, int], int] = {}   # host (dev, ino) → our ino, for upper hard links
         self._alias: dict[int, int] = {}        # lower hard-linked node → the inode of its names still lower
+        self._link_names: dict[int, list[tuple[int, str]]] | None = None   # index=on: lower names of hard links
+        self._dir_names: dict[int, tuple[int, str]] = {}                    # index=on: lower dir → (parent, name)
         self._last_name: dict[int, tuple[int, str]] = {}    # that inode → the name last looked up
         self._tmp_seq = 0
-        self._dpaths: dict[int, str] = {}     # upper path of directories (cleared when one moves)
-        self._lock_fd: int | None = None
+        # O_PATH fds of upper directories by inode, least recently used first; the fds a request
+        # took stay open until it ends (_pinned), then the cache is cut to DIR_FD_CACHE
+        self._dfds: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._pinned: set[int] = set()
+        self._closing: list[int] = []         # fds of removed directories, closed when the request ends
+        self._depth = 0
+        self._root_fd = -1
+        self._lock_fd: int | None = None          # the work directory (locked)
+        self._device_whiteouts = self.euid == 0   # whiteouts of long names as 0/0 devices (else a record)
         self._open_upper()
         root = Dir(ROOT_INO, ROOT_INO, "", tree.nodes[ROOT_INO], True)
         self.inodes[ROOT_INO] = root
@@ -338,6 +450,7 @@ class Overlay:
         elif not self.read_only:
             with os.scandir(self.upper_root) as it:
                 fresh = next(it, None) is None
+        self._root_fd = os.open(self.upper_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if self.read_only:
             return
         os.makedirs(self.work, mode=0o700, exist_ok=True)
@@ -361,13 +474,14 @@ class Overlay:
                 os.fsync(fd)            # the marker is on disk before any change that is not
         except BaseException:
             os.close(fd)                # the upper is not ours after all
+            os.close(self._root_fd)
             raise
         self._lock_fd = fd
         if fresh:   # the mount's root shows the image root's mode, owner and times
             root = self.nodes[ROOT_INO]
             assert root is not None
-            self._apply_stat(self.upper_root, stat.S_IFDIR, root.uid, root.gid, stat.S_IMODE(root.mode))
-            os.utime(self.upper_root, ns=(root.mtime_ns, root.mtime_ns))
+            self._apply_stat((self._root_fd, ""), stat.S_IFDIR, root.uid, root.gid, stat.S_IMODE(root.mode))
+            _utime((self._root_fd, ""), (root.mtime_ns, root.mtime_ns))
 
     def _clean_work(self) -> None:
         with os.scandir(self.work) as it:
@@ -399,6 +513,13 @@ class Overlay:
                     os.fsync(self._lock_fd)
                 os.close(self._lock_fd)
                 self._lock_fd = None
+            for fd in self._dfds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._dfds.clear()
+            if self._root_fd >= 0:
+                os.close(self._root_fd)
+                self._root_fd = -1
 
     # -- inode table ----------------------------------------------------------------------------
     def _new_ino(self) -> int:
@@ -442,52 +563,83 @@ class Overlay:
         self.inodes[ino] = f
         return f
 
-    # -- paths ----------------------------------------------------------------------------------
-    def _dpath(self, d: Dir) -> str:
-        path = self._dpaths.get(d.ino)
-        if path is None:
-            parts = []
-            top = d
-            while top.ino != ROOT_INO:
-                parts.append(top.name)
-                top = self.inodes[top.parent]  # type: ignore[assignment]
-            path = os.path.join(self.upper_root, *reversed(parts)) if parts else self.upper_root
-            self._dpaths[d.ino] = path
-        return path
+    # -- upper locations ---------------------------------------------------------------------------
+    def _end_request(self) -> None:
+        self._pinned.clear()
+        while self._closing:
+            os.close(self._closing.pop())
+        if len(self._dfds) > DIR_FD_CACHE:
+            while len(self._dfds) > DIR_FD_CACHE:
+                _, fd = self._dfds.popitem(last=False)
+                os.close(fd)
 
-    def _fpath(self, f: File) -> str:
-        """A path of *f*'s upper file (any of its names, or through /proc for an unlinked one)."""
+    def _dfd(self, d: Dir) -> int:
+        """An O_PATH fd of *d*'s upper directory (cached; valid until the current request ends)."""
+        fd = self._dfds.get(d.ino)
+        if fd is not None:
+            self._dfds.move_to_end(d.ino)
+            return fd
+        if d.ino == ROOT_INO:
+            return self._root_fd
+        chain = []                  # walk up to a directory whose fd is known, then open down
+        top = d
+        while True:
+            chain.append(top)
+            top = self.inodes[top.parent]  # type: ignore[assignment]
+            if top.ino == ROOT_INO:
+                fd = self._root_fd
+                break
+            fd = self._dfds.get(top.ino)
+            if fd is not None:
+                self._dfds.move_to_end(top.ino)
+                break
+        for sub in reversed(chain):
+            fd = os.open(sub.name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            self._dfds[sub.ino] = fd
+            self._pinned.add(fd)
+        return fd
+
+    def _drop_dfd(self, ino: int) -> None:
+        """Forget the fd of a directory that is gone (closed when no request uses it)."""
+        fd = self._dfds.pop(ino, None)
+        if fd is not None:
+            self._closing.append(fd)        # the request may still use it
+
+    def _floc(self, f: File) -> tuple[int, str]:
+        """The location of *f*'s upper file (any of its names, or its fd once unlinked)."""
         for (dino, name) in f.links:
-            return os.path.join(self._dpath(self.inodes[dino]), name)  # type: ignore[arg-type]
+            return self._dfd(self.inodes[dino]), name  # type: ignore[arg-type]
         if f.anon_fd is not None:
-            return f"/proc/self/fd/{f.anon_fd}"
+            return f.anon_fd, ""
         raise _err(errno.ENOENT)
 
     def _tmp(self, what: str) -> str:
+        """A new short name in the work directory."""
         self._tmp_seq += 1
-        return os.path.join(self.work, f"{what}-{os.getpid()}-{self._tmp_seq}")
+        return f"{what}{self._tmp_seq}"
+
+    @property
+    def _wfd(self) -> int:
+        assert self._lock_fd is not None
+        return self._lock_fd
 
     # -- merged directory listings ----------------------------------------------------------------
     def _entries(self, d: Dir) -> dict[str, int]:
         if d.entries is not None:
             return d.entries
         entries: dict[str, int] = {}
-        upper: dict[str, os.DirEntry] = {}
+        upper: dict[str, os.stat_result | None] = {}    # name → stat (None: a directory)
         if d.upper:
             try:
-                with os.scandir(self._dpath(d)) as it:
-                    for e in it:
-                        name = e.name
-                        if name.startswith(WH_PREFIX):
-                            if name == OPAQUE_MARKER:
-                                d.opaque = True
-                            else:
-                                d.whiteouts.add(name[len(WH_PREFIX):])
-                            continue
-                        upper[name] = e
+                rfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._dfd(d))
             except FileNotFoundError:
-                log.warning("upper directory of %s vanished", self._dpath(d))
+                log.warning("upper directory of %r vanished", d.name)
                 d.upper = False
+            else:
+                try:
+                    self._scan_upper_dir(d, rfd, upper)
+                finally:
+                    os.close(rfd)
         if d.opaque:
             d.lower = None
         lower = d.lower
@@ -512,10 +664,40 @@ class Overlay:
                     entries[name] = aid
                 else:
                     entries[name] = lino
-        for name, e in upper.items():
-            entries[name] = self._upper_child(d, name, e)
+        for name, st in upper.items():
+            entries[name] = self._upper_child(d, name, st)
         d.entries = entries
         return entries
+
+    def _scan_upper_dir(self, d: Dir, rfd: int, upper: dict[str, os.stat_result | None]) -> None:
+        """Read the upper directory open at *rfd*: entries into *upper*, whiteouts and opaque marker into *d*."""
+        wh = d.whiteouts
+        with os.scandir(rfd) as it:
+            for e in it:
+                name = e.name
+                if name.startswith(WH_PREFIX):
+                    if name == OPAQUE_MARKER:
+                        d.opaque = True
+                    else:
+                        wh[name[len(WH_PREFIX):]] = WH_FILE
+                    continue
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        upper[name] = None
+                        continue
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:     # kernel overlayfs' whiteout
+                    wh[name] = WH_DEVICE
+                    continue
+                upper[name] = st
+            try:
+                record = os.getxattr(rfd, WHITEOUTS_XATTR)
+            except OSError:
+                record = b""
+        for name in parse_whiteout_record(record):
+            wh.setdefault(name, WH_RECORD)
 
     def _lower_child(self, d: Dir, name: str) -> Node | None:
         """The lower entry *name* of *d* that a new upper entry would hide (whiteouts aside)."""
@@ -524,18 +706,15 @@ class Overlay:
         lino = d.lower.children.get(name)
         return self.nodes[lino] if lino is not None else None
 
-    def _upper_child(self, d: Dir, name: str, e: os.DirEntry) -> int:
-        try:
-            is_dir = e.is_dir(follow_symlinks=False)
-        except OSError:
-            is_dir = False
+    def _upper_child(self, d: Dir, name: str, st: os.stat_result | None) -> int:
+        is_dir = st is None
         lower = None if name in d.whiteouts else self._lower_child(d, name)
         if is_dir:
             ldir = lower if lower is not None and lower.is_dir else None
             ino = ldir.ino if ldir is not None else self._new_ino()
             self.inodes[ino] = Dir(ino, d.ino, name, ldir, True)
             return ino
-        st = e.stat(follow_symlinks=False)
+        assert st is not None
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in self._upper_inos:
             ino = self._upper_inos[key]
@@ -550,23 +729,24 @@ class Overlay:
         return ino
 
     # -- attributes ----------------------------------------------------------------------------------
-    def _override(self, i: Dir | File, path: str | int, st: os.stat_result) -> Override | None:
+    def _override(self, i: Dir | File, loc, st: os.stat_result) -> Override | None:
         if i.override is _UNKNOWN:
             ov = None
             if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                target, kw = _xtarget(loc)
                 try:
-                    ov = Override.parse(os.getxattr(path, OVERRIDE_XATTR, **_nofollow(path)))
+                    ov = Override.parse(os.getxattr(target, OVERRIDE_XATTR, **kw))
                 except OSError:
                     ov = None
             i.override = ov
         return i.override  # type: ignore[return-value]
 
-    def _upper_attr(self, i: Dir | File, path: str | int, st: os.stat_result | None = None, *,
+    def _upper_attr(self, i: Dir | File, loc, st: os.stat_result | None = None, *,
                     nlink: int | None = None) -> Attr:
         if st is None:
-            st = os.lstat(path)
+            st = _lstat(loc)
         mode, uid, gid, rdev, size = st.st_mode, st.st_uid, st.st_gid, st.st_rdev, st.st_size
-        ov = self._override(i, path, st)
+        ov = self._override(i, loc, st)
         if ov is not None:
             uid, gid = ov.uid, ov.gid
             if ov.ftype is not None:
@@ -599,7 +779,7 @@ class Overlay:
             if i.upper and not i.dead:
                 if i.lower is not None and i.entries is None:
                     self._entries(i)      # learn whether it is opaque
-                return self._upper_attr(i, self._dpath(i), nlink=1 if i.lower is not None else None)
+                return self._upper_attr(i, (self._dfd(i), ""), nlink=1 if i.lower is not None else None)
             if i.lower is not None:
                 a = self._node_attr(ino, i.lower)
                 if i.dead:
@@ -610,9 +790,9 @@ class Overlay:
             if i.links:
                 if i.wfd is not None:
                     return self._upper_attr(i, i.wfd, os.fstat(i.wfd))
-                return self._upper_attr(i, self._fpath(i))
+                return self._upper_attr(i, self._floc(i))
             if i.anon_fd is not None:
-                return self._upper_attr(i, self._fpath(i), os.fstat(i.anon_fd))
+                return self._upper_attr(i, (i.anon_fd, ""))
             if i.dead_attr is not None:
                 return i.dead_attr
             raise _err(errno.ENOENT)
@@ -631,6 +811,8 @@ class Overlay:
             return self._attr(d.parent)
         ino = self._entries(d).get(name)
         if ino is None:
+            if len(name) > NAME_MAX // 4 and len(os.fsencode(name)) > NAME_MAX:
+                raise _err(errno.ENAMETOOLONG)     # as the upper file system's lookup says
             raise _err(errno.ENOENT)
         a = self._attr(ino)
         if a.volatile:
@@ -660,7 +842,8 @@ class Overlay:
             raise _err(errno.EINVAL)
         if isinstance(i, File) and i.upper:
             if i.links:
-                return os.readlink(self._fpath(i))
+                dfd, name = self._floc(i)
+                return os.readlink(name, dir_fd=dfd)
             raise _err(errno.EINVAL)
         node = i if isinstance(i, Node) else i.lower
         if node is None or not stat.S_ISLNK(node.mode) or node.target is None:
@@ -676,23 +859,22 @@ class Overlay:
     def _check_name(name: str) -> None:
         if name.startswith(WH_PREFIX):
             raise _err(errno.EINVAL, f"names beginning with {WH_PREFIX} are reserved for whiteouts")
-        if len(os.fsencode(name)) > 255:
+        if len(os.fsencode(name)) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG)
         if name in (".", "..") or "/" in name or not name:
             raise _err(errno.EINVAL)
 
-    def _apply_stat(self, path: str | int, ftype: int, uid: int, gid: int, mode: int, *, rdev: int = 0,
+    def _apply_stat(self, loc, ftype: int, uid: int, gid: int, mode: int, *, rdev: int = 0,
                     placeholder: bool = False, i: Dir | File | None = None) -> None:
-        """Give the upper entry *path* (or open fd) owner and mode (really, or through the override xattr)."""
+        """Give the upper entry at *loc* owner and mode (really, or through the override xattr)."""
         exact = not placeholder
-        nofollow = _nofollow(path)
         try:
             if self.euid == 0:
-                os.chown(path, uid, gid, **nofollow)
+                _chown(loc, uid, gid)
             else:
-                st = os.stat(path, **nofollow)
+                st = _lstat(loc)
                 if (st.st_uid, st.st_gid) != (uid, gid):
-                    os.chown(path, uid, gid, **nofollow)
+                    _chown(loc, uid, gid)
         except PermissionError:
             exact = False
         except OSError as e:
@@ -703,76 +885,86 @@ class Overlay:
             real = mode
             if self.euid != 0:     # the daemon must keep reading, writing and listing its files
                 real |= 0o700 if ftype == stat.S_IFDIR else 0o600
-            os.chmod(path, real)
+            _chmod(loc, real)
             if real != mode:
                 exact = False
+        target, kw = _xtarget(loc)
         if exact:
             if i is not None and i.override is not None:
                 with contextlib.suppress(OSError):
-                    os.removexattr(path, OVERRIDE_XATTR, **nofollow)
+                    os.removexattr(target, OVERRIDE_XATTR, **kw)
             if i is not None:
                 i.override = None
             return
         ov = Override(uid, gid, mode, ftype if placeholder else None, rdev)
         try:
-            os.setxattr(path, OVERRIDE_XATTR, ov.encode(), **nofollow)
+            os.setxattr(target, OVERRIDE_XATTR, ov.encode(), **kw)
         except OSError as e:
             # user.* xattrs exist only on regular files and directories
-            raise _err(errno.EPERM, f"cannot record owner/mode of {path}: {e.strerror}") from None
+            raise _err(errno.EPERM, f"cannot record owner/mode: {e.strerror}") from None
         if i is not None:
             i.override = ov
 
-    def _copy_xattrs(self, path: str, xattrs: dict[str, bytes] | None, *, symlink: bool = False) -> None:
+    def _copy_xattrs(self, loc, xattrs: dict[str, bytes] | None, *, symlink: bool = False) -> None:
+        target, kw = _xtarget(loc)
         for k, v in (xattrs or {}).items():
             if k.startswith(RESERVED_XATTR_PREFIX):
                 continue
             try:
-                os.setxattr(path, k, v, follow_symlinks=False)
+                os.setxattr(target, k, v, **kw)
             except OSError as e:
                 if symlink and e.errno in (errno.EPERM, errno.ENOTSUP):
                     continue
-                log.warning("copy-up of %s: cannot set xattr %s: %s", path, k, e.strerror)
+                log.warning("copy-up: cannot set xattr %s: %s", k, e.strerror)
 
     @contextlib.contextmanager
-    def _keep_times(self, dirpath: str) -> Iterator[None]:
-        st = os.stat(dirpath)
+    def _keep_times(self, dfd: int) -> Iterator[None]:
+        st = os.fstat(dfd)
         yield
-        os.utime(dirpath, ns=(st.st_atime_ns, st.st_mtime_ns))
+        _utime((dfd, ""), (st.st_atime_ns, st.st_mtime_ns))
 
-    def _make_special(self, path: str, ftype: int, rdev: int) -> bool:
-        """Create a fifo/socket/device at *path*; False when devices need the placeholder form."""
+    def _make_special(self, dfd: int, name: str, ftype: int, rdev: int) -> bool:
+        """Create a fifo/socket/device *name* in *dfd*; False when devices need the placeholder form."""
         try:
-            os.mknod(path, ftype | 0o600, rdev)
+            os.mknod(name, ftype | 0o600, rdev, dir_fd=dfd)
             return True
         except PermissionError:
             if ftype in (stat.S_IFCHR, stat.S_IFBLK):
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dfd)
                 os.close(fd)
                 return False
             raise
 
     # -- copy-up ---------------------------------------------------------------------------------------
     def _copy_up_dir(self, d: Dir) -> None:
-        if d.upper:
-            return
-        if d.dead:
-            raise _err(errno.ENOENT)
+        """Copy *d* up, and first those of its ancestors that are not (top down, without recursion)."""
+        chain = []
+        while not d.upper:
+            if d.dead:
+                raise _err(errno.ENOENT)
+            chain.append(d)
+            d = self.inodes[d.parent]  # type: ignore[assignment]
+        for sub in reversed(chain):
+            self._copy_up_one_dir(sub)
+
+    def _copy_up_one_dir(self, d: Dir) -> None:
         parent = self.inodes[d.parent]
-        assert isinstance(parent, Dir)
-        self._copy_up_dir(parent)
+        assert isinstance(parent, Dir) and parent.upper
         node = d.lower
         assert node is not None
-        ppath = self._dpath(parent)
-        tmp = self._tmp("dir")
-        os.mkdir(tmp, 0o700)
+        pfd = self._dfd(parent)
+        wfd = self._wfd
+        tmp = self._tmp("d")
+        os.mkdir(tmp, 0o700, dir_fd=wfd)
         try:
-            self._copy_xattrs(tmp, node.xattrs)
-            self._apply_stat(tmp, stat.S_IFDIR, node.uid, node.gid, stat.S_IMODE(node.mode), i=d)
-            os.utime(tmp, ns=(node.mtime_ns, node.mtime_ns))
-            with self._keep_times(ppath):
-                os.rename(tmp, os.path.join(ppath, d.name))
+            at = (wfd, tmp)
+            self._copy_xattrs(at, node.xattrs)
+            self._apply_stat(at, stat.S_IFDIR, node.uid, node.gid, stat.S_IMODE(node.mode), i=d)
+            _utime(at, (node.mtime_ns, node.mtime_ns))
+            with self._keep_times(pfd):
+                os.rename(tmp, d.name, src_dir_fd=wfd, dst_dir_fd=pfd)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self._rm_work(tmp)
             raise
         d.upper = True
         if d.entries is None:
@@ -794,35 +986,108 @@ class Overlay:
         assert node is not None
         if not f.links:   # open and unlinked: overlayfs cannot copy it up either
             raise _err(errno.EEXIST)
-        (dino, name) = self._split_links(f)
+        indexed = self.index and node.nlink > 1
+        if indexed:
+            self._learn_names(f)
+            last = self._last_name.pop(f.ino, None)
+            (dino, name) = last if last in f.links else next(iter(f.links))
+        else:
+            (dino, name) = self._split_links(f)
         parent = self.inodes[dino]
         assert isinstance(parent, Dir)
         self._copy_up_dir(parent)
-        ppath = self._dpath(parent)
+        pfd = self._dfd(parent)
         ftype = stat.S_IFMT(node.mode)
-        tmp = self._tmp("copyup")
+        wfd = self._wfd
+        tmp = self._tmp("c")
+        at = (wfd, tmp)
         placeholder = False
         try:
             if ftype == stat.S_IFREG:
                 self._copy_data(node, tmp, node.size if size is None else min(size, node.size))
             elif ftype == stat.S_IFLNK:
-                os.symlink(node.target or "", tmp)
+                os.symlink(node.target or "", tmp, dir_fd=wfd)
             else:
-                placeholder = not self._make_special(tmp, ftype, node.rdev)
-            self._copy_xattrs(tmp, node.xattrs, symlink=ftype == stat.S_IFLNK)
+                placeholder = not self._make_special(wfd, tmp, ftype, node.rdev)
+            self._copy_xattrs(at, node.xattrs, symlink=ftype == stat.S_IFLNK)
             f.override = None       # the new file has no override xattr (reserved names are not copied)
-            self._apply_stat(tmp, ftype, node.uid, node.gid, stat.S_IMODE(node.mode), rdev=node.rdev,
+            self._apply_stat(at, ftype, node.uid, node.gid, stat.S_IMODE(node.mode), rdev=node.rdev,
                              placeholder=placeholder, i=f)
-            os.utime(tmp, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
-            with self._keep_times(ppath):
-                os.rename(tmp, os.path.join(ppath, name))
+            _utime(at, (node.mtime_ns, node.mtime_ns))
+            with self._keep_times(pfd):
+                os.rename(tmp, name, src_dir_fd=wfd, dst_dir_fd=pfd)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=wfd)
             raise
         f.upper = True
+        if indexed:
+            self._link_names_up(f, (dino, name))
         if node.nlink > 1:      # now a file of its own: its own inode number and link count
             self._changed(f.ino)
+
+    # -- index=on: the names of a lower hard-linked file stay one inode --------------------------------------
+    def _learn_names(self, f: File) -> None:
+        """Add every name of lower file *f* that the merged view still shows to ``f.links``."""
+        if self._link_names is None:
+            seen: dict[int, tuple[int, str]] = {}
+            multi: dict[int, list[tuple[int, str]]] = {}
+            dirs = []
+            nodes = self.nodes
+            for p in range(1, len(nodes)):
+                n = nodes[p]
+                if n is None or n.children is None:
+                    continue
+                dirs.append(p)
+                for name, c in n.children.items():
+                    if c in seen:
+                        multi.setdefault(c, [seen[c]]).append((p, name))
+                    else:
+                        seen[c] = (p, name)
+            self._dir_names = {p: seen[p] for p in dirs if p in seen}
+            self._link_names = multi
+        assert f.lower is not None
+        for parent, _ in self._link_names.get(f.lower.ino, ()):
+            d = self._shown_lower_dir(parent)
+            if d is not None:
+                self._entries(d)
+
+    def _shown_lower_dir(self, lino: int) -> Dir | None:
+        """The Dir of lower directory *lino* where the merged view shows it (None: it does not)."""
+        path = []
+        c = lino
+        while c != ROOT_INO:
+            pn = self._dir_names.get(c)
+            if pn is None:
+                return None
+            path.append((c, pn[1]))
+            c = pn[0]
+        d = self.inodes[ROOT_INO]
+        for c, name in reversed(path):
+            if d.dead:
+                return None
+            sub = self.inodes.get(self._entries(d).get(name, -1))  # type: ignore[arg-type]
+            if not isinstance(sub, Dir) or sub.ino != c or sub.lower is None:
+                return None
+            d = sub
+        return d  # type: ignore[return-value]
+
+    def _link_names_up(self, f: File, first: tuple[int, str]) -> None:
+        """The other names of the just copied-up *f* become hard links of its upper file."""
+        sfd, sname = self._dfd(self.inodes[first[0]]), first[1]  # type: ignore[arg-type]
+        for (dino, name) in list(f.links):
+            if (dino, name) == first:
+                continue
+            d = self.inodes[dino]
+            assert isinstance(d, Dir)
+            self._copy_up_dir(d)
+            dfd = self._dfd(d)
+            with self._keep_times(dfd):
+                at = self._make_at(d, dfd, name)
+                os.link(sname, at[1], src_dir_fd=sfd, dst_dir_fd=at[0], follow_symlinks=False)
+                self._settle(d, dfd, name, at, False)
+        st = os.stat(sname, dir_fd=sfd, follow_symlinks=False)
+        self._upper_inos[(st.st_dev, st.st_ino)] = f.ino
 
     def _split_links(self, f: File) -> tuple[int, str]:
         """The name of lower file *f* to copy up; its other lower names move to a new inode."""
@@ -846,8 +1111,20 @@ class Overlay:
                     rest.nopen += 1
         return link
 
+    def _rm_work(self, name: str) -> None:
+        """Remove a temporary of the work directory (a directory with its contents)."""
+        try:
+            st = os.stat(name, dir_fd=self._wfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=self._wfd, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self._wfd)
+
     def _copy_data(self, node: Node, tmp: str, size: int) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self._wfd)
         try:
             os.ftruncate(fd, size)
             if node.sparse is not None:
@@ -881,11 +1158,11 @@ class Overlay:
         self._copy_up(f, size=size)
         return f
 
-    def _path_of(self, i: Dir | File) -> str:
-        return self._dpath(i) if isinstance(i, Dir) else self._fpath(i)
+    def _loc(self, i: Dir | File) -> tuple[int, str]:
+        return (self._dfd(i), "") if isinstance(i, Dir) else self._floc(i)
 
     # -- creating entries ----------------------------------------------------------------------------------
-    def _prepare_create(self, parent: int, name: str) -> tuple[Dir, str]:
+    def _prepare_create(self, parent: int, name: str) -> tuple[Dir, int]:
         self._writable()
         d = self._dir(parent)
         if d.dead:
@@ -894,7 +1171,7 @@ class Overlay:
         if name in self._entries(d):
             raise _err(errno.EEXIST)
         self._copy_up_dir(d)
-        return d, self._dpath(d)
+        return d, self._dfd(d)
 
     def _owner_for(self, d: Dir, uid: int, gid: int, mode: int, is_dir: bool) -> tuple[int, int, int]:
         da = self._attr(d.ino)
@@ -904,11 +1181,51 @@ class Overlay:
                 mode |= stat.S_ISGID
         return uid, gid, mode
 
-    def _drop_whiteout(self, d: Dir, dpath: str, name: str) -> None:
-        if name in d.whiteouts:
+    def _make_at(self, d: Dir, dfd: int, name: str) -> tuple[int, str]:
+        """Where to make the new entry *name* of *d*: at its name, or as a work-dir temporary when a
+        device whiteout holds the name (:meth:`_settle` then moves it over the device atomically)."""
+        if d.whiteouts.get(name) == WH_DEVICE:
+            return self._wfd, self._tmp("n")
+        return dfd, name
+
+    def _settle(self, d: Dir, dfd: int, name: str, at: tuple[int, str], is_dir: bool) -> None:
+        """The entry just made at *at* takes the name *name* of *d*; the name's whiteout goes."""
+        if at != (dfd, name):
+            if d.whiteouts.get(name) == WH_DEVICE:
+                if is_dir:      # rename(2) moves no directory over a device: swap them, drop the device
+                    _renameat2(at[0], at[1], dfd, name, RENAME_EXCHANGE)
+                    os.unlink(at[1], dir_fd=at[0])
+                else:
+                    os.rename(at[1], name, src_dir_fd=at[0], dst_dir_fd=dfd)
+                del d.whiteouts[name]
+                return
+            os.rename(at[1], name, src_dir_fd=at[0], dst_dir_fd=dfd)
+        self._drop_whiteout(d, dfd, name)
+
+    def _drop_whiteout(self, d: Dir, dfd: int, name: str) -> None:
+        """The whiteout of *name* goes (an upper entry of that name exists now)."""
+        form = d.whiteouts.get(name)
+        if form == WH_FILE:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(dpath, WH_PREFIX + name))
-            d.whiteouts.discard(name)
+                os.unlink(WH_PREFIX + name, dir_fd=dfd)
+        elif form == WH_RECORD:
+            del d.whiteouts[name]
+            self._write_record(d, dfd)
+        elif form == WH_DEVICE:
+            return          # it is the entry itself: replaced by _settle
+        d.whiteouts.pop(name, None)
+
+    def _write_record(self, d: Dir, dfd: int) -> None:
+        names = [os.fsencode(n) for n, form in d.whiteouts.items() if form == WH_RECORD]
+        try:
+            if names:
+                os.setxattr(_proc(dfd), WHITEOUTS_XATTR, b"/".join(names))
+            else:
+                with contextlib.suppress(OSError):
+                    os.removexattr(_proc(dfd), WHITEOUTS_XATTR)
+        except OSError as e:
+            raise _err(errno.ENOSPC if e.errno == errno.E2BIG else e.errno,
+                       "no room for more whiteouts of long names in this directory") from None
 
     def _add_file(self, d: Dir, name: str, ino: int | None = None) -> File:
         ino = self._new_ino() if ino is None else ino
@@ -918,24 +1235,28 @@ class Overlay:
         self._entries(d)[name] = ino
         return f
 
+    @staticmethod
+    def _unmake(at: tuple[int, str]) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(at[1], dir_fd=at[0])
+
     @_locked
     def create(self, parent: int, name: str, mode: int, flags: int, *, uid: int, gid: int) -> tuple[int, Attr]:
         """Create and open a regular file (O_EXCL implied: the name must not exist). Returns (fh, attr)."""
-        d, dpath = self._prepare_create(parent, name)
+        d, dfd = self._prepare_create(parent, name)
         uid, gid, mode = self._owner_for(d, uid, gid, stat.S_IMODE(mode), False)
-        path = os.path.join(dpath, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        at = self._make_at(d, dfd, name)
+        fd = os.open(at[1], os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=at[0])
         try:
             f = self._add_file(d, name)
             f.override = None          # a new file has no xattrs
             self._apply_stat(fd, stat.S_IFREG, uid, gid, mode, i=f)
+            self._settle(d, dfd, name, at, False)
         except BaseException:
             os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            self._unmake(at)
             self._entries(d).pop(name, None)
             raise
-        self._drop_whiteout(d, dpath, name)
         f.nopen += 1
         f.wfd = fd
         fh = self._new_handle(Handle(f.ino, fd, True, 0))
@@ -943,74 +1264,80 @@ class Overlay:
 
     @_locked
     def mknod(self, parent: int, name: str, mode: int, rdev: int = 0, *, uid: int, gid: int) -> Attr:
-        d, dpath = self._prepare_create(parent, name)
+        d, dfd = self._prepare_create(parent, name)
         ftype = stat.S_IFMT(mode) or stat.S_IFREG
         uid, gid, perm = self._owner_for(d, uid, gid, stat.S_IMODE(mode), False)
-        path = os.path.join(dpath, name)
+        if ftype not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+            raise _err(errno.EINVAL)
+        if ftype == stat.S_IFCHR and rdev == 0:
+            raise _err(errno.EPERM, "a character device 0/0 is a whiteout")     # as overlayfs says
+        at = self._make_at(d, dfd, name)
         placeholder = False
         if ftype == stat.S_IFREG:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-        elif ftype in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
-            placeholder = not self._make_special(path, ftype, rdev)
+            os.close(os.open(at[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=at[0]))
         else:
-            raise _err(errno.EINVAL)
-        return self._register_made(d, dpath, name, path, ftype, uid, gid, perm, rdev=rdev, placeholder=placeholder)
+            placeholder = not self._make_special(at[0], at[1], ftype, rdev)
+        return self._register_made(d, dfd, name, at, ftype, uid, gid, perm, rdev=rdev, placeholder=placeholder)
 
-    def _register_made(self, d: "Dir", dpath: str, name: str, path: str, ftype: int, uid: int, gid: int,
+    def _register_made(self, d: "Dir", dfd: int, name: str, at: tuple[int, str], ftype: int, uid: int, gid: int,
                        perm: int, **stat_kw) -> Attr:
-        """Record a non-directory just made at *path* in the upper: owner and mode applied,
+        """Record a non-directory just made at *at* (see :meth:`_make_at`): owner and mode applied,
         the name entered, its whiteout dropped; on failure the file is removed again."""
         try:
             f = self._add_file(d, name)
-            self._apply_stat(path, ftype, uid, gid, perm, i=f, **stat_kw)
+            self._apply_stat(at, ftype, uid, gid, perm, i=f, **stat_kw)
+            self._settle(d, dfd, name, at, False)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            self._unmake(at)
             self._entries(d).pop(name, None)
             raise
-        self._drop_whiteout(d, dpath, name)
         return self._attr(f.ino)
 
     @_locked
     def mkdir(self, parent: int, name: str, mode: int, *, uid: int, gid: int) -> Attr:
-        d, dpath = self._prepare_create(parent, name)
+        d, dfd = self._prepare_create(parent, name)
         uid, gid, mode = self._owner_for(d, uid, gid, stat.S_IMODE(mode), True)
-        path = os.path.join(dpath, name)
-        hides_lower = self._lower_child(d, name) is not None
+        hides_lower = self._lower_child(d, name) is not None or d.whiteouts.get(name) == WH_DEVICE
         ino = self._new_ino()
         child = Dir(ino, d.ino, name, None, True)
         child.entries = {}
         if hides_lower:
             # over a whiteout: made complete (opaque) in the work dir, then renamed into place
-            tmp = self._tmp("mkdir")
-            os.mkdir(tmp, 0o700)
+            wfd = self._wfd
+            tmp = self._tmp("m")
+            os.mkdir(tmp, 0o700, dir_fd=wfd)
             try:
-                os.close(os.open(os.path.join(tmp, OPAQUE_MARKER), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
-                self._apply_stat(tmp, stat.S_IFDIR, uid, gid, mode, i=child)
-                os.rename(tmp, path)
+                tfd = os.open(tmp, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=wfd)
+                try:
+                    _touch(tfd, OPAQUE_MARKER)
+                finally:
+                    os.close(tfd)
+                self._apply_stat((wfd, tmp), stat.S_IFDIR, uid, gid, mode, i=child)
+                self._settle(d, dfd, name, (wfd, tmp), True)
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                self._rm_work(tmp)
                 raise
             child.opaque = True
         else:
-            os.mkdir(path, 0o700)
+            os.mkdir(name, 0o700, dir_fd=dfd)
             try:
-                self._apply_stat(path, stat.S_IFDIR, uid, gid, mode, i=child)
+                self._apply_stat((dfd, name), stat.S_IFDIR, uid, gid, mode, i=child)
+                self._drop_whiteout(d, dfd, name)
             except BaseException:
-                shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.rmdir(name, dir_fd=dfd)
                 raise
         self.inodes[ino] = child
         self._entries(d)[name] = ino
-        self._drop_whiteout(d, dpath, name)
         return self._attr(ino)
 
     @_locked
     def symlink(self, parent: int, name: str, target: str, *, uid: int, gid: int) -> Attr:
-        d, dpath = self._prepare_create(parent, name)
+        d, dfd = self._prepare_create(parent, name)
         uid, gid, _ = self._owner_for(d, uid, gid, 0o777, False)
-        path = os.path.join(dpath, name)
-        os.symlink(target, path)
-        return self._register_made(d, dpath, name, path, stat.S_IFLNK, uid, gid, 0o777)
+        at = self._make_at(d, dfd, name)
+        os.symlink(target, at[1], dir_fd=at[0])
+        return self._register_made(d, dfd, name, at, stat.S_IFLNK, uid, gid, 0o777)
 
     @_locked
     def link(self, ino: int, parent: int, name: str) -> Attr:
@@ -1018,49 +1345,93 @@ class Overlay:
         i = self._get(ino)
         if isinstance(i, Dir):
             raise _err(errno.EPERM)
-        d, dpath = self._prepare_create(parent, name)
+        d, dfd = self._prepare_create(parent, name)
         f = self._file(ino)
         if not f.links and not f.upper:
             raise _err(errno.ENOENT)
         self._copy_up(f)
         if not f.links:
             raise _err(errno.ENOENT)
-        src = self._fpath(f)
-        path = os.path.join(dpath, name)
-        os.link(src, path, follow_symlinks=False)
-        st = os.lstat(path)
+        sfd, sname = self._floc(f)
+        at = self._make_at(d, dfd, name)
+        os.link(sname, at[1], src_dir_fd=sfd, dst_dir_fd=at[0], follow_symlinks=False)
+        try:
+            st = _lstat(at)
+            self._settle(d, dfd, name, at, False)
+        except BaseException:
+            self._unmake(at)
+            raise
         self._upper_inos[(st.st_dev, st.st_ino)] = f.ino
         f.links[(d.ino, name)] = None
         self._entries(d)[name] = f.ino
-        self._drop_whiteout(d, dpath, name)
         return self._attr(f.ino)
 
     # -- removing entries ----------------------------------------------------------------------------------------
-    def _write_whiteout(self, d: Dir, dpath: str, name: str) -> None:
-        if name in d.whiteouts:
-            return
-        fd = os.open(os.path.join(dpath, WH_PREFIX + name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        os.close(fd)
-        d.whiteouts.add(name)
+    def _whiteout_form(self, name: str) -> str:
+        if whiteout_file_fits(name):
+            return WH_FILE
+        return WH_DEVICE if self._device_whiteouts else WH_RECORD
+
+    def _remove_name(self, d: Dir, dfd: int, name: str, kind: str | None, whiteout: bool) -> None:
+        """Remove the upper entry *name* of *d* (*kind* ``"file"``, ``"dir"`` or None: there is none),
+        leaving a whiteout of the lower entry when *whiteout*. A ``.wh.`` file or a recorded name
+        is written before the entry goes; a device whiteout replaces the entry in one rename."""
+        form = self._whiteout_form(name) if whiteout and name not in d.whiteouts else None
+        if form == WH_DEVICE:
+            try:
+                self._device_whiteout(d, dfd, name, kind)
+                return
+            except PermissionError:     # no CAP_MKNOD after all: the record
+                self._device_whiteouts = False
+                form = WH_RECORD
+        if form == WH_FILE:
+            _touch(dfd, WH_PREFIX + name)
+            d.whiteouts[name] = WH_FILE
+        elif form == WH_RECORD:
+            d.whiteouts[name] = WH_RECORD
+            try:
+                self._write_record(d, dfd)
+            except OSError:
+                del d.whiteouts[name]
+                raise
+        if kind == "file":
+            os.unlink(name, dir_fd=dfd)
+        elif kind == "dir":
+            self._discard_upper_dir(dfd, name)
+
+    def _device_whiteout(self, d: Dir, dfd: int, name: str, kind: str | None) -> None:
+        if kind is None:
+            os.mknod(name, stat.S_IFCHR, 0, dir_fd=dfd)
+        else:
+            wfd = self._wfd
+            tmp = self._tmp("w")
+            os.mknod(tmp, stat.S_IFCHR, 0, dir_fd=wfd)
+            try:
+                if kind == "file":
+                    os.rename(tmp, name, src_dir_fd=wfd, dst_dir_fd=dfd)    # replaces the file atomically
+                else:
+                    _renameat2(wfd, tmp, dfd, name, RENAME_EXCHANGE)
+            finally:
+                self._rm_work(tmp)      # the device if the rename failed, the directory after a swap
+        d.whiteouts[name] = WH_DEVICE
 
     def _needs_whiteout(self, d: Dir, name: str) -> bool:
         return self._lower_child(d, name) is not None
 
-    def _unlink_upper_file(self, f: File, d: Dir, dpath: str, name: str) -> None:
-        """Remove the upper name (d, name) of *f*; keep an fd when it was its last name and it is open."""
-        path = os.path.join(dpath, name)
-        last = len(f.links) == 1
-        if f.upper:
-            if last and f.nopen > 0 and f.anon_fd is None:
-                f.anon_fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-            elif last:
-                f.dead_attr = self._upper_attr(f, path)
-                f.dead_attr.nlink = 0
-            os.unlink(path)
+    def _last_name_going(self, f: File, loc: tuple[int, str]) -> None:
+        """Before the last upper name of *f* goes: keep an fd of it while it is open, else its attributes."""
+        if len(f.links) != 1 or not f.upper:
+            return
+        if f.nopen > 0 and f.anon_fd is None:
+            f.anon_fd = os.open(loc[1], os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=loc[0])
+        else:
+            f.dead_attr = self._upper_attr(f, loc)
+            f.dead_attr.nlink = 0
+
+    def _name_gone(self, f: File, d: Dir, name: str) -> None:
         del f.links[(d.ino, name)]
-        if not f.links:
-            if f.nopen == 0:
-                self._forget_file(f)
+        if not f.links and f.nopen == 0:
+            self._forget_file(f)
 
     def _forget_file(self, f: File) -> None:
         f.dead = True
@@ -1096,23 +1467,29 @@ class Overlay:
             raise _err(errno.EISDIR)
         f = self._file(ino)
         self._copy_up_dir(d)
-        dpath = self._dpath(d)
-        if self._needs_whiteout(d, name):
-            self._write_whiteout(d, dpath, name)
+        if self.index and not f.upper and f.lower is not None and f.lower.nlink > 1:
+            self._last_name[f.ino] = (d.ino, name)
+            self._copy_up(f)            # as overlayfs with index=on: the other names' count goes down
+        dfd = self._dfd(d)
+        whiteout = self._needs_whiteout(d, name)
         if f.upper:
-            self._unlink_upper_file(f, d, dpath, name)
+            self._last_name_going(f, (dfd, name))
+            self._remove_name(d, dfd, name, "file", whiteout)
+            self._name_gone(f, d, name)
         else:
+            if whiteout:
+                self._remove_name(d, dfd, name, None, True)
             del f.links[(d.ino, name)]
         del entries[name]
 
     def _is_empty(self, d: Dir) -> bool:
         return not self._entries(d)
 
-    def _discard_upper_dir(self, path: str) -> None:
+    def _discard_upper_dir(self, dfd: int, name: str) -> None:
         """Move an upper directory (holding only whiteouts) away atomically, then delete it."""
-        trash = self._tmp("rm")
-        os.rename(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        trash = self._tmp("r")
+        os.rename(name, trash, src_dir_fd=dfd, dst_dir_fd=self._wfd)
+        self._rm_work(trash)
 
     @_locked
     def rmdir(self, parent: int, name: str) -> None:
@@ -1123,11 +1500,13 @@ class Overlay:
         if not self._is_empty(child):
             raise _err(errno.ENOTEMPTY)
         self._copy_up_dir(d)
-        dpath = self._dpath(d)
-        if self._needs_whiteout(d, name):
-            self._write_whiteout(d, dpath, name)
+        dfd = self._dfd(d)
+        whiteout = self._needs_whiteout(d, name)
         if child.upper:
-            self._discard_upper_dir(os.path.join(dpath, name))
+            self._remove_name(d, dfd, name, "dir", whiteout)
+            self._drop_dfd(child.ino)
+        elif whiteout:
+            self._remove_name(d, dfd, name, None, True)
         del entries[name]
         child.dead = True
         child.upper = False
@@ -1194,29 +1573,53 @@ class Overlay:
         self._copy_up_dir(d1)
         self._copy_up_dir(d2)
         src = self._copy_up_named(sino)
-        p1, p2 = self._dpath(d1), self._dpath(d2)
-        old, new = os.path.join(p1, name), os.path.join(p2, new_name)
+        f1, f2 = self._dfd(d1), self._dfd(d2)
         tgt = self.inodes.get(tino) if tino is not None else None
         if tino is not None and tgt is None:
             tgt = self._file(tino)
+        if (self.index and isinstance(tgt, File) and not tgt.upper and tgt.lower is not None
+                and tgt.lower.nlink > 1):
+            self._last_name[tgt.ino] = (d2.ino, new_name)
+            self._copy_up(tgt)          # as unlink: the other names' count goes down
         if isinstance(src, Dir):
             # a directory moved where a lower entry of that name exists must hide it
             if self._lower_child(d2, new_name) is not None and not src.opaque:
-                os.close(os.open(os.path.join(old, OPAQUE_MARKER), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                _touch(self._dfd(src), OPAQUE_MARKER)
                 src.opaque = True
-        if self._needs_whiteout(d1, name):
-            self._write_whiteout(d1, p1, name)     # first: old name stays shown by the upper entry until the rename
+        form = None
+        if self._needs_whiteout(d1, name) and name not in d1.whiteouts:
+            form = self._whiteout_form(name)
+            if form != WH_DEVICE:   # first: the old name stays shown by the upper entry until the rename
+                self._remove_name(d1, f1, name, None, True)
         if isinstance(tgt, Dir) and tgt.upper:
-            self._discard_upper_dir(new)           # empty in the merged view: only whiteouts inside
-        if isinstance(tgt, File) and tgt.upper:
-            last = len(tgt.links) == 1
-            if last and tgt.nopen > 0 and tgt.anon_fd is None:
-                tgt.anon_fd = os.open(new, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-            elif last:
-                tgt.dead_attr = self._upper_attr(tgt, new)
-                tgt.dead_attr.nlink = 0
-        os.rename(old, new)
-        self._drop_whiteout(d2, p2, new_name)
+            self._discard_upper_dir(f2, new_name)  # empty in the merged view: only whiteouts inside
+            self._drop_dfd(tgt.ino)
+        if isinstance(tgt, File):
+            self._last_name_going(tgt, (f2, new_name))
+        over_device = d2.whiteouts.get(new_name) == WH_DEVICE
+        if isinstance(src, Dir) and over_device:
+            # rename(2) moves no directory over a device: swap them; the device is the old name's
+            # whiteout now, or goes
+            _renameat2(f1, name, f2, new_name, RENAME_EXCHANGE)
+            if form == WH_DEVICE:
+                d1.whiteouts[name] = WH_DEVICE
+            else:
+                os.unlink(name, dir_fd=f1)
+        elif form == WH_DEVICE:
+            try:
+                _renameat2(f1, name, f2, new_name, RENAME_WHITEOUT)     # moved, and a device left behind
+                d1.whiteouts[name] = WH_DEVICE
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EPERM, errno.ENOSYS):
+                    raise
+                os.rename(name, new_name, src_dir_fd=f1, dst_dir_fd=f2)
+                self._remove_name(d1, f1, name, None, True)
+        else:
+            os.rename(name, new_name, src_dir_fd=f1, dst_dir_fd=f2)
+        if over_device:
+            del d2.whiteouts[new_name]
+        else:
+            self._drop_whiteout(d2, f2, new_name)
         # bookkeeping
         e1, e2 = self._entries(d1), self._entries(d2)
         del e1[name]
@@ -1230,9 +1633,8 @@ class Overlay:
                     self._forget_file(tgt)
         e2[new_name] = sino
         if isinstance(src, Dir):
-            src.parent = d2.ino
+            src.parent = d2.ino         # its fd (and those below it) stay valid
             src.name = new_name
-            self._dpaths.clear()        # its path and those of everything below it changed
         else:
             del src.links[(d1.ino, name)]
             src.links[(d2.ino, new_name)] = None
@@ -1242,19 +1644,17 @@ class Overlay:
         self._copy_up_dir(d2)
         src = self._copy_up_named(sino)
         tgt = self._copy_up_named(tino)
-        p1, p2 = self._dpath(d1), self._dpath(d2)
-        old, new = os.path.join(p1, name), os.path.join(p2, new_name)
-        for moved, dest_dir, dest_name, path in ((src, d2, new_name, old), (tgt, d1, name, new)):
+        f1, f2 = self._dfd(d1), self._dfd(d2)
+        for moved, dest_dir, dest_name in ((src, d2, new_name), (tgt, d1, name)):
             if isinstance(moved, Dir) and not moved.opaque and self._lower_child(dest_dir, dest_name) is not None:
-                os.close(os.open(os.path.join(path, OPAQUE_MARKER), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                _touch(self._dfd(moved), OPAQUE_MARKER)
                 moved.opaque = True
-        _renameat2(old, new, RENAME_EXCHANGE)
+        _renameat2(f1, name, f2, new_name, RENAME_EXCHANGE)
         e1, e2 = self._entries(d1), self._entries(d2)
         e1[name], e2[new_name] = tino, sino
         for moved, (od, on), (nd, nn) in ((src, (d1, name), (d2, new_name)), (tgt, (d2, new_name), (d1, name))):
             if isinstance(moved, Dir):
                 moved.parent, moved.name = nd.ino, nn
-                self._dpaths.clear()
             else:
                 del moved.links[(od.ino, on)]
                 moved.links[(nd.ino, nn)] = None
@@ -1269,13 +1669,13 @@ class Overlay:
         if size is not None and isinstance(i, Dir):
             raise _err(errno.EISDIR)
         i = self._ensure_upper(ino, size=size)
-        path = i.wfd if isinstance(i, File) and i.wfd is not None else self._path_of(i)
+        loc = i.wfd if isinstance(i, File) and i.wfd is not None else self._loc(i)
         if size is not None:
             h = self.handles.get(fh) if fh is not None else None
             if h is not None and h.fd is not None and h.writable:
                 os.ftruncate(h.fd, size)
             else:
-                os.truncate(path, size)
+                _truncate(loc, size)
         if mode is not None or uid is not None or gid is not None:
             cur = self._attr(ino)
             nuid = cur.uid if uid is None else uid
@@ -1291,24 +1691,24 @@ class Overlay:
             placeholder = isinstance(ov, Override) and ov.ftype is not None
             if (i.override is None and self.euid == 0 and (nuid, ngid) == (cur.uid, cur.gid)
                     and ftype != stat.S_IFLNK):
-                os.chmod(path, nmode, **_nofollow(path))     # the owner stays: a chmod is all it takes
+                _chmod(loc, nmode)     # the owner stays: a chmod is all it takes
             else:
-                self._apply_stat(path, ftype, nuid, ngid, nmode, rdev=cur.rdev, placeholder=placeholder, i=i)
+                self._apply_stat(loc, ftype, nuid, ngid, nmode, rdev=cur.rdev, placeholder=placeholder, i=i)
         if atime_ns is not None or mtime_ns is not None:
             if atime_ns is None or mtime_ns is None:
-                st = os.stat(path, **_nofollow(path))
+                st = _lstat(loc)
                 atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
                 mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-            os.utime(path, ns=(atime_ns, mtime_ns), **_nofollow(path))
+            _utime(loc, (atime_ns, mtime_ns))
         return self._attr(ino)
 
     # -- xattrs ------------------------------------------------------------------------------------------------------
-    def _xattr_source(self, ino: int) -> tuple[str | None, dict[str, bytes] | None]:
+    def _xattr_source(self, ino: int) -> tuple[tuple[int, str] | None, dict[str, bytes] | None]:
         i = self._get(ino)
         if isinstance(i, Node):
             return None, i.xattrs
         if i.upper and not (isinstance(i, Dir) and i.dead):
-            return self._path_of(i), None
+            return self._loc(i), None
         return None, i.lower.xattrs if i.lower is not None else None
 
     @_locked
@@ -1321,7 +1721,8 @@ class Overlay:
             if value is None:
                 raise _err(errno.ENODATA)
             return value
-        return os.getxattr(path, name, follow_symlinks=False)
+        target, kw = _xtarget(path)
+        return os.getxattr(target, name, **kw)
 
     @_locked
     def has_xattr(self, ino: int, name: str) -> bool:
@@ -1336,7 +1737,11 @@ class Overlay:
     @_locked
     def listxattr(self, ino: int) -> list[str]:
         path, xattrs = self._xattr_source(ino)
-        names = list(xattrs or ()) if path is None else os.listxattr(path, follow_symlinks=False)
+        if path is None:
+            names = list(xattrs or ())
+        else:
+            target, kw = _xtarget(path)
+            names = os.listxattr(target, **kw)
         return [n for n in names if not n.startswith(RESERVED_XATTR_PREFIX)]
 
     @_locked
@@ -1345,7 +1750,8 @@ class Overlay:
         if name.startswith(RESERVED_XATTR_PREFIX):
             raise _err(errno.EPERM)
         i = self._ensure_upper(ino)
-        os.setxattr(self._path_of(i), name, value, follow_symlinks=False)
+        target, kw = _xtarget(self._loc(i))
+        os.setxattr(target, name, value, **kw)
 
     @_locked
     def removexattr(self, ino: int, name: str) -> None:
@@ -1356,7 +1762,8 @@ class Overlay:
         if path is None and name not in (xattrs or {}):
             raise _err(errno.ENODATA)      # like overlayfs: no copy-up for nothing
         i = self._ensure_upper(ino)
-        os.removexattr(self._path_of(i), name, follow_symlinks=False)
+        target, kw = _xtarget(self._loc(i))
+        os.removexattr(target, name, **kw)
 
     # -- files -------------------------------------------------------------------------------------------------------
     def _new_handle(self, h: Handle) -> int:
@@ -1379,11 +1786,7 @@ class Overlay:
         if write:
             self._copy_up(f, size=0 if flags & os.O_TRUNC else None)
         if f.upper:
-            path = self._fpath(f)
-            if path.startswith("/proc/"):
-                fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
-            else:
-                fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = self._open_upper_file(f, os.O_RDWR if write else os.O_RDONLY)
             if flags & os.O_TRUNC:
                 os.ftruncate(fd, 0)
         else:
@@ -1394,6 +1797,12 @@ class Overlay:
         link = self._last_name.get(f.ino) if f.lower is not None and not f.upper else None
         return self._new_handle(Handle(f.ino, fd, write, f.lower.ino if f.lower is not None else 0, link))
 
+    def _open_upper_file(self, f: File, flags: int) -> int:
+        dfd, name = self._floc(f)
+        if name:
+            return os.open(name, flags | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
+        return os.open(_proc(dfd), flags | os.O_CLOEXEC)       # unlinked: opened again through its fd
+
     def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles.get(fh)
         if h is None:
@@ -1402,7 +1811,7 @@ class Overlay:
             with self._lock:
                 f = self.inodes.get(h.ino)
                 if isinstance(f, File) and f.upper and h.fd is None:   # copied up since it was opened
-                    h.fd = os.open(self._fpath(f), os.O_RDONLY | os.O_CLOEXEC)
+                    h.fd = self._open_upper_file(f, os.O_RDONLY)
             if h.fd is None:
                 return self.tree.read(h.lower_ino, off, size)
         return os.pread(h.fd, size, off)

@@ -133,8 +133,10 @@ def _meta(p: Path, m: tarfile.TarInfo) -> None:
 
 
 @contextlib.contextmanager
-def kernel_overlay(lowers: Sequence[Path], base: Path, *, root_like: os.stat_result | None = None) -> Iterator[Path]:
-    """Mount overlayfs over *lowers* (bottom first) at ``base/kmnt``; ``base/kupper`` is its upper."""
+def kernel_overlay(lowers: Sequence[Path], base: Path, *, root_like: os.stat_result | None = None,
+                   options: str = "") -> Iterator[Path]:
+    """Mount overlayfs over *lowers* (bottom first) at ``base/kmnt``; ``base/kupper`` is its upper;
+    *options* are more mount options (e.g. ``index=on``)."""
     upper, work, mnt = base / "kupper", base / "kwork", base / "kmnt"
     for p in (upper, work, mnt):
         p.mkdir(parents=True)
@@ -143,8 +145,8 @@ def kernel_overlay(lowers: Sequence[Path], base: Path, *, root_like: os.stat_res
         os.chmod(upper, stat.S_IMODE(root_like.st_mode))
         os.utime(upper, ns=(root_like.st_mtime_ns, root_like.st_mtime_ns))
     lowerdir = ":".join(str(p) for p in reversed(lowers))
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lowerdir},upperdir={upper},workdir={work}",
-                    str(mnt)], check=True, capture_output=True)
+    opts = f"lowerdir={lowerdir},upperdir={upper},workdir={work}" + (f",{options}" if options else "")
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], check=True, capture_output=True)
     try:
         yield mnt
     finally:
@@ -240,6 +242,14 @@ class Runner:
         try:
             n = os.write(fd, data)
             return n, os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def op_overwrite(self, path, data):
+        """Write *data* over the start of an existing file (no truncation)."""
+        fd = os.open(self.p(path), os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            return os.pwrite(fd, data, 0), os.fstat(fd).st_size
         finally:
             os.close(fd)
 
@@ -428,7 +438,11 @@ def diff_snapshots(a: dict, b: dict) -> list[str]:
 
 # --- generated sequences -----------------------------------------------------------------------------------
 
-NEW_NAMES = ("n1", "n2", "sub", "x.txt")
+#: new names: short ones, and long ones up to NAME_MAX (255 bytes; 251 is the longest with room for ".wh.")
+NEW_NAMES = ("n1", "n2", "sub", "x.txt", "L".ljust(255, "l"), "M".ljust(252, "m"), "W".ljust(251, "w"),
+             "\u00e9t\u00e9-".ljust(200, "e"))
+#: generated paths stay this short (the runner's and the snapshot's paths are absolute)
+MAX_REL_PATH = 2000
 XATTRS = ("user.a", "user.b")
 
 
@@ -461,7 +475,11 @@ def random_ops(seed: int, steps: int, reference_root: str, apply: Callable[[tupl
             return rnd.choice(dirs)
 
         def new_path():
-            return os.path.join(pick_dir(), rnd.choice(NEW_NAMES))
+            d = pick_dir()
+            name = rnd.choice(NEW_NAMES)
+            if len(os.fsencode(d)) + len(os.fsencode(name)) > MAX_REL_PATH:
+                name = NEW_NAMES[0]
+            return os.path.join(d, name)
 
         def pick_any():
             return rnd.choice(anyp) if anyp and rnd.random() < 0.8 else new_path()
@@ -472,12 +490,14 @@ def random_ops(seed: int, steps: int, reference_root: str, apply: Callable[[tupl
         choice = rnd.choices(
             ["create", "write", "pwrite", "truncate", "unlink", "mkdir", "rmdir", "rename", "link", "symlink",
              "mkfifo", "chmod", "chown", "utime", "setxattr", "removexattr", "stat", "read", "listdir",
-             "open", "fdwrite", "fdread", "fdstat", "close", "listxattr", "mknod", "fallocate", "touch"],
-            weights=[6, 8, 3, 3, 7, 5, 4, 9, 3, 2, 1, 3, 2, 2, 2, 1, 4, 3, 3, 2, 2, 2, 2, 2, 1, 1, 1, 1])[0]
+             "open", "fdwrite", "fdread", "fdstat", "close", "listxattr", "mknod", "fallocate", "touch", "overwrite"],
+            weights=[6, 8, 3, 3, 7, 5, 4, 9, 3, 2, 1, 3, 2, 2, 2, 1, 4, 3, 3, 2, 2, 2, 2, 2, 1, 1, 1, 1, 3])[0]
         if choice == "create":
             op = ("create", new_path() if r < 0.8 else pick_file(), rnd.choice((0o644, 0o600, 0o755)), data)
         elif choice == "write":
             op = ("write", pick_file(), data, rnd.choice(["trunc", "append", "rdwr", "creat", "creat_trunc", "excl"]))
+        elif choice == "overwrite":
+            op = ("overwrite", pick_file(), data or b"o")
         elif choice == "pwrite":
             op = ("pwrite", pick_file(), rnd.choice((0, 3, 4096, 70000)), data or b"z")
         elif choice == "truncate":

@@ -663,3 +663,106 @@ def test_writable_mount_diff_commit_export(store, tmp_path, capsys):
     rootfs = umoci_unpack(store.root, "localhost/test/rw:1", tmp_path / "rootfs")
     assert without_dir_mtimes(dir_snapshot(rootfs)) == seen
     assert without_dir_mtimes(tar_snapshot((tmp_path / "mnt.tar").read_bytes())) == seen
+
+
+# --- long names and long paths in the upper ------------------------------------------------------------
+
+LONG_IMAGE = "localhost/test/long:1"
+LA, LB, LC, LD = ("a".ljust(255, "a"), "b".ljust(255, "b"), "c".ljust(255, "c"), "d".ljust(200, "d"))
+
+
+def _long_upper(tmp_path: Path) -> Path:
+    """An upper with a whiteout of a 255-byte name in every form the overlay reads, and a file deeper
+    than PATH_MAX (built through directory fds: no path names it whole)."""
+    up = tmp_path / "long-upper"
+    (up / "l").mkdir(parents=True)
+    (up / "l" / f".wh.{LD}").write_bytes(b"")                      # OCI form (the name leaves room)
+    os.setxattr(up / "l", "user.layerfs.whiteouts", LB.encode())  # the record (no CAP_MKNOD)
+    if IS_ROOT:
+        os.mknod(up / "l" / LA, stat.S_IFCHR, 0)                   # kernel overlayfs' form
+    (up / "l" / LC).write_bytes(b"changed")
+    fd = os.open(up, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for i in range(18):                                        # 18 * 256 bytes > PATH_MAX
+            name = f"{i:02d}".ljust(255, "p")
+            os.mkdir(name, dir_fd=fd)
+            nfd = os.open(name, os.O_PATH | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        wfd = os.open("deep", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)
+        os.write(wfd, b"deep data")
+        os.close(wfd)
+    finally:
+        os.close(fd)
+    return up
+
+
+def test_long_name_whiteouts_and_long_paths_diff_commit_and_mount(store, tmp_path, capsys):
+    lay = LayerBuilder()
+    lay.add_dir("l")
+    for name in (LA, LB, LC, LD):
+        lay.add_file(f"l/{name}", name[:1].encode())
+    lay.add_file("l/kept", b"k")
+    put_image(store, LONG_IMAGE, build_image([lay.build()]))
+    up = _long_upper(tmp_path)
+    gone = [LA, LB, LD] if IS_ROOT else [LB, LD]
+    code, out, err = run(["diff", "--image", LONG_IMAGE, up], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert {f"D /l/{n}" for n in gone} <= set(lines) and f"C /l/{LC}" in lines
+    deep = "/".join(f"{i:02d}".ljust(255, "p") for i in range(18)) + "/deep"
+    assert f"A /{deep}" in lines
+    code, out, err = run(["commit", "--image", LONG_IMAGE, up, "localhost/test/long:2"], capsys)
+    assert code == 0, err
+    _, m = store.resolve("localhost/test/long:2")
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(store.read_blob(m.layers[-1].digest)))) as tf:
+        members = {ti.name: ti for ti in tf}
+        assert tf.extractfile(members[deep]).read() == b"deep data"
+    for n in gone:                                 # always the OCI entry; a PAX header carries the long ones
+        ti = members[f"l/.wh.{n}"]
+        assert ti.isreg() and ti.size == 0
+        assert len(n) + 4 <= 100 or ti.pax_headers["path"] == f"l/.wh.{n}"
+    assert members[f"l/{LC}"].isreg()
+    tree = open_image_tree(store, m)
+    lnode = tree.get(tree.get(1).children["l"])
+    assert sorted(lnode.children) == sorted({LA, LB, LC, LD, "kept"} - set(gone))
+    # the committed image mounts and hides the names
+    mnt = tmp_path / "mnt"
+    from layerfs.mount import MountOptions, mount_image
+    from mounthelpers import require_fuse, track, watchdog
+    require_fuse()
+    mnt.mkdir()
+    with watchdog(60):
+        track(mnt, mount_image(store, "localhost/test/long:2", mnt, MountOptions(read_only=True)).pid)
+        assert sorted(os.listdir(mnt / "l")) == sorted({LA, LB, LC, LD, "kept"} - set(gone))
+        assert (mnt / "l" / LC).read_bytes() == b"changed"
+    code, out, err = run(["export", "--upper", up, LONG_IMAGE, "-o", tmp_path / "e.tar"], capsys)
+    assert code == 0, err
+    with tarfile.open(tmp_path / "e.tar") as tf:
+        names = {ti.name for ti in tf}
+    assert deep in names and not any(f"l/{n}" in names for n in gone) and f"l/{LC}" in names
+
+
+def test_index_on_mount_commit_keeps_hard_links(store, tmp_path, capsys):
+    """-o index=on: a write through one name of a lower hard-linked file shows through the other; diff
+    names both; the committed layer holds them as one file and a hard link, and so shows the new image."""
+    from mounthelpers import watchdog
+    mnt, up = tmp_path / "mnt", tmp_path / "upper"
+    with watchdog(60):
+        _mount(store, mnt, read_only=False, upper=str(up), fuse_options=["index=on"])
+        with open(mnt / "usr/bin/tool", "ab") as f:
+            f.write(b"echo more\n")
+        a, b = os.stat(mnt / "usr/bin/tool"), os.stat(mnt / "usr/bin/tool2")
+        assert a.st_ino == b.st_ino and a.st_nlink == 2
+        assert (mnt / "usr/bin/tool2").read_bytes() == b"#!/bin/sh\necho more\n"
+        code, out, err = run(["diff", mnt], capsys)
+        assert (code, out) == (0, "C /usr\nC /usr/bin\nC /usr/bin/tool\nC /usr/bin/tool2\n"), err
+        code, out, err = run(["commit", mnt, "localhost/test/idx:1"], capsys)
+        assert code == 0, err
+    _, m = store.resolve("localhost/test/idx:1")
+    members = {ti.name: ti for ti in _members(store.read_blob(m.layers[-1].digest))}
+    assert members["usr/bin/tool"].isreg() and members["usr/bin/tool"].size == len(b"#!/bin/sh\necho more\n")
+    assert members["usr/bin/tool2"].islnk() and members["usr/bin/tool2"].linkname == "usr/bin/tool"
+    tree = open_image_tree(store, m)
+    bin_ = tree.get(tree.lookup(tree.lookup(1, "usr").ino, "bin").ino)
+    assert bin_.children["tool"] == bin_.children["tool2"] and tree.get(bin_.children["tool"]).nlink == 2

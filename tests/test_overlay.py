@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from mounthelpers import MTIME_NS, BytesReader, fix_dir_nlinks
-from layerfs.overlay import (OPAQUE_MARKER, OVERRIDE_XATTR, RENAME_EXCHANGE, RENAME_NOREPLACE, Overlay, UpperDirty,
-                             UpperInUse, work_dir_for)
+from layerfs.overlay import (OPAQUE_MARKER, OVERRIDE_XATTR, RENAME_EXCHANGE, RENAME_NOREPLACE, WHITEOUTS_XATTR,
+                             Overlay, UpperDirty, UpperInUse, work_dir_for)
 from layerfs.tree import ROOT_INO, MergedTree
 
 BIG = bytes(range(256)) * 8192 + b"tail"       # 2 MiB + 4
@@ -422,6 +422,7 @@ def test_rootless_owner_mode_and_devices_go_to_the_override_xattr(upper, monkeyp
 
     real_mknod = os.mknod
     monkeypatch.setattr(os, "lchown", no_chown)
+    monkeypatch.setattr(os, "chown", no_chown)
     monkeypatch.setattr(os, "mknod", no_devices)
     o = Overlay(make_tree(), upper)
     o.euid = 1000      # act as a rootless daemon: keep its own access bits on the host
@@ -564,3 +565,104 @@ def test_cli_volatile_mount_and_an_upper_left_by_a_killed_one(tmp_path):
         track(m, mounts(store)[0].pid)
         assert (m / "etc/motd").read_bytes() == b"hi\nmore\n"
         _cli(store, "umount", str(m))
+
+
+# --- whiteouts of long names ---------------------------------------------------------------------------
+
+LONG = ["a".ljust(255, "a"), "b".ljust(255, "b"), "c".ljust(252, "c"), "d".ljust(255, "d"), "e".ljust(251, "e")]
+
+
+def long_tree() -> MergedTree:
+    t = make_tree()
+    d = t.add(ROOT_INO, "long", stat.S_IFDIR | 0o755, mtime_ns=MTIME_NS)
+    for name in LONG[:3] + LONG[4:]:
+        t.add(d.ino, name, stat.S_IFREG | 0o644, inline=name[:1].encode(), size=1, mtime_ns=MTIME_NS)
+    sub = t.add(d.ino, LONG[3], stat.S_IFDIR | 0o755, mtime_ns=MTIME_NS)
+    t.add(sub.ino, "x", stat.S_IFREG | 0o644, inline=b"x", size=1, mtime_ns=MTIME_NS)
+    fix_dir_nlinks(t)
+    return t
+
+
+def _remove_long_names(o: Overlay) -> None:
+    lo = ino(o, "long")
+    o.unlink(lo, LONG[0])                                  # a lower file
+    o.rename(lo, LONG[1], lo, "short")                     # moved away: its name needs a whiteout
+    o.unlink(ino(o, f"long/{LONG[3]}"), "x")
+    o.rmdir(lo, LONG[3])                                   # a lower directory
+    o.unlink(lo, LONG[4])                                  # 251 bytes: ".wh." still fits
+    o.unlink(lo, LONG[2])
+    fh, _ = o.create(lo, LONG[2], 0o600, os.O_WRONLY, uid=0, gid=0)     # again, over its whiteout
+    o.write(fh, 0, b"new")
+    o.release(fh)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="device whiteouts need CAP_MKNOD")
+def test_long_name_whiteouts_are_devices_as_root(upper):
+    o = Overlay(long_tree(), upper)
+    try:
+        _remove_long_names(o)
+        assert names(o, "long") == sorted(["short", LONG[2]])
+    finally:
+        o.close()
+    host = upper / "long"
+    kinds = {n: stat.S_IFMT(os.lstat(host / n).st_mode) for n in os.listdir(host)}
+    assert kinds == {LONG[0]: stat.S_IFCHR, LONG[1]: stat.S_IFCHR, LONG[3]: stat.S_IFCHR, "short": stat.S_IFREG,
+                     LONG[2]: stat.S_IFREG, ".wh." + LONG[4]: stat.S_IFREG}
+    assert all(os.lstat(host / n).st_rdev == 0 for n, k in kinds.items() if k == stat.S_IFCHR)
+    assert not os.listdir(work_dir_for(upper))
+    o = Overlay(long_tree(), upper)          # remounted: the same view
+    try:
+        assert names(o, "long") == sorted(["short", LONG[2]])
+        assert read_all(o, f"long/{LONG[2]}") == b"new"
+        o.mkdir(ino(o, "long"), LONG[3], 0o755, uid=0, gid=0)       # over a device whiteout: opaque
+        assert names(o, f"long/{LONG[3]}") == []
+        assert os.listdir(host / LONG[3]) == [OPAQUE_MARKER]
+    finally:
+        o.close()
+
+
+def test_long_name_whiteouts_without_devices_are_recorded_in_an_xattr(upper, monkeypatch):
+    """Without CAP_MKNOD (rootless), a whiteout of a name too long for ".wh." is listed in the parent's
+    user.layerfs.whiteouts; it hides the lower entry only, survives a remount, and goes when the name
+    is created again."""
+    real_mknod = os.mknod
+
+    def no_devices(path, mode=0o600, device=0, **kw):
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            raise PermissionError(errno.EPERM, "not permitted")
+        return real_mknod(path, mode, device, **kw)
+
+    monkeypatch.setattr(os, "mknod", no_devices)
+    o = Overlay(long_tree(), upper)
+    try:
+        _remove_long_names(o)
+        assert names(o, "long") == sorted(["short", LONG[2]])
+        assert WHITEOUTS_XATTR not in o.listxattr(ino(o, "long"))
+    finally:
+        o.close()
+    monkeypatch.undo()
+    host = upper / "long"
+    recorded = os.getxattr(host, WHITEOUTS_XATTR).split(b"/")
+    assert sorted(recorded) == sorted(n.encode() for n in (LONG[0], LONG[1], LONG[3]))
+    assert sorted(os.listdir(host)) == sorted(["short", LONG[2], ".wh." + LONG[4]])
+    o = Overlay(long_tree(), upper)
+    try:
+        assert names(o, "long") == sorted(["short", LONG[2]])
+        o.rename(ino(o, "long"), "short", ino(o, "long"), LONG[1])     # back: its record entry goes
+        assert names(o, "long") == sorted([LONG[1], LONG[2]])
+        assert read_all(o, f"long/{LONG[1]}") == b"b"
+    finally:
+        o.close()
+    assert sorted(os.getxattr(host, WHITEOUTS_XATTR).split(b"/")) == sorted(n.encode() for n in (LONG[0], LONG[3]))
+
+
+
+def test_index_mount_option_parsing():
+    from layerfs.errors import UsageError
+    from layerfs.mount import MountOptions
+    on = MountOptions(read_only=False, fuse_options=["allow_other", "index=on"])
+    assert on.index and on.libfuse_options == ("allow_other",)
+    assert not MountOptions(read_only=False).index
+    assert not MountOptions(read_only=False, fuse_options=["index=on", "index=off"]).index
+    with pytest.raises(UsageError, match="index=on or index=off"):
+        MountOptions(read_only=False, fuse_options=["index=yes"])

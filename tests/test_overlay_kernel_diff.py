@@ -8,6 +8,10 @@ value or errno) must be the same, and so must the visible trees afterwards
 (type, mode, owner, size, content, link target, xattrs, mtime, link counts,
 hard-link groups). Generated sequences print their seed on failure: replay
 one with ``LAYERFS_DIFF_SEED=<seed> pytest tests/test_overlay_kernel_diff.py -k random``.
+Names reach NAME_MAX (255 bytes) and paths PATH_MAX and beyond (below a
+directory fd). The ``index`` tests mount both sides with ``index=on``
+(layerfs ``-o index=on``), where the differences about lower hard links
+below do not exist.
 
 Documented, deliberate differences (asserted as such, not compared):
 names beginning with ``.wh.`` cannot be created through layerfs (EINVAL),
@@ -25,6 +29,7 @@ only on group-executable files).
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -43,6 +48,16 @@ from layerfs.store import Store
 WATCHDOG = 60.0
 T = MTIME_NS // 10**9
 BIG = bytes(range(256)) * 4096 + b"end"      # 1 MiB + 3: copy-up in chunks
+
+
+def long_name(tag: str, n: int = 255) -> str:
+    """A name of *n* bytes (NAME_MAX by default) starting with *tag*."""
+    return (tag + "-").ljust(n, "x")
+
+
+# lower entries with names of NAME_MAX bytes (and 251/252: a ".wh." prefix just fits / does not)
+LF, LD, LS, LG, LE, LK = (long_name(t) for t in ("file", "dir", "sym", "gone", "empty", "kept"))
+W251, W252 = long_name("w251", 251), long_name("w252", 252)
 
 
 def _image():
@@ -64,6 +79,10 @@ def _image():
           .add_dir("a").add_dir("a/b").add_dir("a/b/c").add_file("a/b/c/deep", b"deep\n")
           .add_file("a/b/file", b"file\n")
           .add_dir("sticky", mode=0o1777).add_file("sticky/owned", b"o", uid=1000, gid=1000)
+          .add_dir("long").add_file(f"long/{LF}", b"lower long\n", xattrs={"user.origin": b"long"})
+          .add_dir(f"long/{LD}").add_file(f"long/{LD}/inner", b"in").add_symlink(f"long/{LS}", "target-of-long")
+          .add_file(f"long/{LG}", b"gone").add_dir(f"long/{LE}").add_file(f"long/{LK}", b"kept", mode=0o640)
+          .add_file(f"long/{W251}", b"251").add_file(f"long/{W252}", b"252")
           .build())
     l2 = (LayerBuilder(mtime=T + 100)
           .add_dir("etc").add_file("etc/hostname", b"box2\n", xattrs={"user.origin": b"layer2"})
@@ -114,16 +133,17 @@ def _short(x) -> str:
 class Pair:
     """One kernel overlay and one layerfs mount of the image, with runners for both."""
 
-    def __init__(self, store: Store, lowers, base: Path, *, read_only=False):
+    def __init__(self, store: Store, lowers, base: Path, *, read_only=False, index=False):
         self.store, self.base = store, base
         self.lmnt = base / "lmnt"
         self.lmnt.mkdir()
         self.upper = base / "lupper"
         opts = MountOptions(read_only=read_only, upper=None if read_only else str(self.upper),
-                            fuse_options=["allow_other", "dev"])      # devices open like on overlayfs
+                            fuse_options=["allow_other", "dev"] + (["index=on"] if index else []))
+        # (dev: devices open like on overlayfs)
         self.rec = mount_image(store, "kdiff:1", self.lmnt, opts)
         track(self.lmnt, self.rec.pid)
-        self._k = kernel_overlay(lowers, base, root_like=os.stat(self.lmnt))
+        self._k = kernel_overlay(lowers, base, root_like=os.stat(self.lmnt), options="index=on" if index else "")
         self.kmnt = self._k.__enter__()
         self.kupper = base / "kupper"
         time.sleep(0.002)
@@ -308,6 +328,7 @@ def test_links_symlinks_devices_fifos(pair):
     d("mkfifo", "tmp/fifo", 0o640, expect="ok")
     d("mknod", "tmp/null", "c", 1, 3, expect="ok")
     d("mknod", "tmp/disk", "b", 8, 1)
+    d("mknod", "tmp/whiteout", "c", 0, 0, expect="EPERM")      # the upper's whiteout form
     d("chmod", "dev/null", 0o600)                  # copy-up of a device
     d("chown", "dev/fifo", 5, 6)
     d("link", "usr/share/h1", "usr/share/h4")      # copy-up of one name of a lower hard link
@@ -405,6 +426,7 @@ def test_closed_files_are_released_soon(pair):
     def fds() -> int:
         return len(os.listdir(f"/proc/{pid}/fd"))
 
+    (pair.lmnt / "tmp" / "warm").write_bytes(b"")     # the daemon keeps an fd of the directory (bounded cache)
     base = fds()
     for i in range(300):
         fd = os.open(pair.lmnt / "tmp" / f"burst{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -509,6 +531,261 @@ def test_whiteout_names_are_refused_by_layerfs(pair):
     assert pair.l.run(("stat", "etc/.wh.hostname")) == ("err", "ENOENT")
 
 
+# --- long names and long paths (NAME_MAX, PATH_MAX) ----------------------------------------------------------
+
+def test_long_names_of_new_entries(pair):
+    """Every operation on names of 255 bytes works as on the kernel; 256 bytes are ENAMETOOLONG."""
+    d = pair.do
+    n, m = long_name("new"), long_name("mid")
+    d("create", f"long/{n}", 0o640, b"data", expect="ok")
+    d("write", f"long/{n}", b"more", "append", expect="ok")
+    d("truncate", f"long/{n}", 3, expect="ok")
+    d("chmod", f"long/{n}", 0o600, expect="ok")
+    d("chown", f"long/{n}", 7, 8, expect="ok")
+    d("utime", f"long/{n}", OLD_NS, OLD_NS + 1, expect="ok")
+    d("setxattr", f"long/{n}", "user.k", b"v", expect="ok")
+    d("getxattr", f"long/{n}", "user.k", expect="ok")
+    d("link", f"long/{n}", f"long/{long_name('link')}", expect="ok")
+    d("mkdir", f"long/{long_name('newdir')}", 0o750, expect="ok")
+    d("create", f"long/{long_name('newdir')}/{n}", 0o644, b"inside", expect="ok")
+    d("mkfifo", f"long/{long_name('fifo')}", expect="ok")
+    d("mknod", f"long/{long_name('node')}", "c", 1, 3, expect="ok")
+    d("symlink", n, f"long/{long_name('symnew')}", expect="ok")
+    d("readlink", f"long/{long_name('symnew')}", expect="ok")
+    d("rename", f"long/{n}", f"long/{m}", expect="ok")
+    d("rename", f"long/{m}", "long/short", expect="ok")
+    d("rename", "long/short", f"long/{n}", expect="ok")
+    d("rename", f"long/{long_name('newdir')}", f"long/{long_name('newdir2')}", expect="ok")
+    d("rename", f"long/{n}", f"long/{long_name('link')}", RENAME_EXCHANGE, expect="ok")
+    d("unlink", f"long/{long_name('link')}", expect="ok")
+    d("unlink", f"long/{long_name('newdir2')}/{n}", expect="ok")
+    d("rmdir", f"long/{long_name('newdir2')}", expect="ok")
+    d("unlink", f"long/{long_name('fifo')}", expect="ok")
+    too = "y" * 256
+    for op in (("create", f"long/{too}", 0o644, b""), ("mkdir", f"long/{too}"), ("symlink", "t", f"long/{too}"),
+               ("link", f"long/{n}", f"long/{too}"), ("rename", f"long/{n}", f"long/{too}"),
+               ("mkfifo", f"long/{too}"), ("mknod", f"long/{too}", "c", 1, 3), ("stat", f"long/{too}"),
+               ("unlink", f"long/{too}"), ("rmdir", f"long/{too}"), ("write", f"long/{too}", b"x", "creat")):
+        d(*op, expect="ENAMETOOLONG")
+    d("listdir", "long")
+    pair.same_tree()
+    assert max(len(os.fsencode(x)) for x in os.listdir(pair.upper / "long")) <= 255
+
+
+def test_long_names_of_lower_entries(pair):
+    """Lower entries with 255-byte names: copy-up, removal and rename leave whiteouts no longer than the
+    name (the ``.wh.`` prefix does not fit), and new entries over those whiteouts replace them."""
+    d = pair.do
+    d("chmod", f"long/{LF}", 0o600, expect="ok")
+    d("chown", f"long/{LF}", 5, 6, expect="ok")
+    d("utime", f"long/{LF}", OLD_NS, OLD_NS + 2, expect="ok")
+    d("setxattr", f"long/{LF}", "user.more", b"m", expect="ok")
+    d("write", f"long/{LF}", b"appended\n", "append", expect="ok")
+    d("truncate", f"long/{LF}", 5, expect="ok")
+    d("rename", f"long/{LK}", "long/kept-short", expect="ok")      # the kernel says ok: so must we
+    d("stat", f"long/{LK}", expect="ENOENT")
+    d("rename", "long/kept-short", f"long/{LK}", expect="ok")      # back, over its own whiteout
+    d("read", f"long/{LK}")
+    d("unlink", f"long/{LG}", expect="ok")
+    d("stat", f"long/{LG}", expect="ENOENT")
+    d("create", f"long/{LG}", 0o600, b"again", expect="ok")       # over the whiteout
+    d("unlink", f"long/{LD}/inner", expect="ok")
+    d("rmdir", f"long/{LD}", expect="ok")
+    d("mkdir", f"long/{LD}", 0o700, expect="ok")                  # opaque, over the whiteout
+    d("listdir", f"long/{LD}")
+    d("rmdir", f"long/{LE}", expect="ok")
+    d("mkdir", "long/newd", expect="ok")
+    d("create", "long/newd/f", 0o644, b"f")
+    d("rename", "long/newd", f"long/{LE}", expect="ok")           # a directory moved onto the whiteout
+    d("listdir", f"long/{LE}")
+    d("unlink", f"long/{LS}", expect="ok")
+    d("symlink", "elsewhere", f"long/{LS}", expect="ok")
+    d("unlink", f"long/{W251}", expect="ok")                      # ".wh." + 251 bytes: still a .wh. file
+    d("unlink", f"long/{W252}", expect="ok")
+    d("mkfifo", f"long/{W252}", expect="ok")
+    d("rename", f"long/{LF}", f"long/{long_name('moved')}", expect="ok")
+    d("link", f"long/{long_name('moved')}", f"long/{LF}", expect="ok")       # a link onto the whiteout
+    d("rename", f"long/{LK}", f"long/{long_name('moved')}", expect="ok")     # over an upper file
+    d("unlink", f"long/{LG}", expect="ok")
+    d("mknod", f"long/{LG}", "c", 1, 3, expect="ok")
+    d("listdir", "long")
+    pair.same_tree()
+    assert max(len(os.fsencode(x)) for x in os.listdir(pair.upper / "long")) <= 255
+
+
+def _at(op, *args):
+    """Run os.*(*args) and return a comparable result."""
+    try:
+        r = op(*args[:-1], **args[-1])
+        return ("ok", r if isinstance(r, (bytes, str, type(None))) else None)
+    except OSError as e:
+        return ("err", errno.errorcode.get(e.errno, str(e.errno)))
+
+
+def _long_path_ops(root: Path) -> list:
+    """Operations on paths of up to PATH_MAX - 1 bytes relative to the mount's root (the VFS takes them
+    whole), one byte more (ENAMETOOLONG from the VFS), and below a directory fd deeper than PATH_MAX."""
+    out = []
+    rfd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    comps = [f"{i:02d}".ljust(255, "d") for i in range(15)] + ["z" * 200]
+    try:
+        for i in range(len(comps)):
+            out.append(_at(os.mkdir, "/".join(comps[: i + 1]), 0o755, {"dir_fd": rfd}))
+        base = "/".join(comps)                    # 4039 bytes
+        tail = 4095 - len(base) - 1               # a name that makes the path 4095 bytes long
+        ok, over = f"{base}/{'n' * tail}", f"{base}/{'n' * (tail + 1)}"
+        assert len(os.fsencode(ok)) == 4095
+        for p in (ok, over):
+            out.append(_at(lambda q: os.close(os.open(q, os.O_CREAT | os.O_WRONLY, 0o640, dir_fd=rfd)), p, {}))
+            out.append(_at(lambda q: os.stat(q, dir_fd=rfd).st_size, p, {}))
+            out.append(_at(os.chmod, p, 0o600, {"dir_fd": rfd}))
+            out.append(_at(os.chown, p, 3, 4, {"dir_fd": rfd, "follow_symlinks": False}))
+            out.append(_at(os.utime, p, {"dir_fd": rfd, "ns": (OLD_NS, OLD_NS)}))
+            out.append(_at(lambda q: _trunc_at(rfd, q, 9), p, {}))
+            out.append(_at(os.link, p, p[:-1] + "L", {"src_dir_fd": rfd, "dst_dir_fd": rfd}))
+            out.append(_at(os.rename, p, p[:-1] + "R", {"src_dir_fd": rfd, "dst_dir_fd": rfd}))
+            out.append(_at(os.rename, p[:-1] + "R", p, {"src_dir_fd": rfd, "dst_dir_fd": rfd}))
+            out.append(_at(os.unlink, p[:-1] + "L", {"dir_fd": rfd}))
+            out.append(_at(os.symlink, "t", p[:-1] + "S", {"dir_fd": rfd}))
+            out.append(_at(os.readlink, p[:-1] + "S", {"dir_fd": rfd}))
+            out.append(_at(os.mkfifo, p[:-1] + "F", 0o600, {"dir_fd": rfd}))
+            out.append(_at(os.mknod, p[:-1] + "N", stat.S_IFCHR | 0o600, os.makedev(1, 3), {"dir_fd": rfd}))
+            out.append(_at(os.mkdir, p[:-1] + "D", 0o700, {"dir_fd": rfd}))
+            out.append(_at(os.rmdir, p[:-1] + "D", {"dir_fd": rfd}))
+            out.append(_at(os.unlink, p, {"dir_fd": rfd}))
+        # deeper than PATH_MAX below a directory fd: the upper's paths are longer still
+        dfd = os.open(base, os.O_PATH | os.O_DIRECTORY, dir_fd=rfd)
+        try:
+            for name in ("q" * 255, "r" * 255):
+                out.append(_at(os.mkdir, name, 0o755, {"dir_fd": dfd}))
+                nfd = os.open(name, os.O_PATH | os.O_DIRECTORY, dir_fd=dfd)
+                os.close(dfd)
+                dfd = nfd
+            out.append(_at(lambda: _write_at(dfd, "f" * 255, b"deep data"), {}))
+            out.append(_at(os.setxattr, f"/proc/self/fd/{dfd}/{'f' * 255}", "user.deep", b"1",
+                           {"follow_symlinks": False}))
+            out.append(_at(os.getxattr, f"/proc/self/fd/{dfd}/{'f' * 255}", "user.deep", {"follow_symlinks": False}))
+            out.append(_at(os.rename, "f" * 255, "g" * 255, {"src_dir_fd": dfd, "dst_dir_fd": dfd}))
+            out.append(_at(lambda: _read_at(dfd, "g" * 255), {}))
+            out.append(_at(lambda: _list_at(dfd), {}))
+            out.append(_at(os.unlink, "g" * 255, {"dir_fd": dfd}))
+        finally:
+            os.close(dfd)
+        # remove what is deeper than the tree snapshot can walk (its paths are absolute)
+        bfd = os.open(base, os.O_PATH | os.O_DIRECTORY, dir_fd=rfd)
+        qfd = os.open("q" * 255, os.O_PATH | os.O_DIRECTORY, dir_fd=bfd)
+        try:
+            out.append(_at(os.rmdir, "r" * 255, {"dir_fd": qfd}))
+            out.append(_at(os.rmdir, "q" * 255, {"dir_fd": bfd}))
+        finally:
+            os.close(qfd)
+            os.close(bfd)
+        for p in (f"{base}/{'n' * tail}"[:-1] + s for s in "SFN"):
+            out.append(_at(os.unlink, p, {"dir_fd": rfd}))
+        for i in range(len(comps), 12, -1):
+            out.append(_at(os.rmdir, "/".join(comps[:i]), {"dir_fd": rfd}))
+    finally:
+        os.close(rfd)
+    return out
+
+
+def _trunc_at(dfd: int, path: str, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY, dir_fd=dfd)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _write_at(dfd: int, name: str, data: bytes) -> None:
+    fd = os.open(name, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644, dir_fd=dfd)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _read_at(dfd: int, name: str) -> bytes:
+    fd = os.open(name, os.O_RDONLY, dir_fd=dfd)
+    try:
+        return os.read(fd, 100)
+    finally:
+        os.close(fd)
+
+
+def _list_at(dfd: int) -> str:
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
+    try:
+        return "/".join(sorted(os.listdir(fd)))
+    finally:
+        os.close(fd)
+
+
+def test_paths_near_and_beyond_path_max(pair):
+    k, l = _long_path_ops(pair.kmnt), _long_path_ops(pair.lmnt)
+    assert k == l
+    assert ("err", "ENAMETOOLONG") in k and k.count(("err", "ENAMETOOLONG")) < len(k) // 2
+    pair.same_tree()
+
+
+# --- index=on: hard links across copy-up ----------------------------------------------------------------------
+
+@pytest.fixture
+def ipair(world, tmp_path):
+    """Both mounts with index=on (kernel overlayfs' option, and layerfs' -o index=on)."""
+    store, lowers = world
+    p = Pair(store, lowers, tmp_path, index=True)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def test_index_on_keeps_the_names_of_a_copied_up_hard_link_one_inode(ipair):
+    d = ipair.do
+    for n in ("h1", "h2", "h3"):
+        d("stat", f"usr/share/{n}")
+    d("write", "usr/share/h1", b"more\n", "append", expect="ok")     # a copy-up: all names follow
+    d("read", "usr/share/h2")
+    d("stat", "usr/share/h2")
+    d("open", "f", "usr/share/h3", "rdwr")
+    d("fdwrite", "f", 0, b"via h3")
+    d("fdstat", "f")
+    d("read", "usr/share/h1")
+    d("unlink", "usr/share/h3", expect="ok")                        # the others keep the data, nlink 2
+    d("stat", "usr/share/h1")
+    d("fdstat", "f")
+    d("close", "f")
+    d("link", "usr/share/h2", "etc/h4", expect="ok")
+    d("stat", "usr/share/h1")
+    d("rename", "usr/share/h2", "var/h2", expect="ok")
+    d("stat", "var/h2")
+    d("unlink", "usr/lib/libx.so.1", expect="ok")                   # not copied up yet: copied up first
+    d("stat", "usr/lib/libx.so")
+    d("chmod", "usr/lib/libx.so", 0o700, expect="ok")
+    d("read", "usr/lib/libx.so")
+    ipair.same_tree()
+    up = ipair.upper
+    assert os.stat(up / "usr/share/h1").st_ino == os.stat(up / "etc/h4").st_ino == os.stat(up / "var/h2").st_ino
+    assert os.stat(up / "usr/share/h1").st_nlink == 3
+
+
+def test_index_off_and_on_differ_as_on_the_kernel(world, tmp_path):
+    """The same writes, index=off then index=on: the other names split off, or follow."""
+    store, lowers = world
+    seen = []
+    for index in (False, True):
+        (tmp_path / str(index)).mkdir()
+        p = Pair(store, lowers, tmp_path / str(index), index=index)
+        try:
+            p.do("write", "usr/share/h1", b"new", "trunc")
+            seen.append((p.do("read", "usr/share/h2"), p.do("stat", "usr/share/h2")[1][5]))
+            p.same_tree()
+        finally:
+            p.close()
+    assert seen == [(("ok", b"linked\n"), 3), (("ok", b"new"), 3)]
+
+
 # --- generated sequences ------------------------------------------------------------------------------------
 
 SEEDS = [int(s) for s in os.environ.get("LAYERFS_DIFF_SEED", ",".join(map(str, range(1, 11)))).split(",")]
@@ -541,20 +818,30 @@ def _same_lower_file(p: Pair, a: str, b: str) -> bool:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_sequences(world, tmp_path, seed):
+    _random_sequence(world, tmp_path, seed, index=False)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:4])
+def test_random_sequences_index_on(world, tmp_path, seed):
+    """As above with index=on on both sides: the image's lower hard links stay one inode when copied up."""
+    _random_sequence(world, tmp_path, seed, index=True)
+
+
+def _random_sequence(world, tmp_path, seed: int, *, index: bool) -> None:
     store, lowers = world
-    p = Pair(store, lowers, tmp_path)
+    p = Pair(store, lowers, tmp_path, index=index)
     try:
 
         shared: set[str] = set()
 
         def apply(op):
-            if op[0] == "rename" and _same_lower_file(p, op[1], op[2]):
+            if not index and op[0] == "rename" and _same_lower_file(p, op[1], op[2]):
                 return           # documented difference (see the module doc)
             if op[0] == "open":
                 shared.discard(op[1])
                 if _lower_hard_link(p, op[2]):
                     shared.add(op[1])
-            if op[0] == "fdstat" and op[1] in shared:
+            if not index and op[0] == "fdstat" and op[1] in shared:
                 return           # documented difference (see the module doc)
             p.do(*op)
             if len(p.log) % 60 == 0:
@@ -565,7 +852,8 @@ def test_random_sequences(world, tmp_path, seed):
                 p.do("close", key)
             p.same_tree()
         except AssertionError as e:
-            raise AssertionError(f"seed {seed} (replay: LAYERFS_DIFF_SEED={seed}): {e}\nlast ops: "
+            raise AssertionError(f"seed {seed}, index={'on' if index else 'off'} (replay: LAYERFS_DIFF_SEED={seed}): "
+                                 f"{e}\nlast ops: "
                                  + "\n".join(map(_short, p.log[-15:]))) from None
     finally:
         p.close()
