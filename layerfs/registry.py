@@ -7,6 +7,11 @@
   another host.
 - Errors keep the distribution-spec codes; only temporary ones (connection
   failures, 429, 5xx) are retried, with bounded exponential backoff.
+- Hostile answers are bounded: a manifest or index over 4 MiB
+  (:data:`MAX_MANIFEST_SIZE`) is refused, a document (manifest, config) must
+  arrive within twice the timeout, and a blob body that brings less than
+  :data:`MIN_RATE` bytes a second over a whole timeout is a broken
+  connection (:class:`_Pace`).
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ from .auth import Challenge, CredentialStore, Credentials, Token, parse_www_auth
 from .errors import (AccessDenied, AuthenticationError, ForeignLayerError, LayerfsError,
                      ManifestError, NotFoundError, RegistryError, RegistryUnreachable,
                      SizeMismatch)
-from .oci import ACCEPT_MANIFESTS, FOREIGN_LAYER_TYPES, Descriptor, Digest, Index, Manifest, parse_manifest
+from .oci import (ACCEPT_MANIFESTS, FOREIGN_LAYER_TYPES, INDEX_TYPES, MANIFEST_TYPES, Descriptor, Digest, Index,
+                  Manifest, parse_manifest)
 from .reference import DOCKER_HUB, is_local_registry
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 USER_AGENT = f"layerfs/{__version__}"
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_REDIRECTS = 5
+#: a blob body slower than this (bytes per second, over each ``timeout`` window) is given up as broken
+MIN_RATE = 1024
 _CHUNK = 1 << 20
 
 
@@ -60,8 +68,57 @@ class RegistryOptions:
         kw = dict(insecure_registries=insecure, ca_bundle=ca)
         if os.environ.get("LAYERFS_BACKOFF_BASE"):
             kw["backoff_base"] = float(os.environ["LAYERFS_BACKOFF_BASE"])
+        if os.environ.get("LAYERFS_TIMEOUT"):
+            try:
+                kw["timeout"] = float(os.environ["LAYERFS_TIMEOUT"])
+            except ValueError:
+                kw["timeout"] = 0.0
+            if not 0 < kw["timeout"] < 1e6:
+                from .errors import UsageError
+                raise UsageError(f"LAYERFS_TIMEOUT={os.environ['LAYERFS_TIMEOUT'][:40]!r} is not a number of "
+                                 f"seconds", hint="unset it, or set it to e.g. 30")
         kw.update(overrides)
         return cls(**kw)
+
+
+class _Pace:
+    """Gives up a body that comes too slowly (a trickle keeps every single read under the timeout):
+    one that brings under :data:`MIN_RATE` bytes a second over a whole *window*, or, with a
+    *deadline* (seconds), one that is not complete by then. Raises :class:`RegistryUnreachable`."""
+
+    def __init__(self, window: float, *, what: str, registry: str, deadline: float | None = None):
+        self.window = window
+        self.what = what
+        self.registry = registry
+        self.started = self.mark = time.monotonic()
+        self.deadline = None if deadline is None else self.started + deadline
+        self.count = 0
+
+    def tick(self, n: int) -> None:
+        self.count += n
+        now = time.monotonic()
+        if self.deadline is not None and now > self.deadline:
+            raise RegistryUnreachable(f"{self.what}: the registry sent only {self.count} bytes in "
+                                      f"{now - self.started:.0f}s", registry=self.registry)
+        if now - self.mark >= self.window:
+            if self.count < MIN_RATE * (now - self.mark):
+                raise RegistryUnreachable(f"{self.what}: the registry sends under {MIN_RATE} bytes/s "
+                                          f"({self.count} bytes in {now - self.mark:.0f}s)", registry=self.registry)
+            self.mark, self.count = now, 0
+
+
+def _read_some(raw, size: int, pace: _Pace, *, decode: bool = False) -> bytes:
+    """Up to *size* bytes of a body (fewer only at its end), read as they come so *pace* can judge."""
+    pieces = []
+    got = 0
+    while got < size:
+        b = raw.read1(size - got, decode_content=decode)
+        if not b:
+            break
+        pieces.append(b)
+        got += len(b)
+        pace.tick(len(b))
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 @dataclass
@@ -71,11 +128,13 @@ class BlobResponse:
     response: requests.Response
     start: int            # offset of the first byte of the body in the blob
     total: int | None
+    pace: _Pace | None = None
 
     def chunks(self, size: int = _CHUNK) -> Iterator[bytes]:
         raw = self.response.raw
+        pace = self.pace or _Pace(30.0, what="blob", registry="")
         while True:
-            b = raw.read(size, decode_content=False)
+            b = _read_some(raw, size, pace)
             if not b:
                 return
             yield b
@@ -316,10 +375,10 @@ class RegistryClient:
               extra_scope: str | None = None) -> requests.Response:
         hdrs = dict(headers or {})
         auth = self._auth_header(scope, refresh=refresh, extra_scope=extra_scope)
-        origin = urlsplit(url).netloc
+        origin = urlsplit(url)[:2]
         for _ in range(MAX_REDIRECTS + 1):
             send = dict(hdrs)
-            if auth and urlsplit(url).netloc == origin:
+            if auth and urlsplit(url)[:2] == origin:     # never to another host, nor over a downgraded scheme
                 send["Authorization"] = auth
             try:
                 r = self.session.request(method, url, headers=send, stream=stream, allow_redirects=False,
@@ -401,19 +460,28 @@ class RegistryClient:
                 raise AccessDenied("registry wants credentials", registry=self.registry, status=401)
         r.close()
 
-    def get_manifest(self, repository: str, identifier: str) -> Manifest | Index:
-        """Fetch a manifest or index by tag or digest; verified against its digest."""
+    def get_manifest(self, repository: str, identifier: str, *, desc: Descriptor | None = None) -> Manifest | Index:
+        """Fetch a manifest or index by tag or digest; verified against its digest.
+
+        With *desc* (the descriptor that names it, e.g. an index entry), its declared size is
+        checked before the fetch (at most :data:`MAX_MANIFEST_SIZE`) and after it, and its media
+        type must be of the same kind (manifest or index) as the document."""
         expected = Digest.parse(identifier) if ":" in identifier and identifier.startswith(("sha256:", "sha512:")) else None
         what = f"manifest {repository}:{identifier}" if expected is None else f"manifest {repository}@{identifier}"
+        if desc is not None and desc.size > MAX_MANIFEST_SIZE:
+            raise ManifestError(f"{what} is too large ({desc.size} bytes, at most {MAX_MANIFEST_SIZE})",
+                                where=self.registry)
         r = self.request("GET", f"/v2/{repository}/manifests/{identifier}", scope=self.pull_scope(repository),
                          headers={"Accept": ACCEPT_MANIFESTS}, stream=True, what=what)
         try:
             length = r.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
-                raise ManifestError(f"{what} is too large ({length} bytes)", where=self.registry)
-            raw = r.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True)
+                raise ManifestError(f"{what} is too large ({length} bytes, at most {MAX_MANIFEST_SIZE})",
+                                    where=self.registry)
+            pace = _Pace(self.options.timeout, what=what, registry=self.registry, deadline=2 * self.options.timeout)
+            raw = _read_some(r.raw, MAX_MANIFEST_SIZE + 1, pace, decode=True)
             if len(raw) > MAX_MANIFEST_SIZE:
-                raise ManifestError(f"{what} is too large", where=self.registry)
+                raise ManifestError(f"{what} is too large (over {MAX_MANIFEST_SIZE} bytes)", where=self.registry)
             if length and length.isdigit() and len(raw) != int(length):
                 raise RegistryError(f"{what}: truncated response ({len(raw)} of {length} bytes)",
                                     registry=self.registry, status=599)
@@ -430,6 +498,14 @@ class RegistryClient:
                 hd = None
             if hd is not None and hd.algorithm == m.digest.algorithm and hd != m.digest:
                 raise ManifestError(f"{what}: Docker-Content-Digest {hd} does not match the content ({m.digest})",
+                                    where=self.registry)
+        if desc is not None:
+            if len(raw) != desc.size:
+                raise SizeMismatch(f"{what} has {len(raw)} bytes, its descriptor says {desc.size}", where=self.registry)
+            said = "index" if desc.media_type in INDEX_TYPES else "manifest" if desc.media_type in MANIFEST_TYPES else None
+            got = "index" if isinstance(m, Index) else "manifest"
+            if said is not None and said != got:
+                raise ManifestError(f"{what} is an image {got}, but the index entry for it says {desc.media_type}",
                                     where=self.registry)
         return m
 
@@ -459,13 +535,16 @@ class RegistryClient:
                 r.close()
                 raise SizeMismatch(f"blob {desc.digest.short}: Content-Range {cr!r} does not match the request "
                                    f"(from {start} of {desc.size})", where=self.registry)
-            return BlobResponse(r, start, total_i)
+            return BlobResponse(r, start, total_i, self._pace(desc))
         length = r.headers.get("Content-Length")
         if length and length.isdigit() and int(length) != desc.size:
             r.close()
             raise SizeMismatch(f"blob {desc.digest.short}: registry sends {length} bytes, manifest says {desc.size}",
                                where=self.registry)
-        return BlobResponse(r, 0, desc.size)
+        return BlobResponse(r, 0, desc.size, self._pace(desc))
+
+    def _pace(self, desc: Descriptor, deadline: float | None = None) -> _Pace:
+        return _Pace(self.options.timeout, what=f"blob {desc.digest.short}", registry=self.registry, deadline=deadline)
 
     def read_range(self, repository: str, desc: Descriptor, start: int, end: int, *,
                    retries: int | None = None) -> bytes:
@@ -586,20 +665,22 @@ class RegistryClient:
                 del self._blob_urls[key]
 
     def get_blob_bytes(self, repository: str, desc: Descriptor, limit: int = 64 << 20) -> bytes:
-        """Fetch a small blob (config) whole, verified."""
+        """Fetch a small blob (config) whole, verified; at most *limit* bytes, within twice the timeout."""
         if desc.size > limit:
-            raise ManifestError(f"blob {desc.digest.short} is too large to fetch whole ({desc.size} bytes)")
+            raise ManifestError(f"blob {desc.digest.short} is too large to fetch whole ({desc.size} bytes, "
+                                f"at most {limit})", where=self.registry)
         resp = self.open_blob(repository, desc)
+        resp.pace = self._pace(desc, deadline=2 * self.options.timeout)
         try:
-            data = b"".join(resp.chunks())
+            data = next(resp.chunks(desc.size + 1), b"")   # more than its size is an error: read no further
         except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
             raise RegistryUnreachable(f"blob {desc.digest.short}: connection failed: {_short_exc(e)}",
                                       registry=self.registry) from None
         finally:
             resp.close()
         if len(data) != desc.size:
-            raise SizeMismatch(f"blob {desc.digest.short} has {len(data)} bytes, expected {desc.size}",
-                               where=self.registry)
+            raise SizeMismatch(f"blob {desc.digest.short} has {'over ' if len(data) > desc.size else ''}"
+                               f"{len(data)} bytes, expected {desc.size}", where=self.registry)
         got = Digest.of(data, desc.digest.algorithm)
         if got != desc.digest:
             from .errors import DigestMismatch
