@@ -29,6 +29,8 @@ from .store import Ingest, Store, _os_error
 
 log = logging.getLogger(__name__)
 
+#: the most layers an image may have (container engines stop near 128; kernel overlayfs stacks at most 500)
+MAX_LAYERS = 1000
 #: index.json annotation holding the digest the registry knows the image by (index digest for multi-platform)
 REPO_DIGEST_ANNOTATION = "io.layerfs.repo.digest"
 #: index.json annotation: digest of the manifest as the registry served it, when the store keeps an OCI form
@@ -338,6 +340,9 @@ class Puller:
                                     where=ref.registry, hint="an image index may only list image manifests")
         elif self.options.platform is not None:
             pass  # a single-platform image: checked against its config below
+        if len(m.layers) > MAX_LAYERS:
+            raise ManifestError(f"{ref.familiar()} has {len(m.layers)} layers, more than layerfs takes ({MAX_LAYERS})",
+                                where=ref.registry)
         if m.config.media_type not in CONFIG_TYPES:
             raise UnsupportedMediaType(f"{ref.familiar()}: config media type {m.config.media_type!r} is not an image "
                                        f"config", where=ref.registry,

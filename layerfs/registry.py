@@ -81,6 +81,9 @@ class RegistryOptions:
         return cls(**kw)
 
 
+_SLOW_HINT = "the registry or the network is too slow; try again later (LAYERFS_TIMEOUT sets the time allowed)"
+
+
 class _Pace:
     """Gives up a body that comes too slowly (a trickle keeps every single read under the timeout):
     one that brings under :data:`MIN_RATE` bytes a second over a whole *window*, or, with a
@@ -99,11 +102,12 @@ class _Pace:
         now = time.monotonic()
         if self.deadline is not None and now > self.deadline:
             raise RegistryUnreachable(f"{self.what}: the registry sent only {self.count} bytes in "
-                                      f"{now - self.started:.0f}s", registry=self.registry)
+                                      f"{now - self.started:.0f}s", registry=self.registry, hint=_SLOW_HINT)
         if now - self.mark >= self.window:
             if self.count < MIN_RATE * (now - self.mark):
                 raise RegistryUnreachable(f"{self.what}: the registry sends under {MIN_RATE} bytes/s "
-                                          f"({self.count} bytes in {now - self.mark:.0f}s)", registry=self.registry)
+                                          f"({self.count} bytes in {now - self.mark:.0f}s)", registry=self.registry,
+                                          hint=_SLOW_HINT)
             self.mark, self.count = now, 0
 
 
@@ -111,13 +115,18 @@ def _read_some(raw, size: int, pace: _Pace, *, decode: bool = False) -> bytes:
     """Up to *size* bytes of a body (fewer only at its end), read as they come so *pace* can judge."""
     pieces = []
     got = 0
-    while got < size:
-        b = raw.read1(size - got, decode_content=decode)
-        if not b:
-            break
-        pieces.append(b)
-        got += len(b)
-        pace.tick(len(b))
+    try:
+        while got < size:
+            b = raw.read1(size - got, decode_content=decode)
+            if not b:
+                break
+            pieces.append(b)
+            got += len(b)
+            pace.tick(len(b))
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+        if not pieces:
+            raise
+        # the bytes before the break are good (a resume starts after them); the next read meets it again
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 

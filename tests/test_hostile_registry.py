@@ -169,7 +169,17 @@ def refused(jail: Jail, ref: str, what: str, *, where: str, bad: tuple[Digest, .
         jail.check_store(bad)
         jail.untouched()
         lines[mode] = line
+        _record(mode, line, r)
     return lines
+
+
+def _record(mode: str, line: str, r: Run) -> None:
+    """With ``LAYERFS_HOSTILE_REPORT=FILE``, append the observed outcome of each case to FILE."""
+    path = os.environ.get("LAYERFS_HOSTILE_REPORT")
+    if path:
+        case = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
+        with open(path, "a") as f:
+            f.write(f"{case}\t{mode}\t{r.seconds:.1f}s\t{r.max_rss >> 20}MiB\t{line}\n")
 
 
 # --- images --------------------------------------------------------------------------------------
@@ -319,3 +329,308 @@ def test_diff_ids_that_do_not_match_the_layers(registry, unique_repo, jail):
     img = build_image(layers, platform=PLATFORM, extra_config={"rootfs": {"type": "layers", "diff_ids": swapped}})
     push_image(registry.host, unique_repo, "t", img)
     refused(jail, f"{registry.host}/{unique_repo}:t", r"image config says", where=registry.host)
+
+
+# --- index loops, fan-out, huge manifests ----------------------------------------------------------
+
+def test_index_that_refers_to_itself_or_to_an_index_that_refers_back(pushed, fault_proxy, jail):
+    host, repo, img = pushed
+    # an index can name itself only under a digest that is not its own: the registry must serve it for that digest
+    claimed = Digest.of(b"the loop's own digest, as its author claims it")
+    loop = index_doc([Descriptor(OCI_INDEX, claimed, 300, platform=PLATFORM).to_json()])
+    serve_manifest(fault_proxy, repo, "self", loop, OCI_INDEX)
+    serve_manifest(fault_proxy, repo, str(claimed), loop, OCI_INDEX)
+    # A -> B -> (A's claimed digest): B is honest, so the nested index is met before any loop
+    b = index_doc([Descriptor(OCI_INDEX, claimed, 300, platform=PLATFORM).to_json()])
+    a = index_doc([entry(OCI_INDEX, b)])
+    serve_manifest(fault_proxy, repo, "a", a, OCI_INDEX)
+    serve_manifest(fault_proxy, repo, str(Digest.of(b)), b, OCI_INDEX)
+    refused(jail, f"{fault_proxy.host}/{repo}:self", r"has \d+ bytes, its descriptor says 300|digest is",
+            where=fault_proxy.host)
+    refused(jail, f"{fault_proxy.host}/{repo}:a", r"nested image index", where=fault_proxy.host)
+
+
+def test_index_fan_out_within_the_cap_is_pulled_and_beyond_it_refused(pushed, fault_proxy, jail):
+    host, repo, img = pushed
+    others = [entry(OCI_MANIFEST, f"other {i}".encode(), platform=Platform("linux", f"arch{i}"))
+              for i in range(MAX_MANIFEST_SIZE // 250)]
+    wide = index_doc(others + [entry(OCI_MANIFEST, img.manifest)])
+    assert MAX_MANIFEST_SIZE // 2 < len(wide) <= MAX_MANIFEST_SIZE
+    serve_manifest(fault_proxy, repo, "wide", wide, OCI_INDEX)
+    r = jail.run("pull", f"{fault_proxy.host}/{repo}:wide")
+    assert r.code == 0 and r.err == "", r.err
+    assert r.seconds < 10 and r.max_rss < MAX_RSS, (r.seconds, r.max_rss)
+    assert [x.name for x in Store(jail.store).images()] == [f"{fault_proxy.host}/{repo}:wide"]
+    jail.untouched()
+    too_wide = index_doc(others * 2 + [entry(OCI_MANIFEST, img.manifest)])
+    serve_manifest(fault_proxy, repo, "too-wide", too_wide, OCI_INDEX)
+    jail2 = Jail(jail.base.parent / "jail2")
+    refused(jail2, f"{fault_proxy.host}/{repo}:too-wide", r"too large", where=fault_proxy.host)
+
+
+def test_huge_manifests_are_refused_without_being_read(pushed, fault_proxy, jail):
+    host, repo, img = pushed
+    huge = 50 << 20
+    filler = b" " * (1 << 20)
+    # 50 MB announced: refused on the header; 50 MB without a length (chunked): refused after 4 MiB
+    fault_proxy.script(rf"/manifests/announced$", Scripted(200, {"Content-Type": OCI_MANIFEST,
+                                                                 "Content-Length": str(huge)}, [filler] * 50))
+    fault_proxy.script(rf"/manifests/chunked$", Scripted(200, {"Content-Type": OCI_MANIFEST}, [filler] * 50,
+                                                          chunked=True))
+    # an index entry that declares a 50 MB manifest: refused before it is asked for
+    big = Descriptor(OCI_MANIFEST, Digest.of(b"big"), huge, platform=PLATFORM).to_json()
+    serve_manifest(fault_proxy, repo, "entry", index_doc([big]), OCI_INDEX)
+    # JSON nested a million deep
+    serve_manifest(fault_proxy, repo, "deep", b"[" * 1_000_000 + b"]" * 1_000_000, OCI_MANIFEST)
+    where = fault_proxy.host
+    refused(jail, f"{where}/{repo}:announced", rf"too large \({huge} bytes", where=where)
+    refused(jail, f"{where}/{repo}:chunked", r"too large \(over", where=where)
+    sent = [r.bytes_sent for r in fault_proxy.requests if r.path.endswith("/chunked")]
+    assert sent and max(sent) < 16 << 20, sent           # the client stopped reading soon after the cap
+    refused(jail, f"{where}/{repo}:entry", rf"too large \({huge} bytes", where=where)
+    assert fault_proxy.count(f"/manifests/{big['digest']}") == 0
+    refused(jail, f"{where}/{repo}:deep", r"malformed JSON in manifest: nested too deeply", where=where)
+
+
+def test_manifest_with_tens_of_thousands_of_layers_is_bounded(pushed, fault_proxy, jail):
+    host, repo, img = pushed
+    lay = img.layer_descriptors[0]
+    n = MAX_MANIFEST_SIZE // len(json.dumps(lay.to_json())) - 10
+    cfg = image(extra_config={"rootfs": {"type": "layers", "diff_ids": [str(img.diff_ids[0])] * n}})
+    push_blob(host, repo, cfg.config)
+    raw = manifest_doc(cfg.config_descriptor, [lay] * n)
+    assert len(raw) <= MAX_MANIFEST_SIZE
+    serve_manifest(fault_proxy, repo, "many", raw, OCI_MANIFEST)
+    refused(jail, f"{fault_proxy.host}/{repo}:many", rf"has {n} layers, more than layerfs takes \(1000\)",
+            where=fault_proxy.host)
+
+
+# --- a registry that lies about sizes, digests and ranges ------------------------------------------
+
+@pytest.fixture
+def big(registry, unique_repo):
+    """(host, repository, an image with one incompressible 200 kB layer, its layer descriptor, its blob)."""
+    img = build_image([small_layer("big", 200_000)], platform=PLATFORM)
+    push_image(registry.host, unique_repo, "t", img)
+    return registry.host, unique_repo, img, img.layer_descriptors[0], img.layers[0]
+
+
+def blob_path(repo: str, digest: Digest) -> str:
+    return rf"^/v2/{re.escape(repo)}/blobs/{digest}$"
+
+
+@pytest.mark.parametrize("lie", ["length-longer-than-body", "length-shorter-than-blob", "body-longer-than-blob",
+                                 "descriptor-smaller", "descriptor-larger", "descriptor-enormous"])
+def test_size_lies(big, fault_proxy, jail, lie):
+    host, repo, img, lay, blob = big
+    where, ref = fault_proxy.host, f"{fault_proxy.host}/{repo}:t"
+    path = blob_path(repo, lay.digest)
+    if lie == "length-longer-than-body":        # the connection ends early, every time: retried, then given up
+        fault_proxy.script(path, Scripted(200, {"Content-Length": str(lay.size)}, blob[: lay.size // 2]))
+        what = rf"connection lost after \d+ of {lay.size} bytes"
+    elif lie == "length-shorter-than-blob":
+        fault_proxy.script(path, Scripted(200, {"Content-Length": str(lay.size - 1)}, blob[:-1]))
+        what = rf"registry sends {lay.size - 1} bytes, manifest says {lay.size}"
+    elif lie == "body-longer-than-blob":        # no length announced (chunked): the extra bytes are the lie
+        fault_proxy.script(path, Scripted(200, {}, [blob, b"\0" * 4096], chunked=True))
+        what = rf"larger than its declared {lay.size} bytes"
+    else:
+        size = {"descriptor-smaller": lay.size - 100, "descriptor-larger": lay.size + 100,
+                "descriptor-enormous": 1 << 62}[lie]
+        raw = manifest_doc(img.config_descriptor, [Descriptor(lay.media_type, lay.digest, size)])
+        serve_manifest(fault_proxy, repo, "t", raw, OCI_MANIFEST)
+        what = rf"registry sends {lay.size} bytes, manifest says {size}"
+    refused(jail, ref, what, where=where, bad=(lay.digest,))
+
+
+@pytest.mark.parametrize("lie", ["blob-bytes", "manifest-by-digest", "docker-content-digest"])
+def test_digest_lies(big, fault_proxy, jail, lie):
+    host, repo, img, lay, blob = big
+    where = fault_proxy.host
+    ref = f"{where}/{repo}:t"
+    if lie == "blob-bytes":                      # same length, one byte changed
+        bad = bytearray(blob)
+        bad[len(bad) // 2] ^= 0x55
+        fault_proxy.script(blob_path(repo, lay.digest), Scripted.content(bytes(bad)))
+        what = rf"blob digest is sha256:[0-9a-f]{{64}}, expected {lay.digest}"
+    elif lie == "manifest-by-digest":
+        other = image("other").manifest
+        serve_manifest(fault_proxy, repo, str(img.manifest_digest), other, OCI_MANIFEST)
+        ref = f"{where}/{repo}@{img.manifest_digest}"
+        what = rf"manifest digest is {Digest.of(other)}, expected {img.manifest_digest}"
+    else:
+        serve_manifest(fault_proxy, repo, "t", img.manifest, OCI_MANIFEST,
+                       headers={"Docker-Content-Digest": "sha256:" + "0" * 64})
+        what = r"Docker-Content-Digest sha256:0{64} does not match the content"
+    refused(jail, ref, what, where=where, bad=(lay.digest,))
+
+
+def test_a_lying_docker_content_digest_on_a_blob_is_ignored(big, fault_proxy, jail):
+    """Blobs are judged by their bytes: a header that lies about them changes nothing."""
+    host, repo, img, lay, blob = big
+    fault_proxy.script(blob_path(repo, lay.digest),
+                       Scripted.content(blob, headers={"Docker-Content-Digest": "sha256:" + "0" * 64}))
+    r = jail.run("pull", f"{fault_proxy.host}/{repo}:t")
+    assert r.code == 0 and r.err == "", r.err
+    assert Store(jail.store).read_blob(lay.digest, lay.size) == blob
+
+
+@pytest.mark.parametrize("lie", ["wrong-start", "wrong-total", "no-content-range", "multipart"])
+def test_content_range_lies_on_resume(big, fault_proxy, jail, lie):
+    """The first answer breaks off after 64 kB; the answers to the resuming Range requests lie."""
+    host, repo, img, lay, blob = big
+    path = blob_path(repo, lay.digest)
+    fault_proxy.cut(path, after_bytes=65536, times=1)
+
+    def answer(rec) -> Scripted:
+        start = int(re.fullmatch(r"bytes=(\d+)-", rec.header("Range")).group(1))
+        part = blob[start:]
+        headers = {"Content-Length": str(len(part))}
+        if lie == "wrong-start":
+            headers["Content-Range"] = f"bytes 0-{len(part) - 1}/{lay.size}"
+        elif lie == "wrong-total":
+            headers["Content-Range"] = f"bytes {start}-{lay.size - 1}/{lay.size + 1000}"
+        elif lie == "multipart":
+            headers["Content-Type"] = "multipart/byteranges; boundary=x"
+        return Scripted(206, headers, part)
+
+    fault_proxy.script(path, answer, when=lambda rec: rec.header("Range"))
+    what = {"wrong-start": r"Content-Range 'bytes 0-\d+/\d+' does not match the request \(from 65536",
+            "wrong-total": rf"Content-Range 'bytes 65536-\d+/{lay.size + 1000}' does not match",
+            "no-content-range": r"bad Content-Range ''", "multipart": r"bad Content-Range ''"}[lie]
+    refused(jail, f"{fault_proxy.host}/{repo}:t", what, where=fault_proxy.host, bad=(lay.digest,))
+    assert [r.header("Range") for r in fault_proxy.requests if re.search(path, r.path)][:2] == [None, "bytes=65536-"]
+
+
+# --- redirects: credentials never go to another host; loops end ------------------------------------
+
+def _login(jail: Jail, host: str, user: str, password: str) -> None:
+    import base64
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    (jail.docker / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+
+
+def _authorization(reqs) -> list[str]:
+    return [r.header("Authorization") for r in reqs if r.header("Authorization")]
+
+
+def _mount_and_unmount(jail: Jail, ref: str) -> None:
+    r = jail.run(*mode_args("lazy", ref, jail))
+    try:
+        assert r.code == 0, r.err
+        assert (jail.mnt / "etc" / "motd").read_bytes() == b"a\n"
+    finally:
+        jail.run("umount", str(jail.mnt))
+        if is_mounted(jail.mnt):
+            force_unmount(jail.mnt)
+
+
+@pytest.mark.parametrize("auth", ["basic", "token"])
+@pytest.mark.parametrize("other", ["127.0.0.2", "127.0.0.1", "bounce"])
+def test_blob_redirects_to_another_host_never_carry_credentials(request, fault_proxy_factory, unique_repo, jail,
+                                                                auth, other):
+    reg = request.getfixturevalue("registry_basic" if auth == "basic" else "registry_token")
+    user, password = reg.auth
+    img = image()
+    push_image(reg.host, unique_repo, "t", img, auth=reg.auth)
+    proxy = fault_proxy_factory(reg)
+    _login(jail, proxy.host, user, password)
+    blobs = {str(d): data for d, data in img.blobs.items()}
+
+    def storage(rec) -> Scripted:                # the other host: serves the blob, or sends the client back
+        digest = rec.path.rsplit("/", 1)[-1]
+        if other == "bounce":
+            return Scripted(307, {"Location": f"{proxy.url}/v2/{unique_repo}/blobs/{digest}?bounced=1",
+                                  "Content-Length": "0"})
+        return Scripted.content(blobs[digest], "application/octet-stream")
+
+    with ScriptedServer(storage, bind="127.0.0.1" if other == "127.0.0.1" else "127.0.0.2") as server:
+        proxy.script(rf"^/v2/{re.escape(unique_repo)}/blobs/sha256:", lambda rec: Scripted(
+            307, {"Location": f"{server.url}/storage/{rec.path.rsplit('/', 1)[-1]}", "Content-Length": "0"}),
+            when=lambda rec: "bounced" not in rec.query)
+        ref = f"{proxy.host}/{unique_repo}:t"
+        r = jail.run("pull", ref)
+        assert r.code == 0 and r.err == "", r.err
+        _mount_and_unmount(jail, ref)
+        assert len(server.requests) >= 3               # config and layer by pull, the config by the lazy mount
+        assert _authorization(server.requests) == [], "credentials went to another host"
+        assert not any(r.header("Cookie") for r in server.requests)
+        assert _authorization(proxy.requests), "the registry itself was never sent the credentials"
+        secret = password if auth == "basic" else None
+        assert secret is None or all(secret not in json.dumps(r.headers) + r.query for r in server.requests)
+
+
+def test_redirect_loops_and_bad_redirects_end_with_one_line(registry_basic, fault_proxy_factory, unique_repo, jail):
+    reg = registry_basic
+    img = image()
+    push_image(reg.host, unique_repo, "t", img, auth=reg.auth)
+    proxy = fault_proxy_factory(reg)
+    _login(jail, proxy.host, *reg.auth)
+    lay = img.layer_descriptors[0]
+    cfg = img.config_descriptor
+    with ScriptedServer(lambda rec: Scripted(302, {"Location": f"{proxy.url}{rec.path}", "Content-Length": "0"})) \
+            as other:
+        # the layer redirects to itself; the config bounces between the registry and another host
+        proxy.script(blob_path(unique_repo, lay.digest),
+                     Scripted(302, {"Location": f"/v2/{unique_repo}/blobs/{lay.digest}", "Content-Length": "0"}))
+        proxy.script(blob_path(unique_repo, cfg.digest),
+                     Scripted(302, {"Location": f"{other.url}/v2/{unique_repo}/blobs/{cfg.digest}",
+                                    "Content-Length": "0"}))
+        refused(jail, f"{proxy.host}/{unique_repo}:t", r"too many redirects", where=proxy.host)
+        assert _authorization(other.requests) == [] and len(other.requests) <= 3 * 3
+        assert proxy.count(f"/blobs/{cfg.digest}") <= 3 * 6
+    proxy.clear_rules()
+    proxy.script(blob_path(unique_repo, cfg.digest), Scripted(302, {"Location": "file:///etc/passwd",
+                                                                     "Content-Length": "0"}))
+    refused(jail, f"{proxy.host}/{unique_repo}:t", r"refusing redirect to 'file:///etc/passwd'", where=proxy.host)
+
+
+# --- endless and slow bodies -------------------------------------------------------------------------
+
+def _endless(piece: bytes = b"\0" * 65536):
+    while True:
+        yield piece
+
+
+def _trickle(data: bytes, pause: float = 0.2):
+    for i in range(len(data)):
+        yield data[i:i + 1]
+        yield pause
+
+
+def test_endless_bodies_are_cut_at_their_declared_size(big, fault_proxy, jail):
+    host, repo, img, lay, blob = big
+    where, ref = fault_proxy.host, f"{fault_proxy.host}/{repo}:t"
+    fault_proxy.script(blob_path(repo, lay.digest), Scripted(200, {}, _endless(), chunked=True))
+    refused(jail, ref, rf"larger than its declared {lay.size} bytes", where=where, bad=(lay.digest,))
+    fault_proxy.clear_rules()
+    cfg = img.config_descriptor
+    fault_proxy.script(blob_path(repo, cfg.digest), Scripted(200, {}, _endless(), chunked=True))
+    refused(jail, ref, rf"blob {cfg.digest.short} has over {cfg.size + 1} bytes, expected {cfg.size}", where=where,
+            bad=(cfg.digest,))
+
+
+def test_slow_bodies_end_in_bounded_time(big, fault_proxy, jail):
+    """Bodies that trickle (every read comes within the timeout) and answers that never come."""
+    host, repo, img, lay, blob = big
+    where, ref = fault_proxy.host, f"{fault_proxy.host}/{repo}:t"
+    man = blob_path(repo, "x").replace("blobs/x", "manifests/t")
+    fault_proxy.script(man, Scripted(200, {"Content-Type": OCI_MANIFEST, "Content-Length": str(len(img.manifest))},
+                                     _trickle(img.manifest)))
+    lines = refused(jail, ref, r"manifest .*:t: the registry sends under 1024 bytes/s", where=where)
+    fault_proxy.clear_rules()
+    cfg = img.config_descriptor
+    fault_proxy.script(blob_path(repo, cfg.digest), Scripted(200, {"Content-Length": str(cfg.size)},
+                                                            _trickle(img.config)))
+    refused(jail, ref, rf"blob {cfg.digest.short}: the registry sends under 1024 bytes/s", where=where,
+            modes=("pull", "lazy"))
+    fault_proxy.clear_rules()
+    fault_proxy.script(blob_path(repo, lay.digest), Scripted(200, {"Content-Length": str(lay.size)}, _trickle(blob)))
+    t0 = time.monotonic()
+    refused(jail, ref, rf"blob {lay.digest.short}: the registry sends under 1024 bytes/s", where=where,
+            bad=(lay.digest,), modes=("pull",))
+    assert time.monotonic() - t0 < 5 * (TIMEOUT + 1) + 5       # each of the 5 attempts gives up after a window
+    fault_proxy.clear_rules()
+    fault_proxy.delay(man, 3600)
+    refused(jail, ref, r"cannot reach .*timed out", where=where, modes=("pull",))
+    assert lines
