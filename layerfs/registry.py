@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -43,6 +44,8 @@ MAX_MANIFEST_SIZE = 4 << 20
 MAX_REDIRECTS = 5
 #: a blob body slower than this (bytes per second, over each ``timeout`` window) is given up as broken
 MIN_RATE = 1024
+#: the most an answer read whole may hold (token, ping, upload answers); manifests: MAX_MANIFEST_SIZE
+_MAX_ANSWER = 1 << 20
 _CHUNK = 1 << 20
 
 
@@ -265,8 +268,31 @@ class RegistryClient:
 
     def _token_request(self, method: str, url: str, **kw) -> requests.Response:
         # never follow redirects with credentials attached
-        return self.session.request(method, url, timeout=self.options.timeout, allow_redirects=False,
-                                    verify=self.session.verify, **kw)
+        r = self.session.request(method, url, timeout=self.options.timeout, allow_redirects=False,
+                                 verify=self.session.verify, stream=True, **kw)
+        try:
+            self._body(r, _MAX_ANSWER, f"token service {urlsplit(url).netloc}")
+        finally:
+            r.close()
+        return r
+
+    def _body(self, r: requests.Response, limit: int, what: str, *, cut: bool = False) -> bytes:
+        """The body of a streamed answer, read as it comes (at most *limit* bytes, within twice the
+        timeout); kept as the answer's content (``r.json()`` works). More than *limit* is an error,
+        or with *cut* the first *limit* bytes."""
+        if r._content is not False:          # read already
+            return r.content
+        pace = _Pace(self.options.timeout, what=what, registry=self.registry, deadline=2 * self.options.timeout)
+        try:
+            data = _read_some(r.raw, limit + 1, pace, decode=True) if r.raw is not None else b""
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+            raise RegistryUnreachable(f"{what}: connection failed: {_short_exc(e)}", registry=self.registry) from None
+        if len(data) > limit:
+            if not cut:
+                raise RegistryError(f"{what}: the answer is too large (over {limit} bytes)", registry=self.registry)
+            data = data[:limit]
+        r._content, r._content_consumed = data, True
+        return data
 
     def _auth_header(self, scope: str | None, *, refresh: bool = False,
                      extra_scope: str | None = None) -> str | None:
@@ -336,6 +362,8 @@ class RegistryClient:
                     r = self._send(method, url, scope=scope, headers=headers, stream=stream,
                                    refresh=False, data=data)
                 if r.status_code in ok:
+                    if not stream:
+                        self._body(r, _MAX_ANSWER, what or method)
                     return r
                 err = self._error_from(r, what)
                 r.close()
@@ -390,7 +418,8 @@ class RegistryClient:
             if auth and urlsplit(url)[:2] == origin:     # never to another host, nor over a downgraded scheme
                 send["Authorization"] = auth
             try:
-                r = self.session.request(method, url, headers=send, stream=stream, allow_redirects=False,
+                # always streamed: no body is read unbounded (see _body)
+                r = self.session.request(method, url, headers=send, stream=True, allow_redirects=False,
                                          timeout=self.options.timeout, verify=self.session.verify, data=data)
             except requests.exceptions.SSLError as e:
                 raise RegistryError(f"TLS error talking to {urlsplit(url).netloc}: {_short_exc(e)}",
@@ -416,8 +445,9 @@ class RegistryClient:
         codes: list[str] = []
         messages: list[str] = []
         try:
-            if len(r.content) < 65536:
-                doc = r.json()
+            body = self._body(r, 65536, what or "error answer", cut=True)
+            if len(body) < 65536:
+                doc = json.loads(body)
                 for e in (doc.get("errors") or []) if isinstance(doc, dict) else []:
                     if isinstance(e, dict):
                         codes.append(str(e.get("code", "")))

@@ -634,3 +634,26 @@ def test_slow_bodies_end_in_bounded_time(big, fault_proxy, jail):
     fault_proxy.delay(man, 3600)
     refused(jail, ref, r"cannot reach .*timed out", where=where, modes=("pull",))
     assert lines
+
+
+def test_endless_error_and_token_answers_are_bounded(registry_basic, fault_proxy_factory, unique_repo, jail):
+    """An error answer (HTTP 500) and a token service answer that never end: read no further than a
+    small bound, then the usual error. The token service a registry names gets the user's credentials,
+    as docker sends them; it must not get the memory."""
+    reg = registry_basic
+    img = image()
+    push_image(reg.host, unique_repo, "t", img, auth=reg.auth)
+    proxy = fault_proxy_factory(reg)
+    _login(jail, proxy.host, *reg.auth)
+    man = rf"^/v2/{re.escape(unique_repo)}/manifests/t$"
+    proxy.script(man, Scripted(500, {"Content-Type": "application/json"}, _endless(b'{"errors": [' * 4096),
+                               chunked=True))
+    refused(jail, f"{proxy.host}/{unique_repo}:t", r"HTTP 500", where=proxy.host, modes=("pull", "lazy"))
+    proxy.clear_rules()
+    with ScriptedServer(Scripted(200, {"Content-Type": "application/json"}, _endless(b'{"token": "' + b"x" * 65536),
+                                 chunked=True)) as realm:
+        proxy.script(man, Scripted(401, {"WWW-Authenticate": f'Bearer realm="{realm.url}/token",service="x"',
+                                         "Content-Length": "0"}))
+        refused(jail, f"{proxy.host}/{unique_repo}:t", rf"token service {re.escape(realm.host)}", where=proxy.host,
+                modes=("pull", "lazy"))
+        assert realm.requests and max(r.bytes_sent for r in realm.requests) < 64 << 20
