@@ -645,16 +645,20 @@ class RegistryClient:
             want = end - start
             out = bytearray()
             raw = r.raw
-            while skip:
-                b = raw.read(min(skip, _CHUNK), decode_content=False)
-                if not b:
-                    break
-                skip -= len(b)
-            while len(out) < want:
-                b = raw.read(min(want - len(out), _CHUNK), decode_content=False)
-                if not b:
-                    break
-                out += b
+            pace = self._pace(desc)
+            try:
+                while skip:
+                    b = _read_some(raw, min(skip, _CHUNK), pace)
+                    if not b:
+                        break
+                    skip -= len(b)
+                while len(out) < want:
+                    b = _read_some(raw, min(want - len(out), _CHUNK), pace)
+                    if not b:
+                        break
+                    out += b
+            except RegistryUnreachable as slow:      # a trickle: worth asking again, as a cut is
+                raise _BodyCut(slow) from None
             if len(out) != want:
                 raise _BodyCut(SizeMismatch(f"blob {desc.digest.short}: range {start}-{end - 1} ended after "
                                             f"{len(out)} of {want} bytes", where=self.registry))

@@ -14,7 +14,7 @@ mount point stay empty, nothing is mounted).
 """
 from __future__ import annotations
 
-import gzip
+import errno
 import json
 import os
 import re
@@ -26,12 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from mounthelpers import force_unmount, is_mounted, require_fuse
+from mounthelpers import force_unmount, is_mounted, mount_lazy_read_only, require_fuse, started_mounts
 from registryfixtures import (FaultProxy, Scripted, ScriptedServer, push_blob, push_image, push_manifest)
-from layerfs.imagebuild import LayerBuilder, build_image, build_index
+from test_lazy_faults import DST, FILES, estargz_store  # noqa: F401 (a fixture: an eStargz image in a store)
+from layerfs.imagebuild import LayerBuilder, build_image
+from layerfs.mount import mounts as layerfs_mounts
+from layerfs.push import PushOptions, Pusher
 from layerfs.oci import (DOCKER_LIST, DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_LAYER_GZIP,
                          OCI_MANIFEST, Descriptor, Digest, Platform, json_bytes)
-from layerfs.registry import MAX_MANIFEST_SIZE
+from layerfs.registry import MAX_MANIFEST_SIZE, RegistryOptions
 from layerfs.store import Store
 
 pytestmark = pytest.mark.timeout(180)
@@ -373,9 +376,9 @@ def test_huge_manifests_are_refused_without_being_read(pushed, fault_proxy, jail
     huge = 50 << 20
     filler = b" " * (1 << 20)
     # 50 MB announced: refused on the header; 50 MB without a length (chunked): refused after 4 MiB
-    fault_proxy.script(rf"/manifests/announced$", Scripted(200, {"Content-Type": OCI_MANIFEST,
+    fault_proxy.script(r"/manifests/announced$", Scripted(200, {"Content-Type": OCI_MANIFEST,
                                                                  "Content-Length": str(huge)}, [filler] * 50))
-    fault_proxy.script(rf"/manifests/chunked$", Scripted(200, {"Content-Type": OCI_MANIFEST}, [filler] * 50,
+    fault_proxy.script(r"/manifests/chunked$", Scripted(200, {"Content-Type": OCI_MANIFEST}, [filler] * 50,
                                                           chunked=True))
     # an index entry that declares a 50 MB manifest: refused before it is asked for
     big = Descriptor(OCI_MANIFEST, Digest.of(b"big"), huge, platform=PLATFORM).to_json()
@@ -657,3 +660,49 @@ def test_endless_error_and_token_answers_are_bounded(registry_basic, fault_proxy
         refused(jail, f"{proxy.host}/{unique_repo}:t", rf"token service {re.escape(realm.host)}", where=proxy.host,
                 modes=("pull", "lazy"))
         assert realm.requests and max(r.bytes_sent for r in realm.requests) < 64 << 20
+
+
+# --- lazy reads from a registry that turns hostile while it serves a mount --------------------------
+
+def test_lazy_reads_that_trickle_or_lie_fail_alone_and_the_mount_goes_on(estargz_store, registry,
+                                                                       fault_proxy_factory, tmp_path, monkeypatch):
+    """A lazy (eStargz) mount whose registry then trickles its Range answers, or answers another range:
+    that read fails with EIO in bounded time, nothing unverified is cached, and later reads work."""
+    monkeypatch.setenv("LAYERFS_TIMEOUT", str(TIMEOUT))
+    monkeypatch.setenv("LAYERFS_BACKOFF_BASE", "0.02")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    proxy = fault_proxy_factory(registry)
+    repo = "test/lazy-hostile"
+    ref = f"{proxy.host}/{repo}:v1"
+    Pusher(estargz_store, PushOptions(registry=RegistryOptions.from_env())).push(DST, ref)
+    lay = estargz_store.resolve(DST)[1].layers[0]
+    blob = estargz_store.read_blob(lay.digest)
+    fresh = Store(tmp_path / "fresh").init()
+
+    def ranged(lie: str):
+        def answer(rec) -> Scripted:
+            a, b = map(int, re.fullmatch(r"bytes=(\d+)-(\d+)", rec.header("Range")).groups())
+            part = blob[a:b + 1]
+            first = a + 1 if lie == "wrong-start" else a
+            hdrs = {"Content-Range": f"bytes {first}-{first + len(part) - 1}/{lay.size}",
+                    "Content-Length": str(len(part))}
+            return Scripted(206, hdrs, _trickle(part, 0.3) if lie == "trickle" else part)
+        return answer
+
+    with started_mounts(90) as started:
+        mnt = mount_lazy_read_only(fresh, ref, tmp_path / "mnt", started)
+        assert (mnt / "data/f0").read_bytes() == FILES["data/f0"]
+        for lie, name in (("trickle", "data/f3"), ("wrong-start", "data/f5")):
+            proxy.clear_rules()
+            proxy.script(blob_path(repo, lay.digest), ranged(lie), when=lambda rec: rec.header("Range"))
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as e:
+                (mnt / name).read_bytes()
+            assert e.value.errno == errno.EIO
+            assert time.monotonic() - t0 < 4 * (TIMEOUT + 1), lie
+        proxy.clear_rules()
+        for name in ("data/f3", "data/f5", "data/f1"):
+            assert (mnt / name).read_bytes() == FILES[name]
+        log_text = Path(layerfs_mounts(fresh)[0].log).read_text()
+        assert "Traceback" not in log_text and "internal error" not in log_text, log_text
+        assert "sends under 1024 bytes/s" in log_text and "does not answer" in log_text, log_text
