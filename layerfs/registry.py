@@ -84,7 +84,7 @@ class RegistryOptions:
         return cls(**kw)
 
 
-_SLOW_HINT = "the registry or the network is too slow; try again later (LAYERFS_TIMEOUT sets the time allowed)"
+_SLOW_HINT = "the registry or the network is too slow; try again later, or allow more time with LAYERFS_TIMEOUT"
 
 
 class _Pace:
