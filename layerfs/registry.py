@@ -140,13 +140,12 @@ class BlobResponse:
     response: requests.Response
     start: int            # offset of the first byte of the body in the blob
     total: int | None
-    pace: _Pace | None = None
+    pace: _Pace           # judges the body's pace as it is read
 
     def chunks(self, size: int = _CHUNK) -> Iterator[bytes]:
         raw = self.response.raw
-        pace = self.pace or _Pace(30.0, what="blob", registry="")
         while True:
-            b = _read_some(raw, size, pace)
+            b = _read_some(raw, size, self.pace)
             if not b:
                 return
             yield b

@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ TIME_LIMIT = 30.0
 #: ``ulimit -v`` of each command (address space: threads reserve stacks and malloc arenas)
 ULIMIT_V_KIB = 3 << 20
 #: the peak resident memory any one command may reach
-MAX_RSS = 300 << 20
+MAX_RSS = 200 << 20
 #: the registry timeout the commands run with (``LAYERFS_TIMEOUT``): slow-body cases end after a few of these
 TIMEOUT = 2
 PLATFORM = Platform.host()
@@ -61,6 +62,23 @@ class Run:
     err: str
     seconds: float
     max_rss: int          # bytes
+
+
+#: ``python -c`` this ``OUTFILE ARGS...``: runs ``layerfs ARGS`` and writes its peak RSS (KiB) to OUTFILE at exit
+_PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+out = sys.argv.pop(1)
+pid = os.getpid()
+def peak():
+    if os.getpid() == pid:          # not in a mount daemon forked from it
+        with open("/proc/self/status") as f:
+            kib = next(line for line in f if line.startswith("VmHWM:")).split()[1]
+        with open(out, "w") as f:
+            f.write(kib)
+atexit.register(peak)
+sys.argv[0] = "layerfs"
+runpy.run_module("layerfs.cli", run_name="__main__", alter_sys=True)
+"""
 
 
 class Jail:
@@ -83,15 +101,17 @@ class Jail:
         return env
 
     def run(self, *args: str, limit: float = TIME_LIMIT, **env: str) -> Run:
-        """``layerfs ARGS`` in its own process under ``ulimit -v``; killed (and the test failed) past *limit*."""
-        cmd = f"ulimit -v {ULIMIT_V_KIB} && exec \"$0\" -m layerfs.cli \"$@\""
-        out_p, err_p = self.base / "stdout", self.base / "stderr"
+        """``layerfs ARGS`` in its own process under ``ulimit -v``; killed (and the test failed) past *limit*.
+        Its peak RSS is its own ``VmHWM`` at exit (``ru_maxrss`` would count the test process it was forked from)."""
+        cmd = f"ulimit -v {ULIMIT_V_KIB} && w=\"$1\" && shift && exec \"$0\" -c \"$w\" \"$@\""
+        out_p, err_p, hwm_p = self.base / "stdout", self.base / "stderr", self.base / "vmhwm"
+        hwm_p.unlink(missing_ok=True)
         with open(out_p, "wb") as out, open(err_p, "wb") as err:
             t0 = time.monotonic()
-            p = subprocess.Popen(["/bin/sh", "-c", cmd, sys.executable, *args], stdin=subprocess.DEVNULL,
-                                 stdout=out, stderr=err, cwd=self.cwd, env=self.env(**env))
+            p = subprocess.Popen(["/bin/sh", "-c", cmd, sys.executable, _PEAK_WRAPPER, str(hwm_p), *args],
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=self.cwd, env=self.env(**env))
             while True:
-                pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+                pid, status, _ = os.wait4(p.pid, os.WNOHANG)
                 if pid:
                     break
                 if time.monotonic() - t0 > limit:
@@ -104,7 +124,7 @@ class Jail:
             seconds = time.monotonic() - t0
         p.returncode = os.waitstatus_to_exitcode(status)
         return Run(p.returncode, out_p.read_text(errors="replace"), err_p.read_text(errors="replace"), seconds,
-                   usage.ru_maxrss * 1024)
+                   int(hwm_p.read_text()) * 1024)
 
     def untouched(self) -> None:
         """Nothing written outside the store: the other places are empty and nothing is mounted."""
@@ -383,8 +403,11 @@ def test_huge_manifests_are_refused_without_being_read(pushed, fault_proxy, jail
     # an index entry that declares a 50 MB manifest: refused before it is asked for
     big = Descriptor(OCI_MANIFEST, Digest.of(b"big"), huge, platform=PLATFORM).to_json()
     serve_manifest(fault_proxy, repo, "entry", index_doc([big]), OCI_INDEX)
-    # JSON nested a million deep
+    # JSON nested a million deep; 256 MiB sent as 256 kB of gzip (Content-Encoding)
     serve_manifest(fault_proxy, repo, "deep", b"[" * 1_000_000 + b"]" * 1_000_000, OCI_MANIFEST)
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = b"".join(z.compress(filler) for _ in range(256)) + z.flush()
+    fault_proxy.script(r"/manifests/bomb$", Scripted.content(bomb, OCI_MANIFEST, headers={"Content-Encoding": "gzip"}))
     where = fault_proxy.host
     refused(jail, f"{where}/{repo}:announced", rf"too large \({huge} bytes", where=where)
     refused(jail, f"{where}/{repo}:chunked", r"too large \(over", where=where)
@@ -393,6 +416,7 @@ def test_huge_manifests_are_refused_without_being_read(pushed, fault_proxy, jail
     refused(jail, f"{where}/{repo}:entry", rf"too large \({huge} bytes", where=where)
     assert fault_proxy.count(f"/manifests/{big['digest']}") == 0
     refused(jail, f"{where}/{repo}:deep", r"malformed JSON in manifest: nested too deeply", where=where)
+    refused(jail, f"{where}/{repo}:bomb", r"too large \(over", where=where)
 
 
 def test_manifest_with_tens_of_thousands_of_layers_is_bounded(pushed, fault_proxy, jail):
@@ -707,3 +731,12 @@ def test_lazy_reads_that_trickle_or_lie_fail_alone_and_the_mount_goes_on(estargz
         log_text = Path(layerfs_mounts(fresh)[0].log).read_text()
         assert "Traceback" not in log_text and "internal error" not in log_text, log_text
         assert "sends under 1024 bytes/s" in log_text and "does not answer" in log_text, log_text
+
+
+def test_a_bad_layerfs_timeout_is_a_usage_error(pushed, jail):
+    host, repo, img = pushed
+    r = jail.run("pull", f"{host}/{repo}:good", LAYERFS_TIMEOUT="soon")
+    assert r.code == 2 and r.err.splitlines() == [
+        "layerfs: error: LAYERFS_TIMEOUT='soon' is not a number of seconds (hint: unset it, or set it to e.g. 30)"]
+    jail.check_store()
+    jail.untouched()
