@@ -343,6 +343,19 @@ def _parse_manifest(raw: bytes, content_type: str | None, expected: Digest | Non
                                hint="layerfs reads OCI and Docker schema2 images")
 
 
+def check_named(desc: Descriptor, doc: Manifest | Index, *, where: str | None = None) -> None:
+    """*doc*, fetched by the digest of *desc* (e.g. an index entry), is what *desc* says: its size,
+    and its kind (image manifest or image index) when *desc* names one."""
+    what = f"manifest {desc.digest}"
+    if len(doc.raw) != desc.size:
+        raise SizeMismatch(f"{what} has {len(doc.raw)} bytes, its descriptor says {desc.size}", where=where)
+    got = "index" if isinstance(doc, Index) else "manifest"
+    said = _kind(desc.media_type)
+    if said is not None and said != got:
+        raise ManifestError(f"{what} is an image {got}, but the index entry for it says {desc.media_type}",
+                            where=where)
+
+
 # --- image config ------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ import urllib3
 from .errors import (ContentError, DigestMismatch, ForeignLayerError, ManifestError, PlatformNotFound, RegistryError,
                      RegistryUnreachable, SizeMismatch, TarError, UnsupportedMediaType)
 from .oci import (CONFIG_TYPES, FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Index,
-                  Manifest, Platform, docker_to_oci, iter_layer_compression)
+                  Manifest, Platform, check_named, docker_to_oci, iter_layer_compression)
 from .reference import Reference
-from .registry import ClientPool, RegistryClient, RegistryOptions, _short_exc
+from .registry import MAX_MANIFEST_SIZE, ClientPool, RegistryClient, RegistryOptions, _short_exc
 from .layerindex import LayerIndex, LayerIndexer, index_path
 from .store import Ingest, Store, _os_error
 
@@ -334,7 +334,11 @@ class Puller:
                 avail = ", ".join(sorted({str(p) for p in m.platforms()})) or "none"
                 raise PlatformNotFound(f"no image for platform {want} in {ref.familiar()}",
                                        where=ref.registry, hint=f"available platforms: {avail}; use --platform")
-            m = client.get_manifest(ref.repository, str(desc.digest), desc=desc)
+            if desc.size > MAX_MANIFEST_SIZE:      # refused before it is asked for
+                raise ManifestError(f"manifest {ref.repository}@{desc.digest} is too large ({desc.size} bytes, "
+                                    f"at most {MAX_MANIFEST_SIZE})", where=ref.registry)
+            m = client.get_manifest(ref.repository, str(desc.digest))
+            check_named(desc, m, where=ref.registry)
             if isinstance(m, Index):
                 raise ManifestError(f"{ref.familiar()}: nested image index for {want} is not supported",
                                     where=ref.registry, hint="an image index may only list image manifests")
