@@ -564,22 +564,27 @@ def test_blob_redirects_to_another_host_never_carry_credentials(request, fault_p
     _login(jail, proxy.host, user, password)
     blobs = {str(d): data for d, data in img.blobs.items()}
 
-    def storage(rec) -> Scripted:                # the other host: serves the blob, or sends the client back
-        digest = rec.path.rsplit("/", 1)[-1]
+    def storage(rec) -> Scripted:    # the other host: serves the blob or manifest, or sends the client back
+        kind, name = rec.path.split("/")[-2:]
         if other == "bounce":
-            return Scripted(307, {"Location": f"{proxy.url}/v2/{unique_repo}/blobs/{digest}?bounced=1",
+            return Scripted(307, {"Location": f"{proxy.url}/v2/{unique_repo}/{kind}/{name}?bounced=1",
                                   "Content-Length": "0"})
-        return Scripted.content(blobs[digest], "application/octet-stream")
+        if kind == "manifests":
+            return Scripted.content(img.manifest, OCI_MANIFEST)
+        return Scripted.content(blobs[name], "application/octet-stream")
 
     with ScriptedServer(storage, bind="127.0.0.1" if other == "127.0.0.1" else "127.0.0.2") as server:
-        proxy.script(rf"^/v2/{re.escape(unique_repo)}/blobs/sha256:", lambda rec: Scripted(
-            307, {"Location": f"{server.url}/storage/{rec.path.rsplit('/', 1)[-1]}", "Content-Length": "0"}),
+        # blobs and the manifest (by tag) are redirected to the other host
+        proxy.script(rf"^/v2/{re.escape(unique_repo)}/(blobs/sha256:|manifests/t$)", lambda rec: Scripted(
+            307, {"Location": f"{server.url}/storage/{rec.path.split('/')[-2]}/{rec.path.rsplit('/', 1)[-1]}",
+                  "Content-Length": "0"}),
             when=lambda rec: "bounced" not in rec.query)
         ref = f"{proxy.host}/{unique_repo}:t"
         r = jail.run("pull", ref)
         assert r.code == 0 and r.err == "", r.err
         _mount_and_unmount(jail, ref)
-        assert len(server.requests) >= 3               # config and layer by pull, the config by the lazy mount
+        assert len(server.requests) >= 5       # manifest, config and layer by pull, manifest and config by the lazy mount
+        assert any(r.path.startswith("/storage/manifests/") for r in server.requests)
         assert _authorization(server.requests) == [], "credentials went to another host"
         assert not any(r.header("Cookie") for r in server.requests)
         assert _authorization(proxy.requests), "the registry itself was never sent the credentials"
