@@ -267,6 +267,7 @@ class Index:
         """The best manifest for *want*: exact variant first, then any compatible one."""
         candidates = [m for m in self.manifests
                       if m.media_type in MANIFEST_TYPES | INDEX_TYPES and m.platform and want.matches(m.platform)]
+        candidates.sort(key=lambda m: m.media_type in INDEX_TYPES)    # image manifests before nested indexes
         if not candidates:
             return None
         wn = want.normalized()

@@ -373,6 +373,14 @@ def test_index_that_refers_to_itself_or_to_an_index_that_refers_back(pushed, fau
     refused(jail, f"{fault_proxy.host}/{repo}:a", r"nested image index", where=fault_proxy.host)
 
 
+def test_an_image_manifest_is_chosen_over_a_nested_index_of_the_same_platform():
+    from layerfs.oci import parse_manifest
+    img = image()
+    nested = index_doc([entry(OCI_MANIFEST, img.manifest)])
+    idx = parse_manifest(index_doc([entry(OCI_INDEX, nested), entry(OCI_MANIFEST, img.manifest)]))
+    assert idx.select(PLATFORM).digest == img.manifest_digest
+
+
 def test_index_fan_out_within_the_cap_is_pulled_and_beyond_it_refused(pushed, fault_proxy, jail):
     host, repo, img = pushed
     others = [entry(OCI_MANIFEST, f"other {i}".encode(), platform=Platform("linux", f"arch{i}"))
