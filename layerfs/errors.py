@@ -59,6 +59,7 @@ class ContentError(LayerfsError):
     """Content from outside (manifest, config, blob, tar) is malformed."""
 
     errno = _errno.EIO
+    default_hint = "the image is malformed or was served wrongly; ask its publisher or registry to fix it"
 
 
 class DigestMismatch(ContentError):
@@ -103,6 +104,7 @@ class RegistryError(LayerfsError):
     """
 
     TEMPORARY_CODES = frozenset({"TOOMANYREQUESTS", "UNAVAILABLE"})
+    default_hint = "the registry misbehaves; try again later, or tell its operator"
 
     def __init__(self, message: str, *, registry: str | None = None, status: int | None = None,
                  codes: tuple[str, ...] = (), hint: str | None = None, where: str | None = None,

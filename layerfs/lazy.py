@@ -833,7 +833,7 @@ def open_lazy_layers(store: Store, ref_text: str, *, platform=None, registry_opt
     if len(diff_ids) != len(manifest.layers):
         raise ManifestError(f"image config lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers",
                             where=f"{ref.registry}/{repo}")
-    compressions = iter_layer_compression(manifest.layers)
+    compressions = iter_layer_compression(manifest.layers, where=ref.registry)
     # the readers make their own client in the process that serves (the mount daemon is forked)
     state: dict = {}
 
@@ -881,6 +881,12 @@ def open_lazy_layers(store: Store, ref_text: str, *, platform=None, registry_opt
                 with store.lock("gc", shared=True):
                     puller._download_layer(client, repo, desc, compressions[i], diff_ids[i])
             idx = load_or_build(store, desc)
+            if idx.diff_id != diff_ids[i]:
+                from .errors import DigestMismatch
+                raise DigestMismatch(f"layer {desc.digest.short}: uncompressed content is {idx.diff_id}, the image "
+                                     f"config says {diff_ids[i]}", where=f"{ref.registry}/{repo}",
+                                     hint="the image config does not describe these layers; ask the image's "
+                                          "publisher to fix it")
             reader = open_layer_reader(store, desc, idx)
         layers.append(LazyImageLayer(desc, diff_ids[i], idx, reader, lazy))
     return LazyImage(ref, manifest, layers, reader_client)

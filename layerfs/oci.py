@@ -40,6 +40,7 @@ DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyj
 
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+CONFIG_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
 ACCEPT_MANIFESTS = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 
 #: layer media type -> compression ("gzip", "zstd" or None)
@@ -222,6 +223,8 @@ def _load_json(raw: bytes, what: str) -> Mapping[str, Any]:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ManifestError(f"malformed JSON in {what}: {e}") from None
+    except RecursionError:
+        raise ManifestError(f"malformed JSON in {what}: nested too deeply") from None
     if not isinstance(doc, Mapping):
         raise ManifestError(f"{what} is not a JSON object")
     return doc
@@ -264,6 +267,7 @@ class Index:
         """The best manifest for *want*: exact variant first, then any compatible one."""
         candidates = [m for m in self.manifests
                       if m.media_type in MANIFEST_TYPES | INDEX_TYPES and m.platform and want.matches(m.platform)]
+        candidates.sort(key=lambda m: m.media_type in INDEX_TYPES)    # image manifests before nested indexes
         if not candidates:
             return None
         wn = want.normalized()
@@ -273,9 +277,27 @@ class Index:
         return candidates[0]
 
 
+def _kind(media_type: str | None) -> str | None:
+    return "index" if media_type in INDEX_TYPES else "manifest" if media_type in MANIFEST_TYPES else None
+
+
 def parse_manifest(raw: bytes, content_type: str | None = None, *, expected: Digest | None = None,
                    where: str | None = None) -> Manifest | Index:
-    """Parse and validate manifest bytes; verify against *expected* when given."""
+    """Parse and validate manifest bytes; verify against *expected* when given.
+
+    The document's own ``mediaType`` names its type; a ``Content-Type`` of another manifest or
+    index type, or a document shaped as the other kind (an index with ``layers``, a manifest
+    with ``manifests``), is refused: an ambiguous document could be read as either."""
+    try:
+        return _parse_manifest(raw, content_type, expected, where)
+    except ManifestError as e:
+        if e.where is None:
+            e.where = where
+        raise
+
+
+def _parse_manifest(raw: bytes, content_type: str | None, expected: Digest | None,
+                    where: str | None) -> Manifest | Index:
     algo = expected.algorithm if expected else "sha256"
     digest = Digest.of(raw, algo)
     if expected is not None and digest != expected:
@@ -285,7 +307,8 @@ def parse_manifest(raw: bytes, content_type: str | None = None, *, expected: Dig
     ct = (content_type or "").split(";")[0].strip() or None
     if ct in ("application/json", "text/plain", "application/octet-stream"):
         ct = None
-    # a registry may label a document differently; the document's own field wins
+    if mt and ct and mt != ct and _kind(mt) and _kind(ct):
+        raise ManifestError(f"the registry sends a document of media type {mt} as Content-Type {ct}", where=where)
     kind = mt or ct
     if kind is None:
         # OCI allows mediaType to be absent: decide by shape
@@ -298,6 +321,9 @@ def parse_manifest(raw: bytes, content_type: str | None = None, *, expected: Dig
                                    hint="the image is very old; re-push it with a current tool")
     if doc.get("schemaVersion") != 2:
         raise ManifestError(f"unsupported manifest schemaVersion {doc.get('schemaVersion')!r}", where=where)
+    if (kind in INDEX_TYPES and ("layers" in doc or "config" in doc)) or (kind in MANIFEST_TYPES and "manifests" in doc):
+        other = "an image manifest" if kind in INDEX_TYPES else "an image index"
+        raise ManifestError(f"ambiguous document: its type is {kind} but it has the fields of {other}", where=where)
     if kind in INDEX_TYPES:
         items = doc.get("manifests")
         if not isinstance(items, list):
@@ -316,6 +342,19 @@ def parse_manifest(raw: bytes, content_type: str | None = None, *, expected: Dig
         return Manifest(raw, kind, digest, config, layers, ann, subject)
     raise UnsupportedMediaType(f"unsupported manifest media type {kind!r}", where=where,
                                hint="layerfs reads OCI and Docker schema2 images")
+
+
+def check_named(desc: Descriptor, doc: Manifest | Index, *, where: str | None = None) -> None:
+    """*doc*, fetched by the digest of *desc* (e.g. an index entry), is what *desc* says: its size,
+    and its kind (image manifest or image index) when *desc* names one."""
+    what = f"manifest {desc.digest}"
+    if len(doc.raw) != desc.size:
+        raise SizeMismatch(f"{what} has {len(doc.raw)} bytes, its descriptor says {desc.size}", where=where)
+    got = "index" if isinstance(doc, Index) else "manifest"
+    said = _kind(desc.media_type)
+    if said is not None and said != got:
+        raise ManifestError(f"{what} is an image {got}, but the index entry for it says {desc.media_type}",
+                            where=where)
 
 
 # --- image config ------------------------------------------------------------
@@ -337,10 +376,22 @@ class ImageConfig:
 
     @classmethod
     def parse(cls, raw: bytes, *, where: str | None = None) -> "ImageConfig":
-        doc = _load_json(raw, "image config")
+        try:
+            doc = _load_json(raw, "image config")
+        except ManifestError as e:
+            e.where = where
+            raise
         rootfs = doc.get("rootfs")
         if rootfs is not None and not isinstance(rootfs, Mapping):
             raise ManifestError("image config: 'rootfs' is not an object", where=where)
+        ids = (rootfs or {}).get("diff_ids")
+        if ids is not None and not (isinstance(ids, list) and all(isinstance(d, str) for d in ids)):
+            raise ManifestError("image config: 'rootfs.diff_ids' is not a list of digests", where=where)
+        try:
+            for d in ids or ():
+                Digest.parse(d)
+        except ManifestError as e:
+            raise ManifestError(f"image config: rootfs.diff_ids: {e.message}", where=where) from None
         return cls(raw, Digest.of(raw), doc)
 
     @property
@@ -434,11 +485,12 @@ def json_bytes(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def iter_layer_compression(layers: Iterable[Descriptor]) -> list[str | None]:
+def iter_layer_compression(layers: Iterable[Descriptor], *, where: str | None = None) -> list[str | None]:
     out = []
     for l in layers:
         if l.media_type not in LAYER_COMPRESSION:
-            raise UnsupportedMediaType(f"unsupported layer media type {l.media_type!r} for {l.digest.short}")
+            raise UnsupportedMediaType(f"unsupported layer media type {l.media_type!r} for {l.digest.short}",
+                                       where=where)
         out.append(LAYER_COMPRESSION[l.media_type])
     return out
 

@@ -19,17 +19,19 @@ import requests
 import urllib3
 
 from .errors import (ContentError, DigestMismatch, ForeignLayerError, ManifestError, PlatformNotFound, RegistryError,
-                     RegistryUnreachable, SizeMismatch, TarError)
-from .oci import (FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Index, Manifest,
-                  Platform, docker_to_oci, iter_layer_compression)
+                     RegistryUnreachable, SizeMismatch, TarError, UnsupportedMediaType)
+from .oci import (CONFIG_TYPES, FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Index,
+                  Manifest, Platform, check_named, docker_to_oci, iter_layer_compression)
 from .reference import Reference
-from .registry import ClientPool, RegistryClient, RegistryOptions, _short_exc
+from .registry import MAX_MANIFEST_SIZE, ClientPool, RegistryClient, RegistryOptions, _short_exc
 from .gzindex import CompressedDataError
 from .layerindex import LayerIndex, LayerIndexer, index_path, max_layer_size
 from .store import Ingest, Store, _os_error
 
 log = logging.getLogger(__name__)
 
+#: the most layers an image may have (container engines stop near 128; kernel overlayfs stacks at most 500)
+MAX_LAYERS = 1000
 #: index.json annotation holding the digest the registry knows the image by (index digest for multi-platform)
 REPO_DIGEST_ANNOTATION = "io.layerfs.repo.digest"
 #: index.json annotation: digest of the manifest as the registry served it, when the store keeps an OCI form
@@ -75,6 +77,7 @@ def layer_facts_from_blob(store: Store, desc: Descriptor) -> dict:
 
 
 _WRITEBACK_STEP = 8 << 20
+_DIFF_ID_HINT = "the image config does not describe these layers; ask the image's publisher to fix it"
 
 
 def _sync_file_range(fd: int, offset: int, length: int) -> None:
@@ -238,9 +241,12 @@ class LayerWriter:
                 self.content_error = e
             if self.content_error is not None:   # the source's blob itself is broken: keep nothing
                 self.ing.discard()
-                if isinstance(self.content_error, CompressedDataError):   # its hint is for a stored blob
-                    self.content_error.hint = "the blob matches its digest: the image itself is damaged"
-                raise self.content_error
+                e = self.content_error
+                if isinstance(e, CompressedDataError):   # its hint is for a stored blob
+                    e.hint = "the blob matches its digest: the image itself is damaged"
+                if self.where not in (e.where or ""):
+                    e.where = f"{self.where}: {e.where}" if e.where else self.where
+                raise e
         else:
             self.indexer.close()
         try:
@@ -259,7 +265,7 @@ class LayerWriter:
         index.save(index_path(self.store, self.desc.digest))
         if diff_id is not None and index.diff_id != diff_id:
             raise DigestMismatch(f"layer {self.desc.digest.short}: uncompressed content is {index.diff_id}, "
-                                 f"image config says {diff_id}", where=self.where)
+                                 f"image config says {diff_id}", where=self.where, hint=_DIFF_ID_HINT)
         info = {"diff_id": str(index.diff_id), "size": index.size, "media_type": self.desc.media_type}
         self.store.set_layer_info(self.desc.digest, info)
         return info
@@ -333,12 +339,23 @@ class Puller:
                 avail = ", ".join(sorted({str(p) for p in m.platforms()})) or "none"
                 raise PlatformNotFound(f"no image for platform {want} in {ref.familiar()}",
                                        where=ref.registry, hint=f"available platforms: {avail}; use --platform")
+            if desc.size > MAX_MANIFEST_SIZE:      # refused before it is asked for
+                raise ManifestError(f"manifest {ref.repository}@{desc.digest} is too large ({desc.size} bytes, "
+                                    f"at most {MAX_MANIFEST_SIZE})", where=ref.registry)
             m = client.get_manifest(ref.repository, str(desc.digest))
+            check_named(desc, m, where=ref.registry)
             if isinstance(m, Index):
                 raise ManifestError(f"{ref.familiar()}: nested image index for {want} is not supported",
-                                    where=ref.registry)
+                                    where=ref.registry, hint="an image index may only list image manifests")
         elif self.options.platform is not None:
             pass  # a single-platform image: checked against its config below
+        if len(m.layers) > MAX_LAYERS:
+            raise ManifestError(f"{ref.familiar()} has {len(m.layers)} layers, more than layerfs takes ({MAX_LAYERS})",
+                                where=ref.registry)
+        if m.config.media_type not in CONFIG_TYPES:
+            raise UnsupportedMediaType(f"{ref.familiar()}: config media type {m.config.media_type!r} is not an image "
+                                       f"config", where=ref.registry,
+                                       hint="the reference names an artifact or something else, not a container image")
         return m, index
 
     def pull(self, ref: Reference) -> PullResult:
@@ -352,7 +369,7 @@ class Puller:
         client = self.client(ref.registry)
         repo = ref.repository
         # media types are checked before anything is downloaded
-        compressions = iter_layer_compression(manifest.layers)
+        compressions = iter_layer_compression(manifest.layers, where=ref.registry)
         for l in manifest.layers:
             if l.media_type in FOREIGN_LAYER_TYPES and not self.store.has_blob(l.digest, l.size):
                 raise ForeignLayerError(f"layer {l.digest.short} is non-distributable ({l.media_type})"
@@ -363,7 +380,7 @@ class Puller:
             config_raw = client.get_blob_bytes(repo, manifest.config)
         config = ImageConfig.parse(config_raw, where=f"{ref.registry}/{repo}")
         diff_ids = config.diff_ids
-        if diff_ids and len(diff_ids) != len(manifest.layers):
+        if len(diff_ids) != len(manifest.layers):
             raise ManifestError(f"image config lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers",
                                 where=f"{ref.registry}/{repo}")
         want = self.options.platform
@@ -402,7 +419,8 @@ class Puller:
                 info = layer_facts_from_blob(self.store, l)
             if diff_ids and info.get("diff_id") != str(diff_ids[i]):
                 raise DigestMismatch(f"layer {l.digest.short}: uncompressed content is {info.get('diff_id')}, "
-                                     f"the image config says {diff_ids[i]}", where=f"{ref.registry}/{repo}")
+                                     f"the image config says {diff_ids[i]}", where=f"{ref.registry}/{repo}",
+                                     hint=_DIFF_ID_HINT)
 
         self.store.put_blob(config_raw, manifest.config.digest)
         self.store.put_blob(manifest.raw, manifest.digest)

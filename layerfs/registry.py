@@ -7,9 +7,15 @@
   another host.
 - Errors keep the distribution-spec codes; only temporary ones (connection
   failures, 429, 5xx) are retried, with bounded exponential backoff.
+- Hostile answers are bounded: a manifest or index over 4 MiB
+  (:data:`MAX_MANIFEST_SIZE`) is refused, a document (manifest, config) must
+  arrive within twice the timeout, and a blob body that brings less than
+  :data:`MIN_RATE` bytes a second over a whole timeout is a broken
+  connection (:class:`_Pace`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -35,6 +41,10 @@ log = logging.getLogger(__name__)
 USER_AGENT = f"layerfs/{__version__}"
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_REDIRECTS = 5
+#: a blob body slower than this (bytes per second, over each ``timeout`` window) is given up as broken
+MIN_RATE = 1024
+#: the most an answer read whole may hold (token, ping, upload answers); manifests: MAX_MANIFEST_SIZE
+_MAX_ANSWER = 1 << 20
 _CHUNK = 1 << 20
 
 
@@ -61,11 +71,69 @@ class RegistryOptions:
         kw = dict(insecure_registries=insecure, ca_bundle=ca)
         if os.environ.get("LAYERFS_BACKOFF_BASE"):
             kw["backoff_base"] = float(os.environ["LAYERFS_BACKOFF_BASE"])
+        if os.environ.get("LAYERFS_TIMEOUT"):
+            try:
+                kw["timeout"] = float(os.environ["LAYERFS_TIMEOUT"])
+            except ValueError:
+                kw["timeout"] = 0.0
+            if not 0 < kw["timeout"] < 1e6:
+                from .errors import UsageError
+                raise UsageError(f"LAYERFS_TIMEOUT={os.environ['LAYERFS_TIMEOUT'][:40]!r} is not a number of "
+                                 f"seconds", hint="unset it, or set it to e.g. 30")
         if "mirrors" not in overrides:
             from .mirrors import load_mirrors
             kw["mirrors"] = load_mirrors()
         kw.update(overrides)
         return cls(**kw)
+
+
+_SLOW_HINT = "the registry or the network is too slow; try again later, or allow more time with LAYERFS_TIMEOUT"
+
+
+class _Pace:
+    """Gives up a body that comes too slowly (a trickle keeps every single read under the timeout):
+    one that brings under :data:`MIN_RATE` bytes a second over a whole *window*, or, with a
+    *deadline* (seconds), one that is not complete by then. Raises :class:`RegistryUnreachable`."""
+
+    def __init__(self, window: float, *, what: str, registry: str, deadline: float | None = None):
+        self.window = window
+        self.what = what
+        self.registry = registry
+        self.started = self.mark = time.monotonic()
+        self.deadline = None if deadline is None else self.started + deadline
+        self.count = 0
+
+    def tick(self, n: int) -> None:
+        self.count += n
+        now = time.monotonic()
+        if self.deadline is not None and now > self.deadline:
+            raise RegistryUnreachable(f"{self.what}: the registry sent only {self.count} bytes in "
+                                      f"{now - self.started:.0f}s", registry=self.registry, hint=_SLOW_HINT)
+        if now - self.mark >= self.window:
+            if self.count < MIN_RATE * (now - self.mark):
+                raise RegistryUnreachable(f"{self.what}: the registry sends under {MIN_RATE} bytes/s "
+                                          f"({self.count} bytes in {now - self.mark:.0f}s)", registry=self.registry,
+                                          hint=_SLOW_HINT)
+            self.mark, self.count = now, 0
+
+
+def _read_some(raw, size: int, pace: _Pace, *, decode: bool = False) -> bytes:
+    """Up to *size* bytes of a body (fewer only at its end), read as they come so *pace* can judge."""
+    pieces = []
+    got = 0
+    try:
+        while got < size:
+            b = raw.read1(size - got, decode_content=decode)
+            if not b:
+                break
+            pieces.append(b)
+            got += len(b)
+            pace.tick(len(b))
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+        if not pieces:
+            raise
+        # the bytes before the break are good (a resume starts after them); the next read meets it again
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 @dataclass
@@ -75,11 +143,12 @@ class BlobResponse:
     response: requests.Response
     start: int            # offset of the first byte of the body in the blob
     total: int | None
+    pace: _Pace           # judges the body's pace as it is read
 
     def chunks(self, size: int = _CHUNK) -> Iterator[bytes]:
         raw = self.response.raw
         while True:
-            b = raw.read(size, decode_content=False)
+            b = _read_some(raw, size, self.pace)
             if not b:
                 return
             yield b
@@ -201,8 +270,31 @@ class RegistryClient:
 
     def _token_request(self, method: str, url: str, **kw) -> requests.Response:
         # never follow redirects with credentials attached
-        return self.session.request(method, url, timeout=self.options.timeout, allow_redirects=False,
-                                    verify=self.session.verify, **kw)
+        r = self.session.request(method, url, timeout=self.options.timeout, allow_redirects=False,
+                                 verify=self.session.verify, stream=True, **kw)
+        try:
+            self._body(r, _MAX_ANSWER, f"token service {urlsplit(url).netloc}")
+        finally:
+            r.close()
+        return r
+
+    def _body(self, r: requests.Response, limit: int, what: str, *, cut: bool = False) -> bytes:
+        """The body of a streamed answer, read as it comes (at most *limit* bytes, within twice the
+        timeout); kept as the answer's content (``r.json()`` works). More than *limit* is an error,
+        or with *cut* the first *limit* bytes."""
+        if r._content is not False:          # read already
+            return r.content
+        pace = _Pace(self.options.timeout, what=what, registry=self.registry, deadline=2 * self.options.timeout)
+        try:
+            data = _read_some(r.raw, limit + 1, pace, decode=True) if r.raw is not None else b""
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+            raise RegistryUnreachable(f"{what}: connection failed: {_short_exc(e)}", registry=self.registry) from None
+        if len(data) > limit:
+            if not cut:
+                raise RegistryError(f"{what}: the answer is too large (over {limit} bytes)", registry=self.registry)
+            data = data[:limit]
+        r._content, r._content_consumed = data, True
+        return data
 
     def _auth_header(self, scope: str | None, *, refresh: bool = False,
                      extra_scope: str | None = None) -> str | None:
@@ -272,6 +364,8 @@ class RegistryClient:
                     r = self._send(method, url, scope=scope, headers=headers, stream=stream,
                                    refresh=False, data=data)
                 if r.status_code in ok:
+                    if not stream:
+                        self._body(r, _MAX_ANSWER, what or method)
                     return r
                 err = self._error_from(r, what)
                 r.close()
@@ -320,13 +414,14 @@ class RegistryClient:
               extra_scope: str | None = None) -> requests.Response:
         hdrs = dict(headers or {})
         auth = self._auth_header(scope, refresh=refresh, extra_scope=extra_scope)
-        origin = urlsplit(url).netloc
+        origin = urlsplit(url)[:2]
         for _ in range(MAX_REDIRECTS + 1):
             send = dict(hdrs)
-            if auth and urlsplit(url).netloc == origin:
+            if auth and urlsplit(url)[:2] == origin:     # never to another host, nor over a downgraded scheme
                 send["Authorization"] = auth
             try:
-                r = self.session.request(method, url, headers=send, stream=stream, allow_redirects=False,
+                # always streamed: no body is read unbounded (see _body)
+                r = self.session.request(method, url, headers=send, stream=True, allow_redirects=False,
                                          timeout=self.options.timeout, verify=self.session.verify, data=data)
             except requests.exceptions.SSLError as e:
                 raise RegistryError(f"TLS error talking to {urlsplit(url).netloc}: {_short_exc(e)}",
@@ -352,8 +447,9 @@ class RegistryClient:
         codes: list[str] = []
         messages: list[str] = []
         try:
-            if len(r.content) < 65536:
-                doc = r.json()
+            body = self._body(r, 65536, what or "error answer", cut=True)
+            if len(body) < 65536:
+                doc = json.loads(body)
                 for e in (doc.get("errors") or []) if isinstance(doc, dict) else []:
                     if isinstance(e, dict):
                         codes.append(str(e.get("code", "")))
@@ -406,7 +502,8 @@ class RegistryClient:
         r.close()
 
     def get_manifest(self, repository: str, identifier: str) -> Manifest | Index:
-        """Fetch a manifest or index by tag or digest; verified against its digest."""
+        """Fetch a manifest or index by tag or digest; verified against its digest; at most
+        :data:`MAX_MANIFEST_SIZE` bytes, within twice the timeout."""
         expected = Digest.parse(identifier) if ":" in identifier and identifier.startswith(("sha256:", "sha512:")) else None
         what = f"manifest {repository}:{identifier}" if expected is None else f"manifest {repository}@{identifier}"
         r = self.request("GET", f"/v2/{repository}/manifests/{identifier}", scope=self.pull_scope(repository),
@@ -414,10 +511,12 @@ class RegistryClient:
         try:
             length = r.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
-                raise ManifestError(f"{what} is too large ({length} bytes)", where=self.registry)
-            raw = r.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True)
+                raise ManifestError(f"{what} is too large ({length} bytes, at most {MAX_MANIFEST_SIZE})",
+                                    where=self.registry)
+            pace = _Pace(self.options.timeout, what=what, registry=self.registry, deadline=2 * self.options.timeout)
+            raw = _read_some(r.raw, MAX_MANIFEST_SIZE + 1, pace, decode=True)
             if len(raw) > MAX_MANIFEST_SIZE:
-                raise ManifestError(f"{what} is too large", where=self.registry)
+                raise ManifestError(f"{what} is too large (over {MAX_MANIFEST_SIZE} bytes)", where=self.registry)
             if length and length.isdigit() and len(raw) != int(length):
                 raise RegistryError(f"{what}: truncated response ({len(raw)} of {length} bytes)",
                                     registry=self.registry, status=599)
@@ -463,13 +562,16 @@ class RegistryClient:
                 r.close()
                 raise SizeMismatch(f"blob {desc.digest.short}: Content-Range {cr!r} does not match the request "
                                    f"(from {start} of {desc.size})", where=self.registry)
-            return BlobResponse(r, start, total_i)
+            return BlobResponse(r, start, total_i, self._pace(desc))
         length = r.headers.get("Content-Length")
         if length and length.isdigit() and int(length) != desc.size:
             r.close()
             raise SizeMismatch(f"blob {desc.digest.short}: registry sends {length} bytes, manifest says {desc.size}",
                                where=self.registry)
-        return BlobResponse(r, 0, desc.size)
+        return BlobResponse(r, 0, desc.size, self._pace(desc))
+
+    def _pace(self, desc: Descriptor, deadline: float | None = None) -> _Pace:
+        return _Pace(self.options.timeout, what=f"blob {desc.digest.short}", registry=self.registry, deadline=deadline)
 
     def read_range(self, repository: str, desc: Descriptor, start: int, end: int, *,
                    retries: int | None = None, require_partial: bool = False) -> bytes:
@@ -536,16 +638,20 @@ class RegistryClient:
             want = end - start
             out = bytearray()
             raw = r.raw
-            while skip:
-                b = raw.read(min(skip, _CHUNK), decode_content=False)
-                if not b:
-                    break
-                skip -= len(b)
-            while len(out) < want:
-                b = raw.read(min(want - len(out), _CHUNK), decode_content=False)
-                if not b:
-                    break
-                out += b
+            pace = self._pace(desc)
+            try:
+                while skip:
+                    b = _read_some(raw, min(skip, _CHUNK), pace)
+                    if not b:
+                        break
+                    skip -= len(b)
+                while len(out) < want:
+                    b = _read_some(raw, min(want - len(out), _CHUNK), pace)
+                    if not b:
+                        break
+                    out += b
+            except RegistryUnreachable as slow:      # a trickle: worth asking again, as a cut is
+                raise _BodyCut(slow) from None
             if len(out) != want:
                 raise _BodyCut(SizeMismatch(f"blob {desc.digest.short}: range {start}-{end - 1} ended after "
                                             f"{len(out)} of {want} bytes", where=self.registry))
@@ -595,20 +701,22 @@ class RegistryClient:
                 del self._blob_urls[key]
 
     def get_blob_bytes(self, repository: str, desc: Descriptor, limit: int = 64 << 20) -> bytes:
-        """Fetch a small blob (config) whole, verified."""
+        """Fetch a small blob (config) whole, verified; at most *limit* bytes, within twice the timeout."""
         if desc.size > limit:
-            raise ManifestError(f"blob {desc.digest.short} is too large to fetch whole ({desc.size} bytes)")
+            raise ManifestError(f"blob {desc.digest.short} is too large to fetch whole ({desc.size} bytes, "
+                                f"at most {limit})", where=self.registry)
         resp = self.open_blob(repository, desc)
+        resp.pace = self._pace(desc, deadline=2 * self.options.timeout)
         try:
-            data = b"".join(resp.chunks())
+            data = next(resp.chunks(desc.size + 1), b"")   # more than its size is an error: read no further
         except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
             raise RegistryUnreachable(f"blob {desc.digest.short}: connection failed: {_short_exc(e)}",
                                       registry=self.registry) from None
         finally:
             resp.close()
         if len(data) != desc.size:
-            raise SizeMismatch(f"blob {desc.digest.short} has {len(data)} bytes, expected {desc.size}",
-                               where=self.registry)
+            raise SizeMismatch(f"blob {desc.digest.short} has {'over ' if len(data) > desc.size else ''}"
+                               f"{len(data)} bytes, expected {desc.size}", where=self.registry)
         got = Digest.of(data, desc.digest.algorithm)
         if got != desc.digest:
             from .errors import DigestMismatch

@@ -709,7 +709,7 @@ def _parse(raw: bytes, what: str, where: str, expected: Digest | None = None) ->
     except LayerfsError as e:
         e.message = f"{what}: {e.message}"
         e.where = e.where or where
-        if e.hint is None or isinstance(e, DigestMismatch):
+        if e.hint in (None, e.default_hint) or isinstance(e, DigestMismatch):
             e.hint = _DAMAGED
         raise
 
@@ -888,7 +888,8 @@ def _config(raw: bytes, where: str) -> ImageConfig:
     try:
         return ImageConfig.parse(raw, where=where)
     except LayerfsError as e:
-        e.hint = e.hint or _DAMAGED
+        if e.hint in (None, e.default_hint):
+            e.hint = _DAMAGED
         raise
 
 

@@ -11,7 +11,10 @@ dependencies (``bcrypt``, ``cryptography``) lazily.
 * :class:`TokenServer` stands in for a Docker-Hub-style auth service and
   issues JWTs the registry accepts.
 * :class:`FaultProxy` sits between a client and a registry and cuts, throttles,
-  fails, delays or drops chosen requests.
+  fails, delays, drops or answers chosen requests itself (a lying registry:
+  :class:`Scripted` answers send any status, headers and body, slowly if
+  asked); :class:`ScriptedServer` is another host (e.g. 127.0.0.2) that
+  answers every request with a script and records what it was sent.
 * :func:`push_image` / :func:`push_index` push :mod:`layerfs.imagebuild`
   images with plain ``requests``; :class:`RegistryAuth` answers Basic and
   Bearer challenges.
@@ -42,7 +45,7 @@ import warnings
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import pytest
 import requests
@@ -499,14 +502,14 @@ class _SigningKey:
 
 
 class _ServedInThread:
-    """A ThreadingHTTPServer on 127.0.0.1 served from a daemon thread: ``start()`` (the subclass's,
-    calling :meth:`_serve`), ``stop()``, and ``with`` for both."""
+    """A ThreadingHTTPServer on 127.0.0.1 (or *bind*) served from a daemon thread: ``start()`` (the
+    subclass's, calling :meth:`_serve`), ``stop()``, and ``with`` for both."""
 
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
-    def _serve(self, handler: type, name: str) -> None:
-        server = ThreadingHTTPServer((LOCALHOST, 0), handler)
+    def _serve(self, handler: type, name: str, bind: str = LOCALHOST) -> None:
+        server = ThreadingHTTPServer((bind, 0), handler)
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -812,7 +815,7 @@ _ERROR_CODES = {429: "TOOMANYREQUESTS", 503: "UNAVAILABLE", 401: "UNAUTHORIZED",
 class FaultRule:
     """One fault.  ``times`` = how often it fires (None: always); ``hits`` = how often it did."""
 
-    kind: Literal["cut", "status", "delay", "drop"]
+    kind: Literal["cut", "status", "delay", "drop", "script"]
     pattern: re.Pattern[str]
     method: str | None = None
     times: int | None = 1
@@ -821,12 +824,18 @@ class FaultRule:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     seconds: float = 0.0
+    #: "script" rules: the answer, or a function of the request that makes it
+    answer: "Scripted | Callable[[ProxiedRequest], Scripted] | None" = None
+    #: only requests for which this returns true match (e.g. those with a ``Range`` header)
+    when: "Callable[[ProxiedRequest], Any] | None" = None
     hits: int = 0
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, rec: "ProxiedRequest | None" = None) -> bool:
         if self.times is not None and self.hits >= self.times:
             return False
         if self.method is not None and self.method != method:
+            return False
+        if self.when is not None and (rec is None or not self.when(rec)):
             return False
         return self.pattern.search(path) is not None
 
@@ -1025,6 +1034,13 @@ class FaultProxy:
     def drop(self, path: str | re.Pattern[str], *, times: int | None = 1, method: str | None = None) -> FaultRule:
         return self._add(FaultRule("drop", self._pattern(path), method, times))
 
+    def script(self, path: str | re.Pattern[str], answer: "Scripted | Callable[[ProxiedRequest], Scripted]", *,
+               times: int | None = None, method: str | None = "GET",
+               when: "Callable[[ProxiedRequest], Any] | None" = None) -> FaultRule:
+        """Answer matching requests with *answer* (a :class:`Scripted`, or a function of the
+        :class:`ProxiedRequest` returning one) instead of the registry: a registry that lies."""
+        return self._add(FaultRule("script", self._pattern(path), method, times, answer=answer, when=when))
+
     def revoke_tokens(self) -> int:
         """Expire every bearer token seen so far: later requests carrying one get the 401 with a
         ``WWW-Authenticate`` challenge that a registry sends for an expired token.  Returns how many."""
@@ -1066,13 +1082,13 @@ class FaultProxy:
         return collections.Counter(r.path for r in self.requests)
 
     # -- internals ------------------------------------------------------------
-    def _plan(self, method: str, path: str) -> tuple[float, FaultRule | None]:
+    def _plan(self, method: str, path: str, rec: ProxiedRequest | None = None) -> tuple[float, FaultRule | None]:
         """Total delay, and the first matching non-delay rule; counts the hits."""
         delay = 0.0
         chosen: FaultRule | None = None
         with self._lock:
             for rule in self._rules:
-                if not rule.matches(method, path):
+                if not rule.matches(method, path, rec):
                     continue
                 if rule.kind == "delay":
                     rule.hits += 1
@@ -1176,7 +1192,7 @@ def _make_proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                     self.wfile.write(out)
                 return
 
-            delay, rule = proxy._plan(method, split.path)
+            delay, rule = proxy._plan(method, split.path, rec)
             if delay:
                 rec.fault = "delay"
                 if proxy._stopping.wait(delay):
@@ -1185,6 +1201,11 @@ def _make_proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if rule is not None and rule.kind == "drop":
                 rec.fault = "drop"
                 self._close_hard()
+                return
+            if rule is not None and rule.kind == "script":
+                rec.fault = "script"
+                answer = rule.answer(rec) if callable(rule.answer) else rule.answer
+                _send_scripted(self, answer, rec, proxy._stopping)
                 return
             if rule is not None and rule.kind == "status":
                 rec.fault, rec.status = "status", rule.status
@@ -1285,6 +1306,121 @@ def _make_proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             rec.bytes_sent = len(data)
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _proxy
+
+    return Handler
+
+
+@dataclass
+class Scripted:
+    """An answer sent exactly as given, as a lying registry would: *status*, then *headers*
+    verbatim (nothing is added but ``Connection: close``: set a ``Content-Length``, or a lying
+    one, yourself), then *body*: bytes, or an iterable of bytes and numbers (a number pauses
+    that many seconds: a slow or endless body). ``chunked=True`` sends the body with
+    ``Transfer-Encoding: chunked``. The connection is closed after the body, so a body shorter
+    than its ``Content-Length`` ends there."""
+
+    status: int = 200
+    headers: Mapping[str, str] | Sequence[tuple[str, str]] = ()
+    body: bytes | Iterable[bytes | float] = b""
+    chunked: bool = False
+
+    @classmethod
+    def content(cls, body: bytes, content_type: str | None = None, *, status: int = 200,
+                headers: Mapping[str, str] | None = None) -> "Scripted":
+        """*body* with its true ``Content-Length`` (and ``Content-Type``, when given) plus *headers*."""
+        hdrs = {"Content-Length": str(len(body))}
+        if content_type is not None:
+            hdrs["Content-Type"] = content_type
+        hdrs.update(headers or {})
+        return cls(status, hdrs, body)
+
+
+def _send_scripted(handler: BaseHTTPRequestHandler, answer: Scripted, rec: ProxiedRequest,
+                   stopping: threading.Event) -> None:
+    rec.status = answer.status
+    handler.close_connection = True
+    try:
+        handler.send_response_only(answer.status)
+        items = answer.headers.items() if isinstance(answer.headers, Mapping) else answer.headers
+        for k, v in items:
+            rec.response_headers[k] = v
+            handler.send_header(k, v)
+        if answer.chunked:
+            handler.send_header("Transfer-Encoding", "chunked")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        if handler.command == "HEAD":
+            return
+        body = [answer.body] if isinstance(answer.body, (bytes, bytearray)) else answer.body
+        for piece in body:
+            if isinstance(piece, (int, float)):
+                if stopping.wait(piece):
+                    return
+                continue
+            if not piece:
+                continue
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if answer.chunked else piece)
+            rec.bytes_sent += len(piece)
+        if answer.chunked:
+            handler.wfile.write(b"0\r\n\r\n")
+    except OSError:
+        pass                              # the client went away (e.g. it gave up an endless body)
+    finally:
+        with contextlib.suppress(OSError):
+            handler.wfile.flush()
+        with contextlib.suppress(OSError):
+            handler.connection.shutdown(socket.SHUT_RDWR)
+
+
+class ScriptedServer(_ServedInThread):
+    """Another host: an HTTP server on *bind* (default 127.0.0.2, so that a client sees another
+    host than the registry's 127.0.0.1) that answers every request with *answer* (a
+    :class:`Scripted`, or a function of the :class:`ProxiedRequest` returning one) and records
+    every request, headers included, in ``requests``."""
+
+    def __init__(self, answer: "Scripted | Callable[[ProxiedRequest], Scripted]", *, bind: str = "127.0.0.2"):
+        self.answer = answer
+        self.bind = bind
+        self.requests: list[ProxiedRequest] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def start(self) -> "ScriptedServer":
+        self._stopping.clear()
+        self._serve(_make_scripted_handler(self), "scripted-server", self.bind)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        super().stop()
+
+    @property
+    def host(self) -> str:
+        if self._server is None:
+            raise RuntimeError("scripted server is not running")
+        return f"{self.bind}:{self._server.server_address[1]}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+
+def _make_scripted_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _answer(self) -> None:
+            split = urllib.parse.urlsplit(self.path)
+            rec = ProxiedRequest(self.command, split.path, split.query, dict(self.headers.items()))
+            with server._lock:
+                server.requests.append(rec)
+            answer = server.answer(rec) if callable(server.answer) else server.answer
+            _send_scripted(self, answer, rec, server._stopping)
+
+        do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
 
     return Handler
 
