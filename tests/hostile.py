@@ -157,40 +157,64 @@ class Run:
     stdout: str
     stderr: str
     seconds: float
-    peak_rss: int          # bytes (ru_maxrss of the process)
+    peak_rss: int          # bytes (the process's own VmHWM)
 
     @property
     def error_lines(self) -> list[str]:
         return [l for l in self.stderr.splitlines() if l.strip()]
 
 
-def run_limited(args: Sequence[str], *, env: Mapping[str, str] | None = None, address_space: int = 2 * GiB,
+#: ``python -c`` this ``OUTFILE ARGS...``: runs ``layerfs ARGS`` and writes its peak RSS (KiB, VmHWM) to
+#: OUTFILE at exit (wait4's ru_maxrss would also count the test process the child was forked from)
+_PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+out = sys.argv.pop(1)
+pid = os.getpid()
+def peak():
+    if os.getpid() == pid:          # not in a mount daemon forked from it
+        with open("/proc/self/status") as f:
+            kib = next(line for line in f if line.startswith("VmHWM:")).split()[1]
+        with open(out, "w") as f:
+            f.write(kib)
+atexit.register(peak)
+sys.argv[0] = "layerfs"
+runpy.run_module("layerfs", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_limited(args: Sequence[str], *, env: Mapping[str, str] | None = None,
+                environ: Mapping[str, str] | None = None, address_space: int = 2 * GiB,
                 timeout: float = 60, cwd: str | os.PathLike[str] | None = None) -> Run:
-    """``python -m layerfs ARGS`` with RLIMIT_AS set to *address_space*: its exit code, output,
-    wall time and peak resident memory (wait4's rusage of that process alone)."""
+    """``layerfs ARGS`` in its own process with RLIMIT_AS set to *address_space*: its exit code, output,
+    wall time and peak resident memory (its own VmHWM). The environment is *environ* (default: this
+    process's) plus *env*. Killed, and an AssertionError raised, past *timeout* seconds."""
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
 
-    full_env = dict(os.environ)
+    full_env = dict(os.environ if environ is None else environ)
     full_env.update(env or {})
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r") as hwm:
         t0 = time.monotonic()
-        p = subprocess.Popen([sys.executable, "-m", "layerfs", *args], stdin=subprocess.DEVNULL,
+        p = subprocess.Popen([sys.executable, "-c", _PEAK_WRAPPER, hwm.name, *args], stdin=subprocess.DEVNULL,
                              stdout=out, stderr=err, env=full_env, preexec_fn=limit, cwd=cwd)
         deadline = t0 + timeout
         while True:
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            pid, status, _ = os.wait4(p.pid, os.WNOHANG)
             if pid:
                 break
             if time.monotonic() > deadline:
                 p.kill()
                 os.wait4(p.pid, 0)
                 p.returncode = -9
-                raise AssertionError(f"layerfs {' '.join(args)} did not end within {timeout}s")
+                err.seek(0)
+                raise AssertionError(f"layerfs {' '.join(args)} did not end within {timeout}s: "
+                                     f"{err.read()[-2000:].decode(errors='replace')}")
             time.sleep(0.02)
         seconds = time.monotonic() - t0
         p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
+        kib = hwm.read().strip()
         return Run(p.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
-                   seconds, usage.ru_maxrss * 1024)
+                   seconds, int(kib or 0) * 1024)

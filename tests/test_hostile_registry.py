@@ -18,18 +18,16 @@ import errno
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from hostile import Run, run_limited
 from mounthelpers import force_unmount, is_mounted, mount_lazy_read_only, require_fuse, started_mounts
 from registryfixtures import (FaultProxy, Scripted, ScriptedServer, push_blob, push_image, push_manifest)
-from test_lazy_faults import DST, FILES, estargz_store  # noqa: F401 (a fixture: an eStargz image in a store)
+from test_lazy_faults import DST, FILES, estargz_store  # noqa: F401,F811 (a fixture: an eStargz image in a store)
 from layerfs.imagebuild import LayerBuilder, build_image
 from layerfs.mount import mounts as layerfs_mounts
 from layerfs.push import PushOptions, Pusher
@@ -44,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: wall time any one command may take on hostile input (retries included: backoff and timeout are short)
 TIME_LIMIT = 30.0
 #: ``ulimit -v`` of each command (address space: threads reserve stacks and malloc arenas)
-ULIMIT_V_KIB = 3 << 20
+ADDRESS_SPACE = 3 << 30
 #: the peak resident memory any one command may reach
 MAX_RSS = 200 << 20
 #: the registry timeout the commands run with (``LAYERFS_TIMEOUT``): slow-body cases end after a few of these
@@ -54,32 +52,6 @@ MODES = ("pull", "mount", "lazy")
 
 
 # --- running the CLI -------------------------------------------------------------------------------
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-    seconds: float
-    max_rss: int          # bytes
-
-
-#: ``python -c`` this ``OUTFILE ARGS...``: runs ``layerfs ARGS`` and writes its peak RSS (KiB) to OUTFILE at exit
-_PEAK_WRAPPER = """
-import atexit, os, runpy, sys
-out = sys.argv.pop(1)
-pid = os.getpid()
-def peak():
-    if os.getpid() == pid:          # not in a mount daemon forked from it
-        with open("/proc/self/status") as f:
-            kib = next(line for line in f if line.startswith("VmHWM:")).split()[1]
-        with open(out, "w") as f:
-            f.write(kib)
-atexit.register(peak)
-sys.argv[0] = "layerfs"
-runpy.run_module("layerfs.cli", run_name="__main__", alter_sys=True)
-"""
-
 
 class Jail:
     """A store and the places a command could write to besides it, all empty to begin with."""
@@ -101,30 +73,8 @@ class Jail:
         return env
 
     def run(self, *args: str, limit: float = TIME_LIMIT, **env: str) -> Run:
-        """``layerfs ARGS`` in its own process under ``ulimit -v``; killed (and the test failed) past *limit*.
-        Its peak RSS is its own ``VmHWM`` at exit (``ru_maxrss`` would count the test process it was forked from)."""
-        cmd = f"ulimit -v {ULIMIT_V_KIB} && w=\"$1\" && shift && exec \"$0\" -c \"$w\" \"$@\""
-        out_p, err_p, hwm_p = self.base / "stdout", self.base / "stderr", self.base / "vmhwm"
-        hwm_p.unlink(missing_ok=True)
-        with open(out_p, "wb") as out, open(err_p, "wb") as err:
-            t0 = time.monotonic()
-            p = subprocess.Popen(["/bin/sh", "-c", cmd, sys.executable, _PEAK_WRAPPER, str(hwm_p), *args],
-                                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=self.cwd, env=self.env(**env))
-            while True:
-                pid, status, _ = os.wait4(p.pid, os.WNOHANG)
-                if pid:
-                    break
-                if time.monotonic() - t0 > limit:
-                    p.kill()
-                    os.wait4(p.pid, 0)
-                    p.returncode = -9
-                    pytest.fail(f"layerfs {' '.join(args)} ran longer than {limit}s: "
-                                f"{err_p.read_text(errors='replace')[-2000:]}")
-                time.sleep(0.02)
-            seconds = time.monotonic() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
-        return Run(p.returncode, out_p.read_text(errors="replace"), err_p.read_text(errors="replace"), seconds,
-                   int(hwm_p.read_text()) * 1024)
+        """``layerfs ARGS`` in its own process under an address-space limit, in this jail's environment."""
+        return run_limited(args, environ=self.env(**env), address_space=ADDRESS_SPACE, timeout=limit, cwd=self.cwd)
 
     def untouched(self) -> None:
         """Nothing written outside the store: the other places are empty and nothing is mounted."""
@@ -179,16 +129,16 @@ def refused(jail: Jail, ref: str, what: str, *, where: str, bad: tuple[Digest, .
     lines = {}
     for mode in modes:
         r = jail.run(*mode_args(mode, ref, jail), limit=limit, **env)
-        err = [ln for ln in r.err.splitlines() if ln.strip() and not (NOTICES[mode] and NOTICES[mode].match(ln))]
-        assert r.code == 1, f"{mode}: exit {r.code}\n{r.out}\n{r.err}"
-        assert "Traceback" not in r.err and "internal error" not in r.err, f"{mode}: {r.err}"
-        assert len(err) == 1, f"{mode}: not one line:\n{r.err}"
+        err = [ln for ln in r.stderr.splitlines() if ln.strip() and not (NOTICES[mode] and NOTICES[mode].match(ln))]
+        assert r.returncode == 1, f"{mode}: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+        assert "Traceback" not in r.stderr and "internal error" not in r.stderr, f"{mode}: {r.stderr}"
+        assert len(err) == 1, f"{mode}: not one line:\n{r.stderr}"
         line = err[0]
         assert line.startswith("layerfs: error: "), line
         assert where in line, f"{mode}: {where!r} not named: {line}"
         assert re.search(what, line), f"{mode}: {what!r} not in: {line}"
         assert re.search(r"\(hint: [^)]+\)$", line), f"{mode}: no hint: {line}"
-        assert r.seconds < limit and r.max_rss < MAX_RSS, (mode, r.seconds, r.max_rss)
+        assert r.seconds < limit and r.peak_rss < MAX_RSS, (mode, r.seconds, r.peak_rss)
         jail.check_store(bad)
         jail.untouched()
         lines[mode] = line
@@ -202,7 +152,7 @@ def _record(mode: str, line: str, r: Run) -> None:
     if path:
         case = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
         with open(path, "a") as f:
-            f.write(f"{case}\t{mode}\t{r.seconds:.1f}s\t{r.max_rss >> 20}MiB\t{line}\n")
+            f.write(f"{case}\t{mode}\t{r.seconds:.1f}s\t{r.peak_rss >> 20}MiB\t{line}\n")
 
 
 # --- images --------------------------------------------------------------------------------------
@@ -389,8 +339,8 @@ def test_index_fan_out_within_the_cap_is_pulled_and_beyond_it_refused(pushed, fa
     assert MAX_MANIFEST_SIZE // 2 < len(wide) <= MAX_MANIFEST_SIZE
     serve_manifest(fault_proxy, repo, "wide", wide, OCI_INDEX)
     r = jail.run("pull", f"{fault_proxy.host}/{repo}:wide")
-    assert r.code == 0 and r.err == "", r.err
-    assert r.seconds < 10 and r.max_rss < MAX_RSS, (r.seconds, r.max_rss)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.seconds < 10 and r.peak_rss < MAX_RSS, (r.seconds, r.peak_rss)
     assert [x.name for x in Store(jail.store).images()] == [f"{fault_proxy.host}/{repo}:wide"]
     jail.untouched()
     too_wide = index_doc(others * 2 + [entry(OCI_MANIFEST, img.manifest)])
@@ -506,7 +456,7 @@ def test_a_lying_docker_content_digest_on_a_blob_is_ignored(big, fault_proxy, ja
     fault_proxy.script(blob_path(repo, lay.digest),
                        Scripted.content(blob, headers={"Docker-Content-Digest": "sha256:" + "0" * 64}))
     r = jail.run("pull", f"{fault_proxy.host}/{repo}:t")
-    assert r.code == 0 and r.err == "", r.err
+    assert r.returncode == 0 and r.stderr == "", r.stderr
     assert Store(jail.store).read_blob(lay.digest, lay.size) == blob
 
 
@@ -552,7 +502,7 @@ def _authorization(reqs) -> list[str]:
 def _mount_and_unmount(jail: Jail, ref: str) -> None:
     r = jail.run(*mode_args("lazy", ref, jail))
     try:
-        assert r.code == 0, r.err
+        assert r.returncode == 0, r.stderr
         assert (jail.mnt / "etc" / "motd").read_bytes() == b"a\n"
     finally:
         jail.run("umount", str(jail.mnt))
@@ -589,7 +539,7 @@ def test_blob_redirects_to_another_host_never_carry_credentials(request, fault_p
             when=lambda rec: "bounced" not in rec.query)
         ref = f"{proxy.host}/{unique_repo}:t"
         r = jail.run("pull", ref)
-        assert r.code == 0 and r.err == "", r.err
+        assert r.returncode == 0 and r.stderr == "", r.stderr
         _mount_and_unmount(jail, ref)
         assert len(server.requests) >= 5       # manifest, config and layer by pull, manifest and config by the lazy mount
         assert any(r.path.startswith("/storage/manifests/") for r in server.requests)
@@ -749,7 +699,7 @@ def test_lazy_reads_that_trickle_or_lie_fail_alone_and_the_mount_goes_on(estargz
 def test_a_bad_layerfs_timeout_is_a_usage_error(pushed, jail):
     host, repo, img = pushed
     r = jail.run("pull", f"{host}/{repo}:good", LAYERFS_TIMEOUT="soon")
-    assert r.code == 2 and r.err.splitlines() == [
+    assert r.returncode == 2 and r.stderr.splitlines() == [
         "layerfs: error: LAYERFS_TIMEOUT='soon' is not a number of seconds (hint: unset it, or set it to e.g. 30)"]
     jail.check_store()
     jail.untouched()
