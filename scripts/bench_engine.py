@@ -168,21 +168,13 @@ def one_run(variant: str, ref: str, base: Path, proxy: bz.ThrottleProxy, timeout
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/layerfs-bench"),
-                    help="image cache and scratch space (default: %(default)s)")
-    ap.add_argument("--runs", type=int, default=None, help="runs per variant (default 3, --quick 1)")
-    ap.add_argument("--mbit", type=float, default=None,
-                    help="proxy bandwidth, Mbit/s (default 100, --quick 1000; 0: unlimited)")
-    ap.add_argument("--quick", action="store_true", help="small image, 1 run, fast link: a smoke test")
-    ap.add_argument("--timeout", type=float, default=900, help="per step (s)")
-    ap.add_argument("--fail-on-target", action="store_true", help="exit 3 if the target is missed")
+    bl.add_network_args(ap)
     args = ap.parse_args(argv)
     for prog in ("podman", "runc"):
         if not shutil.which(prog):
             print(f"bench_engine: {prog} is not installed (apt-get install podman runc)", file=sys.stderr)
             return 1
-    runs = args.runs or (1 if args.quick else 3)
-    mbit = args.mbit if args.mbit is not None else (1000.0 if args.quick else 100.0)
+    runs, mbit = bl.network_settings(args)
     bl.install_signal_handlers()
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -249,12 +241,7 @@ def main(argv=None) -> int:
     if verdict is not None:
         print(f"\ntarget >= {SPEEDUP_TARGET:g}x sooner with < {BYTES_TARGET:.0%} of the bytes: "
               f"{'met' if verdict else 'NOT met'}")
-    if failures:
-        print("\nfailures:\n" + "\n".join("- " + f for f in failures))
-        return 1
-    if args.fail_on_target and verdict is False:
-        return 3
-    return 0
+    return bl.exit_status(failures, verdict, args.fail_on_target)
 
 
 if __name__ == "__main__":

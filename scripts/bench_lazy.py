@@ -338,22 +338,14 @@ def prepare(workdir: Path, img: bl.Image, reg: bl.Registry, name: str, timeout: 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/layerfs-bench"),
-                    help="image cache and scratch space (default: %(default)s)")
-    ap.add_argument("--runs", type=int, default=None, help="runs per variant (default 3, --quick 1)")
-    ap.add_argument("--mbit", type=float, default=None,
-                    help="proxy bandwidth, Mbit/s (default 100, --quick 1000; 0: unlimited)")
-    ap.add_argument("--quick", action="store_true", help="small image, 1 run, fast link: a smoke test")
-    ap.add_argument("--timeout", type=float, default=900, help="per step (s)")
-    ap.add_argument("--fail-on-target", action="store_true", help="exit 3 if the target is missed")
+    bl.add_network_args(ap)
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--span", type=int, default=1 << 20,
                     help="checkpoint span of the published gzip index, bytes (default: %(default)s)")
     ap.add_argument("--no-wait-quiet", action="store_true",
                     help="do not wait for an idle machine before each run (default: wait up to 30 s)")
     args = ap.parse_args(argv)
-    runs = args.runs or (1 if args.quick else 3)
-    mbit = args.mbit if args.mbit is not None else (1000.0 if args.quick else 100.0)
+    runs, mbit = bl.network_settings(args)
     bl.install_signal_handlers()
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -446,12 +438,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"image": img.to_json(), "mbit": mbit, "files": files,
                                          "results": results, "failures": failures}, indent=1))
-    if failures:
-        print("\nfailures:\n" + "\n".join("- " + f for f in failures))
-        return 1
-    if args.fail_on_target and verdict is False:
-        return 3
-    return 0
+    return bl.exit_status(failures, verdict, args.fail_on_target)
 
 
 def _blob_total(host: str, tag: str) -> int:

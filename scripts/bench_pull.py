@@ -274,12 +274,7 @@ def main(argv=None) -> int:
         print("\n```\n" + profile_text + "\n```")
     if args.json:
         args.json.write_text(json.dumps({"image": img.to_json(), "times": times, "failures": failures}, indent=1))
-    if failures:
-        print("\nfailures:\n" + "\n".join("- " + f for f in failures))
-        return 1
-    if args.fail_on_target and verdict is False:
-        return 3
-    return 0
+    return bl.exit_status(failures, verdict, args.fail_on_target)
 
 
 if __name__ == "__main__":

@@ -901,3 +901,35 @@ def pyspy_summary(raw: Path, top: int = 12) -> list[str]:
     out.append("layerfs functions, inclusive:")
     out += [f"  {pc(c)}  {fr}" for fr, c in sorted(incl.items(), key=lambda x: -x[1])[:top]]
     return out
+
+
+# --- command lines and outcomes shared by the benchmarks ----------------------------------------------
+
+def add_network_args(ap) -> None:
+    """The options of the benchmarks that pull through a throttled link (bench_lazy, bench_engine)."""
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/layerfs-bench"),
+                    help="image cache and scratch space (default: %(default)s)")
+    ap.add_argument("--runs", type=int, default=None, help="runs per variant (default 3, --quick 1)")
+    ap.add_argument("--mbit", type=float, default=None,
+                    help="proxy bandwidth, Mbit/s (default 100, --quick 1000; 0: unlimited)")
+    ap.add_argument("--quick", action="store_true", help="small image, 1 run, fast link: a smoke test")
+    ap.add_argument("--timeout", type=float, default=900, help="per step (s)")
+    ap.add_argument("--fail-on-target", action="store_true", help="exit 3 if the target is missed")
+
+
+def network_settings(args) -> tuple[int, float]:
+    """(runs, Mbit/s) from the options :func:`add_network_args` added."""
+    runs = args.runs or (1 if args.quick else 3)
+    mbit = args.mbit if args.mbit is not None else (1000.0 if args.quick else 100.0)
+    return runs, mbit
+
+
+def exit_status(failures: Sequence[str], verdict: bool | None, fail_on_target: bool) -> int:
+    """A benchmark's exit code: 1 when a run failed (listed), 3 when the target is missed and that
+    was asked to fail, else 0."""
+    if failures:
+        print("\nfailures:\n" + "\n".join("- " + f for f in failures))
+        return 1
+    if fail_on_target and verdict is False:
+        return 3
+    return 0
