@@ -887,6 +887,30 @@ class ClientPool:
             return self._clients[key]
 
 
+def get_document(url: str, *, params: Mapping[str, str | int] | None = None, options: RegistryOptions,
+                 what: str, limit: int = _MAX_ANSWER) -> bytes:
+    """The body of a GET of a small document outside the distribution API (Docker Hub's search):
+    read as it comes, at most *limit* bytes, within twice the timeout; redirects are not followed.
+    Raises :class:`RegistryUnreachable` or :class:`RegistryError` naming the host."""
+    host = urlsplit(url).netloc
+    try:
+        with requests.Session() as session:
+            r = session.get(url, params=params, timeout=options.timeout, headers={"User-Agent": USER_AGENT},
+                            verify=options.ca_bundle or True, allow_redirects=False, stream=True)
+            try:
+                if r.status_code != 200:
+                    raise RegistryError(f"{what} failed: HTTP {r.status_code}", registry=host, status=r.status_code)
+                pace = _Pace(options.timeout, what=what, registry=host, deadline=2 * options.timeout)
+                data = _read_some(r.raw, limit + 1, pace, decode=True) if r.raw is not None else b""
+            finally:
+                r.close()
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+        raise RegistryUnreachable(f"{what} failed: cannot reach {host}: {_short_exc(e)}", registry=host) from None
+    if len(data) > limit:
+        raise RegistryError(f"{what} failed: the answer is too large (over {limit} bytes)", registry=host)
+    return data
+
+
 def _other_host(url: str | None, origin: str) -> bool:
     """True when *url* (where a response came from) is on another host than *origin* (what was asked)."""
     return bool(url) and urlsplit(url).netloc != urlsplit(origin).netloc

@@ -1,15 +1,14 @@
 """``layerfs search``: Docker Hub's v1 search API (``/v1/search?q=&n=``)."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import requests
-
-from .errors import ContentError, RegistryError, RegistryUnreachable
+from .errors import ContentError
 from .reference import is_local_registry
-from .registry import USER_AGENT, RegistryOptions, _short_exc
+from .registry import RegistryOptions, get_document
 
 DEFAULT_INDEX = "https://index.docker.io"
 
@@ -30,15 +29,9 @@ def search(term: str, *, limit: int = 25, index_url: str | None = None,
         base = ("http://" if is_local_registry(base) else "https://") + base
     host = urlsplit(base).netloc
     opts = options or RegistryOptions.from_env()
+    raw = get_document(f"{base}/v1/search", params={"q": term, "n": limit}, options=opts, what="search")
     try:
-        r = requests.get(f"{base}/v1/search", params={"q": term, "n": limit}, timeout=opts.timeout,
-                         headers={"User-Agent": USER_AGENT}, verify=opts.ca_bundle or True)
-    except requests.RequestException as e:
-        raise RegistryUnreachable(f"search failed: cannot reach {host}: {_short_exc(e)}", registry=host) from None
-    if r.status_code != 200:
-        raise RegistryError(f"search failed: HTTP {r.status_code}", registry=host, status=r.status_code)
-    try:
-        doc = r.json()
+        doc = json.loads(raw)
     except ValueError:
         raise ContentError("search answer is not JSON", where=host) from None
     items = doc.get("results") if isinstance(doc, dict) else None

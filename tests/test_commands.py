@@ -1,6 +1,8 @@
 """images, history, inspect, rmi, prune and search: docker's screens, from a real store."""
 from __future__ import annotations
 
+import contextlib
+
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -180,6 +182,13 @@ class _SearchHandler(BaseHTTPRequestHandler):
         u = urlsplit(self.path)
         q = parse_qs(u.query)
         self.seen.append((u.path, q))
+        if u.path == "/endless/v1/search":       # an answer larger than any search result list
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(64):
+                    self.wfile.write(b" " * (64 << 10))
+            return
         if u.path != "/v1/search":
             self.send_response(404)
             self.end_headers()
@@ -242,6 +251,8 @@ def test_search_errors(search_index, store_root, capsys, monkeypatch):
     from registryfixtures import free_port
     code, out, err = run(["search", "--index", f"http://127.0.0.1:{free_port()}", "x"], capsys)
     assert code == 1 and "cannot reach" in err
+    code, out, err = run(["search", "--index", search_index + "/endless", "x"], capsys)
+    assert code == 1 and "the answer is too large" in err and err.count("\n") == 1, err
 
 
 def test_usage_errors_exit_2(capsys):
