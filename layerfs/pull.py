@@ -190,7 +190,8 @@ class LayerWriter:
         self.content_error = None
         self.hasher = self.desc.digest.hasher()
         self.indexer = LayerIndexer(self.compression, where=f"layer {self.desc.digest.short}",
-                                    digest=self.desc.digest, max_size=self.max_size)
+                                    digest=self.desc.digest, max_size=self.max_size,
+                                    spool_dir=self.ing.path.parent)
         self._feeder = _Feeder(self.indexer)
         if offset:
             self.ing.hash_existing(_Tee(self.hasher, self._feeder), offset)
