@@ -1408,12 +1408,14 @@ def load_or_build(store: Store, desc: Descriptor) -> LayerIndex:
 
 
 def open_layer_reader(store: Store, desc: Descriptor, index: LayerIndex, *,
-                      cache_bytes: int = gzindex.DEFAULT_CACHE_BYTES) -> gzindex.BlobReader:
+                      cache_bytes: int = gzindex.DEFAULT_CACHE_BYTES,
+                      cache: gzindex.SpanCache | None = None) -> gzindex.BlobReader:
     """Thread-safe random reads of the layer's uncompressed tar stream
-    (``read(offset, length)``); *cache_bytes* bounds its cache of decompressed spans."""
+    (``read(offset, length)``); *cache_bytes* bounds its cache of decompressed spans,
+    or *cache* is one shared with other readers (the layers of an image)."""
     try:
         return gzindex.open_reader(store.blob_path(desc.digest), index.compression, index.checkpoints,
-                                   cache_bytes=cache_bytes)
+                                   cache_bytes=cache_bytes, cache=cache)
     except FileNotFoundError:
         raise StoreError(f"blob {desc.digest} is missing from the store", where=str(store.root),
                          hint="pull the image again") from None
