@@ -691,6 +691,7 @@ def _decode_columns(raw: bytes) -> tuple[list, ...]:
 
 
 _SPOOL_ROWS = 8192      # records gathered in memory before they go to the spool file
+_SEEN_BITS = 1 << 24    # a bitmap of path hashes (2 MiB): paths maybe seen before, without a set of them all
 _SPOOL_PARTS = 12       # per batch: 9 integer columns, the type codes, the paths, the link targets
 
 
@@ -701,8 +702,8 @@ class _RecordSpool:
     them go to an anonymous temporary file (in *directory*) as one batch:
     each integer column as a fixed-width array, the type codes, the paths
     and the link targets. What stays in memory per record is 8 bytes (a hash
-    of its path, to find duplicates) and its xattrs and sparse map when it
-    has any. :meth:`finish` deduplicates (see :func:`_dedupe`) and streams the
+    of its path, to find duplicates: a bitmap of the hashes seen names the
+    few that may repeat) and its xattrs and sparse map when it has any. :meth:`finish` deduplicates (see :func:`_dedupe`) and streams the
     columnar encoding (:func:`_encode_columns`, byte for byte) into one zstd
     frame, reading the spool back one column at a time, so memory does not
     grow with the number of records -- except in a layer that holds the same
@@ -719,6 +720,8 @@ class _RecordSpool:
         self._lo = [0] * 9
         self._hi = [0] * 9
         self._hashes = array.array("q")
+        self._seen = bytearray(_SEEN_BITS // 8)
+        self._again: set[int] = set()        # hashes whose bit was set already: maybe a path twice
         self._xattrs: list[tuple[int, dict[str, bytes]]] = []
         self._sparse: list[tuple[int, tuple]] = []
 
@@ -746,7 +749,16 @@ class _RecordSpool:
         parts.append(bytes(_TYPE_CODE[t] for t in types))
         parts.append("\0".join(paths).encode("utf-8", "surrogateescape"))
         parts.append("\0".join([l or "" for l in links]).encode("utf-8", "surrogateescape"))
-        self._hashes.extend(map(hash, paths))
+        hashes = list(map(hash, paths))
+        self._hashes.extend(hashes)
+        seen, again = self._seen, self._again
+        for h in hashes:
+            bit = h & (_SEEN_BITS - 1)
+            byte, mask = bit >> 3, 1 << (bit & 7)
+            if seen[byte] & mask:
+                again.add(h)
+            else:
+                seen[byte] |= mask
         self._xattrs.extend((base + i, x) for i, x in enumerate(xattrs) if x)
         self._sparse.extend((base + i, sp) for i, sp in enumerate(sparses) if sp is not None)
         if self._file is None:
@@ -794,7 +806,7 @@ class _RecordSpool:
         self._spill()
         if self._file is not None:
             self._file.flush()
-        if len(set(self._hashes)) != self.count:      # maybe a path twice: deduplicate in memory
+        if self._again and self._repeats():      # maybe a path twice: deduplicate in memory
             entries = self.entries()
             kept = _dedupe(entries)
             if kept is not entries:
@@ -802,6 +814,7 @@ class _RecordSpool:
                 return zstandard.ZstdCompressor(level=3).compress(_encode_columns(cols)), len(kept)
             del entries, kept
         self._hashes = array.array("q")
+        self._seen = bytearray()
         n = self.count
         codes = [_col_code(self._lo[k], self._hi[k], k == 4) for k in range(9)]
         tail = _side_tables(self._xattrs, self._sparse)
@@ -821,6 +834,16 @@ class _RecordSpool:
         out.append(z.compress(tail))
         out.append(z.flush())
         return b"".join(out), n
+
+    def _repeats(self) -> bool:
+        """Whether a hash of the maybe-repeated ones occurs twice (the same path, or a collision)."""
+        again, once = self._again, set()
+        for h in self._hashes:
+            if h in again:
+                if h in once:
+                    return True
+                once.add(h)
+        return False
 
     def close(self) -> None:
         f, self._file = self._file, None
