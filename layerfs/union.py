@@ -37,6 +37,7 @@ from __future__ import annotations
 import array
 import bisect
 import contextlib
+import gc
 import itertools
 import logging
 import operator
@@ -277,11 +278,25 @@ def build_tree(layers: Sequence[LayerIndex], readers: Sequence[LayerReader]) -> 
     ``readers[i]`` reads layer ``i``'s uncompressed stream."""
     if len(readers) != len(layers):
         raise ValueError("one reader per layer is needed")
-    top = _M(None, -1, {})
-    for li, index in enumerate(layers):
-        ltree, links = _layer_tree(index, li)
-        _merge_layer(top, ltree, links, li)
-    return _to_tree(top, list(readers))
+    with _no_cycle_collection():
+        top = _M(None, -1, {})
+        for li, index in enumerate(layers):
+            ltree, links = _layer_tree(index, li)
+            _merge_layer(top, ltree, links, li)
+        return _to_tree(top, list(readers))
+
+
+@contextlib.contextmanager
+def _no_cycle_collection():
+    """Pause Python's cycle collector: building makes millions of objects and no cycles, and each
+    full collection would walk all of them again (half the build time of a 500k-entry image)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _to_tree(top: _M, readers: list) -> MergedTree:
