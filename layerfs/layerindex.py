@@ -762,7 +762,14 @@ class _RecordSpool:
         self._xattrs.extend((base + i, x) for i, x in enumerate(xattrs) if x)
         self._sparse.extend((base + i, sp) for i, sp in enumerate(sparses) if sp is not None)
         if self._file is None:
-            self._file = tempfile.TemporaryFile(dir=self._dir, prefix="layerindex-", suffix=".spool")
+            try:
+                self._file = tempfile.TemporaryFile(dir=self._dir, prefix="layerindex-", suffix=".spool")
+            except OSError as e:
+                where = str(self._dir or tempfile.gettempdir())
+                raise StoreError(f"cannot create a temporary file for a layer's index records: "
+                                 f"{e.strerror or e}", where=where,
+                                 hint="make the directory writable (or set TMPDIR when indexing a read-only "
+                                      "store)") from None
         data = b"".join(parts)
         self._file.write(data)
         self._batches.append((self._end, len(rows), [len(p) for p in parts]))

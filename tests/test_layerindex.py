@@ -233,6 +233,16 @@ def test_records_spooled_to_disk_encode_as_in_memory(monkeypatch, tmp_path, rows
     assert list(tmp_path.iterdir()) == []       # the spool file is anonymous
 
 
+def test_spool_directory_that_cannot_be_written_is_one_clear_error(monkeypatch, tmp_path):
+    from layerfs import layerindex
+    from layerfs.errors import StoreError
+    monkeypatch.setattr(layerindex, "_SPOOL_ROWS", 2)
+    with pytest.raises(StoreError) as ei:
+        index_bytes(gzip.compress(RICH_TAR, 1), "gzip", spool_dir=tmp_path / "missing")
+    assert "temporary file" in ei.value.message and ei.value.where == str(tmp_path / "missing")
+    assert ei.value.hint
+
+
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
 def test_gnu_and_ustar_headers(fmt):
