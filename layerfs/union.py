@@ -759,4 +759,8 @@ def open_image_tree(store: Store, manifest: Manifest, *, upto: int | None = None
         save_tree(tree, path, meta)
     except Exception as e:   # a read-only store still mounts, just slower next time
         log.warning("cannot write tree cache %s: %s", path, e)
+        return tree
+    # served from the cache just written: the built tree (an object per inode) is let go
+    with contextlib.suppress(FileNotFoundError, IndexFormatError):
+        return load_tree(path, readers, meta)
     return tree

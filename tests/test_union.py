@@ -706,6 +706,8 @@ def test_tree_cache_of_the_previous_format_is_rebuilt_with_one_warning(tmp_path,
         and "rebuilding" in warnings[0], warnings
     _nodes_equal(t, good_tree)
     assert cache.read_bytes() == good
+    from layerfs.union import LazyNodes
+    assert isinstance(t.nodes, LazyNodes)       # served from the cache it just wrote, not the built objects
 
 
 def test_loaded_tree_keeps_a_bounded_number_of_nodes(tmp_path):
