@@ -703,7 +703,8 @@ class _RecordSpool:
     each integer column as a fixed-width array, the type codes, the paths
     and the link targets. What stays in memory per record is 8 bytes (a hash
     of its path, to find duplicates: a bitmap of the hashes seen names the
-    few that may repeat) and its xattrs and sparse map when it has any. :meth:`finish` deduplicates (see :func:`_dedupe`) and streams the
+    few that may repeat) and its xattrs and sparse map when it has any.
+    :meth:`finish` deduplicates (see :func:`_dedupe`) and streams the
     columnar encoding (:func:`_encode_columns`, byte for byte) into one zstd
     frame, reading the spool back one column at a time, so memory does not
     grow with the number of records -- except in a layer that holds the same

@@ -61,8 +61,8 @@ from .tree import ROOT_INO, LayerReader, MergedTree, Node
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_tree", "open_image_tree", "tree_cache_path", "save_tree", "load_tree", "LazyNodes",
-           "TREE_FORMAT_VERSION", "RETAIN_NODES"]
+__all__ = ["build_tree", "open_image_tree", "tree_cache_path", "tree_cache_current", "save_tree", "load_tree",
+           "LazyNodes", "TREE_FORMAT_VERSION", "RETAIN_NODES"]
 
 # Entry field positions (layerindex.Entry order)
 _P, _T, _MODE, _UID, _GID, _SIZE, _MTIME, _LINK, _MAJ, _MIN, _OFF, _XATTR, _SPARSE = range(13)
@@ -357,6 +357,16 @@ RETAIN_NODES = 100_000
 def tree_cache_path(store: Store, manifest: Manifest, layers: int) -> Path:
     d = manifest.digest
     return store.root / "trees" / f"{d.algorithm}-{d.hex}-{layers}.tree"
+
+
+def tree_cache_current(path: Path | str) -> bool:
+    """Whether *path* is a tree cache of this format version (its head only: the rest is checked on load)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_TREE_MAGIC) + 4)
+    except OSError:
+        return False
+    return head == _TREE_MAGIC + _U32.pack(TREE_FORMAT_VERSION)
 
 
 def _table(items: list[bytes]) -> bytes:

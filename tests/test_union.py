@@ -697,7 +697,10 @@ def test_tree_cache_of_the_previous_format_is_rebuilt_with_one_warning(tmp_path,
     good_tree = open_image_tree(store, m)
     cache = tree_cache_path(store, m, 2)
     good = cache.read_bytes()
+    from layerfs.union import tree_cache_current
+    assert tree_cache_current(cache) and not tree_cache_current(tmp_path / "missing")
     cache.write_bytes(_rewrite_head(good, version=TREE_FORMAT_VERSION - 1))
+    assert not tree_cache_current(cache)        # 'mount' rebuilds it before starting the daemon
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="layerfs"):
         t = open_image_tree(store, m)
