@@ -523,8 +523,10 @@ def _item(table: tuple, i: int) -> memoryview:
 
 def _row(rows, r: int) -> int:
     """The position of row *r* in an ascending row list, or -1."""
+    if not rows or r > rows[-1] or r < rows[0]:
+        return -1
     j = bisect.bisect_left(rows, r)
-    return j if j < len(rows) and rows[j] == r else -1
+    return j if rows[j] == r else -1
 
 
 class _TreeTable:
@@ -568,6 +570,7 @@ class _TreeTable:
         self.inline = v.table(len(self.i_rows))
         if v.pos != len(raw):
             raise IndexFormatError("tree cache has trailing bytes")
+        self.rare = bool(len(self.t_rows) or len(self.i_rows) or len(self.x_rows) or len(self.s_rows))
         # references in range (a directory's own list is checked when its Node is made)
         if (max(self.parents) > n or min(self.parents) < 1 or max(self.layers) > nreaders
                 or (k and (max(self.kids) > n or min(self.kids) < 1))
@@ -588,26 +591,30 @@ class _TreeTable:
         x.layer = self.layers[k] - 1
         x.offset = self.offsets[k]
         x.parent = self.parents[k]
+        x.target = x.inline = x.xattrs = x.sparse = None
+        if self.rare:
+            self._rare(x, k)
+        x.children = self._children(ino, k) if mode & 0o170000 == 0o040000 else None
+        return x
+
+    def _rare(self, x: Node, k: int) -> None:
+        """Symlink target, inline data, xattrs and sparse map of row *k*, where it has them."""
         j = _row(self.t_rows, k)
-        x.target = None if j < 0 else str(_item(self.targets, j), "utf-8", "surrogateescape")
+        if j >= 0:
+            x.target = str(_item(self.targets, j), "utf-8", "surrogateescape")
         j = _row(self.i_rows, k)
-        x.inline = None if j < 0 else bytes(_item(self.inline, j))
+        if j >= 0:
+            x.inline = bytes(_item(self.inline, j))
         j = _row(self.x_rows, k)
-        if j < 0:
-            x.xattrs = None
-        else:
+        if j >= 0:
             a = self.x_first[j]
             x.xattrs = {str(_item(self.x_names, i), "utf-8", "surrogateescape"): bytes(_item(self.x_vals, i))
                         for i in range(a, a + self.x_cnt[j])}
         j = _row(self.s_rows, k)
-        if j < 0:
-            x.sparse = None
-        else:
+        if j >= 0:
             a, b = 3 * self.s_first[j], 3 * (self.s_first[j] + self.s_cnt[j])
             f = self.flat
             x.sparse = list(zip(f[a:b:3], f[a + 1:b:3], f[a + 2:b:3]))
-        x.children = self._children(ino, k) if stat.S_ISDIR(mode) else None
-        return x
 
     def _children(self, ino: int, k: int) -> dict[str, int]:
         a = self.first[k]
@@ -624,7 +631,8 @@ class _TreeTable:
         # the directories form one tree from the root: a directory is listed by its parent only,
         # which has a lower inode number (inodes are numbered depth first)
         modes, parents = self.modes, self.parents
-        bad = [name for name, c in out.items() if stat.S_ISDIR(modes[c - 1]) and (c <= ino or parents[c - 1] != ino)]
+        bad = [name for name, c in out.items()
+               if modes[c - 1] & 0o170000 == 0o040000 and (c <= ino or parents[c - 1] != ino)]
         if bad:
             log.warning("tree cache: directory %d lists %d directories that are not its own; left out", ino, len(bad))
             for name in bad:
