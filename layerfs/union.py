@@ -325,6 +325,7 @@ def _to_tree(top: _M, readers: list) -> MergedTree:
                 subdirs.append((c, node.ino))
         nodes[ino].nlink = 2 + len(subdirs)
         stack.extend(reversed(subdirs))
+        m.kids = m.row = None     # done with: its files (and their records) go while the next are made
     return tree
 
 
