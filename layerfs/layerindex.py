@@ -939,21 +939,28 @@ class LayerIndex:
                 self._cols = tuple(map(list, zip(*self._entries))) if self._entries \
                     else tuple([] for _ in Entry._fields)
             else:
-                try:
-                    raw = zstandard.ZstdDecompressor().decompress(self._raw_entries, max_output_size=_MAX_RECORDS)
-                except zstandard.ZstdError:
-                    raise IndexFormatError("layer index records are corrupt") from None
-                cols = _decode_columns(raw)
-                if self._count is not None and len(cols[0]) != self._count:
-                    raise IndexFormatError("layer index records do not match its metadata")
-                self._cols = cols
+                self._cols = self._decode()
                 self._raw_entries = None
         return self._cols
 
-    def rows(self) -> Iterable[tuple]:
-        """The records as plain tuples in :class:`Entry` field order."""
+    def _decode(self) -> tuple[list, ...]:
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(self._raw_entries, max_output_size=_MAX_RECORDS)
+        except zstandard.ZstdError:
+            raise IndexFormatError("layer index records are corrupt") from None
+        cols = _decode_columns(raw)
+        if self._count is not None and len(cols[0]) != self._count:
+            raise IndexFormatError("layer index records do not match its metadata")
+        return cols
+
+    def rows(self, *, keep: bool = True) -> Iterable[tuple]:
+        """The records as plain tuples in :class:`Entry` field order. With ``keep=False`` the
+        records of a loaded index are decoded for this one pass only (the index keeps them
+        compressed), for a consumer that keeps what it needs of the rows itself."""
         if self._entries is not None:
             return iter(self._entries)
+        if self._cols is None and not keep:
+            return zip(*self._decode())
         return zip(*self.columns())
 
     @property

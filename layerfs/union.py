@@ -97,7 +97,7 @@ def _layer_tree(index: LayerIndex, li: int) -> tuple[_LDir, dict[int, tuple]]:
     """The layer's entries as a tree; and {id(hard link row): final target row} for its valid links."""
     root = _LDir()
     links: list[tuple[str, tuple]] = []
-    for row in index.rows():
+    for row in index.rows(keep=False):
         path = row[_P]
         if not path:                          # the root directory itself ("./")
             if row[_T] == DIR:

@@ -485,6 +485,10 @@ def test_save_load_round_trip(tmp_path):
     # rows() and entries agree, and a loaded index saves to the same bytes
     assert [tuple(e) for e in back.entries] == list(LayerIndex.load(p).rows())
     assert LayerIndex.load(p).to_bytes() == p.read_bytes()
+    # rows for one pass: the same, and the index keeps its records compressed (and still whole)
+    once = LayerIndex.load(p)
+    assert list(once.rows(keep=False)) == list(once.rows(keep=False)) == [tuple(e) for e in back.entries]
+    assert once._cols is None and once.entries == back.entries and once.to_bytes() == p.read_bytes()
 
 
 def _rewrite_head(data: bytes, *, magic=None, version=None) -> bytes:
