@@ -279,11 +279,15 @@ def build_tree(layers: Sequence[LayerIndex], readers: Sequence[LayerReader]) -> 
     if len(readers) != len(layers):
         raise ValueError("one reader per layer is needed")
     with _no_cycle_collection():
-        top = _M(None, -1, {})
-        for li, index in enumerate(layers):
-            ltree, links = _layer_tree(index, li)
-            _merge_layer(top, ltree, links, li)
-        return _to_tree(top, list(readers))
+        return _to_tree(_merge(layers), list(readers))
+
+
+def _merge(layers: Sequence[LayerIndex]) -> _M:
+    top = _M(None, -1, {})
+    for li, index in enumerate(layers):
+        ltree, links = _layer_tree(index, li)
+        _merge_layer(top, ltree, links, li)
+    return top
 
 
 @contextlib.contextmanager
@@ -383,7 +387,17 @@ def _enc(s: str) -> bytes:
 
 
 def _tree_bytes(tree: MergedTree, meta: dict) -> bytes:
-    nodes = tree.nodes[1:]
+    nodes = tree.nodes
+    if isinstance(nodes, LazyNodes) and list.__len__(nodes) == nodes.cols.n + 1:
+        raw, n = nodes.cols.raw, nodes.cols.n        # as loaded (or built by open_image_tree), nothing added
+    else:
+        raw, n = _nodes_body(nodes[1:])
+    body = zstandard.ZstdCompressor(level=3).compress(raw)
+    return pack_file(TREE_FORMAT_VERSION, dict(meta, nodes=n), [body], magic=_TREE_MAGIC)
+
+
+def _nodes_body(nodes: list[Node]) -> tuple[bytes, int]:
+    """The uncompressed body for a list of Node objects (inodes 1, 2, ...)."""
     n = len(nodes)
     mt = [x.mtime_ns for x in nodes]
     parts = [_U32.pack(n), _col([x.mode for x in nodes]), _col([x.uid for x in nodes]),
@@ -400,29 +414,112 @@ def _tree_bytes(tree: MergedTree, meta: dict) -> bytes:
             names.extend(map(_enc, ch.keys()))
             kids.extend(ch.values())
     parts += [_col(first), _col(count), _U32.pack(len(kids)), _col(kids), _table(names)]
-    t_rows = [i for i, x in enumerate(nodes) if x.target is not None]
-    parts += [_rows(t_rows), _table([_enc(nodes[i].target) for i in t_rows])]
-    x_rows = [i for i, x in enumerate(nodes) if x.xattrs]
-    x_first, x_cnt, x_names, x_vals = [], [], [], []
-    for i in x_rows:
-        xa = nodes[i].xattrs
-        x_first.append(len(x_names))
-        x_cnt.append(len(xa))
-        x_names.extend(map(_enc, xa.keys()))
-        x_vals.extend(map(bytes, xa.values()))
-    parts += [_rows(x_rows), _col(x_first), _col(x_cnt), _U32.pack(len(x_names)), _table(x_names), _table(x_vals)]
-    s_rows = [i for i, x in enumerate(nodes) if x.sparse is not None]
-    s_first, s_cnt, s_flat = [], [], []
-    for i in s_rows:
-        s_first.append(len(s_flat) // 3)
-        s_cnt.append(len(nodes[i].sparse))
-        for ext in nodes[i].sparse:
-            s_flat.extend(ext)
-    parts += [_rows(s_rows), _col(s_first), _col(s_cnt), _U64.pack(len(s_flat)), _arr("Q", s_flat)]
-    i_rows = [i for i, x in enumerate(nodes) if x.inline is not None]   # hand-built trees only
-    parts += [_rows(i_rows), _table([bytes(nodes[i].inline) for i in i_rows])]
-    body = zstandard.ZstdCompressor(level=3).compress(b"".join(parts))
-    return pack_file(TREE_FORMAT_VERSION, dict(meta, nodes=n), [body], magic=_TREE_MAGIC)
+    rare = _Rare()
+    for i, x in enumerate(nodes):
+        rare.add(i, x.target, x.xattrs, x.sparse, x.inline)
+    parts.append(rare.encode())
+    return b"".join(parts), n
+
+
+class _Rare:
+    """The tables of what few inodes have: symlink targets, xattrs, sparse maps, inline data."""
+
+    def __init__(self) -> None:
+        self.t_rows, self.targets = [], []
+        self.x_rows, self.x_first, self.x_cnt, self.x_names, self.x_vals = [], [], [], [], []
+        self.s_rows, self.s_first, self.s_cnt, self.s_flat = [], [], [], []
+        self.i_rows, self.inline = [], []
+
+    def add(self, row: int, target, xattrs, sparse, inline) -> None:
+        """Rows are added in ascending order."""
+        if target is not None:
+            self.t_rows.append(row)
+            self.targets.append(_enc(target))
+        if xattrs:
+            self.x_rows.append(row)
+            self.x_first.append(len(self.x_names))
+            self.x_cnt.append(len(xattrs))
+            self.x_names.extend(map(_enc, xattrs.keys()))
+            self.x_vals.extend(map(bytes, xattrs.values()))
+        if sparse is not None:
+            self.s_rows.append(row)
+            self.s_first.append(len(self.s_flat) // 3)
+            self.s_cnt.append(len(sparse))
+            for ext in sparse:
+                self.s_flat.extend(ext)
+        if inline is not None:
+            self.i_rows.append(row)
+            self.inline.append(bytes(inline))
+
+    def encode(self) -> bytes:
+        return b"".join([
+            _rows(self.t_rows), _table(self.targets),
+            _rows(self.x_rows), _col(self.x_first), _col(self.x_cnt), _U32.pack(len(self.x_names)),
+            _table(self.x_names), _table(self.x_vals),
+            _rows(self.s_rows), _col(self.s_first), _col(self.s_cnt), _U64.pack(len(self.s_flat)),
+            _arr("Q", self.s_flat),
+            _rows(self.i_rows), _table(self.inline)])
+
+
+def _merged_body(top: _M) -> tuple[bytes, int]:
+    """The uncompressed body for a merged tree, straight from the merge (no Node objects): the same
+    inodes, attributes and directory listings as :func:`_to_tree` makes. Lets go of each merged
+    directory, and the records of its files, once its children are written."""
+    def col(code: str) -> array.array:
+        return array.array(code)
+    modes, uids, gids, sizes, secs, nsecs = col("Q"), col("Q"), col("Q"), col("Q"), col("q"), col("Q")
+    rdevs, nlinks, layers, offsets, parents, first, count = (col("Q") for _ in range(7))
+    kids, ends, names = col("Q"), col("Q"), bytearray()
+    rare = _Rare()
+
+    def add(m: _M, parent: int) -> int:
+        row = len(modes)
+        kw = _node_attrs(m)
+        t = kw.get("mtime_ns", 0)
+        modes.append(_mode(m))
+        uids.append(kw.get("uid", 0))
+        gids.append(kw.get("gid", 0))
+        sizes.append(kw.get("size", 0))
+        secs.append(t // 1_000_000_000)
+        nsecs.append(t % 1_000_000_000)
+        rdevs.append(kw.get("rdev", 0))
+        nlinks.append(1)
+        layers.append(kw.get("layer", -1) + 1)
+        offsets.append(kw.get("offset", 0))
+        parents.append(parent)
+        first.append(0)
+        count.append(0)
+        rare.add(row, kw.get("target"), kw.get("xattrs"), kw.get("sparse"), None)
+        return row + 1
+
+    add(top, ROOT_INO)
+    inos: dict[int, int] = {}             # id(_M) -> ino, for hard links
+    stack = [(top, ROOT_INO)]
+    while stack:
+        m, ino = stack.pop()
+        subdirs = []
+        first[ino - 1] = len(kids)
+        count[ino - 1] = len(m.kids)
+        for name in sorted(m.kids):
+            c = m.kids[name]
+            have = inos.get(id(c))
+            if have is None:
+                have = inos[id(c)] = add(c, ino)
+                if c.kids is not None:
+                    subdirs.append((c, have))
+            else:
+                nlinks[have - 1] += 1
+            kids.append(have)
+            names += _enc(name)
+            ends.append(len(names))
+        nlinks[ino - 1] = 2 + len(subdirs)
+        stack.extend(reversed(subdirs))
+        m.kids = m.row = None
+    n = len(modes)
+    parts = [_U32.pack(n), *(_col(c) for c in (modes, uids, gids, sizes)), _col(secs, True),
+             *(_col(c) for c in (nsecs, rdevs, nlinks, layers, offsets, parents, first, count)),
+             _U32.pack(len(kids)), _col(kids), _col(ends), _U64.pack(len(names)), bytes(names), rare.encode()]
+    return b"".join(parts), n
 
 
 def save_tree(tree: MergedTree, path: Path | str, meta: dict | None = None) -> None:
@@ -451,8 +548,12 @@ def load_tree(path: Path | str, readers: Sequence[LayerReader], meta: dict | Non
     except zstandard.ZstdError:
         raise IndexFormatError("tree cache is corrupt") from None
     del body
+    return _tree_of(raw, got.get("nodes"), readers)
+
+
+def _tree_of(raw: bytes, count, readers: Sequence[LayerReader]) -> MergedTree:
     try:
-        nodes = LazyNodes(_TreeTable(raw, got.get("nodes"), len(readers)))
+        nodes = LazyNodes(_TreeTable(raw, count, len(readers)))
     except (IndexError, KeyError, TypeError, ValueError, OverflowError) as e:
         if isinstance(e, IndexFormatError):
             raise
@@ -539,6 +640,7 @@ class _TreeTable:
         if n != count or n < 1 or n > len(raw):
             raise IndexFormatError("tree cache: bad node count")
         self.n = n
+        self.raw = raw
         (self.modes, self.uids, self.gids, self.sizes, self.secs, self.nsecs, self.rdevs, self.nlinks, self.layers,
          self.offsets, self.parents) = [v.col(n, k == 4) for k in range(11)]
         self.first, self.count = v.col(n), v.col(n)
@@ -665,11 +767,11 @@ class LazyNodes(list):
     plain list of Nodes otherwise (other list methods make every Node
     first); thread-safe."""
 
-    __slots__ = ("_cols", "_lock", "_pending", "_made", "retain")
+    __slots__ = ("cols", "_lock", "_pending", "_made", "retain")
 
     def __init__(self, cols: _TreeTable, retain: int = RETAIN_NODES):
         super().__init__(itertools.repeat(None, cols.n + 1))
-        self._cols = cols
+        self.cols = cols
         self._lock = threading.Lock()
         self._pending = cols.n
         self._made = array.array("I")
@@ -680,11 +782,11 @@ class LazyNodes(list):
         if v is None and self._pending:
             n = list.__len__(self)
             j = i + n if i < 0 else i
-            if 0 < j <= self._cols.n:
+            if 0 < j <= self.cols.n:
                 with self._lock:
                     v = list.__getitem__(self, j)
                     if v is None:
-                        v = self._cols.node(j)
+                        v = self.cols.node(j)
                         if len(self._made) >= self.retain:
                             self._drop()
                         list.__setitem__(self, j, v)
@@ -709,7 +811,7 @@ class LazyNodes(list):
     def materialize(self) -> None:
         """Make every Node now (up to :attr:`retain` of them stay made)."""
         if self._pending:
-            for j in range(1, self._cols.n + 1):
+            for j in range(1, self.cols.n + 1):
                 self._get(j)
 
     def __iter__(self):
@@ -717,8 +819,8 @@ class LazyNodes(list):
 
     def fs_stats(self) -> tuple[int, int]:
         """(bytes in regular files, number of inodes), from the columns (no Node is made)."""
-        total, files = self._cols.fs_stats()
-        for x in list.__getitem__(self, slice(self._cols.n + 1, None)):   # added by hand after loading
+        total, files = self.cols.fs_stats()
+        for x in list.__getitem__(self, slice(self.cols.n + 1, None)):   # added by hand after loading
             if x is not None:
                 files += 1
                 if stat.S_ISREG(x.mode):
@@ -773,13 +875,11 @@ def open_image_tree(store: Store, manifest: Manifest, *, upto: int | None = None
             return load_tree(path, readers, meta)
         except IndexFormatError as e:
             log.warning("tree cache %s: %s; rebuilding", path, e.message)
-    tree = build_tree(indexes, readers)
+    with _no_cycle_collection():        # built straight into the cache's columns: no object per inode
+        raw, count = _merged_body(_merge(indexes))
+    tree = _tree_of(raw, count, readers)
     try:
         save_tree(tree, path, meta)
     except Exception as e:   # a read-only store still mounts, just slower next time
         log.warning("cannot write tree cache %s: %s", path, e)
-        return tree
-    # served from the cache just written: the built tree (an object per inode) is let go
-    with contextlib.suppress(FileNotFoundError, IndexFormatError):
-        return load_tree(path, readers, meta)
     return tree

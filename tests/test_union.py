@@ -690,6 +690,24 @@ def test_corrupt_or_old_tree_cache_is_rebuilt(tmp_path, caplog):
     _nodes_equal(open_image_tree(store, m), good_tree)
 
 
+def test_tree_built_into_columns_equals_the_built_nodes():
+    """open_image_tree builds the cache's columns straight from the merge; they give the same tree as
+    build_tree's Node objects (random layers: links, whiteouts, opaque directories, symlinks, fifos)."""
+    from layerfs.union import _merge, _merged_body, _tree_of
+    rng = random.Random(5)
+    cases = [LAYERS]
+    for _ in range(40):
+        files: list[str] = []
+        cases.append([random_layer(rng, files) for _ in range(rng.randint(1, 4))])
+    for layers in cases:
+        tars = [make_tar(m) for m in layers]
+        readers = [BytesReader(t) for t in tars]
+        built = build_tree([index_of(t) for t in tars], readers)
+        direct = _tree_of(*_merged_body(_merge([index_of(t) for t in tars])), readers)
+        _nodes_equal(built, direct)
+        assert direct.get(ROOT_INO).mode == built.get(ROOT_INO).mode and direct.statfs() == built.statfs()
+
+
 def test_tree_cache_of_the_previous_format_is_rebuilt_with_one_warning(tmp_path, caplog):
     from layerfs.union import TREE_FORMAT_VERSION
     store = Store(tmp_path / "store").init()
