@@ -692,7 +692,7 @@ def _decode_columns(raw: bytes) -> tuple[list, ...]:
 
 _SPOOL_ROWS = 8192      # records gathered in memory before they go to the spool file
 _SEEN_BITS = 1 << 24    # a bitmap of path hashes (2 MiB): paths maybe seen before, without a set of them all
-_SPOOL_PARTS = 12       # per batch: 9 integer columns, the type codes, the paths, the link targets
+_SPOOL_PARTS = 13       # per batch: 9 integer columns, the type codes, the paths, the link targets, path hashes
 
 
 class _RecordSpool:
@@ -701,9 +701,9 @@ class _RecordSpool:
     Records arrive in archive order (:meth:`add`); every ``_SPOOL_ROWS`` of
     them go to an anonymous temporary file (in *directory*) as one batch:
     each integer column as a fixed-width array, the type codes, the paths
-    and the link targets. What stays in memory per record is 8 bytes (a hash
-    of its path, to find duplicates: a bitmap of the hashes seen names the
-    few that may repeat) and its xattrs and sparse map when it has any.
+    and the link targets, and a hash of each path (to find duplicates: a
+    bitmap of the hashes seen names the few that may repeat). What stays in
+    memory per record is its xattrs and sparse map, when it has any.
     :meth:`finish` deduplicates (see :func:`_dedupe`) and streams the
     columnar encoding (:func:`_encode_columns`, byte for byte) into one zstd
     frame, reading the spool back one column at a time, so memory does not
@@ -720,7 +720,6 @@ class _RecordSpool:
         self._batches: list[tuple[int, int, list[int]]] = []   # (file offset, records, lengths of its parts)
         self._lo = [0] * 9
         self._hi = [0] * 9
-        self._hashes = array.array("q")
         self._seen = bytearray(_SEEN_BITS // 8)
         self._again: set[int] = set()        # hashes whose bit was set already: maybe a path twice
         self._xattrs: list[tuple[int, dict[str, bytes]]] = []
@@ -751,7 +750,7 @@ class _RecordSpool:
         parts.append("\0".join(paths).encode("utf-8", "surrogateescape"))
         parts.append("\0".join([l or "" for l in links]).encode("utf-8", "surrogateescape"))
         hashes = list(map(hash, paths))
-        self._hashes.extend(hashes)
+        parts.append(_arr("q", hashes))
         seen, again = self._seen, self._again
         for h in hashes:
             bit = h & (_SEEN_BITS - 1)
@@ -821,7 +820,6 @@ class _RecordSpool:
                 cols = tuple(map(list, zip(*kept))) if kept else tuple([] for _ in Entry._fields)
                 return zstandard.ZstdCompressor(level=3).compress(_encode_columns(cols)), len(kept)
             del entries, kept
-        self._hashes = array.array("q")
         self._seen = bytearray()
         n = self.count
         codes = [_col_code(self._lo[k], self._hi[k], k == 4) for k in range(9)]
@@ -846,11 +844,16 @@ class _RecordSpool:
     def _repeats(self) -> bool:
         """Whether a hash of the maybe-repeated ones occurs twice (the same path, or a collision)."""
         again, once = self._again, set()
-        for h in self._hashes:
-            if h in again:
-                if h in once:
-                    return True
-                once.add(h)
+        for b in self._batches:
+            hashes = array.array("q")
+            hashes.frombytes(self._part(b, 12))
+            if _BIG:
+                hashes.byteswap()
+            for h in hashes:
+                if h in again:
+                    if h in once:
+                        return True
+                    once.add(h)
         return False
 
     def close(self) -> None:
