@@ -304,7 +304,7 @@ def _warm(nodes, session) -> None:
     come back to a held GIL), so it never holds the GIL while requests are being served (a cold
     ``cat`` lost a fifth of its speed to it). Huge trees stay lazy (memory)."""
     n = len(nodes)
-    if n > WARM_MAX_NODES:
+    if n > min(WARM_MAX_NODES, getattr(nodes, "retain", n)):   # more than a loaded table keeps made
         return
     seen = session.requests
     lo = 1

@@ -41,6 +41,7 @@ import queue
 import struct
 import sys
 import tarfile
+import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -317,9 +318,10 @@ def _xattrs(pax: dict[str, str]) -> dict[str, bytes] | None:
 class _TarScanner:
     """Incremental tar header parser: :meth:`feed` the uncompressed stream in
     pieces of any size, :meth:`finish` at its end; :attr:`entries` are the
-    members in archive order (duplicates included)."""
+    members in archive order (duplicates included). With a *sink*, each
+    member is handed to it instead (and :attr:`entries` stays empty)."""
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, sink=None):
         self.where = where
         self.win = _Window()
         self.tar = _TarState(self.win)
@@ -328,6 +330,7 @@ class _TarScanner:
         self.pending: list[bytes] = []   # chunks received while a header is incomplete
         self.done = False         # end-of-archive seen
         self.entries: list[Entry] = []
+        self.sink = sink if sink is not None else self.entries.append
 
     def feed(self, data: bytes) -> None:
         if not data:
@@ -411,7 +414,7 @@ class _TarScanner:
             self.next_header = tar.offset
             e = self._entry(ti, tar.offset)
             if e is not None:
-                self.entries.append(e)
+                self.sink(e)
 
     def _entry(self, ti: tarfile.TarInfo, next_header: int) -> Entry | None:
         where = self.where
@@ -570,15 +573,19 @@ def _strings(items: list[str]) -> bytes:
     return _U64.pack(len(blob)) + blob
 
 
-def _col(values: list[int], signed: bool = False) -> bytes:
-    """An integer column in the narrowest array type that holds it: type code byte + little-endian data."""
-    lo = min(values, default=0)
-    hi = max(values, default=0)
+def _col_code(lo: int, hi: int, signed: bool) -> str:
+    """The narrowest array type code that holds the integers from *lo* to *hi*."""
     for code in ("bhiq" if signed else "BHIQ"):
         bits = array.array(code).itemsize * 8
         if (-(1 << (bits - 1)) <= lo and hi < (1 << (bits - 1))) if signed else hi < (1 << bits):
-            return code.encode() + _arr(code, values)
+            return code
     raise ValueError("integer column out of range")  # pragma: no cover - values are checked on parse
+
+
+def _col(values: list[int], signed: bool = False) -> bytes:
+    """An integer column in the narrowest array type that holds it: type code byte + little-endian data."""
+    code = _col_code(min(values, default=0), max(values, default=0), signed)
+    return code.encode() + _arr(code, values)
 
 
 _LINK_TYPES = frozenset({SYMLINK, HARDLINK})
@@ -593,24 +600,30 @@ def _encode_columns(cols: tuple[list, ...]) -> bytes:
              bytes(_TYPE_CODE[t] for t in types),
              _col(modes), _col(uids), _col(gids), _col(sizes), _col(secs, True), _col(nsecs),
              _col(majors), _col(minors), _col(offsets),
-             _strings(list(paths)), _strings([l or "" for l in links])]
+             _strings(list(paths)), _strings([l or "" for l in links]),
+             _side_tables([(i, x) for i, x in enumerate(xattrs) if x],
+                          [(i, s) for i, s in enumerate(sparses) if s is not None])]
+    return b"".join(parts)
+
+
+def _side_tables(xattrs: list[tuple[int, dict[str, bytes]]], sparses: list[tuple[int, tuple]]) -> bytes:
+    """The end of the columnar encoding: the xattrs and the sparse maps of the records that have them,
+    as (record number, value) pairs in record order."""
     # xattrs: (record, count) pairs, then names and values
     x_idx, x_cnt, x_names, x_vals = [], [], [], []
-    for i, x in enumerate(xattrs):
-        if x:
-            x_idx.append(i)
-            x_cnt.append(len(x))
-            x_names.extend(x.keys())
-            x_vals.extend(x.values())
-    parts += [_U32.pack(len(x_idx)), _arr("I", x_idx), _arr("I", x_cnt), _U32.pack(len(x_names)),
-              _strings(x_names), _arr("I", map(len, x_vals)), b"".join(x_vals)]
+    for i, x in xattrs:
+        x_idx.append(i)
+        x_cnt.append(len(x))
+        x_names.extend(x.keys())
+        x_vals.extend(x.values())
+    parts = [_U32.pack(len(x_idx)), _arr("I", x_idx), _arr("I", x_cnt), _U32.pack(len(x_names)),
+             _strings(x_names), _arr("I", map(len, x_vals)), b"".join(x_vals)]
     s_idx, s_cnt, s_flat = [], [], []
-    for i, s in enumerate(sparses):
-        if s is not None:
-            s_idx.append(i)
-            s_cnt.append(len(s))
-            for ext in s:
-                s_flat.extend(ext)
+    for i, s in sparses:
+        s_idx.append(i)
+        s_cnt.append(len(s))
+        for ext in s:
+            s_flat.extend(ext)
     parts += [_U32.pack(len(s_idx)), _arr("I", s_idx), _arr("I", s_cnt), _U64.pack(len(s_flat)),
               _arr("Q", s_flat)]
     return b"".join(parts)
@@ -675,6 +688,179 @@ def _decode_columns(raw: bytes) -> tuple[list, ...]:
         pos = end
     c.end()
     return (paths, types, modes, uids, gids, sizes, mtimes, links, majors, minors, offsets, xattrs, sparses)
+
+
+_SPOOL_ROWS = 8192      # records gathered in memory before they go to the spool file
+_SEEN_BITS = 1 << 24    # a bitmap of path hashes (2 MiB): paths maybe seen before, without a set of them all
+_SPOOL_PARTS = 13       # per batch: 9 integer columns, the type codes, the paths, the link targets, path hashes
+
+
+class _RecordSpool:
+    """The records of a layer being indexed, kept in a temporary file rather than in Python objects.
+
+    Records arrive in archive order (:meth:`add`); every ``_SPOOL_ROWS`` of
+    them go to an anonymous temporary file (in *directory*) as one batch:
+    each integer column as a fixed-width array, the type codes, the paths
+    and the link targets, and a hash of each path (to find duplicates: a
+    bitmap of the hashes seen names the few that may repeat). What stays in
+    memory per record is its xattrs and sparse map, when it has any.
+    :meth:`finish` deduplicates (see :func:`_dedupe`) and streams the
+    columnar encoding (:func:`_encode_columns`, byte for byte) into one zstd
+    frame, reading the spool back one column at a time, so memory does not
+    grow with the number of records -- except in a layer that holds the same
+    path twice, whose records are then deduplicated in memory.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self._dir = directory
+        self._file = None
+        self._end = 0
+        self._rows: list[Entry] = []
+        self.count = 0
+        self._batches: list[tuple[int, int, list[int]]] = []   # (file offset, records, lengths of its parts)
+        self._lo = [0] * 9
+        self._hi = [0] * 9
+        self._seen = bytearray(_SEEN_BITS // 8)
+        self._again: set[int] = set()        # hashes whose bit was set already: maybe a path twice
+        self._xattrs: list[tuple[int, dict[str, bytes]]] = []
+        self._sparse: list[tuple[int, tuple]] = []
+
+    def add(self, e: Entry) -> None:
+        self._rows.append(e)
+        if len(self._rows) >= _SPOOL_ROWS:
+            self._spill()
+
+    def _spill(self) -> None:
+        rows, self._rows = self._rows, []
+        if not rows:
+            return
+        base = self.count
+        (paths, types, modes, uids, gids, sizes, mtimes, links, majors, minors, offsets, xattrs,
+         sparses) = zip(*rows)
+        ints = (modes, uids, gids, sizes, [m // 1_000_000_000 for m in mtimes],
+                [m % 1_000_000_000 for m in mtimes], majors, minors, offsets)
+        parts = []
+        first = not self._batches
+        for k, v in enumerate(ints):
+            lo, hi = min(v), max(v)
+            self._lo[k] = lo if first else min(lo, self._lo[k])
+            self._hi[k] = hi if first else max(hi, self._hi[k])
+            parts.append(_arr("q" if k == 4 else "Q", v))
+        parts.append(bytes(_TYPE_CODE[t] for t in types))
+        parts.append("\0".join(paths).encode("utf-8", "surrogateescape"))
+        parts.append("\0".join([l or "" for l in links]).encode("utf-8", "surrogateescape"))
+        hashes = list(map(hash, paths))
+        parts.append(_arr("q", hashes))
+        seen, again = self._seen, self._again
+        for h in hashes:
+            bit = h & (_SEEN_BITS - 1)
+            byte, mask = bit >> 3, 1 << (bit & 7)
+            if seen[byte] & mask:
+                again.add(h)
+            else:
+                seen[byte] |= mask
+        self._xattrs.extend((base + i, x) for i, x in enumerate(xattrs) if x)
+        self._sparse.extend((base + i, sp) for i, sp in enumerate(sparses) if sp is not None)
+        if self._file is None:
+            try:
+                self._file = tempfile.TemporaryFile(dir=self._dir, prefix="layerindex-", suffix=".spool")
+            except OSError as e:
+                where = str(self._dir or tempfile.gettempdir())
+                raise StoreError(f"cannot create a temporary file for a layer's index records: "
+                                 f"{e.strerror or e}", where=where,
+                                 hint="make the directory writable (or set TMPDIR when indexing a read-only "
+                                      "store)") from None
+        data = b"".join(parts)
+        self._file.write(data)
+        self._batches.append((self._end, len(rows), [len(p) for p in parts]))
+        self._end += len(data)
+        self.count += len(rows)
+
+    def _part(self, batch: tuple[int, int, list[int]], k: int) -> bytes:
+        off, _, lens = batch
+        return os.pread(self._file.fileno(), lens[k], off + sum(lens[:k]))
+
+    def _ints(self, batch, k: int) -> array.array:
+        a = array.array("q" if k == 4 else "Q")
+        a.frombytes(self._part(batch, k))
+        if _BIG:
+            a.byteswap()
+        return a
+
+    def entries(self) -> list[Entry]:
+        """All records read back (in memory)."""
+        self._spill()
+        if self._file is not None:
+            self._file.flush()
+        out: list[Entry] = []
+        xattrs, sparse = dict(self._xattrs), dict(self._sparse)
+        for b in self._batches:
+            base = len(out)
+            modes, uids, gids, sizes, secs, nsecs, majors, minors, offsets = (self._ints(b, k) for k in range(9))
+            types = [TYPES[c] for c in self._part(b, 9)]
+            paths = self._part(b, 10).decode("utf-8", "surrogateescape").split("\0")
+            links = self._part(b, 11).decode("utf-8", "surrogateescape").split("\0")
+            for i in range(b[1]):
+                t = types[i]
+                out.append(_new_entry((paths[i], t, modes[i], uids[i], gids[i], sizes[i],
+                                       secs[i] * 1_000_000_000 + nsecs[i], links[i] if t in _LINK_TYPES else None,
+                                       majors[i], minors[i], offsets[i], xattrs.get(base + i),
+                                       sparse.get(base + i))))
+        return out
+
+    def finish(self) -> tuple[bytes, int]:
+        """(the records section: one zstd frame of the columnar encoding, the number of records)."""
+        self._spill()
+        if self._file is not None:
+            self._file.flush()
+        if self._again and self._repeats():      # maybe a path twice: deduplicate in memory
+            entries = self.entries()
+            kept = _dedupe(entries)
+            if kept is not entries:
+                cols = tuple(map(list, zip(*kept))) if kept else tuple([] for _ in Entry._fields)
+                return zstandard.ZstdCompressor(level=3).compress(_encode_columns(cols)), len(kept)
+            del entries, kept
+        self._seen = bytearray()
+        n = self.count
+        codes = [_col_code(self._lo[k], self._hi[k], k == 4) for k in range(9)]
+        tail = _side_tables(self._xattrs, self._sparse)
+        strings = [sum(b[2][k] for b in self._batches) + max(len(self._batches) - 1, 0) for k in (10, 11)]
+        total = (4 + n + sum(1 + n * array.array(c).itemsize for c in codes) + 16 + sum(strings) + len(tail))
+        z = zstandard.ZstdCompressor(level=3).compressobj(size=total)
+        out = [z.compress(_U32.pack(n))]
+        out += [z.compress(self._part(b, 9)) for b in self._batches]
+        for k, code in enumerate(codes):
+            out.append(z.compress(code.encode()))
+            for b in self._batches:
+                out.append(z.compress(_arr(code, self._ints(b, k))))
+        for k, length in zip((10, 11), strings):
+            out.append(z.compress(_U64.pack(length)))
+            for j, b in enumerate(self._batches):
+                out.append(z.compress(b"\0" + self._part(b, k) if j else self._part(b, k)))
+        out.append(z.compress(tail))
+        out.append(z.flush())
+        return b"".join(out), n
+
+    def _repeats(self) -> bool:
+        """Whether a hash of the maybe-repeated ones occurs twice (the same path, or a collision)."""
+        again, once = self._again, set()
+        for b in self._batches:
+            hashes = array.array("q")
+            hashes.frombytes(self._part(b, 12))
+            if _BIG:
+                hashes.byteswap()
+            for h in hashes:
+                if h in again:
+                    if h in once:
+                        return True
+                    once.add(h)
+        return False
+
+    def close(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
+        self._rows = []
 
 
 def pack_file(version: int, meta: dict, sections: list[bytes], *, magic: bytes = _MAGIC) -> bytes:
@@ -756,21 +942,28 @@ class LayerIndex:
                 self._cols = tuple(map(list, zip(*self._entries))) if self._entries \
                     else tuple([] for _ in Entry._fields)
             else:
-                try:
-                    raw = zstandard.ZstdDecompressor().decompress(self._raw_entries, max_output_size=_MAX_RECORDS)
-                except zstandard.ZstdError:
-                    raise IndexFormatError("layer index records are corrupt") from None
-                cols = _decode_columns(raw)
-                if self._count is not None and len(cols[0]) != self._count:
-                    raise IndexFormatError("layer index records do not match its metadata")
-                self._cols = cols
+                self._cols = self._decode()
                 self._raw_entries = None
         return self._cols
 
-    def rows(self) -> Iterable[tuple]:
-        """The records as plain tuples in :class:`Entry` field order."""
+    def _decode(self) -> tuple[list, ...]:
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(self._raw_entries, max_output_size=_MAX_RECORDS)
+        except zstandard.ZstdError:
+            raise IndexFormatError("layer index records are corrupt") from None
+        cols = _decode_columns(raw)
+        if self._count is not None and len(cols[0]) != self._count:
+            raise IndexFormatError("layer index records do not match its metadata")
+        return cols
+
+    def rows(self, *, keep: bool = True) -> Iterable[tuple]:
+        """The records as plain tuples in :class:`Entry` field order. With ``keep=False`` the
+        records of a loaded index are decoded for this one pass only (the index keeps them
+        compressed), for a consumer that keeps what it needs of the rows itself."""
         if self._entries is not None:
             return iter(self._entries)
+        if self._cols is None and not keep:
+            return zip(*self._decode())
         return zip(*self.columns())
 
     @property
@@ -782,6 +975,8 @@ class LayerIndex:
     def __len__(self) -> int:
         if self._entries is not None:
             return len(self._entries)
+        if self._cols is None and self._count is not None:
+            return self._count
         return len(self.columns()[0])
 
     def __repr__(self) -> str:
@@ -901,10 +1096,10 @@ _BATCH = 256 << 10      # smaller pieces are gathered up to this size before the
 class _Consumer:
     """The uncompressed side: diff_id hash, size, tar scanner."""
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, spool: _RecordSpool):
         self.hash = hashlib.sha256()
         self.size = 0
-        self.scan = _TarScanner(where)
+        self.scan = _TarScanner(where, spool.add)
 
     def __call__(self, data: bytes) -> None:
         self.hash.update(data)
@@ -990,7 +1185,8 @@ class LayerIndexer:
     """
 
     def __init__(self, compression: str | None, *, where: str, digest: Digest | None = None,
-                 span: int = gzindex.DEFAULT_SPAN, threaded: bool = True, max_size: int | None = None):
+                 span: int = gzindex.DEFAULT_SPAN, threaded: bool = True, max_size: int | None = None,
+                 spool_dir: str | os.PathLike | None = None):
         self.declared = gzindex.normalize_compression(compression)
         self.where = where
         self.digest = digest
@@ -1001,7 +1197,8 @@ class LayerIndexer:
         self._ix = None
         self._head = b""
         self.compressed_size = 0
-        self._consumer = _Consumer(where)
+        self._spool = _RecordSpool(spool_dir)
+        self._consumer = _Consumer(where, self._spool)
         self._worker: _Worker | None = None
         self._batch: list[bytes] = []
         self._batched = 0
@@ -1096,6 +1293,7 @@ class LayerIndexer:
                 w.close()
             except BaseException:   # noqa: BLE001 - the first error is the one reported
                 pass
+        self._spool.close()
 
     def close(self) -> None:
         """Stop the helper thread without finishing (idempotent)."""
@@ -1106,6 +1304,7 @@ class LayerIndexer:
             except BaseException as e:   # noqa: BLE001
                 if self._error is None:
                     self._error = e
+        self._spool.close()
 
     def finish(self) -> LayerIndex:
         if self._error is not None:
@@ -1123,14 +1322,18 @@ class LayerIndexer:
             w, self._worker = self._worker, None
             if w is not None:
                 w.close()
-            entries = self._consumer.scan.finish()
+            self._consumer.scan.finish()
+            records, count = self._spool.finish()
         except BaseException as e:
             self._fail(e)
             raise self._error from None
+        finally:
+            self._spool.close()
         c = self._consumer
-        self._result = LayerIndex(_dedupe(entries), diff_id=Digest("sha256", c.hash.hexdigest()),
+        self._result = LayerIndex(None, diff_id=Digest("sha256", c.hash.hexdigest()),
                                   size=c.size, compression=self._ix.compression, checkpoints=seek.to_bytes(),
-                                  digest=self.digest, compressed_size=self.compressed_size)
+                                  digest=self.digest, compressed_size=self.compressed_size,
+                                  _raw_entries=records, _count=count)
         return self._result
 
 
@@ -1246,12 +1449,14 @@ def load_or_build(store: Store, desc: Descriptor) -> LayerIndex:
 
 
 def open_layer_reader(store: Store, desc: Descriptor, index: LayerIndex, *,
-                      cache_bytes: int = gzindex.DEFAULT_CACHE_BYTES) -> gzindex.BlobReader:
+                      cache_bytes: int = gzindex.DEFAULT_CACHE_BYTES,
+                      cache: gzindex.SpanCache | None = None) -> gzindex.BlobReader:
     """Thread-safe random reads of the layer's uncompressed tar stream
-    (``read(offset, length)``); *cache_bytes* bounds its cache of decompressed spans."""
+    (``read(offset, length)``); *cache_bytes* bounds its cache of decompressed spans,
+    or *cache* is one shared with other readers (the layers of an image)."""
     try:
         return gzindex.open_reader(store.blob_path(desc.digest), index.compression, index.checkpoints,
-                                   cache_bytes=cache_bytes)
+                                   cache_bytes=cache_bytes, cache=cache)
     except FileNotFoundError:
         raise StoreError(f"blob {desc.digest} is missing from the store", where=str(store.root),
                          hint="pull the image again") from None

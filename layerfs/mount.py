@@ -454,14 +454,15 @@ def mount_image(store: Store, ref_text: str, mountpoint: str | os.PathLike[str],
 
 
 def _cached_tree(store: Store, manifest: Manifest, upto: int | None) -> "MergedTree | None":
-    """None when the tree cache (and the layer indexes) of the image's first *upto* layers exist; else the
-    tree, built now (which saves the cache: then None too). Raises what :func:`open_image_tree` raises."""
+    """None when the tree cache (of this format) and the layer indexes of the image's first *upto* layers
+    exist; else the tree, built now (which saves the cache: then None too). Raises what
+    :func:`open_image_tree` raises."""
     from .layerindex import index_path
-    from .union import open_image_tree, tree_cache_path
+    from .union import open_image_tree, tree_cache_current, tree_cache_path
     n = len(manifest.layers) if upto is None else upto
 
-    def cached() -> bool:
-        return (0 <= n <= len(manifest.layers) and tree_cache_path(store, manifest, n).is_file()
+    def cached() -> bool:   # (an outdated cache is rebuilt here too: not in the daemon, which would keep its heap)
+        return (0 <= n <= len(manifest.layers) and tree_cache_current(tree_cache_path(store, manifest, n))
                 and all(index_path(store, d.digest).is_file() for d in manifest.layers[:n]))
 
     if cached():

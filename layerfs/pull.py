@@ -99,7 +99,8 @@ def _big_buffers_reused() -> Iterator[None]:
     tops) by default, so every page of them is faulted in and zeroed again:
     about 60k page faults and a tenth of a pull's CPU for 300 MB. Raised
     thresholds let freed buffers be reused; the defaults come back after,
-    and the heap is trimmed."""
+    and the heap is trimmed. At most two malloc arenas serve the pull's threads
+    (each thread's own arena kept its own freed buffers: some 20 MB more at peak)."""
     import ctypes
     from . import libc
     mallopt = libc.function("mallopt", (ctypes.c_int, ctypes.c_int))
@@ -107,7 +108,8 @@ def _big_buffers_reused() -> Iterator[None]:
     if mallopt is None or trim is None:     # not glibc
         yield
         return
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
+    mallopt(M_ARENA_MAX, 2)
     mallopt(M_MMAP_THRESHOLD, 64 << 20)
     mallopt(M_TRIM_THRESHOLD, 256 << 20)
     mallopt(M_TOP_PAD, 64 << 20)
@@ -193,7 +195,8 @@ class LayerWriter:
         self.content_error = None
         self.hasher = self.desc.digest.hasher()
         self.indexer = LayerIndexer(self.compression, where=f"layer {self.desc.digest.short}",
-                                    digest=self.desc.digest, max_size=self.max_size)
+                                    digest=self.desc.digest, max_size=self.max_size,
+                                    spool_dir=self.ing.path.parent)
         self._feeder = _Feeder(self.indexer)
         if offset:
             self.ing.hash_existing(_Tee(self.hasher, self._feeder), offset)

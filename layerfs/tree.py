@@ -148,6 +148,9 @@ class MergedTree:
         return _read_sparse(reader, n.sparse, offset, size)
 
     def statfs(self) -> FsStats:
+        fast = getattr(self.nodes, "fs_stats", None)     # a table loaded from the tree cache: from its columns
+        if fast is not None:
+            return FsStats(*fast())
         total = 0
         files = 0
         for n in self.nodes:

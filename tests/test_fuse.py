@@ -784,8 +784,9 @@ def test_cli_mount_imports(store, tmp_path):
 
 
 def test_mount_image_tree_cache_missing_unwritable_or_corrupt(store, tmp_path, monkeypatch):
-    """The daemon loads the tree from the store's tree cache; the caller builds it first when missing, shares the
-    tree it built when the cache cannot be written, and a corrupt cache is rebuilt by the daemon."""
+    """The daemon loads the tree from the store's tree cache; the caller builds it first when missing or of
+    another format, shares the tree it built when the cache cannot be written, and a cache damaged behind a
+    current head is rebuilt by the daemon."""
     require_fuse()
     from layerfs import union
     put_image(store, "docker.io/library/two:1", _two_layer_image())
@@ -813,10 +814,16 @@ def test_mount_image_tree_cache_missing_unwritable_or_corrupt(store, tmp_path, m
         assert not cache.exists() and "tree cache" not in Path(rec.log).read_text()   # built once, here
     mount_and_check(read_only=True)          # built by the caller, loaded by the daemon
     assert cache.is_file()
-    cache.write_bytes(b"garbage")            # looks cached to the caller: the daemon rebuilds it
+    good = cache.read_bytes()
+    cache.write_bytes(b"garbage")            # not a current cache: the caller rebuilds it before the daemon starts
+    rec = mount_and_check()
+    assert cache.read_bytes() == good and "rebuilding" not in Path(rec.log).read_text()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x10
+    cache.write_bytes(bytes(bad))            # a current head: looks cached to the caller, the daemon rebuilds it
     rec = mount_and_check()
     assert "rebuilding" in Path(rec.log).read_text()
-    assert cache.read_bytes() != b"garbage"
+    assert cache.read_bytes() == good
     mount_and_check(read_only=True, layer=1)
     assert union.tree_cache_path(store, manifest, 1).is_file()
     assert mounts(store) == []

@@ -198,6 +198,52 @@ def test_every_record_field_matches_tarfile():
     assert idx.size == len(RICH_TAR) and idx.compression is None
 
 
+def _many_members(n: int) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    out: list[tuple[tarfile.TarInfo, bytes | None]] = [(_ti("d", tarfile.DIRTYPE, mode=0o755), None)]
+    for i in range(n):
+        pax = {"SCHILY.xattr.user.i": str(i)} if i % 7 == 0 else {}
+        out.append((_ti(f"d/f{i}", mode=0o644, uid=i, mtime=i, pax_headers=pax), b"x" * (i % 5)))
+        if i % 11 == 0:
+            out.append((_ti(f"d/h{i}", tarfile.LNKTYPE, linkname=f"d/f{i}"), None))
+        if i % 13 == 0:
+            out.append((_ti(f"d/s{i}", tarfile.SYMTYPE, linkname=f"f{i}", mode=0o644), None))
+    return out
+
+
+@pytest.mark.parametrize("rows", [1, 3, 100])
+@pytest.mark.parametrize("tar", ["rich", "rich-no-duplicates", "many", "many-rewritten"])
+def test_records_spooled_to_disk_encode_as_in_memory(monkeypatch, tmp_path, rows, tar):
+    """The indexer writes records to a spool file in batches and streams the columnar encoding out of it:
+    the records section decodes to exactly what the in-memory encoding of the same records gives."""
+    from layerfs import layerindex
+    members = {"rich": rich_members, "rich-no-duplicates": lambda: rich_members()[:-2],
+               "many": lambda: _many_members(300),
+               "many-rewritten": lambda: _many_members(300) + [(_ti("d/f5", mode=0o600), b"again"),
+                                                              (_ti("d/f11", mode=0o600), b"link target again")]}[tar]
+    data = make_tar(members())
+    scan = layerindex._TarScanner("test")
+    scan.feed(data)
+    want = layerindex._dedupe(scan.finish())
+    monkeypatch.setattr(layerindex, "_SPOOL_ROWS", rows)
+    idx = index_bytes(gzip.compress(data, 1), "gzip", [5000], spool_dir=tmp_path)
+    assert len(idx) == len(want)
+    assert idx.entries == want
+    raw = zstandard.ZstdDecompressor().decompress(LayerIndex.from_bytes(idx.to_bytes())._raw_entries)
+    assert raw == layerindex._encode_columns(tuple(map(list, zip(*want))))
+    assert list(tmp_path.iterdir()) == []       # the spool file is anonymous
+
+
+def test_spool_directory_that_cannot_be_written_is_one_clear_error(monkeypatch, tmp_path):
+    from layerfs import layerindex
+    from layerfs.errors import StoreError
+    monkeypatch.setattr(layerindex, "_SPOOL_ROWS", 2)
+    with pytest.raises(StoreError) as ei:
+        index_bytes(gzip.compress(RICH_TAR, 1), "gzip", spool_dir=tmp_path / "missing")
+    assert "temporary file" in ei.value.message and ei.value.where == str(tmp_path / "missing")
+    assert ei.value.hint
+
+
+
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
 def test_gnu_and_ustar_headers(fmt):
     long_name = "g" * 90 + "/" + "h" * 90 + "/" + "name"   # ustar prefix/name split, GNU longname
@@ -439,6 +485,10 @@ def test_save_load_round_trip(tmp_path):
     # rows() and entries agree, and a loaded index saves to the same bytes
     assert [tuple(e) for e in back.entries] == list(LayerIndex.load(p).rows())
     assert LayerIndex.load(p).to_bytes() == p.read_bytes()
+    # rows for one pass: the same, and the index keeps its records compressed (and still whole)
+    once = LayerIndex.load(p)
+    assert list(once.rows(keep=False)) == list(once.rows(keep=False)) == [tuple(e) for e in back.entries]
+    assert once._cols is None and once.entries == back.entries and once.to_bytes() == p.read_bytes()
 
 
 def _rewrite_head(data: bytes, *, magic=None, version=None) -> bytes:

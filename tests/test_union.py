@@ -690,6 +690,85 @@ def test_corrupt_or_old_tree_cache_is_rebuilt(tmp_path, caplog):
     _nodes_equal(open_image_tree(store, m), good_tree)
 
 
+def test_tree_built_into_columns_equals_the_built_nodes():
+    """open_image_tree builds the cache's columns straight from the merge; they give the same tree as
+    build_tree's Node objects (random layers: links, whiteouts, opaque directories, symlinks, fifos)."""
+    from layerfs.union import _merge, _merged_body, _tree_of
+    rng = random.Random(5)
+    cases = [LAYERS]
+    for _ in range(40):
+        files: list[str] = []
+        cases.append([random_layer(rng, files) for _ in range(rng.randint(1, 4))])
+    for layers in cases:
+        tars = [make_tar(m) for m in layers]
+        readers = [BytesReader(t) for t in tars]
+        built = build_tree([index_of(t) for t in tars], readers)
+        direct = _tree_of(*_merged_body(_merge([index_of(t) for t in tars])), readers)
+        _nodes_equal(built, direct)
+        assert direct.get(ROOT_INO).mode == built.get(ROOT_INO).mode and direct.statfs() == built.statfs()
+
+
+def test_tree_cache_of_the_previous_format_is_rebuilt_with_one_warning(tmp_path, caplog):
+    from layerfs.union import TREE_FORMAT_VERSION
+    store = Store(tmp_path / "store").init()
+    m = _image(store, LAYERS)
+    good_tree = open_image_tree(store, m)
+    cache = tree_cache_path(store, m, 2)
+    good = cache.read_bytes()
+    from layerfs.union import tree_cache_current
+    assert tree_cache_current(cache) and not tree_cache_current(tmp_path / "missing")
+    cache.write_bytes(_rewrite_head(good, version=TREE_FORMAT_VERSION - 1))
+    assert not tree_cache_current(cache)        # 'mount' rebuilds it before starting the daemon
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="layerfs"):
+        t = open_image_tree(store, m)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and f"format version {TREE_FORMAT_VERSION - 1}" in warnings[0] \
+        and "rebuilding" in warnings[0], warnings
+    _nodes_equal(t, good_tree)
+    assert cache.read_bytes() == good
+    from layerfs.union import LazyNodes
+    assert isinstance(t.nodes, LazyNodes)       # served from the cache it just wrote, not the built objects
+
+
+def test_loaded_tree_keeps_a_bounded_number_of_nodes(tmp_path):
+    """Past ``retain`` made Nodes, a loaded table drops them and makes equal ones again on their next use."""
+    from layerfs.union import LazyNodes
+    members = [D("d"), D("d/sub")] + [F(f"d/f{i}", b"x" * i, mode=0o600 + i % 8) for i in range(40)] \
+        + [F(f"d/sub/g{i}", b"y") for i in range(30)] + [L("d/link", "f1"), H("d/hard", "d/f2")]
+    tars = [make_tar(LAYERS[0]), make_tar(members)]
+    readers = [BytesReader(t) for t in tars]
+    built = build_tree([index_of(t) for t in tars], readers)
+    save_tree(built, tmp_path / "t.tree")
+    lazy = load_tree(tmp_path / "t.tree", readers)
+    assert isinstance(lazy.nodes, LazyNodes)
+    lazy.nodes.retain = 7
+    for _ in range(3):                           # every node, more than once, through every way in
+        _nodes_equal(built, lazy)
+        assert view(lazy) == view(built)
+        assert len(lazy.nodes._made) <= 7
+        assert sum(x is not None for x in list.__iter__(lazy.nodes)) <= 7
+    assert lazy.statfs() == built.statfs()
+    assert [x.ino if x else None for x in lazy.nodes] == [x.ino if x else None for x in built.nodes]
+
+
+def test_tree_cache_directory_listed_by_another_directory_is_left_out(tmp_path, caplog):
+    """A cache whose directory lists a directory that is not its child (a loop, or a second parent) serves
+    the tree without that name: every walk ends."""
+    tars = [make_tar([D("a"), D("a/b"), F("a/b/f", b"1"), D("c")])]
+    readers = [BytesReader(t) for t in tars]
+    built = build_tree([index_of(t) for t in tars], readers)
+    a, c = node(built, "a"), node(built, "c")
+    built.nodes[node(built, "a/b").ino].children["loop"] = a.ino        # a/b/loop -> a: a cycle
+    c.children["b2"] = node(built, "a/b").ino                            # a second parent
+    save_tree(built, tmp_path / "t.tree")
+    lazy = load_tree(tmp_path / "t.tree", readers)
+    with caplog.at_level(logging.WARNING, logger="layerfs.union"):
+        names = sorted(p for p, _ in lazy.walk())
+    assert names == ["a", "a/b", "a/b/f", "c"]
+    assert sum("not its own" in r.getMessage() for r in caplog.records) == 2
+
+
 def test_save_and_load_tree_directly(tmp_path):
     tars = [make_tar(m) for m in LAYERS]
     tree = build_tree([index_of(t) for t in tars], [BytesReader(t) for t in tars])
