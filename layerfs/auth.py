@@ -55,7 +55,7 @@ def _auth_keys(registry: str) -> list[str]:
             f"https://{registry}/v2/"]
 
 
-def _normalise_key(key: str) -> str:
+def normalise_key(key: str) -> str:
     k = key
     if "://" in k:
         k = urlsplit(k).netloc or k
@@ -84,7 +84,7 @@ class CredentialStore:
     def _helper_for(self, doc: dict, registry: str) -> str | None:
         helpers = doc.get("credHelpers") if isinstance(doc.get("credHelpers"), dict) else {}
         for key, name in helpers.items():
-            if _normalise_key(key) == registry and isinstance(name, str):
+            if normalise_key(key) == registry and isinstance(name, str):
                 return name
         store = doc.get("credsStore")
         return store if isinstance(store, str) and store else None
@@ -104,7 +104,7 @@ class CredentialStore:
                 break
         if entry is None:
             for key, val in auths.items():
-                if _normalise_key(key) == registry and isinstance(val, dict):
+                if normalise_key(key) == registry and isinstance(val, dict):
                     entry = val
                     break
         if not entry:
@@ -185,7 +185,7 @@ class CredentialStore:
             removed = p.returncode == 0
         auths = doc.get("auths") if isinstance(doc.get("auths"), dict) else {}
         for key in list(auths):
-            if _normalise_key(key) == registry:
+            if normalise_key(key) == registry:
                 del auths[key]
                 removed = True
         if removed and not helper:

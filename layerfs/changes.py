@@ -998,8 +998,8 @@ def write_layer(store: Store, scan: UpperScan) -> LayerResult:
         store.set_layer_info(digest, {"diff_id": str(diff_id), "size": raw.size, "media_type": OCI_LAYER_GZIP})
         return LayerResult(Descriptor(OCI_LAYER_GZIP, digest, compressed.size), diff_id, raw.size)
     except OSError as e:
-        from .store import _os_error
-        raise _os_error(e, "the new layer") from None
+        from .store import store_error
+        raise store_error(e, "the new layer") from None
     finally:
         indexer.close()
         with contextlib.suppress(OSError):

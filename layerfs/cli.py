@@ -472,11 +472,11 @@ def cmd_logout(ctx: Context) -> int:
 
 
 def _server_name(text: str | None) -> str:
-    from .auth import _normalise_key
+    from .auth import normalise_key
     from .reference import DOCKER_HUB
     if not text:
         return DOCKER_HUB
-    return _normalise_key(text)
+    return normalise_key(text)
 
 
 # --- mounts ----------------------------------------------------------------------------
@@ -708,11 +708,11 @@ class _PushProgress:
         self.lines.message(text)
 
     def __call__(self, layer: str, status: str, current: int | None = None, total: int | None = None) -> None:
-        from .display import _bar, human_size
+        from .display import progress_bar, human_size
         if status == "Pushing":
             if not self.lines.tty or not total:
                 return
-            status = f"Pushing {_bar(current or 0, total)} {human_size(current or 0)}/{human_size(total)}"
+            status = f"Pushing {progress_bar(current or 0, total)} {human_size(current or 0)}/{human_size(total)}"
         elif status == "Waiting" and not self.lines.tty:
             return
         self.lines(layer, status)

@@ -120,7 +120,7 @@ def table(rows: Sequence[Sequence[str]], out: TextIO, *, minwidth: int = 10, pad
 _QUIET_STATUSES = {"Downloading", "Waiting"}
 
 
-def _bar(current: int, total: int, width: int = 50) -> str:
+def progress_bar(current: int, total: int, width: int = 50) -> str:
     if total <= 0:
         return ""
     filled = min(width, int(width * current / total))
@@ -146,7 +146,7 @@ class PullProgress:
     def __call__(self, layer: str, status: str, current: int | None = None, total: int | None = None) -> None:
         text = status
         if status == "Downloading" and current is not None and total:
-            text = f"Downloading {_bar(current, total)} {human_size(current)}/{human_size(total)}"
+            text = f"Downloading {progress_bar(current, total)} {human_size(current)}/{human_size(total)}"
         with self._lock:
             if not self.tty:
                 if status in _QUIET_STATUSES:

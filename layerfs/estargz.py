@@ -45,7 +45,7 @@ from .layerindex import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, load_or
 from .oci import (OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, Digest, ImageConfig, Manifest, json_bytes,
                   parse_manifest)
 from .store import Store
-from .tree import _read_sparse
+from .tree import read_sparse
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def convert_layer(store: Store, desc: Descriptor, *, chunk_size: int = DEFAULT_C
                 if e.type == FILE and e.size:
                     if e.sparse is not None:
                         sp = list(e.sparse)
-                        read = (lambda off, n, sp=sp: _read_sparse(reader, sp, off, n))
+                        read = (lambda off, n, sp=sp: read_sparse(reader, sp, off, n))
                     else:
                         read = (lambda off, n, base=e.offset: reader.read(base + off, n))
                 else:

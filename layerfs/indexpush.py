@@ -43,7 +43,7 @@ import zstandard
 
 from . import gzindex
 from .errors import ContentError, LayerfsError, ManifestError, NotFoundError, StoreError, TarError, UsageError
-from .layerindex import (FILE, HARDLINK, IndexFormatError, LayerIndex, _encode_columns, load_or_build,
+from .layerindex import (FILE, HARDLINK, IndexFormatError, LayerIndex, encode_columns, load_or_build,
                          normalize_path, pack_file, unpack_file)
 from .oci import (LAYER_COMPRESSION, OCI_EMPTY, OCI_INDEX, OCI_MANIFEST, Descriptor, Digest, Index, Manifest)
 from .registry import ClientPool, RegistryClient, RegistryOptions
@@ -149,7 +149,7 @@ def build_index_blob(store, desc: Descriptor, *, span: int = DEFAULT_PUSH_SPAN) 
     finally:
         os.close(fd)
     cols = idx.columns()
-    records = zstandard.ZstdCompressor(level=9).compress(_encode_columns(cols))
+    records = zstandard.ZstdCompressor(level=9).compress(encode_columns(cols))
     meta = {"layer": str(desc.digest), "layer_size": desc.size, "diff_id": str(idx.diff_id), "size": idx.size,
             "compression": "gzip", "span": span, "count": len(cols[0]), "checkpoints": len(cps)}
     head = pack_file(FORMAT_VERSION, meta, [records, b"".join(rows)], magic=_MAGIC)

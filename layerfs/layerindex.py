@@ -506,7 +506,7 @@ class IndexFormatError(ContentError):
     default_hint = "the index is rebuilt from the layer blob automatically"
 
 
-def _arr(code: str, values: Iterable[int]) -> bytes:
+def pack_ints(code: str, values: Iterable[int]) -> bytes:
     a = array.array(code, values)
     if _BIG:
         a.byteswap()
@@ -541,14 +541,14 @@ class _Cursor:
         return a.tolist() if as_list else a
 
     def col(self, n: int, signed: bool = False, *, as_list: bool = True):
-        """An integer column (see :func:`_col`): a list, or the array itself."""
+        """An integer column (see :func:`int_col`): a list, or the array itself."""
         code = self.take(1).decode("ascii", "replace")
         if code not in ("bhiq" if signed else "BHIQ"):
             raise IndexFormatError(f"{self.what}: bad column type")
         return self.arr(code, n, as_list=as_list)
 
     def strings(self, n: int) -> list[str]:
-        (length,) = self.unpack(_U64)
+        (length,) = self.unpack(U64)
         blob = self.take(length)
         if n == 0:
             if length:
@@ -564,13 +564,13 @@ class _Cursor:
             raise IndexFormatError(f"{self.what} has trailing bytes")
 
 
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
 
 
 def _strings(items: list[str]) -> bytes:
     blob = "\0".join(items).encode("utf-8", "surrogateescape")
-    return _U64.pack(len(blob)) + blob
+    return U64.pack(len(blob)) + blob
 
 
 def _col_code(lo: int, hi: int, signed: bool) -> str:
@@ -582,24 +582,24 @@ def _col_code(lo: int, hi: int, signed: bool) -> str:
     raise ValueError("integer column out of range")  # pragma: no cover - values are checked on parse
 
 
-def _col(values: list[int], signed: bool = False) -> bytes:
+def int_col(values: list[int], signed: bool = False) -> bytes:
     """An integer column in the narrowest array type that holds it: type code byte + little-endian data."""
     code = _col_code(min(values, default=0), max(values, default=0), signed)
-    return code.encode() + _arr(code, values)
+    return code.encode() + pack_ints(code, values)
 
 
 _LINK_TYPES = frozenset({SYMLINK, HARDLINK})
 
 
-def _encode_columns(cols: tuple[list, ...]) -> bytes:
+def encode_columns(cols: tuple[list, ...]) -> bytes:
     n = len(cols[0])
     (paths, types, modes, uids, gids, sizes, mtimes, links, majors, minors, offsets, xattrs, sparses) = cols
     secs = [m // 1_000_000_000 for m in mtimes]
     nsecs = [m % 1_000_000_000 for m in mtimes]
-    parts = [_U32.pack(n),
+    parts = [U32.pack(n),
              bytes(_TYPE_CODE[t] for t in types),
-             _col(modes), _col(uids), _col(gids), _col(sizes), _col(secs, True), _col(nsecs),
-             _col(majors), _col(minors), _col(offsets),
+             int_col(modes), int_col(uids), int_col(gids), int_col(sizes), int_col(secs, True), int_col(nsecs),
+             int_col(majors), int_col(minors), int_col(offsets),
              _strings(list(paths)), _strings([l or "" for l in links]),
              _side_tables([(i, x) for i, x in enumerate(xattrs) if x],
                           [(i, s) for i, s in enumerate(sparses) if s is not None])]
@@ -616,23 +616,23 @@ def _side_tables(xattrs: list[tuple[int, dict[str, bytes]]], sparses: list[tuple
         x_cnt.append(len(x))
         x_names.extend(x.keys())
         x_vals.extend(x.values())
-    parts = [_U32.pack(len(x_idx)), _arr("I", x_idx), _arr("I", x_cnt), _U32.pack(len(x_names)),
-             _strings(x_names), _arr("I", map(len, x_vals)), b"".join(x_vals)]
+    parts = [U32.pack(len(x_idx)), pack_ints("I", x_idx), pack_ints("I", x_cnt), U32.pack(len(x_names)),
+             _strings(x_names), pack_ints("I", map(len, x_vals)), b"".join(x_vals)]
     s_idx, s_cnt, s_flat = [], [], []
     for i, s in sparses:
         s_idx.append(i)
         s_cnt.append(len(s))
         for ext in s:
             s_flat.extend(ext)
-    parts += [_U32.pack(len(s_idx)), _arr("I", s_idx), _arr("I", s_cnt), _U64.pack(len(s_flat)),
-              _arr("Q", s_flat)]
+    parts += [U32.pack(len(s_idx)), pack_ints("I", s_idx), pack_ints("I", s_cnt), U64.pack(len(s_flat)),
+              pack_ints("Q", s_flat)]
     return b"".join(parts)
 
 
 def _decode_columns(raw: bytes) -> tuple[list, ...]:
     """The columns of the records (one list per Entry field)."""
     c = _Cursor(raw, "layer index records")
-    (n,) = c.unpack(_U32)
+    (n,) = c.unpack(U32)
     if n > len(raw):
         raise IndexFormatError("layer index records: bad count")
     tcodes = c.take(n)
@@ -654,9 +654,9 @@ def _decode_columns(raw: bytes) -> tuple[list, ...]:
     links = c.strings(n)
     links = [l if t in _LINK_TYPES else None for l, t in zip(links, types)]
     xattrs: list[dict[str, bytes] | None] = [None] * n
-    (nx,) = c.unpack(_U32)
+    (nx,) = c.unpack(U32)
     x_idx, x_cnt = c.arr("I", nx), c.arr("I", nx)
-    (nnames,) = c.unpack(_U32)
+    (nnames,) = c.unpack(U32)
     if nnames != sum(x_cnt) or nnames > len(raw):
         raise IndexFormatError("layer index records: bad xattr table")
     names = c.strings(nnames)
@@ -673,9 +673,9 @@ def _decode_columns(raw: bytes) -> tuple[list, ...]:
             k += 1
         xattrs[i] = d
     sparses: list[tuple | None] = [None] * n
-    (ns,) = c.unpack(_U32)
+    (ns,) = c.unpack(U32)
     s_idx, s_cnt = c.arr("I", ns), c.arr("I", ns)
-    (nflat,) = c.unpack(_U64)
+    (nflat,) = c.unpack(U64)
     if nflat != 3 * sum(s_cnt) or nflat > len(raw):
         raise IndexFormatError("layer index records: bad sparse table")
     flat = c.arr("Q", nflat)
@@ -705,7 +705,7 @@ class _RecordSpool:
     bitmap of the hashes seen names the few that may repeat). What stays in
     memory per record is its xattrs and sparse map, when it has any.
     :meth:`finish` deduplicates (see :func:`_dedupe`) and streams the
-    columnar encoding (:func:`_encode_columns`, byte for byte) into one zstd
+    columnar encoding (:func:`encode_columns`, byte for byte) into one zstd
     frame, reading the spool back one column at a time, so memory does not
     grow with the number of records -- except in a layer that holds the same
     path twice, whose records are then deduplicated in memory.
@@ -745,12 +745,12 @@ class _RecordSpool:
             lo, hi = min(v), max(v)
             self._lo[k] = lo if first else min(lo, self._lo[k])
             self._hi[k] = hi if first else max(hi, self._hi[k])
-            parts.append(_arr("q" if k == 4 else "Q", v))
+            parts.append(pack_ints("q" if k == 4 else "Q", v))
         parts.append(bytes(_TYPE_CODE[t] for t in types))
         parts.append("\0".join(paths).encode("utf-8", "surrogateescape"))
         parts.append("\0".join([l or "" for l in links]).encode("utf-8", "surrogateescape"))
         hashes = list(map(hash, paths))
-        parts.append(_arr("q", hashes))
+        parts.append(pack_ints("q", hashes))
         seen, again = self._seen, self._again
         for h in hashes:
             bit = h & (_SEEN_BITS - 1)
@@ -818,7 +818,7 @@ class _RecordSpool:
             kept = _dedupe(entries)
             if kept is not entries:
                 cols = tuple(map(list, zip(*kept))) if kept else tuple([] for _ in Entry._fields)
-                return zstandard.ZstdCompressor(level=3).compress(_encode_columns(cols)), len(kept)
+                return zstandard.ZstdCompressor(level=3).compress(encode_columns(cols)), len(kept)
             del entries, kept
         self._seen = bytearray()
         n = self.count
@@ -827,14 +827,14 @@ class _RecordSpool:
         strings = [sum(b[2][k] for b in self._batches) + max(len(self._batches) - 1, 0) for k in (10, 11)]
         total = (4 + n + sum(1 + n * array.array(c).itemsize for c in codes) + 16 + sum(strings) + len(tail))
         z = zstandard.ZstdCompressor(level=3).compressobj(size=total)
-        out = [z.compress(_U32.pack(n))]
+        out = [z.compress(U32.pack(n))]
         out += [z.compress(self._part(b, 9)) for b in self._batches]
         for k, code in enumerate(codes):
             out.append(z.compress(code.encode()))
             for b in self._batches:
-                out.append(z.compress(_arr(code, self._ints(b, k))))
+                out.append(z.compress(pack_ints(code, self._ints(b, k))))
         for k, length in zip((10, 11), strings):
-            out.append(z.compress(_U64.pack(length)))
+            out.append(z.compress(U64.pack(length)))
             for j, b in enumerate(self._batches):
                 out.append(z.compress(b"\0" + self._part(b, k) if j else self._part(b, k)))
         out.append(z.compress(tail))
@@ -987,7 +987,7 @@ class LayerIndex:
     #   head:  magic "LFSLIDX\n", u32 version, u32 flags, u64 xxh3_64(body)
     #   body:  u32 meta length, u64 records length, u64 checkpoints length,
     #          meta (JSON: digest, diff_id, size, compression, compressed_size, count),
-    #          records (zstd frame of the columnar encoding, see _encode_columns),
+    #          records (zstd frame of the columnar encoding, see encode_columns),
     #          checkpoints (gzindex SeekIndex.to_bytes(), as is)
     #   A symlink record reads back with SYMLINK_MODE whatever mode it holds: indexes saved (or
     #   published with 'index push') before symlinks were normalised stay valid, no rebuild needed.
@@ -997,7 +997,7 @@ class LayerIndex:
             count = self._count
         else:
             cols = self.columns()
-            records = zstandard.ZstdCompressor(level=3).compress(_encode_columns(cols))
+            records = zstandard.ZstdCompressor(level=3).compress(encode_columns(cols))
             count = len(cols[0])
         meta = {"digest": str(self.digest) if self.digest else None, "diff_id": str(self.diff_id),
                 "size": self.size, "compression": self.compression, "compressed_size": self.compressed_size,

@@ -23,10 +23,10 @@ from .errors import (ContentError, DigestMismatch, ForeignLayerError, ManifestEr
 from .oci import (CONFIG_TYPES, FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Index,
                   Manifest, Platform, check_named, docker_to_oci, iter_layer_compression)
 from .reference import Reference
-from .registry import MAX_MANIFEST_SIZE, ClientPool, RegistryClient, RegistryOptions, _short_exc
+from .registry import MAX_MANIFEST_SIZE, ClientPool, RegistryClient, RegistryOptions, exc_line
 from .gzindex import CompressedDataError
 from .layerindex import LayerIndex, LayerIndexer, index_path, max_layer_size
-from .store import Ingest, Store, _os_error
+from .store import Ingest, Store, store_error
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ProgressSink(Protocol):
     def __call__(self, layer: str, status: str, current: int | None = None, total: int | None = None) -> None: ...
 
 
-def _no_progress(layer: str, status: str, current: int | None = None, total: int | None = None) -> None:
+def no_progress(layer: str, status: str, current: int | None = None, total: int | None = None) -> None:
     pass
 
 
@@ -256,7 +256,7 @@ class LayerWriter:
             self.ing.commit(got)
         except OSError as e:
             self.ing.discard()
-            raise _os_error(e, f"blob {self.desc.digest}") from None
+            raise store_error(e, f"blob {self.desc.digest}") from None
         except DigestMismatch as e:
             e.where = self.where
             raise
@@ -313,7 +313,7 @@ def ingest_layer(store: Store, desc: Descriptor, chunks: Iterable[bytes], *, dif
             index = w.commit()
         except OSError as e:
             w.abandon()
-            raise _os_error(e, f"blob {desc.digest}") from None
+            raise store_error(e, f"blob {desc.digest}") from None
         except BaseException:
             w.abandon()
             raise
@@ -326,7 +326,7 @@ class Puller:
     def __init__(self, store: Store, options: PullOptions | None = None, progress: ProgressSink | None = None):
         self.store = store
         self.options = options or PullOptions()
-        self.progress = progress or _no_progress
+        self.progress = progress or no_progress
         self.client = ClientPool(self.options.registry)
 
     def resolve(self, ref: Reference) -> tuple[Manifest, Index | None]:
@@ -483,7 +483,7 @@ class Puller:
                             and getattr(e, "errno", None) is not None:
                         raise  # disk errors are not the network's fault
                     raise RegistryUnreachable(f"blob {short}: connection lost after {w.offset} of {desc.size} "
-                                              f"bytes: {_short_exc(e)}", registry=client.registry) from None
+                                              f"bytes: {exc_line(e)}", registry=client.registry) from None
                 finally:
                     resp.close()
                 if w.offset < desc.size:
@@ -501,7 +501,7 @@ class Puller:
                 threading.Event().wait(delay)
             except OSError as e:
                 ing.discard()
-                raise _os_error(e, f"blob {desc.digest}") from None
+                raise store_error(e, f"blob {desc.digest}") from None
         self.progress(short, "Verifying Checksum")
         index = w.commit()
         self.progress(short, "Download complete")

@@ -33,7 +33,7 @@ from typing import Callable
 
 from .errors import AccessDenied, AuthenticationError, RegistryError, UsageError
 from .oci import FOREIGN_LAYER_TYPES, Descriptor, Digest, Manifest
-from .pull import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, _no_progress
+from .pull import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, no_progress
 from .reference import Reference
 from .registry import ClientPool, RegistryClient, RegistryOptions
 from .store import ImageRecord, Store
@@ -104,7 +104,7 @@ class Pusher:
     def __init__(self, store: Store, options: PushOptions | None = None, progress: ProgressSink | None = None):
         self.store = store
         self.options = options or PushOptions()
-        self.progress = progress or _no_progress
+        self.progress = progress or no_progress
         self.client = ClientPool(self.options.registry)
 
     # -- what to push ------------------------------------------------------------------

@@ -242,7 +242,7 @@ class RegistryClient:
                 url = realm + ("&" if "?" in realm else "?") + urlencode(query) if query else realm
                 r = self._token_request("GET", url, auth=auth)
         except requests.RequestException as e:
-            raise RegistryUnreachable(f"cannot reach token service {parts.netloc}: {_short_exc(e)}",
+            raise RegistryUnreachable(f"cannot reach token service {parts.netloc}: {exc_line(e)}",
                                       registry=self.registry) from None
         if r.status_code in (401, 403):
             if auth:
@@ -288,7 +288,7 @@ class RegistryClient:
         try:
             data = _read_some(r.raw, limit + 1, pace, decode=True) if r.raw is not None else b""
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-            raise RegistryUnreachable(f"{what}: connection failed: {_short_exc(e)}", registry=self.registry) from None
+            raise RegistryUnreachable(f"{what}: connection failed: {exc_line(e)}", registry=self.registry) from None
         if len(data) > limit:
             if not cut:
                 raise RegistryError(f"{what}: the answer is too large (over {limit} bytes)", registry=self.registry)
@@ -424,11 +424,11 @@ class RegistryClient:
                 r = self.session.request(method, url, headers=send, stream=True, allow_redirects=False,
                                          timeout=self.options.timeout, verify=self.session.verify, data=data)
             except requests.exceptions.SSLError as e:
-                raise RegistryError(f"TLS error talking to {urlsplit(url).netloc}: {_short_exc(e)}",
+                raise RegistryError(f"TLS error talking to {urlsplit(url).netloc}: {exc_line(e)}",
                                     registry=self.registry,
                                     hint="set LAYERFS_CA_BUNDLE, or use --insecure-registry for a registry you trust") from None
             except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as e:
-                raise RegistryUnreachable(f"cannot reach {urlsplit(url).netloc}: {_short_exc(e)}",
+                raise RegistryUnreachable(f"cannot reach {urlsplit(url).netloc}: {exc_line(e)}",
                                           registry=self.registry) from None
             if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("Location"):
                 nxt = urljoin(url, r.headers["Location"])
@@ -521,7 +521,7 @@ class RegistryClient:
                 raise RegistryError(f"{what}: truncated response ({len(raw)} of {length} bytes)",
                                     registry=self.registry, status=599)
         except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-            raise RegistryUnreachable(f"{what}: connection failed: {_short_exc(e)}", registry=self.registry) from None
+            raise RegistryUnreachable(f"{what}: connection failed: {exc_line(e)}", registry=self.registry) from None
         finally:
             r.close()
         header_digest = r.headers.get("Docker-Content-Digest")
@@ -658,7 +658,7 @@ class RegistryClient:
             return bytes(out)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             self._forget_redirect(key, r.url)
-            raise _BodyCut(RegistryUnreachable(f"blob {desc.digest.short}: connection failed: {_short_exc(e)}",
+            raise _BodyCut(RegistryUnreachable(f"blob {desc.digest.short}: connection failed: {exc_line(e)}",
                                                registry=self.registry)) from None
         except _BodyCut:
             self._forget_redirect(key, r.url)
@@ -684,7 +684,7 @@ class RegistryClient:
         except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
             self._forget_redirect(key, url)
             log.info("%s: blob %s: its redirect URL failed (%s); asking the registry again", self.registry,
-                     desc.digest.short, _short_exc(e))
+                     desc.digest.short, exc_line(e))
             return None
         if r.status_code == 206:
             return r
@@ -710,7 +710,7 @@ class RegistryClient:
         try:
             data = next(resp.chunks(desc.size + 1), b"")   # more than its size is an error: read no further
         except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-            raise RegistryUnreachable(f"blob {desc.digest.short}: connection failed: {_short_exc(e)}",
+            raise RegistryUnreachable(f"blob {desc.digest.short}: connection failed: {exc_line(e)}",
                                       registry=self.registry) from None
         finally:
             resp.close()
@@ -840,7 +840,7 @@ class RegistryClient:
                 return None
             raw = r.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True)
         except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-            raise RegistryUnreachable(f"{what}: connection failed: {_short_exc(e)}", registry=self.registry) from None
+            raise RegistryUnreachable(f"{what}: connection failed: {exc_line(e)}", registry=self.registry) from None
         finally:
             r.close()
         if len(raw) > MAX_MANIFEST_SIZE:
@@ -905,7 +905,7 @@ def get_document(url: str, *, params: Mapping[str, str | int] | None = None, opt
             finally:
                 r.close()
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-        raise RegistryUnreachable(f"{what} failed: cannot reach {host}: {_short_exc(e)}", registry=host) from None
+        raise RegistryUnreachable(f"{what} failed: cannot reach {host}: {exc_line(e)}", registry=host) from None
     if len(data) > limit:
         raise RegistryError(f"{what} failed: the answer is too large (over {limit} bytes)", registry=host)
     return data
@@ -916,7 +916,7 @@ def _other_host(url: str | None, origin: str) -> bool:
     return bool(url) and urlsplit(url).netloc != urlsplit(origin).netloc
 
 
-def _short_exc(e: BaseException) -> str:
+def exc_line(e: BaseException) -> str:
     """A one-line, human description of a requests/urllib3 exception."""
     text = str(e)
     for marker in ("Connection refused", "Name or service not known", "timed out", "Connection reset",

@@ -73,7 +73,7 @@ from .oci import (FOREIGN_LAYER_TYPES, OCI_CONFIG, OCI_LAYER, OCI_LAYER_GZIP, OC
                   REF_NAME_ANNOTATION, Descriptor, Digest, ImageConfig, Index, Manifest, Platform, docker_to_oci,
                   iter_layer_compression, json_bytes, parse_manifest)
 from .layerindex import MAX_LAYER_SIZE_ENV, format_size, max_layer_size as layer_size_limit
-from .pull import (REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, ingest_layer,
+from .pull import (REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, ingest_layer, no_progress,
                    layer_facts_from_blob)
 from .reference import Reference
 from .store import Store
@@ -1000,10 +1000,6 @@ def _plan_docker(files: _Archive, src: Source, opts: LoadOptions) -> list[_Plan]
 
 # --- importing ---------------------------------------------------------------------------------
 
-def _no_progress(layer: str, status: str, current: int | None = None, total: int | None = None) -> None:
-    pass
-
-
 def _import(store: Store, files: Files, plans: list[_Plan], progress: ProgressSink,
             max_layer_size: int | None = None) -> list[LoadedImage]:
     """Stream the missing layers in, store the small blobs, tag; on failure remove what was written."""
@@ -1127,7 +1123,7 @@ def load(store: Store, source: str | os.PathLike[str] | Source, options: LoadOpt
             plans = _plan_docker(files, src, opts)   # type: ignore[arg-type]
         else:
             plans = _plan_oci(files, src, opts)
-        images = _import(store, files, plans, progress or _no_progress, opts.max_layer_size)
+        images = _import(store, files, plans, progress or no_progress, opts.max_layer_size)
     finally:
         files.close()
     for img in images:

@@ -53,7 +53,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _os_error(e: OSError, what: str) -> StoreError:
+def store_error(e: OSError, what: str) -> StoreError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull(f"no space left while writing {what}")
     return StoreError(f"cannot write {what}: {e.strerror or e}", hint="check permissions of the store (--root / LAYERFS_ROOT)")
@@ -73,7 +73,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise _os_error(e, str(path)) from None
+        raise store_error(e, str(path)) from None
     _fsync_dir(path.parent)
 
 
@@ -165,7 +165,7 @@ class Ingest:
                 os.fsync(f.fileno())
             except OSError as e:
                 f.close()
-                raise _os_error(e, f"blob {self.digest}") from None
+                raise store_error(e, f"blob {self.digest}") from None
             f.close()
         size = self.path.stat().st_size
         if size != self.size:
@@ -195,7 +195,7 @@ class Store:
             for sub in ("ingest", "locks", "layers"):
                 (self.root / sub).mkdir(exist_ok=True)
         except OSError as e:
-            raise _os_error(e, f"store {self.root}") from None
+            raise store_error(e, f"store {self.root}") from None
         if not (self.root / "oci-layout").exists() or not (self.root / "index.json").exists():
             with self.lock():
                 if not (self.root / "oci-layout").exists():

@@ -145,7 +145,7 @@ class MergedTree:
         reader = self.readers[n.layer]
         if n.sparse is None:
             return reader.read(n.offset + offset, size)
-        return _read_sparse(reader, n.sparse, offset, size)
+        return read_sparse(reader, n.sparse, offset, size)
 
     def statfs(self) -> FsStats:
         fast = getattr(self.nodes, "fs_stats", None)     # a table loaded from the tree cache: from its columns
@@ -174,7 +174,7 @@ class MergedTree:
                 yield from self.walk(child, path)
 
 
-def _read_sparse(reader: LayerReader, extents: list[tuple[int, int, int]], offset: int, size: int) -> bytes:
+def read_sparse(reader: LayerReader, extents: list[tuple[int, int, int]], offset: int, size: int) -> bytes:
     """Assemble a sparse file's bytes: data extents from the stream, holes as zeros."""
     out = bytearray(size)
     end = offset + size

@@ -53,8 +53,8 @@ import zstandard
 
 from .errors import UsageError
 from .gzindex import DEFAULT_CACHE_BYTES, SpanCache
-from .layerindex import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, IndexFormatError, LayerIndex, _U32, _U64,
-                         _arr, _col, load_or_build, open_layer_reader, pack_file, unpack_file)
+from .layerindex import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, IndexFormatError, LayerIndex, U32, U64,
+                         pack_ints, int_col, load_or_build, open_layer_reader, pack_file, unpack_file)
 from .oci import Manifest
 from .store import Store, atomic_write
 from .tree import ROOT_INO, LayerReader, MergedTree, Node
@@ -417,15 +417,15 @@ def tree_cache_current(path: Path | str) -> bool:
             head = f.read(len(_TREE_MAGIC) + 4)
     except OSError:
         return False
-    return head == _TREE_MAGIC + _U32.pack(TREE_FORMAT_VERSION)
+    return head == _TREE_MAGIC + U32.pack(TREE_FORMAT_VERSION)
 
 
 def _table(items: list[bytes]) -> bytes:
-    return _col(list(itertools.accumulate(map(len, items)))) + _U64.pack(sum(map(len, items))) + b"".join(items)
+    return int_col(list(itertools.accumulate(map(len, items)))) + U64.pack(sum(map(len, items))) + b"".join(items)
 
 
 def _rows(rows: list[int]) -> bytes:
-    return _U32.pack(len(rows)) + _arr("I", rows)
+    return U32.pack(len(rows)) + pack_ints("I", rows)
 
 
 def _enc(s: str) -> bytes:
@@ -446,11 +446,11 @@ def _nodes_body(nodes: list[Node]) -> tuple[bytes, int]:
     """The uncompressed body for a list of Node objects (inodes 1, 2, ...)."""
     n = len(nodes)
     mt = [x.mtime_ns for x in nodes]
-    parts = [_U32.pack(n), _col([x.mode for x in nodes]), _col([x.uid for x in nodes]),
-             _col([x.gid for x in nodes]), _col([x.size for x in nodes]),
-             _col([t // 1_000_000_000 for t in mt], True), _col([t % 1_000_000_000 for t in mt]),
-             _col([x.rdev for x in nodes]), _col([x.nlink for x in nodes]), _col([x.layer + 1 for x in nodes]),
-             _col([x.offset for x in nodes]), _col([x.parent for x in nodes])]
+    parts = [U32.pack(n), int_col([x.mode for x in nodes]), int_col([x.uid for x in nodes]),
+             int_col([x.gid for x in nodes]), int_col([x.size for x in nodes]),
+             int_col([t // 1_000_000_000 for t in mt], True), int_col([t % 1_000_000_000 for t in mt]),
+             int_col([x.rdev for x in nodes]), int_col([x.nlink for x in nodes]), int_col([x.layer + 1 for x in nodes]),
+             int_col([x.offset for x in nodes]), int_col([x.parent for x in nodes])]
     first, count, kids, names = [], [], [], []
     for x in nodes:
         first.append(len(kids))
@@ -459,7 +459,7 @@ def _nodes_body(nodes: list[Node]) -> tuple[bytes, int]:
         if ch:
             names.extend(map(_enc, ch.keys()))
             kids.extend(ch.values())
-    parts += [_col(first), _col(count), _U32.pack(len(kids)), _col(kids), _table(names)]
+    parts += [int_col(first), int_col(count), U32.pack(len(kids)), int_col(kids), _table(names)]
     rare = _Rare()
     for i, x in enumerate(nodes):
         rare.add(i, x.target, x.xattrs, x.sparse, x.inline)
@@ -500,10 +500,10 @@ class _Rare:
     def encode(self) -> bytes:
         return b"".join([
             _rows(self.t_rows), _table(self.targets),
-            _rows(self.x_rows), _col(self.x_first), _col(self.x_cnt), _U32.pack(len(self.x_names)),
+            _rows(self.x_rows), int_col(self.x_first), int_col(self.x_cnt), U32.pack(len(self.x_names)),
             _table(self.x_names), _table(self.x_vals),
-            _rows(self.s_rows), _col(self.s_first), _col(self.s_cnt), _U64.pack(len(self.s_flat)),
-            _arr("Q", self.s_flat),
+            _rows(self.s_rows), int_col(self.s_first), int_col(self.s_cnt), U64.pack(len(self.s_flat)),
+            pack_ints("Q", self.s_flat),
             _rows(self.i_rows), _table(self.inline)])
 
 
@@ -562,9 +562,9 @@ def _merged_body(top: _M) -> tuple[bytes, int]:
         stack.extend(reversed(subdirs))
         m.kids = m.row = None
     n = len(modes)
-    parts = [_U32.pack(n), *(_col(c) for c in (modes, uids, gids, sizes)), _col(secs, True),
-             *(_col(c) for c in (nsecs, rdevs, nlinks, layers, offsets, parents, first, count)),
-             _U32.pack(len(kids)), _col(kids), _col(ends), _U64.pack(len(names)), bytes(names), rare.encode()]
+    parts = [U32.pack(n), *(int_col(c) for c in (modes, uids, gids, sizes)), int_col(secs, True),
+             *(int_col(c) for c in (nsecs, rdevs, nlinks, layers, offsets, parents, first, count)),
+             U32.pack(len(kids)), int_col(kids), int_col(ends), U64.pack(len(names)), bytes(names), rare.encode()]
     return b"".join(parts), n
 
 
@@ -626,10 +626,10 @@ class _View:
         return b
 
     def u32(self) -> int:
-        return _U32.unpack(self.take(4))[0]
+        return U32.unpack(self.take(4))[0]
 
     def u64(self) -> int:
-        return _U64.unpack(self.take(8))[0]
+        return U64.unpack(self.take(8))[0]
 
     def arr(self, code: str, n: int):
         size = array.array(code).itemsize

@@ -229,7 +229,7 @@ def test_records_spooled_to_disk_encode_as_in_memory(monkeypatch, tmp_path, rows
     assert len(idx) == len(want)
     assert idx.entries == want
     raw = zstandard.ZstdDecompressor().decompress(LayerIndex.from_bytes(idx.to_bytes())._raw_entries)
-    assert raw == layerindex._encode_columns(tuple(map(list, zip(*want))))
+    assert raw == layerindex.encode_columns(tuple(map(list, zip(*want))))
     assert list(tmp_path.iterdir()) == []       # the spool file is anonymous
 
 
@@ -354,9 +354,9 @@ def test_gnu_sparse_files_from_tar(tmp_path, args):
     # reassemble through the layer reader
     blob_path = tmp_path / "blob"
     blob_path.write_bytes(gzip.compress(tar, 1))
-    from layerfs.tree import _read_sparse
+    from layerfs.tree import read_sparse
     with gzindex.open_reader(blob_path, "gzip", idx.checkpoints) as r:
-        assert _read_sparse(r, list(e.sparse), 0, e.size) == content
+        assert read_sparse(r, list(e.sparse), 0, e.size) == content
         a = got["after"]
         assert r.read(a.offset, a.size) == b"after the sparse file"
 

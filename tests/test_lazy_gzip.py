@@ -313,7 +313,7 @@ def test_bad_heads_are_refused_with_one_line(published, registry):
     refused(head, desc=Descriptor(layer.media_type, layer.digest, layer.size + 1), match="not this one")
     # well-formed files (valid checksum) with bad contents
     from layerfs import indexpush
-    from layerfs.layerindex import _encode_columns, pack_file, unpack_file
+    from layerfs.layerindex import encode_columns, pack_file, unpack_file
     import zstandard
     meta, (records, table) = unpack_file(head, indexpush.FORMAT_VERSION, 2, magic=indexpush._MAGIC)
 
@@ -338,7 +338,7 @@ def test_bad_heads_are_refused_with_one_line(published, registry):
                           (lambda c: c[2].__setitem__(0, 0o170777), "bad mode")):
         bad = [list(x) for x in cols]
         change(bad)
-        rec = zstandard.ZstdCompressor().compress(_encode_columns(tuple(bad)))
+        rec = zstandard.ZstdCompressor().compress(encode_columns(tuple(bad)))
         refused(rebuilt(records=rec), match=match)
 
 
