@@ -78,12 +78,15 @@ def build_layers(entries: int):
 
 
 def run_measured(cmd: list[str], what: str, timeout: float = 1800) -> tuple[float, int]:
-    """(wall seconds, peak RSS in bytes) of one command."""
+    """(wall seconds, peak RSS in bytes) of one command. The peak is the command's own VmHWM, read
+    while it runs (wait4's ru_maxrss would also count this process, which the child was forked from)."""
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, env=bl.layerfs_env(), cwd=bl.REPO_ROOT, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = t0 + timeout
+    hwm_kb = 0
     while True:
+        hwm_kb = max(hwm_kb, bl.proc_status_kb(p.pid, "VmHWM") or 0)
         pid, status, ru = os.wait4(p.pid, os.WNOHANG)
         if pid:
             break
@@ -96,7 +99,7 @@ def run_measured(cmd: list[str], what: str, timeout: float = 1800) -> tuple[floa
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise bl.BenchError(f"{what} failed ({p.returncode}): {err.strip()[-500:]}")
-    return secs, ru.ru_maxrss * 1024
+    return secs, hwm_kb * 1024
 
 
 def daemon_pid(store: Path, mnt: Path) -> int | None:
