@@ -666,3 +666,34 @@ def test_index_mount_option_parsing():
     assert not MountOptions(read_only=False, fuse_options=["index=on", "index=off"]).index
     with pytest.raises(UsageError, match="index=on or index=off"):
         MountOptions(read_only=False, fuse_options=["index=yes"])
+
+
+def test_an_upper_in_the_earlier_format_mounts_and_diffs_as_before(upper):
+    """An upper written before long-name whiteouts existed (only ``.wh.`` files, ``.wh..wh..opq``,
+    the override xattr, work-dir leftovers with the earlier temporary names) is served unchanged."""
+    from layerfs.changes import diff, scan_upper
+    (upper / "etc" / "sub").mkdir(parents=True)
+    (upper / "etc" / ".wh.hostname").touch()                  # deleted lower file
+    (upper / "etc" / "sub" / ".wh..wh..opq").touch()          # re-created lower directory, opaque
+    (upper / "etc" / "sub" / "fresh").write_bytes(b"new")
+    (upper / "usr").mkdir()
+    (upper / "usr" / "su").write_bytes(b"#!changed")
+    os.setxattr(upper / "usr" / "su", OVERRIDE_XATTR, b"0:0:4755")
+    work = Path(work_dir_for(upper))
+    work.mkdir()
+    (work / "copyup-99-1").write_bytes(b"half")               # an earlier version's temporary
+    o = Overlay(make_tree(), upper)
+    try:
+        assert names(o, "etc") == ["big", "motd", "sub"]
+        assert names(o, "etc/sub") == ["fresh"]
+        assert read_all(o, "usr/su") == b"#!changed"
+        a = o.getattr(ino(o, "usr/su"))
+        assert (a.uid, a.gid, stat.S_IMODE(a.mode)) == (0, 0, 0o4755)
+        o.unlink(ino(o, "etc"), "motd")                       # new whiteouts of short names: still .wh. files
+        assert (upper / "etc" / ".wh.motd").is_file()
+    finally:
+        o.close()
+    assert os.listdir(work) == []
+    got = {str(c) for c in diff(make_tree(), scan_upper(upper))}
+    assert got == {"C /etc", "C /etc/sub", "C /usr", "C /usr/su", "D /etc/hostname", "D /etc/motd",
+                   "D /etc/sub/deep", "A /etc/sub/fresh"}, sorted(got)
