@@ -136,6 +136,19 @@ def _read_some(raw, size: int, pace: _Pace, *, decode: bool = False) -> bytes:
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
+def _read_document(r: requests.Response, limit: int, *, timeout: float, what: str, registry: str) -> bytes:
+    """Up to *limit* + 1 bytes of a streamed answer that is read whole (a document, an error or token
+    answer), decoded, within twice *timeout* (:class:`_Pace`); the caller judges more than *limit*.
+    A connection that fails is :class:`RegistryUnreachable`."""
+    if r.raw is None:
+        return b""
+    pace = _Pace(timeout, what=what, registry=registry, deadline=2 * timeout)
+    try:
+        return _read_some(r.raw, limit + 1, pace, decode=True)
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+        raise RegistryUnreachable(f"{what}: connection failed: {exc_line(e)}", registry=registry) from None
+
+
 @dataclass
 class BlobResponse:
     """An open blob body; iterate :meth:`chunks`, then :meth:`close`."""
@@ -284,11 +297,7 @@ class RegistryClient:
         or with *cut* the first *limit* bytes."""
         if r._content is not False:          # read already
             return r.content
-        pace = _Pace(self.options.timeout, what=what, registry=self.registry, deadline=2 * self.options.timeout)
-        try:
-            data = _read_some(r.raw, limit + 1, pace, decode=True) if r.raw is not None else b""
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-            raise RegistryUnreachable(f"{what}: connection failed: {exc_line(e)}", registry=self.registry) from None
+        data = _read_document(r, limit, timeout=self.options.timeout, what=what, registry=self.registry)
         if len(data) > limit:
             if not cut:
                 raise RegistryError(f"{what}: the answer is too large (over {limit} bytes)", registry=self.registry)
@@ -513,8 +522,8 @@ class RegistryClient:
             if length and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
                 raise ManifestError(f"{what} is too large ({length} bytes, at most {MAX_MANIFEST_SIZE})",
                                     where=self.registry)
-            pace = _Pace(self.options.timeout, what=what, registry=self.registry, deadline=2 * self.options.timeout)
-            raw = _read_some(r.raw, MAX_MANIFEST_SIZE + 1, pace, decode=True)
+            raw = _read_document(r, MAX_MANIFEST_SIZE, timeout=self.options.timeout, what=what,
+                                 registry=self.registry)
             if len(raw) > MAX_MANIFEST_SIZE:
                 raise ManifestError(f"{what} is too large (over {MAX_MANIFEST_SIZE} bytes)", where=self.registry)
             if length and length.isdigit() and len(raw) != int(length):
@@ -838,7 +847,8 @@ class RegistryClient:
         try:
             if r.status_code != 200:
                 return None
-            raw = r.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True)
+            raw = _read_document(r, MAX_MANIFEST_SIZE, timeout=self.options.timeout, what=what,
+                                 registry=self.registry)
         except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
             raise RegistryUnreachable(f"{what}: connection failed: {exc_line(e)}", registry=self.registry) from None
         finally:
@@ -900,8 +910,7 @@ def get_document(url: str, *, params: Mapping[str, str | int] | None = None, opt
             try:
                 if r.status_code != 200:
                     raise RegistryError(f"{what} failed: HTTP {r.status_code}", registry=host, status=r.status_code)
-                pace = _Pace(options.timeout, what=what, registry=host, deadline=2 * options.timeout)
-                data = _read_some(r.raw, limit + 1, pace, decode=True) if r.raw is not None else b""
+                data = _read_document(r, limit, timeout=options.timeout, what=what, registry=host)
             finally:
                 r.close()
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
