@@ -218,15 +218,15 @@ class Descriptor:
 
 # --- manifests ---------------------------------------------------------------
 
-def _load_json(raw: bytes, what: str) -> Mapping[str, Any]:
+def _load_json(raw: bytes, what: str, *, where: str | None = None) -> Mapping[str, Any]:
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ManifestError(f"malformed JSON in {what}: {e}") from None
+        raise ManifestError(f"malformed JSON in {what}: {e}", where=where) from None
     except RecursionError:
-        raise ManifestError(f"malformed JSON in {what}: nested too deeply") from None
+        raise ManifestError(f"malformed JSON in {what}: nested too deeply", where=where) from None
     if not isinstance(doc, Mapping):
-        raise ManifestError(f"{what} is not a JSON object")
+        raise ManifestError(f"{what} is not a JSON object", where=where)
     return doc
 
 
@@ -376,11 +376,7 @@ class ImageConfig:
 
     @classmethod
     def parse(cls, raw: bytes, *, where: str | None = None) -> "ImageConfig":
-        try:
-            doc = _load_json(raw, "image config")
-        except ManifestError as e:
-            e.where = where
-            raise
+        doc = _load_json(raw, "image config", where=where)
         rootfs = doc.get("rootfs")
         if rootfs is not None and not isinstance(rootfs, Mapping):
             raise ManifestError("image config: 'rootfs' is not an object", where=where)
