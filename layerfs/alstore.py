@@ -252,21 +252,24 @@ class AdditionalLayerStore:
                 failed = self._failed.get(ref)
             if failed is not None and t0 - failed[0] < FAILURE_MEMO:
                 raise failed[1]               # the engine asks once per layer: one attempt answers them all
-            try:
-                image = self._open_image(ref)
-            except LayerfsError as e:
+            # prune waits until the blobs and caches this resolution fetches are noted as in use
+            with self.store.lock("gc", shared=True):
+                try:
+                    image = self._open_image(ref)
+                except LayerfsError as e:
+                    with self._lock:
+                        self._failed[ref] = (time.monotonic(), e)
+                    raise
+                keys: dict[str, _Layer] = {}
+                for il in image.layers:
+                    layer = self._make_layer(image, il)
+                    keys[layer.digest] = layer
+                    if layer.toc_digest:
+                        keys[layer.toc_digest] = layer
                 with self._lock:
-                    self._failed[ref] = (time.monotonic(), e)
-                raise
-            keys: dict[str, _Layer] = {}
-            for il in image.layers:
-                layer = self._make_layer(image, il)
-                keys[layer.digest] = layer
-                if layer.toc_digest:
-                    keys[layer.toc_digest] = layer
-            with self._lock:
-                self._images[ref] = keys
-            self._note_readers()
+                    self._images[ref] = keys
+                    self._ref_locks.pop(ref, None)      # later lookups find the image
+                self._note_readers()
             log.info("resolved %s: %d layers in %.2fs", ref, len(image.layers), time.monotonic() - t0)
             return keys
 
@@ -294,7 +297,10 @@ class AdditionalLayerStore:
         layer = _Layer(digest, toc, layer_info(il.desc, il.diff_id, il.index, toc), tree, il.desc.size,
                        self._blob_reader(image, il), il.lazy, LayerFS(tree), il.reader)
         with self._lock:
-            return self.layers.setdefault(digest, layer)
+            have = self.layers.setdefault(digest, layer)
+            if have is layer and digest not in self.uses:     # collected if no engine ever uses it
+                self._idle.setdefault(digest, time.monotonic())
+            return have
 
     def _blob_reader(self, image, il) -> Callable[[int, int], bytes]:
         desc = il.desc
@@ -344,8 +350,6 @@ class AdditionalLayerStore:
             self._bases.append(base + ROOT_INO)
             layer.views.append(v)
             parent.children[key] = dir_ino
-            if layer.digest not in self.uses:
-                self._idle.setdefault(layer.digest, time.monotonic())
             return v
 
     def ref_dir(self, parent: _Dir, name: str) -> _Dir | None:
@@ -370,10 +374,11 @@ class AdditionalLayerStore:
 
     def tree_of(self, ino: int) -> tuple[_View, int] | None:
         """(view, tree inode) of an inode inside a ``diff/`` tree."""
-        i = bisect.bisect_right(self._bases, ino) - 1
-        if i < 0:
-            return None
-        start, end, v = self._ranges[i]
+        with self._lock:            # collect() changes both lists
+            i = bisect.bisect_right(self._bases, ino) - 1
+            if i < 0:
+                return None
+            _, end, v = self._ranges[i]
         if ino > end:
             return None
         return v, ino - v.base

@@ -270,9 +270,8 @@ def serve(tree: MergedTree | None, mountpoint: str, options: Iterable[str], *,
         tune_readahead(mountpoint)
         if on_ready is not None:
             on_ready()
-        nodes = getattr(ops, "_nodes", None)     # a file system of another kind has no tree to warm up
-        if nodes is not None:
-            threading.Thread(target=_warm, args=(nodes, session), name="warm", daemon=True).start()
+        if tree is not None:        # a file system of another kind (tree None) has no tree to warm up
+            threading.Thread(target=_warm, args=(tree.nodes, session), name="warm", daemon=True).start()
         while not session.wait(0.25):     # wakes up for Python's signal handlers
             pass
     finally:

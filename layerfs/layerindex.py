@@ -1078,12 +1078,16 @@ def max_layer_size(compressed_size: int, configured: int | None = None) -> int:
     return max(_DEFAULT_MAX_LAYER_SIZE, _MAX_LAYER_RATIO * max(0, compressed_size))
 
 
-def layer_too_large(digest: Digest | None, limit: int) -> DecompressionLimit:
-    """The error for a layer that holds more than *limit* bytes uncompressed."""
+def layer_too_large(digest: Digest | None, limit: int, *, subject: str | None = None,
+                    where: str | None = None) -> DecompressionLimit:
+    """The error for a layer (or *subject*, e.g. an archive holding one) that holds more than *limit*
+    bytes uncompressed."""
     blob = f"; blob {digest} was not stored" if digest is not None else ""
     return DecompressionLimit(
-        f"inflates to more than {format_size(limit)}, the limit on one layer's uncompressed size{blob}",
-        hint=f"if the layer is genuine, raise the limit: {MAX_LAYER_SIZE_ENV}={format_size(2 * limit)}")
+        f"{subject + ' ' if subject else ''}inflates to more than {format_size(limit)}, the limit on one "
+        f"layer's uncompressed size{blob}", where=where,
+        hint=f"if the {'archive' if subject else 'layer'} is genuine, raise the limit: "
+             f"{MAX_LAYER_SIZE_ENV}={format_size(2 * limit)}")
 
 
 # --- the streaming indexer -----------------------------------------------------

@@ -72,7 +72,7 @@ from .errors import (ContentError, DecompressionLimit, DigestMismatch, ImageNotF
 from .oci import (FOREIGN_LAYER_TYPES, OCI_CONFIG, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_MANIFEST,
                   REF_NAME_ANNOTATION, Descriptor, Digest, ImageConfig, Index, Manifest, Platform, docker_to_oci,
                   iter_layer_compression, json_bytes, parse_manifest)
-from .layerindex import MAX_LAYER_SIZE_ENV, format_size, max_layer_size as layer_size_limit
+from .layerindex import layer_too_large, max_layer_size as layer_size_limit
 from .pull import (REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, ingest_layer, no_progress,
                    layer_facts_from_blob)
 from .reference import Reference
@@ -366,10 +366,7 @@ class _Archive:
                                                                     read_across_frames=True, closefd=True), self)
 
     def too_big(self) -> DecompressionLimit:
-        return DecompressionLimit(f"the {self.compression} archive inflates to more than {format_size(self.limit)}, "
-                                  f"the limit on one layer's uncompressed size", where=self.where,
-                                  hint=f"if the archive is genuine, raise the limit: "
-                                       f"{MAX_LAYER_SIZE_ENV}={format_size(2 * self.limit)}")
+        return layer_too_large(None, self.limit, subject=f"the {self.compression} archive", where=self.where)
 
     @staticmethod
     def _close(f: Any) -> None:
