@@ -9,7 +9,7 @@ directory and eight small text files; the upper layer adds packages, rewrites so
 files of the lower one and deletes a few), pushes it to its own docker-registry on
 127.0.0.1, then, with a fresh store:
 
-- pull: ``layerfs pull`` wall time and peak RSS (the process's ru_maxrss, threads included);
+- pull: ``layerfs pull`` wall time and peak RSS (the process's own VmHWM, threads included);
 - first mount: ``layerfs mount --read-only`` wall time (builds the tree cache), then umount;
 - mount-ready: the same on a remount (tree cache present): the command returns once the mount answers;
   beside it, in parentheses, the time of ``layerfs mounts`` (what starting the command line costs);
@@ -81,8 +81,9 @@ def run_measured(cmd: list[str], what: str, timeout: float = 1800) -> tuple[floa
     """(wall seconds, peak RSS in bytes) of one command. The peak is the command's own VmHWM, read
     while it runs (wait4's ru_maxrss would also count this process, which the child was forked from)."""
     t0 = time.monotonic()
+    err_f = tempfile.TemporaryFile()       # not a pipe: a chatty command must not block on it
     p = subprocess.Popen(cmd, env=bl.layerfs_env(), cwd=bl.REPO_ROOT, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                         stdout=subprocess.DEVNULL, stderr=err_f)
     deadline = t0 + timeout
     hwm_kb = 0
     while True:
@@ -92,10 +93,14 @@ def run_measured(cmd: list[str], what: str, timeout: float = 1800) -> tuple[floa
             break
         if time.monotonic() > deadline:
             p.kill()
+            os.wait4(p.pid, 0)
+            err_f.close()
             raise bl.BenchError(f"{what} timed out")
         time.sleep(0.01)
     secs = time.monotonic() - t0
-    err = p.stderr.read().decode(errors="replace")
+    err_f.seek(0)
+    err = err_f.read().decode(errors="replace")
+    err_f.close()
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise bl.BenchError(f"{what} failed ({p.returncode}): {err.strip()[-500:]}")

@@ -349,8 +349,6 @@ def test_token_auth_with_credentials(registry_token, unique_repo, store_root, ca
     code, out, err = run(["login", "-u", registry_token.username, "-p", "bad", registry_token.host], capsys)
     assert code == 1 and "rejected the credentials" in one_error_line(err)
 
-    code, out, err = run(["login", "-u", registry_token.username, "--password-stdin", registry_token.host], capsys) \
-        if False else (None, None, None)
     (tmp_path / "docker-config").mkdir(exist_ok=True)
     import base64
     (tmp_path / "docker-config" / "config.json").write_text(json.dumps({"auths": {registry_token.host: {
