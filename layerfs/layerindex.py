@@ -720,7 +720,7 @@ class _RecordSpool:
         self._batches: list[tuple[int, int, list[int]]] = []   # (file offset, records, lengths of its parts)
         self._lo = [0] * 9
         self._hi = [0] * 9
-        self._seen = bytearray(_SEEN_BITS // 8)
+        self._seen = bytearray()             # made at the first spill (a small layer never spills)
         self._again: set[int] = set()        # hashes whose bit was set already: maybe a path twice
         self._xattrs: list[tuple[int, dict[str, bytes]]] = []
         self._sparse: list[tuple[int, tuple]] = []
@@ -751,6 +751,8 @@ class _RecordSpool:
         parts.append("\0".join([l or "" for l in links]).encode("utf-8", "surrogateescape"))
         hashes = list(map(hash, paths))
         parts.append(pack_ints("q", hashes))
+        if not self._seen:
+            self._seen = bytearray(_SEEN_BITS // 8)
         seen, again = self._seen, self._again
         for h in hashes:
             bit = h & (_SEEN_BITS - 1)
@@ -789,6 +791,8 @@ class _RecordSpool:
 
     def entries(self) -> list[Entry]:
         """All records read back (in memory)."""
+        if not self._batches:                   # all still in memory: no spool file
+            return list(self._rows)
         self._spill()
         if self._file is not None:
             self._file.flush()
@@ -810,6 +814,10 @@ class _RecordSpool:
 
     def finish(self) -> tuple[bytes, int]:
         """(the records section: one zstd frame of the columnar encoding, the number of records)."""
+        if not self._batches:                   # a layer of fewer than _SPOOL_ROWS records: no spool file
+            kept = _dedupe(self._rows)
+            cols = tuple(map(list, zip(*kept))) if kept else tuple([] for _ in Entry._fields)
+            return zstandard.ZstdCompressor(level=3).compress(encode_columns(cols)), len(kept)
         self._spill()
         if self._file is not None:
             self._file.flush()

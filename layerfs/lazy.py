@@ -819,7 +819,7 @@ class LazyImage:
 
 def open_lazy_layers(store: Store, ref_text: str, *, platform=None, registry_options=None) -> LazyImage:
     """Open the layers of a remote image lazily where they allow it (see the module docs), each on its own."""
-    from .pull import PullOptions, Puller
+    from .pull import PullOptions, Puller, check_diff_id
     from .reference import Reference
     from .registry import ClientPool
     ref = Reference.parse(ref_text)
@@ -862,9 +862,7 @@ def open_lazy_layers(store: Store, ref_text: str, *, platform=None, registry_opt
             entries, files = _toc_records(toc, js, toc_off, where)
             limit = max_layer_size(desc.size)
             if sum(f.size for f in files) > limit:     # as a pull would stop: the lazy cache fills up to that
-                err = layer_too_large(desc.digest, limit)
-                err.where = where
-                raise err
+                raise layer_too_large(desc.digest, limit, where=where)
             usize = int((desc.annotations or {}).get(UNCOMPRESSED_SIZE_ANNOTATION) or 0)
             idx = LayerIndex(entries, diff_id=diff_ids[i], size=usize, compression="gzip", checkpoints=b"",
                              digest=desc.digest, compressed_size=desc.size)
@@ -881,12 +879,7 @@ def open_lazy_layers(store: Store, ref_text: str, *, platform=None, registry_opt
                 with store.lock("gc", shared=True):
                     puller._download_layer(client, repo, desc, compressions[i], diff_ids[i])
             idx = load_or_build(store, desc)
-            if idx.diff_id != diff_ids[i]:
-                from .errors import DigestMismatch
-                raise DigestMismatch(f"layer {desc.digest.short}: uncompressed content is {idx.diff_id}, the image "
-                                     f"config says {diff_ids[i]}", where=f"{ref.registry}/{repo}",
-                                     hint="the image config does not describe these layers; ask the image's "
-                                          "publisher to fix it")
+            check_diff_id(desc, idx.diff_id, diff_ids[i], where=f"{ref.registry}/{repo}")
             reader = open_layer_reader(store, desc, idx)
         layers.append(LazyImageLayer(desc, diff_ids[i], idx, reader, lazy))
     return LazyImage(ref, manifest, layers, reader_client)

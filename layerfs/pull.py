@@ -80,6 +80,14 @@ _WRITEBACK_STEP = 8 << 20
 _DIFF_ID_HINT = "the image config does not describe these layers; ask the image's publisher to fix it"
 
 
+def check_diff_id(desc: Descriptor, got: Digest | str | None, want: Digest, *, where: str | None,
+                  hint: str = _DIFF_ID_HINT) -> None:
+    """Layer *desc* is *got* uncompressed: :class:`DigestMismatch` unless that is the image config's *want*."""
+    if str(got) != str(want):
+        raise DigestMismatch(f"layer {desc.digest.short}: uncompressed content is {got}, the image config says "
+                             f"{want}", where=where, hint=hint)
+
+
 def _sync_file_range(fd: int, offset: int, length: int) -> None:
     """``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start write-back of a range, do not wait.
     A hint only: where it is missing or fails, the final fsync does all the work."""
@@ -266,9 +274,8 @@ class LayerWriter:
     def record(self, index: LayerIndex, diff_id: Digest | None = None) -> dict:
         """Save the layer index and the layer's facts; check the diff_id the image config expects."""
         index.save(index_path(self.store, self.desc.digest))
-        if diff_id is not None and index.diff_id != diff_id:
-            raise DigestMismatch(f"layer {self.desc.digest.short}: uncompressed content is {index.diff_id}, "
-                                 f"image config says {diff_id}", where=self.where, hint=_DIFF_ID_HINT)
+        if diff_id is not None:
+            check_diff_id(self.desc, index.diff_id, diff_id, where=self.where)
         info = {"diff_id": str(index.diff_id), "size": index.size, "media_type": self.desc.media_type}
         self.store.set_layer_info(self.desc.digest, info)
         return info
@@ -420,10 +427,7 @@ class Puller:
             info = self.store.layer_info(l.digest)
             if info is None:
                 info = layer_facts_from_blob(self.store, l)
-            if diff_ids and info.get("diff_id") != str(diff_ids[i]):
-                raise DigestMismatch(f"layer {l.digest.short}: uncompressed content is {info.get('diff_id')}, "
-                                     f"the image config says {diff_ids[i]}", where=f"{ref.registry}/{repo}",
-                                     hint=_DIFF_ID_HINT)
+            check_diff_id(l, info.get("diff_id"), diff_ids[i], where=f"{ref.registry}/{repo}")
 
         self.store.put_blob(config_raw, manifest.config.digest)
         self.store.put_blob(manifest.raw, manifest.digest)

@@ -73,8 +73,8 @@ from .oci import (FOREIGN_LAYER_TYPES, OCI_CONFIG, OCI_LAYER, OCI_LAYER_GZIP, OC
                   REF_NAME_ANNOTATION, Descriptor, Digest, ImageConfig, Index, Manifest, Platform, docker_to_oci,
                   iter_layer_compression, json_bytes, parse_manifest)
 from .layerindex import layer_too_large, max_layer_size as layer_size_limit
-from .pull import (REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, ingest_layer, no_progress,
-                   layer_facts_from_blob)
+from .pull import (REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, check_diff_id, ingest_layer,
+                   layer_facts_from_blob, no_progress)
 from .reference import Reference
 from .store import Store
 
@@ -1040,10 +1040,8 @@ def _import(store: Store, files: Files, plans: list[_Plan], progress: ProgressSi
             for p in plans:
                 for j, l in enumerate(p.manifest.layers):
                     info = store.layer_info(l.digest) or layer_facts_from_blob(store, l)
-                    if p.diff_ids and info.get("diff_id") != str(p.diff_ids[j]):
-                        raise DigestMismatch(f"layer {l.digest.short}: uncompressed content is {info.get('diff_id')}, "
-                                             f"the image config says {p.diff_ids[j]}", where=files.where,
-                                             hint=_DAMAGED)
+                    if p.diff_ids:
+                        check_diff_id(l, info.get("diff_id"), p.diff_ids[j], where=files.where, hint=_DAMAGED)
             for p in plans:
                 for raw, d in p.blobs:
                     if not store.has_blob(d, len(raw)):
