@@ -427,9 +427,8 @@ class Overlay:
         self._last_name: dict[int, tuple[int, str]] = {}    # that inode → the name last looked up
         self._tmp_seq = 0
         # O_PATH fds of upper directories by inode, least recently used first; the fds a request
-        # took stay open until it ends (_pinned), then the cache is cut to DIR_FD_CACHE
+        # took stay open until it ends (the cache is cut to DIR_FD_CACHE only then)
         self._dfds: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self._pinned: set[int] = set()
         self._closing: list[int] = []         # fds of removed directories, closed when the request ends
         self._depth = 0
         self._root_fd = -1
@@ -453,6 +452,14 @@ class Overlay:
         self._root_fd = os.open(self.upper_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if self.read_only:
             return
+        try:
+            self._lock_work(fresh)
+        except BaseException:
+            os.close(self._root_fd)         # a refused upper keeps no fd
+            raise
+
+    def _lock_work(self, fresh: bool) -> None:
+        """Take the work dir's lock (one mount per upper), clean it, and stamp a fresh upper's root."""
         os.makedirs(self.work, mode=0o700, exist_ok=True)
         fd = os.open(self.work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -474,7 +481,6 @@ class Overlay:
                 os.fsync(fd)            # the marker is on disk before any change that is not
         except BaseException:
             os.close(fd)                # the upper is not ours after all
-            os.close(self._root_fd)
             raise
         self._lock_fd = fd
         if fresh:   # the mount's root shows the image root's mode, owner and times
@@ -565,13 +571,11 @@ class Overlay:
 
     # -- upper locations ---------------------------------------------------------------------------
     def _end_request(self) -> None:
-        self._pinned.clear()
         while self._closing:
             os.close(self._closing.pop())
-        if len(self._dfds) > DIR_FD_CACHE:
-            while len(self._dfds) > DIR_FD_CACHE:
-                _, fd = self._dfds.popitem(last=False)
-                os.close(fd)
+        while len(self._dfds) > DIR_FD_CACHE:
+            _, fd = self._dfds.popitem(last=False)
+            os.close(fd)
 
     def _dfd(self, d: Dir) -> int:
         """An O_PATH fd of *d*'s upper directory (cached; valid until the current request ends)."""
@@ -596,7 +600,6 @@ class Overlay:
         for sub in reversed(chain):
             fd = os.open(sub.name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             self._dfds[sub.ino] = fd
-            self._pinned.add(fd)
         return fd
 
     def _drop_dfd(self, ino: int) -> None:
@@ -989,8 +992,7 @@ class Overlay:
         indexed = self.index and node.nlink > 1
         if indexed:
             self._learn_names(f)
-            last = self._last_name.pop(f.ino, None)
-            (dino, name) = last if last in f.links else next(iter(f.links))
+            (dino, name) = self._pick_link(f)
         else:
             (dino, name) = self._split_links(f)
         parent = self.inodes[dino]
@@ -1082,19 +1084,21 @@ class Overlay:
             assert isinstance(d, Dir)
             self._copy_up_dir(d)
             dfd = self._dfd(d)
-            with self._keep_times(dfd):
-                at = self._make_at(d, dfd, name)
-                os.link(sname, at[1], src_dir_fd=sfd, dst_dir_fd=at[0], follow_symlinks=False)
-                self._settle(d, dfd, name, at, False)
+            with self._keep_times(dfd):         # a name the merged view shows as lower has no whiteout
+                os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
         st = os.stat(sname, dir_fd=sfd, follow_symlinks=False)
         self._upper_inos[(st.st_dev, st.st_ino)] = f.ino
+
+    def _pick_link(self, f: File) -> tuple[int, str]:
+        """The name of *f* to copy up: the one the kernel last looked up, else any."""
+        last = self._last_name.pop(f.ino, None)
+        return last if last in f.links else next(iter(f.links))
 
     def _split_links(self, f: File) -> tuple[int, str]:
         """The name of lower file *f* to copy up; its other lower names move to a new inode."""
         node = f.lower
         assert node is not None
-        last = self._last_name.pop(f.ino, None)
-        link = last if last in f.links else next(iter(f.links))
+        link = self._pick_link(f)
         if node.nlink > 1:
             rest = File(self._new_ino(), node, False)
             for other in f.links:
