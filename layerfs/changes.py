@@ -70,7 +70,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 from .errors import ContentError, ImageNotFound, LayerfsError, StoreError, UsageError
 from .imagebuild import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, XATTR_PREFIX
 from .layerindex import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, SYMLINK_MODE, LayerIndexer, index_path
-from .overlay import OVERRIDE_XATTR, WHITEOUTS_XATTR, parse_whiteout_record
+from .overlay import OVERRIDE_XATTR, WHITEOUTS_XATTR, fd_path, parse_whiteout_record
 from .oci import (OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, Digest, ImageConfig, Manifest,
                   json_bytes, parse_manifest)
 from .reference import Reference
@@ -318,7 +318,7 @@ def _scan_dir(root: Path, rel: str, host_dir: str, dfd: int, dirs: dict[str, Upp
     subdirs: list[tuple[str, bool, list[str], os.stat_result]] = []
     for name in names:
         host = os.path.join(host_dir, name)
-        at = f"/proc/self/fd/{dfd}/{name}"     # for the calls that take no dir fd
+        at = fd_path(dfd, name)     # for the calls that take no dir fd
         path = _join(rel, name)
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)

@@ -317,7 +317,7 @@ def _renameat2(olddir: int, old: str, newdir: int, new: str, flags: int) -> None
 # relative to directory fds, so names reach NAME_MAX and paths in the upper have no length limit.
 
 
-def _proc(fd: int, name: str = "") -> str:
+def fd_path(fd: int, name: str = "") -> str:
     """A path to *name* in directory fd *fd* (or to *fd* itself) for calls that take no dir fd."""
     return f"/proc/self/fd/{fd}/{name}" if name else f"/proc/self/fd/{fd}"
 
@@ -334,7 +334,7 @@ def _xtarget(loc) -> tuple[str | int, dict]:
     if isinstance(loc, int):
         return loc, {}
     fd, name = loc
-    return (_proc(fd, name), _NOFOLLOW) if name else (_proc(fd), {})
+    return (fd_path(fd, name), _NOFOLLOW) if name else (fd_path(fd), {})
 
 
 def _chown(loc, uid: int, gid: int) -> None:
@@ -343,7 +343,7 @@ def _chown(loc, uid: int, gid: int) -> None:
     elif loc[1]:
         os.chown(loc[1], uid, gid, dir_fd=loc[0], follow_symlinks=False)
     else:
-        os.chown(_proc(loc[0]), uid, gid)
+        os.chown(fd_path(loc[0]), uid, gid)
 
 
 def _chmod(loc, mode: int) -> None:
@@ -352,7 +352,7 @@ def _chmod(loc, mode: int) -> None:
     elif loc[1]:
         os.chmod(loc[1], mode, dir_fd=loc[0])      # never a symlink
     else:
-        os.chmod(_proc(loc[0]), mode)
+        os.chmod(fd_path(loc[0]), mode)
 
 
 def _utime(loc, ns: tuple[int, int]) -> None:
@@ -361,7 +361,7 @@ def _utime(loc, ns: tuple[int, int]) -> None:
     elif loc[1]:
         os.utime(loc[1], ns=ns, dir_fd=loc[0], follow_symlinks=False)
     else:
-        os.utime(_proc(loc[0]), ns=ns)
+        os.utime(fd_path(loc[0]), ns=ns)
 
 
 def _truncate(loc, size: int) -> None:
@@ -1223,10 +1223,10 @@ class Overlay:
         names = [os.fsencode(n) for n, form in d.whiteouts.items() if form == WH_RECORD]
         try:
             if names:
-                os.setxattr(_proc(dfd), WHITEOUTS_XATTR, b"/".join(names))
+                os.setxattr(fd_path(dfd), WHITEOUTS_XATTR, b"/".join(names))
             else:
                 with contextlib.suppress(OSError):
-                    os.removexattr(_proc(dfd), WHITEOUTS_XATTR)
+                    os.removexattr(fd_path(dfd), WHITEOUTS_XATTR)
         except OSError as e:
             raise _err(errno.ENOSPC if e.errno == errno.E2BIG else e.errno,
                        "no room for more whiteouts of long names in this directory") from None
@@ -1805,7 +1805,7 @@ class Overlay:
         dfd, name = self._floc(f)
         if name:
             return os.open(name, flags | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
-        return os.open(_proc(dfd), flags | os.O_CLOEXEC)       # unlinked: opened again through its fd
+        return os.open(fd_path(dfd), flags | os.O_CLOEXEC)       # unlinked: opened again through its fd
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles.get(fh)
