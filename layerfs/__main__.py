@@ -1,6 +1,6 @@
 """``python -m layerfs``: the command line."""
 import sys
 
-from .cli import main
+from layerfs.cli.main import main
 
 sys.exit(main())

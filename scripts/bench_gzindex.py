@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark layerfs.gzindex against plain zlib, indexed_gzip and rapidgzip.
+"""Benchmark layerfs.index.gzindex against plain zlib, indexed_gzip and rapidgzip.
 
     python scripts/bench_gzindex.py [--size-mb 200] [--file /tmp/bench.tar.gz]
 
@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from layerfs import gzindex  # noqa: E402
+from layerfs.index import gzindex  # noqa: E402
 
 MiB = 1 << 20
 CHUNK = 1 * MiB

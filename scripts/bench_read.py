@@ -50,8 +50,9 @@ sys.path.insert(0, str(HERE.parent))
 import benchlib as bl  # noqa: E402
 import bench  # noqa: E402
 
-from layerfs import gzindex, union  # noqa: E402
-from layerfs.store import Store  # noqa: E402
+from layerfs.index import gzindex  # noqa: E402
+from layerfs.fs import union  # noqa: E402
+from layerfs.store.layout import Store  # noqa: E402
 
 MiB = 1 << 20
 
@@ -64,7 +65,7 @@ def prepare(workdir: Path) -> tuple[Store, object]:
     store.init()
     recs = store.images()
     if not recs:
-        from layerfs.sources import LoadOptions, load
+        from layerfs.transfer.sources import LoadOptions, load
         bl.log(f"importing {img.layout} into {store.root}")
         load(store, f"oci:{img.layout}", LoadOptions(single=True))
         recs = store.images()

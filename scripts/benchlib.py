@@ -485,7 +485,7 @@ def push_image(host: str, repo: str, tag: str, img: Image) -> str:
 # --- processes, timing, system -----------------------------------------------------------
 
 def layerfs_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "layerfs.cli", *args]
+    return [sys.executable, "-m", "layerfs", *args]
 
 
 _PYCACHE: Path | None = None

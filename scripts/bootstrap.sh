@@ -10,7 +10,7 @@ _layerfs_apt_packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-ven
                        tar gzip ca-certificates)
 if [ "${1:-}" = "--test" ]; then
   _layerfs_apt_packages+=(docker-registry skopeo umoci fuse-overlayfs pigz zstd xz-utils make git)
-  # the additional layer store's engine tests (tests/test_engine_store.py): podman 4.3 with runc
+  # the additional layer store's engine tests (tests/fuse/test_engine_store.py): podman 4.3 with runc
   _layerfs_apt_packages+=(podman runc containers-storage)
 fi
 

@@ -1,0 +1,1 @@
+"""Reading an upper directory back: diff, commit, export."""

@@ -1,0 +1,1 @@
+"""Thin FUSE adapters over the native libfuse loop."""

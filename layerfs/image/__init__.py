@@ -1,0 +1,1 @@
+"""Image references and OCI value types (digests, descriptors, manifests, indexes, configs)."""

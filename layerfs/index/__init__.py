@@ -1,0 +1,1 @@
+"""Per-layer indexes: the tar table of contents and its column format, compressed-blob seek points."""

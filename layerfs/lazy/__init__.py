@@ -1,0 +1,1 @@
+"""Lazy mounts: layers served by Range reads before (or without) a download."""

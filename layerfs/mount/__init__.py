@@ -1,0 +1,1 @@
+"""Mount lifecycle: options, the mount table, uppers, daemons, the engine layer store."""

@@ -1,0 +1,1 @@
+"""Everything that speaks HTTP: the distribution API client, auth, mirrors, search."""

@@ -1,0 +1,1 @@
+"""The local OCI image layout: blobs, tags, locks, garbage collection."""

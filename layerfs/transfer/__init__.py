@@ -1,0 +1,1 @@
+"""Moving images: pull, push, local transports, eStargz, published layer indexes."""
