@@ -52,7 +52,7 @@ import bench  # noqa: E402
 
 from layerfs.index import gzindex  # noqa: E402
 from layerfs.fs import union  # noqa: E402
-from layerfs.store.layout import Store  # noqa: E402
+from layerfs.store import Store  # noqa: E402
 
 MiB = 1 << 20
 
@@ -65,7 +65,7 @@ def prepare(workdir: Path) -> tuple[Store, object]:
     store.init()
     recs = store.images()
     if not recs:
-        from layerfs.transfer.sources import LoadOptions, load
+        from layerfs.transfer import LoadOptions, load
         bl.log(f"importing {img.layout} into {store.root}")
         load(store, f"oci:{img.layout}", LoadOptions(single=True))
         recs = store.images()

@@ -1,1 +1,27 @@
-"""The command line: parsing, docker-style output, exit codes."""
+"""The command line: parsing, docker-style output, exit codes.
+
+The names below are this package's public face; each is imported from its module on
+first use (PEP 562), so importing the package costs nothing."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+#: public name -> the module of this package that defines it
+_EXPORTS = {
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    pass

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from layerfs import __version__
 from layerfs.errors import ImageInUse, ImageNotFound, LayerfsError, UsageError
-from layerfs.image.oci import Manifest, Platform
+from layerfs.image import Manifest, Platform
 
 log = logging.getLogger("layerfs")
 
@@ -28,13 +28,13 @@ class Context:
 
     @property
     def store(self):
-        from layerfs.store.layout import Store
+        from layerfs.store import Store
         if not hasattr(self, "_store"):
             self._store = Store(self.args.root)
         return self._store
 
     def registry_options(self, **kw):
-        from layerfs.registry.client import RegistryOptions
+        from layerfs.registry import RegistryOptions
         return RegistryOptions.from_env(insecure_registries=tuple(self.args.insecure_registry or ()), **kw)
 
 
@@ -50,7 +50,7 @@ def _bool(text: str) -> bool:
 
 
 def _layer_sizes(store, manifest: Manifest) -> list[int]:
-    from layerfs.transfer.pull import layer_facts_from_blob
+    from layerfs.transfer import layer_facts_from_blob
     sizes = []
     for l in manifest.layers:
         info = store.layer_info(l.digest)
@@ -64,7 +64,7 @@ def _layer_sizes(store, manifest: Manifest) -> list[int]:
 
 
 def _repo_digest(rec) -> str:
-    from layerfs.transfer.pull import REPO_DIGEST_ANNOTATION
+    from layerfs.transfer import REPO_DIGEST_ANNOTATION
     return (rec.descriptor.annotations or {}).get(REPO_DIGEST_ANNOTATION) or str(rec.descriptor.digest)
 
 
@@ -72,9 +72,9 @@ def _repo_digest(rec) -> str:
 
 def cmd_pull(ctx: Context) -> int:
     from layerfs.cli.display import PullProgress
-    from layerfs.image.reference import Reference
-    from layerfs.transfer.pull import Puller, PullOptions
-    from layerfs.transfer.sources import is_source
+    from layerfs.image import Reference
+    from layerfs.transfer import Puller, PullOptions
+    from layerfs.transfer import is_source
     a = ctx.args
     if is_source(a.ref):   # oci:DIR[:REF], oci-archive:FILE[:REF], docker-archive:FILE[:TAG]: imported, no registry
         return _pull_source(ctx)
@@ -105,7 +105,7 @@ def cmd_pull(ctx: Context) -> int:
 def _pull_source(ctx: Context) -> int:
     """``pull`` of a local source (skopeo's transports): imported like ``load``, printed like ``pull``."""
     from layerfs.cli.display import PullProgress
-    from layerfs.transfer.sources import LoadOptions, load
+    from layerfs.transfer import LoadOptions, load
     a = ctx.args
     platform = Platform.parse(a.platform) if a.platform else None
     progress = None if a.quiet else PullProgress(sys.stdout)
@@ -122,7 +122,7 @@ def _pull_source(ctx: Context) -> int:
 def cmd_load(ctx: Context) -> int:
     """``docker load``: an archive (docker-archive or OCI, maybe compressed) or an OCI layout into the store."""
     from layerfs.cli.display import PullProgress
-    from layerfs.transfer.sources import LoadOptions, load
+    from layerfs.transfer import LoadOptions, load
     a = ctx.args
     if a.input and a.file:
         raise UsageError("give the archive once: -i FILE or FILE")
@@ -147,7 +147,7 @@ def _load_stdin(ctx: Context, opts, progress):
     import stat
     import tempfile
 
-    from layerfs.transfer.sources import load
+    from layerfs.transfer import load
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("requested load from stdin, but stdin is empty",
                          hint="use 'layerfs load -i FILE', or redirect the archive: layerfs load < FILE")
@@ -317,7 +317,7 @@ def cmd_inspect(ctx: Context) -> int:
 
 def _index_size(store, digest) -> int | None:
     """Bytes of the layer's index file (TOC + random-access checkpoints), None when not built yet."""
-    from layerfs.index.layerindex import index_path
+    from layerfs.index import index_path
     try:
         return index_path(store, digest).stat().st_size
     except OSError:
@@ -326,8 +326,8 @@ def _index_size(store, digest) -> int | None:
 
 def _source_manifest(store, rec) -> dict | None:
     """The manifest as the registry served it, when the store keeps an OCI form of it."""
-    from layerfs.image.oci import Digest
-    from layerfs.transfer.pull import SOURCE_MANIFEST_ANNOTATION
+    from layerfs.image import Digest
+    from layerfs.transfer import SOURCE_MANIFEST_ANNOTATION
     val = (rec.descriptor.annotations or {}).get(SOURCE_MANIFEST_ANNOTATION)
     if not val:
         return None
@@ -338,7 +338,7 @@ def _source_manifest(store, rec) -> dict | None:
 
 def cmd_search(ctx: Context) -> int:
     from layerfs.cli.display import ellipsis, table
-    from layerfs.registry.search import search
+    from layerfs.registry import search
     a = ctx.args
     if not 1 <= a.limit <= 100:
         raise UsageError(f"--limit {a.limit} is out of range", hint="use a limit between 1 and 100")
@@ -381,7 +381,7 @@ def cmd_rmi(ctx: Context) -> int:
 
 
 def _rmi_one(store, text: str, force: bool, no_prune: bool) -> None:
-    from layerfs.image.reference import Reference
+    from layerfs.image import Reference
     try:
         ref = Reference.parse(text)
     except LayerfsError:
@@ -411,7 +411,7 @@ def _rmi_one(store, text: str, force: bool, no_prune: bool) -> None:
     except LayerfsError:
         m = None
     if not no_prune and isinstance(m, Manifest):
-        from layerfs.lazy.image import served_blobs
+        from layerfs.lazy import served_blobs
         store.gc(candidates={deleted_manifest, m.config.digest, *(l.digest for l in m.layers)},
                  keep=served_blobs(store))
         print(f"Deleted: {m.config.digest}")
@@ -421,7 +421,7 @@ def cmd_prune(ctx: Context) -> int:
     from layerfs.cli.display import human_size
     store = ctx.store
     store.init()
-    from layerfs.lazy.image import prune_lazy, served_blobs
+    from layerfs.lazy import prune_lazy, served_blobs
     removed, freed = store.gc(keep=served_blobs(store))
     lazy_removed, lazy_freed = prune_lazy(store)
     print(f"Deleted blobs: {removed}")
@@ -432,8 +432,8 @@ def cmd_prune(ctx: Context) -> int:
 
 
 def cmd_login(ctx: Context) -> int:
-    from layerfs.registry.client import RegistryClient
-    from layerfs.registry.auth import Credentials, CredentialStore
+    from layerfs.registry import RegistryClient
+    from layerfs.registry import Credentials, CredentialStore
     a = ctx.args
     server = _server_name(a.server)
     user = a.username
@@ -463,7 +463,7 @@ def cmd_login(ctx: Context) -> int:
 
 
 def cmd_logout(ctx: Context) -> int:
-    from layerfs.registry.auth import CredentialStore
+    from layerfs.registry import CredentialStore
     server = _server_name(ctx.args.server)
     if CredentialStore().erase(server):
         print(f"Removing login credentials for {server}")
@@ -473,8 +473,8 @@ def cmd_logout(ctx: Context) -> int:
 
 
 def _server_name(text: str | None) -> str:
-    from layerfs.image.reference import DOCKER_HUB
-    from layerfs.registry.auth import normalise_key
+    from layerfs.image import DOCKER_HUB
+    from layerfs.registry import normalise_key
     if not text:
         return DOCKER_HUB
     return normalise_key(text)
@@ -499,7 +499,7 @@ def _lazy_env() -> bool:
 def _is_local(store, ref_text: str, opts) -> bool:
     """Whether a plain mount of *ref_text* would use a local image (of the wanted platform) or a local
     source (oci:, oci-archive:, docker-archive:) without pulling."""
-    from layerfs.image.reference import is_local_source
+    from layerfs.image import is_local_source
     if is_local_source(ref_text) or opts.layer is not None:
         return True       # a local source, or --layer (never lazy): the plain mount's business
     try:
@@ -513,7 +513,7 @@ def _is_local(store, ref_text: str, opts) -> bool:
 
 
 def cmd_mount(ctx: Context) -> int:
-    from layerfs.mount.daemon import MountOptions, mount_image
+    from layerfs.mount import MountOptions, mount_image
     a = ctx.args
     opts = MountOptions(read_only=a.read_only, upper=a.upper, layer=a.layer,
                         platform=Platform.parse(a.platform) if a.platform else None,
@@ -524,7 +524,7 @@ def cmd_mount(ctx: Context) -> int:
 
     def pull(ref):  # only when the image is not local: docker run's screen, on stderr
         from layerfs.cli.display import PullProgress
-        from layerfs.transfer.pull import Puller, PullOptions
+        from layerfs.transfer import Puller, PullOptions
         print(f"Unable to find image '{ref.familiar()}' locally", file=sys.stderr)
         progress = PullProgress(sys.stderr)
         result = Puller(ctx.store, PullOptions(platform=opts.platform, registry=ctx.registry_options()),
@@ -542,7 +542,7 @@ def cmd_mount(ctx: Context) -> int:
     if a.prefetch is not None and not lazy:
         raise UsageError("--prefetch needs --lazy")
     if lazy:
-        from layerfs.lazy.image import mount_lazy
+        from layerfs.lazy import mount_lazy
         mount_lazy(ctx.store, a.ref, a.mountpoint, opts, registry_options=ctx.registry_options(),
                    prefetch=a.prefetch or "none")
         return 0
@@ -573,7 +573,7 @@ def _exit_now(code: int) -> None:
 
 
 def cmd_convert(ctx: Context) -> int:
-    from layerfs.transfer.estargz import convert_image
+    from layerfs.transfer import convert_image
     a = ctx.args
     if not a.estargz:
         from layerfs.errors import UsageError
@@ -584,7 +584,7 @@ def cmd_convert(ctx: Context) -> int:
 
 
 def cmd_umount(ctx: Context) -> int:
-    from layerfs.mount.daemon import stored_upper_id, umount
+    from layerfs.mount import stored_upper_id, umount
     rec = umount(ctx.store, ctx.args.mountpoint, remove_upper=ctx.args.rm)
     if ctx.args.rm and rec is not None and rec.upper and stored_upper_id(ctx.store, rec.upper) is None:
         print(f"layerfs: kept {rec.upper} (given with --upper; only upper directories of the store are removed)",
@@ -593,7 +593,7 @@ def cmd_umount(ctx: Context) -> int:
 
 
 def cmd_rm(ctx: Context) -> int:
-    from layerfs.mount.daemon import remove_upper
+    from layerfs.mount import remove_upper
     for what in ctx.args.ids:
         remove_upper(ctx.store, what)
         print(what)
@@ -601,7 +601,7 @@ def cmd_rm(ctx: Context) -> int:
 
 
 def cmd_mounts(ctx: Context) -> int:
-    from layerfs.mount.daemon import mount_states
+    from layerfs.mount import mount_states
     a = ctx.args
     listed = mount_states(ctx.store)
     records = [r for r, _ in listed]
@@ -610,7 +610,7 @@ def cmd_mounts(ctx: Context) -> int:
         for r in records:
             print(r.mountpoint)
         return 0
-    from layerfs.lazy.image import forget_stale_status, lazy_status
+    from layerfs.lazy import forget_stale_status, lazy_status
     forget_stale_status(ctx.store)
     fetched = {r.mountpoint: lazy_status(ctx.store, r) for r in records}
     if a.format == "json":
@@ -638,8 +638,8 @@ def cmd_mounts(ctx: Context) -> int:
 def cmd_store_serve(ctx: Context) -> int:
     import functools
 
-    from layerfs.mount.daemon import MountOptions, mount_service
-    from layerfs.mount.alstore import STORE_IMAGE_NAME, serve_store
+    from layerfs.mount import MountOptions, mount_service
+    from layerfs.mount import STORE_IMAGE_NAME, serve_store
     a = ctx.args
     if a.grace < 0:
         raise UsageError(f"--grace {a.grace:g} is negative")
@@ -663,7 +663,7 @@ def cmd_version(ctx: Context) -> int:
 # --- changes: diff, commit, export, push ------------------------------------------------
 
 def cmd_diff(ctx: Context) -> int:
-    from layerfs.changes.commit import diff, resolve_target
+    from layerfs.changes import diff, resolve_target
     a = ctx.args
     target = resolve_target(ctx.store, a.target, image=a.image)
     for change in diff(target.lower_tree(ctx.store), target.scan()):
@@ -672,7 +672,7 @@ def cmd_diff(ctx: Context) -> int:
 
 
 def cmd_commit(ctx: Context) -> int:
-    from layerfs.changes.commit import CommitOptions, commit, parse_new_reference, resolve_target
+    from layerfs.changes import CommitOptions, commit, parse_new_reference, resolve_target
     a = ctx.args
     ref = parse_new_reference(a.newref)       # a bad NEWREF fails before anything is read
     target = resolve_target(ctx.store, a.target, image=a.image)
@@ -683,7 +683,7 @@ def cmd_commit(ctx: Context) -> int:
 
 
 def cmd_export(ctx: Context) -> int:
-    from layerfs.changes.commit import export_source, export_tree, output_file
+    from layerfs.changes import export_source, export_tree, output_file
     a = ctx.args
     out = a.output or "-"
     if out == "-" and sys.stdout.isatty():
@@ -721,7 +721,7 @@ class _PushProgress:
 
 
 def cmd_push(ctx: Context) -> int:
-    from layerfs.transfer.push import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_THRESHOLD, Pusher, PushOptions, push_target
+    from layerfs.transfer import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_THRESHOLD, Pusher, PushOptions, push_target
     a = ctx.args
     _, _, ref = push_target(ctx.store, a.ref, a.newref)    # errors before any output
     opts = PushOptions(registry=ctx.registry_options(),
@@ -740,7 +740,7 @@ def cmd_push(ctx: Context) -> int:
 
 
 def cmd_index_push(ctx: Context) -> int:
-    from layerfs.transfer.indexpush import push_index
+    from layerfs.transfer import push_index
     a = ctx.args
     say = None if a.quiet else (lambda line: print(line, flush=True))
     result = push_index(ctx.store, a.ref, span=a.span, registry_options=ctx.registry_options(), progress=say)

@@ -53,28 +53,11 @@ import zstandard
 
 from layerfs.errors import UsageError
 from layerfs.fs.tree import ROOT_INO, LayerReader, MergedTree, Node
-from layerfs.image.oci import Manifest
-from layerfs.index.gzindex import DEFAULT_CACHE_BYTES, SpanCache
-from layerfs.index.layerindex import (
-    BLOCK,
-    CHAR,
-    DIR,
-    FIFO,
-    FILE,
-    HARDLINK,
-    SYMLINK,
-    U32,
-    U64,
-    IndexFormatError,
-    LayerIndex,
-    int_col,
-    load_or_build,
-    open_layer_reader,
-    pack_file,
-    pack_ints,
-    unpack_file,
-)
-from layerfs.store.layout import Store, atomic_write
+from layerfs.image import Manifest
+from layerfs.index import DEFAULT_CACHE_BYTES, SpanCache
+from layerfs.index import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, U32, U64, IndexFormatError, LayerIndex,
+    int_col, load_or_build, open_layer_reader, pack_file, pack_ints, unpack_file)
+from layerfs.store import Store, atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from typing import Callable, Iterable
 
 from layerfs import _fuse
 from layerfs.errors import LayerfsError
-from layerfs.fs.tree import ROOT_INO, MergedTree, Node
+from layerfs.fs import ROOT_INO, MergedTree, Node
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from typing import Callable, Iterable
 
 from layerfs import _fuse
 from layerfs.errors import LayerfsError
-from layerfs.fs.overlay import Attr, Overlay
-from layerfs.fs.tree import ROOT_INO
+from layerfs.fs import Attr, Overlay
+from layerfs.fs import ROOT_INO
 from layerfs.fuse.readonly import CACHE_TIMEOUT, fuse_error, serve
 
 log = logging.getLogger(__name__)

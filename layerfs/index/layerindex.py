@@ -52,9 +52,9 @@ import xxhash
 import zstandard
 
 from layerfs.errors import ContentError, DecompressionLimit, LayerfsError, StoreError, TarError, UsageError
-from layerfs.image.oci import LAYER_COMPRESSION, Descriptor, Digest
+from layerfs.image import LAYER_COMPRESSION, Descriptor, Digest
 from layerfs.index import gzindex
-from layerfs.store.layout import Store, atomic_write
+from layerfs.store import Store, atomic_write
 
 log = logging.getLogger(__name__)
 

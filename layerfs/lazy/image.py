@@ -47,38 +47,14 @@ from typing import Callable
 
 from layerfs import _zran
 from layerfs.errors import ContentError, LayerfsError, ManifestError
-from layerfs.image.oci import LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Manifest, iter_layer_compression
-from layerfs.index.gzindex import SpanCache
-from layerfs.index.layerindex import (
-    BLOCK,
-    CHAR,
-    DIR,
-    FIFO,
-    FILE,
-    HARDLINK,
-    SYMLINK,
-    SYMLINK_MODE,
-    Entry,
-    LayerIndex,
-    layer_too_large,
-    load_or_build,
-    max_layer_size,
-    normalize_path,
-    open_layer_reader,
-)
-from layerfs.registry.client import RegistryClient
-from layerfs.store.layout import Store, atomic_write, file_lock
-from layerfs.transfer.estargz import (
-    FOOTER_SIZE,
-    TOC_DIGEST_ANNOTATION,
-    TOC_TAR_NAME,
-    UNCOMPRESSED_SIZE_ANNOTATION,
-    EStargzError,
-    is_estargz,
-    parse_footer,
-    parse_rfc3339_ns,
-    parse_toc_member,
-)
+from layerfs.image import LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Manifest, iter_layer_compression
+from layerfs.index import SpanCache
+from layerfs.index import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, SYMLINK_MODE, Entry, LayerIndex,
+    layer_too_large, load_or_build, max_layer_size, normalize_path, open_layer_reader)
+from layerfs.registry import RegistryClient
+from layerfs.store import Store, atomic_write, file_lock
+from layerfs.transfer import (FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
+    EStargzError, is_estargz, parse_footer, parse_rfc3339_ns, parse_toc_member)
 
 log = logging.getLogger(__name__)
 
@@ -683,7 +659,7 @@ def lazy_status(store: Store, record) -> list[float] | None:
 
 
 def _alive(pid: int) -> bool:
-    from layerfs.mount.daemon import pid_alive
+    from layerfs.mount import pid_alive
     return pid_alive(pid)
 
 
@@ -766,7 +742,7 @@ def _fetch_toc(store: Store, client: RegistryClient, repository: str, desc: Desc
 
 def _find_published(client: RegistryClient, repo: str, manifest: Manifest):
     """(artifact manifest, its index blobs by layer, how found) of the image's published index, or None."""
-    from layerfs.transfer.indexpush import find_index, index_blobs
+    from layerfs.transfer import find_index, index_blobs
     try:
         found = find_index(client, repo, manifest)
         if found is None:
@@ -782,7 +758,7 @@ def _find_published(client: RegistryClient, repo: str, manifest: Manifest):
 def _open_published(store: Store, client: RegistryClient, reader_client, repo: str, desc: Descriptor,
                     diff_id: Digest, found, cache: SpanCache):
     """(LayerIndex, LazyGzipLayer) of a gzip layer from its published index, or None (none or unusable: logged)."""
-    from layerfs.transfer.indexpush import HEAD_DIGEST_ANNOTATION, HEAD_SIZE_ANNOTATION, parse_head
+    from layerfs.transfer import HEAD_DIGEST_ANNOTATION, HEAD_SIZE_ANNOTATION, parse_head
     if found is None:
         return None
     art, blobs, via = found
@@ -804,7 +780,7 @@ def _open_published(store: Store, client: RegistryClient, reader_client, repo: s
         if head is None:
             head = client.read_range(repo, bdesc, 0, head_size)
             if Digest.of(head, want.algorithm) != want:
-                from layerfs.transfer.indexpush import IndexArtifactError
+                from layerfs.transfer import IndexArtifactError
                 raise IndexArtifactError(f"index head of layer {desc.digest.short} does not match its digest",
                                          where=where)
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -843,9 +819,9 @@ class LazyImage:
 
 def open_lazy_layers(store: Store, ref_text: str, *, platform=None, registry_options=None) -> LazyImage:
     """Open the layers of a remote image lazily where they allow it (see the module docs), each on its own."""
-    from layerfs.image.reference import Reference
-    from layerfs.registry.client import ClientPool
-    from layerfs.transfer.pull import Puller, PullOptions, check_diff_id
+    from layerfs.image import Reference
+    from layerfs.registry import ClientPool
+    from layerfs.transfer import Puller, PullOptions, check_diff_id
     ref = Reference.parse(ref_text)
     store.init()
     puller = Puller(store, PullOptions(platform=platform, registry=registry_options))
@@ -911,7 +887,7 @@ def open_lazy_layers(store: Store, ref_text: str, *, platform=None, registry_opt
 
 def open_lazy_tree(store: Store, ref_text: str, *, platform=None, registry_options=None):
     """(image name, manifest, merged tree, lazy readers) of a remote image, mounted lazily."""
-    from layerfs.fs.union import build_tree
+    from layerfs.fs import build_tree
     image = open_lazy_layers(store, ref_text, platform=platform, registry_options=registry_options)
     readers = [layer.reader for layer in image.layers]
     tree = build_tree([layer.index for layer in image.layers], readers)
@@ -922,7 +898,7 @@ def mount_lazy(store: Store, ref_text: str, mountpoint, options, *, registry_opt
     """Mount *ref_text* from its registry lazily (see the module docs); returns the MountRecord.
     *prefetch* (:data:`PREFETCH_MODES`) fetches pieces in the background while the mount serves."""
     from layerfs.errors import UsageError
-    from layerfs.mount.daemon import check_mountpoint, mount_tree
+    from layerfs.mount import check_mountpoint, mount_tree
     if prefetch not in PREFETCH_MODES:
         raise UsageError(f"unknown prefetch mode {prefetch!r}", hint="use " + ", ".join(PREFETCH_MODES))
     real = check_mountpoint(mountpoint, allow_nonempty=options.allow_nonempty)

@@ -55,9 +55,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from layerfs.errors import LayerfsError
-from layerfs.fs.tree import ROOT_INO, MergedTree
-from layerfs.fuse.readonly import CACHE_TIMEOUT, LayerFS, attributes, fuse_error
-from layerfs.store.layout import Store, atomic_write
+from layerfs.fs import ROOT_INO, MergedTree
+from layerfs.fuse import CACHE_TIMEOUT, LayerFS, attributes, fuse_error
+from layerfs.store import Store, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _decode_reference(text: str) -> str | None:
 
 
 def _plausible_reference(ref: str) -> bool:
-    from layerfs.image.reference import Reference
+    from layerfs.image import Reference
     try:
         Reference.parse(ref)
         return True
@@ -103,7 +103,7 @@ def _plausible_reference(ref: str) -> bool:
 
 def layer_info(desc, diff_id, index, toc_digest: str | None = None) -> bytes:
     """The ``info`` file of a layer (containers/storage's Layer JSON fields)."""
-    from layerfs.image.oci import LAYER_COMPRESSION
+    from layerfs.image import LAYER_COMPRESSION
     info = {"compressed-diff-digest": str(desc.digest), "compressed-size": desc.size,
             "diff-digest": str(diff_id), "compression": COMPRESSION_CODES.get(LAYER_COMPRESSION.get(desc.media_type), 0)}
     if index.size:
@@ -232,7 +232,7 @@ class AdditionalLayerStore:
         return ino
 
     def _open_lazy(self, ref: str):
-        from layerfs.lazy.image import open_lazy_layers
+        from layerfs.lazy import open_lazy_layers
         return open_lazy_layers(self.store, ref, registry_options=self._registry_options)
 
     def image_layers(self, ref: str) -> dict[str, _Layer]:
@@ -277,16 +277,16 @@ class AdditionalLayerStore:
         """Keep the lazy caches of the layers in memory from ``layerfs prune`` (and show them in ``mounts``)."""
         if self.mountpoint is None:
             return
-        from layerfs.lazy.image import note_lazy_readers
+        from layerfs.lazy import note_lazy_readers
         with self._lock:
             readers = [layer.reader for layer in self.layers.values()]
             pulled = [layer.digest for layer in self.layers.values() if not layer.lazy]
-        from layerfs.image.oci import Digest
+        from layerfs.image import Digest
         note_lazy_readers(self.store, self.mountpoint, os.getpid(), readers, [Digest.parse(d) for d in pulled])
 
     def _make_layer(self, image, il) -> _Layer:
-        from layerfs.fs.union import build_diff_tree
-        from layerfs.transfer.estargz import TOC_DIGEST_ANNOTATION
+        from layerfs.fs import build_diff_tree
+        from layerfs.transfer import TOC_DIGEST_ANNOTATION
         digest = str(il.desc.digest)
         with self._lock:
             have = self.layers.get(digest)
@@ -618,7 +618,7 @@ class StoreFS:
 def serve_store(store: Store, mountpoint: str, fuse_options, *, on_ready: Callable[[], None] | None = None,
                 registry_options=None, grace: float = DEFAULT_GRACE, gc_interval: float | None = None) -> None:
     """Mount the layer store at *mountpoint* and serve it until unmounted (see :func:`layerfs.fuse.readonly.serve`)."""
-    from layerfs.fuse.readonly import serve
+    from layerfs.fuse import serve
     store.init()
     als = AdditionalLayerStore(store, registry_options=registry_options, grace=grace,
                                mountpoint=os.path.realpath(mountpoint))

@@ -78,13 +78,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from layerfs.errors import ImageNotFound, LayerfsError, UsageError
-from layerfs.image.oci import Manifest, Platform
-from layerfs.image.reference import is_local_source
-from layerfs.store.layout import Store
+from layerfs.image import Manifest, Platform
+from layerfs.image import is_local_source
+from layerfs.store import Store
 
 if TYPE_CHECKING:
-    from layerfs.fs.tree import MergedTree
-    from layerfs.image.reference import Reference
+    from layerfs.fs import MergedTree
+    from layerfs.image import Reference
 
 log = logging.getLogger(__name__)
 
@@ -378,13 +378,13 @@ TreeFactory = Callable[..., "MergedTree"]
 
 
 def _default_tree_factory(store: Store, manifest: Manifest, *, upto: int | None) -> "MergedTree":
-    from layerfs.fs.union import open_image_tree
+    from layerfs.fs import open_image_tree
     return open_image_tree(store, manifest, upto=upto)
 
 
 def _default_pull(store: Store, options: MountOptions) -> Callable[["Reference"], Any]:
     def pull(ref: "Reference"):
-        from layerfs.transfer.pull import Puller, PullOptions
+        from layerfs.transfer import Puller, PullOptions
         return Puller(store, PullOptions(platform=options.platform)).pull(ref)
     return pull
 
@@ -396,7 +396,7 @@ def resolve_image(store: Store, ref_text: str, options: MountOptions,
     A local source (``oci:DIR[:REF]``, ``oci-archive:FILE[:REF]``,
     ``docker-archive:FILE[:TAG]``) is imported first, then its tagged name is used."""
     if is_local_source(ref_text):   # importing .sources costs requests & co.: only for a source
-        from layerfs.transfer.sources import LoadOptions, is_source, load
+        from layerfs.transfer import LoadOptions, is_source, load
         if is_source(ref_text):
             ref_text = load(store, ref_text, LoadOptions(platform=options.platform, single=True)).images[0].names[0]
     try:
@@ -406,7 +406,7 @@ def resolve_image(store: Store, ref_text: str, options: MountOptions,
             if cfg is not None and not options.platform.matches(cfg):
                 raise ImageNotFound(f"local {ref_text} is for {cfg}, not {options.platform}")
     except ImageNotFound:
-        from layerfs.image.reference import Reference
+        from layerfs.image import Reference
         ref = Reference.parse(ref_text)
         log.info("image %s is not local: pulling it", ref.familiar())
         (pull or _default_pull(store, options))(ref)
@@ -456,8 +456,8 @@ def _cached_tree(store: Store, manifest: Manifest, upto: int | None) -> "MergedT
     """None when the tree cache (of this format) and the layer indexes of the image's first *upto* layers
     exist; else the tree, built now (which saves the cache: then None too). Raises what
     :func:`open_image_tree` raises."""
-    from layerfs.fs.union import open_image_tree, tree_cache_current, tree_cache_path
-    from layerfs.index.layerindex import index_path
+    from layerfs.fs import open_image_tree, tree_cache_current, tree_cache_path
+    from layerfs.index import index_path
     n = len(manifest.layers) if upto is None else upto
 
     def cached() -> bool:   # (an outdated cache is rebuilt here too: not in the daemon, which would keep its heap)
@@ -570,7 +570,7 @@ def _prepare_upper(store: Store, options: MountOptions, active: list[MountRecord
         if options.read_only and not os.path.isdir(upper):
             raise MountError(f"upper directory {upper} does not exist", hint="a read-only mount only shows an upper")
         if not options.read_only:
-            from layerfs.fs.overlay import work_dir_for
+            from layerfs.fs import work_dir_for
             try:
                 os.makedirs(upper, exist_ok=True)
                 os.makedirs(work_dir_for(upper), mode=0o700, exist_ok=True)
@@ -676,8 +676,8 @@ def _serve_here(tree: "MergedTree | None", record: MountRecord, options: MountOp
         elif record.upper is None:
             fusefs.serve(tree, record.mountpoint, fuse_opts, on_ready=ready)
         else:
-            from layerfs.fs.overlay import Overlay, UpperDirty, UpperInUse
-            from layerfs.fuse.writable import serve_overlay
+            from layerfs.fs import Overlay, UpperDirty, UpperInUse
+            from layerfs.fuse import serve_overlay
             try:
                 overlay = Overlay(tree, record.upper, read_only=options.read_only, volatile=options.volatile,
                                   index=options.index)
@@ -835,7 +835,7 @@ def _helper_main(root: Path, options: MountOptions, ctl: int, w: int) -> int:
     store = Store(root)
 
     def load_tree() -> "MergedTree":
-        from layerfs.image.oci import Digest
+        from layerfs.image import Digest
         manifest = store.manifest(Digest.parse(digest.decode()))
         assert isinstance(manifest, Manifest)
         return _default_tree_factory(store, manifest, upto=options.layer)

@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from layerfs.errors import CredentialsError
-from layerfs.image.reference import DOCKER_HUB
+from layerfs.image import DOCKER_HUB
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class CredentialStore:
         return removed
 
     def _save(self, doc: dict) -> None:
-        from layerfs.store.layout import atomic_write
+        from layerfs.store import atomic_write
         self.config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(self.path, json.dumps(doc, indent="\t").encode() + b"\n", mode=0o600)
 

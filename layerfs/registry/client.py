@@ -41,8 +41,8 @@ from layerfs.errors import (
     RegistryUnreachable,
     SizeMismatch,
 )
-from layerfs.image.oci import ACCEPT_MANIFESTS, FOREIGN_LAYER_TYPES, Descriptor, Digest, Index, Manifest, parse_manifest
-from layerfs.image.reference import DOCKER_HUB, is_local_registry
+from layerfs.image import ACCEPT_MANIFESTS, FOREIGN_LAYER_TYPES, Descriptor, Digest, Index, Manifest, parse_manifest
+from layerfs.image import DOCKER_HUB, is_local_registry
 from layerfs.registry.auth import Challenge, Credentials, CredentialStore, Token, parse_www_authenticate
 
 log = logging.getLogger(__name__)

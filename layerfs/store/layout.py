@@ -24,17 +24,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from layerfs.errors import DigestMismatch, DiskFull, ImageNotFound, SizeMismatch, StoreError
-from layerfs.image.oci import (
-    REF_NAME_ANNOTATION,
-    Descriptor,
-    Digest,
-    ImageConfig,
-    Index,
-    Manifest,
-    VerifyingReader,
-    parse_manifest,
-)
-from layerfs.image.reference import Reference
+from layerfs.image import (REF_NAME_ANNOTATION, Descriptor, Digest, ImageConfig, Index, Manifest, VerifyingReader,
+    parse_manifest)
+from layerfs.image import Reference
 
 OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
 _CHUNK = 1 << 20

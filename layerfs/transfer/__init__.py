@@ -1,1 +1,44 @@
-"""Moving images: pull, push, local transports, eStargz, published layer indexes."""
+"""Moving images: pull, push, local transports, eStargz, published layer indexes.
+
+The names below are this package's public face; each is imported from its module on
+first use (PEP 562), so importing the package costs nothing."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+#: public name -> the module of this package that defines it
+_EXPORTS = {
+    "EStargzError": "estargz", "EStargzWriter": "estargz", "FOOTER_SIZE": "estargz",
+    "TOC_DIGEST_ANNOTATION": "estargz", "TOC_TAR_NAME": "estargz", "UNCOMPRESSED_SIZE_ANNOTATION": "estargz",
+    "convert_image": "estargz", "footer_bytes": "estargz", "is_estargz": "estargz", "parse_footer": "estargz",
+    "parse_rfc3339_ns": "estargz", "parse_toc_member": "estargz",
+    "ARTIFACT_TYPE": "indexpush", "HEAD_DIGEST_ANNOTATION": "indexpush", "HEAD_SIZE_ANNOTATION": "indexpush",
+    "INDEX_MEDIA_TYPE": "indexpush", "IndexArtifactError": "indexpush", "LAYER_ANNOTATION": "indexpush",
+    "build_index_blob": "indexpush", "find_index": "indexpush", "index_blobs": "indexpush",
+    "parse_head": "indexpush", "push_index": "indexpush", "referrers_tag": "indexpush",
+    "PullOptions": "pull", "Puller": "pull", "REPO_DIGEST_ANNOTATION": "pull", "SOURCE_MANIFEST_ANNOTATION": "pull",
+    "check_diff_id": "pull", "layer_facts_from_blob": "pull",
+    "DEFAULT_CHUNK_SIZE": "push", "DEFAULT_CHUNK_THRESHOLD": "push", "PushOptions": "push", "Pusher": "push",
+    "push_target": "push",
+    "LoadOptions": "sources", "Source": "sources", "is_source": "sources", "load": "sources",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from layerfs.transfer.estargz import EStargzError, EStargzWriter, FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION, convert_image, footer_bytes, is_estargz, parse_footer, parse_rfc3339_ns, parse_toc_member  # noqa: F401
+    from layerfs.transfer.indexpush import ARTIFACT_TYPE, HEAD_DIGEST_ANNOTATION, HEAD_SIZE_ANNOTATION, INDEX_MEDIA_TYPE, IndexArtifactError, LAYER_ANNOTATION, build_index_blob, find_index, index_blobs, parse_head, push_index, referrers_tag  # noqa: F401
+    from layerfs.transfer.pull import PullOptions, Puller, REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, check_diff_id, layer_facts_from_blob  # noqa: F401
+    from layerfs.transfer.push import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_THRESHOLD, PushOptions, Pusher, push_target  # noqa: F401
+    from layerfs.transfer.sources import LoadOptions, Source, is_source, load  # noqa: F401

@@ -41,20 +41,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from layerfs.errors import ContentError, StoreError
-from layerfs.fs.tree import read_sparse
-from layerfs.image.oci import (
-    OCI_CONFIG,
-    OCI_LAYER_GZIP,
-    OCI_MANIFEST,
-    Descriptor,
-    Digest,
-    ImageConfig,
-    Manifest,
-    json_bytes,
-    parse_manifest,
-)
-from layerfs.index.layerindex import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, load_or_build, open_layer_reader
-from layerfs.store.layout import Store
+from layerfs.fs import read_sparse
+from layerfs.image import (OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, Digest, ImageConfig, Manifest,
+    json_bytes, parse_manifest)
+from layerfs.index import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, load_or_build, open_layer_reader
+from layerfs.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +360,7 @@ def convert_layer(store: Store, desc: Descriptor, *, chunk_size: int = DEFAULT_C
 
 def convert_image(store: Store, src: str, newref: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Manifest:
     """Convert local image *src* to eStargz layers and tag the result *newref*; returns its manifest."""
-    from layerfs.changes.commit import parse_new_reference
+    from layerfs.changes import parse_new_reference
     ref = parse_new_reference(newref)
     store.init()
     _, manifest = store.resolve(src)

@@ -42,20 +42,11 @@ from typing import Callable
 import zstandard
 
 from layerfs.errors import ContentError, LayerfsError, ManifestError, NotFoundError, StoreError, TarError, UsageError
-from layerfs.image.oci import LAYER_COMPRESSION, OCI_EMPTY, OCI_INDEX, OCI_MANIFEST, Descriptor, Digest, Index, Manifest
+from layerfs.image import LAYER_COMPRESSION, OCI_EMPTY, OCI_INDEX, OCI_MANIFEST, Descriptor, Digest, Index, Manifest
 from layerfs.index import gzindex
-from layerfs.index.layerindex import (
-    FILE,
-    HARDLINK,
-    IndexFormatError,
-    LayerIndex,
-    encode_columns,
-    load_or_build,
-    normalize_path,
-    pack_file,
-    unpack_file,
-)
-from layerfs.registry.client import ClientPool, RegistryClient, RegistryOptions
+from layerfs.index import (FILE, HARDLINK, IndexFormatError, LayerIndex, encode_columns, load_or_build,
+    normalize_path, pack_file, unpack_file)
+from layerfs.registry import ClientPool, RegistryClient, RegistryOptions
 
 log = logging.getLogger(__name__)
 

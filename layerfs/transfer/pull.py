@@ -30,25 +30,13 @@ from layerfs.errors import (
     TarError,
     UnsupportedMediaType,
 )
-from layerfs.image.oci import (
-    CONFIG_TYPES,
-    FOREIGN_LAYER_TYPES,
-    LAYER_COMPRESSION,
-    Descriptor,
-    Digest,
-    ImageConfig,
-    Index,
-    Manifest,
-    Platform,
-    check_named,
-    docker_to_oci,
-    iter_layer_compression,
-)
-from layerfs.image.reference import Reference
-from layerfs.index.gzindex import CompressedDataError
-from layerfs.index.layerindex import LayerIndex, LayerIndexer, index_path, max_layer_size
-from layerfs.registry.client import MAX_MANIFEST_SIZE, ClientPool, RegistryClient, RegistryOptions, exc_line
-from layerfs.store.layout import Ingest, Store, store_error
+from layerfs.image import (CONFIG_TYPES, FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, ImageConfig,
+    Index, Manifest, Platform, check_named, docker_to_oci, iter_layer_compression)
+from layerfs.image import Reference
+from layerfs.index import CompressedDataError
+from layerfs.index import LayerIndex, LayerIndexer, index_path, max_layer_size
+from layerfs.registry import MAX_MANIFEST_SIZE, ClientPool, RegistryClient, RegistryOptions, exc_line
+from layerfs.store import Ingest, Store, store_error
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +79,7 @@ class PullResult:
 
 def layer_facts_from_blob(store: Store, desc: Descriptor) -> dict:
     """Index a stored layer that has no index yet (one read of the blob) and record its facts."""
-    from layerfs.index.layerindex import load_or_build
+    from layerfs.index import load_or_build
     idx = load_or_build(store, desc)
     info = {"diff_id": str(idx.diff_id), "size": idx.size, "media_type": desc.media_type}
     store.set_layer_info(desc.digest, info)

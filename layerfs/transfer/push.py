@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from layerfs.errors import AccessDenied, AuthenticationError, RegistryError, UsageError
-from layerfs.image.oci import FOREIGN_LAYER_TYPES, Descriptor, Digest, Manifest
-from layerfs.image.reference import Reference
-from layerfs.registry.client import ClientPool, RegistryClient, RegistryOptions
-from layerfs.store.layout import ImageRecord, Store
+from layerfs.image import FOREIGN_LAYER_TYPES, Descriptor, Digest, Manifest
+from layerfs.image import Reference
+from layerfs.registry import ClientPool, RegistryClient, RegistryOptions
+from layerfs.store import ImageRecord, Store
 from layerfs.transfer.pull import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, no_progress
 
 log = logging.getLogger(__name__)

@@ -81,29 +81,13 @@ from layerfs.errors import (
     UnsupportedMediaType,
     UsageError,
 )
-from layerfs.image.oci import (
-    FOREIGN_LAYER_TYPES,
-    OCI_CONFIG,
-    OCI_LAYER,
-    OCI_LAYER_GZIP,
-    OCI_LAYER_ZSTD,
-    OCI_MANIFEST,
-    REF_NAME_ANNOTATION,
-    Descriptor,
-    Digest,
-    ImageConfig,
-    Index,
-    Manifest,
-    Platform,
-    docker_to_oci,
-    iter_layer_compression,
-    json_bytes,
-    parse_manifest,
-)
-from layerfs.image.reference import LOCAL_TRANSPORTS, Reference, is_local_source
-from layerfs.index.layerindex import layer_too_large
-from layerfs.index.layerindex import max_layer_size as layer_size_limit
-from layerfs.store.layout import Store
+from layerfs.image import (FOREIGN_LAYER_TYPES, OCI_CONFIG, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_MANIFEST,
+    REF_NAME_ANNOTATION, Descriptor, Digest, ImageConfig, Index, Manifest, Platform, docker_to_oci,
+    iter_layer_compression, json_bytes, parse_manifest)
+from layerfs.image import LOCAL_TRANSPORTS, Reference, is_local_source
+from layerfs.index import layer_too_large
+from layerfs.index import max_layer_size as layer_size_limit
+from layerfs.store import Store
 from layerfs.transfer.pull import (
     REPO_DIGEST_ANNOTATION,
     SOURCE_MANIFEST_ANNOTATION,

@@ -14,19 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.changes.commit import (EMPTY_TAR_DIGEST, OVERRIDE_XATTR, ChangeSyntaxError, CommitOptions, UpperDirError,
-                             apply_changes, commit, diff, export_tree, overlay_tree, resolve_target, scan_upper,
-                             write_layer_tar)
+from layerfs.changes import (EMPTY_TAR_DIGEST, OVERRIDE_XATTR, ChangeSyntaxError, CommitOptions, UpperDirError,
+    apply_changes, commit, diff, export_tree, overlay_tree, resolve_target, scan_upper, write_layer_tar)
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image, compress
-from layerfs.index.layerindex import index_path
-from layerfs.image.oci import OCI_LAYER_GZIP, OCI_MANIFEST, Digest
-from layerfs.transfer.pull import PullOptions, Puller
-from layerfs.image.reference import Reference
-from layerfs.registry.client import RegistryOptions
-from layerfs.store.layout import Store
-from layerfs.fs.tree import MergedTree
-from layerfs.fs.union import open_image_tree
+from layerfs.index import index_path
+from layerfs.image import OCI_LAYER_GZIP, OCI_MANIFEST, Digest
+from layerfs.transfer import PullOptions, Puller
+from layerfs.image import Reference
+from layerfs.registry import RegistryOptions
+from layerfs.store import Store
+from layerfs.fs import MergedTree
+from layerfs.fs import open_image_tree
 from registryfixtures import push_image, require_binary
 
 IS_ROOT = os.geteuid() == 0
@@ -591,7 +590,7 @@ def test_export_to_stdout_and_errors(store, tmp_path, capsys, monkeypatch):
 
 def _mount(store: Store, mnt: Path, **options):
     from mounthelpers import require_fuse, track
-    from layerfs.mount.daemon import MountOptions, mount_image
+    from layerfs.mount import MountOptions, mount_image
     require_fuse()
     opts = MountOptions(**options)      # writable mounts exist now: no skip, a failure is a failure
     mnt.mkdir(exist_ok=True)
@@ -651,7 +650,7 @@ def test_writable_mount_diff_commit_export(store, tmp_path, capsys):
         code, out, err = run(["export", mnt, "-o", tmp_path / "mnt.tar"], capsys)
         assert code == 0, err
         # the new image mounts at once and shows what the writable mount showed
-        from layerfs.mount.daemon import MountOptions, mount_image
+        from layerfs.mount import MountOptions, mount_image
         from mounthelpers import track
         mnt2 = tmp_path / "mnt2"
         mnt2.mkdir()
@@ -728,7 +727,7 @@ def test_long_name_whiteouts_and_long_paths_diff_commit_and_mount(store, tmp_pat
     assert sorted(lnode.children) == sorted({LA, LB, LC, LD, "kept"} - set(gone))
     # the committed image mounts and hides the names
     mnt = tmp_path / "mnt"
-    from layerfs.mount.daemon import MountOptions, mount_image
+    from layerfs.mount import MountOptions, mount_image
     from mounthelpers import require_fuse, track, watchdog
     require_fuse()
     mnt.mkdir()

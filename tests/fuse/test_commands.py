@@ -12,7 +12,7 @@ import pytest
 
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image
-from layerfs.store.layout import Store
+from layerfs.store import Store
 from registryfixtures import push_image
 
 

@@ -26,14 +26,14 @@ import pytest
 from mounthelpers import require_fuse, started_mounts, track, wait_until
 from registryfixtures import require_binary
 from layerfs.cli.main import main
-from layerfs.transfer.estargz import TOC_DIGEST_ANNOTATION
+from layerfs.transfer import TOC_DIGEST_ANNOTATION
 from imagebuild import LayerBuilder, build_image
-from layerfs.lazy.image import served_blobs
-from layerfs.mount.daemon import mounts as layerfs_mounts
-from layerfs.transfer.push import PushOptions, Pusher
-from layerfs.image.reference import Reference
-from layerfs.registry.client import RegistryOptions
-from layerfs.store.layout import Store
+from layerfs.lazy import served_blobs
+from layerfs.mount import mounts as layerfs_mounts
+from layerfs.transfer import PushOptions, Pusher
+from layerfs.image import Reference
+from layerfs.registry import RegistryOptions
+from layerfs.store import Store
 
 WATCHDOG = 100.0
 OS_RELEASE = b'PRETTY_NAME="layerfs engine test"\nID=layerfs\n'

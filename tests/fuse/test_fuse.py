@@ -25,10 +25,10 @@ import pytest
 from mounthelpers import (MTIME_NS, Sample, is_mounted, mounted, put_fake_image, put_image,
                           require_fuse, track, wait_until, watchdog)
 from layerfs.errors import UsageError
-from layerfs.mount.daemon import (FSTYPE, MountError, MountOptions, MountRecord, MountRegistry, mount_image, mount_table,
-                           mount_tree, mounts, pid_alive, umount)
-from layerfs.store.layout import Store
-from layerfs.fs.tree import ROOT_INO
+from layerfs.mount import (FSTYPE, MountError, MountOptions, MountRecord, MountRegistry, mount_image, mount_table,
+    mount_tree, mounts, pid_alive, umount)
+from layerfs.store import Store
+from layerfs.fs import ROOT_INO
 
 REPO = Path(__file__).resolve().parents[2]
 SLOW_DELAY = 0.25      # seconds per read of the "slow" layer
@@ -310,7 +310,7 @@ def test_missing_names_and_wrong_types(mnt):
 def test_a_failing_read_or_bad_node_fails_one_request_not_the_mount(store, tmp_path):
     require_fuse()
     from layerfs.errors import ContentError
-    from layerfs.fs.tree import MergedTree
+    from layerfs.fs import MergedTree
 
     class Broken:
         def read(self, offset, size):
@@ -336,7 +336,7 @@ def test_a_failing_read_or_bad_node_fails_one_request_not_the_mount(store, tmp_p
 # --- lifecycle -----------------------------------------------------------------------------
 
 def _tiny_tree():
-    from layerfs.fs.tree import MergedTree
+    from layerfs.fs import MergedTree
     t = MergedTree()
     t.add(ROOT_INO, "hello", stat.S_IFREG | 0o644, inline=b"hi\n", size=3)
     return t
@@ -637,7 +637,7 @@ def test_cli_errors_are_one_line(store, tmp_path):
 
 def test_mount_image_pulls_only_when_absent(store, tmp_path):
     require_fuse()
-    from layerfs.image.oci import Platform
+    from layerfs.image import Platform
     calls = []
 
     def pull(ref):

@@ -63,9 +63,9 @@ import pytest
 
 from layerfs.cli.main import main as cli_main
 from imagebuild import DEFAULT_MTIME, LayerBuilder, build_image, decompress, write_oci_layout
-from layerfs.mount.daemon import mounts, pid_alive
-from layerfs.fs.overlay import OVERRIDE_XATTR
-from layerfs.store.layout import Store
+from layerfs.mount import mounts, pid_alive
+from layerfs.fs import OVERRIDE_XATTR
+from layerfs.store import Store
 from mounthelpers import force_unmount, is_mounted, require_fuse, track, wait_until, watchdog
 from registryfixtures import _clean_env, missing_prerequisite, require_binary
 from treecompare import (Difference, compare, extract_overlay_layers, kernel_overlay, link_problems, norm_path,
@@ -656,8 +656,8 @@ def test_cached_tree_layer_views_and_writable_mount(cases, cases_overlay, regist
     """A second mount is served from the tree cache (union.load_tree, lazily made nodes) and must show
     the same tree, inode numbers included; ``--layer N`` must show the kernel overlay of the first N
     layers; a writable mount over an empty upper directory must show the image as it is."""
-    from layerfs.image.oci import parse_manifest
-    from layerfs.fs.union import tree_cache_path
+    from layerfs.image import parse_manifest
+    from layerfs.fs import tree_cache_path
     store_root = tmp_path / "store"
     image = build_image(cases, compression="zstd")
     got = layerfs_snapshot(registry, store_root, unique_repo, image, tmp_path / "mnt")
@@ -705,8 +705,8 @@ RELINK_CASES = {
 def test_hard_links_to_rewritten_names_match_gnu_tar(case, tmp_path):
     """A hard link names the file its target held when the link was read; writing the target path again
     replaces the name only (GNU tar, umoci and the kernel reference agree; layerindex._dedupe)."""
-    from layerfs.index.layerindex import LayerIndexer
-    from layerfs.fs.union import build_tree
+    from layerfs.index import LayerIndexer
+    from layerfs.fs import build_tree
     require_binary("tar")
     b = LayerBuilder()
     for kind, path, arg in RELINK_CASES[case]:
@@ -1182,5 +1182,5 @@ def test_rootless_mount_as_an_ordinary_user(registry, unique_repo, tmp_path):
 
 def mounts_records(store: Path) -> list:
     """The mount records in *store* as written (not checked against this namespace's mount table)."""
-    from layerfs.mount.daemon import MountRecord
+    from layerfs.mount import MountRecord
     return [MountRecord.from_json(p.read_bytes()) for p in sorted((store / "mounts").glob("*.json"))]

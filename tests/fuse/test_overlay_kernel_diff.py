@@ -42,8 +42,8 @@ from mounthelpers import MTIME_NS, put_image, require_fuse, track, wait_until, w
 from overlayref import (OLD_NS, RENAME_EXCHANGE, RENAME_NOREPLACE, Runner, diff_snapshots, extract_layers,
                         kernel_overlay, random_ops, snapshot)
 from imagebuild import LayerBuilder, build_image
-from layerfs.mount.daemon import MountOptions, mount_image, umount
-from layerfs.store.layout import Store
+from layerfs.mount import MountOptions, mount_image, umount
+from layerfs.store import Store
 
 WATCHDOG = 60.0
 T = MTIME_NS // 10**9

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from layerfs.registry.auth import CredentialStore, Credentials, Token, parse_www_authenticate
+from layerfs.registry import CredentialStore, Credentials, Token, parse_www_authenticate
 from layerfs.errors import CredentialsError
 
 

@@ -30,10 +30,10 @@ import pytest
 from hostile import (GiB, MiB, SIZE_FIELD, base256, gzip_bomb, member, patch_field, run_limited, zeros_stream,
                      zstd_rle_bomb)
 from imagebuild import LayerBuilder, PrebuiltLayer, build_image, compress
-from layerfs.index.layerindex import max_layer_size
-from layerfs.mount.daemon import mounts
-from layerfs.image.oci import Digest
-from layerfs.store.layout import Store
+from layerfs.index import max_layer_size
+from layerfs.mount import mounts
+from layerfs.image import Digest
+from layerfs.store import Store
 from mounthelpers import force_unmount, require_fuse, track, watchdog
 from registryfixtures import push_image
 

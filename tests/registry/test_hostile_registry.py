@@ -29,12 +29,12 @@ from mounthelpers import force_unmount, is_mounted, mount_lazy_read_only, requir
 from registryfixtures import (FaultProxy, Scripted, ScriptedServer, push_blob, push_image, push_manifest)
 from test_lazy_faults import DST, FILES, estargz_store  # noqa: F401,F811 (a fixture: an eStargz image in a store)
 from imagebuild import LayerBuilder, build_image
-from layerfs.mount.daemon import mounts as layerfs_mounts
-from layerfs.transfer.push import PushOptions, Pusher
-from layerfs.image.oci import (DOCKER_LIST, DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_LAYER_GZIP,
-                         OCI_MANIFEST, Descriptor, Digest, Platform, json_bytes)
-from layerfs.registry.client import MAX_MANIFEST_SIZE, RegistryOptions
-from layerfs.store.layout import Store
+from layerfs.mount import mounts as layerfs_mounts
+from layerfs.transfer import PushOptions, Pusher
+from layerfs.image import (DOCKER_LIST, DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_LAYER_GZIP,
+    OCI_MANIFEST, Descriptor, Digest, Platform, json_bytes)
+from layerfs.registry import MAX_MANIFEST_SIZE, RegistryOptions
+from layerfs.store import Store
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -324,7 +324,7 @@ def test_index_that_refers_to_itself_or_to_an_index_that_refers_back(pushed, fau
 
 
 def test_an_image_manifest_is_chosen_over_a_nested_index_of_the_same_platform():
-    from layerfs.image.oci import parse_manifest
+    from layerfs.image import parse_manifest
     img = image()
     nested = index_doc([entry(OCI_MANIFEST, img.manifest)])
     idx = parse_manifest(index_doc([entry(OCI_INDEX, nested), entry(OCI_MANIFEST, img.manifest)]))

@@ -25,19 +25,19 @@ import pytest
 from mounthelpers import force_unmount, mount_lazy_read_only, require_fuse, started_mounts, track
 from registryfixtures import require_binary
 from layerfs.cli.main import main
-from layerfs.transfer.estargz import (FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
-                             EStargzError, footer_bytes, parse_footer, parse_toc_member)
+from layerfs.transfer import (FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
+    EStargzError, footer_bytes, parse_footer, parse_toc_member)
 from imagebuild import LayerBuilder, build_image
-from layerfs.lazy.image import lazy_cache_dir, open_lazy_tree
-from layerfs.mount.daemon import MountOptions, mount_image
-from layerfs.mount.daemon import mounts as layerfs_mounts
-from layerfs.image.oci import Digest
-from layerfs.transfer.pull import PullOptions, Puller
-from layerfs.transfer.push import PushOptions, Pusher
-from layerfs.image.reference import Reference
-from layerfs.registry.client import RegistryOptions
-from layerfs.store.layout import Store
-from layerfs.fs.union import open_image_tree
+from layerfs.lazy import lazy_cache_dir, open_lazy_tree
+from layerfs.mount import MountOptions, mount_image
+from layerfs.mount import mounts as layerfs_mounts
+from layerfs.image import Digest
+from layerfs.transfer import PullOptions, Puller
+from layerfs.transfer import PushOptions, Pusher
+from layerfs.image import Reference
+from layerfs.registry import RegistryOptions
+from layerfs.store import Store
+from layerfs.fs import open_image_tree
 
 CHUNK = 64 << 10
 BIG = 5 * CHUNK + 1234          # six chunks, the last one short
@@ -340,7 +340,7 @@ class _BytesClient:
 
 def test_inner_offsets_of_packed_members_and_bad_tocs(tmp_path):
     from layerfs.lazy.image import LazyLayer, LazyReadError, _toc_records
-    from layerfs.image.oci import OCI_LAYER_GZIP, Descriptor
+    from layerfs.image import OCI_LAYER_GZIP, Descriptor
     inflated = b"\0" * 512 + b"abc" + b"\0" * 509 + b"\0" * 512 + b"wxyz"
     blob = gzip.compress(inflated, mtime=0)
     toc_off = len(blob)
@@ -404,7 +404,7 @@ def test_inner_offsets_of_packed_members_and_bad_tocs(tmp_path):
 def test_toc_is_checked_against_its_annotation_and_cached(image, tmp_path):
     from layerfs.errors import DigestMismatch
     from layerfs.lazy.image import _fetch_toc
-    from layerfs.image.oci import Descriptor
+    from layerfs.image import Descriptor
     st, _, m = image
     desc = m.layers[1]
     blob = st.read_blob(desc.digest)

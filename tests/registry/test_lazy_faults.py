@@ -12,15 +12,15 @@ import pytest
 
 from mounthelpers import mount_lazy_read_only, require_fuse, started_mounts, track
 from registryfixtures import FaultProxy, SignedURLServer
-from layerfs.registry.auth import Credentials
+from layerfs.registry import Credentials
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image
-from layerfs.lazy.image import lazy_status
-from layerfs.mount.daemon import mounts as layerfs_mounts
-from layerfs.transfer.push import PushOptions, Pusher
-from layerfs.image.reference import Reference
-from layerfs.registry.client import RegistryClient, RegistryOptions
-from layerfs.store.layout import Store
+from layerfs.lazy import lazy_status
+from layerfs.mount import mounts as layerfs_mounts
+from layerfs.transfer import PushOptions, Pusher
+from layerfs.image import Reference
+from layerfs.registry import RegistryClient, RegistryOptions
+from layerfs.store import Store
 
 pytestmark = pytest.mark.timeout(60)
 

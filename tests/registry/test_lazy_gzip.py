@@ -27,19 +27,19 @@ from treecompare import compare
 from treecompare import snapshot as dir_snapshot
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image
-from layerfs.transfer.indexpush import (ARTIFACT_TYPE, HEAD_DIGEST_ANNOTATION, HEAD_SIZE_ANNOTATION, INDEX_MEDIA_TYPE,
-                               LAYER_ANNOTATION, IndexArtifactError, build_index_blob, parse_head, referrers_tag)
-from layerfs.index.layerindex import load_or_build
-from layerfs.lazy.image import lazy_cache_dir, open_lazy_tree
-from layerfs.mount.daemon import MountOptions, mount_image
-from layerfs.mount.daemon import mounts as layerfs_mounts
-from layerfs.image.oci import Digest
-from layerfs.transfer.pull import PullOptions, Puller
-from layerfs.transfer.push import PushOptions, Pusher
-from layerfs.image.reference import Reference
-from layerfs.registry.client import RegistryClient, RegistryOptions
-from layerfs.store.layout import Store
-from layerfs.fs.union import open_image_tree
+from layerfs.transfer import (ARTIFACT_TYPE, HEAD_DIGEST_ANNOTATION, HEAD_SIZE_ANNOTATION, INDEX_MEDIA_TYPE,
+    LAYER_ANNOTATION, IndexArtifactError, build_index_blob, parse_head, referrers_tag)
+from layerfs.index import load_or_build
+from layerfs.lazy import lazy_cache_dir, open_lazy_tree
+from layerfs.mount import MountOptions, mount_image
+from layerfs.mount import mounts as layerfs_mounts
+from layerfs.image import Digest
+from layerfs.transfer import PullOptions, Puller
+from layerfs.transfer import PushOptions, Pusher
+from layerfs.image import Reference
+from layerfs.registry import RegistryClient, RegistryOptions
+from layerfs.store import Store
+from layerfs.fs import open_image_tree
 
 SPAN = 64 << 10
 WATCHDOG = 60.0
@@ -309,11 +309,11 @@ def test_bad_heads_are_refused_with_one_line(published, registry):
     refused(head[:-1] + bytes([head[-1] ^ 1]), match="checksum")
     refused(head, diff=m.layers[1].digest, match="diff_id")
     refused(head, windows=wsize - 1, match="window out of range")
-    from layerfs.image.oci import Descriptor
+    from layerfs.image import Descriptor
     refused(head, desc=Descriptor(layer.media_type, layer.digest, layer.size + 1), match="not this one")
     # well-formed files (valid checksum) with bad contents
     from layerfs.transfer import indexpush
-    from layerfs.index.layerindex import encode_columns, pack_file, unpack_file
+    from layerfs.index import encode_columns, pack_file, unpack_file
     import zstandard
     meta, (records, table) = unpack_file(head, indexpush.FORMAT_VERSION, 2, magic=indexpush._MAGIC)
 

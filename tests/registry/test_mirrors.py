@@ -15,12 +15,12 @@ from registryfixtures import free_port
 from layerfs.cli.main import main
 from layerfs.errors import UsageError
 from imagebuild import LayerBuilder, build_image
-from layerfs.registry.mirrors import Mirror, load_mirrors, parse_mirrors
-from layerfs.mount.daemon import mounts as layerfs_mounts
-from layerfs.transfer.push import PushOptions, Pusher
-from layerfs.image.reference import Reference
-from layerfs.registry.client import RegistryOptions
-from layerfs.store.layout import Store
+from layerfs.registry import Mirror, load_mirrors, parse_mirrors
+from layerfs.mount import mounts as layerfs_mounts
+from layerfs.transfer import PushOptions, Pusher
+from layerfs.image import Reference
+from layerfs.registry import RegistryOptions
+from layerfs.store import Store
 
 BIG = random.Random(5).randbytes(300_000)
 

@@ -14,8 +14,8 @@ import pytest
 
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image, build_index
-from layerfs.image.oci import Digest, Platform
-from layerfs.store.layout import Store
+from layerfs.image import Digest, Platform
+from layerfs.store import Store
 from registryfixtures import push_image, push_index, skopeo_push, require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -363,7 +363,7 @@ def test_token_auth_with_credentials(registry_token, unique_repo, store_root, ca
 
 
 def test_token_expiry_renews(registry_token, unique_repo, store_root, capsys):
-    from layerfs.registry.client import RegistryClient, RegistryOptions
+    from layerfs.registry import RegistryClient, RegistryOptions
     ts = registry_token.token_server
     ts.public_repos = [unique_repo]
     ts.expires_in = 1     # a token of one second: used while it lasts, then a new one is fetched
@@ -541,8 +541,8 @@ def test_identity_token_refresh_flow(registry_token, unique_repo, store_root, ca
 def test_layers_download_biggest_first(registry, unique_repo, store_root):
     """Layers start in order of size, biggest first (a big layer started last would end the pull
     alone); the ones past the concurrency limit are announced as waiting, in that same order."""
-    from layerfs.transfer.pull import PullOptions, Puller
-    from layerfs.image.reference import Reference
+    from layerfs.transfer import PullOptions, Puller
+    from layerfs.image import Reference
     sizes = [3000, 90000, 500, 40000]
     layers = []
     for i, n in enumerate(sizes):

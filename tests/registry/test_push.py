@@ -12,16 +12,16 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from layerfs.changes.commit import CommitOptions, commit, resolve_target
+from layerfs.changes import CommitOptions, commit, resolve_target
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image
-from layerfs.image.oci import Digest
-from layerfs.transfer.pull import REPO_DIGEST_ANNOTATION, PullOptions, Puller
-from layerfs.transfer.push import PushOptions, Pusher
-from layerfs.image.reference import Reference
-from layerfs.registry.client import RegistryOptions
-from layerfs.store.layout import Store
-from layerfs.fs.union import open_image_tree
+from layerfs.image import Digest
+from layerfs.transfer import REPO_DIGEST_ANNOTATION, PullOptions, Puller
+from layerfs.transfer import PushOptions, Pusher
+from layerfs.image import Reference
+from layerfs.registry import RegistryOptions
+from layerfs.store import Store
+from layerfs.fs import open_image_tree
 from registryfixtures import push_image, require_binary
 
 

@@ -12,13 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import layerfs.registry.client as registry_mod
-from layerfs.registry.auth import Credentials
+from layerfs.registry import Credentials
 from layerfs.cli.main import main
 from layerfs.errors import (AuthenticationError, ManifestError, RegistryError, RegistryUnreachable,
                             SizeMismatch)
 from imagebuild import LayerBuilder, build_image
-from layerfs.image.oci import Descriptor, Digest, OCI_LAYER
-from layerfs.registry.client import RegistryClient, RegistryOptions
+from layerfs.image import Descriptor, Digest, OCI_LAYER
+from layerfs.registry import RegistryClient, RegistryOptions
 from registryfixtures import Registry, push_image
 
 

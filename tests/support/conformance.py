@@ -42,8 +42,8 @@ from mounthelpers import force_unmount, put_image, random_bytes, track  # noqa: 
 from overlayref import extract_layers, kernel_overlay  # noqa: E402
 from layerfs.errors import LayerfsError  # noqa: E402
 from imagebuild import LayerBuilder, build_image  # noqa: E402
-from layerfs.mount.daemon import MountOptions, mount_image, umount  # noqa: E402
-from layerfs.store.layout import Store  # noqa: E402
+from layerfs.mount import MountOptions, mount_image, umount  # noqa: E402
+from layerfs.store import Store  # noqa: E402
 
 FSX_SOURCE = HERE / "fsx.c"
 IMAGE_REF = "docker.io/library/conformance:1"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from imagebuild import LayerBuilder, PrebuiltLayer
-from layerfs.image.oci import Digest
+from layerfs.image import Digest
 
 MiB = 1 << 20
 GiB = 1 << 30

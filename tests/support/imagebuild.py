@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, NamedTuple, Sequence, Union
 
-from layerfs.image.oci import (DOCKER_CONFIG, DOCKER_LAYER, DOCKER_LAYER_GZIP, DOCKER_LAYER_ZSTD, DOCKER_LIST,
-                  DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD,
-                  OCI_MANIFEST, REF_NAME_ANNOTATION, Descriptor, Digest, Platform, json_bytes)
+from layerfs.image import (DOCKER_CONFIG, DOCKER_LAYER, DOCKER_LAYER_GZIP, DOCKER_LAYER_ZSTD, DOCKER_LIST,
+    DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_MANIFEST,
+    REF_NAME_ANNOTATION, Descriptor, Digest, Platform, json_bytes)
 
 __all__ = [
     "DEFAULT_CREATED", "DEFAULT_MTIME", "XATTR_PREFIX", "WHITEOUT_PREFIX", "OPAQUE_WHITEOUT",
@@ -45,7 +45,7 @@ __all__ = [
 DEFAULT_MTIME = 1704067200
 DEFAULT_CREATED = "2024-01-01T00:00:00Z"
 
-from layerfs.image.oci import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, XATTR_PREFIX  # noqa: E402,F401  (re-exported)
+from layerfs.image import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, XATTR_PREFIX  # noqa: E402,F401  (re-exported)
 
 Compression = Literal["gzip", "zstd"] | None
 

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from layerfs.mount.daemon import FSTYPE, MountOptions, MountRecord, mount_table, mount_tree, pid_alive
-from layerfs.image.oci import Digest
-from layerfs.store.layout import Store
-from layerfs.fs.tree import ROOT_INO, MergedTree, Node
+from layerfs.mount import FSTYPE, MountOptions, MountRecord, mount_table, mount_tree, pid_alive
+from layerfs.image import Digest
+from layerfs.store import Store
+from layerfs.fs import ROOT_INO, MergedTree, Node
 
 MTIME_NS = 1_704_067_200_123_456_789      # 2024-01-01T00:00:00.123456789Z
 
@@ -197,7 +197,7 @@ def materialize(tree: MergedTree, dest: Path) -> None:
 
 def put_fake_image(store: Store, name: str, *, architecture: str = "amd64") -> Digest:
     """Tag a manifest + config (no layer blobs) as *name*; returns the manifest digest."""
-    from layerfs.image.oci import OCI_CONFIG, OCI_MANIFEST, Descriptor
+    from layerfs.image import OCI_CONFIG, OCI_MANIFEST, Descriptor
     store.init()
     config = json.dumps({"architecture": architecture, "os": "linux",
                          "rootfs": {"type": "layers", "diff_ids": []}}).encode()
@@ -308,8 +308,8 @@ def started_mounts(seconds: float) -> Iterator[list[tuple[Path, int]]]:
 
 def mount_lazy_read_only(store: Store, ref: str, mnt: Path, started: list[tuple[Path, int]]) -> Path:
     """Mount *ref* lazily and read-only at *mnt* (made if missing), recorded in *started* for teardown."""
-    from layerfs.lazy.image import mount_lazy
-    from layerfs.mount.daemon import MountOptions
+    from layerfs.lazy import mount_lazy
+    from layerfs.mount import MountOptions
     require_fuse()
     mnt.mkdir(parents=True, exist_ok=True)
     rec = mount_lazy(store, ref, mnt, MountOptions(read_only=True))

@@ -51,7 +51,7 @@ import pytest
 import requests
 
 from imagebuild import BuiltImage, BuiltIndex
-from layerfs.image.oci import ACCEPT_MANIFESTS, Digest
+from layerfs.image import ACCEPT_MANIFESTS, Digest
 
 REGISTRY_BIN = os.environ.get("LAYERFS_TEST_REGISTRY", "/usr/bin/docker-registry")
 LOCALHOST = "127.0.0.1"

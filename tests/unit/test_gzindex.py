@@ -22,8 +22,8 @@ from layerfs import _zran
 
 from layerfs.index import gzindex
 from layerfs.errors import ContentError
-from layerfs.index.gzindex import (BadIndex, Checkpoint, CompressedDataError, GzipIndexer, Indexer,
-                             SeekIndex, TruncatedStream, ZstdIndexer, build_index, open_reader)
+from layerfs.index import (BadIndex, Checkpoint, CompressedDataError, GzipIndexer, Indexer, SeekIndex,
+    TruncatedStream, ZstdIndexer, build_index, open_reader)
 from registryfixtures import require_binary
 
 zstandard = pytest.importorskip("zstandard")

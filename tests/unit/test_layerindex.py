@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 
 from layerfs.index import gzindex
 from layerfs.errors import ContentError, TarError
-from layerfs.index.layerindex import (DIR, FILE, HARDLINK, SYMLINK, Entry, IndexFormatError, LayerIndex, LayerIndexer,
-                                index_path, load_or_build, normalize_path, open_layer_reader)
-from layerfs.image.oci import OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor, Digest
-from layerfs.store.layout import Store
+from layerfs.index import (DIR, FILE, HARDLINK, SYMLINK, Entry, IndexFormatError, LayerIndex, LayerIndexer,
+    index_path, load_or_build, normalize_path, open_layer_reader)
+from layerfs.image import OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor, Digest
+from layerfs.store import Store
 
 # --- building tars ------------------------------------------------------------------
 
@@ -354,7 +354,7 @@ def test_gnu_sparse_files_from_tar(tmp_path, args):
     # reassemble through the layer reader
     blob_path = tmp_path / "blob"
     blob_path.write_bytes(gzip.compress(tar, 1))
-    from layerfs.fs.tree import read_sparse
+    from layerfs.fs import read_sparse
     with gzindex.open_reader(blob_path, "gzip", idx.checkpoints) as r:
         assert read_sparse(r, list(e.sparse), 0, e.size) == content
         a = got["after"]
@@ -508,7 +508,7 @@ def test_corrupt_truncated_and_old_index_files_raise(tmp_path):
         b = bytearray(good)
         b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
         cases.append(bytes(b))
-    from layerfs.index.layerindex import FORMAT_VERSION
+    from layerfs.index import FORMAT_VERSION
     cases += [_rewrite_head(good, version=FORMAT_VERSION - 1), _rewrite_head(good, version=FORMAT_VERSION + 1),
               _rewrite_head(good, version=0), _rewrite_head(good, magic=b"NOTANIDX"),
               good + b"\0"]
@@ -676,8 +676,8 @@ def test_load_or_build_on_a_read_only_store(tmp_path, monkeypatch, caplog):
 
 def test_damaged_records_behind_a_valid_checksum_fail_cleanly():
     """Random damage the checksum cannot see: IndexFormatError, or records the union view copes with."""
-    from layerfs.index.layerindex import FORMAT_VERSION, pack_file, unpack_file
-    from layerfs.fs.union import build_tree
+    from layerfs.index import FORMAT_VERSION, pack_file, unpack_file
+    from layerfs.fs import build_tree
     idx = index_bytes(RICH_TAR, None)
     meta, (records, cps) = unpack_file(idx.to_bytes(), FORMAT_VERSION, 2)
     raw = zstandard.ZstdDecompressor().decompress(bytes(records))

@@ -7,7 +7,7 @@ import pytest
 from layerfs.image import oci
 from layerfs.errors import (DigestMismatch, InvalidPlatform, ManifestError, SizeMismatch,
                             UnsupportedMediaType)
-from layerfs.image.oci import Descriptor, Digest, Index, Manifest, Platform, VerifyingReader, parse_manifest
+from layerfs.image import Descriptor, Digest, Index, Manifest, Platform, VerifyingReader, parse_manifest
 
 
 def desc(mt, data=b"x", **extra):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from mounthelpers import MTIME_NS, BytesReader, fix_dir_nlinks
-from layerfs.fs.overlay import (OPAQUE_MARKER, OVERRIDE_XATTR, RENAME_EXCHANGE, RENAME_NOREPLACE, WHITEOUTS_XATTR,
-                             Overlay, UpperDirty, UpperInUse, work_dir_for)
-from layerfs.fs.tree import ROOT_INO, MergedTree
+from layerfs.fs import (OPAQUE_MARKER, OVERRIDE_XATTR, RENAME_EXCHANGE, RENAME_NOREPLACE, WHITEOUTS_XATTR, Overlay,
+    UpperDirty, UpperInUse, work_dir_for)
+from layerfs.fs import ROOT_INO, MergedTree
 
 BIG = bytes(range(256)) * 8192 + b"tail"       # 2 MiB + 4
 
@@ -473,8 +473,8 @@ def _cli(store, *args, check=True):
 def test_cli_writable_mounts_uppers_and_removal(tmp_path):
     from mounthelpers import put_image, require_fuse, track, watchdog
     from imagebuild import LayerBuilder, build_image
-    from layerfs.mount.daemon import mounts, uppers_dir
-    from layerfs.store.layout import Store
+    from layerfs.mount import mounts, uppers_dir
+    from layerfs.store import Store
     require_fuse()
     store = Store(tmp_path / "store")
     put_image(store, "docker.io/library/w:1",
@@ -529,8 +529,8 @@ def test_cli_volatile_mount_and_an_upper_left_by_a_killed_one(tmp_path):
     import signal
     from mounthelpers import force_unmount, put_image, require_fuse, track, wait_until, watchdog
     from imagebuild import LayerBuilder, build_image
-    from layerfs.mount.daemon import mounts
-    from layerfs.store.layout import Store
+    from layerfs.mount import mounts
+    from layerfs.store import Store
     require_fuse()
     store = Store(tmp_path / "store")
     put_image(store, "docker.io/library/v:1",
@@ -659,7 +659,7 @@ def test_long_name_whiteouts_without_devices_are_recorded_in_an_xattr(upper, mon
 
 def test_index_mount_option_parsing():
     from layerfs.errors import UsageError
-    from layerfs.mount.daemon import MountOptions
+    from layerfs.mount import MountOptions
     on = MountOptions(read_only=False, fuse_options=["allow_other", "index=on"])
     assert on.index and on.libfuse_options == ("allow_other",)
     assert not MountOptions(read_only=False).index
@@ -671,7 +671,7 @@ def test_index_mount_option_parsing():
 def test_an_upper_in_the_earlier_format_mounts_and_diffs_as_before(upper):
     """An upper written before long-name whiteouts existed (only ``.wh.`` files, ``.wh..wh..opq``,
     the override xattr, work-dir leftovers with the earlier temporary names) is served unchanged."""
-    from layerfs.changes.commit import diff, scan_upper
+    from layerfs.changes import diff, scan_upper
     (upper / "etc" / "sub").mkdir(parents=True)
     (upper / "etc" / ".wh.hostname").touch()                  # deleted lower file
     (upper / "etc" / "sub" / ".wh..wh..opq").touch()          # re-created lower directory, opaque

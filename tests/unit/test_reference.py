@@ -2,7 +2,7 @@
 import pytest
 
 from layerfs.errors import InvalidReference
-from layerfs.image.reference import Reference, is_local_registry
+from layerfs.image import Reference, is_local_registry
 
 D64 = "a" * 64
 

@@ -26,9 +26,9 @@ from mounthelpers import mount_lazy_read_only, put_image, require_fuse, started_
 from registryfixtures import require_binary
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image, write_oci_layout
-from layerfs.index.layerindex import SYMLINK, LayerIndex, index_path, load_or_build
-from layerfs.mount.daemon import MountOptions, mount_image, umount
-from layerfs.store.layout import Store
+from layerfs.index import SYMLINK, LayerIndex, index_path, load_or_build
+from layerfs.mount import MountOptions, mount_image, umount
+from layerfs.store import Store
 
 WATCHDOG = 60.0
 LONG_A = "long/" * 30 + "a"          # > 100 bytes: a PAX linkpath record
@@ -196,15 +196,15 @@ def test_writable_mount_export_and_commit(tmp_path, capsys):
     _, cm = store.resolve("symlinks:committed")
     layer = gzip.decompress(store.read_blob(cm.layers[-1].digest))
     assert _tar_symlinks(layer) == {"d/renamed": ("file", 0o777), "e/moved-long": (LONG_B, 0o777)}
-    from layerfs.fs.union import open_image_tree
+    from layerfs.fs import open_image_tree
     assert _tree_symlinks(open_image_tree(store, cm)) == want
 
 
 def _estargz_image(store: Store, name: str) -> None:
     """An eStargz image whose TOC (and tar headers) give the symlinks the modes of SYMLINKS."""
-    from layerfs.transfer.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, EStargzWriter
-    from layerfs.index.layerindex import DIR, FILE
-    from layerfs.image.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, json_bytes
+    from layerfs.transfer import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, EStargzWriter
+    from layerfs.index import DIR, FILE
+    from layerfs.image import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, json_bytes
     out = bytearray()
     w = EStargzWriter(out.extend)
     t = 1_700_000_000 * 10**9
@@ -232,8 +232,8 @@ def _estargz_image(store: Store, name: str) -> None:
 
 @pytest.mark.timeout(90)
 def test_lazy_estargz_mount(tmp_path, registry, monkeypatch):
-    from layerfs.transfer.push import PushOptions, Pusher
-    from layerfs.registry.client import RegistryOptions
+    from layerfs.transfer import PushOptions, Pusher
+    from layerfs.registry import RegistryOptions
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
     src = Store(tmp_path / "src")
     _estargz_image(src, "localhost/symlinks/estargz:1")

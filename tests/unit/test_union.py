@@ -18,11 +18,11 @@ import pytest
 import xxhash
 
 from layerfs.errors import UsageError
-from layerfs.index.layerindex import DIR, HARDLINK, LayerIndex, LayerIndexer
-from layerfs.image.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, parse_manifest
-from layerfs.store.layout import Store
-from layerfs.fs.tree import ROOT_INO, MergedTree
-from layerfs.fs.union import build_tree, load_tree, open_image_tree, save_tree, tree_cache_path
+from layerfs.index import DIR, HARDLINK, LayerIndex, LayerIndexer
+from layerfs.image import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, parse_manifest
+from layerfs.store import Store
+from layerfs.fs import ROOT_INO, MergedTree
+from layerfs.fs import build_tree, load_tree, open_image_tree, save_tree, tree_cache_path
 
 IS_ROOT = os.geteuid() == 0
 
@@ -709,13 +709,13 @@ def test_tree_built_into_columns_equals_the_built_nodes():
 
 
 def test_tree_cache_of_the_previous_format_is_rebuilt_with_one_warning(tmp_path, caplog):
-    from layerfs.fs.union import TREE_FORMAT_VERSION
+    from layerfs.fs import TREE_FORMAT_VERSION
     store = Store(tmp_path / "store").init()
     m = _image(store, LAYERS)
     good_tree = open_image_tree(store, m)
     cache = tree_cache_path(store, m, 2)
     good = cache.read_bytes()
-    from layerfs.fs.union import tree_cache_current
+    from layerfs.fs import tree_cache_current
     assert tree_cache_current(cache) and not tree_cache_current(tmp_path / "missing")
     cache.write_bytes(_rewrite_head(good, version=TREE_FORMAT_VERSION - 1))
     assert not tree_cache_current(cache)        # 'mount' rebuilds it before starting the daemon
@@ -727,13 +727,13 @@ def test_tree_cache_of_the_previous_format_is_rebuilt_with_one_warning(tmp_path,
         and "rebuilding" in warnings[0], warnings
     _nodes_equal(t, good_tree)
     assert cache.read_bytes() == good
-    from layerfs.fs.union import LazyNodes
+    from layerfs.fs import LazyNodes
     assert isinstance(t.nodes, LazyNodes)       # served from the cache it just wrote, not the built objects
 
 
 def test_loaded_tree_keeps_a_bounded_number_of_nodes(tmp_path):
     """Past ``retain`` made Nodes, a loaded table drops them and makes equal ones again on their next use."""
-    from layerfs.fs.union import LazyNodes
+    from layerfs.fs import LazyNodes
     members = [D("d"), D("d/sub")] + [F(f"d/f{i}", b"x" * i, mode=0o600 + i % 8) for i in range(40)] \
         + [F(f"d/sub/g{i}", b"y") for i in range(30)] + [L("d/link", "f1"), H("d/hard", "d/f2")]
     tars = [make_tar(LAYERS[0]), make_tar(members)]
@@ -776,7 +776,7 @@ def test_save_and_load_tree_directly(tmp_path):
     back = load_tree(tmp_path / "t.tree", [BytesReader(t) for t in tars], {"k": 1})
     _nodes_equal(tree, back)
     assert view(back) == view(tree)
-    from layerfs.index.layerindex import IndexFormatError
+    from layerfs.index import IndexFormatError
     with pytest.raises(IndexFormatError):
         load_tree(tmp_path / "t.tree", [BytesReader(t) for t in tars], {"k": 2})
     with pytest.raises(IndexFormatError):                   # the tree refers to two layers
@@ -831,8 +831,8 @@ def test_lazy_inode_table_is_thread_safe(tmp_path):
 def test_damaged_tree_cache_behind_a_valid_checksum_fails_cleanly(tmp_path):
     """Damage the checksum cannot see (a bug, or a hostile file): IndexFormatError or a usable tree, never a crash."""
     import zstandard
-    from layerfs.index.layerindex import IndexFormatError, pack_file, unpack_file
-    from layerfs.fs.union import TREE_FORMAT_VERSION
+    from layerfs.index import IndexFormatError, pack_file, unpack_file
+    from layerfs.fs import TREE_FORMAT_VERSION
     tars = [make_tar(m) for m in LAYERS]
     readers = [BytesReader(t) for t in tars]
     save_tree(build_tree([index_of(t) for t in tars], readers), tmp_path / "t.tree")

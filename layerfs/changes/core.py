@@ -68,25 +68,13 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 
 from layerfs.errors import ContentError, ImageNotFound, LayerfsError, StoreError, UsageError
-from layerfs.fs.overlay import OVERRIDE_XATTR, WHITEOUTS_XATTR, fd_path, parse_whiteout_record
-from layerfs.fs.tree import ROOT_INO, MergedTree, Node
-from layerfs.image.oci import (
-    OCI_CONFIG,
-    OCI_LAYER_GZIP,
-    OCI_MANIFEST,
-    OPAQUE_WHITEOUT,
-    WHITEOUT_PREFIX,
-    XATTR_PREFIX,
-    Descriptor,
-    Digest,
-    ImageConfig,
-    Manifest,
-    json_bytes,
-    parse_manifest,
-)
-from layerfs.image.reference import Reference
-from layerfs.index.layerindex import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, SYMLINK_MODE, LayerIndexer, index_path
-from layerfs.store.layout import Store
+from layerfs.fs import OVERRIDE_XATTR, WHITEOUTS_XATTR, fd_path, parse_whiteout_record
+from layerfs.fs import ROOT_INO, MergedTree, Node
+from layerfs.image import (OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, OPAQUE_WHITEOUT, WHITEOUT_PREFIX, XATTR_PREFIX,
+    Descriptor, Digest, ImageConfig, Manifest, json_bytes, parse_manifest)
+from layerfs.image import Reference
+from layerfs.index import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, SYMLINK_MODE, LayerIndexer, index_path
+from layerfs.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -516,7 +504,7 @@ class Target:
     mountpoint: str | None = None
 
     def lower_tree(self, store: Store) -> MergedTree:
-        from layerfs.fs.union import open_image_tree
+        from layerfs.fs import open_image_tree
         return open_image_tree(store, self.manifest, upto=self.upto)
 
     def scan(self) -> UpperScan:
@@ -540,7 +528,7 @@ def resolve_target(store: Store, text: str, *, image: str | None = None) -> Targ
     """What ``diff``/``commit`` act on: a mount point (or the upper dir of a mount), an upper
     directory the store kept after its mount ended (by path or id), or, with *image*, any
     upper directory over that local image."""
-    from layerfs.mount.daemon import mount_states
+    from layerfs.mount import mount_states
     real = _abs(text)
     # a dead mount (its daemon gone) too: its upper is intact (copy-ups are renamed into place)
     records = [r for r, _ in mount_states(store)] if (store.root / "mounts").is_dir() else []
@@ -1009,7 +997,7 @@ def write_layer(store: Store, scan: UpperScan) -> LayerResult:
         store.set_layer_info(digest, {"diff_id": str(diff_id), "size": raw.size, "media_type": OCI_LAYER_GZIP})
         return LayerResult(Descriptor(OCI_LAYER_GZIP, digest, compressed.size), diff_id, raw.size)
     except OSError as e:
-        from layerfs.store.layout import store_error
+        from layerfs.store import store_error
         raise store_error(e, "the new layer") from None
     finally:
         indexer.close()
@@ -1499,7 +1487,7 @@ def commit(store: Store, target: Target, newref: str | Reference, options: Commi
         cfg = ImageConfig.parse(config_raw)
         store.tag(str(ref), Descriptor(OCI_MANIFEST, manifest.digest, len(raw), None, cfg.platform))
     try:    # the merged-tree cache now, so the first mount opens at once
-        from layerfs.fs.union import open_image_tree
+        from layerfs.fs import open_image_tree
         open_image_tree(store, manifest)
     except LayerfsError as e:
         log.warning("cannot prepare the tree cache of %s: %s", ref.familiar(), e)
@@ -1511,7 +1499,7 @@ def commit(store: Store, target: Target, newref: str | Reference, options: Commi
 def export_source(store: Store, text: str, *, upper: str | os.PathLike[str] | None = None) -> MergedTree:
     """The merged tree ``export`` writes: a mount point (its image plus its upper directory), or a
     local image (plus *upper*, an upper directory over it, when given)."""
-    from layerfs.mount.daemon import mount_states
+    from layerfs.mount import mount_states
     real = _abs(text)
     if (store.root / "mounts").is_dir():
         for rec, _ in mount_states(store):
@@ -1528,7 +1516,7 @@ def export_source(store: Store, text: str, *, upper: str | os.PathLike[str] | No
             raise UnknownTarget(f"{text} is neither a local image nor a layerfs mount point",
                                 hint="list them with 'layerfs images' and 'layerfs mounts'") from None
         raise
-    from layerfs.fs.union import open_image_tree
+    from layerfs.fs import open_image_tree
     lower = open_image_tree(store, m)
     if upper is None:
         return lower

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from layerfs.errors import ContentError
-from layerfs.image.reference import is_local_registry
+from layerfs.image import is_local_registry
 from layerfs.registry.client import RegistryOptions, get_document
 
 DEFAULT_INDEX = "https://index.docker.io"
