@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from layerfs.changes import (EMPTY_TAR_DIGEST, OVERRIDE_XATTR, ChangeSyntaxError, CommitOptions, UpperDirError,
-    apply_changes, commit, diff, export_tree, overlay_tree, resolve_target, scan_upper, write_layer_tar)
+    apply_changes, commit, diff, export_tree, overlay_tree, scan_upper, write_layer_tar)
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image, compress
 from layerfs.index import index_path
+from layerfs.mount import resolve_target
 from layerfs.image import OCI_LAYER_GZIP, OCI_MANIFEST, Digest
 from layerfs.transfer import PullOptions, Puller
 from layerfs.image import Reference
