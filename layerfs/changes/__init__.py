@@ -5,7 +5,6 @@ first use (PEP 562), so importing the package costs nothing."""
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 #: public name -> the module of this package that defines it
@@ -26,7 +25,8 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    # __import__, not importlib.import_module: the import statement's path, which -X importtime reports
+    value = getattr(__import__(f"{__name__}.{module}", fromlist=[name]), name)
     globals()[name] = value
     return value
 
