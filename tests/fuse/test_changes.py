@@ -618,6 +618,25 @@ def test_read_only_mount_has_no_changes(store, tmp_path, capsys):
     assert tar_snapshot((tmp_path / "m.tar").read_bytes()) == tree_snapshot(open_image_tree(store, base))
 
 
+def test_stored_upper_of_a_layer_mount_keeps_its_layer(store, tmp_path, capsys):
+    """The store's upper of a ``--layer 1`` mount records that layer (info.json): after the mount ends, ``diff``
+    by its id or path compares it with the same lower layers as the mount did."""
+    from mounthelpers import watchdog
+    from layerfs.mount import stored_upper_id, umount
+    mnt = tmp_path / "mnt"
+    with watchdog(60):
+        rec = _mount(store, mnt, read_only=False, layer=1)
+        (mnt / "home/u").mkdir()          # only the second layer has /home/u: new here
+        code, out, err = run(["diff", mnt], capsys)
+        assert (code, out) == (0, "C /home\nA /home/u\n"), err
+        umount(store, mnt)
+    mid = stored_upper_id(store, rec.upper)
+    assert mid is not None and json.loads((Path(rec.upper).parent / "info.json").read_bytes())["layer"] == 1
+    for target in (mid, rec.upper):
+        code, out2, err = run(["diff", target], capsys)
+        assert (code, out2) == (0, out), err
+
+
 def test_writable_mount_diff_commit_export(store, tmp_path, capsys):
     """Changes made through a real writable mount: diff, commit (checked with umoci and the mount itself), export."""
     import shutil
