@@ -181,7 +181,8 @@ Server = Callable[[MountRecord, MountOptions, Callable[[], None]], None]
 
 def _tree_server(load_tree: Callable[[], "MergedTree"]) -> Server:
     """Serve the tree *load_tree()* returns: read-only, or under an overlay of the record's upper."""
-    def serve(record: MountRecord, options: MountOptions, on_ready: Callable[[], None]) -> None:
+    def serve_tree(record: MountRecord, options: MountOptions, on_ready: Callable[[], None]) -> None:
+        # the FUSE adapters, here only: the process that serves imports them, a mount's caller never does
         from layerfs.fuse import mount_options, serve
         tree = load_tree()
         fuse_opts = mount_options(record.image, options.libfuse_options, read_only=options.read_only)
@@ -204,7 +205,7 @@ def _tree_server(load_tree: Callable[[], "MergedTree"]) -> Server:
             serve_overlay(overlay, record.mountpoint, fuse_opts, on_ready=on_ready)
         finally:
             overlay.close()
-    return serve
+    return serve_tree
 
 
 def mount_tree(tree: "MergedTree", mountpoint: str | os.PathLike[str], options: MountOptions, *, store: Store,
@@ -220,11 +221,11 @@ def mount_service(serve_fn: Callable[..., None], mountpoint: str | os.PathLike[s
     ``serve_fn(mountpoint, fuse_options, on_ready=callback)`` mounts it (not ``ro``: its handlers decide what
     a write does) and serves it until unmounted. It is daemonised (unless ``options.foreground``), recorded,
     listed by ``layerfs mounts`` and unmounted by ``layerfs umount`` like an image mount."""
-    def serve(record: MountRecord, opts: MountOptions, on_ready: Callable[[], None]) -> None:
-        from layerfs.fuse import mount_options
+    def serve_service(record: MountRecord, opts: MountOptions, on_ready: Callable[[], None]) -> None:
+        from layerfs.fuse import mount_options   # (as in _tree_server)
         serve_fn(record.mountpoint, mount_options(record.image, opts.libfuse_options, read_only=False),
                  on_ready=on_ready)
-    return _mount_server(serve, mountpoint, options, store=store, image=image, manifest_digest="")
+    return _mount_server(serve_service, mountpoint, options, store=store, image=image, manifest_digest="")
 
 
 def _mount_server(server: Server, mountpoint: str | os.PathLike[str], options: MountOptions, *, store: Store,
