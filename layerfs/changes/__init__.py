@@ -10,13 +10,11 @@ from typing import TYPE_CHECKING
 #: public name -> the module of this package that defines it
 _EXPORTS = {
     "diff": "compare",
-    "ChangeSyntaxError": "dockerfile", "apply_changes": "dockerfile",
     "export_tree": "export", "output_file": "export",
     "overlay_tree": "merged",
     "CommitOptions": "newimage", "commit": "newimage", "parse_new_reference": "newimage",
-    "OVERRIDE_XATTR": "scan", "UpperDirError": "scan", "scan_upper": "scan",
+    "scan_upper": "scan",
     "Target": "target",
-    "EMPTY_TAR_DIGEST": "tarwriter", "write_layer_tar": "tarwriter",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -33,10 +31,8 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:
     from layerfs.changes.compare import diff  # noqa: F401
-    from layerfs.changes.dockerfile import ChangeSyntaxError, apply_changes  # noqa: F401
     from layerfs.changes.export import export_tree, output_file  # noqa: F401
     from layerfs.changes.merged import overlay_tree  # noqa: F401
     from layerfs.changes.newimage import CommitOptions, commit, parse_new_reference  # noqa: F401
-    from layerfs.changes.scan import OVERRIDE_XATTR, UpperDirError, scan_upper  # noqa: F401
+    from layerfs.changes.scan import scan_upper  # noqa: F401
     from layerfs.changes.target import Target  # noqa: F401
-    from layerfs.changes.tarwriter import EMPTY_TAR_DIGEST, write_layer_tar  # noqa: F401

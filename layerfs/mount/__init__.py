@@ -16,7 +16,7 @@ _EXPORTS = {
     "FSTYPE": "table", "MountError": "table", "MountRecord": "table", "MountTable": "table",
     "check_mountpoint": "table", "kernel_mounts": "table", "mount_states": "table", "mounts": "table",
     "pid_alive": "table",
-    "UnknownTarget": "targets", "export_source": "targets", "resolve_target": "targets",
+    "export_source": "targets", "resolve_target": "targets",
     "remove_upper": "uppers", "stored_upper_id": "uppers", "uppers_dir": "uppers",
 }
 __all__ = sorted(_EXPORTS)
@@ -37,5 +37,5 @@ if TYPE_CHECKING:
     from layerfs.mount.daemon import mount_image, mount_service, mount_tree, umount  # noqa: F401
     from layerfs.mount.options import MountOptions  # noqa: F401
     from layerfs.mount.table import FSTYPE, MountError, MountRecord, MountTable, check_mountpoint, kernel_mounts, mount_states, mounts, pid_alive  # noqa: F401
-    from layerfs.mount.targets import UnknownTarget, export_source, resolve_target  # noqa: F401
+    from layerfs.mount.targets import export_source, resolve_target  # noqa: F401
     from layerfs.mount.uppers import remove_upper, stored_upper_id, uppers_dir  # noqa: F401

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.changes import (EMPTY_TAR_DIGEST, OVERRIDE_XATTR, ChangeSyntaxError, CommitOptions, UpperDirError,
-    apply_changes, commit, diff, export_tree, overlay_tree, scan_upper, write_layer_tar)
+from layerfs.changes import CommitOptions, commit, diff, export_tree, overlay_tree, scan_upper
+from layerfs.changes.dockerfile import ChangeSyntaxError, apply_changes
+from layerfs.changes.scan import UpperDirError
+from layerfs.changes.tarwriter import EMPTY_TAR_DIGEST, write_layer_tar
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image, compress
 from layerfs.index import index_path
@@ -25,7 +27,7 @@ from layerfs.transfer import PullOptions, Puller
 from layerfs.image import Reference
 from layerfs.registry import RegistryOptions
 from layerfs.store import Store
-from layerfs.fs import MergedTree
+from layerfs.fs import OVERRIDE_XATTR, MergedTree
 from layerfs.fs import open_image_tree
 from registryfixtures import push_image, require_binary
 
