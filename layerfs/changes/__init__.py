@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING
 
 #: public name -> the module of this package that defines it
 _EXPORTS = {
-    "ChangeSyntaxError": "core", "CommitOptions": "core", "EMPTY_TAR_DIGEST": "core",
-    "OVERRIDE_XATTR": "core", "UpperDirError": "core", "apply_changes": "core", "commit": "core",
-    "diff": "core", "export_source": "core", "export_tree": "core", "output_file": "core",
-    "overlay_tree": "core", "parse_new_reference": "core", "resolve_target": "core", "scan_upper": "core",
-    "write_layer_tar": "core",
+    "diff": "compare",
+    "export_tree": "export", "output_file": "export",
+    "overlay_tree": "merged",
+    "CommitOptions": "newimage", "commit": "newimage", "parse_new_reference": "newimage",
+    "scan_upper": "scan",
+    "Target": "target",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -29,4 +30,9 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:
-    from layerfs.changes.core import ChangeSyntaxError, CommitOptions, EMPTY_TAR_DIGEST, OVERRIDE_XATTR, UpperDirError, apply_changes, commit, diff, export_source, export_tree, output_file, overlay_tree, parse_new_reference, resolve_target, scan_upper, write_layer_tar  # noqa: F401
+    from layerfs.changes.compare import diff  # noqa: F401
+    from layerfs.changes.export import export_tree, output_file  # noqa: F401
+    from layerfs.changes.merged import overlay_tree  # noqa: F401
+    from layerfs.changes.newimage import CommitOptions, commit, parse_new_reference  # noqa: F401
+    from layerfs.changes.scan import scan_upper  # noqa: F401
+    from layerfs.changes.target import Target  # noqa: F401

@@ -663,7 +663,8 @@ def cmd_version(ctx: Context) -> int:
 # --- changes: diff, commit, export, push ------------------------------------------------
 
 def cmd_diff(ctx: Context) -> int:
-    from layerfs.changes import diff, resolve_target
+    from layerfs.changes import diff
+    from layerfs.mount import resolve_target
     a = ctx.args
     target = resolve_target(ctx.store, a.target, image=a.image)
     for change in diff(target.lower_tree(ctx.store), target.scan()):
@@ -672,7 +673,8 @@ def cmd_diff(ctx: Context) -> int:
 
 
 def cmd_commit(ctx: Context) -> int:
-    from layerfs.changes import CommitOptions, commit, parse_new_reference, resolve_target
+    from layerfs.changes import CommitOptions, commit, parse_new_reference
+    from layerfs.mount import resolve_target
     a = ctx.args
     ref = parse_new_reference(a.newref)       # a bad NEWREF fails before anything is read
     target = resolve_target(ctx.store, a.target, image=a.image)
@@ -683,7 +685,8 @@ def cmd_commit(ctx: Context) -> int:
 
 
 def cmd_export(ctx: Context) -> int:
-    from layerfs.changes import export_source, export_tree, output_file
+    from layerfs.changes import export_tree, output_file
+    from layerfs.mount import export_source
     a = ctx.args
     out = a.output or "-"
     if out == "-" and sys.stdout.isatty():

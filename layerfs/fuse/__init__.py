@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 #: public name -> the module of this package that defines it
 _EXPORTS = {
     "CACHE_TIMEOUT": "readonly", "LayerFS": "readonly", "attributes": "readonly", "fuse_error": "readonly",
-    "serve": "readonly",
+    "mount_options": "readonly", "serve": "readonly",
     "serve_overlay": "writable",
 }
 __all__ = sorted(_EXPORTS)
@@ -27,5 +27,5 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:
-    from layerfs.fuse.readonly import CACHE_TIMEOUT, LayerFS, attributes, fuse_error, serve  # noqa: F401
+    from layerfs.fuse.readonly import CACHE_TIMEOUT, LayerFS, attributes, fuse_error, mount_options, serve  # noqa: F401
     from layerfs.fuse.writable import serve_overlay  # noqa: F401

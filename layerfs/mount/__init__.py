@@ -1,4 +1,5 @@
-"""Mount lifecycle: options, the mount table, uppers, daemons, the engine layer store.
+"""Mount lifecycle: options, the mount table, uppers, daemons, the engine layer store; what a
+``diff``/``commit``/``export`` argument names (a mount, a stored upper, an image).
 
 The names below are this package's public face; each is imported from its module on
 first use (PEP 562), so importing the package costs nothing."""
@@ -10,11 +11,13 @@ from typing import TYPE_CHECKING
 #: public name -> the module of this package that defines it
 _EXPORTS = {
     "STORE_IMAGE_NAME": "alstore", "serve_store": "alstore",
-    "FSTYPE": "daemon", "MountError": "daemon", "MountOptions": "daemon", "MountRecord": "daemon",
-    "MountRegistry": "daemon", "check_mountpoint": "daemon", "mount_image": "daemon", "mount_service": "daemon",
-    "mount_states": "daemon", "mount_table": "daemon", "mount_tree": "daemon", "mounts": "daemon",
-    "pid_alive": "daemon", "remove_upper": "daemon", "stored_upper_id": "daemon", "umount": "daemon",
-    "uppers_dir": "daemon",
+    "mount_image": "daemon", "mount_service": "daemon", "mount_tree": "daemon", "umount": "daemon",
+    "MountOptions": "options",
+    "FSTYPE": "table", "MountError": "table", "MountRecord": "table", "MountTable": "table",
+    "check_mountpoint": "table", "kernel_mounts": "table", "mount_states": "table", "mounts": "table",
+    "pid_alive": "table",
+    "export_source": "targets", "resolve_target": "targets",
+    "remove_upper": "uppers", "stored_upper_id": "uppers", "uppers_dir": "uppers",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -31,4 +34,8 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:
     from layerfs.mount.alstore import STORE_IMAGE_NAME, serve_store  # noqa: F401
-    from layerfs.mount.daemon import FSTYPE, MountError, MountOptions, MountRecord, MountRegistry, check_mountpoint, mount_image, mount_service, mount_states, mount_table, mount_tree, mounts, pid_alive, remove_upper, stored_upper_id, umount, uppers_dir  # noqa: F401
+    from layerfs.mount.daemon import mount_image, mount_service, mount_tree, umount  # noqa: F401
+    from layerfs.mount.options import MountOptions  # noqa: F401
+    from layerfs.mount.table import FSTYPE, MountError, MountRecord, MountTable, check_mountpoint, kernel_mounts, mount_states, mounts, pid_alive  # noqa: F401
+    from layerfs.mount.targets import export_source, resolve_target  # noqa: F401
+    from layerfs.mount.uppers import remove_upper, stored_upper_id, uppers_dir  # noqa: F401

@@ -56,7 +56,8 @@ from typing import Callable
 
 from layerfs.errors import LayerfsError
 from layerfs.fs import ROOT_INO, MergedTree
-from layerfs.fuse import CACHE_TIMEOUT, LayerFS, attributes, fuse_error
+from layerfs.fuse import CACHE_TIMEOUT, LayerFS, attributes, fuse_error, serve
+from layerfs.image import LAYER_COMPRESSION, Digest, Reference
 from layerfs.store import Store, atomic_write
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,6 @@ def _decode_reference(text: str) -> str | None:
 
 
 def _plausible_reference(ref: str) -> bool:
-    from layerfs.image import Reference
     try:
         Reference.parse(ref)
         return True
@@ -103,7 +103,6 @@ def _plausible_reference(ref: str) -> bool:
 
 def layer_info(desc, diff_id, index, toc_digest: str | None = None) -> bytes:
     """The ``info`` file of a layer (containers/storage's Layer JSON fields)."""
-    from layerfs.image import LAYER_COMPRESSION
     info = {"compressed-diff-digest": str(desc.digest), "compressed-size": desc.size,
             "diff-digest": str(diff_id), "compression": COMPRESSION_CODES.get(LAYER_COMPRESSION.get(desc.media_type), 0)}
     if index.size:
@@ -232,6 +231,8 @@ class AdditionalLayerStore:
         return ino
 
     def _open_lazy(self, ref: str):
+        # here and below: the lazy, transfer and union code load at the first image lookup, so that the store
+        # answers its engine without waiting for them (the registry client alone costs ~100 ms)
         from layerfs.lazy import open_lazy_layers
         return open_lazy_layers(self.store, ref, registry_options=self._registry_options)
 
@@ -281,7 +282,6 @@ class AdditionalLayerStore:
         with self._lock:
             readers = [layer.reader for layer in self.layers.values()]
             pulled = [layer.digest for layer in self.layers.values() if not layer.lazy]
-        from layerfs.image import Digest
         note_lazy_readers(self.store, self.mountpoint, os.getpid(), readers, [Digest.parse(d) for d in pulled])
 
     def _make_layer(self, image, il) -> _Layer:
@@ -618,7 +618,6 @@ class StoreFS:
 def serve_store(store: Store, mountpoint: str, fuse_options, *, on_ready: Callable[[], None] | None = None,
                 registry_options=None, grace: float = DEFAULT_GRACE, gc_interval: float | None = None) -> None:
     """Mount the layer store at *mountpoint* and serve it until unmounted (see :func:`layerfs.fuse.readonly.serve`)."""
-    from layerfs.fuse import serve
     store.init()
     als = AdditionalLayerStore(store, registry_options=registry_options, grace=grace,
                                mountpoint=os.path.realpath(mountpoint))

@@ -14,17 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.changes import (EMPTY_TAR_DIGEST, OVERRIDE_XATTR, ChangeSyntaxError, CommitOptions, UpperDirError,
-    apply_changes, commit, diff, export_tree, overlay_tree, resolve_target, scan_upper, write_layer_tar)
+from layerfs.changes import CommitOptions, commit, diff, export_tree, overlay_tree, scan_upper
+from layerfs.changes.dockerfile import ChangeSyntaxError, apply_changes
+from layerfs.changes.scan import UpperDirError
+from layerfs.changes.tarwriter import EMPTY_TAR_DIGEST, write_layer_tar
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image, compress
 from layerfs.index import index_path
+from layerfs.mount import resolve_target
 from layerfs.image import OCI_LAYER_GZIP, OCI_MANIFEST, Digest
 from layerfs.transfer import PullOptions, Puller
 from layerfs.image import Reference
 from layerfs.registry import RegistryOptions
 from layerfs.store import Store
-from layerfs.fs import MergedTree
+from layerfs.fs import OVERRIDE_XATTR, MergedTree
 from layerfs.fs import open_image_tree
 from registryfixtures import push_image, require_binary
 
@@ -615,6 +618,25 @@ def test_read_only_mount_has_no_changes(store, tmp_path, capsys):
     assert list(m.layers) == list(base.layers) and store.config(m).doc["history"][-1]["empty_layer"] is True
     assert json.loads(m.raw)["annotations"]["org.opencontainers.image.base.name"] == "localhost/test/base:1"
     assert tar_snapshot((tmp_path / "m.tar").read_bytes()) == tree_snapshot(open_image_tree(store, base))
+
+
+def test_stored_upper_of_a_layer_mount_keeps_its_layer(store, tmp_path, capsys):
+    """The store's upper of a ``--layer 1`` mount records that layer (info.json): after the mount ends, ``diff``
+    by its id or path compares it with the same lower layers as the mount did."""
+    from mounthelpers import watchdog
+    from layerfs.mount import stored_upper_id, umount
+    mnt = tmp_path / "mnt"
+    with watchdog(60):
+        rec = _mount(store, mnt, read_only=False, layer=1)
+        (mnt / "home/u").mkdir()          # only the second layer has /home/u: new here
+        code, out, err = run(["diff", mnt], capsys)
+        assert (code, out) == (0, "C /home\nA /home/u\n"), err
+        umount(store, mnt)
+    mid = stored_upper_id(store, rec.upper)
+    assert mid is not None and json.loads((Path(rec.upper).parent / "info.json").read_bytes())["layer"] == 1
+    for target in (mid, rec.upper):
+        code, out2, err = run(["diff", target], capsys)
+        assert (code, out2) == (0, out), err
 
 
 def test_writable_mount_diff_commit_export(store, tmp_path, capsys):

@@ -25,7 +25,7 @@ import pytest
 from mounthelpers import (MTIME_NS, Sample, is_mounted, mounted, put_fake_image, put_image,
                           require_fuse, track, wait_until, watchdog)
 from layerfs.errors import UsageError
-from layerfs.mount import (FSTYPE, MountError, MountOptions, MountRecord, MountRegistry, mount_image, mount_table,
+from layerfs.mount import (FSTYPE, MountError, MountOptions, MountRecord, MountTable, mount_image, kernel_mounts,
     mount_tree, mounts, pid_alive, umount)
 from layerfs.store import Store
 from layerfs.fs import ROOT_INO
@@ -207,8 +207,8 @@ def test_statfs(sample, mnt):
     assert df.stdout.split()[-2:] == ["sample/tree:1", FSTYPE]
 
 
-def test_mount_table_entry(mnt):
-    fstype, source = mount_table()[str(mnt)]
+def test_kernel_mounts_entry(mnt):
+    fstype, source = kernel_mounts()[str(mnt)]
     assert (fstype, source) == (FSTYPE, "sample/tree:1")
 
 
@@ -364,7 +364,7 @@ def test_daemon_mount_lists_and_unmounts(store, tmp_path):
     assert umount(store, m) == rec
     assert not pid_alive(rec.pid)
     assert not is_mounted(m) and os.listdir(m) == []
-    assert mounts(store) == [] and not MountRegistry(store).record_path(rec.mountpoint).exists()
+    assert mounts(store) == [] and not MountTable(store).record_path(rec.mountpoint).exists()
 
 
 def test_sigterm_unmounts_cleanly_even_with_a_file_open(store, tmp_path):
@@ -388,7 +388,7 @@ def test_sigterm_unmounts_cleanly_even_with_a_file_open(store, tmp_path):
 
 
 def test_stale_records_are_cleaned(store, tmp_path):
-    reg = MountRegistry(store)
+    reg = MountTable(store)
     reg.dir.mkdir(parents=True)
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -419,7 +419,7 @@ def test_dead_mount_is_listed_until_umount_cleans_it_up(store, tmp_path):
     assert wait_until(lambda: not pid_alive(rec.pid))
     assert _errno_of(os.listdir, dead) in (errno.ENOTCONN, errno.ECONNABORTED)
     assert _errno_of(os.stat, dead / "etc/new") == errno.ENOTCONN
-    assert is_mounted(dead) and MountRegistry(store).get(rec.mountpoint) == rec
+    assert is_mounted(dead) and MountTable(store).get(rec.mountpoint) == rec
     # listed with its state (table, json, -q), not hidden; the running mount is unaffected
     assert [r.pid for r in mounts(store)] == [other.pid]
     out = _cli(store, "mounts").stdout.splitlines()
@@ -447,7 +447,7 @@ def test_dead_mount_is_listed_until_umount_cleans_it_up(store, tmp_path):
     assert not is_mounted(dead) and os.listdir(dead) == []
     (dead / "plain").write_bytes(b"x")                            # an ordinary directory again
     assert os.listdir(dead) == ["plain"]
-    assert not Path(rec.upper).exists() and not MountRegistry(store).record_path(rec.mountpoint).exists()
+    assert not Path(rec.upper).exists() and not MountTable(store).record_path(rec.mountpoint).exists()
     assert _cli(store, "mounts", "-q").stdout.split() == [other.mountpoint]
     _cli(store, "umount", str(alive))
     assert _cli(store, "mounts").stdout.split() == ["IMAGE", "MOUNTPOINT", "PID", "STATE", "UPPER"]
@@ -611,7 +611,7 @@ def test_concurrent_mounts_of_one_mount_point_one_wins(store, tmp_path):
         track(m, rec.pid)
     assert sorted(code for code, _ in results) == [0, 1, 1], results
     assert all("already mounted" in err for code, err in results if code)
-    assert len(recs) == 1 and mount_table()[str(m)][0] == FSTYPE
+    assert len(recs) == 1 and kernel_mounts()[str(m)][0] == FSTYPE
     assert sum(1 for line in Path("/proc/self/mountinfo").read_text().splitlines() if f" {m} " in line) == 1
     umount(store, m)
 

@@ -12,10 +12,11 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from layerfs.changes import CommitOptions, commit, resolve_target
+from layerfs.changes import CommitOptions, commit
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image
 from layerfs.image import Digest
+from layerfs.mount import resolve_target
 from layerfs.transfer import REPO_DIGEST_ANNOTATION, PullOptions, Puller
 from layerfs.transfer import PushOptions, Pusher
 from layerfs.image import Reference

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from layerfs.mount import FSTYPE, MountOptions, MountRecord, mount_table, mount_tree, pid_alive
+from layerfs.mount import FSTYPE, MountOptions, MountRecord, kernel_mounts, mount_tree, pid_alive
 from layerfs.image import Digest
 from layerfs.store import Store
 from layerfs.fs import ROOT_INO, MergedTree, Node
@@ -231,7 +231,7 @@ def require_fuse() -> None:
 
 
 def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
-    return os.path.realpath(mountpoint) in mount_table()
+    return os.path.realpath(mountpoint) in kernel_mounts()
 
 
 def force_unmount(mountpoint: str | os.PathLike[str], pid: int | None = None) -> None:
