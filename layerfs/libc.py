@@ -1,4 +1,4 @@
-"""C library functions that the os module lacks, looked up once through ctypes."""
+"""What the os module lacks: C library functions (looked up once through ctypes), whether a process runs."""
 from __future__ import annotations
 
 import ctypes
@@ -19,3 +19,16 @@ def function(name: str, argtypes: tuple) -> Any:
         f.argtypes = argtypes
         _FUNCS[name] = f
     return f
+
+
+def pid_alive(pid: int) -> bool:
+    """True while *pid* runs (a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True
+    state = st[st.rfind(b")") + 2:][:1]
+    return state not in (b"Z", b"X", b"x")

@@ -14,8 +14,9 @@ _EXPORTS = {
     "FSTYPE": "daemon", "MountError": "daemon", "MountOptions": "daemon", "MountRecord": "daemon",
     "MountRegistry": "daemon", "check_mountpoint": "daemon", "mount_image": "daemon", "mount_service": "daemon",
     "mount_states": "daemon", "mount_table": "daemon", "mount_tree": "daemon", "mounts": "daemon",
-    "pid_alive": "daemon", "remove_upper": "daemon", "stored_upper_id": "daemon", "umount": "daemon",
+    "remove_upper": "daemon", "stored_upper_id": "daemon", "umount": "daemon",
     "uppers_dir": "daemon",
+    "mount_lazy": "lazymount",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -31,4 +32,5 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:
     from layerfs.mount.alstore import STORE_IMAGE_NAME, serve_store  # noqa: F401
-    from layerfs.mount.daemon import FSTYPE, MountError, MountOptions, MountRecord, MountRegistry, check_mountpoint, mount_image, mount_service, mount_states, mount_table, mount_tree, mounts, pid_alive, remove_upper, stored_upper_id, umount, uppers_dir  # noqa: F401
+    from layerfs.mount.daemon import FSTYPE, MountError, MountOptions, MountRecord, MountRegistry, check_mountpoint, mount_image, mount_service, mount_states, mount_table, mount_tree, mounts, remove_upper, stored_upper_id, umount, uppers_dir  # noqa: F401
+    from layerfs.mount.lazymount import mount_lazy  # noqa: F401

@@ -80,6 +80,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from layerfs.errors import ImageNotFound, LayerfsError, UsageError
 from layerfs.image import Manifest, Platform
 from layerfs.image import is_local_source
+from layerfs.libc import pid_alive
 from layerfs.store import Store
 
 if TYPE_CHECKING:
@@ -204,19 +205,6 @@ def mount_table() -> dict[str, tuple[str, str]]:
         except (ValueError, IndexError):
             continue
     return table
-
-
-def pid_alive(pid: int) -> bool:
-    """True while *pid* runs (a zombie counts as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    except OSError:
-        return True
-    state = st[st.rfind(b")") + 2:][:1]
-    return state not in (b"Z", b"X", b"x")
 
 
 def _abs_mountpoint(path: str | os.PathLike[str]) -> str:
