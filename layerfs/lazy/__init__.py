@@ -33,5 +33,4 @@ if TYPE_CHECKING:
     from layerfs.lazy.cachedir import lazy_cache_dir  # noqa: F401
     from layerfs.lazy.image import open_lazy_layers, open_lazy_tree  # noqa: F401
     from layerfs.lazy.prefetch import PREFETCH_MODES, Prefetcher  # noqa: F401
-    from layerfs.lazy.status import (drop_lazy_status, forget_stale_status, lazy_status,  # noqa: F401
-        note_lazy_readers, prune_lazy, served_blobs)
+    from layerfs.lazy.status import drop_lazy_status, forget_stale_status, lazy_status, note_lazy_readers, prune_lazy, served_blobs  # noqa: F401

@@ -24,7 +24,7 @@ from layerfs import _zran
 from layerfs.errors import LayerfsError
 from layerfs.image import Descriptor, Digest, Manifest
 from layerfs.index import LayerIndex, SpanCache
-from layerfs.lazy.cachedir import lazy_cache_dir
+from layerfs.lazy.cachedir import cached_spans, lazy_cache_dir
 from layerfs.lazy.remote import LazyReadError, RemoteBlob
 from layerfs.registry import RegistryClient
 from layerfs.store import Store, atomic_write
@@ -33,15 +33,7 @@ from layerfs.transfer import (HEAD_DIGEST_ANNOTATION, HEAD_SIZE_ANNOTATION, Inde
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LazyGzipLayer", "cached_spans", "find_published", "open_published"]
-
-
-def cached_spans(spans_dir: Path) -> int:
-    """How many spans a gzip layer's cache directory *spans_dir* (``spans-*``) holds."""
-    try:
-        return sum(1 for n in os.listdir(spans_dir) if n.isdigit())
-    except OSError:
-        return 0
+__all__ = ["LazyGzipLayer", "find_published", "open_published"]
 
 
 class _DecodedSpan:

@@ -10,7 +10,7 @@ occupies ``[base_k, base_k + size_k)`` (the records' ``offset`` points there, no
 stream). A read fetches the gzip member of each chunk it touches by Range, inflates it, checks
 ``chunkDigest`` and stores the verified bytes in the layer's cache in the store
 (``ROOT/lazy/<alg>-<hex>/data``, a sparse file laid out as that address space, plus
-``chunks.json``: the chunks present, see :func:`cached_chunks`), which later reads and later
+``chunks.json``: the chunks present, see :mod:`layerfs.lazy.cachedir`), which later reads and later
 mounts use. A fetch that fails or does not verify fails that read with EIO; nothing is cached
 from it and the mount goes on.
 """
@@ -27,23 +27,22 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from layerfs.errors import DigestMismatch
 from layerfs.image import Descriptor, Digest
 from layerfs.index import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, SYMLINK_MODE, Entry, LayerIndex,
     layer_too_large, max_layer_size, normalize_path)
-from layerfs.lazy.cachedir import lazy_cache_dir
+from layerfs.lazy.cachedir import CHUNK_DATA, cached_chunks, lazy_cache_dir, note_cached_chunk
 from layerfs.lazy.remote import LazyReadError, RemoteBlob
 from layerfs.registry import RegistryClient
-from layerfs.store import Store, atomic_write, file_lock
+from layerfs.store import Store, atomic_write
 from layerfs.transfer import (FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
     EStargzError, parse_footer, parse_rfc3339_ns, parse_toc_member)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LANDMARK", "NO_LANDMARK", "LazyLayer", "cached_chunks", "fetch_toc", "open_estargz", "toc_records"]
+__all__ = ["LANDMARK", "NO_LANDMARK", "LazyLayer", "fetch_toc", "open_estargz", "toc_records"]
 
 _TYPES = {"reg": FILE, "dir": DIR, "symlink": SYMLINK, "hardlink": HARDLINK, "char": CHAR, "block": BLOCK,
           "fifo": FIFO}
@@ -198,17 +197,6 @@ def open_estargz(store: Store, client: RegistryClient, reader_client: Callable[[
     return idx, reader
 
 
-def cached_chunks(cache_dir: Path, toc_digest: str) -> set[int]:
-    """The chunks (numbers) of an eStargz layer in its cache *cache_dir*, as made for the TOC *toc_digest*."""
-    try:
-        doc = json.loads((cache_dir / "chunks.json").read_bytes())
-        if doc.get("toc") == toc_digest and (cache_dir / "data").exists():
-            return {int(x) for x in doc.get("chunks", [])}
-    except (OSError, ValueError, TypeError, AttributeError):
-        pass
-    return set()
-
-
 class LazyLayer:
     """The LayerReader of one eStargz layer: Range fetches on first read, verified, cached in the store."""
 
@@ -221,8 +209,7 @@ class LazyLayer:
         self._bases = [f.base for f in files]
         self.dir = lazy_cache_dir(store, desc.digest)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._data_path = self.dir / "data"
-        self._map_path = self.dir / "chunks.json"
+        self._data_path = self.dir / CHUNK_DATA
         self.toc_digest = toc_digest
         self._lock = threading.Lock()
         self._locks: dict[int, threading.Lock] = {}
@@ -264,10 +251,8 @@ class LazyLayer:
         return cached_chunks(self.dir, self.toc_digest)
 
     def _save_map(self, new: int) -> None:
-        with self._lock, file_lock(self.dir / "chunks.lock"):
-            have = self._load_map() | self._have | {new}
-            atomic_write(self._map_path, json.dumps({"toc": self.toc_digest, "chunks": sorted(have)}).encode())
-            self._have = have
+        with self._lock:
+            self._have = note_cached_chunk(self.dir, self.toc_digest, self._have, new)
 
     # -- LayerReader ----------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:

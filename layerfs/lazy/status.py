@@ -17,9 +17,7 @@ from typing import Iterator, Protocol
 
 from layerfs.errors import LayerfsError
 from layerfs.image import Digest
-from layerfs.lazy.cachedir import lazy_root, status_dir, status_path
-from layerfs.lazy.gzipspans import cached_spans
-from layerfs.lazy.stargz import cached_chunks
+from layerfs.lazy.cachedir import cached_chunks, cached_spans, lazy_root, status_dir, status_path
 from layerfs.libc import pid_alive
 from layerfs.store import Store, atomic_write
 
