@@ -52,6 +52,7 @@ _INFLATE_PIECE = 4 << 20     # a chunk is inflated into the cache this much at a
 LANDMARK = ".prefetch.landmark"
 NO_LANDMARK = ".no.prefetch.landmark"
 
+
 @dataclass
 class _Chunk:
     off: int            # in the file
