@@ -54,31 +54,36 @@ def drop_lazy_status(store: Store, pid: int) -> None:
         status_path(store, pid).unlink()
 
 
-def _status_files(store: Store) -> list[Path]:
+def _live_status_files(store: Store) -> list[Path]:
+    """The status files of running processes; those of processes that are gone are deleted."""
     try:
-        return [p for p in status_dir(store).iterdir() if p.suffix == ".json" and p.stem.isdigit()]
+        files = [p for p in status_dir(store).iterdir() if p.suffix == ".json" and p.stem.isdigit()]
     except OSError:
         return []
+    live = []
+    for p in files:
+        if pid_alive(int(p.stem)):
+            live.append(p)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+    return live
 
 
 def _live_status(store: Store) -> Iterator[dict]:
-    """The status documents of running processes (unreadable ones skipped); those of processes that are
-    gone are deleted on the way."""
-    for p in _status_files(store):
-        if not pid_alive(int(p.stem)):
-            with contextlib.suppress(OSError):
-                p.unlink()
-            continue
-        with contextlib.suppress(*_BAD_DOC):
+    """The status documents of running processes (unreadable ones skipped)."""
+    for p in _live_status_files(store):
+        try:
             doc = json.loads(p.read_bytes())
-            if isinstance(doc, dict):
-                yield doc
+        except _BAD_DOC:
+            continue
+        if isinstance(doc, dict):
+            yield doc
 
 
 def forget_stale_status(store: Store) -> None:
     """Drop the status files of lazy mounts whose process is gone."""
-    for _ in _live_status(store):
-        pass
+    _live_status_files(store)
 
 
 def served_blobs(store: Store) -> set[Digest]:
