@@ -402,6 +402,49 @@ def test_inner_offsets_of_packed_members_and_bad_tocs(tmp_path):
             toc_records(broken, b"{}", 10, "test")
 
 
+
+def test_status_files_show_what_is_cached_and_go_with_their_process(tmp_path):
+    """A status file names what a process serves: lazy_status reads from it how much of each layer is cached
+    (as the reader counts it), served_blobs the blobs it reads, prune_lazy keeps its caches; the file of a
+    process that is gone counts for nothing and is swept."""
+    from collections import namedtuple
+    from layerfs.image import OCI_LAYER_GZIP, Descriptor
+    from layerfs.lazy import (drop_lazy_status, forget_stale_status, lazy_status, note_lazy_readers, prune_lazy,
+        served_blobs)
+    from layerfs.lazy.cachedir import status_path
+    from layerfs.lazy.stargz import LazyLayer, toc_records
+    sha = lambda b: "sha256:" + hashlib.sha256(b).hexdigest()               # noqa: E731
+    first = gzip.compress(b"abc", mtime=0)
+    blob = first + gzip.compress(b"wxyz", mtime=0)
+    toc = {"version": 1, "entries": [
+        {"name": "a", "type": "reg", "size": 3, "offset": 0, "chunkDigest": sha(b"abc")},
+        {"name": "b", "type": "reg", "size": 4, "offset": len(first), "chunkDigest": sha(b"wxyz")}]}
+    js = json.dumps(toc).encode()
+    _, files = toc_records(toc, js, len(blob), "test")
+    store = Store(tmp_path / "s").init()
+    desc = Descriptor(OCI_LAYER_GZIP, Digest.of(blob + js), len(blob) + 100)
+    layer = LazyLayer(store, lambda: _BytesClient(blob), "repo", desc, files, sha(js))
+    Rec = namedtuple("Rec", "mountpoint pid")
+    me, kept = Rec(str(tmp_path / "m"), os.getpid()), Digest.of(b"a blob no image tags")
+    note_lazy_readers(store, me.mountpoint, me.pid, [layer, object()], [kept])     # object(): a layer pulled whole
+    assert lazy_status(store, me) == [0.0, 1.0]
+    assert layer.read(files[1].base, 4) == b"wxyz"
+    assert lazy_status(store, me) == [0.5, 1.0] == [layer.fetched_fraction(), 1.0]
+    assert lazy_status(store, Rec(str(tmp_path / "other"), os.getpid())) is None
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    note_lazy_readers(store, str(tmp_path / "g"), gone.pid, [layer], [Digest.of(b"another blob")])
+    assert served_blobs(store) == {kept} and not status_path(store, gone.pid).exists()
+    note_lazy_readers(store, str(tmp_path / "g"), gone.pid, [layer])
+    forget_stale_status(store)
+    assert not status_path(store, gone.pid).exists() and status_path(store, me.pid).exists()
+    cache = lazy_cache_dir(store, desc.digest)
+    assert prune_lazy(store) == (0, 0) and cache.is_dir()          # a running process serves it
+    drop_lazy_status(store, me.pid)
+    assert lazy_status(store, me) is None and served_blobs(store) == set()
+    removed, freed = prune_lazy(store)
+    assert removed == 1 and freed > 0 and not cache.exists()
+
 def test_toc_is_checked_against_its_annotation_and_cached(image, tmp_path):
     from layerfs.errors import DigestMismatch
     from layerfs.lazy.stargz import fetch_toc
