@@ -1,7 +1,6 @@
-"""C library functions that the os module lacks, looked up once through ctypes."""
+"""What the os module lacks: C library functions (looked up once through ctypes), whether a process runs."""
 from __future__ import annotations
 
-import ctypes
 from typing import Any
 
 _FUNCS: dict[str, Any] = {}
@@ -12,6 +11,8 @@ def function(name: str, argtypes: tuple) -> Any:
     during calls), or None where the C library lacks it."""
     f = _FUNCS.get(name)
     if f is None:
+        # ctypes (~8 ms) only on the first look-up: the mount CLI imports this module for pid_alive alone
+        import ctypes
         try:
             f = getattr(ctypes.CDLL(None, use_errno=True), name)
         except (OSError, AttributeError):
@@ -19,3 +20,16 @@ def function(name: str, argtypes: tuple) -> Any:
         f.argtypes = argtypes
         _FUNCS[name] = f
     return f
+
+
+def pid_alive(pid: int) -> bool:
+    """True while *pid* runs (a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True
+    state = st[st.rfind(b")") + 2:][:1]
+    return state not in (b"Z", b"X", b"x")

@@ -542,7 +542,7 @@ def cmd_mount(ctx: Context) -> int:
     if a.prefetch is not None and not lazy:
         raise UsageError("--prefetch needs --lazy")
     if lazy:
-        from layerfs.lazy import mount_lazy
+        from layerfs.mount import mount_lazy
         mount_lazy(ctx.store, a.ref, a.mountpoint, opts, registry_options=ctx.registry_options(),
                    prefetch=a.prefetch or "none")
         return 0

@@ -1,4 +1,5 @@
-"""Lazy mounts: layers served by Range reads before (or without) a download.
+"""Lazy layers: remote images opened with their layers served by Range reads before (or without) a
+download, the caches of what those reads fetched, and the status of the processes serving them.
 
 The names below are this package's public face; each is imported from its module on
 first use (PEP 562), so importing the package costs nothing."""
@@ -9,9 +10,11 @@ from typing import TYPE_CHECKING
 
 #: public name -> the module of this package that defines it
 _EXPORTS = {
-    "forget_stale_status": "image", "lazy_cache_dir": "image", "lazy_status": "image", "mount_lazy": "image",
-    "note_lazy_readers": "image", "open_lazy_layers": "image", "open_lazy_tree": "image", "prune_lazy": "image",
-    "served_blobs": "image",
+    "lazy_cache_dir": "cachedir",
+    "open_lazy_layers": "image", "open_lazy_tree": "image",
+    "PREFETCH_MODES": "prefetch", "Prefetcher": "prefetch",
+    "drop_lazy_status": "status", "forget_stale_status": "status", "lazy_status": "status",
+    "note_lazy_readers": "status", "prune_lazy": "status", "served_blobs": "status",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -27,4 +30,7 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:
-    from layerfs.lazy.image import forget_stale_status, lazy_cache_dir, lazy_status, mount_lazy, note_lazy_readers, open_lazy_layers, open_lazy_tree, prune_lazy, served_blobs  # noqa: F401
+    from layerfs.lazy.cachedir import lazy_cache_dir  # noqa: F401
+    from layerfs.lazy.image import open_lazy_layers, open_lazy_tree  # noqa: F401
+    from layerfs.lazy.prefetch import PREFETCH_MODES, Prefetcher  # noqa: F401
+    from layerfs.lazy.status import drop_lazy_status, forget_stale_status, lazy_status, note_lazy_readers, prune_lazy, served_blobs  # noqa: F401

@@ -59,9 +59,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from layerfs.errors import ImageNotFound, LayerfsError
 from layerfs.image import Digest, Manifest, Reference, is_local_source
+from layerfs.libc import pid_alive
 from layerfs.mount.options import MountOptions
 from layerfs.mount.table import (FSTYPE, MountError, MountRecord, MountTable, check_mountpoint, kernel_mounts,
-    pid_alive, resolved_path, utc_now)
+    resolved_path, utc_now)
 from layerfs.mount.uppers import discard_stored_upper, prepare_upper
 from layerfs.store import Store
 

@@ -33,12 +33,13 @@ import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from layerfs.libc import pid_alive
 from layerfs.errors import LayerfsError
 from layerfs.store import Store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FSTYPE", "RUNNING", "DEAD", "MountError", "MountRecord", "MountTable", "kernel_mounts", "pid_alive",
+__all__ = ["FSTYPE", "RUNNING", "DEAD", "MountError", "MountRecord", "MountTable", "kernel_mounts",
            "resolved_path", "check_mountpoint", "mounts", "mount_states", "utc_now"]
 
 FSTYPE = "fuse.layerfs"
@@ -109,19 +110,6 @@ def kernel_mounts() -> dict[str, tuple[str, str]]:
         except (ValueError, IndexError):
             continue
     return table
-
-
-def pid_alive(pid: int) -> bool:
-    """True while *pid* runs (a zombie counts as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    except OSError:
-        return True
-    state = st[st.rfind(b")") + 2:][:1]
-    return state not in (b"Z", b"X", b"x")
 
 
 def resolved_path(path: str | os.PathLike[str]) -> str:

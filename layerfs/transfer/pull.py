@@ -426,7 +426,7 @@ class Puller:
         failures: list[BaseException] = []
         if todo:
             with ThreadPoolExecutor(max_workers=max(1, self.options.max_concurrent_downloads)) as pool:
-                futs = [pool.submit(self._download_layer, client, repo, manifest.layers[i], compressions[i],
+                futs = [pool.submit(self.download_layer, client, repo, manifest.layers[i], compressions[i],
                                     diff_ids[i] if diff_ids else None) for i in order]
                 for f in futs:
                     exc = f.exception()
@@ -461,9 +461,10 @@ class Puller:
         manifest = stored
         return PullResult(ref, name, manifest, repo_digest, config, updated, len(todo))
 
-    # one layer, resumable, retried on temporary failures
-    def _download_layer(self, client: RegistryClient, repo: str, desc: Descriptor, compression: str | None,
-                        diff_id: Digest | None) -> None:
+    def download_layer(self, client: RegistryClient, repo: str, desc: Descriptor, compression: str | None,
+                       diff_id: Digest | None) -> None:
+        """Download, verify and index one layer blob into the store (resumable, retried on temporary
+        failures); the caller holds the store's ``gc`` lock shared."""
         short = desc.digest.short
         where = f"{client.registry}/{repo}"
         with self.store.ingest(desc.digest, desc.size) as ing:

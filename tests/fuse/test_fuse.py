@@ -26,7 +26,8 @@ from mounthelpers import (MTIME_NS, Sample, is_mounted, mounted, put_fake_image,
                           require_fuse, track, wait_until, watchdog)
 from layerfs.errors import UsageError
 from layerfs.mount import (FSTYPE, MountError, MountOptions, MountRecord, MountTable, mount_image, kernel_mounts,
-    mount_tree, mounts, pid_alive, umount)
+    mount_tree, mounts, umount)
+from layerfs.libc import pid_alive
 from layerfs.store import Store
 from layerfs.fs import ROOT_INO
 

@@ -63,7 +63,8 @@ import pytest
 
 from layerfs.cli.main import main as cli_main
 from imagebuild import DEFAULT_MTIME, LayerBuilder, build_image, decompress, write_oci_layout
-from layerfs.mount import mounts, pid_alive
+from layerfs.libc import pid_alive
+from layerfs.mount import mounts
 from layerfs.fs import OVERRIDE_XATTR
 from layerfs.store import Store
 from mounthelpers import force_unmount, is_mounted, require_fuse, track, wait_until, watchdog

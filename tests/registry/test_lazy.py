@@ -1,4 +1,4 @@
-"""eStargz conversion (layerfs.transfer.estargz) and lazy remote mounts (layerfs.lazy.image) against a real registry.
+"""eStargz conversion (layerfs.transfer.estargz) and lazy remote mounts (layerfs.lazy) against a real registry.
 
 The source image has files of many sizes (one larger than several chunks),
 symlinks, hard links, devices, a fifo, xattrs and whiteouts/opaque
@@ -216,7 +216,7 @@ def test_non_estargz_layers_are_pulled_whole(image, registry, tmp_path, caplog):
     repo = "test/lazy-plain"
     Pusher(st, PushOptions(registry=RegistryOptions())).push(SRC, f"{registry.host}/{repo}:v1")
     fresh = Store(tmp_path / "fresh").init()
-    with caplog.at_level("WARNING", logger="layerfs.lazy.image"):
+    with caplog.at_level("WARNING", logger="layerfs.lazy"):
         _, m, tree, _ = open_lazy_tree(fresh, f"{registry.host}/{repo}:v1")
     assert sum("is not eStargz and its image has no published index" in r.getMessage()
                and "pulling it whole" in r.getMessage() for r in caplog.records) == 2
@@ -339,7 +339,8 @@ class _BytesClient:
 
 
 def test_inner_offsets_of_packed_members_and_bad_tocs(tmp_path):
-    from layerfs.lazy.image import LazyLayer, LazyReadError, _toc_records
+    from layerfs.lazy.remote import LazyReadError
+    from layerfs.lazy.stargz import LazyLayer, toc_records
     from layerfs.image import OCI_LAYER_GZIP, Descriptor
     inflated = b"\0" * 512 + b"abc" + b"\0" * 509 + b"\0" * 512 + b"wxyz"
     blob = gzip.compress(inflated, mtime=0)
@@ -353,7 +354,7 @@ def test_inner_offsets_of_packed_members_and_bad_tocs(tmp_path):
          "chunkDigest": sha(b"wxyz")},
         {"name": "./d/../d/l", "type": "hardlink", "linkName": "d/a"}]}
     js = json.dumps(toc).encode()
-    entries, files = _toc_records(toc, js, toc_off, "test")
+    entries, files = toc_records(toc, js, toc_off, "test")
     by = {e.path: e for e in entries}
     assert set(by) == {"d", "d/a", "d/b", "d/l", TOC_TAR_NAME}
     assert by["d"].mtime_ns == 1704164645_500_000_000 and by["d/l"].linkname == "d/a"
@@ -373,7 +374,7 @@ def test_inner_offsets_of_packed_members_and_bad_tocs(tmp_path):
     assert got == [b"wxyz"] * 16 and client2.ranges == [(0, toc_off)]
     # a chunk whose bytes do not match its digest: an error, nothing cached
     toc["entries"][2]["chunkDigest"] = sha(b"nope")
-    _, files2 = _toc_records(toc, js, toc_off, "test")
+    _, files2 = toc_records(toc, js, toc_off, "test")
     bad = LazyLayer(Store(tmp_path / "t").init(), lambda: client, "repo", desc, files2, sha(js))
     with pytest.raises(LazyReadError, match="chunkDigest"):
         bad.read(by["d/b"].offset, 4)
@@ -384,7 +385,7 @@ def test_inner_offsets_of_packed_members_and_bad_tocs(tmp_path):
         {"name": ".prefetch.landmark", "type": "reg", "size": 1, "offset": 0, "innerOffset": 0,
          "chunkDigest": sha(b"\0")},
         {"name": "b", "type": "reg", "size": 4, "offset": 0, "innerOffset": 1536, "chunkDigest": sha(b"wxyz")}]}
-    _, lfiles = _toc_records(lm, json.dumps(lm).encode(), toc_off, "test")
+    _, lfiles = toc_records(lm, json.dumps(lm).encode(), toc_off, "test")
     client3 = _BytesClient(blob)
     pl = LazyLayer(Store(tmp_path / "p").init(), lambda: client3, "repo", desc, lfiles, sha(js))
     assert [f.name for f, _ in pl.prefetch_pieces("landmark")] == ["a"]
@@ -398,12 +399,55 @@ def test_inner_offsets_of_packed_members_and_bad_tocs(tmp_path):
                    {"entries": [{"name": "x", "type": "reg", "size": 5, "offset": 0}]},
                    {"entries": [{"name": "../x", "type": "dir"}]}):
         with pytest.raises(Exception):
-            _toc_records(broken, b"{}", 10, "test")
+            toc_records(broken, b"{}", 10, "test")
 
+
+
+def test_status_files_show_what_is_cached_and_go_with_their_process(tmp_path):
+    """A status file names what a process serves: lazy_status reads from it how much of each layer is cached
+    (as the reader counts it), served_blobs the blobs it reads, prune_lazy keeps its caches; the file of a
+    process that is gone counts for nothing and is swept."""
+    from collections import namedtuple
+    from layerfs.image import OCI_LAYER_GZIP, Descriptor
+    from layerfs.lazy import (drop_lazy_status, forget_stale_status, lazy_status, note_lazy_readers, prune_lazy,
+        served_blobs)
+    from layerfs.lazy.cachedir import status_path
+    from layerfs.lazy.stargz import LazyLayer, toc_records
+    sha = lambda b: "sha256:" + hashlib.sha256(b).hexdigest()               # noqa: E731
+    first = gzip.compress(b"abc", mtime=0)
+    blob = first + gzip.compress(b"wxyz", mtime=0)
+    toc = {"version": 1, "entries": [
+        {"name": "a", "type": "reg", "size": 3, "offset": 0, "chunkDigest": sha(b"abc")},
+        {"name": "b", "type": "reg", "size": 4, "offset": len(first), "chunkDigest": sha(b"wxyz")}]}
+    js = json.dumps(toc).encode()
+    _, files = toc_records(toc, js, len(blob), "test")
+    store = Store(tmp_path / "s").init()
+    desc = Descriptor(OCI_LAYER_GZIP, Digest.of(blob + js), len(blob) + 100)
+    layer = LazyLayer(store, lambda: _BytesClient(blob), "repo", desc, files, sha(js))
+    Rec = namedtuple("Rec", "mountpoint pid")
+    me, kept = Rec(str(tmp_path / "m"), os.getpid()), Digest.of(b"a blob no image tags")
+    note_lazy_readers(store, me.mountpoint, me.pid, [layer, object()], [kept])     # object(): a layer pulled whole
+    assert lazy_status(store, me) == [0.0, 1.0]
+    assert layer.read(files[1].base, 4) == b"wxyz"
+    assert lazy_status(store, me) == [0.5, 1.0] == [layer.fetched_fraction(), 1.0]
+    assert lazy_status(store, Rec(str(tmp_path / "other"), os.getpid())) is None
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    note_lazy_readers(store, str(tmp_path / "g"), gone.pid, [layer], [Digest.of(b"another blob")])
+    assert served_blobs(store) == {kept} and not status_path(store, gone.pid).exists()
+    note_lazy_readers(store, str(tmp_path / "g"), gone.pid, [layer])
+    forget_stale_status(store)
+    assert not status_path(store, gone.pid).exists() and status_path(store, me.pid).exists()
+    cache = lazy_cache_dir(store, desc.digest)
+    assert prune_lazy(store) == (0, 0) and cache.is_dir()          # a running process serves it
+    drop_lazy_status(store, me.pid)
+    assert lazy_status(store, me) is None and served_blobs(store) == set()
+    removed, freed = prune_lazy(store)
+    assert removed == 1 and freed > 0 and not cache.exists()
 
 def test_toc_is_checked_against_its_annotation_and_cached(image, tmp_path):
     from layerfs.errors import DigestMismatch
-    from layerfs.lazy.image import _fetch_toc
+    from layerfs.lazy.stargz import fetch_toc
     from layerfs.image import Descriptor
     st, _, m = image
     desc = m.layers[1]
@@ -413,12 +457,12 @@ def test_toc_is_checked_against_its_annotation_and_cached(image, tmp_path):
                        {**desc.annotations, TOC_DIGEST_ANNOTATION: "sha256:" + "0" * 64})
     fresh = Store(tmp_path / "s").init()
     with pytest.raises(DigestMismatch, match="TOC digest"):
-        _fetch_toc(fresh, client, "repo", lying)
+        fetch_toc(fresh, client, "repo", lying)
     assert not (lazy_cache_dir(fresh, desc.digest) / "toc.json").exists()
     assert len(client.ranges) == 2 and client.ranges[0] == (desc.size - FOOTER_SIZE, desc.size)
-    js, toc, off = _fetch_toc(fresh, client, "repo", desc)
+    js, toc, off = fetch_toc(fresh, client, "repo", desc)
     assert str(Digest.of(js)) == desc.annotations[TOC_DIGEST_ANNOTATION] and off == parse_footer(blob[-FOOTER_SIZE:])
     client.ranges.clear()
-    assert _fetch_toc(fresh, client, "repo", desc)[0] == js and client.ranges == []     # from the cache
+    assert fetch_toc(fresh, client, "repo", desc)[0] == js and client.ranges == []     # from the cache
     (lazy_cache_dir(fresh, desc.digest) / "toc.json").write_bytes(b"%d\n" % off + js.replace(b"reg", b"REG", 1))
-    assert _fetch_toc(fresh, client, "repo", desc)[0] == js and len(client.ranges) == 2  # a bad cache is refetched
+    assert fetch_toc(fresh, client, "repo", desc)[0] == js and len(client.ranges) == 2  # a bad cache is refetched

@@ -1,4 +1,4 @@
-"""Published layer indexes (layerfs.transfer.indexpush) and lazy mounts of plain gzip images (layerfs.lazy.image).
+"""Published layer indexes (layerfs.transfer.indexpush) and lazy mounts of plain gzip images (layerfs.lazy).
 
 A plain gzip image (files of many sizes, a text file larger than several
 spans, links, devices, xattrs, whiteouts across layers) is pushed to a real
@@ -211,7 +211,7 @@ def test_lazy_gzip_tree_matches_full_pull_fetches_little_and_reuses_its_cache(pu
     ref = f"{fault_proxy.host}/{repo}:v1"
     m = _manifest(st, f"{fault_proxy.target_host}/{repo}:v1")
     fresh = Store(tmp_path / "fresh").init()
-    with caplog.at_level("INFO", logger="layerfs.lazy.image"):
+    with caplog.at_level("INFO", logger="layerfs.lazy"):
         _, manifest, tree, readers = open_lazy_tree(fresh, ref)
     assert manifest.digest == m.digest
     assert sum("mounted lazily" in r.getMessage() for r in caplog.records) == 2
@@ -256,7 +256,7 @@ def test_without_a_published_index_layers_are_pulled_whole(registry, tmp_path, c
     ref = f"{registry.host}/test/lazy-gzip-none:v1"
     Pusher(src, PushOptions(registry=RegistryOptions())).push(LOCAL, ref)
     fresh = Store(tmp_path / "fresh").init()
-    with caplog.at_level("WARNING", logger="layerfs.lazy.image"):
+    with caplog.at_level("WARNING", logger="layerfs.lazy"):
         _, m, tree, _ = open_lazy_tree(fresh, ref)
     msgs = [r.getMessage() for r in caplog.records]
     assert sum("has no published index" in t and "pulling it whole" in t for t in msgs) == 2, msgs
@@ -277,7 +277,7 @@ def test_referrers_api_is_used_where_the_registry_has_it(registry_factory, tmp_p
         client.get_manifest("test/lazy-referrers", referrers_tag(m.digest))
     proxy.reset()
     fresh = Store(tmp_path / "fresh").init()
-    with caplog.at_level("INFO", logger="layerfs.lazy.image"):
+    with caplog.at_level("INFO", logger="layerfs.lazy"):
         _, _, tree, _ = open_lazy_tree(fresh, ref)
     assert any("found by referrers API" in r.getMessage() for r in caplog.records)
     assert any("/referrers/" in r.path for r in proxy.requests)
@@ -365,7 +365,7 @@ def test_unusable_published_index_falls_back_to_a_full_pull(registry, tmp_path, 
     cached = lazy_cache_dir(fresh, m.layers[1].digest) / f"index-{hd.algorithm}-{hd.hex}"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"junk")
-    with caplog.at_level("WARNING", logger="layerfs.lazy.image"):
+    with caplog.at_level("WARNING", logger="layerfs.lazy"):
         _, _, tree, readers = open_lazy_tree(fresh, ref)
     msgs = [r.getMessage() for r in caplog.records]
     [warn] = [t for t in msgs if "unusable" in t]

@@ -683,7 +683,8 @@ def test_cli_load_from_stdin(produced, tmp_path):
 
 def test_cli_mount_of_an_archive(produced, tmp_path):
     from mounthelpers import require_fuse, track, watchdog
-    from layerfs.mount import mounts, pid_alive
+    from layerfs.libc import pid_alive
+    from layerfs.mount import mounts
     require_fuse()
     store = Store(tmp_path / "store")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from layerfs.mount import FSTYPE, MountOptions, MountRecord, kernel_mounts, mount_tree, pid_alive
+from layerfs.libc import pid_alive
+from layerfs.mount import FSTYPE, MountOptions, MountRecord, kernel_mounts, mount_tree
 from layerfs.image import Digest
 from layerfs.store import Store
 from layerfs.fs import ROOT_INO, MergedTree, Node
@@ -308,8 +309,7 @@ def started_mounts(seconds: float) -> Iterator[list[tuple[Path, int]]]:
 
 def mount_lazy_read_only(store: Store, ref: str, mnt: Path, started: list[tuple[Path, int]]) -> Path:
     """Mount *ref* lazily and read-only at *mnt* (made if missing), recorded in *started* for teardown."""
-    from layerfs.lazy import mount_lazy
-    from layerfs.mount import MountOptions
+    from layerfs.mount import MountOptions, mount_lazy
     require_fuse()
     mnt.mkdir(parents=True, exist_ok=True)
     rec = mount_lazy(store, ref, mnt, MountOptions(read_only=True))
