@@ -26,7 +26,8 @@ from layerfs.registry import RegistryOptions
 from layerfs.store import Store
 from layerfs.fs import MergedTree
 from layerfs.fs import open_image_tree
-from registryfixtures import push_image, require_binary
+from prereqs import require_binary
+from registryclient import push_image
 
 IS_ROOT = os.geteuid() == 0
 BIN = b"\xff\x00\x01binary"

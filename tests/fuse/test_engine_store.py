@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from mounthelpers import require_fuse, started_mounts, track, wait_until
-from registryfixtures import require_binary
+from prereqs import require_binary
 from layerfs.cli.main import main
 from layerfs.transfer import TOC_DIGEST_ANNOTATION
 from imagebuild import LayerBuilder, build_image

@@ -67,7 +67,7 @@ from layerfs.mount import mounts, pid_alive
 from layerfs.fs import OVERRIDE_XATTR
 from layerfs.store import Store
 from mounthelpers import force_unmount, is_mounted, require_fuse, track, wait_until, watchdog
-from registryfixtures import _clean_env, missing_prerequisite, require_binary
+from prereqs import clean_env, missing_prerequisite, require_binary
 from treecompare import (Difference, compare, extract_overlay_layers, kernel_overlay, link_problems, norm_path,
                          snapshot, snapshot_from_json, tmpfs)
 
@@ -409,7 +409,7 @@ def assert_case_facts(snap) -> None:
 # --- running layerfs -----------------------------------------------------------------------
 
 def _env() -> dict[str, str]:
-    return dict(_clean_env(), PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return dict(clean_env(), PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def layerfs_pull(store_root: Path, ref: str) -> None:
@@ -440,7 +440,7 @@ def layerfs_mount(store_root: Path, ref: str, mnt: Path, *options: str) -> Itera
 
 def layerfs_snapshot(registry, store_root: Path, repo: str, image, mnt: Path) -> dict:
     """Push *image*, pull it into *store_root*, mount it read-only (the union view) and snapshot it."""
-    from registryfixtures import push_image
+    from registryclient import push_image
     push_image(registry.host, repo, "v1", image)
     ref = f"{registry.host}/{repo}:v1"
     layerfs_pull(store_root, ref)
@@ -451,7 +451,7 @@ def layerfs_snapshot(registry, store_root: Path, repo: str, image, mnt: Path) ->
 def umoci_unpack(layout: Path, tag: str, dest: Path) -> dict:
     umoci = require_binary("umoci")
     p = subprocess.run([umoci, "raw", "unpack", "--image", f"{layout}:{tag}", str(dest)], capture_output=True,
-                       text=True, timeout=120, stdin=subprocess.DEVNULL, env=_clean_env())
+                       text=True, timeout=120, stdin=subprocess.DEVNULL, env=clean_env())
     assert p.returncode == 0, p.stderr
     return snapshot(dest)
 
@@ -460,7 +460,7 @@ def skopeo_to_oci(ref: str, layout: Path, tag: str) -> None:
     skopeo = require_binary("skopeo")
     p = subprocess.run([skopeo, "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false",
                         "--src-no-creds", f"docker://{ref}", f"oci:{layout}:{tag}"],
-                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=_clean_env())
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=clean_env())
     assert p.returncode == 0, p.stderr
 
 
@@ -740,7 +740,7 @@ def test_hard_links_to_rewritten_names_match_gnu_tar(case, tmp_path):
 
 def _run(*args: str, timeout: float = 120) -> str:
     p = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL, env=_clean_env())
+                       stdin=subprocess.DEVNULL, env=clean_env())
     assert p.returncode == 0, f"{' '.join(map(str, args))}: {p.stderr}"
     return p.stdout
 
@@ -842,7 +842,7 @@ def layout_layer_tars(layout: Path, tag: str) -> list[bytes]:
 
 
 def test_umoci_made_image_matches_umoci_and_kernel_overlay(registry, unique_repo, tmp_path, work):
-    from registryfixtures import skopeo_push
+    from producers import skopeo_push
     layout = umoci_layers_image(work)
     tars = layout_layer_tars(layout, "v1")
     assert len(tars) == 3
@@ -1108,7 +1108,7 @@ def test_rootless_mount_as_an_ordinary_user(registry, unique_repo, tmp_path):
           .add_dir("tmp", mode=0o1777).add_file("tmp/shared", b"shared\n", mode=0o666).build())
     l2 = LayerBuilder().add_whiteout("etc/motd").add_file("etc/new", b"new\n", uid=1000).build()
     image = build_image([l1, l2])
-    from registryfixtures import push_image
+    from registryclient import push_image
     push_image(registry.host, unique_repo, "v1", image)
     ref = f"{registry.host}/{unique_repo}:v1"
 

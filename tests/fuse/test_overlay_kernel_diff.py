@@ -893,7 +893,7 @@ MAKEFILE = (b"CFLAGS=-O2 -Wall\nhello: main.o greet.o\n\t$(CC) -o $@ $^\n"
 
 
 def test_build_workload_unpack_make_git(pair, tmp_path):
-    from registryfixtures import require_binary
+    from prereqs import require_binary
     for tool in ("gcc", "make", "git", "tar"):      # skipped without them, a failure under CI=true
         require_binary(tool)
     src = tmp_path / "src" / "hello-1.0"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from mounthelpers import force_unmount, mount_lazy_read_only, require_fuse, started_mounts, track
-from registryfixtures import require_binary
+from prereqs import require_binary
 from layerfs.cli.main import main
 from layerfs.transfer import (FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
     EStargzError, footer_bytes, parse_footer, parse_toc_member)

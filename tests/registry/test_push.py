@@ -22,7 +22,8 @@ from layerfs.image import Reference
 from layerfs.registry import RegistryOptions
 from layerfs.store import Store
 from layerfs.fs import open_image_tree
-from registryfixtures import push_image, require_binary
+from prereqs import require_binary
+from registryclient import push_image
 
 
 def layers(n: int = 2, size: int = 3000) -> list[bytes]:

@@ -19,7 +19,8 @@ from layerfs.errors import (AuthenticationError, ManifestError, RegistryError, R
 from imagebuild import LayerBuilder, build_image
 from layerfs.image import Descriptor, Digest, OCI_LAYER
 from layerfs.registry import RegistryClient, RegistryOptions
-from registryfixtures import Registry, push_image
+from registryclient import push_image
+from registryproc import Registry
 
 
 def run(args, capsys):
@@ -121,7 +122,7 @@ def test_insecure_registry_falls_back_to_http(registry, unique_repo, store_root,
 
 
 def _verify_session(cert):
-    from registryfixtures import new_session
+    from localnet import new_session
     s = new_session()
     s.verify = str(cert)
     return s

@@ -223,7 +223,7 @@ def put_image(store: Store, name: str, image) -> Digest:
 
 def require_fuse() -> None:
     """Skip without FUSE (/dev/fuse, fusermount3, layerfs._fuse), except under CI=true where that is a failure."""
-    from registryfixtures import missing_prerequisite, require_binary, require_module
+    from prereqs import missing_prerequisite, require_binary, require_module
     if not os.path.exists("/dev/fuse"):
         missing_prerequisite("FUSE is not usable here: /dev/fuse is missing")
     require_binary("fusermount3")
