@@ -11,7 +11,7 @@ groups; see ``treecompare.py``). The references, snapshotted the same way:
 1. ``umoci raw unpack`` of an OCI layout of the same image (written by
    imagebuild, or copied from the registry by skopeo for Docker images);
 2. the kernel overlayfs (read-only) of the same layers, each extracted into
-   its own directory in overlay form by ``treecompare.extract_overlay_layers``.
+   its own directory in overlay form by ``kerneloverlay.extract_overlay_layers``.
 
 Only known, legitimate differences are accepted, each by its own rule with
 the reason beside it (``UmociRules``, ``CASE_UMOCI_KNOWN``,
@@ -68,8 +68,8 @@ from layerfs.fs import OVERRIDE_XATTR
 from layerfs.store import Store
 from mounthelpers import force_unmount, is_mounted, require_fuse, track, wait_until, watchdog
 from prereqs import clean_env, missing_prerequisite, require_binary
-from treecompare import (Difference, compare, extract_overlay_layers, kernel_overlay, link_problems, norm_path,
-                         snapshot, snapshot_from_json, tmpfs)
+from kerneloverlay import extract_overlay_layers, kernel_overlay, norm_path, tmpfs
+from treecompare import Difference, compare, link_problems, snapshot, snapshot_from_json
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = DEFAULT_MTIME                 # 2024-01-01T00:00:00Z
@@ -473,7 +473,7 @@ class OverlayRef:
 
     def dir_layers(self, path: str) -> int:
         """In how many lower directories of the mount *path* is a directory (2+: the kernel merges it).
-        A single layer is mounted over an empty directory (treecompare.kernel_overlay): its root is merged."""
+        A single layer is mounted over an empty directory (kerneloverlay.kernel_overlay): its root is merged."""
         n = sum(1 for d in self.layer_dirs if (d / path).is_dir() and not (d / path).is_symlink())
         return n + (path == "" and len(self.layer_dirs) < 2)
 
