@@ -161,17 +161,12 @@ def main(argv=None) -> int:
             proxy = bz.ThrottleProxy(reg.host, mbit or None)
             plain = f"{proxy.host}/{bz.REPO}:{bz.TAG}"
             refs = {VARIANTS[0]: plain, VARIANTS[1]: f"{proxy.host}/{bz.REPO}:{bz.ESTARGZ_TAG}", VARIANTS[2]: plain}
-            for r in range(runs):
-                order = list(results) if r % 2 == 0 else list(results)[::-1]
-                for v in order:
-                    try:
-                        res = one_run(v, refs[v], runs_dir / "run", proxy, args.timeout, drop)
-                        results[v].append(res)
-                        bl.log(f"run {r + 1}/{runs} {v:38s} output after {res['output_s']:7.2f} s, "
-                               f"{bl.mb(res['bytes'])} via proxy")
-                    except (bl.BenchError, subprocess.TimeoutExpired) as e:
-                        failures.append(f"run {r + 1} {v}: {e}")
-                        bl.log(f"run {r + 1}/{runs} {v} FAILED: {e}")
+            for r, v in bl.interleaved(runs, VARIANTS):
+                with bl.failure_noted(failures, r, runs, v, (bl.BenchError, subprocess.TimeoutExpired)):
+                    res = one_run(v, refs[v], runs_dir / "run", proxy, args.timeout, drop)
+                    results[v].append(res)
+                    bl.log(f"run {r + 1}/{runs} {v:38s} output after {res['output_s']:7.2f} s, "
+                           f"{bl.mb(res['bytes'])} via proxy")
     except KeyboardInterrupt:
         print("bench_engine: interrupted", file=sys.stderr)
         return 130

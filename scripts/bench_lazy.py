@@ -370,18 +370,13 @@ def main(argv=None) -> int:
             proxy = ThrottleProxy(reg.host, mbit or None)
             refs = {VARIANTS[0]: f"{proxy.host}/{REPO}:{TAG}", VARIANTS[1]: f"{proxy.host}/{REPO}:{ESTARGZ_TAG}",
                     VARIANTS[2]: f"{proxy.host}/{REPO}:{TAG}"}
-            for r in range(runs):
-                order = list(results) if r % 2 == 0 else list(results)[::-1]
-                for v in order:
-                    gate.wait()
-                    try:
-                        res = one_run(v, refs[v], runs_dir, files, proxy, args.timeout, drop)
-                        results[v].append(res)
-                        bl.log(f"run {r + 1}/{runs} {v:24s} first read {res['first_read_s']:7.2f} s, "
-                               f"startup set {res['startup_s']:7.2f} s, {bl.mb(res['bytes'])} via proxy")
-                    except bl.BenchError as e:
-                        failures.append(f"run {r + 1} {v}: {e}")
-                        bl.log(f"run {r + 1}/{runs} {v} FAILED: {e}")
+            for r, v in bl.interleaved(runs, VARIANTS):
+                gate.wait()
+                with bl.failure_noted(failures, r, runs, v):
+                    res = one_run(v, refs[v], runs_dir, files, proxy, args.timeout, drop)
+                    results[v].append(res)
+                    bl.log(f"run {r + 1}/{runs} {v:24s} first read {res['first_read_s']:7.2f} s, "
+                           f"startup set {res['startup_s']:7.2f} s, {bl.mb(res['bytes'])} via proxy")
     except KeyboardInterrupt:
         print("bench_lazy: interrupted", file=sys.stderr)
         return 130

@@ -219,22 +219,18 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             bl.push_image(reg.host, REPO, TAG, img)
             bl.log(f"pushed {ref} ({bl.mb(img.compressed_size)} compressed) in {time.perf_counter() - t0:.1f} s")
-            order = list(TOOLS)
-            for r in range(runs):
-                for tool in (order if r % 2 == 0 else order[::-1]):
-                    dest = fresh_dir(runs_dir, f"{tool}-{r}")
-                    os.sync()
-                    gate.wait()
-                    try:
+            for r, tool in bl.interleaved(runs, TOOLS):
+                dest = fresh_dir(runs_dir, f"{tool}-{r}")
+                os.sync()
+                gate.wait()
+                try:
+                    with bl.failure_noted(failures, r, runs, tool):
                         dt = TOOLS[tool](ref, dest, args.timeout)
                         check_oci_dir(dest, img, tool)
                         times[tool].append(dt)
                         bl.log(f"run {r + 1}/{runs} {tool:8s} {dt:7.2f} s")
-                    except bl.BenchError as e:
-                        failures.append(f"run {r + 1} {tool}: {e}")
-                        bl.log(f"run {r + 1}/{runs} {tool:8s} FAILED: {e}")
-                    finally:
-                        shutil.rmtree(dest, ignore_errors=True)
+                finally:
+                    shutil.rmtree(dest, ignore_errors=True)
             if args.profile:
                 try:
                     profile_text = profile_layerfs(ref, runs_dir, workdir, args.timeout * 2)

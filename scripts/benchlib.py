@@ -594,6 +594,26 @@ class QuietGate:
                 f"{self.noisy} of {self.samples} samples started on a busy machine anyway")
 
 
+def interleaved(runs: int, variants: Sequence[str]) -> Iterator[tuple[int, str]]:
+    """(round, variant) for *runs* rounds of every variant, the order reversed every other round, so that
+    neither the first nor the last place of a round is always the same variant's."""
+    order = list(variants)
+    for r in range(runs):
+        for v in (order if r % 2 == 0 else order[::-1]):
+            yield r, v
+
+
+@contextlib.contextmanager
+def failure_noted(failures: list[str], r: int, runs: int, variant: str,
+                  errors: tuple[type[BaseException], ...] = (BenchError,)) -> Iterator[None]:
+    """One run of round *r*: an error of *errors* is logged and noted in *failures*, and the rounds go on."""
+    try:
+        yield
+    except errors as e:
+        failures.append(f"run {r + 1} {variant}: {e}")
+        log(f"run {r + 1}/{runs} {variant} FAILED: {e}")
+
+
 def drop_caches() -> None:
     """Write back and drop the page cache, dentries and inodes (root only)."""
     os.sync()
