@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from clirun import run_cli as run
 from layerfs.changes import (EMPTY_TAR_DIGEST, OVERRIDE_XATTR, ChangeSyntaxError, CommitOptions, UpperDirError,
     apply_changes, commit, diff, export_tree, overlay_tree, resolve_target, scan_upper, write_layer_tar)
-from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image, compress
 from layerfs.index import index_path
 from layerfs.image import OCI_LAYER_GZIP, OCI_MANIFEST, Digest
@@ -157,12 +157,6 @@ def store(tmp_path, monkeypatch) -> Store:
 @pytest.fixture
 def upper(tmp_path) -> Path:
     return make_upper(tmp_path)
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --- snapshots: one comparable form for trees, directories and tars ---------------------------------

@@ -10,16 +10,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from clirun import run_cli as run
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image
 from layerfs.store import Store
 from registryclient import push_image
-
-
-def run(args, capsys):
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.cli.main import main
+from clirun import run_cli as run
 from imagebuild import LayerBuilder, build_image, build_index
 from layerfs.image import Digest, Platform
 from layerfs.store import Store
@@ -32,13 +32,6 @@ def small_layers(n=2, size=2000, seed=0):
         b.add_file(f"etc/text{i}", (f"line {seed} {i}\n" * 50).encode())
         out.append(b.build())
     return out
-
-
-def run(args, capsys, *, env=None):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

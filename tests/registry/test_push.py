@@ -12,8 +12,8 @@ from urllib.parse import parse_qs
 
 import pytest
 
+from clirun import run_cli as run
 from layerfs.changes import CommitOptions, commit, resolve_target
-from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image
 from layerfs.image import Digest
 from layerfs.transfer import REPO_DIGEST_ANNOTATION, PullOptions, Puller
@@ -33,12 +33,6 @@ def layers(n: int = 2, size: int = 3000) -> list[bytes]:
         b.add_dir(f"d{i}").add_file(f"d{i}/rand", os.urandom(size)).add_file(f"d{i}/text", b"t" * 500)
         out.append(b.build())
     return out
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

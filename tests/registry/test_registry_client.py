@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from clirun import run_cli as run
 import layerfs.registry.client as registry_mod
 from layerfs.registry import Credentials
-from layerfs.cli.main import main
 from layerfs.errors import (AuthenticationError, ManifestError, RegistryError, RegistryUnreachable,
                             SizeMismatch)
 from imagebuild import LayerBuilder, build_image
@@ -21,12 +21,6 @@ from layerfs.image import Descriptor, Digest, OCI_LAYER
 from layerfs.registry import RegistryClient, RegistryOptions
 from registryclient import push_image
 from registryproc import Registry
-
-
-def run(args, capsys):
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

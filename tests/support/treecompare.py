@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Sequence
 
 __all__ = ["Entry", "Snapshot", "Difference", "snapshot", "compare", "link_problems", "snapshot_to_json",
-           "snapshot_from_json", "stat_view", "view_snapshot", "diff_snapshots", "kind_of"]
+           "snapshot_from_json", "tree_snapshot", "stat_view", "view_snapshot", "diff_snapshots", "kind_of"]
 
 KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "char",
          stat.S_IFBLK: "block", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
@@ -157,6 +157,19 @@ def snapshot_to_json(snap: Snapshot) -> str:
 
 def snapshot_from_json(text: str) -> Snapshot:
     return {p: Entry.from_json(d) for p, d in json.loads(text).items()}
+
+
+def tree_snapshot(tree) -> dict:
+    """path -> attributes and content hash of every node of a merged tree (``layerfs.fs.MergedTree``: its
+    ``walk()`` and ``read()``), inode numbers included: two trees of the same image compare equal."""
+    out = {}
+    for path, n in tree.walk():
+        content = None
+        if stat.S_ISREG(n.mode):
+            content = hashlib.sha256(tree.read(n.ino, 0, n.size) if n.size else b"").hexdigest()
+        out[path] = (n.ino, n.mode, n.uid, n.gid, n.size, n.mtime_ns, n.nlink, n.rdev, n.target,
+                     dict(n.xattrs or {}), content)
+    return out
 
 
 # --- comparing --------------------------------------------------------------------------
