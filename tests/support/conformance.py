@@ -38,10 +38,11 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from mounthelpers import force_unmount, put_image, random_bytes, track  # noqa: E402
-from kerneloverlay import extract_overlay_layers, kernel_overlay  # noqa: E402
-from layerfs.errors import LayerfsError  # noqa: E402
 from imagebuild import LayerBuilder, build_image  # noqa: E402
+from kerneloverlay import extract_overlay_layers, kernel_overlay  # noqa: E402
+from mounthelpers import force_unmount, put_image, random_bytes, track  # noqa: E402
+
+from layerfs.errors import LayerfsError  # noqa: E402
 from layerfs.mount import MountOptions, mount_image, umount  # noqa: E402
 from layerfs.store import Store  # noqa: E402
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
-from localnet import LOCALHOST
+from localnet import LOCALHOST, ServedInThread
 from registryclient import parse_challenge
 from scripted import ProxiedRequest, Scripted, send_scripted
 
@@ -69,7 +69,7 @@ class _ProxyServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler], proxy: "FaultProxy"):
+    def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler], *, proxy: "FaultProxy"):
         self.proxy = proxy
         self._conns: set[socket.socket] = set()
         self._conn_threads: list[threading.Thread] = []
@@ -93,6 +93,10 @@ class _ProxyServer(ThreadingHTTPServer):
             self._conns.discard(request)
         super().shutdown_request(request)
 
+    def server_close(self) -> None:
+        super().server_close()
+        self.close_all()
+
     def close_all(self, timeout: float = 5.0) -> None:
         with self._conn_lock:
             conns, threads = list(self._conns), list(self._conn_threads)
@@ -104,7 +108,7 @@ class _ProxyServer(ThreadingHTTPServer):
             t.join(max(0.0, deadline - time.monotonic()))
 
 
-class FaultProxy:
+class FaultProxy(ServedInThread):
     """A threaded HTTP/1.1 proxy in front of *target_host* ("127.0.0.1:PORT") that injects faults.
 
     Requests are forwarded with their ``Host`` header unchanged, so the
@@ -135,6 +139,8 @@ class FaultProxy:
     index; ``?artifactType=`` filters, with ``OCI-Filters-Applied``).
     """
 
+    what = "proxy"
+
     def __init__(self, target_host: str, *, max_body: int = 256 << 20, upstream_timeout: float = 30.0,
                  max_connections: int = 64, idle_timeout: float = 30.0):
         self.target_host = target_host
@@ -152,41 +158,17 @@ class FaultProxy:
         self._last_challenge: str | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._server: _ProxyServer | None = None
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> "FaultProxy":
-        if self._server is None:
+        if not self.serving:
             self._stopping.clear()
-            self._server = _ProxyServer((LOCALHOST, 0), _make_proxy_handler(self), self)
-            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                            name="fault-proxy", daemon=True)
-            self._thread.start()
+            self.serve(_make_proxy_handler(self), "fault-proxy", server_class=_ProxyServer, proxy=self)
         return self
 
     def stop(self) -> None:
         self._stopping.set()
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-            server.close_all()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> "FaultProxy":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("proxy is not running")
-        return self._server.server_address[1]
+        super().stop()
 
     @property
     def host(self) -> str:

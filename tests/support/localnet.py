@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 from http.server import ThreadingHTTPServer
+from typing import Any
 
 import requests
 
@@ -33,8 +34,11 @@ class ServedInThread:
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
-    def serve(self, handler: type, name: str, bind: str = LOCALHOST) -> None:
-        server = ThreadingHTTPServer((bind, 0), handler)
+    def serve(self, handler: type, name: str, bind: str = LOCALHOST, *,
+              server_class: type[ThreadingHTTPServer] = ThreadingHTTPServer, **server_args: Any) -> None:
+        """Serve *handler* on a free port of *bind* from a thread called *name* (with *server_class*,
+        given *server_args*, for a server of its own)."""
+        server = server_class((bind, 0), handler, **server_args)
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},

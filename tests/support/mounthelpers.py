@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from layerfs.mount import FSTYPE, MountOptions, MountRecord, mount_table, mount_tree, pid_alive
-from layerfs.image import Digest
-from layerfs.store import Store
 from layerfs.fs import ROOT_INO, MergedTree, Node
+from layerfs.image import Digest
+from layerfs.mount import FSTYPE, MountOptions, MountRecord, mount_table, mount_tree, pid_alive
+from layerfs.store import Store
 
 MTIME_NS = 1_704_067_200_123_456_789      # 2024-01-01T00:00:00.123456789Z
 
