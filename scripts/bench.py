@@ -77,6 +77,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchimage as bi  # noqa: E402
+import benchregistry as br  # noqa: E402
 import benchlib as bl  # noqa: E402
 
 REPO, TAG = "bench/mount", "v1"
@@ -127,14 +129,14 @@ def _walk_host(rel_root: str):
 def build_layers(spec: dict):
     def build(blobdir: Path):
         rng = random.Random(42)
-        text = bl.TextSource(pool=(1 << 20) if spec["small"] < 5000 else (4 << 20))
-        layers: list[bl.LayerBlob] = []
+        text = bi.TextSource(pool=(1 << 20) if spec["small"] < 5000 else (4 << 20))
+        layers: list[bi.LayerBlob] = []
         meta: dict = {}
 
         # 1. base: the host's /usr, real metadata, until the byte budget is reached
         base_files: list[str] = []
         base_dirs: dict[str, int] = {}          # dir -> number of entries below it
-        with bl.LayerWriter(blobdir, comment="rootfs base from the host's /usr") as w:
+        with bi.LayerWriter(blobdir, comment="rootfs base from the host's /usr") as w:
             w.tar.dereference = False
             added_dirs: set[str] = set()
             total = 0
@@ -187,17 +189,17 @@ def build_layers(spec: dict):
         layers.append(w.blob)
 
         # 2. the big incompressible file
-        with bl.LayerWriter(blobdir, comment="a 200 MB incompressible file") as w:
+        with bi.LayerWriter(blobdir, comment="a 200 MB incompressible file") as w:
             w.dir("opt")
             w.dir("opt/big")
-            w.stream_file(BIG, spec["big"], bl.random_chunks(spec["big"], seed=2024))
+            w.stream_file(BIG, spec["big"], bi.random_chunks(spec["big"], seed=2024))
         layers.append(w.blob)
 
         # 3. small files
         per = spec["small_per_dir"]
         ndirs = (spec["small"] + per - 1) // per
         small: list[str] = []
-        with bl.LayerWriter(blobdir, comment="20k small files") as w:
+        with bi.LayerWriter(blobdir, comment="20k small files") as w:
             w.dir("srv")
             w.dir("srv/small")
             for d in range(ndirs):
@@ -223,7 +225,7 @@ def build_layers(spec: dict):
 
         # 4. whiteouts
         deleted: list[str] = []
-        with bl.LayerWriter(blobdir, comment="whiteouts") as w:
+        with bi.LayerWriter(blobdir, comment="whiteouts") as w:
             seen_dirs: set[str] = set()
 
             def parent(p: str):
@@ -258,7 +260,7 @@ def build_layers(spec: dict):
 
         # 5. opaque directories with new content
         opq_small = f"srv/small/d{min(10, ndirs - 1):03d}"
-        with bl.LayerWriter(blobdir, comment="opaque directories") as w:
+        with bi.LayerWriter(blobdir, comment="opaque directories") as w:
             for d in (opq_dir, opq_small):
                 if d is None:
                     continue
@@ -271,7 +273,7 @@ def build_layers(spec: dict):
         layers.append(w.blob)
 
         # 6. changes on top
-        with bl.LayerWriter(blobdir, comment="changes: overwrites, type changes, /etc") as w:
+        with bi.LayerWriter(blobdir, comment="changes: overwrites, type changes, /etc") as w:
             w.dir("usr")
             w.dir("usr/sbin", mode=0o750)  # a mode change of a base directory
             done_dirs: set[str] = {"usr", "usr/sbin"}
@@ -319,7 +321,7 @@ def build_layers(spec: dict):
 @dataclass
 class Ctx:
     workdir: Path
-    img: bl.Image
+    img: bi.Image
     lowers: list[Path]          # extracted layers, bottom first
     blobs: list[Path]           # layer blob names for ratarmount, bottom first
     store: Path
@@ -527,7 +529,7 @@ def extract_overlay_form(blob: Path, dest: Path) -> None:
             os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0))
 
 
-def prepare_lowers(img: bl.Image, base: Path) -> list[Path]:
+def prepare_lowers(img: bi.Image, base: Path) -> list[Path]:
     if base.exists():
         shutil.rmtree(base)
     base.mkdir(parents=True)
@@ -727,7 +729,7 @@ def append_targets(spec: dict, n: int) -> list[str]:
 
 @dataclass
 class WriteCtx:
-    archive: bl.Archive
+    archive: bi.Archive
     targets: list[str]          # lower files for copy-up-and-append
     dd_mb: int
     rm_tree: str = "srv/small"  # the 20k-small-files layer's tree
@@ -1038,7 +1040,7 @@ def main(argv=None) -> int:
     tools: list[Tool] = []
     try:
         spec = image_spec(args.quick)
-        img = bl.cached_image(workdir, "mount-quick" if args.quick else "mount", spec, build_layers(spec))
+        img = bi.cached_image(workdir, "mount-quick" if args.quick else "mount", spec, build_layers(spec))
         # ratarmount gets the blobs under readable names (it keys its index on the path)
         blobs_dir = sub / "blobs"
         if blobs_dir.exists():
@@ -1066,8 +1068,8 @@ def main(argv=None) -> int:
             if ctx.store.exists():
                 shutil.rmtree(ctx.store)
             try:
-                with bl.Registry(base=workdir) as reg:
-                    bl.push_image(reg.host, REPO, TAG, img)
+                with br.Registry(base=workdir) as reg:
+                    br.push_image(reg.host, REPO, TAG, img)
                     ref = f"{reg.host}/{REPO}:{TAG}"
                     r = bl.run(bl.layerfs_cmd("--root", str(ctx.store), "pull", ref), env=bl.layerfs_env(),
                                cwd=bl.REPO_ROOT, timeout=900, what="layerfs pull")
@@ -1140,7 +1142,7 @@ def main(argv=None) -> int:
         # write workloads: each on a fresh writable mount with a fresh upper on the work dir's disk
         if do_write:
             wspec = write_spec(args.quick)
-            archive = bl.cached_small_archive(workdir, wspec["untar_files"])
+            archive = bi.cached_small_archive(workdir, wspec["untar_files"])
             wctx = WriteCtx(archive, append_targets(spec, wspec["append_files"]), wspec["dd_mb"])
             wtools = [t for t in tools if t.writable]
             for t in wtools:

@@ -42,6 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 import bench_lazy as bz  # noqa: E402
+import benchimage as bi  # noqa: E402
+import benchregistry as br  # noqa: E402
 import benchlib as bl  # noqa: E402
 from podman import Podman  # noqa: E402
 
@@ -58,7 +60,7 @@ def build_layers(spec: dict):
     inner = bz.build_layers(spec)
 
     def build(blobdir: Path):
-        with bl.LayerWriter(blobdir, level=6, comment="runtime: cat, libc, loader") as w:
+        with bi.LayerWriter(blobdir, level=6, comment="runtime: cat, libc, loader") as w:
             for d in ("usr", "usr/bin", "usr/lib", "usr/lib/x86_64-linux-gnu", "lib64"):
                 w.dir(d)
             for src, dst in RUNTIME_FILES:
@@ -155,8 +157,8 @@ def main(argv=None) -> int:
     name = "engine-quick" if args.quick else "engine"
     proxy = None
     try:
-        img = bl.cached_image(workdir, name, spec, build_layers(spec))
-        with bl.Registry(base=workdir) as reg:
+        img = bi.cached_image(workdir, name, spec, build_layers(spec))
+        with br.Registry(base=workdir) as reg:
             bz.prepare(workdir, img, reg, name, args.timeout, 1 << 20)
             proxy = bz.ThrottleProxy(reg.host, mbit or None)
             plain = f"{proxy.host}/{bz.REPO}:{bz.TAG}"

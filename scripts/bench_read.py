@@ -47,6 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+import benchimage as bi  # noqa: E402
 import benchlib as bl  # noqa: E402
 import bench  # noqa: E402
 
@@ -60,7 +61,7 @@ MiB = 1 << 20
 def prepare(workdir: Path) -> tuple[Store, object]:
     """The bench image in a store of its own (imported from the cached OCI layout on first use)."""
     spec = bench.image_spec(False)
-    img = bl.cached_image(workdir, "mount", spec, bench.build_layers(spec))
+    img = bi.cached_image(workdir, "mount", spec, bench.build_layers(spec))
     store = Store(workdir / "read" / "store")
     store.init()
     recs = store.images()
