@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 import bench_lazy as bz  # noqa: E402
 import benchimage as bi  # noqa: E402
-import benchregistry as br  # noqa: E402
 import benchlib as bl  # noqa: E402
+import benchregistry as br  # noqa: E402
 from podman import Podman  # noqa: E402
 
 SPEEDUP_TARGET = 10.0

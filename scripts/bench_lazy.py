@@ -47,8 +47,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchimage as bi  # noqa: E402
-import benchregistry as br  # noqa: E402
 import benchlib as bl  # noqa: E402
+import benchregistry as br  # noqa: E402
 
 SPEEDUP_TARGET = 10.0
 BYTES_TARGET = 0.10

@@ -35,8 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchimage as bi  # noqa: E402
-import benchregistry as br  # noqa: E402
 import benchlib as bl  # noqa: E402
+import benchregistry as br  # noqa: E402
 
 TARGET = 1.5   # issue 3: pull with indexing <= 1.5x skopeo copy
 REPO, TAG = "bench/pull", "v1"

@@ -49,10 +49,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import benchimage as bi  # noqa: E402
 import benchlib as bl  # noqa: E402
-import bench  # noqa: E402
+import benchrootfs as rootfs  # noqa: E402
 
-from layerfs.index import gzindex  # noqa: E402
 from layerfs.fs import union  # noqa: E402
+from layerfs.index import gzindex  # noqa: E402
 from layerfs.store import Store  # noqa: E402
 
 MiB = 1 << 20
@@ -60,8 +60,8 @@ MiB = 1 << 20
 
 def prepare(workdir: Path) -> tuple[Store, object]:
     """The bench image in a store of its own (imported from the cached OCI layout on first use)."""
-    spec = bench.image_spec(False)
-    img = bi.cached_image(workdir, "mount", spec, bench.build_layers(spec))
+    spec = rootfs.image_spec(False)
+    img = bi.cached_image(workdir, "mount", spec, rootfs.build_layers(spec))
     store = Store(workdir / "read" / "store")
     store.init()
     recs = store.images()
@@ -89,7 +89,7 @@ def requests_for(tree, workload: str, chunk: int) -> list[tuple[int, int, int]]:
                 reqs.append((node.ino, off, chunk))
     else:
         node = tree.get(1)
-        for part in bench.BIG.split("/"):
+        for part in rootfs.BIG.split("/"):
             node = tree.lookup(node.ino, part)
         for off in range(0, node.size, MiB):
             reqs.append((node.ino, off, MiB))
@@ -166,7 +166,7 @@ def fuse_runs(store: Store, name: str, workdir: Path, runs: int) -> None:
         lower = ":".join(str(p) for p in reversed(lowers))
         tools["fuse-overlayfs"] = (["fuse-overlayfs", "-o", f"lowerdir={lower}", str(mnt)],
                                    ["fusermount3", "-u", str(mnt)])
-    cmds = {"tar": f"tar cf - -C {mnt} usr | wc -c", "cat": f"cat {mnt}/{bench.BIG} >/dev/null"}
+    cmds = {"tar": f"tar cf - -C {mnt} usr | wc -c", "cat": f"cat {mnt}/{rootfs.BIG} >/dev/null"}
     res: dict[tuple[str, str], list[float]] = {}
     for r in range(runs):
         for tool, (mount, umount) in tools.items():

@@ -34,8 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchimage as bi  # noqa: E402
-import benchregistry as br  # noqa: E402
 import benchlib as bl  # noqa: E402
+import benchregistry as br  # noqa: E402
 
 FILES_PER_PACKAGE = 8          # + the package directory and its lib/ directory: 10 entries per package
 
