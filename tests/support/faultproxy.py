@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
-from localnet import LOCALHOST, ServedInThread
+from localnet import ServedInThread
 from registryclient import parse_challenge
 from scripted import ProxiedRequest, Scripted, send_scripted
 
@@ -169,14 +169,6 @@ class FaultProxy(ServedInThread):
     def stop(self) -> None:
         self._stopping.set()
         super().stop()
-
-    @property
-    def host(self) -> str:
-        return f"{LOCALHOST}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
 
     # -- rules ----------------------------------------------------------------
     def _add(self, rule: FaultRule) -> FaultRule:

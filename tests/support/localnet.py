@@ -26,19 +26,22 @@ def new_session() -> requests.Session:
 
 
 class ServedInThread:
-    """A ThreadingHTTPServer on 127.0.0.1 (or *bind*) served from a daemon thread: ``start()`` (the
-    subclass's, calling :meth:`serve`), ``stop()``, and ``with`` for both; ``port`` once started."""
+    """A ThreadingHTTPServer on 127.0.0.1 (or ``bind``) served from a daemon thread: ``start()`` (the
+    subclass's, calling :meth:`serve`), ``stop()``, and ``with`` for both; ``port``, ``host`` and ``url``
+    once started."""
 
     #: what the server is called in errors
     what = "server"
+    #: the address it listens on
+    bind = LOCALHOST
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
-    def serve(self, handler: type, name: str, bind: str = LOCALHOST, *,
+    def serve(self, handler: type, name: str, *,
               server_class: type[ThreadingHTTPServer] = ThreadingHTTPServer, **server_args: Any) -> None:
-        """Serve *handler* on a free port of *bind* from a thread called *name* (with *server_class*,
+        """Serve *handler* on a free port of ``bind`` from a thread called *name* (with *server_class*,
         given *server_args*, for a server of its own)."""
-        server = server_class((bind, 0), handler, **server_args)
+        server = server_class((self.bind, 0), handler, **server_args)
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -54,6 +57,14 @@ class ServedInThread:
         if self._server is None:
             raise RuntimeError(f"{self.what} is not running")
         return self._server.server_address[1]
+
+    @property
+    def host(self) -> str:
+        return f"{self.bind}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
 
     def stop(self) -> None:
         server, self._server = self._server, None

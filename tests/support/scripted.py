@@ -113,20 +113,13 @@ class ScriptedServer(ServedInThread):
 
     def start(self) -> "ScriptedServer":
         self._stopping.clear()
-        self.serve(_make_scripted_handler(self), "scripted-server", self.bind)
+        self.serve(_make_scripted_handler(self), "scripted-server")
         return self
 
     def stop(self) -> None:
         self._stopping.set()
         super().stop()
 
-    @property
-    def host(self) -> str:
-        return f"{self.bind}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
 
 
 def _make_scripted_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:

@@ -9,7 +9,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Mapping
 
-from localnet import LOCALHOST, ServedInThread
+from localnet import ServedInThread
 
 
 class SignedURLServer(ServedInThread):
@@ -34,10 +34,6 @@ class SignedURLServer(ServedInThread):
     def start(self) -> "SignedURLServer":
         self.serve(_make_signed_handler(self), "signed-url-server")
         return self
-
-    @property
-    def host(self) -> str:
-        return f"{LOCALHOST}:{self.port}"
 
     def sign(self, repository: str, digest: str, authorization: str | None) -> str:
         sig = secrets.token_hex(12)

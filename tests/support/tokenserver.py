@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
-from localnet import LOCALHOST, ServedInThread
+from localnet import ServedInThread
 from prereqs import require_module
 
 
@@ -201,10 +201,6 @@ class TokenServer(ServedInThread):
             self._requests.clear()
 
     # -- addresses ------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        return f"http://{LOCALHOST}:{self.port}"
-
     @property
     def realm(self) -> str:
         return self.url + "/token"
