@@ -439,7 +439,7 @@ def main(argv=None) -> int:
 
 
 def _blob_total(host: str, tag: str) -> int:
-    st, _, body = br._http(host, "GET", f"/v2/{REPO}/manifests/{tag}",
+    st, _, body = br.http_request(host, "GET", f"/v2/{REPO}/manifests/{tag}",
                            headers={"Accept": f"{bi.OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"})
     if st != 200:
         return 0

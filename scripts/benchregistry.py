@@ -107,8 +107,9 @@ http:
         self.stop()
 
 
-def _http(host: str, method: str, path: str, body=None, headers: dict | None = None,
-          timeout: float = 300) -> tuple[int, dict, bytes]:
+def http_request(host: str, method: str, path: str, body=None, headers: dict | None = None,
+                 timeout: float = 300) -> tuple[int, dict, bytes]:
+    """One plain-HTTP request to the registry at *host*: (status, headers, body)."""
     h, p = host.rsplit(":", 1)
     c = http.client.HTTPConnection(h, int(p), timeout=timeout)
     try:
@@ -123,10 +124,10 @@ def _http(host: str, method: str, path: str, body=None, headers: dict | None = N
 def push_image(host: str, repo: str, tag: str, img: Image) -> str:
     """Push an :class:`Image` (blobs streamed from disk); returns the manifest digest."""
     def put_blob(digest: str, path: Path, size: int) -> None:
-        st, _, _ = _http(host, "HEAD", f"/v2/{repo}/blobs/{digest}")
+        st, _, _ = http_request(host, "HEAD", f"/v2/{repo}/blobs/{digest}")
         if st == 200:
             return
-        st, hdr, body = _http(host, "POST", f"/v2/{repo}/blobs/uploads/")
+        st, hdr, body = http_request(host, "POST", f"/v2/{repo}/blobs/uploads/")
         if st != 202:
             raise BenchError(f"push {host}/{repo}: upload start failed: HTTP {st} {body[:200]!r}")
         loc = hdr["location"]
@@ -134,7 +135,7 @@ def push_image(host: str, repo: str, tag: str, img: Image) -> str:
             loc = "/" + loc.split("/", 3)[3]
         loc += ("&" if "?" in loc else "?") + "digest=" + digest
         with open(path, "rb") as f:
-            st, _, body = _http(host, "PUT", loc, body=f,
+            st, _, body = http_request(host, "PUT", loc, body=f,
                                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
         if st != 201:
             raise BenchError(f"push {host}/{repo}: blob {digest[:19]} failed: HTTP {st} {body[:200]!r}")
@@ -143,7 +144,7 @@ def push_image(host: str, repo: str, tag: str, img: Image) -> str:
         put_blob(l.digest, l.path, l.size)
     put_blob(img.config_digest, img.blob_path(img.config_digest), img.config_size)
     raw = img.blob_path(img.manifest_digest).read_bytes()
-    st, _, body = _http(host, "PUT", f"/v2/{repo}/manifests/{tag}", body=raw,
+    st, _, body = http_request(host, "PUT", f"/v2/{repo}/manifests/{tag}", body=raw,
                         headers={"Content-Type": OCI_MANIFEST})
     if st != 201:
         raise BenchError(f"push {host}/{repo}:{tag}: manifest failed: HTTP {st} {body[:200]!r}")
