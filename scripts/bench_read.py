@@ -37,8 +37,12 @@ MB/s of file data and the process's CPU time (user+sys, all threads); --profile 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import hashlib
 import os
+import pstats
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -54,6 +58,7 @@ import benchrootfs as rootfs  # noqa: E402
 from layerfs.fs import union  # noqa: E402
 from layerfs.index import gzindex  # noqa: E402
 from layerfs.store import Store  # noqa: E402
+from layerfs.transfer import LoadOptions, load  # noqa: E402
 
 MiB = 1 << 20
 
@@ -66,7 +71,6 @@ def prepare(workdir: Path) -> tuple[Store, object]:
     store.init()
     recs = store.images()
     if not recs:
-        from layerfs.transfer import LoadOptions, load
         bl.log(f"importing {img.layout} into {store.root}")
         load(store, f"oci:{img.layout}", LoadOptions(single=True))
         recs = store.images()
@@ -155,8 +159,6 @@ def run_requests(tree, reqs, threads: int, digest: bool = False) -> tuple[float,
 def fuse_runs(store: Store, name: str, workdir: Path, runs: int) -> None:
     """End to end through ``layerfs mount --read-only``: the commands of scripts/bench.py, cold;
     also through fuse-overlayfs when scripts/bench.py left its extracted layers in WORKDIR/full/lowers."""
-    import shutil
-    import subprocess
     mnt = workdir / "read" / "mnt"
     mnt.mkdir(parents=True, exist_ok=True)
     lowers = [workdir / "full" / "lowers" / f"L{i}" for i in range(1, 7)]
@@ -264,8 +266,6 @@ def main() -> int:
     print(bl.markdown_table(["workload", "threads", "ahead", "median", "throughput", "CPU (median)", "samples"], rows))
 
     if args.profile:
-        import cProfile
-        import pstats
         prof = cProfile.Profile()
         for w in workloads:
             if not args.warm:

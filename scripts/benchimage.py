@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -105,7 +106,6 @@ class LayerWriter:
         self.add(self._info(path, tarfile.DIRTYPE, mode, **kw))
 
     def file(self, path: str, data: bytes, mode: int = 0o644, **kw) -> None:
-        import io
         ti = self._info(path, tarfile.REGTYPE, mode, size=len(data), **kw)
         self.add(ti, io.BytesIO(data))
 
@@ -338,7 +338,6 @@ def cached_small_archive(workdir: Path, files: int, per_dir: int = 200, seed: in
             d = json.loads(meta.read_text())
             if path.stat().st_size == d["size"]:
                 return Archive(path, d["files"], d["dirs"], d["file_bytes"])
-    import io
     rng = random.Random(seed)
     text = TextSource(seed=seed, pool=1 << 20)
     fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".untar-", suffix=".tmp")

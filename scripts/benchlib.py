@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -394,7 +395,6 @@ def pyspy_summary(raw: Path, top: int = 12) -> list[str]:
     program) and the others (worker threads); the samples grouped by the module on top of the stack;
     the functions most often on top of the stack (self); layerfs's own functions by inclusive samples,
     the daemon's start-up chain (cli, mount, serve) left out. Line numbers are dropped."""
-    import re
     selfc: dict[str, int] = {}
     incl: dict[str, int] = {}
     mods: dict[str, int] = {}

@@ -3,6 +3,7 @@ the results table's store, mount bookkeeping and the tree listings the checks co
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -88,7 +89,6 @@ def sh(cmd: str, what: str, timeout: float = 900) -> bl.Run:
 
 
 def q(p: Path | str) -> str:
-    import shlex
     return shlex.quote(str(p))
 
 

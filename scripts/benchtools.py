@@ -4,6 +4,7 @@ and the layers in overlay form (GNU tar, whiteouts as 0/0 devices) the overlayfs
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -172,7 +173,6 @@ class Layerfs(Tool):
                          cwd=bl.REPO_ROOT, timeout=30, what="layerfs mounts").stdout.splitlines()
         except bl.BenchError:
             return None
-        import re
         rows = [re.split(r"\s{2,}|\t", l.strip()) for l in out if l.strip()]
         if not rows:
             return None

@@ -19,8 +19,11 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from prereqs import missing_prerequisite, require_binary, require_module
+
 from layerfs.fs import ROOT_INO, MergedTree, Node
-from layerfs.image import Digest
+from layerfs.image import OCI_CONFIG, OCI_MANIFEST, Descriptor, Digest
+from layerfs.lazy import mount_lazy
 from layerfs.mount import FSTYPE, MountOptions, MountRecord, mount_table, mount_tree, pid_alive
 from layerfs.store import Store
 
@@ -142,7 +145,6 @@ class Sample:
 
 def put_fake_image(store: Store, name: str, *, architecture: str = "amd64") -> Digest:
     """Tag a manifest + config (no layer blobs) as *name*; returns the manifest digest."""
-    from layerfs.image import OCI_CONFIG, OCI_MANIFEST, Descriptor
     store.init()
     config = json.dumps({"architecture": architecture, "os": "linux",
                          "rootfs": {"type": "layers", "diff_ids": []}}).encode()
@@ -168,7 +170,6 @@ def put_image(store: Store, name: str, image) -> Digest:
 
 def require_fuse() -> None:
     """Skip without FUSE (/dev/fuse, fusermount3, layerfs._fuse), except under CI=true where that is a failure."""
-    from prereqs import missing_prerequisite, require_binary, require_module
     if not os.path.exists("/dev/fuse"):
         missing_prerequisite("FUSE is not usable here: /dev/fuse is missing")
     require_binary("fusermount3")
@@ -253,8 +254,6 @@ def started_mounts(seconds: float) -> Iterator[list[tuple[Path, int]]]:
 
 def mount_lazy_read_only(store: Store, ref: str, mnt: Path, started: list[tuple[Path, int]]) -> Path:
     """Mount *ref* lazily and read-only at *mnt* (made if missing), recorded in *started* for teardown."""
-    from layerfs.lazy import mount_lazy
-    from layerfs.mount import MountOptions
     require_fuse()
     mnt.mkdir(parents=True, exist_ok=True)
     rec = mount_lazy(store, ref, mnt, MountOptions(read_only=True))

@@ -2,10 +2,10 @@
 umoci (:data:`UMOCI_EXPECTED` says what it holds), :func:`skopeo_push` pushes a layout with skopeo."""
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -96,7 +96,7 @@ def skopeo_push(oci_ref: str | os.PathLike[str], host: str, repo_tag: str, *,
     src = str(oci_ref)
     if not src.startswith("oci:"):
         src = f"oci:{src}:{tag}"
-    with _tempdir() as tmp:
+    with tempfile.TemporaryDirectory(prefix="layerfs-skopeo-") as tmp:
         digestfile = Path(tmp) / "digest"
         args = [skopeo, "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
                 "--digestfile", str(digestfile)]
@@ -109,10 +109,3 @@ def skopeo_push(oci_ref: str | os.PathLike[str], host: str, repo_tag: str, *,
         args += [src, f"docker://{host}/{repo_tag}"]
         _run(args, timeout=timeout)
         return Digest.parse(digestfile.read_text().strip())
-
-
-@contextlib.contextmanager
-def _tempdir() -> Any:
-    import tempfile
-    with tempfile.TemporaryDirectory(prefix="layerfs-skopeo-") as d:
-        yield d

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import json
 import os
 import re
@@ -248,8 +250,6 @@ def write_tls_cert(directory: str | os.PathLike[str], *, hosts: Sequence[str] = 
                    common_name: str = "layerfs test registry") -> tuple[Path, Path]:
     """A self-signed server certificate (EC P-256, SANs for *hosts*): returns (cert.pem, key.pem)."""
     require_module("cryptography")
-    import datetime
-    import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization

@@ -5,6 +5,7 @@ imported when the first key is made."""
 from __future__ import annotations
 
 import base64
+import datetime
 import fnmatch
 import json
 import os
@@ -78,7 +79,6 @@ class _SigningKey:
     """A private key plus a self-signed certificate, for signing JWTs (ES256 or RS256)."""
 
     def __init__(self, kind: Literal["ec", "rsa"], common_name: str):
-        import datetime
 
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
