@@ -40,8 +40,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 import bench_lazy as bz  # noqa: E402
+import benchimage as bi  # noqa: E402
 import benchlib as bl  # noqa: E402
+import benchregistry as br  # noqa: E402
+from podman import Podman  # noqa: E402
 
 SPEEDUP_TARGET = 10.0
 BYTES_TARGET = 0.10
@@ -56,7 +60,7 @@ def build_layers(spec: dict):
     inner = bz.build_layers(spec)
 
     def build(blobdir: Path):
-        with bl.LayerWriter(blobdir, level=6, comment="runtime: cat, libc, loader") as w:
+        with bi.LayerWriter(blobdir, level=6, comment="runtime: cat, libc, loader") as w:
             for d in ("usr", "usr/bin", "usr/lib", "usr/lib/x86_64-linux-gnu", "lib64"):
                 w.dir(d)
             for src, dst in RUNTIME_FILES:
@@ -67,40 +71,6 @@ def build_layers(spec: dict):
         layers, meta = inner(blobdir)
         return [w.blob] + layers, meta
     return build
-
-
-class Podman:
-    """podman with a private storage root; with *store*, storage.conf lists it as an additional layer store."""
-
-    def __init__(self, base: Path, registry: str, store: Path | None):
-        self.base = base
-        (base / "root").mkdir(parents=True)
-        (base / "tmp").mkdir()
-        self.runroot = Path(tempfile.mkdtemp(prefix="lfs-bench-", dir="/tmp"))   # podman: <= 50 characters
-        opts = f'[storage.options]\nadditionallayerstores = ["{store}:ref"]\n' if store else ""
-        (base / "storage.conf").write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{base / "root"}"\n'
-                                           f'runroot = "{self.runroot}"\n{opts}')
-        (base / "containers.conf").write_text(
-            '[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\n'
-            f'events_logger = "none"\ntmp_dir = "{base / "tmp"}"\n')
-        (base / "registries.conf").write_text(f'[[registry]]\nlocation = "{registry}"\ninsecure = true\n')
-        (base / "auth.json").write_text('{"auths": {}}')
-        self.env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
-                    "CONTAINERS_CONF": str(base / "containers.conf"),
-                    "CONTAINERS_REGISTRIES_CONF": str(base / "registries.conf"),
-                    "REGISTRY_AUTH_FILE": str(base / "auth.json"), "TMPDIR": str(base / "tmp")}
-
-    def cmd(self, *args: str) -> list[str]:
-        return ["podman", "--runtime", "runc", *args]
-
-    def cleanup(self) -> None:
-        for args in (("rm", "-af", "-t", "0"), ("rmi", "-af")):
-            subprocess.run(self.cmd(*args), env=self.env, capture_output=True, timeout=300)
-        with open("/proc/self/mountinfo") as f:
-            left = [ln.split()[4] for ln in f if ln.split()[4].startswith((str(self.base), str(self.runroot)))]
-        for mp in sorted(left, key=len, reverse=True):
-            subprocess.run(["umount", "-l", mp], capture_output=True, timeout=30)
-        shutil.rmtree(self.runroot, ignore_errors=True)
 
 
 def run_container(podman: Podman, ref: str, timeout: float) -> float:
@@ -159,7 +129,7 @@ def one_run(variant: str, ref: str, base: Path, proxy: bz.ThrottleProxy, timeout
                 raise bl.BenchError(f"{variant}: podman did not use the layer store")
     finally:
         if podman is not None:
-            podman.cleanup()
+            podman.cleanup(timeout=300)
         if use_store:
             bz.teardown(mnt.resolve())
         shutil.rmtree(base, ignore_errors=True)
@@ -187,23 +157,18 @@ def main(argv=None) -> int:
     name = "engine-quick" if args.quick else "engine"
     proxy = None
     try:
-        img = bl.cached_image(workdir, name, spec, build_layers(spec))
-        with bl.Registry(base=workdir) as reg:
+        img = bi.cached_image(workdir, name, spec, build_layers(spec))
+        with br.Registry(base=workdir) as reg:
             bz.prepare(workdir, img, reg, name, args.timeout, 1 << 20)
             proxy = bz.ThrottleProxy(reg.host, mbit or None)
             plain = f"{proxy.host}/{bz.REPO}:{bz.TAG}"
             refs = {VARIANTS[0]: plain, VARIANTS[1]: f"{proxy.host}/{bz.REPO}:{bz.ESTARGZ_TAG}", VARIANTS[2]: plain}
-            for r in range(runs):
-                order = list(results) if r % 2 == 0 else list(results)[::-1]
-                for v in order:
-                    try:
-                        res = one_run(v, refs[v], runs_dir / "run", proxy, args.timeout, drop)
-                        results[v].append(res)
-                        bl.log(f"run {r + 1}/{runs} {v:38s} output after {res['output_s']:7.2f} s, "
-                               f"{bl.mb(res['bytes'])} via proxy")
-                    except (bl.BenchError, subprocess.TimeoutExpired) as e:
-                        failures.append(f"run {r + 1} {v}: {e}")
-                        bl.log(f"run {r + 1}/{runs} {v} FAILED: {e}")
+            for r, v in bl.interleaved(runs, VARIANTS):
+                with bl.failure_noted(failures, r, runs, v, (bl.BenchError, subprocess.TimeoutExpired)):
+                    res = one_run(v, refs[v], runs_dir / "run", proxy, args.timeout, drop)
+                    results[v].append(res)
+                    bl.log(f"run {r + 1}/{runs} {v:38s} output after {res['output_s']:7.2f} s, "
+                           f"{bl.mb(res['bytes'])} via proxy")
     except KeyboardInterrupt:
         print("bench_engine: interrupted", file=sys.stderr)
         return 130

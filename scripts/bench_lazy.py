@@ -46,7 +46,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchimage as bi  # noqa: E402
 import benchlib as bl  # noqa: E402
+import benchregistry as br  # noqa: E402
 
 SPEEDUP_TARGET = 10.0
 BYTES_TARGET = 0.10
@@ -78,10 +80,10 @@ def image_spec(quick: bool) -> dict:
 
 def build_layers(spec: dict):
     def build(blobdir: Path):
-        text = bl.TextSource(pool=1 << 20)
+        text = bi.TextSource(pool=1 << 20)
         layers, seed = [], 5000
         for li, (comment, parts) in enumerate(spec["layers"]):
-            with bl.LayerWriter(blobdir, level=6, comment=comment) as w:
+            with bi.LayerWriter(blobdir, level=6, comment=comment) as w:
                 made: set[str] = set()
 
                 def mkdirs(path: str) -> None:
@@ -101,7 +103,7 @@ def build_layers(spec: dict):
                         mkdirs(sub)
                         seed += 1
                         ext = ".so" if kind == "random" else ".conf" if d.endswith(("etc", "conf")) else ".txt"
-                        chunks = bl.random_chunks(size, seed) if kind == "random" else text.chunks(size)
+                        chunks = bi.random_chunks(size, seed) if kind == "random" else text.chunks(size)
                         w.stream_file(f"{sub}/f{i:04d}{ext}", size, chunks)
             layers.append(w.blob)
         return layers, {}
@@ -302,11 +304,11 @@ def one_run(variant: str, ref: str, base: Path, files: list[str], proxy: Throttl
 
 # --- preparation: pushed source + converted eStargz -----------------------------------------------
 
-def prepare(workdir: Path, img: bl.Image, reg: bl.Registry, name: str, timeout: float, span: int) -> str:
+def prepare(workdir: Path, img: bi.Image, reg: br.Registry, name: str, timeout: float, span: int) -> str:
     """Push the image and its eStargz conversion (converted once, cached in a preparation store), and publish
     the plain image's layer indexes. Returns the eStargz reference (direct to the registry)."""
     dst = f"{reg.host}/{REPO}:{ESTARGZ_TAG}"
-    bl.push_image(reg.host, REPO, TAG, img)
+    br.push_image(reg.host, REPO, TAG, img)
     prep = workdir / f"prep-{name}-{img.manifest_digest.split(':')[1][:12]}"
     done = prep / "bench-estargz.json"
     local_dst = f"localhost/{REPO}:{ESTARGZ_TAG}"
@@ -361,8 +363,8 @@ def main(argv=None) -> int:
     name = "lazy-quick" if args.quick else "lazy"
     proxy = None
     try:
-        img = bl.cached_image(workdir, name, spec, build_layers(spec))
-        with bl.Registry(base=workdir) as reg:
+        img = bi.cached_image(workdir, name, spec, build_layers(spec))
+        with br.Registry(base=workdir) as reg:
             t0 = time.perf_counter()
             prepare(workdir, img, reg, name, args.timeout, args.span)
             bl.log(f"registry ready ({time.perf_counter() - t0:.1f} s)")
@@ -370,18 +372,13 @@ def main(argv=None) -> int:
             proxy = ThrottleProxy(reg.host, mbit or None)
             refs = {VARIANTS[0]: f"{proxy.host}/{REPO}:{TAG}", VARIANTS[1]: f"{proxy.host}/{REPO}:{ESTARGZ_TAG}",
                     VARIANTS[2]: f"{proxy.host}/{REPO}:{TAG}"}
-            for r in range(runs):
-                order = list(results) if r % 2 == 0 else list(results)[::-1]
-                for v in order:
-                    gate.wait()
-                    try:
-                        res = one_run(v, refs[v], runs_dir, files, proxy, args.timeout, drop)
-                        results[v].append(res)
-                        bl.log(f"run {r + 1}/{runs} {v:24s} first read {res['first_read_s']:7.2f} s, "
-                               f"startup set {res['startup_s']:7.2f} s, {bl.mb(res['bytes'])} via proxy")
-                    except bl.BenchError as e:
-                        failures.append(f"run {r + 1} {v}: {e}")
-                        bl.log(f"run {r + 1}/{runs} {v} FAILED: {e}")
+            for r, v in bl.interleaved(runs, VARIANTS):
+                gate.wait()
+                with bl.failure_noted(failures, r, runs, v):
+                    res = one_run(v, refs[v], runs_dir, files, proxy, args.timeout, drop)
+                    results[v].append(res)
+                    bl.log(f"run {r + 1}/{runs} {v:24s} first read {res['first_read_s']:7.2f} s, "
+                           f"startup set {res['startup_s']:7.2f} s, {bl.mb(res['bytes'])} via proxy")
     except KeyboardInterrupt:
         print("bench_lazy: interrupted", file=sys.stderr)
         return 130
@@ -442,8 +439,8 @@ def main(argv=None) -> int:
 
 
 def _blob_total(host: str, tag: str) -> int:
-    st, _, body = bl._http(host, "GET", f"/v2/{REPO}/manifests/{tag}",
-                           headers={"Accept": f"{bl.OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"})
+    st, _, body = br.http_request(host, "GET", f"/v2/{REPO}/manifests/{tag}",
+                           headers={"Accept": f"{bi.OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"})
     if st != 200:
         return 0
     return sum(l["size"] for l in json.loads(body).get("layers", []))

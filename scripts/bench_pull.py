@@ -34,7 +34,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchimage as bi  # noqa: E402
 import benchlib as bl  # noqa: E402
+import benchregistry as br  # noqa: E402
 
 TARGET = 1.5   # issue 3: pull with indexing <= 1.5x skopeo copy
 REPO, TAG = "bench/pull", "v1"
@@ -59,11 +61,11 @@ def image_spec(quick: bool) -> dict:
 
 def build_layers(spec: dict):
     def build(blobdir: Path):
-        text = bl.TextSource(pool=(1 << 20) if spec["layers"][1][1][0][2] < (8 << 20) else (4 << 20))
+        text = bi.TextSource(pool=(1 << 20) if spec["layers"][1][1][0][2] < (8 << 20) else (4 << 20))
         layers = []
         seed = 1000
         for li, (comment, parts) in enumerate(spec["layers"]):
-            with bl.LayerWriter(blobdir, level=6, comment=comment) as w:
+            with bi.LayerWriter(blobdir, level=6, comment=comment) as w:
                 top = f"layer{li + 1}"
                 w.dir(top)
                 for pi, (kind, count, size) in enumerate(parts):
@@ -74,7 +76,7 @@ def build_layers(spec: dict):
                             w.dir(f"{d}/g{i // 100:03d}")
                         path = f"{d}/g{i // 100:03d}/f{i:05d}" if count > 100 else f"{d}/f{i:05d}"
                         seed += 1
-                        chunks = bl.random_chunks(size, seed) if kind == "random" else text.chunks(size)
+                        chunks = bi.random_chunks(size, seed) if kind == "random" else text.chunks(size)
                         w.stream_file(path + (".bin" if kind == "random" else ".txt"), size, chunks)
             layers.append(w.blob)
         return layers, {}
@@ -88,7 +90,7 @@ def fresh_dir(base: Path, name: str) -> Path:
     return d
 
 
-def check_oci_dir(root: Path, img: bl.Image, tool: str) -> None:
+def check_oci_dir(root: Path, img: bi.Image, tool: str) -> None:
     if not (root / "index.json").exists():
         raise bl.BenchError(f"{tool}: no index.json in {root}")
     for l in img.layers:
@@ -213,28 +215,24 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()
     try:
         spec = image_spec(args.quick)
-        img = bl.cached_image(workdir, "pull-quick" if args.quick else "pull", spec, build_layers(spec))
-        with bl.Registry(base=workdir) as reg:
+        img = bi.cached_image(workdir, "pull-quick" if args.quick else "pull", spec, build_layers(spec))
+        with br.Registry(base=workdir) as reg:
             ref = f"{reg.host}/{REPO}:{TAG}"
             t0 = time.perf_counter()
-            bl.push_image(reg.host, REPO, TAG, img)
+            br.push_image(reg.host, REPO, TAG, img)
             bl.log(f"pushed {ref} ({bl.mb(img.compressed_size)} compressed) in {time.perf_counter() - t0:.1f} s")
-            order = list(TOOLS)
-            for r in range(runs):
-                for tool in (order if r % 2 == 0 else order[::-1]):
-                    dest = fresh_dir(runs_dir, f"{tool}-{r}")
-                    os.sync()
-                    gate.wait()
-                    try:
+            for r, tool in bl.interleaved(runs, TOOLS):
+                dest = fresh_dir(runs_dir, f"{tool}-{r}")
+                os.sync()
+                gate.wait()
+                try:
+                    with bl.failure_noted(failures, r, runs, tool):
                         dt = TOOLS[tool](ref, dest, args.timeout)
                         check_oci_dir(dest, img, tool)
                         times[tool].append(dt)
                         bl.log(f"run {r + 1}/{runs} {tool:8s} {dt:7.2f} s")
-                    except bl.BenchError as e:
-                        failures.append(f"run {r + 1} {tool}: {e}")
-                        bl.log(f"run {r + 1}/{runs} {tool:8s} FAILED: {e}")
-                    finally:
-                        shutil.rmtree(dest, ignore_errors=True)
+                finally:
+                    shutil.rmtree(dest, ignore_errors=True)
             if args.profile:
                 try:
                     profile_text = profile_layerfs(ref, runs_dir, workdir, args.timeout * 2)

@@ -37,8 +37,12 @@ MB/s of file data and the process's CPU time (user+sys, all threads); --profile 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import hashlib
 import os
+import pstats
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -47,25 +51,26 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+import benchimage as bi  # noqa: E402
 import benchlib as bl  # noqa: E402
-import bench  # noqa: E402
+import benchrootfs as rootfs  # noqa: E402
 
-from layerfs.index import gzindex  # noqa: E402
 from layerfs.fs import union  # noqa: E402
+from layerfs.index import gzindex  # noqa: E402
 from layerfs.store import Store  # noqa: E402
+from layerfs.transfer import LoadOptions, load  # noqa: E402
 
 MiB = 1 << 20
 
 
 def prepare(workdir: Path) -> tuple[Store, object]:
     """The bench image in a store of its own (imported from the cached OCI layout on first use)."""
-    spec = bench.image_spec(False)
-    img = bl.cached_image(workdir, "mount", spec, bench.build_layers(spec))
+    spec = rootfs.image_spec(False)
+    img = bi.cached_image(workdir, "mount", spec, rootfs.build_layers(spec))
     store = Store(workdir / "read" / "store")
     store.init()
     recs = store.images()
     if not recs:
-        from layerfs.transfer import LoadOptions, load
         bl.log(f"importing {img.layout} into {store.root}")
         load(store, f"oci:{img.layout}", LoadOptions(single=True))
         recs = store.images()
@@ -88,7 +93,7 @@ def requests_for(tree, workload: str, chunk: int) -> list[tuple[int, int, int]]:
                 reqs.append((node.ino, off, chunk))
     else:
         node = tree.get(1)
-        for part in bench.BIG.split("/"):
+        for part in rootfs.BIG.split("/"):
             node = tree.lookup(node.ino, part)
         for off in range(0, node.size, MiB):
             reqs.append((node.ino, off, MiB))
@@ -154,8 +159,6 @@ def run_requests(tree, reqs, threads: int, digest: bool = False) -> tuple[float,
 def fuse_runs(store: Store, name: str, workdir: Path, runs: int) -> None:
     """End to end through ``layerfs mount --read-only``: the commands of scripts/bench.py, cold;
     also through fuse-overlayfs when scripts/bench.py left its extracted layers in WORKDIR/full/lowers."""
-    import shutil
-    import subprocess
     mnt = workdir / "read" / "mnt"
     mnt.mkdir(parents=True, exist_ok=True)
     lowers = [workdir / "full" / "lowers" / f"L{i}" for i in range(1, 7)]
@@ -165,7 +168,7 @@ def fuse_runs(store: Store, name: str, workdir: Path, runs: int) -> None:
         lower = ":".join(str(p) for p in reversed(lowers))
         tools["fuse-overlayfs"] = (["fuse-overlayfs", "-o", f"lowerdir={lower}", str(mnt)],
                                    ["fusermount3", "-u", str(mnt)])
-    cmds = {"tar": f"tar cf - -C {mnt} usr | wc -c", "cat": f"cat {mnt}/{bench.BIG} >/dev/null"}
+    cmds = {"tar": f"tar cf - -C {mnt} usr | wc -c", "cat": f"cat {mnt}/{rootfs.BIG} >/dev/null"}
     res: dict[tuple[str, str], list[float]] = {}
     for r in range(runs):
         for tool, (mount, umount) in tools.items():
@@ -263,8 +266,6 @@ def main() -> int:
     print(bl.markdown_table(["workload", "threads", "ahead", "median", "throughput", "CPU (median)", "samples"], rows))
 
     if args.profile:
-        import cProfile
-        import pstats
         prof = cProfile.Profile()
         for w in workloads:
             if not args.warm:

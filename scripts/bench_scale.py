@@ -33,7 +33,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchimage as bi  # noqa: E402
 import benchlib as bl  # noqa: E402
+import benchregistry as br  # noqa: E402
 
 FILES_PER_PACKAGE = 8          # + the package directory and its lib/ directory: 10 entries per package
 
@@ -45,12 +47,12 @@ def image_spec(entries: int) -> dict:
 def build_layers(entries: int):
     def build(blobdir: Path):
         rng = random.Random(entries)
-        text = bl.TextSource(seed=3, pool=1 << 20)
+        text = bi.TextSource(seed=3, pool=1 << 20)
         packages = max(2, entries // (FILES_PER_PACKAGE + 2))
         lower = packages * 2 // 5
         layers = []
 
-        def package(w: bl.LayerWriter, p: int) -> None:
+        def package(w: bi.LayerWriter, p: int) -> None:
             base = f"app/node_modules/pkg{p:06d}"
             w.dir(base)
             w.dir(base + "/lib")
@@ -59,13 +61,13 @@ def build_layers(entries: int):
             for k in range(FILES_PER_PACKAGE - 2):
                 w.file(f"{base}/lib/f{k}.js", text.take(rng.randint(40, 600)))
 
-        with bl.LayerWriter(blobdir, level=6, comment="lower: packages") as w:
+        with bi.LayerWriter(blobdir, level=6, comment="lower: packages") as w:
             for d in ("app", "app/node_modules"):
                 w.dir(d)
             for p in range(lower):
                 package(w, p)
         layers.append(w.blob)
-        with bl.LayerWriter(blobdir, level=6, comment="upper: more packages, rewrites, deletions") as w:
+        with bi.LayerWriter(blobdir, level=6, comment="upper: more packages, rewrites, deletions") as w:
             for p in range(lower, packages):
                 package(w, p)
             for p in range(0, lower, 97):     # rewrite a file of the lower layer
@@ -123,9 +125,9 @@ def rss_mb(pid: int | None) -> float | None:
     return kb / 1024 if kb is not None else None
 
 
-def measure(reg: bl.Registry, img: bl.Image, entries: int, base: Path) -> dict:
+def measure(reg: br.Registry, img: bi.Image, entries: int, base: Path) -> dict:
     repo = f"bench/scale{entries}"
-    bl.push_image(reg.host, repo, "v1", img)
+    br.push_image(reg.host, repo, "v1", img)
     ref = f"{reg.host}/{repo}:v1"
     store = base / f"store-{entries}"
     mnt = base / f"mnt-{entries}"
@@ -169,9 +171,9 @@ def main(argv=None) -> int:
     rows = []
     base = Path(tempfile.mkdtemp(prefix="run-", dir=a.workdir))
     try:
-        with bl.Registry(a.workdir) as reg:
+        with br.Registry(a.workdir) as reg:
             for n in sizes:
-                img = bl.cached_image(a.workdir, f"scale{n}", image_spec(n), build_layers(n))
+                img = bi.cached_image(a.workdir, f"scale{n}", image_spec(n), build_layers(n))
                 bl.log(f"{n} entries: measuring")
                 r = measure(reg, img, n, base)
                 bl.log(f"{n}: {r}")

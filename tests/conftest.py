@@ -1,8 +1,8 @@
 """Shared pytest fixtures: real registries (plain, basic auth, token auth), fault proxies, umoci images.
 
-Helpers and classes live in ``registryfixtures.py``.  Fixtures that need a
-program (docker-registry, umoci, skopeo) or an optional package skip when it
-is missing — and fail instead when ``CI=true``.
+Helpers and classes live in tests/support (``registryproc``, ``tokenserver``, ``faultproxy``,
+``producers``...).  Fixtures that need a program (docker-registry, umoci, skopeo) or an optional
+package skip when it is missing — and fail instead when ``CI=true``.
 """
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from registryfixtures import (BasicAuthRegistry, FaultProxy, Registry, RegistryFactory,  # noqa: E402
-                              TokenAuthRegistry, on_ci, repo_name_for, require_binary, umoci_image)
+from faultproxy import FaultProxy  # noqa: E402
+from prereqs import on_ci, require_binary  # noqa: E402
+from producers import umoci_image  # noqa: E402
+from registryproc import BasicAuthRegistry, Registry, RegistryFactory, TokenAuthRegistry, repo_name_for  # noqa: E402
 
 _REGISTRY_FIXTURES = frozenset({"registry", "registry_factory", "registry_basic", "registry_token",
                                 "fault_proxy", "fault_proxy_factory"})
@@ -112,7 +114,7 @@ def fault_proxy_factory() -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 def umoci_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An OCI layout built by umoci (tag ``latest``); see ``registryfixtures.UMOCI_EXPECTED``.
+    """An OCI layout built by umoci (tag ``latest``); see ``producers.UMOCI_EXPECTED``.
 
     Treat it as read-only: it is shared by the session.
     """

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from clirun import run_cli as run
 from layerfs.changes import CommitOptions, commit, diff, export_tree, overlay_tree, scan_upper
 from layerfs.changes.dockerfile import ChangeSyntaxError, apply_changes
 from layerfs.changes.scan import UpperDirError
 from layerfs.changes.tarwriter import EMPTY_TAR_DIGEST, write_layer_tar
-from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image, compress
 from layerfs.index import index_path
 from layerfs.mount import resolve_target
@@ -29,7 +29,8 @@ from layerfs.registry import RegistryOptions
 from layerfs.store import Store
 from layerfs.fs import OVERRIDE_XATTR, MergedTree
 from layerfs.fs import open_image_tree
-from registryfixtures import push_image, require_binary
+from prereqs import require_binary
+from registryclient import push_image
 
 IS_ROOT = os.geteuid() == 0
 BIN = b"\xff\x00\x01binary"
@@ -159,12 +160,6 @@ def store(tmp_path, monkeypatch) -> Store:
 @pytest.fixture
 def upper(tmp_path) -> Path:
     return make_upper(tmp_path)
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --- snapshots: one comparable form for trees, directories and tars ---------------------------------

@@ -10,16 +10,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from clirun import run_cli as run
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image
 from layerfs.store import Store
-from registryfixtures import push_image
-
-
-def run(args, capsys):
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
+from registryclient import push_image
 
 
 @pytest.fixture
@@ -248,7 +243,7 @@ def test_search_errors(search_index, store_root, capsys, monkeypatch):
     monkeypatch.setenv("LAYERFS_SEARCH_INDEX", search_index + "/nothere")
     code, out, err = run(["search", "x"], capsys)
     assert code == 1 and "search failed: HTTP 404" in err and err.count("\n") == 1
-    from registryfixtures import free_port
+    from localnet import free_port
     code, out, err = run(["search", "--index", f"http://127.0.0.1:{free_port()}", "x"], capsys)
     assert code == 1 and "cannot reach" in err
     code, out, err = run(["search", "--index", search_index + "/endless", "x"], capsys)

@@ -14,17 +14,16 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 import stat
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from mounthelpers import require_fuse, started_mounts, track, wait_until
-from registryfixtures import require_binary
+from podman import Podman
+from prereqs import require_binary
 from layerfs.cli.main import main
 from layerfs.transfer import TOC_DIGEST_ANNOTATION
 from imagebuild import LayerBuilder, build_image
@@ -247,60 +246,13 @@ def test_paths_resolve_again_after_a_restart_and_unused_layers_go(images, regist
 
 # --- podman ----------------------------------------------------------------------------------------
 
-class Podman:
-    """podman with a private storage root whose overlay driver uses the layer store at *mnt*."""
-
-    def __init__(self, work: Path, mnt: Path, registry_host: str):
-        self.bin = require_binary("podman")
-        require_binary("runc")
-        self.work = work
-        for d in ("root", "tmp"):
-            (work / d).mkdir(parents=True, exist_ok=True)
-        self.runroot = Path(tempfile.mkdtemp(prefix="lfs-run-", dir="/tmp"))   # podman wants <= 50 characters
-        (work / "storage.conf").write_text(
-            f'[storage]\ndriver = "overlay"\ngraphroot = "{work / "root"}"\nrunroot = "{self.runroot}"\n'
-            f'[storage.options]\nadditionallayerstores = ["{mnt}:ref"]\n')
-        # containers here cannot call setrlimit; crun refuses hybrid cgroups
-        (work / "containers.conf").write_text(
-            '[containers]\ndefault_ulimits = []\n'
-            f'[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "none"\n'
-            f'tmp_dir = "{work / "tmp"}"\n')
-        (work / "registries.conf").write_text(f'[[registry]]\nlocation = "{registry_host}"\ninsecure = true\n')
-        (work / "auth.json").write_text('{"auths": {}}')
-        env = {k: v for k, v in os.environ.items() if k != "DOCKER_CONFIG"}
-        self.env = {**env, "REGISTRY_AUTH_FILE": str(work / "auth.json"), "CONTAINERS_STORAGE_CONF": str(work / "storage.conf"),
-                    "CONTAINERS_CONF": str(work / "containers.conf"),
-                    "CONTAINERS_REGISTRIES_CONF": str(work / "registries.conf"), "TMPDIR": str(work / "tmp")}
-
-    def __call__(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-        # root and runroot come from storage.conf: with --root podman 4.3 drops its driver options
-        cmd = [self.bin, "--runtime", "runc", *args]
-        p = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL)
-        if check:
-            assert p.returncode == 0, f"{' '.join(args)}: {p.stderr}"
-        return p
-
-    def cleanup(self) -> None:
-        for args in (("rm", "-af", "-t", "0"), ("rmi", "-af")):
-            try:
-                self(*args, timeout=60, check=False)
-            except subprocess.TimeoutExpired:
-                pass
-        with open("/proc/self/mountinfo") as f:
-            left = [line.split()[4] for line in f
-                    if line.split()[4].startswith((str(self.work), str(self.runroot)))]
-        for mp in sorted(left, key=len, reverse=True):
-            subprocess.run(["umount", "-l", mp], capture_output=True, timeout=10)
-        shutil.rmtree(self.runroot, ignore_errors=True)
-
-
 @pytest.fixture
 def podman_env(tmp_path):
     made = []
 
     def make(mnt: Path, host: str) -> Podman:
-        p = Podman(tmp_path / "podman", mnt, host)
+        require_binary("runc")
+        p = Podman(tmp_path / "podman", host, mnt, binary=require_binary("podman"))
         made.append(p)
         return p
     yield make

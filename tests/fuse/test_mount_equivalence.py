@@ -11,7 +11,7 @@ groups; see ``treecompare.py``). The references, snapshotted the same way:
 1. ``umoci raw unpack`` of an OCI layout of the same image (written by
    imagebuild, or copied from the registry by skopeo for Docker images);
 2. the kernel overlayfs (read-only) of the same layers, each extracted into
-   its own directory in overlay form by ``treecompare.extract_overlay_layers``.
+   its own directory in overlay form by ``kerneloverlay.extract_overlay_layers``.
 
 Only known, legitimate differences are accepted, each by its own rule with
 the reason beside it (``UmociRules``, ``CASE_UMOCI_KNOWN``,
@@ -68,9 +68,9 @@ from layerfs.mount import mounts
 from layerfs.fs import OVERRIDE_XATTR
 from layerfs.store import Store
 from mounthelpers import force_unmount, is_mounted, require_fuse, track, wait_until, watchdog
-from registryfixtures import _clean_env, missing_prerequisite, require_binary
-from treecompare import (Difference, compare, extract_overlay_layers, kernel_overlay, link_problems, norm_path,
-                         snapshot, snapshot_from_json, tmpfs)
+from prereqs import clean_env, missing_prerequisite, require_binary
+from kerneloverlay import extract_overlay_layers, kernel_overlay, norm_path, tmpfs
+from treecompare import Difference, compare, link_problems, snapshot, snapshot_from_json
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = DEFAULT_MTIME                 # 2024-01-01T00:00:00Z
@@ -410,7 +410,7 @@ def assert_case_facts(snap) -> None:
 # --- running layerfs -----------------------------------------------------------------------
 
 def _env() -> dict[str, str]:
-    return dict(_clean_env(), PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return dict(clean_env(), PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def layerfs_pull(store_root: Path, ref: str) -> None:
@@ -441,7 +441,7 @@ def layerfs_mount(store_root: Path, ref: str, mnt: Path, *options: str) -> Itera
 
 def layerfs_snapshot(registry, store_root: Path, repo: str, image, mnt: Path) -> dict:
     """Push *image*, pull it into *store_root*, mount it read-only (the union view) and snapshot it."""
-    from registryfixtures import push_image
+    from registryclient import push_image
     push_image(registry.host, repo, "v1", image)
     ref = f"{registry.host}/{repo}:v1"
     layerfs_pull(store_root, ref)
@@ -452,7 +452,7 @@ def layerfs_snapshot(registry, store_root: Path, repo: str, image, mnt: Path) ->
 def umoci_unpack(layout: Path, tag: str, dest: Path) -> dict:
     umoci = require_binary("umoci")
     p = subprocess.run([umoci, "raw", "unpack", "--image", f"{layout}:{tag}", str(dest)], capture_output=True,
-                       text=True, timeout=120, stdin=subprocess.DEVNULL, env=_clean_env())
+                       text=True, timeout=120, stdin=subprocess.DEVNULL, env=clean_env())
     assert p.returncode == 0, p.stderr
     return snapshot(dest)
 
@@ -461,7 +461,7 @@ def skopeo_to_oci(ref: str, layout: Path, tag: str) -> None:
     skopeo = require_binary("skopeo")
     p = subprocess.run([skopeo, "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false",
                         "--src-no-creds", f"docker://{ref}", f"oci:{layout}:{tag}"],
-                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=_clean_env())
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=clean_env())
     assert p.returncode == 0, p.stderr
 
 
@@ -474,7 +474,7 @@ class OverlayRef:
 
     def dir_layers(self, path: str) -> int:
         """In how many lower directories of the mount *path* is a directory (2+: the kernel merges it).
-        A single layer is mounted over an empty directory (treecompare.kernel_overlay): its root is merged."""
+        A single layer is mounted over an empty directory (kerneloverlay.kernel_overlay): its root is merged."""
         n = sum(1 for d in self.layer_dirs if (d / path).is_dir() and not (d / path).is_symlink())
         return n + (path == "" and len(self.layer_dirs) < 2)
 
@@ -741,7 +741,7 @@ def test_hard_links_to_rewritten_names_match_gnu_tar(case, tmp_path):
 
 def _run(*args: str, timeout: float = 120) -> str:
     p = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL, env=_clean_env())
+                       stdin=subprocess.DEVNULL, env=clean_env())
     assert p.returncode == 0, f"{' '.join(map(str, args))}: {p.stderr}"
     return p.stdout
 
@@ -843,7 +843,7 @@ def layout_layer_tars(layout: Path, tag: str) -> list[bytes]:
 
 
 def test_umoci_made_image_matches_umoci_and_kernel_overlay(registry, unique_repo, tmp_path, work):
-    from registryfixtures import skopeo_push
+    from producers import skopeo_push
     layout = umoci_layers_image(work)
     tars = layout_layer_tars(layout, "v1")
     assert len(tars) == 3
@@ -1109,7 +1109,7 @@ def test_rootless_mount_as_an_ordinary_user(registry, unique_repo, tmp_path):
           .add_dir("tmp", mode=0o1777).add_file("tmp/shared", b"shared\n", mode=0o666).build())
     l2 = LayerBuilder().add_whiteout("etc/motd").add_file("etc/new", b"new\n", uid=1000).build()
     image = build_image([l1, l2])
-    from registryfixtures import push_image
+    from registryclient import push_image
     push_image(registry.host, unique_repo, "v1", image)
     ref = f"{registry.host}/{unique_repo}:v1"
 

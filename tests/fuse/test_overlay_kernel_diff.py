@@ -1,7 +1,7 @@
 """Writable layerfs mounts against the kernel's overlayfs, operation by operation.
 
 Each test mounts one image twice: kernel overlayfs over its layers extracted
-in overlay form (tests/support/overlayref.py) with its own upper and work dir, and
+in overlay form (tests/support/kerneloverlay.py) with its own upper and work dir, and
 layerfs (writable, allow_other) with its own upper. The same operations are
 applied to both mount points through real syscalls; every result (return
 value or errno) must be the same, and so must the visible trees afterwards
@@ -39,8 +39,9 @@ from pathlib import Path
 import pytest
 
 from mounthelpers import MTIME_NS, put_image, require_fuse, track, wait_until, watchdog
-from overlayref import (OLD_NS, RENAME_EXCHANGE, RENAME_NOREPLACE, Runner, diff_snapshots, extract_layers,
-                        kernel_overlay, random_ops, snapshot)
+from fsops import OLD_NS, RENAME_EXCHANGE, RENAME_NOREPLACE, Runner, random_ops
+from kerneloverlay import extract_overlay_layers, kernel_overlay
+from treecompare import diff_snapshots, view_snapshot
 from imagebuild import LayerBuilder, build_image
 from layerfs.mount import MountOptions, mount_image, umount
 from layerfs.store import Store
@@ -117,7 +118,7 @@ def world(tmp_path_factory):
     image = _image()
     store = Store(base / "store")
     put_image(store, "docker.io/library/kdiff:1", image)
-    lowers = extract_layers(image.uncompressed_layers, base / "layers")
+    lowers = extract_overlay_layers(image.uncompressed_layers, base / "layers")
     return store, lowers
 
 
@@ -143,7 +144,8 @@ class Pair:
         # (dev: devices open like on overlayfs)
         self.rec = mount_image(store, "kdiff:1", self.lmnt, opts)
         track(self.lmnt, self.rec.pid)
-        self._k = kernel_overlay(lowers, base, root_like=os.stat(self.lmnt), options="index=on" if index else "")
+        self._k = kernel_overlay(lowers, base / "kmnt", upper=base / "kupper", root_like=os.stat(self.lmnt),
+                                 options="index=on" if index else "")
         self.kmnt = self._k.__enter__()
         self.kupper = base / "kupper"
         time.sleep(0.002)
@@ -169,8 +171,8 @@ class Pair:
         return kr
 
     def same_tree(self, context=""):
-        ks = snapshot(self.kmnt, self.t0, dir_nlink=lambda rel: (self.kupper / rel).is_dir())
-        ls = snapshot(self.lmnt, self.t0, dir_nlink=lambda rel: (self.kupper / rel).is_dir())
+        ks = view_snapshot(self.kmnt, self.t0, dir_nlink=lambda rel: (self.kupper / rel).is_dir())
+        ls = view_snapshot(self.lmnt, self.t0, dir_nlink=lambda rel: (self.kupper / rel).is_dir())
         d = diff_snapshots(ks, ls)
         assert not d, f"{context}trees differ:\n" + "\n".join(d[:30])
 
@@ -893,7 +895,7 @@ MAKEFILE = (b"CFLAGS=-O2 -Wall\nhello: main.o greet.o\n\t$(CC) -o $@ $^\n"
 
 
 def test_build_workload_unpack_make_git(pair, tmp_path):
-    from registryfixtures import require_binary
+    from prereqs import require_binary
     for tool in ("gcc", "make", "git", "tar"):      # skipped without them, a failure under CI=true
         require_binary(tool)
     src = tmp_path / "src" / "hello-1.0"

@@ -35,7 +35,7 @@ from layerfs.mount import mounts
 from layerfs.image import Digest
 from layerfs.store import Store
 from mounthelpers import force_unmount, require_fuse, track, watchdog
-from registryfixtures import push_image
+from registryclient import push_image
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -26,7 +26,9 @@ import pytest
 
 from hostile import Run, run_limited
 from mounthelpers import force_unmount, is_mounted, mount_lazy_read_only, require_fuse, started_mounts
-from registryfixtures import (FaultProxy, Scripted, ScriptedServer, push_blob, push_image, push_manifest)
+from faultproxy import FaultProxy
+from registryclient import push_blob, push_image, push_manifest
+from scripted import Scripted, ScriptedServer
 from test_lazy_faults import DST, FILES, estargz_store  # noqa: F401,F811 (a fixture: an eStargz image in a store)
 from imagebuild import LayerBuilder, build_image
 from layerfs.mount import mounts as layerfs_mounts

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from treecompare import tree_snapshot as snapshot
 from mounthelpers import force_unmount, mount_lazy_read_only, require_fuse, started_mounts, track
-from registryfixtures import require_binary
+from prereqs import require_binary
 from layerfs.cli.main import main
 from layerfs.transfer import (FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
     EStargzError, footer_bytes, parse_footer, parse_toc_member)
@@ -68,17 +69,6 @@ def source_layers() -> list[bytes]:
     b.add_file("etc/motd", b"hello again\n").add_hardlink("etc/motd2", "etc/motd")
     b.add_file("data/f1", _rand(300, 1234))
     return [a.build(), b.build()]
-
-
-def snapshot(tree) -> dict:
-    out = {}
-    for path, n in tree.walk():
-        content = None
-        if stat.S_ISREG(n.mode):
-            content = hashlib.sha256(tree.read(n.ino, 0, n.size) if n.size else b"").hexdigest()
-        out[path] = (n.ino, n.mode, n.uid, n.gid, n.size, n.mtime_ns, n.nlink, n.rdev, n.target,
-                     dict(n.xattrs or {}), content)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from mounthelpers import mount_lazy_read_only, require_fuse, started_mounts, track
-from registryfixtures import FaultProxy, SignedURLServer
+from faultproxy import FaultProxy
+from signedurl import SignedURLServer
 from layerfs.registry import Credentials
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image

@@ -12,7 +12,6 @@ against the same registry behind a proxy that answers the referrers API.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from treecompare import tree_snapshot
 from mounthelpers import force_unmount, mount_lazy_read_only, require_fuse, started_mounts, track
 from treecompare import compare
 from treecompare import snapshot as dir_snapshot
@@ -124,17 +124,6 @@ def _layer_bytes(proxy, manifest) -> tuple[int, list]:
 
 def _all_blob_bytes(proxy) -> int:
     return sum(r.bytes_sent for r in proxy.requests if r.method == "GET" and "/blobs/" in r.path)
-
-
-def tree_snapshot(tree) -> dict:
-    out = {}
-    for path, n in tree.walk():
-        content = None
-        if stat.S_ISREG(n.mode):
-            content = hashlib.sha256(tree.read(n.ino, 0, n.size) if n.size else b"").hexdigest()
-        out[path] = (n.ino, n.mode, n.uid, n.gid, n.size, n.mtime_ns, n.nlink, n.rdev, n.target,
-                     dict(n.xattrs or {}), content)
-    return out
 
 
 def _lookup(tree, path: str):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mounthelpers import mount_lazy_read_only, started_mounts, track
-from registryfixtures import free_port
+from localnet import free_port
 from layerfs.cli.main import main
 from layerfs.errors import UsageError
 from imagebuild import LayerBuilder, build_image

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.cli.main import main
+from clirun import run_cli as run
 from imagebuild import LayerBuilder, build_image, build_index
 from layerfs.image import Digest, Platform
 from layerfs.store import Store
-from registryfixtures import push_image, push_index, skopeo_push, require_binary
+from prereqs import require_binary
+from producers import skopeo_push
+from registryclient import push_image, push_index
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,13 +32,6 @@ def small_layers(n=2, size=2000, seed=0):
         b.add_file(f"etc/text{i}", (f"line {seed} {i}\n" * 50).encode())
         out.append(b.build())
     return out
-
-
-def run(args, capsys, *, env=None):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -219,7 +214,7 @@ def test_unknown_repo_and_tag(registry, unique_repo, store_root, capsys):
 
 
 def test_registry_down(store_root, capsys):
-    from registryfixtures import free_port
+    from localnet import free_port
     code, out, err = run(["pull", f"127.0.0.1:{free_port()}/x/y:z"], capsys)
     assert code == 1
     line = one_error_line(err)
@@ -269,7 +264,7 @@ def test_unsupported_layer_media_type(registry, unique_repo, store_root, capsys)
 
 
 def test_foreign_layer_is_reported(registry_factory, unique_repo, store_root, capsys):
-    from registryfixtures import push_manifest
+    from registryclient import push_manifest
     registry = registry_factory.plain(
         config_overrides={"validation": {"manifests": {"urls": {"allow": ["^https?://"]}}}})
     img = build_image(small_layers(1), docker=True,
@@ -277,7 +272,7 @@ def test_foreign_layer_is_reported(registry_factory, unique_repo, store_root, ca
     push_image(registry.host, unique_repo, None, build_image(small_layers(1)))
     doc = img.manifest_doc
     doc["layers"][0]["urls"] = ["https://foreign.example.com/layer.tar.gz"]
-    from registryfixtures import push_blob
+    from registryclient import push_blob
     push_blob(registry.host, unique_repo, img.config)
     push_manifest(registry.host, unique_repo, "t", json.dumps(doc).encode(), img.manifest_media_type)
     code, out, err = run(["pull", f"{registry.host}/{unique_repo}:t"], capsys)

@@ -12,8 +12,8 @@ from urllib.parse import parse_qs
 
 import pytest
 
+from clirun import run_cli as run
 from layerfs.changes import CommitOptions, commit
-from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image
 from layerfs.image import Digest
 from layerfs.mount import resolve_target
@@ -23,7 +23,8 @@ from layerfs.image import Reference
 from layerfs.registry import RegistryOptions
 from layerfs.store import Store
 from layerfs.fs import open_image_tree
-from registryfixtures import push_image, require_binary
+from prereqs import require_binary
+from registryclient import push_image
 
 
 def layers(n: int = 2, size: int = 3000) -> list[bytes]:
@@ -33,12 +34,6 @@ def layers(n: int = 2, size: int = 3000) -> list[bytes]:
         b.add_dir(f"d{i}").add_file(f"d{i}/rand", os.urandom(size)).add_file(f"d{i}/text", b"t" * 500)
         out.append(b.build())
     return out
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -11,21 +11,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from clirun import run_cli as run
 import layerfs.registry.client as registry_mod
 from layerfs.registry import Credentials
-from layerfs.cli.main import main
 from layerfs.errors import (AuthenticationError, ManifestError, RegistryError, RegistryUnreachable,
                             SizeMismatch)
 from imagebuild import LayerBuilder, build_image
 from layerfs.image import Descriptor, Digest, OCI_LAYER
 from layerfs.registry import RegistryClient, RegistryOptions
-from registryfixtures import Registry, push_image
-
-
-def run(args, capsys):
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
+from registryclient import push_image
+from registryproc import Registry
 
 
 @pytest.fixture
@@ -121,7 +116,7 @@ def test_insecure_registry_falls_back_to_http(registry, unique_repo, store_root,
 
 
 def _verify_session(cert):
-    from registryfixtures import new_session
+    from localnet import new_session
     s = new_session()
     s.verify = str(cert)
     return s

@@ -36,7 +36,9 @@ from layerfs.transfer import sources
 from layerfs.transfer import LoadOptions, Source, is_source, load
 from layerfs.store import Store
 from layerfs.fs import open_image_tree
-from registryfixtures import UMOCI_EXPECTED, push_image, require_binary
+from prereqs import require_binary
+from producers import UMOCI_EXPECTED
+from registryclient import push_image
 
 REPO = Path(__file__).resolve().parents[2]
 

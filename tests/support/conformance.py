@@ -6,7 +6,7 @@ multi-layer image (:func:`image`, made with layerfs's own builders):
 - ``layerfs``: a writable layerfs mount of the image
   (``-o allow_other,default_permissions``, an upper of its own);
 - ``kernel``: kernel overlayfs over the same layers extracted in overlay form
-  (tests/support/overlayref.py), the oracle;
+  (tests/support/kerneloverlay.py), the oracle;
 - ``fuse-overlayfs`` (optional): fuse-overlayfs over the same extracted layers.
 
 :func:`targets` mounts them and always unmounts and kills what it started.
@@ -38,10 +38,11 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from mounthelpers import force_unmount, put_image, random_bytes, track  # noqa: E402
-from overlayref import extract_layers, kernel_overlay  # noqa: E402
-from layerfs.errors import LayerfsError  # noqa: E402
 from imagebuild import LayerBuilder, build_image  # noqa: E402
+from kerneloverlay import extract_overlay_layers, kernel_overlay  # noqa: E402
+from mounthelpers import force_unmount, put_image, random_bytes, track  # noqa: E402
+
+from layerfs.errors import LayerfsError  # noqa: E402
 from layerfs.mount import MountOptions, mount_image, umount  # noqa: E402
 from layerfs.store import Store  # noqa: E402
 
@@ -92,7 +93,7 @@ def targets(base: Path, names: Sequence[str] = ("layerfs", "kernel")) -> Iterato
     built = image()
     store = Store(base / "store")
     put_image(store, IMAGE_REF, built)
-    lowers = extract_layers(built.uncompressed_layers, base / "layers") if set(names) - {"layerfs"} else []
+    lowers = extract_overlay_layers(built.uncompressed_layers, base / "layers") if set(names) - {"layerfs"} else []
     out: dict[str, Target] = {}
     with contextlib.ExitStack() as stack:
         if "layerfs" in names:
@@ -106,9 +107,9 @@ def targets(base: Path, names: Sequence[str] = ("layerfs", "kernel")) -> Iterato
             out["layerfs"] = Target("layerfs", mnt)
         if "kernel" in names:
             kbase = base / "kernel"
-            kbase.mkdir()
             root_like = os.stat(out["layerfs"].mountpoint) if "layerfs" in out else None
-            out["kernel"] = Target("kernel", stack.enter_context(kernel_overlay(lowers, kbase, root_like=root_like)))
+            kmnt = stack.enter_context(kernel_overlay(lowers, kbase / "kmnt", upper=kbase / "kupper", root_like=root_like))
+            out["kernel"] = Target("kernel", kmnt)
         if "fuse-overlayfs" in names:
             if not shutil.which("fuse-overlayfs"):
                 raise SetupError("fuse-overlayfs is not installed (hint: apt-get install fuse-overlayfs)")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from imagebuild import LayerBuilder, PrebuiltLayer
+
 from layerfs.image import Digest
 
 MiB = 1 << 20

@@ -1,4 +1,4 @@
-"""Helpers for tests (and benchmarks) that mount hand-built MergedTrees with real FUSE.
+"""Helpers for tests (and scripts/bench_fuse.py) that mount hand-built MergedTrees with real FUSE.
 
 Every mount made through :func:`mounted` is torn down in its ``finally``:
 ``fusermount3 -u``, then ``umount -l`` as a last resort, and the daemon pid
@@ -19,11 +19,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from layerfs.libc import pid_alive
-from layerfs.mount import FSTYPE, MountOptions, MountRecord, kernel_mounts, mount_tree
-from layerfs.image import Digest
-from layerfs.store import Store
+from prereqs import missing_prerequisite, require_binary, require_module
+
 from layerfs.fs import ROOT_INO, MergedTree, Node
+from layerfs.image import OCI_CONFIG, OCI_MANIFEST, Descriptor, Digest
+from layerfs.libc import pid_alive
+from layerfs.mount import FSTYPE, MountOptions, MountRecord, kernel_mounts, mount_lazy, mount_tree
+from layerfs.store import Store
 
 MTIME_NS = 1_704_067_200_123_456_789      # 2024-01-01T00:00:00.123456789Z
 
@@ -45,16 +47,6 @@ class BytesReader:
         if self.delay:
             time.sleep(self.delay)
         return self.data[offset:offset + size]
-
-
-class FileReader:
-    """A LayerReader over an uncompressed stream in a file (pread: thread-safe, no shared offset)."""
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.fd = os.open(path, os.O_RDONLY)
-
-    def read(self, offset: int, size: int) -> bytes:
-        return os.pread(self.fd, size, offset)
 
 
 # --- trees ---------------------------------------------------------------------------------
@@ -149,56 +141,10 @@ class Sample:
         return self.tree.read(node.ino, 0, node.size)
 
 
-def synthetic_tree(n_entries: int = 25_000, *, seed: int = 7, file_size: int = 300) -> MergedTree:
-    """A tree shaped like a distro image: ~10% directories, depth ≤ 6, files and symlinks.
-
-    File bytes come from one in-memory stream (file i at offset i*file_size).
-    """
-    rnd = random.Random(seed)
-    data = random_bytes(file_size * n_entries, seed)
-    t = MergedTree([BytesReader(data)])
-    t.nodes[ROOT_INO].mtime_ns = MTIME_NS
-    dirs = [(ROOT_INO, 0)]
-    for i in range(n_entries):
-        parent, depth = dirs[rnd.randrange(len(dirs))] if len(dirs) > 1 and rnd.random() < 0.9 else dirs[0]
-        kind = rnd.random()
-        name = f"{'d' if kind < 0.1 else 'f'}{i}-" + "n" * rnd.randrange(12)
-        kw = dict(mtime_ns=MTIME_NS + i, uid=rnd.choice((0, 0, 0, 1000)), gid=rnd.choice((0, 0, 1000)))
-        if kind < 0.1 and depth < 6:
-            d = t.add(parent, name, stat.S_IFDIR | 0o755, **kw)
-            dirs.append((d.ino, depth + 1))
-        elif kind < 0.15:
-            t.add(parent, name, stat.S_IFLNK | 0o777, target=f"../target/{i}", **kw)
-        else:
-            size = rnd.randrange(file_size)
-            t.add(parent, name, stat.S_IFREG | rnd.choice((0o644, 0o755, 0o600)), size=size, layer=0,
-                  offset=i * file_size, **kw)
-    fix_dir_nlinks(t)
-    return t
-
-
-def materialize(tree: MergedTree, dest: Path) -> None:
-    """Write *tree* as a real directory tree (for comparisons with fuse-overlayfs / the kernel)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for path, node in tree.walk():
-        p = dest / path
-        if stat.S_ISDIR(node.mode):
-            p.mkdir()
-        elif stat.S_ISLNK(node.mode):
-            os.symlink(node.target, p)
-        elif stat.S_ISREG(node.mode):
-            p.write_bytes(tree.read(node.ino, 0, node.size))
-        if not stat.S_ISLNK(node.mode):
-            os.chmod(p, stat.S_IMODE(node.mode))
-        os.lchown(p, node.uid, node.gid)
-        os.utime(p, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
-
-
 # --- an image in a store, without layers (the tree comes from a factory) -----------------
 
 def put_fake_image(store: Store, name: str, *, architecture: str = "amd64") -> Digest:
     """Tag a manifest + config (no layer blobs) as *name*; returns the manifest digest."""
-    from layerfs.image import OCI_CONFIG, OCI_MANIFEST, Descriptor
     store.init()
     config = json.dumps({"architecture": architecture, "os": "linux",
                          "rootfs": {"type": "layers", "diff_ids": []}}).encode()
@@ -224,7 +170,6 @@ def put_image(store: Store, name: str, image) -> Digest:
 
 def require_fuse() -> None:
     """Skip without FUSE (/dev/fuse, fusermount3, layerfs._fuse), except under CI=true where that is a failure."""
-    from registryfixtures import missing_prerequisite, require_binary, require_module
     if not os.path.exists("/dev/fuse"):
         missing_prerequisite("FUSE is not usable here: /dev/fuse is missing")
     require_binary("fusermount3")
@@ -309,7 +254,6 @@ def started_mounts(seconds: float) -> Iterator[list[tuple[Path, int]]]:
 
 def mount_lazy_read_only(store: Store, ref: str, mnt: Path, started: list[tuple[Path, int]]) -> Path:
     """Mount *ref* lazily and read-only at *mnt* (made if missing), recorded in *started* for teardown."""
-    from layerfs.mount import MountOptions, mount_lazy
     require_fuse()
     mnt.mkdir(parents=True, exist_ok=True)
     rec = mount_lazy(store, ref, mnt, MountOptions(read_only=True))
@@ -343,104 +287,6 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
     return predicate()
 
 
-__all__ = ["BytesReader", "FileReader", "Sample", "synthetic_tree", "materialize", "put_fake_image", "put_image",
-           "require_fuse", "is_mounted", "force_unmount", "mounted", "wait_until", "watchdog", "track", "fix_dir_nlinks",
-           "MTIME_NS", "FSTYPE"]
-
-
-# --- benchmark: python tests/support/mounthelpers.py [WORKDIR] ----------------------------------------
-
-def _timed(cmd: str) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(cmd, shell=True, check=True)
-    return time.perf_counter() - t0
-
-
-@contextlib.contextmanager
-def _fuse_overlayfs(lowerdirs: list[Path], mnt: Path) -> Iterator[Path]:
-    mnt.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["fuse-overlayfs", "-o", "lowerdir=" + ":".join(map(str, reversed(lowerdirs))), str(mnt)],
-                   check=True, stderr=subprocess.DEVNULL)
-    try:
-        yield mnt
-    finally:
-        force_unmount(mnt)
-
-
-def benchmark(work: Path, rounds: int = 5, entries: int = 25_000, big: int = 200_000_000) -> None:
-    """Cold `find` and `cat` through fresh mounts: layerfs (hand-built trees) against fuse-overlayfs on the
-    same content as real directories (one lowerdir, and split over six like a six-layer image), and the
-    time `layerfs mount` takes for an image already in the store. Medians (and minima) over *rounds*,
-    tools interleaved per round."""
-    import statistics
-    import sys
-    from imagebuild import build_image
-    tree = synthetic_tree(entries)
-    lower1, lowers6, bigdir = work / "lower1", [work / f"lower6-{i}" for i in range(6)], work / "bigdir"
-    if not lower1.exists():
-        materialize(tree, lower1)
-        walk = list(tree.walk())
-        for i, (path, node) in enumerate(walk):          # files spread over six layers, directories in all
-            if node.children is None:
-                dest = lowers6[i % 6] / path
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                if stat.S_ISLNK(node.mode):
-                    os.symlink(node.target, dest)
-                else:
-                    dest.write_bytes(tree.read(node.ino, 0, node.size))
-        for path, node in walk:
-            if node.children is not None:
-                for d in lowers6:
-                    (d / path).mkdir(parents=True, exist_ok=True)
-    if not (bigdir / "big").exists():
-        bigdir.mkdir(exist_ok=True)
-        with open(bigdir / "big", "wb") as f:
-            for i in range(0, big, 1 << 20):
-                f.write(random_bytes(min(1 << 20, big - i), i))
-    bigtree = MergedTree([FileReader(bigdir / "big")])
-    bigtree.add(ROOT_INO, "big", stat.S_IFREG | 0o644, size=big, layer=0)
-    store = Store(work / "store")
-    put_image(store, "docker.io/library/bench25k:1", build_image([_layer_of(tree)]))
-    find = "find {} -printf '%p %s %m %u\\n' >/dev/null"
-    res: dict[str, list[float]] = {}
-    for _ in range(rounds):
-        with _fuse_overlayfs([lower1], work / "ovl1") as m:
-            res.setdefault("find  fuse-overlayfs, 1 lowerdir", []).append(_timed(find.format(m)))
-        with _fuse_overlayfs(lowers6, work / "ovl6") as m:
-            res.setdefault("find  fuse-overlayfs, 6 lowerdirs", []).append(_timed(find.format(m)))
-        with mounted(tree, work / "lfs", store):
-            res.setdefault("find  layerfs", []).append(_timed(find.format(work / "lfs")))
-        subprocess.run(["cat", str(bigdir / "big")], stdout=subprocess.DEVNULL)     # host page cache warm
-        with _fuse_overlayfs([bigdir], work / "ovlcat") as m:
-            res.setdefault("cat   fuse-overlayfs", []).append(_timed(f"cat {m}/big >/dev/null"))
-        with mounted(bigtree, work / "lfscat", store):
-            res.setdefault("cat   layerfs", []).append(_timed(f"cat {work / 'lfscat'}/big >/dev/null"))
-        m = work / "lfsimg"
-        m.mkdir(exist_ok=True)
-        base = [sys.executable, "-m", "layerfs", "--root", str(store.root)]
-        res.setdefault("layerfs mount (image in store)", []).append(
-            _timed(" ".join(base + ["mount", "bench25k:1", str(m)])))
-        res.setdefault("find  layerfs, image mount", []).append(_timed(find.format(m)))
-        subprocess.run(base + ["umount", str(m)], check=True)
-    for name, v in res.items():
-        print(f"{name:36s} median {statistics.median(v):6.3f}s  min {min(v):6.3f}s")
-
-
-def _layer_of(tree: MergedTree) -> bytes:
-    from imagebuild import LayerBuilder
-    lb = LayerBuilder()
-    for path, n in tree.walk():
-        kw = dict(uid=n.uid, gid=n.gid, mtime=n.mtime_ns // 10**9)
-        if n.children is not None:
-            lb.add_dir(path, mode=stat.S_IMODE(n.mode), **kw)
-        elif stat.S_ISLNK(n.mode):
-            lb.add_symlink(path, n.target, **kw)
-        else:
-            lb.add_file(path, tree.read(n.ino, 0, n.size), mode=stat.S_IMODE(n.mode), **kw)
-    return lb.build()
-
-
-if __name__ == "__main__":
-    import sys
-    benchmark(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/layerfs-fuse-bench"),
-              rounds=int(os.environ.get("ROUNDS", 5)))
+__all__ = ["BytesReader", "Sample", "random_bytes", "put_fake_image", "put_image", "started_mounts",
+           "mount_lazy_read_only", "require_fuse", "is_mounted", "force_unmount", "mounted", "wait_until", "watchdog",
+           "track", "fix_dir_nlinks", "MTIME_NS", "FSTYPE"]

@@ -1,8 +1,4 @@
-"""Snapshot a directory tree entry by entry, compare snapshots, and build kernel-overlayfs references.
-
-Used by ``test_mount_equivalence.py`` to compare a layerfs mount with two
-independent references of the same image: ``umoci raw unpack`` and the
-kernel's overlayfs over the layers extracted one by one in overlay form.
+"""Snapshot a directory tree entry by entry and compare snapshots.
 
 * :func:`snapshot` walks a tree (never following symlinks) and records for
   every entry its type, permission bits, owner, size, content hash, link
@@ -10,48 +6,38 @@ kernel's overlayfs over the layers extracted one by one in overlay form.
   group (the other visible names of the same inode).
 * :func:`compare` lists every :class:`Difference` between two snapshots,
   field by field; callers decide which differences are legitimate, one
-  documented rule at a time (never a blanket ignore).
-* :func:`extract_overlay_layers` turns layer tars (uncompressed) into
-  overlayfs lower directories: whiteouts become 0/0 character devices,
-  opaque markers the ``trusted.overlay.opaque=y`` xattr. It is written from
-  the OCI image-spec and tar semantics with :mod:`tarfile`, independently of
-  layerfs' own code; layer *N* is extracted while the kernel overlay of the
-  layers below it is mounted, and that mount answers the questions a layer
-  cannot answer by itself (does a whiteout's parent exist below, which
-  attributes an implicit parent directory keeps).
-* :func:`kernel_overlay` and :func:`tmpfs` mount (and always unmount).
+  documented rule at a time (never a blanket ignore); :func:`link_problems`
+  checks one snapshot's link groups and link counts.
+* :func:`view_snapshot` is the view of a writable mount after a sequence of
+  operations, as :func:`stat_view` sees each entry: mtimes from before the
+  test exact, newer ones only as "new" (two mounts do the same thing a few
+  microseconds apart); :func:`diff_snapshots` lists the differences of two.
 
-Run as a script (``python treecompare.py DIR``) it prints the snapshot of DIR
-as JSON, so a snapshot can be taken as another user.
+The references these are compared with (kernel overlayfs over layers in
+overlay form) come from :mod:`kerneloverlay`.  Run as a script
+(``python treecompare.py DIR``) it prints the snapshot of DIR as JSON, so a
+snapshot can be taken as another user; it imports nothing but the standard
+library.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
-import shutil
 import stat
-import subprocess
 import sys
-import tarfile
-import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-__all__ = ["Entry", "Snapshot", "Difference", "snapshot", "compare", "link_problems", "norm_path",
-           "extract_overlay_layers", "kernel_overlay", "tmpfs", "unmount", "pax_mtime_ns", "OPAQUE_XATTR"]
+__all__ = ["Entry", "Snapshot", "Difference", "snapshot", "compare", "link_problems", "snapshot_to_json",
+           "snapshot_from_json", "tree_snapshot", "stat_view", "view_snapshot", "diff_snapshots", "kind_of"]
 
 KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "char",
          stat.S_IFBLK: "block", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
 
 #: the fields :func:`compare` looks at, in this order
 FIELDS = ("kind", "mode", "uid", "gid", "size", "sha256", "target", "rdev", "xattrs", "mtime_ns", "nlink", "links")
-
-OPAQUE_XATTR = "trusted.overlay.opaque"
 
 
 # --- snapshots --------------------------------------------------------------------------
@@ -173,6 +159,19 @@ def snapshot_from_json(text: str) -> Snapshot:
     return {p: Entry.from_json(d) for p, d in json.loads(text).items()}
 
 
+def tree_snapshot(tree) -> dict:
+    """path -> attributes and content hash of every node of a merged tree (``layerfs.fs.MergedTree``: its
+    ``walk()`` and ``read()``), inode numbers included: two trees of the same image compare equal."""
+    out = {}
+    for path, n in tree.walk():
+        content = None
+        if stat.S_ISREG(n.mode):
+            content = hashlib.sha256(tree.read(n.ino, 0, n.size) if n.size else b"").hexdigest()
+        out[path] = (n.ino, n.mode, n.uid, n.gid, n.size, n.mtime_ns, n.nlink, n.rdev, n.target,
+                     dict(n.xattrs or {}), content)
+    return out
+
+
 # --- comparing --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -227,342 +226,75 @@ def link_problems(snap: Snapshot, *, exact_nlink: bool = True) -> list[str]:
     return problems
 
 
-# --- mounts -------------------------------------------------------------------------------
+# --- the view of a writable mount, as operations see it -------------------------------------
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
-
-
-def _mounted(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
+#: one letter per file type, in :func:`stat_view` and :func:`view_snapshot`
+KIND_LETTERS = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
+                stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
 
 
-def unmount(path: str | os.PathLike[str]) -> None:
-    """Unmount whatever is mounted at *path* (``umount``, then ``umount -l`` as a last resort)."""
-    p = os.path.realpath(path)
-    for _ in range(5):
-        if not _mounted(p):
-            return
-        if _run("umount", p).returncode != 0:
-            _run("umount", "-l", p)
+def kind_of(mode: int) -> str:
+    return KIND_LETTERS.get(stat.S_IFMT(mode), "?")
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str = "2g") -> Iterator[Path]:
-    """A tmpfs at *path* (xattrs incl. trusted.* and user.*, device nodes), unmounted afterwards."""
-    path.mkdir(parents=True, exist_ok=True)
-    p = _run("mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "layerfs-test", str(path))
-    if p.returncode != 0:
-        raise OSError(f"cannot mount a tmpfs at {path}: {p.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        unmount(path)
+def stat_view(st: os.stat_result, t0: int) -> tuple:
+    """A stat result as two mounts doing the same thing a few microseconds apart agree on it: type,
+    mode, owner, size and link count (not for directories), device, and the mtime exactly when it
+    is older than *t0* (less ten minutes: file system clocks are coarse), else only ``"new"``."""
+    k = kind_of(st.st_mode)
+    when = st.st_mtime_ns if st.st_mtime_ns < t0 - 600 * 10**9 else "new"
+    return (k, oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid,
+            None if k == "d" else st.st_size, None if k == "d" else st.st_nlink,
+            st.st_rdev if k in "cb" else None, when)
 
 
-@contextlib.contextmanager
-def kernel_overlay(layers: Sequence[Path], mountpoint: Path) -> Iterator[Path]:
-    """The kernel's read-only overlayfs of *layers* (bottom first) at *mountpoint*.
+def view_snapshot(root: str | os.PathLike[str], t0: int, *,
+                  dir_nlink: Callable[[str], bool] = lambda rel: True) -> dict:
+    """path -> :func:`stat_view` of everything visible under *root* (a directory's link count only where
+    *dir_nlink* says so), plus a short content hash, link target and xattrs (``trusted.overlay.*``
+    left out); and ``"<links>"``: the hard-link groups."""
+    root = os.fspath(root)
+    out: dict = {}
+    groups: dict[int, list[str]] = {}
 
-    Without an upper directory the kernel wants two lower directories at
-    least: an empty one is put below when there is only one layer.
-    """
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    lowers = [str(p) for p in reversed(layers)]
-    empty = None
-    if len(lowers) < 2:
-        empty = mountpoint.parent / f".empty-{uuid.uuid4().hex[:8]}"
-        empty.mkdir()
-        lowers.append(str(empty))
-    for low in lowers:
-        if ":" in low or "," in low:
-            raise ValueError(f"overlay lower directory {low!r} needs escaping")
-    p = _run("mount", "-t", "overlay", "-o", "ro,lowerdir=" + ":".join(lowers), "overlay", str(mountpoint))
-    if p.returncode != 0:
-        raise OSError(f"cannot mount overlayfs at {mountpoint}: {p.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        unmount(mountpoint)
-        if empty is not None:
-            empty.rmdir()
-
-
-# --- overlay-form extraction -------------------------------------------------------------
-
-WH = ".wh."
-OPQ = ".wh..wh..opq"
-
-
-def pax_mtime_ns(ti: tarfile.TarInfo) -> int:
-    """The member's mtime in exact nanoseconds (tarfile's float loses the last digits)."""
-    text = ti.pax_headers.get("mtime")
-    if text is None:
-        return int(ti.mtime) * 1_000_000_000
-    sign = -1 if text.startswith("-") else 1
-    whole, _, frac = text.lstrip("+-").partition(".")
-    return sign * (int(whole or "0") * 1_000_000_000 + int((frac + "0" * 9)[:9] or "0"))
-
-
-def norm_path(name: str) -> str:
-    """A member name as a layer-relative path: no leading "/" or "./", "." and ".." resolved lexically."""
-    parts: list[str] = []
-    for p in name.split("/"):
-        if p == "..":
-            if not parts:
-                raise ValueError(f"tar member {name!r} climbs out of the layer")
-            parts.pop()
-        elif p not in ("", "."):
-            parts.append(p)
-    return "/".join(parts)
-
-
-def _tar_xattrs(ti: tarfile.TarInfo) -> dict[str, bytes]:
-    return {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
-            for k, v in ti.pax_headers.items() if k.startswith("SCHILY.xattr.")}
-
-
-@dataclass
-class _DirAttrs:
-    mode: int = 0o755
-    uid: int = 0
-    gid: int = 0
-    mtime_ns: int = 0
-    xattrs: dict = field(default_factory=dict)
-
-
-def _lower_dir(view: Path | None, rel: str) -> _DirAttrs | None:
-    """The attributes of directory *rel* in the lower view, or None when it is not a directory there.
-    Walks component by component with O_NOFOLLOW: a lower symlink is never followed."""
-    if view is None:
-        return None
-    fd = os.open(view, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for part in [p for p in rel.split("/") if p]:
+    def walk(rel: str) -> None:
+        with os.scandir(os.path.join(root, rel) if rel else root) as it:
+            names = sorted(e.name for e in it)
+        for name in names:
+            r = f"{rel}/{name}" if rel else name
+            p = os.path.join(root, r)
+            st = os.lstat(p)
+            k = kind_of(st.st_mode)
+            info = list(stat_view(st, t0))
+            if k == "d" and dir_nlink(r):
+                info[5] = st.st_nlink
+            if k == "f":
+                info.append(_hash(p)[:16])
+            elif k == "l":
+                info.append(os.readlink(p))
             try:
-                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError as e:
-                if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                    return None
-                raise
-            os.close(fd)
-            fd = nfd
-        st = os.fstat(fd)
-        xattrs = {n: os.getxattr(fd, n) for n in os.listxattr(fd)}
-        return _DirAttrs(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, xattrs)
-    finally:
-        os.close(fd)
+                xs = tuple(x for x in _xattrs(p) if not x[0].startswith("trusted.overlay."))
+            except OSError:
+                xs = ()
+            info.append(xs)
+            out[r] = tuple(info)
+            if k != "d":
+                groups.setdefault(st.st_ino, []).append(r)
+            else:
+                walk(r)
+
+    walk("")
+    out["<links>"] = sorted(tuple(sorted(g)) for g in groups.values() if len(g) > 1)
+    return out
 
 
-class _LayerExtractor:
-    """Extract one layer tar into *dest* in overlay form, *view* (or None) being the merged layers below.
-
-    Rules (OCI image-spec "Representing changes" plus tar semantics):
-
-    * a later member of the same path replaces an earlier one (a directory
-      over a directory only updates its attributes);
-    * members below a path this layer makes a non-directory are ignored, and
-      symlinks are never followed (they only exist where this layer put them);
-    * ``.wh.NAME`` hides NAME of the lower layers only: it becomes a 0/0
-      character device unless this layer has NAME itself (a non-directory
-      hides the lower one anyway; a directory becomes opaque, as its lower
-      content is gone while its own stays);
-    * ``.wh..wh..opq`` makes its directory opaque (before or after the
-      directory's own members); other ``.wh..wh.*`` names are AUFS metadata
-      and are dropped;
-    * whiteouts and opaque markers never create a directory that neither this
-      layer nor the lower view has;
-    * a directory this layer needs but does not list (an implicit parent)
-      keeps the attributes it has in the lower view, or gets mode 0755,
-      owner 0:0, mtime 0 when there is none;
-    * hard links resolve in their own layer (``./a`` and ``a`` are the same
-      name) to the file their target names at that point of the archive; a
-      link to a name the layer does not have (yet) is skipped.
-    """
-
-    def __init__(self, dest: Path, view: Path | None):
-        self.dest = dest
-        self.view = view
-        self.kinds: dict[str, str] = {"": "dir"}        # what this layer has at each path
-        self.dir_attrs: dict[str, _DirAttrs] = {}       # explicit directories
-        self.whiteouts: list[str] = []
-        self.opaque: list[str] = []
-
-    def _blocked(self, rel: str) -> bool:
-        """True when an ancestor of *rel* is a non-directory of this layer."""
-        parts = rel.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            k = self.kinds.get("/".join(parts[:i]))
-            if k is not None and k != "dir":
-                return True
-        return False
-
-    def _ensure_parents(self, rel: str) -> None:
-        parts = rel.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            d = "/".join(parts[:i])
-            if d not in self.kinds:
-                os.mkdir(self.dest / d)
-                self.kinds[d] = "dir"
-
-    def _remove(self, rel: str) -> None:
-        p = self.dest / rel
-        kind = self.kinds.pop(rel, None)
-        if kind is None:
-            return
-        if kind == "dir":
-            for k in [k for k in self.kinds if k.startswith(rel + "/")]:
-                del self.kinds[k]
-            for k in [k for k in self.dir_attrs if k == rel or k.startswith(rel + "/")]:
-                del self.dir_attrs[k]
-            shutil.rmtree(p)
-        else:
-            os.unlink(p)
-
-    def extract(self, tar: bytes) -> None:
-        with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as tf:
-            for ti in tf:
-                self._member(tf, ti)
-        self._apply_markers()
-        self._set_dir_attrs()
-
-    def _member(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
-        rel = norm_path(ti.name)
-        if rel and self._blocked(rel):
-            return
-        base = rel.rpartition("/")[2]
-        if base.startswith(WH):
-            parent = rel.rpartition("/")[0]
-            if base == OPQ:
-                self.opaque.append(parent)
-            elif not base.startswith(WH + WH) and len(base) > len(WH):
-                self.whiteouts.append(f"{parent}/{base[len(WH):]}" if parent else base[len(WH):])
-            return
-        if not rel:                      # the root directory itself
-            if ti.isdir():
-                self.dir_attrs[""] = _DirAttrs(ti.mode & 0o7777, ti.uid, ti.gid, pax_mtime_ns(ti), _tar_xattrs(ti))
-            return
-        old = self.kinds.get(rel)
-        if old is not None and not (old == "dir" and ti.isdir()):
-            self._remove(rel)
-        self._ensure_parents(rel)
-        p = self.dest / rel
-        if ti.isdir():
-            if old != "dir":
-                os.mkdir(p)
-            self.kinds[rel] = "dir"
-            self.dir_attrs[rel] = _DirAttrs(ti.mode & 0o7777, ti.uid, ti.gid, pax_mtime_ns(ti), _tar_xattrs(ti))
-            return
-        if ti.islnk():
-            target = norm_path(ti.linkname)
-            kind = self.kinds.get(target)
-            if kind in (None, "dir", "whiteout"):
-                return                   # not a non-directory of this layer: skipped, as the union view does
-            os.link(self.dest / target, p, follow_symlinks=False)    # a link to a symlink links the symlink
-            self.kinds[rel] = kind
-            return                       # a hard link's own header attributes are not the inode's
-        if ti.isreg():
-            with open(p, "wb") as out, tf.extractfile(ti) as src:
-                while True:
-                    b = src.read(1 << 20)
-                    if not b:
-                        break
-                    out.write(b)
-            kind = "file"
-        elif ti.issym():
-            os.symlink(ti.linkname, p)
-            kind = "symlink"
-        elif ti.ischr() or ti.isblk():
-            os.mknod(p, (stat.S_IFCHR if ti.ischr() else stat.S_IFBLK) | 0o600, os.makedev(ti.devmajor, ti.devminor))
-            kind = "device"
-        elif ti.isfifo():
-            os.mkfifo(p, 0o600)
-            kind = "fifo"
-        else:
-            return
-        self.kinds[rel] = kind
-        os.chown(p, ti.uid, ti.gid, follow_symlinks=False)
-        if kind != "symlink":
-            os.chmod(p, ti.mode & 0o7777)           # after chown, which clears setuid/setgid
-        for k, v in _tar_xattrs(ti).items():
-            os.setxattr(p, k, v, follow_symlinks=False)
-        t = pax_mtime_ns(ti)
-        os.utime(p, ns=(t, t), follow_symlinks=False)
-
-    def _lower(self, rel: str) -> _DirAttrs | None:
-        """Directory *rel* of the lower view, unless this layer hides it: a whiteout of it or of an
-        ancestor, or an opaque marker on an ancestor (that lower directory is gone; a directory
-        this layer puts there is a new one)."""
-        parts = rel.split("/") if rel else []
-        for i in range(1, len(parts) + 1):
-            if "/".join(parts[:i]) in self.whiteouts:
-                return None
-        for i in range(0, len(parts)):
-            if "/".join(parts[:i]) in self.opaque:
-                return None
-        return _lower_dir(self.view, rel)
-
-    def _has_dir(self, rel: str) -> bool:
-        """The directory exists in this layer or, not shadowed by this layer, in the lower view."""
-        if self.kinds.get(rel) == "dir":
-            return True
-        if self._blocked(rel) or rel in self.kinds:
-            return False
-        return _lower_dir(self.view, rel) is not None
-
-    def _apply_markers(self) -> None:
-        for d in self.opaque:
-            if d and self._blocked(d):
-                continue
-            if d and not self._has_dir(d):
-                continue                 # an opaque marker never creates a directory
-            self._ensure_parents(d + "/x" if d else "x")
-            os.setxattr(self.dest / d if d else self.dest, OPAQUE_XATTR, b"y")
-        for w in self.whiteouts:
-            if self._blocked(w):
-                continue
-            own = self.kinds.get(w)
-            if own == "dir":             # lower W is hidden, this layer's W stays: an opaque directory
-                os.setxattr(self.dest / w, OPAQUE_XATTR, b"y")
-                continue
-            if own is not None:          # this layer's non-directory hides the lower one anyway
-                continue
-            parent = w.rpartition("/")[0]
-            if parent and not self._has_dir(parent):
-                continue                 # a whiteout never creates a directory
-            self._ensure_parents(w)
-            os.mknod(self.dest / w, stat.S_IFCHR | 0o600, os.makedev(0, 0))
-            self.kinds[w] = "whiteout"
-
-    def _set_dir_attrs(self) -> None:
-        dirs = sorted((k for k, v in self.kinds.items() if v == "dir"), key=lambda d: -d.count("/") - (d != ""))
-        for d in dirs:
-            a = self.dir_attrs.get(d) or self._lower(d) or _DirAttrs()
-            p = self.dest / d if d else self.dest
-            os.chown(p, a.uid, a.gid)
-            os.chmod(p, a.mode)
-            for k, v in a.xattrs.items():
-                os.setxattr(p, k, v)
-            os.utime(p, ns=(a.mtime_ns, a.mtime_ns))
-
-
-def extract_overlay_layers(tars: Sequence[bytes], dest: Path) -> list[Path]:
-    """Extract each uncompressed layer tar (bottom first) into ``dest/layer-N`` in overlay form.
-
-    While layer N is extracted, the kernel overlay of layers 0..N-1 is
-    mounted at ``dest/view`` (the lower view). Returns the layer directories.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    dirs: list[Path] = []
-    for i, tar in enumerate(tars):
-        d = dest / f"layer-{i}"
-        d.mkdir()
-        with contextlib.ExitStack() as stack:
-            view = stack.enter_context(kernel_overlay(dirs, dest / "view")) if dirs else None
-            _LayerExtractor(d, view).extract(tar)
-        dirs.append(d)
-    return dirs
+def diff_snapshots(kernel: dict, layerfs: dict) -> list[str]:
+    """One line per path where two :func:`view_snapshot` results differ."""
+    lines = []
+    for k in sorted(set(kernel) | set(layerfs)):
+        if kernel.get(k) != layerfs.get(k):
+            lines.append(f"{k}: kernel {kernel.get(k)!r} != layerfs {layerfs.get(k)!r}")
+    return lines
 
 
 if __name__ == "__main__":

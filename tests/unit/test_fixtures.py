@@ -15,9 +15,12 @@ import requests
 
 from layerfs.image import oci
 from imagebuild import BuiltImage, LayerBuilder, build_image, build_index, write_oci_layout
-from registryfixtures import (UMOCI_EXPECTED, RegistryAuth, decode_jwt, get_blob, get_manifest, missing_prerequisite,
-                              new_session, parse_challenge, push_image, push_index, require_binary, skopeo_push,
-                              write_tls_cert)
+from localnet import new_session
+from prereqs import missing_prerequisite, require_binary
+from producers import UMOCI_EXPECTED, skopeo_push
+from registryclient import RegistryAuth, get_blob, get_manifest, parse_challenge, push_image, push_index
+from registryproc import write_tls_cert
+from tokenserver import decode_jwt
 
 
 def small_image(tag: str = "x", **kwargs) -> BuiltImage:

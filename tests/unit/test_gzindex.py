@@ -24,7 +24,7 @@ from layerfs.index import gzindex
 from layerfs.errors import ContentError
 from layerfs.index import (BadIndex, Checkpoint, CompressedDataError, GzipIndexer, Indexer, SeekIndex,
     TruncatedStream, ZstdIndexer, build_index, open_reader)
-from registryfixtures import require_binary
+from prereqs import require_binary
 
 zstandard = pytest.importorskip("zstandard")
 

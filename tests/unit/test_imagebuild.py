@@ -113,7 +113,7 @@ def test_xattrs_readable_by_gnu_tar(tmp_path):
     import shutil
     import subprocess
 
-    from registryfixtures import require_binary
+    from prereqs import require_binary
 
     tar_bin = require_binary("tar")
     probe = tmp_path / "probe"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from mounthelpers import mount_lazy_read_only, put_image, require_fuse, started_mounts, track
-from registryfixtures import require_binary
+from prereqs import require_binary
 from layerfs.cli.main import main
 from imagebuild import LayerBuilder, build_image, write_oci_layout
 from layerfs.index import SYMLINK, LayerIndex, index_path, load_or_build

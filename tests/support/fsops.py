@@ -1,41 +1,29 @@
-"""Kernel overlayfs as the reference for writable layerfs mounts: layer extraction, op runner, tree snapshots.
+"""File-system operations run the same way on two mounts, with comparable results; random sequences of them.
 
-* :func:`extract_layers` turns an image's layer tars into overlayfs lower
-  directories (whiteouts become 0/0 character devices, ``.wh..wh..opq`` the
-  ``trusted.overlay.opaque=y`` xattr; owners, modes, times, xattrs, devices,
-  hard links kept) with :mod:`tarfile`, independently of layerfs' own code.
-* :func:`kernel_overlay` mounts them (rw, its own upper + work) and always
-  unmounts.
 * :class:`Runner` applies one operation (a tuple like ``("rename", "a",
   "b", 0)``) to a mount point through real syscalls and returns a comparable
-  result: ``("ok", value)`` or ``("err", "ENOENT")``.
-* :func:`snapshot` records the visible tree (type, mode, owner, size,
-  content hash, link target, device numbers, xattrs without
-  ``trusted.overlay.*``, mtime class, link count, hard-link groups).
+  result: ``("ok", value)`` or ``("err", "ENOENT")``; stat results are
+  compared as :func:`treecompare.stat_view` shows them.
 * :func:`random_ops` generates a replayable sequence from a seed, choosing
   paths from the reference mount's current state.
 
-Times: an mtime from before the test (``Runner.t0``) is compared exactly, a
-newer one only as "new" (the two mounts do the same thing a few microseconds
-apart).
+The reference mount is the kernel's overlayfs (:mod:`kerneloverlay`); the
+trees after a sequence are compared with :func:`treecompare.view_snapshot`.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
-import hashlib
-import io
 import os
 import random
 import stat
-import subprocess
-import tarfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-OPAQUE_XATTR = "trusted.overlay.opaque"
+from treecompare import stat_view
+
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 OLD_NS = 1_000_000_000_123_456_789        # 2001-09-09: explicit times set by utime ops
 
@@ -48,121 +36,7 @@ def renameat2(old: str, new: str, flags: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-# --- the reference: layers in overlayfs form ----------------------------------------------------
-
-def extract_layers(layers: Sequence[bytes], dest: Path) -> list[Path]:
-    """Extract uncompressed layer tars to ``dest/L0``, ``dest/L1``...; returns them bottom first."""
-    out = []
-    for i, data in enumerate(layers):
-        d = dest / f"L{i}"
-        d.mkdir(parents=True)
-        _extract_one(data, d, list(reversed(out)))
-        out.append(d)
-    return out
-
-
-def _extract_one(data: bytes, d: Path, below: list[Path]) -> None:
-    """One layer; a parent directory the layer has no entry for keeps the attributes it has below."""
-    dirs: list[tuple[Path, tarfile.TarInfo]] = []
-    implicit: list[Path] = []
-
-    def parents(p: Path) -> None:
-        missing = []
-        q = p.parent
-        while q != d and not q.exists():
-            missing.append(q)
-            q = q.parent
-        for q in reversed(missing):
-            q.mkdir()
-            implicit.append(q)
-
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-        for m in tf:
-            name = m.name.rstrip("/")
-            if name in ("", "."):
-                continue
-            p = d / name
-            parents(p)
-            base = p.name
-            if base == ".wh..wh..opq":
-                os.setxattr(p.parent, OPAQUE_XATTR, b"y")
-                continue
-            if base.startswith(".wh."):
-                os.mknod(p.parent / base[4:], stat.S_IFCHR | 0o000, os.makedev(0, 0))
-                continue
-            if m.isdir():
-                p.mkdir(exist_ok=True)
-                dirs.append((p, m))
-                if p in implicit:
-                    implicit.remove(p)
-                continue
-            if m.isreg():
-                p.write_bytes(tf.extractfile(m).read())
-            elif m.issym():
-                os.symlink(m.linkname, p)
-            elif m.islnk():
-                os.link(d / m.linkname, p)
-                continue
-            elif m.ischr() or m.isblk():
-                os.mknod(p, (stat.S_IFCHR if m.ischr() else stat.S_IFBLK) | 0o600, os.makedev(m.devmajor, m.devminor))
-            elif m.isfifo():
-                os.mkfifo(p)
-            _meta(p, m)
-    for p, m in reversed(dirs):
-        _meta(p, m)
-    for q in reversed(implicit):
-        rel = q.relative_to(d)
-        for b in below:
-            if (b / rel).is_dir() and not (b / rel).is_symlink():
-                st = os.lstat(b / rel)
-                os.chown(q, st.st_uid, st.st_gid)
-                os.chmod(q, stat.S_IMODE(st.st_mode))
-                os.utime(q, ns=(st.st_atime_ns, st.st_mtime_ns))
-                break
-
-
-def _meta(p: Path, m: tarfile.TarInfo) -> None:
-    os.lchown(p, m.uid, m.gid)
-    if not m.issym():
-        os.chmod(p, m.mode & 0o7777)
-    for k, v in m.pax_headers.items():
-        if k.startswith("SCHILY.xattr."):
-            os.setxattr(p, k[len("SCHILY.xattr."):], v.encode("utf-8", "surrogateescape"), follow_symlinks=False)
-    ns = int(m.mtime * 1_000_000_000)
-    os.utime(p, ns=(ns, ns), follow_symlinks=False)
-
-
-@contextlib.contextmanager
-def kernel_overlay(lowers: Sequence[Path], base: Path, *, root_like: os.stat_result | None = None,
-                   options: str = "") -> Iterator[Path]:
-    """Mount overlayfs over *lowers* (bottom first) at ``base/kmnt``; ``base/kupper`` is its upper;
-    *options* are more mount options (e.g. ``index=on``)."""
-    upper, work, mnt = base / "kupper", base / "kwork", base / "kmnt"
-    for p in (upper, work, mnt):
-        p.mkdir(parents=True)
-    if root_like is not None:      # layerfs gives a fresh upper root the image root's attributes
-        os.chown(upper, root_like.st_uid, root_like.st_gid)
-        os.chmod(upper, stat.S_IMODE(root_like.st_mode))
-        os.utime(upper, ns=(root_like.st_mtime_ns, root_like.st_mtime_ns))
-    lowerdir = ":".join(str(p) for p in reversed(lowers))
-    opts = f"lowerdir={lowerdir},upperdir={upper},workdir={work}" + (f",{options}" if options else "")
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], check=True, capture_output=True)
-    try:
-        yield mnt
-    finally:
-        for _ in range(3):
-            r = subprocess.run(["umount", str(mnt)], capture_output=True)
-            if r.returncode == 0:
-                break
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 # --- running operations -------------------------------------------------------------------------------
-
-def kind_of(mode: int) -> str:
-    return {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
-            stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}.get(stat.S_IFMT(mode), "?")
-
 
 class Runner:
     """Applies operations to one mount point; results are comparable across mounts."""
@@ -181,14 +55,8 @@ class Runner:
     def p(self, rel: str) -> str:
         return os.path.join(self.root, rel) if rel else self.root
 
-    def when(self, ns: int):
-        return ns if ns < self.t0 - 600 * 10**9 else "new"     # file system clocks are coarse
-
     def norm(self, st: os.stat_result) -> tuple:
-        k = kind_of(st.st_mode)
-        return (k, oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid,
-                None if k == "d" else st.st_size, None if k == "d" else st.st_nlink,
-                st.st_rdev if k in "cb" else None, self.when(st.st_mtime_ns))
+        return stat_view(st, self.t0)
 
     def run(self, op: Sequence) -> tuple:
         name, *args = op
@@ -384,56 +252,6 @@ class Runner:
 
     def op_fdutime(self, key, atime_ns, mtime_ns):
         os.utime(self._fd(key), ns=(atime_ns, mtime_ns))
-
-
-# --- snapshots ------------------------------------------------------------------------------------------
-
-def snapshot(root: Path | str, t0: int, *, dir_nlink: Callable[[str], bool] = lambda rel: True) -> dict:
-    """path → attributes of everything visible under *root*, plus ``"<links>"``: the hard-link groups."""
-    root = str(root)
-    out: dict = {}
-    groups: dict[int, list[str]] = {}
-    runner = Runner(root, t0)
-
-    def walk(rel: str) -> None:
-        with os.scandir(runner.p(rel)) as it:
-            names = sorted(e.name for e in it)
-        for name in names:
-            r = f"{rel}/{name}" if rel else name
-            p = runner.p(r)
-            st = os.lstat(p)
-            k = kind_of(st.st_mode)
-            info = list(runner.norm(st))
-            if k == "d" and dir_nlink(r):
-                info[5] = st.st_nlink
-            if k == "f":
-                with open(p, "rb") as f:
-                    info.append(hashlib.sha256(f.read()).hexdigest()[:16])
-            elif k == "l":
-                info.append(os.readlink(p))
-            try:
-                xs = sorted((n, os.getxattr(p, n, follow_symlinks=False)) for n in os.listxattr(p, follow_symlinks=False)
-                            if not n.startswith("trusted.overlay."))
-            except OSError:
-                xs = []
-            info.append(tuple(xs))
-            out[r] = tuple(info)
-            if k != "d":
-                groups.setdefault(st.st_ino, []).append(r)
-            else:
-                walk(r)
-
-    walk("")
-    out["<links>"] = sorted(tuple(sorted(g)) for g in groups.values() if len(g) > 1)
-    return out
-
-
-def diff_snapshots(a: dict, b: dict) -> list[str]:
-    lines = []
-    for k in sorted(set(a) | set(b)):
-        if a.get(k) != b.get(k):
-            lines.append(f"{k}: kernel {a.get(k)!r} != layerfs {b.get(k)!r}")
-    return lines
 
 
 # --- generated sequences -----------------------------------------------------------------------------------
