@@ -163,7 +163,7 @@ typedef struct {
     struct ino_fd *attr_fds;
     size_t n_attr_fds, cap_attr_fds;
     pthread_rwlock_t fdlock;
-    /* releases not yet handed to Python (see ll_release), under lock */
+    /* releases not yet handed to Python (see handles.c), under lock */
     unsigned long long *released;
     size_t n_released, cap_released;
     /* inodes known to have no security.capability (the kernel asks before every write) */
@@ -190,7 +190,7 @@ static inline Session *sess(fuse_req_t req) { return (Session *)fuse_req_userdat
     if (__atomic_load_n(&s->n_released, __ATOMIC_RELAXED))  \
         drain_releases(s);
 
-/* ---- reply.c: conversions, errors, replies (GIL held on entry; the reply helpers release it) ---- */
+/* ---- reply.c: conversions, errors, replies (called with the GIL; fail and reply_* release it) ---- */
 long long ts_to_ns(const struct timespec *ts);
 int parse_entry(PyObject *t, struct fuse_entry_param *e);
 int parse_open(PyObject *r, struct fuse_file_info *fi, unsigned long *bits_out, Py_ssize_t fd_index);
