@@ -5,7 +5,7 @@ The kernel talks in inode numbers, and a tree :class:`~layerfs.fs.tree.Node`'s
 requests onto the tree: errno mapping, caching hints, attribute tuples. It
 never looks below the tree protocol.
 
-Requests are served by :mod:`layerfs._fuse` (native/fuseloop.c): libfuse's
+Requests are served by :mod:`layerfs._fuse` (native/fuse/fuseloop.h): libfuse's
 low-level API with a pool of native threads calling these plain methods
 (see that file for the protocol). Blocking work (decompression, disk reads)
 releases the GIL, so concurrent readers and the kernel's parallel readahead

@@ -106,7 +106,7 @@ try:
     from layerfs import _zran
 except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
-        "layerfs._zran (native/zran.c) is not built; run 'pip install -e .' "
+        "layerfs._zran (native/zran/) is not built; run 'pip install -e .' "
         "(needs gcc, zlib and ISA-L headers: apt-get install zlib1g-dev libisal-dev)"
     ) from exc
 
