@@ -10,14 +10,16 @@ from typing import TYPE_CHECKING
 
 #: public name -> the module of this package that defines it
 _EXPORTS = {
-    "Attr": "overlay", "OPAQUE_MARKER": "overlay", "OVERRIDE_XATTR": "overlay", "Overlay": "overlay",
-    "RENAME_EXCHANGE": "overlay", "RENAME_NOREPLACE": "overlay", "UpperDirty": "overlay", "UpperInUse": "overlay",
-    "WHITEOUTS_XATTR": "overlay", "fd_path": "overlay", "parse_whiteout_record": "overlay",
-    "work_dir_for": "overlay",
+    "Attr": "overlay", "Overlay": "overlay", "RENAME_EXCHANGE": "overlay", "RENAME_NOREPLACE": "overlay",
+    "UpperDirty": "overlay", "UpperInUse": "overlay", "fd_path": "overlay",
     "MergedTree": "tree", "Node": "tree", "ROOT_INO": "tree", "read_sparse": "tree",
     "LazyNodes": "union", "TREE_FORMAT_VERSION": "union", "build_diff_tree": "union", "build_tree": "union",
     "load_tree": "union", "open_image_tree": "union", "save_tree": "union", "tree_cache_current": "union",
     "tree_cache_path": "union",
+    "META_XATTR_PREFIXES": "upper", "OPAQUE_MARKER": "upper", "OVERRIDE_XATTR": "upper", "Override": "upper",
+    "WHITEOUTS_XATTR": "upper", "is_device_whiteout": "upper", "is_opaque_marker": "upper",
+    "is_opaque_xattr": "upper", "is_reserved_name": "upper", "parse_override": "upper",
+    "parse_whiteout_record": "upper", "whiteout_target": "upper", "work_dir_for": "upper",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -32,6 +34,7 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:
-    from layerfs.fs.overlay import Attr, OPAQUE_MARKER, OVERRIDE_XATTR, Overlay, RENAME_EXCHANGE, RENAME_NOREPLACE, UpperDirty, UpperInUse, WHITEOUTS_XATTR, fd_path, parse_whiteout_record, work_dir_for  # noqa: F401
+    from layerfs.fs.overlay import Attr, Overlay, RENAME_EXCHANGE, RENAME_NOREPLACE, UpperDirty, UpperInUse, fd_path  # noqa: F401
     from layerfs.fs.tree import MergedTree, Node, ROOT_INO, read_sparse  # noqa: F401
     from layerfs.fs.union import LazyNodes, TREE_FORMAT_VERSION, build_diff_tree, build_tree, load_tree, open_image_tree, save_tree, tree_cache_current, tree_cache_path  # noqa: F401
+    from layerfs.fs.upper import META_XATTR_PREFIXES, OPAQUE_MARKER, OVERRIDE_XATTR, Override, WHITEOUTS_XATTR, is_device_whiteout, is_opaque_marker, is_opaque_xattr, is_reserved_name, parse_override, parse_whiteout_record, whiteout_target, work_dir_for  # noqa: F401

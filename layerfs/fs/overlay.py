@@ -14,43 +14,8 @@ directly. Its API is inode based like FUSE's low-level protocol::
 Every failure is an :class:`OSError` with the errno the kernel's overlayfs
 gives for the same call (checked against it by tests/fuse/test_overlay_kernel_diff.py).
 
-Upper directory format (shared with ``layerfs diff``/``commit``; do not change)
------------------------------------------------------------------------------
-* a real directory tree mirroring paths: new and changed entries live there
-  as ordinary files, directories, symlinks, fifos, sockets (devices too where
-  the process may create them);
-* a deleted lower entry NAME is an empty regular file ``.wh.NAME`` in its
-  parent (the OCI whiteout form: ``commit`` tars the upper as is, no root
-  needed to write or read it). A name longer than 251 bytes has no room for
-  the prefix: its whiteout is a character device 0/0 named NAME (kernel
-  overlayfs' form) where the process may create devices, else NAME is listed
-  in the xattr ``user.layerfs.whiteouts`` of the parent (names separated by
-  ``/``; on ext4 all xattrs of a directory share ~4 KiB, so about 15 such
-  names per directory). All three forms are read (``diff``, ``commit`` and
-  ``export`` too), whatever wrote them; a commit writes every whiteout as
-  the OCI ``.wh.NAME`` tar entry (a PAX header carries a long one);
-* a lower directory removed and re-created (or a directory moved onto a place
-  where a lower entry of the same name exists) is opaque: it holds the empty
-  file ``.wh..wh..opq``;
-* as in an OCI layer, ``.wh.NAME`` (or a recorded name) hides NAME of the
-  *lower* layers only: an upper ``NAME`` beside ``.wh.NAME`` is shown (and, if a directory, is not
-  merged with the lower one). The overlay uses this for crash safety: it may
-  write the whiteout before it removes the entry;
-* ownership and permission bits the process cannot give a file on the host
-  (rootless mounts: chown to another uid, or a mode that would lock the
-  daemon out) are kept in the xattr ``user.layerfs.override_stat`` =
-  ``"UID:GID:MODE"`` (MODE octal incl. setuid/setgid/sticky, e.g.
-  ``"0:0:4755"``) and shown through the mount instead of the real values;
-* a file type the process cannot create (character/block devices without
-  CAP_MKNOD) is an empty regular file with
-  ``user.layerfs.override_stat`` = ``"UID:GID:MODE:TYPE:MAJOR:MINOR"``, TYPE
-  one of ``c`` ``b`` (``p`` ``s`` are accepted when read);
-* names beginning with ``.wh.`` cannot be created through the mount
-  (EINVAL), and the upper's whiteout files never show through it;
-* the work directory ``<upper parent>/.<upper name>.work`` (same file system:
-  renames out of it are atomic) holds copy-ups in progress and entries being
-  deleted; a mount takes an exclusive lock on it (one mount per upper) and
-  removes its leftovers; its temporaries have short generated names.
+The upper directory's format (whiteout forms, opaque marker, override xattr, work
+directory) is defined by :mod:`layerfs.fs.upper`.
 
 Semantics (kernel overlayfs as on this machine: index=off or index=on, redirect_dir=off, metacopy=off)
 -----------------------------------------------------------------------------------------
@@ -66,7 +31,7 @@ Semantics (kernel overlayfs as on this machine: index=off or index=on, redirect_
   other names move to a fresh inode (still the lower file). FUSE requests on
   an inode carry no name: the name is the one the kernel last looked up for
   it, which is exact because such names are given entry timeout 0 (every path
-  walk through them sends a LOOKUP, see :attr:`Attr.volatile`). Links made
+  walk through them sends a LOOKUP, see :attr:`Attr.unstable_name`). Links made
   through the mount are real hard links in the upper;
 * with ``index=on`` (kernel overlayfs' option) they stay one inode: the first
   copy-up of a lower hard-linked file (also unlinking one of its names, or
@@ -105,19 +70,31 @@ from typing import Callable, Iterator
 
 from layerfs import libc
 from layerfs.fs.tree import ROOT_INO, MergedTree, Node
+from layerfs.fs.upper import (
+    NAME_MAX,
+    NOSYNC_MARKER,
+    OPAQUE_MARKER,
+    OVERRIDE_XATTR,
+    RESERVED_XATTR_PREFIX,
+    WH_DEVICE,
+    WH_FILE,
+    WH_PREFIX,
+    WH_RECORD,
+    WHITEOUTS_XATTR,
+    Override,
+    format_whiteout_record,
+    is_device_whiteout,
+    is_opaque_marker,
+    is_reserved_name,
+    parse_override,
+    parse_whiteout_record,
+    whiteout_file_fits,
+    whiteout_target,
+    work_dir_for,
+)
 
 log = logging.getLogger(__name__)
 
-WH_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-OVERRIDE_XATTR = "user.layerfs.override_stat"
-#: on an upper directory: whiteouts of names too long for ``.wh.NAME`` ("/"-separated names)
-WHITEOUTS_XATTR = "user.layerfs.whiteouts"
-RESERVED_XATTR_PREFIX = "user.layerfs."
-NAME_MAX = 255
-
-#: the forms a whiteout of the upper takes (Dir.whiteouts values)
-WH_FILE, WH_DEVICE, WH_RECORD = "file", "device", "record"
 #: directory fds kept open between requests (least recently used ones are closed)
 DIR_FD_CACHE = 256
 
@@ -126,15 +103,6 @@ RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 
 COPY_CHUNK = 1 << 20
-_TYPE_CHARS = {"c": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO, "s": stat.S_IFSOCK}
-_CHAR_OF_TYPE = {v: k for k, v in _TYPE_CHARS.items()}
-
-
-def work_dir_for(upper: str | os.PathLike[str]) -> str:
-    """The work directory of *upper*: ``<upper parent>/.<upper name>.work``."""
-    upper = os.path.abspath(os.fspath(upper))
-    parent, name = os.path.split(upper.rstrip("/"))
-    return os.path.join(parent, f".{name}.work")
 
 
 class UpperInUse(OSError):
@@ -142,10 +110,7 @@ class UpperInUse(OSError):
 
 
 class UpperDirty(OSError):
-    """A volatile mount of the upper directory did not end cleanly (*filename*: its marker)."""
-
-
-VOLATILE_MARKER = "volatile"     # in the work dir while a volatile mount runs (kernel overlayfs: work/incompat/volatile)
+    """A ``-o volatile`` mount of the upper directory (no syncs) did not end cleanly (*filename*: its marker)."""
 
 
 def _err(code: int, what: str = "") -> OSError:
@@ -168,7 +133,7 @@ class Attr:
     """What ``stat`` shows for one inode (``ino`` is the FUSE inode, ``st_ino`` the number shown)."""
 
     __slots__ = ("ino", "st_ino", "mode", "nlink", "uid", "gid", "rdev", "size", "blocks",
-                 "atime_ns", "mtime_ns", "ctime_ns", "volatile")
+                 "atime_ns", "mtime_ns", "ctime_ns", "unstable_name")
 
     def __init__(self, ino: int, st_ino: int, mode: int, nlink: int, uid: int, gid: int, rdev: int, size: int,
                  blocks: int, atime_ns: int, mtime_ns: int, ctime_ns: int):
@@ -184,40 +149,11 @@ class Attr:
         self.atime_ns = atime_ns
         self.mtime_ns = mtime_ns
         self.ctime_ns = ctime_ns
-        self.volatile = False     # the name→inode binding may change behind the kernel: no entry caching
+        self.unstable_name = False     # the name→inode binding may change behind the kernel: no entry caching
 
     def __repr__(self) -> str:
         return (f"Attr(ino={self.ino}, st_ino={self.st_ino}, mode={oct(self.mode)}, nlink={self.nlink}, "
                 f"uid={self.uid}, gid={self.gid}, size={self.size})")
-
-
-class Override:
-    """A parsed ``user.layerfs.override_stat`` value."""
-
-    __slots__ = ("uid", "gid", "mode", "ftype", "rdev")
-
-    def __init__(self, uid: int, gid: int, mode: int, ftype: int | None = None, rdev: int = 0):
-        self.uid, self.gid, self.mode, self.ftype, self.rdev = uid, gid, mode, ftype, rdev
-
-    @classmethod
-    def parse(cls, raw: bytes) -> "Override | None":
-        try:
-            parts = raw.decode("ascii").strip().split(":")
-            uid, gid, mode = int(parts[0]), int(parts[1]), int(parts[2], 8) & 0o7777
-            if len(parts) == 3:
-                return cls(uid, gid, mode)
-            if len(parts) == 6 and parts[3] in _TYPE_CHARS:
-                return cls(uid, gid, mode, _TYPE_CHARS[parts[3]], os.makedev(int(parts[4]), int(parts[5])))
-        except (ValueError, IndexError, UnicodeDecodeError):
-            pass
-        log.warning("ignoring malformed %s value %r", OVERRIDE_XATTR, raw)
-        return None
-
-    def encode(self) -> bytes:
-        text = f"{self.uid}:{self.gid}:{self.mode:04o}"
-        if self.ftype is not None:
-            text += f":{_CHAR_OF_TYPE[self.ftype]}:{os.major(self.rdev)}:{os.minor(self.rdev)}"
-        return text.encode()
 
 
 _UNKNOWN = object()    # override not read yet
@@ -375,16 +311,6 @@ def _touch(dfd: int, name: str, mode: int = 0o644) -> None:
     os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode, dir_fd=dfd))
 
 
-def parse_whiteout_record(raw: bytes) -> list[str]:
-    """The names of a :data:`WHITEOUTS_XATTR` value (``/``-separated, as no name holds a ``/``)."""
-    return [os.fsdecode(n) for n in raw.split(b"/") if n and n not in (b".", b"..")]
-
-
-def whiteout_file_fits(name: str) -> bool:
-    """Whether the whiteout of *name* can be the OCI file ``.wh.NAME`` (at most NAME_MAX bytes)."""
-    return len(os.fsencode(name)) + len(WH_PREFIX) <= NAME_MAX
-
-
 class Overlay:
     """The merged view of *tree* (read-only lower layers) and the directory *upper*.
 
@@ -471,7 +397,7 @@ class Overlay:
             if os.stat(self.work).st_dev != os.stat(self.upper_root).st_dev:
                 raise _err(errno.EXDEV, f"work directory {self.work} is on another file system than "
                                         f"{self.upper_root}")
-            marker = os.path.join(self.work, VOLATILE_MARKER)
+            marker = os.path.join(self.work, NOSYNC_MARKER)
             if os.path.lexists(marker):
                 raise UpperDirty(errno.EUCLEAN, f"the upper directory {self.upper_root} was mounted with "
                                                 "-o volatile and that mount did not end cleanly", marker)
@@ -515,7 +441,7 @@ class Overlay:
                 if self.volatile:       # everything on disk, then the marker goes
                     _syncfs(self._lock_fd)
                     with contextlib.suppress(FileNotFoundError):
-                        os.rmdir(os.path.join(self.work, VOLATILE_MARKER))
+                        os.rmdir(os.path.join(self.work, NOSYNC_MARKER))
                     os.fsync(self._lock_fd)
                 os.close(self._lock_fd)
                 self._lock_fd = None
@@ -678,11 +604,16 @@ class Overlay:
         with os.scandir(rfd) as it:
             for e in it:
                 name = e.name
-                if name.startswith(WH_PREFIX):
-                    if name == OPAQUE_MARKER:
+                if is_reserved_name(name):     # never shown; a regular file may be a whiteout or the marker
+                    try:
+                        mode = stat.S_IFREG if e.is_file(follow_symlinks=False) else 0
+                    except OSError:
+                        continue
+                    victim = whiteout_target(name, mode)
+                    if victim is not None:
+                        wh[victim] = WH_FILE
+                    elif is_opaque_marker(name, mode):
                         d.opaque = True
-                    else:
-                        wh[name[len(WH_PREFIX):]] = WH_FILE
                     continue
                 try:
                     if e.is_dir(follow_symlinks=False):
@@ -691,7 +622,7 @@ class Overlay:
                     st = e.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:     # kernel overlayfs' whiteout
+                if is_device_whiteout(st.st_mode, st.st_rdev):
                     wh[name] = WH_DEVICE
                     continue
                 upper[name] = st
@@ -738,11 +669,18 @@ class Overlay:
             if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
                 target, kw = _xtarget(loc)
                 try:
-                    ov = Override.parse(os.getxattr(target, OVERRIDE_XATTR, **kw))
+                    raw = os.getxattr(target, OVERRIDE_XATTR, **kw)
                 except OSError:
-                    ov = None
+                    raw = None
+                if raw is not None:
+                    ov = parse_override(raw, file_mode=st.st_mode, where=self._where(i))
             i.override = ov
         return i.override  # type: ignore[return-value]
+
+    def _where(self, i: Dir | File) -> str:
+        """*i*'s upper entry, for a log line."""
+        name = i.name if isinstance(i, Dir) else next((n for _, n in i.links), "(unlinked)")
+        return f"upper {self.upper_root}: {name!r}"
 
     def _upper_attr(self, i: Dir | File, loc, st: os.stat_result | None = None, *,
                     nlink: int | None = None) -> Attr:
@@ -771,7 +709,7 @@ class Overlay:
             blocks = (sum(e[1] for e in node.sparse) + 511) >> 9
         t = node.mtime_ns
         a = Attr(ino, ino, mode, node.nlink, node.uid, node.gid, node.rdev, size, blocks, t, t, t)
-        a.volatile = node.nlink > 1 and not stat.S_ISDIR(mode)
+        a.unstable_name = node.nlink > 1 and not stat.S_ISDIR(mode)
         return a
 
     def _attr(self, ino: int) -> Attr:
@@ -818,7 +756,7 @@ class Overlay:
                 raise _err(errno.ENAMETOOLONG)     # as the upper file system's lookup says
             raise _err(errno.ENOENT)
         a = self._attr(ino)
-        if a.volatile:
+        if a.unstable_name:
             self._last_name[ino] = (d.ino, name)
         return a
 
@@ -860,7 +798,7 @@ class Overlay:
 
     @staticmethod
     def _check_name(name: str) -> None:
-        if name.startswith(WH_PREFIX):
+        if is_reserved_name(name):
             raise _err(errno.EINVAL, f"names beginning with {WH_PREFIX} are reserved for whiteouts")
         if len(os.fsencode(name)) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG)
@@ -1220,10 +1158,10 @@ class Overlay:
         d.whiteouts.pop(name, None)
 
     def _write_record(self, d: Dir, dfd: int) -> None:
-        names = [os.fsencode(n) for n, form in d.whiteouts.items() if form == WH_RECORD]
+        record = format_whiteout_record(n for n, form in d.whiteouts.items() if form == WH_RECORD)
         try:
-            if names:
-                os.setxattr(fd_path(dfd), WHITEOUTS_XATTR, b"/".join(names))
+            if record:
+                os.setxattr(fd_path(dfd), WHITEOUTS_XATTR, record)
             else:
                 with contextlib.suppress(OSError):
                     os.removexattr(fd_path(dfd), WHITEOUTS_XATTR)
