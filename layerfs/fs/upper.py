@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "WH_PREFIX", "OPAQUE_MARKER", "OVERRIDE_XATTR", "WHITEOUTS_XATTR", "RESERVED_XATTR_PREFIX",
-    "OVERLAY_OPAQUE_XATTRS", "META_XATTR_PREFIXES", "NAME_MAX", "NOSYNC_MARKER",
+    "OVERLAY_OPAQUE_XATTRS", "META_XATTR_PREFIXES", "AUFS_META_PREFIX", "NAME_MAX", "NOSYNC_MARKER",
     "WH_FILE", "WH_DEVICE", "WH_RECORD", "Override", "parse_override", "work_dir_for",
     "is_reserved_name", "is_opaque_marker", "whiteout_target", "is_device_whiteout", "whiteout_file_fits",
     "parse_whiteout_record", "format_whiteout_record", "is_opaque_xattr",
