@@ -51,7 +51,7 @@ import benchlib as bl  # noqa: E402
 import bench  # noqa: E402
 
 from layerfs.index import gzindex  # noqa: E402
-from layerfs.fs import union  # noqa: E402
+from layerfs.fs import imagetree  # noqa: E402
 from layerfs.store import Store  # noqa: E402
 
 MiB = 1 << 20
@@ -74,7 +74,7 @@ def prepare(workdir: Path) -> tuple[Store, object]:
 
 
 def open_tree(store: Store, manifest):
-    return union.open_image_tree(store, manifest)
+    return imagetree.open_image_tree(store, manifest)
 
 
 def requests_for(tree, workload: str, chunk: int) -> list[tuple[int, int, int]]:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 #: public name -> the module of this package that defines it
 _EXPORTS = {
-    "Attr": "overlay", "Overlay": "overlay", "RENAME_EXCHANGE": "overlay", "RENAME_NOREPLACE": "overlay",
-    "UpperDirty": "overlay", "UpperInUse": "overlay", "fd_path": "overlay",
+    "Attr": "inodes", "Overlay": "overlay", "RENAME_EXCHANGE": "hostcalls", "RENAME_NOREPLACE": "hostcalls",
+    "UpperDirty": "overlay", "UpperInUse": "overlay", "fd_path": "hostcalls",
     "MergedTree": "tree", "Node": "tree", "ROOT_INO": "tree", "read_sparse": "tree",
     "LazyNodes": "treecache", "TREE_FORMAT_VERSION": "treecache", "load_tree": "treecache", "save_tree": "treecache",
     "tree_cache_current": "treecache", "tree_cache_path": "treecache",
@@ -34,7 +34,9 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:
-    from layerfs.fs.overlay import Attr, Overlay, RENAME_EXCHANGE, RENAME_NOREPLACE, UpperDirty, UpperInUse, fd_path  # noqa: F401
+    from layerfs.fs.hostcalls import RENAME_EXCHANGE, RENAME_NOREPLACE, fd_path  # noqa: F401
+    from layerfs.fs.inodes import Attr  # noqa: F401
+    from layerfs.fs.overlay import Overlay, UpperDirty, UpperInUse  # noqa: F401
     from layerfs.fs.tree import MergedTree, Node, ROOT_INO, read_sparse  # noqa: F401
     from layerfs.fs.difftree import build_diff_tree  # noqa: F401
     from layerfs.fs.imagetree import open_image_tree  # noqa: F401

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from layerfs.fs.tree import LayerReader, MergedTree
 from layerfs.fs.union import R_XATTR, LayerDir, Merged, layer_tree, leaf_maker, to_tree
+from layerfs.fs.upper import OVERLAY_OPAQUE_XATTR
 from layerfs.index import CHAR, DIR, LayerIndex
 
-__all__ = ["build_diff_tree", "OVERLAY_OPAQUE_XATTR"]
-
-#: how an overlay lower directory marks a whiteout (a 0/0 character device) and an opaque directory (this xattr)
-OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
+__all__ = ["build_diff_tree"]
 
 
 def build_diff_tree(index: LayerIndex, reader: LayerReader) -> MergedTree:

@@ -74,7 +74,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "WH_PREFIX", "OPAQUE_MARKER", "OVERRIDE_XATTR", "WHITEOUTS_XATTR", "RESERVED_XATTR_PREFIX",
-    "OVERLAY_OPAQUE_XATTRS", "META_XATTR_PREFIXES", "AUFS_META_PREFIX", "NAME_MAX", "NOSYNC_MARKER",
+    "OVERLAY_OPAQUE_XATTR", "OVERLAY_OPAQUE_XATTRS", "META_XATTR_PREFIXES", "AUFS_META_PREFIX", "NAME_MAX",
+    "NOSYNC_MARKER",
     "WH_FILE", "WH_DEVICE", "WH_RECORD", "Override", "parse_override", "work_dir_for",
     "is_reserved_name", "is_opaque_marker", "whiteout_target", "is_device_whiteout", "whiteout_file_fits",
     "parse_whiteout_record", "format_whiteout_record", "is_opaque_xattr",
@@ -92,8 +93,9 @@ RESERVED_XATTR_PREFIX = "user.layerfs."
 OVERRIDE_XATTR = RESERVED_XATTR_PREFIX + "override_stat"
 #: on an upper directory: whiteouts of names too long for ``.wh.NAME`` ("/"-separated names)
 WHITEOUTS_XATTR = RESERVED_XATTR_PREFIX + "whiteouts"
-#: kernel overlayfs marks an opaque directory of its upper so (value ``y``)
-OVERLAY_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+#: kernel overlayfs marks an opaque directory so (value ``y``; the second form in a user-namespace mount)
+OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
+OVERLAY_OPAQUE_XATTRS = (OVERLAY_OPAQUE_XATTR, "user.overlay.opaque")
 #: xattrs that describe an upper directory, never content (ours, kernel overlayfs')
 META_XATTR_PREFIXES = (RESERVED_XATTR_PREFIX, "trusted.overlay.", "user.overlay.")
 NAME_MAX = 255

@@ -366,7 +366,7 @@ def test_volatile_skips_syncs_and_marks_the_upper_until_a_clean_close(upper, mon
     from layerfs.fs import overlay as ovlmod
     synced = []
     monkeypatch.setattr(ovlmod.os, "fsync", lambda fd: synced.append(("fsync", fd)))
-    monkeypatch.setattr(ovlmod, "_syncfs", lambda fd: synced.append(("syncfs", fd)))
+    monkeypatch.setattr(ovlmod, "syncfs", lambda fd: synced.append(("syncfs", fd)))
     marker = Path(work_dir_for(upper)) / NOSYNC_MARKER
     o = Overlay(make_tree(), upper, volatile=True)
     assert marker.is_dir()
