@@ -14,11 +14,12 @@ from layerfs.fs.upper import (
     OPAQUE_MARKER,
     WH_DEVICE,
     WH_FILE,
-    WH_PREFIX,
     WH_RECORD,
     WHITEOUTS_XATTR,
     format_whiteout_record,
+    make_device_whiteout,
     whiteout_file_fits,
+    whiteout_file_name,
 )
 
 
@@ -71,7 +72,7 @@ class NameOps:
         form = d.whiteouts.get(name)
         if form == WH_FILE:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(WH_PREFIX + name, dir_fd=dfd)
+                os.unlink(whiteout_file_name(name), dir_fd=dfd)
         elif form == WH_RECORD:
             del d.whiteouts[name]
             self._write_record(d, dfd)
@@ -249,7 +250,7 @@ class NameOps:
                 self.device_whiteouts = False
                 form = WH_RECORD
         if form == WH_FILE:
-            touch_at(dfd, WH_PREFIX + name)
+            touch_at(dfd, whiteout_file_name(name))
             d.whiteouts[name] = WH_FILE
         elif form == WH_RECORD:
             d.whiteouts[name] = WH_RECORD
@@ -265,11 +266,11 @@ class NameOps:
 
     def _device_whiteout(self, d: Dir, dfd: int, name: str, kind: str | None) -> None:
         if kind is None:
-            os.mknod(name, stat.S_IFCHR, 0, dir_fd=dfd)
+            make_device_whiteout(name, dfd)
         else:
             wfd = self.work_fd
             tmp = self.work_name("w")
-            os.mknod(tmp, stat.S_IFCHR, 0, dir_fd=wfd)
+            make_device_whiteout(tmp, wfd)
             try:
                 if kind == "file":
                     os.rename(tmp, name, src_dir_fd=wfd, dst_dir_fd=dfd)    # replaces the file atomically

@@ -78,6 +78,7 @@ __all__ = [
     "NOSYNC_MARKER",
     "WH_FILE", "WH_DEVICE", "WH_RECORD", "Override", "parse_override", "work_dir_for",
     "is_reserved_name", "is_opaque_marker", "whiteout_target", "is_device_whiteout", "whiteout_file_fits",
+    "whiteout_file_name", "make_device_whiteout", "DEVICE_WHITEOUT_RDEV",
     "parse_whiteout_record", "format_whiteout_record", "is_opaque_xattr",
 ]
 
@@ -104,6 +105,9 @@ NOSYNC_MARKER = "volatile"
 
 #: the forms a whiteout of the upper takes: the file ``.wh.NAME``, a 0/0 device, a name in WHITEOUTS_XATTR
 WH_FILE, WH_DEVICE, WH_RECORD = "file", "device", "record"
+
+#: the device number of a whiteout in kernel overlayfs' form (a character device)
+DEVICE_WHITEOUT_RDEV = 0
 
 _TYPE_OF_CHAR = {"c": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO, "s": stat.S_IFSOCK}
 _CHAR_OF_TYPE = {v: k for k, v in _TYPE_OF_CHAR.items()}
@@ -208,7 +212,17 @@ def whiteout_target(name: str, file_mode: int | None = None) -> str | None:
 
 def is_device_whiteout(file_mode: int, rdev: int) -> bool:
     """Whether an entry of *file_mode* and *rdev* is a whiteout in kernel overlayfs' form (char device 0/0)."""
-    return stat.S_ISCHR(file_mode) and rdev == 0
+    return stat.S_ISCHR(file_mode) and rdev == DEVICE_WHITEOUT_RDEV
+
+
+def whiteout_file_name(name: str) -> str:
+    """The name of the whiteout file of *name* (``.wh.NAME``; see :func:`whiteout_file_fits`)."""
+    return WH_PREFIX + name
+
+
+def make_device_whiteout(name: str, dir_fd: int) -> None:
+    """Create the whiteout *name* in kernel overlayfs' form (a character device 0/0) in *dir_fd*."""
+    os.mknod(name, stat.S_IFCHR, DEVICE_WHITEOUT_RDEV, dir_fd=dir_fd)
 
 
 def whiteout_file_fits(name: str) -> bool:

@@ -16,9 +16,11 @@ from layerfs.fs.upper import (
     is_opaque_marker,
     is_opaque_xattr,
     is_reserved_name,
+    make_device_whiteout,
     parse_override,
     parse_whiteout_record,
     whiteout_file_fits,
+    whiteout_file_name,
     whiteout_target,
     work_dir_for,
 )
@@ -85,12 +87,21 @@ def test_whiteout_names():
     assert not is_reserved_name(".wh") and not is_reserved_name("a.wh.b")
 
 
-def test_device_whiteout_and_long_names():
+def test_device_whiteout_and_long_names(tmp_path):
     assert is_device_whiteout(stat.S_IFCHR, 0)
     assert not is_device_whiteout(stat.S_IFCHR, os.makedev(1, 3)) and not is_device_whiteout(stat.S_IFBLK, 0)
     assert not is_device_whiteout(stat.S_IFREG, 0)
     assert whiteout_file_fits("a" * 251) and not whiteout_file_fits("a" * 252)
     assert not whiteout_file_fits("é" * 126)             # bytes count, not characters
+    assert whiteout_file_name("motd") == ".wh.motd" and whiteout_target(whiteout_file_name("motd"), REG) == "motd"
+    if os.geteuid() == 0:                                # mknod of a device needs CAP_MKNOD
+        fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+        try:
+            make_device_whiteout("x" * 255, fd)
+        finally:
+            os.close(fd)
+        st = os.lstat(tmp_path / ("x" * 255))
+        assert is_device_whiteout(st.st_mode, st.st_rdev)
 
 
 def test_whiteout_record_round_trip():
