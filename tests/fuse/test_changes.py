@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -287,7 +288,6 @@ def test_scan_reads_the_upper_format(upper):
 def test_scan_ignores_malformed_overrides_and_refuses_missing_dirs(tmp_path, caplog):
     """The upper format's one rule (layerfs.fs.upper.parse_override): a malformed override value is ignored
     as a whole with a warning, the entry keeps its real owner, mode and type (as the mount shows it)."""
-    import logging
     up = tmp_path / "u"
     up.mkdir()
     (up / "f").write_bytes(b"")

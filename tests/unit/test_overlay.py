@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from pathlib import Path
@@ -704,7 +705,6 @@ def test_malformed_override_values_are_ignored_whole(upper, caplog):
     """An override value that breaks the format counts for nothing (layerfs.fs.upper's one rule): the entry
     shows its real owner, mode and type, with a warning; a well-formed neighbour still applies; a file type
     on a directory is malformed too; ``.wh.`` names that are no whiteout (a directory, AUFS metadata) hide nothing."""
-    import logging
     (upper / "usr").mkdir(parents=True)
     (upper / "usr" / "su").write_bytes(b"#!")
     os.chmod(upper / "usr" / "su", 0o640)
