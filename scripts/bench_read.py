@@ -55,8 +55,8 @@ import benchimage as bi  # noqa: E402
 import benchlib as bl  # noqa: E402
 import benchrootfs as rootfs  # noqa: E402
 
-from layerfs.fs import union  # noqa: E402
 from layerfs.index import gzindex  # noqa: E402
+from layerfs.fs import imagetree  # noqa: E402
 from layerfs.store import Store  # noqa: E402
 from layerfs.transfer import LoadOptions, load  # noqa: E402
 
@@ -79,7 +79,7 @@ def prepare(workdir: Path) -> tuple[Store, object]:
 
 
 def open_tree(store: Store, manifest):
-    return union.open_image_tree(store, manifest)
+    return imagetree.open_image_tree(store, manifest)
 
 
 def requests_for(tree, workload: str, chunk: int) -> list[tuple[int, int, int]]:

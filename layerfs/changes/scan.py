@@ -28,8 +28,9 @@ directory the opaque marker first, then the whiteouts, then the entries).
 The upper directory is untrusted input: symlinks are never followed, files are
 opened with ``O_NOFOLLOW`` and must still be what the scan saw.
 
-The functions that read the format (:func:`parse_override`, ``_xattrs``, the
-whiteout forms in ``_scan_dir``, :func:`open_long`) are all here, in this one module.
+The format itself (names, xattrs, the override value and its one rule for a
+malformed value, the whiteout forms) is defined by :mod:`layerfs.fs.upper`; this
+module only walks an upper directory with its predicates.
 """
 from __future__ import annotations
 
@@ -42,20 +43,17 @@ from pathlib import Path
 from typing import Mapping
 
 from layerfs.errors import ContentError
-from layerfs.fs import OVERRIDE_XATTR, WHITEOUTS_XATTR, fd_path, parse_whiteout_record
-from layerfs.image import OPAQUE_WHITEOUT, WHITEOUT_PREFIX
+from layerfs.fs import (META_XATTR_PREFIXES, OVERRIDE_XATTR, WHITEOUTS_XATTR, fd_path, is_device_whiteout,
+    is_opaque_marker, is_opaque_xattr, is_reserved_name, parse_override, parse_whiteout_record, whiteout_target)
 from layerfs.index import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK
 
 log = logging.getLogger(__name__)
 
 __all__ = ["OVERRIDE_XATTR", "WHITEOUT", "OPAQUE", "UpperDirError", "UpperEntry", "UpperDir", "UpperScan",
-           "scan_upper", "parse_override", "open_long", "join_path"]
+           "scan_upper", "open_long", "join_path"]
 
-#: xattrs that describe the upper directory itself, never content (ours, kernel overlayfs', host labels)
-_SKIP_XATTR_PREFIXES = ("user.layerfs.", "trusted.overlay.", "user.overlay.")
+#: host labels, never content (the format's own xattrs are fs.META_XATTR_PREFIXES)
 _SKIP_XATTRS = frozenset({"security.selinux"})
-_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
-_AUFS_META = ".wh..wh."
 
 #: the kinds of :class:`UpperEntry` beside the file types of :mod:`layerfs.index`
 WHITEOUT = "whiteout"
@@ -130,33 +128,6 @@ class UpperScan:
         return d.kids.get(name) if d is not None else None
 
 
-def parse_override(value: bytes, *, where: str = "") -> tuple[int, int, int, str | None, int, int]:
-    """``UID:GID:MODE[:TYPE:MAJOR:MINOR]`` → (uid, gid, mode, TYPE or None, major, minor);
-    TYPE is ``c`` or ``b`` (devices), ``p`` (fifo) or ``s`` (socket)."""
-    bad = UpperDirError(f"{where}: bad {OVERRIDE_XATTR} value {value[:80]!r}",
-                        hint="expected UID:GID:MODE (MODE in octal) or UID:GID:MODE:c|b|p|s:MAJOR:MINOR")
-    try:
-        parts = value.decode("ascii").strip().split(":")
-    except UnicodeDecodeError:
-        raise bad from None
-    if len(parts) not in (3, 6):
-        raise bad
-    try:
-        if not all(p.isdigit() for p in parts[:3]) or not all(p.isdigit() for p in parts[4:]):
-            raise ValueError
-        uid, gid, mode = int(parts[0]), int(parts[1]), int(parts[2], 8)
-        kind = major = minor = None
-        if len(parts) == 6:
-            kind, major, minor = parts[3], int(parts[4]), int(parts[5])
-            if kind not in ("c", "b", "p", "s"):
-                raise ValueError
-    except ValueError:
-        raise bad from None
-    if uid >= 1 << 32 or gid >= 1 << 32 or mode > 0o7777 or (major or 0) >= 1 << 32 or (minor or 0) >= 1 << 32:
-        raise bad
-    return uid, gid, mode, kind, major or 0, minor or 0
-
-
 def _xattrs(host: str, *, where: str) -> tuple[dict[str, bytes], bytes | None, bool, list[str]]:
     """(content xattrs, override value or None, opaque flag, recorded whiteouts) of *host*, never
     following a symlink."""
@@ -181,9 +152,9 @@ def _xattrs(host: str, *, where: str) -> tuple[dict[str, bytes], bytes | None, b
             override = value
         elif name == WHITEOUTS_XATTR:
             whiteouts = parse_whiteout_record(value)
-        elif name in _OPAQUE_XATTRS:
-            opaque = opaque or value == b"y"
-        elif not name.startswith(_SKIP_XATTR_PREFIXES) and name not in _SKIP_XATTRS and "=" not in name:
+        elif is_opaque_xattr(name, value):
+            opaque = True
+        elif not name.startswith(META_XATTR_PREFIXES) and name not in _SKIP_XATTRS and "=" not in name:
             out[name] = value
     return out, override, opaque, whiteouts
 
@@ -275,27 +246,21 @@ def _scan_dir(root: Path, rel: str, host_dir: str, dfd: int, dirs: dict[str, Upp
             raise UpperDirError(f"{host} vanished while the upper directory was read",
                                 hint="stop writing to the mount and try again") from None
         mode = st.st_mode
-        if name.startswith(WHITEOUT_PREFIX):
-            if not stat.S_ISREG(mode):
-                log.warning("upper %s: ignoring %r: a whiteout name that is not a regular file", root, path)
-                continue
-            if st.st_size:
-                log.warning("upper %s: whiteout %r is not empty; treated as a whiteout", root, path)
-            if name == OPAQUE_WHITEOUT:
+        if is_reserved_name(name):
+            if is_opaque_marker(name, mode):
                 d.opaque = UpperEntry(rel, OPAQUE, mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid,
                                       mtime_ns=st.st_mtime_ns, host=host)
                 continue
-            if name.startswith(_AUFS_META):
-                log.info("upper %s: ignoring AUFS metadata %r", root, path)
+            victim = whiteout_target(name, mode)
+            if victim is None:     # AUFS metadata, a .wh. name that is no regular file or names nothing
+                log.info("upper %s: ignoring %r (a .wh. name that whites out nothing)", root, path)
                 continue
-            victim = name[len(WHITEOUT_PREFIX):]
-            if victim in ("", ".", ".."):
-                log.warning("upper %s: ignoring bad whiteout %r", root, path)
-                continue
+            if st.st_size:
+                log.warning("upper %s: whiteout %r is not empty; treated as a whiteout", root, path)
             d.whiteouts[victim] = UpperEntry(join_path(rel, victim), WHITEOUT, mode=0o600, uid=st.st_uid,
                                              gid=st.st_gid, mtime_ns=st.st_mtime_ns, host=host)
             continue
-        if stat.S_ISCHR(mode) and st.st_rdev == 0:        # kernel overlayfs whiteout
+        if is_device_whiteout(mode, st.st_rdev):        # kernel overlayfs whiteout
             d.whiteouts[name] = UpperEntry(path, WHITEOUT, mode=0o600, uid=st.st_uid, gid=st.st_gid,
                                            mtime_ns=st.st_mtime_ns, host=host)
             continue
@@ -305,12 +270,12 @@ def _scan_dir(root: Path, rel: str, host_dir: str, dfd: int, dirs: dict[str, Upp
         xattrs, override, opaque, wh_record = _xattrs(at, where=host)
         uid, gid, perm = st.st_uid, st.st_gid, stat.S_IMODE(mode)
         devkind, major, minor = None, 0, 0
-        if override is not None:
-            uid, gid, perm, devkind, major, minor = parse_override(override, where=host)
+        ov = parse_override(override, file_mode=mode, where=host) if override is not None else None
+        if ov is not None:       # a malformed value is None: ignored whole, as the mount does
+            uid, gid, perm = ov.uid, ov.gid, ov.mode
+            devkind, major, minor = ov.type_char, os.major(ov.rdev), os.minor(ov.rdev)
         kw = dict(mode=perm, uid=uid, gid=gid, mtime_ns=st.st_mtime_ns, xattrs=xattrs or None, host=host)
-        if devkind is not None:
-            if not stat.S_ISREG(mode):
-                raise UpperDirError(f"{host}: a file type override on something that is not a regular file")
+        if devkind is not None:     # parse_override gives a file type for a regular file only
             if st.st_size:
                 log.warning("upper %s: placeholder %r is not empty; its bytes are ignored", root, path)
             if devkind == "s":

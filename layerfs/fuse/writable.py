@@ -55,7 +55,7 @@ def _name(raw: bytes) -> str:
 
 def _entry(a: Attr) -> tuple:
     return (a.ino, a.mode, a.nlink, a.uid, a.gid, a.rdev, a.size, a.blocks, a.atime_ns, a.mtime_ns, a.ctime_ns,
-            0.0 if a.volatile else CACHE_TIMEOUT)
+            0.0 if a.unstable_name else CACHE_TIMEOUT)
 
 
 class OverlayFS:

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -282,14 +283,21 @@ def test_scan_reads_the_upper_format(upper):
     assert names.index("newdir/sym") < names.index("opt")
 
 
-def test_scan_refuses_bad_overrides_and_missing_dirs(tmp_path):
+def test_scan_ignores_malformed_overrides_and_refuses_missing_dirs(tmp_path, caplog):
+    """The upper format's one rule (layerfs.fs.upper.parse_override): a malformed override value is ignored
+    as a whole with a warning, the entry keeps its real owner, mode and type (as the mount shows it)."""
     up = tmp_path / "u"
     up.mkdir()
     (up / "f").write_bytes(b"")
+    os.chmod(up / "f", 0o640)
+    real = os.stat(up / "f")
     for bad in (b"0:0", b"x:0:644", b"0:0:9999", b"0:0:644:z:1:1", b"0:0:644:c:1"):
         os.setxattr(up / "f", OVERRIDE_XATTR, bad)
-        with pytest.raises(UpperDirError, match="override_stat"):
-            scan_upper(up)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            [e] = scan_upper(up).entries
+        assert (e.kind, e.uid, e.gid, e.mode) == ("file", real.st_uid, real.st_gid, 0o640), bad
+        assert any(OVERRIDE_XATTR in r.getMessage() and str(up / "f") in r.getMessage() for r in caplog.records)
     with pytest.raises(UpperDirError, match="does not exist"):
         scan_upper(tmp_path / "nope")
 
@@ -782,3 +790,41 @@ def test_index_on_mount_commit_keeps_hard_links(store, tmp_path, capsys):
     tree = open_image_tree(store, m)
     bin_ = tree.get(tree.lookup(tree.lookup(1, "usr").ino, "bin").ino)
     assert bin_.children["tool"] == bin_.children["tool2"] and tree.get(bin_.children["tool"]).nlink == 2
+
+
+def test_malformed_override_values_mount_diff_and_commit_alike(store, tmp_path, capsys):
+    """An upper carrying malformed override values (layerfs.fs.upper: ignored as a whole, with a warning)
+    mounts, diffs and commits with one meaning: what the mount shows is what the commit holds."""
+    from mounthelpers import watchdog
+    up = tmp_path / "upper"
+    (up / "etc").mkdir(parents=True)
+    (up / "etc/bad-mode").write_bytes(b"m")
+    os.chmod(up / "etc/bad-mode", 0o640)
+    os.setxattr(up / "etc/bad-mode", OVERRIDE_XATTR, b"0:0:17777")          # mode out of range
+    (up / "etc/bad-dev").write_bytes(b"")
+    os.setxattr(up / "etc/bad-dev", OVERRIDE_XATTR, b"0:0:0600:c:1")        # a device value cut short
+    (up / "etc/good").write_bytes(b"g")
+    os.setxattr(up / "etc/good", OVERRIDE_XATTR, b"1000:1000:4750")
+    (up / "home/u").mkdir(parents=True)
+    os.chmod(up / "home/u", 0o751)
+    os.setxattr(up / "home/u", OVERRIDE_XATTR, b"0:0:0600:c:1:3")          # a device type on a directory
+    (up / "etc/passwd").write_bytes(b"root:x:0:0:changed\n")
+    os.setxattr(up / "etc/passwd", OVERRIDE_XATTR, b"0:x:0644")
+    me = os.stat(up)
+    mnt = tmp_path / "mnt"
+    with watchdog(60):
+        _mount(store, mnt, read_only=False, upper=str(up))
+        for name in ("etc/bad-mode", "etc/bad-dev", "home/u", "etc/passwd"):
+            st, host = os.lstat(mnt / name), os.lstat(up / name)
+            assert (st.st_mode, st.st_uid, st.st_gid) == (host.st_mode, me.st_uid, me.st_gid), name
+        st = os.lstat(mnt / "etc/good")
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o4750, 1000, 1000)
+        seen = without_dir_mtimes(dir_snapshot(mnt))
+        code, out, err = run(["diff", mnt], capsys)
+        assert code == 0, err
+        assert out == ("C /etc\nA /etc/bad-dev\nA /etc/bad-mode\nA /etc/good\nC /etc/passwd\nC /home\n"
+                       "C /home/u\n")
+        code, out, err = run(["commit", mnt, "localhost/test/malformed:1"], capsys)
+        assert code == 0, err
+    _, m = store.resolve("localhost/test/malformed:1")
+    assert without_dir_mtimes(tree_snapshot(open_image_tree(store, m))) == seen

@@ -786,10 +786,10 @@ def test_mount_image_tree_cache_missing_unwritable_or_corrupt(store, tmp_path, m
     another format, shares the tree it built when the cache cannot be written, and a cache damaged behind a
     current head is rebuilt by the daemon."""
     require_fuse()
-    from layerfs.fs import union
+    from layerfs.fs import imagetree, treecache
     put_image(store, "docker.io/library/two:1", _two_layer_image())
     _, manifest = store.resolve("two:1")
-    cache = union.tree_cache_path(store, manifest, 2)
+    cache = treecache.tree_cache_path(store, manifest, 2)
     m = tmp_path / "m"
 
     def mount_and_check(**kw) -> MountRecord:
@@ -807,7 +807,7 @@ def test_mount_image_tree_cache_missing_unwritable_or_corrupt(store, tmp_path, m
         raise OSError(errno.EROFS, "read-only file system")
 
     with monkeypatch.context() as mp:        # the cache cannot be written: the daemon is forked with the tree
-        mp.setattr(union, "save_tree", no_save)
+        mp.setattr(imagetree, "save_tree", no_save)
         rec = mount_and_check()
         assert not cache.exists() and "tree cache" not in Path(rec.log).read_text()   # built once, here
     mount_and_check(read_only=True)          # built by the caller, loaded by the daemon
@@ -823,5 +823,5 @@ def test_mount_image_tree_cache_missing_unwritable_or_corrupt(store, tmp_path, m
     assert "rebuilding" in Path(rec.log).read_text()
     assert cache.read_bytes() == good
     mount_and_check(read_only=True, layer=1)
-    assert union.tree_cache_path(store, manifest, 1).is_file()
+    assert treecache.tree_cache_path(store, manifest, 1).is_file()
     assert mounts(store) == []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from pathlib import Path
@@ -12,6 +13,7 @@ from mounthelpers import MTIME_NS, BytesReader, fix_dir_nlinks
 from layerfs.fs import (OPAQUE_MARKER, OVERRIDE_XATTR, RENAME_EXCHANGE, RENAME_NOREPLACE, WHITEOUTS_XATTR, Overlay,
     UpperDirty, UpperInUse, work_dir_for)
 from layerfs.fs import ROOT_INO, MergedTree
+from layerfs.fs.upper import NOSYNC_MARKER
 
 BIG = bytes(range(256)) * 8192 + b"tail"       # 2 MiB + 4
 
@@ -116,12 +118,12 @@ def test_lower_view_and_fresh_upper_root(ovl, upper):
 def test_hard_linked_lower_names_are_one_inode_until_one_is_copied_up(ovl):
     usr = ino(ovl, "usr")
     a1, a2 = ovl.lookup(usr, "h1"), ovl.lookup(usr, "h2")
-    assert a1.ino == a2.ino and a1.nlink == 2 and a1.volatile   # entry timeout 0: lookups name the inode
+    assert a1.ino == a2.ino and a1.nlink == 2 and a1.unstable_name   # entry timeout 0: lookups name the inode
     ovl.lookup(usr, "h2")
     write_file(ovl, "usr/h1", b"changed")     # looks h1 up, then opens the shared inode: h1 is copied up
     b1, b2 = ovl.lookup(usr, "h1"), ovl.lookup(usr, "h2")
     assert b1.ino == a1.ino                   # the written name keeps the kernel's inode (it is open)
-    assert b2.ino != b1.ino and b1.nlink == 1 and b2.nlink == 2 and not b1.volatile
+    assert b2.ino != b1.ino and b1.nlink == 1 and b2.nlink == 2 and not b1.unstable_name
     assert read_all(ovl, "usr/h1") == b"changed" and read_all(ovl, "usr/h2") == b"linked"
     ovl.setattr(b2.ino, mode=0o700)           # the other name can be copied up too
     assert ovl.lookup(usr, "h2").ino == b2.ino and read_all(ovl, "usr/h2") == b"linked"
@@ -365,8 +367,8 @@ def test_volatile_skips_syncs_and_marks_the_upper_until_a_clean_close(upper, mon
     from layerfs.fs import overlay as ovlmod
     synced = []
     monkeypatch.setattr(ovlmod.os, "fsync", lambda fd: synced.append(("fsync", fd)))
-    monkeypatch.setattr(ovlmod, "_syncfs", lambda fd: synced.append(("syncfs", fd)))
-    marker = Path(work_dir_for(upper)) / ovlmod.VOLATILE_MARKER
+    monkeypatch.setattr(ovlmod, "syncfs", lambda fd: synced.append(("syncfs", fd)))
+    marker = Path(work_dir_for(upper)) / NOSYNC_MARKER
     o = Overlay(make_tree(), upper, volatile=True)
     assert marker.is_dir()
     n0 = len(synced)                        # the marker's own directory sync
@@ -697,3 +699,34 @@ def test_an_upper_in_the_earlier_format_mounts_and_diffs_as_before(upper):
     got = {str(c) for c in diff(make_tree(), scan_upper(upper))}
     assert got == {"C /etc", "C /etc/sub", "C /usr", "C /usr/su", "D /etc/hostname", "D /etc/motd",
                    "D /etc/sub/deep", "A /etc/sub/fresh"}, sorted(got)
+
+
+def test_malformed_override_values_are_ignored_whole(upper, caplog):
+    """An override value that breaks the format counts for nothing (layerfs.fs.upper's one rule): the entry
+    shows its real owner, mode and type, with a warning; a well-formed neighbour still applies; a file type
+    on a directory is malformed too; ``.wh.`` names that are no whiteout (a directory, AUFS metadata) hide nothing."""
+    (upper / "usr").mkdir(parents=True)
+    (upper / "usr" / "su").write_bytes(b"#!")
+    os.chmod(upper / "usr" / "su", 0o640)
+    os.setxattr(upper / "usr" / "su", OVERRIDE_XATTR, b"0:0:17777")       # mode out of range
+    (upper / "usr" / "ok").write_bytes(b"")
+    os.setxattr(upper / "usr" / "ok", OVERRIDE_XATTR, b"7:8:4711")
+    (upper / "etc").mkdir()
+    os.chmod(upper / "etc", 0o751)
+    os.setxattr(upper / "etc", OVERRIDE_XATTR, b"0:0:0600:c:1:3")        # a device type on a directory
+    (upper / "etc" / ".wh.sub").mkdir()                                    # not a regular file: no whiteout
+    (upper / "etc" / ".wh..wh.plnk").touch()                              # AUFS metadata: no whiteout
+    me = os.stat(upper)
+    with caplog.at_level(logging.WARNING, logger="layerfs.fs.upper"):
+        o = Overlay(make_tree(), upper)
+        try:
+            su, ok, etc = (o.getattr(ino(o, p)) for p in ("usr/su", "usr/ok", "etc"))
+            assert (su.uid, su.gid, su.mode) == (me.st_uid, me.st_gid, stat.S_IFREG | 0o640)
+            assert (ok.uid, ok.gid, ok.mode) == (7, 8, stat.S_IFREG | 0o4711)
+            assert (etc.uid, etc.gid, etc.mode) == (me.st_uid, me.st_gid, stat.S_IFDIR | 0o751)
+            assert names(o, "etc") == ["big", "hostname", "motd", "sub"]
+        finally:
+            o.close()
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and all(OVERRIDE_XATTR in w for w in warned)
+    assert any("'su'" in w for w in warned) and any("'etc'" in w for w in warned)

@@ -74,13 +74,13 @@ WANT = {p: (t, stat.S_IFLNK | 0o777) for p, (t, _) in SYMLINKS.items()}
 
 
 def test_index_and_tree_give_0777_also_for_a_store_indexed_before(tmp_path, monkeypatch):
-    from layerfs.fs import union
+    from layerfs.fs import imagetree, treecache, union
     store = Store(tmp_path / "store")
     put_image(store, REF, build_image(_layers()))
     _, m = store.resolve(REF)
     for d in m.layers:
         assert {e.mode for e in load_or_build(store, d).entries if e.type == SYMLINK} == {0o777}
-    assert _tree_symlinks(union.open_image_tree(store, m)) == WANT
+    assert _tree_symlinks(imagetree.open_image_tree(store, m)) == WANT
     # a store written before symlinks were normalised: layer indexes and tree cache hold the tar header's mode
     old = []
     for d in m.layers:
@@ -93,10 +93,10 @@ def test_index_and_tree_give_0777_also_for_a_store_indexed_before(tmp_path, monk
     readers = [_NoReads()] * len(old)
     stale_tree = union.build_tree(old, readers)
     assert {mode for _, mode in _tree_symlinks(stale_tree).values()} == {stat.S_IFLNK | 0o644, stat.S_IFLNK | 0o600}
-    path = union.tree_cache_path(store, m, len(m.layers))
+    path = treecache.tree_cache_path(store, m, len(m.layers))
     with monkeypatch.context() as mp:
-        mp.setattr(union, "TREE_FORMAT_VERSION", 2)
-        union.save_tree(stale_tree, path, {"manifest": str(m.digest), "layers": [str(d.digest) for d in m.layers]})
+        mp.setattr(treecache, "TREE_FORMAT_VERSION", 2)
+        treecache.save_tree(stale_tree, path, {"manifest": str(m.digest), "layers": [str(d.digest) for d in m.layers]})
     # the saved records read back normalised (no rebuild: the files are used as they are) ...
     for d in m.layers:
         raw = index_path(store, d.digest).read_bytes()
@@ -104,8 +104,8 @@ def test_index_and_tree_give_0777_also_for_a_store_indexed_before(tmp_path, monk
         assert {e.mode for e in idx.entries if e.type == SYMLINK} == {0o777}
         assert load_or_build(store, d) is not None and index_path(store, d.digest).read_bytes() == raw
     # ... and the outdated tree cache is rebuilt from them
-    assert _tree_symlinks(union.open_image_tree(store, m)) == WANT
-    assert _tree_symlinks(union.load_tree(path, readers)) == WANT
+    assert _tree_symlinks(imagetree.open_image_tree(store, m)) == WANT
+    assert _tree_symlinks(treecache.load_tree(path, readers)) == WANT
 
 
 class _NoReads:

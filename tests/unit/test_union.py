@@ -1,4 +1,4 @@
-"""layerfs.fs.union: the OCI layer rules, a differential test against plain extraction, the tree cache."""
+"""layerfs.fs.union (the OCI layer rules), a differential test against plain extraction, the tree cache."""
 from __future__ import annotations
 
 import collections
@@ -679,7 +679,7 @@ def test_corrupt_or_old_tree_cache_is_rebuilt(tmp_path, caplog):
     bad[len(bad) // 2] ^= 0x10
     for data in (b"", good[:30], good[:-1], bytes(bad), _rewrite_head(good, version=99)):
         cache.write_bytes(data)
-        with caplog.at_level(logging.WARNING, logger="layerfs.fs.union"):
+        with caplog.at_level(logging.WARNING, logger="layerfs.fs.imagetree"):
             t = open_image_tree(store, m)
         _nodes_equal(t, good_tree)
         assert cache.read_bytes() == good                  # rewritten
@@ -693,7 +693,8 @@ def test_corrupt_or_old_tree_cache_is_rebuilt(tmp_path, caplog):
 def test_tree_built_into_columns_equals_the_built_nodes():
     """open_image_tree builds the cache's columns straight from the merge; they give the same tree as
     build_tree's Node objects (random layers: links, whiteouts, opaque directories, symlinks, fifos)."""
-    from layerfs.fs.union import _merge, _merged_body, _tree_of
+    from layerfs.fs.treecache import merged_body, tree_of
+    from layerfs.fs.union import merge_layers
     rng = random.Random(5)
     cases = [LAYERS]
     for _ in range(40):
@@ -703,7 +704,7 @@ def test_tree_built_into_columns_equals_the_built_nodes():
         tars = [make_tar(m) for m in layers]
         readers = [BytesReader(t) for t in tars]
         built = build_tree([index_of(t) for t in tars], readers)
-        direct = _tree_of(*_merged_body(_merge([index_of(t) for t in tars])), readers)
+        direct = tree_of(*merged_body(merge_layers([index_of(t) for t in tars])), readers)
         _nodes_equal(built, direct)
         assert direct.get(ROOT_INO).mode == built.get(ROOT_INO).mode and direct.statfs() == built.statfs()
 
@@ -763,7 +764,7 @@ def test_tree_cache_directory_listed_by_another_directory_is_left_out(tmp_path, 
     c.children["b2"] = node(built, "a/b").ino                            # a second parent
     save_tree(built, tmp_path / "t.tree")
     lazy = load_tree(tmp_path / "t.tree", readers)
-    with caplog.at_level(logging.WARNING, logger="layerfs.fs.union"):
+    with caplog.at_level(logging.WARNING, logger="layerfs.fs.treecache"):
         names = sorted(p for p, _ in lazy.walk())
     assert names == ["a", "a/b", "a/b/f", "c"]
     assert sum("not its own" in r.getMessage() for r in caplog.records) == 2
