@@ -15,9 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol
 
-import requests
-import urllib3
-
 from layerfs.errors import (
     ContentError,
     DigestMismatch,
@@ -30,12 +27,23 @@ from layerfs.errors import (
     TarError,
     UnsupportedMediaType,
 )
-from layerfs.image import (CONFIG_TYPES, FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, ImageConfig,
-    Index, Manifest, Platform, check_named, docker_to_oci, iter_layer_compression)
-from layerfs.image import Reference
-from layerfs.index import CompressedDataError
-from layerfs.index import LayerIndex, LayerIndexer, index_path, max_layer_size
-from layerfs.registry import MAX_MANIFEST_SIZE, ClientPool, RegistryClient, RegistryOptions, exc_line
+from layerfs.image import (
+    CONFIG_TYPES,
+    FOREIGN_LAYER_TYPES,
+    LAYER_COMPRESSION,
+    Descriptor,
+    Digest,
+    ImageConfig,
+    Index,
+    Manifest,
+    Platform,
+    Reference,
+    check_named,
+    docker_to_oci,
+    iter_layer_compression,
+)
+from layerfs.index import CompressedDataError, LayerIndex, LayerIndexer, index_path, max_layer_size
+from layerfs.registry import MAX_MANIFEST_SIZE, ClientPool, RegistryClient, RegistryOptions
 from layerfs.store import Ingest, Store, store_error
 
 log = logging.getLogger(__name__)
@@ -484,40 +492,31 @@ class Puller:
     def _transfer(self, client: RegistryClient, repo: str, desc: Descriptor, ing, w: "LayerWriter",
                   diff_id: Digest | None) -> None:
         short = desc.digest.short
-        attempts = 0
-        while True:
+
+        def attempt() -> None:
+            """One GET of the rest of the blob (from what is on disk), into the writer."""
             try:
                 resp = client.open_blob(repo, desc, start=w.offset)
-                if resp.start != w.offset:  # the registry ignored Range: start over
-                    w.start(0)
                 try:
+                    if resp.start != w.offset:  # the registry ignored Range: start over
+                        w.start(0)
                     for chunk in resp.chunks():
                         w.feed(chunk)
                         self.progress(short, "Downloading", w.offset, desc.size)
-                except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-                    if isinstance(e, OSError) and not isinstance(e, (ConnectionError, TimeoutError)) \
-                            and getattr(e, "errno", None) is not None:
-                        raise  # disk errors are not the network's fault
-                    raise RegistryUnreachable(f"blob {short}: connection lost after {w.offset} of {desc.size} "
-                                              f"bytes: {exc_line(e)}", registry=client.registry) from None
                 finally:
                     resp.close()
                 if w.offset < desc.size:
                     raise RegistryUnreachable(f"blob {short}: response ended after {w.offset} of {desc.size} "
                                               f"bytes", registry=client.registry)
-                break
-            except RegistryError as e:
-                if not e.temporary or attempts >= client.options.max_retries:
-                    w.flush()
-                    raise
-                attempts += 1
-                delay = client._backoff(attempts - 1, e.retry_after)
-                log.info("%s; retrying from byte %d in %.1fs", e.message, w.offset, delay)
-                w.flush()
-                threading.Event().wait(delay)
-            except OSError as e:
-                ing.discard()
-                raise store_error(e, f"blob {desc.digest}") from None
+            except RegistryError:
+                w.flush()      # what came is kept: a retry (or the next pull) resumes after it
+                raise
+
+        try:
+            client.retrying(attempt, again=f"resuming blob {short}")
+        except OSError as e:
+            ing.discard()
+            raise store_error(e, f"blob {desc.digest}") from None
         self.progress(short, "Verifying Checksum")
         index = w.commit()
         self.progress(short, "Download complete")

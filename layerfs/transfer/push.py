@@ -26,14 +26,12 @@ tagged in the store with the digest the registry knows it by.
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from layerfs.errors import AccessDenied, AuthenticationError, RegistryError, UsageError
-from layerfs.image import FOREIGN_LAYER_TYPES, Descriptor, Digest, Manifest
-from layerfs.image import Reference
+from layerfs.errors import AccessDenied, AuthenticationError, UsageError
+from layerfs.image import FOREIGN_LAYER_TYPES, Descriptor, Digest, Manifest, Reference
 from layerfs.registry import ClientPool, RegistryClient, RegistryOptions
 from layerfs.store import ImageRecord, Store
 from layerfs.transfer.pull import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, no_progress
@@ -188,19 +186,10 @@ class Pusher:
         """One blob, retried on temporary failures; returns its final status."""
         short = desc.digest.short
         report: Callable[..., None] = self.progress if show else (lambda *a, **k: None)
-        attempts = 0
-        while True:
-            try:
-                status = self._push_blob_once(client, repo, desc, sources, report)
-                report(short, status)
-                return status
-            except RegistryError as e:
-                if not e.temporary or attempts >= client.options.max_retries:
-                    raise
-                attempts += 1
-                delay = client._backoff(attempts - 1, e.retry_after)
-                log.info("blob %s: %s; starting its upload again in %.1fs", short, e.message, delay)
-                threading.Event().wait(delay)
+        status = client.retrying(lambda: self._push_blob_once(client, repo, desc, sources, report),
+                                 again=f"starting the upload of blob {short} again")
+        report(short, status)
+        return status
 
     def _push_blob_once(self, client: RegistryClient, repo: str, desc: Descriptor, sources: list[str],
                         report: Callable[..., None]) -> str:
