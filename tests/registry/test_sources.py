@@ -32,7 +32,7 @@ from layerfs.index import LayerIndex, LayerIndexer, index_path
 from layerfs.image import OCI_LAYER, OCI_LAYER_GZIP, OCI_MANIFEST, Digest, Platform
 from layerfs.transfer import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, Puller
 from layerfs.image import Reference
-from layerfs.transfer import sources
+from layerfs.transfer import archive
 from layerfs.transfer import LoadOptions, Source, is_source, load
 from layerfs.store import Store
 from layerfs.fs import open_image_tree
@@ -263,7 +263,7 @@ def test_load_again_and_shared_layers(produced, image, reference, store):
 
 def test_sequential_archive_rereads_what_it_did_not_keep(produced, image, reference, store, monkeypatch):
     """.tar.gz cannot seek: with nothing kept from the first pass, every read is another pass."""
-    monkeypatch.setattr(sources, "_KEEP_LIMIT", 0)
+    monkeypatch.setattr(archive, "_KEEP_LIMIT", 0)
     load(store, f"{produced}/saved.tar.gz")
     check_imported(store, "example.com/team/demo:3.0", image, reference)
     load(store, f"oci-archive:{produced}/demo.tgz")
@@ -271,9 +271,9 @@ def test_sequential_archive_rereads_what_it_did_not_keep(produced, image, refere
 
 
 def test_archive_scan_keeps_only_small_members(produced):
-    a = sources._Archive(produced / "multi.tar.xz")
+    a = archive.Archive(produced / "multi.tar.xz")
     try:
-        big = [m for m in a.members.values() if m.kind == "file" and m.size > sources._KEEP_LIMIT]
+        big = [m for m in a.members.values() if m.kind == "file" and m.size > archive._KEEP_LIMIT]
         assert big and all(m.name not in a._kept for m in big)
         assert "manifest.json" in a._kept
     finally:
