@@ -1,4 +1,6 @@
-"""Registry client (OCI distribution spec): manifests, blobs and Range reads, uploads, referrers.
+"""Registry client (OCI distribution spec): manifests, blobs and Range reads, referrers; the push side
+(uploads, manifests) is :mod:`layerfs.registry.uploads`, auth and tokens :mod:`layerfs.registry.tokens`,
+the HTTP session and retries :mod:`layerfs.registry.transport`.
 
 - HTTPS with certificate verification by default; plain HTTP for loopback
   registries and for those named insecure.
@@ -15,7 +17,6 @@
 """
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import threading
@@ -47,10 +48,20 @@ from layerfs.image import (
     is_local_registry,
     parse_manifest,
 )
-from layerfs.registry.auth import Challenge, Credentials, CredentialStore, Token, parse_www_authenticate
 from layerfs.registry.mirrors import MirroredClient
 from layerfs.registry.options import RegistryOptions
-from layerfs.registry.transport import CHUNK, MAX_ANSWER, BlobResponse, Pace, Transport, read_document, read_some
+from layerfs.registry.tokens import Authenticator
+from layerfs.registry.transport import (
+    CHUNK,
+    MAX_ANSWER,
+    BlobResponse,
+    Pace,
+    Transport,
+    read_answer,
+    read_document,
+    read_some,
+)
+from layerfs.registry.uploads import Uploads
 
 if TYPE_CHECKING:
     import requests
@@ -63,8 +74,8 @@ MAX_MANIFEST_SIZE = 4 << 20
 MAX_REDIRECTS = 5
 
 
-class RegistryClient:
-    """Talks to one registry on behalf of one or more repositories."""
+class RegistryClient(Uploads):
+    """Talks to one registry on behalf of one or more repositories (the push side: :class:`Uploads`)."""
 
     def __init__(self, registry: str, options: RegistryOptions | None = None, *,
                  endpoint: str | None = None):
@@ -80,130 +91,11 @@ class RegistryClient:
         self.base = f"{self.scheme}://{host}"
         self._scheme_checked = not self.insecure
         self.transport = Transport(registry, self.options, local=local, insecure=self.insecure)
-        self._creds_loaded = False
-        self._creds: Credentials | None = self.options.credentials
-        self._tokens: dict[str, Token] = {}
-        self._challenge: Challenge | None = None
+        self.auth = Authenticator(registry, self.options, self.transport)
         self._lock = threading.Lock()
-        self._creds_lock = threading.Lock()
         #: (repository, digest) -> the URL on another host that the last Range GET of that blob was
         #: redirected to (a signed storage URL): later ranges go there directly until it stops answering
         self._blob_urls: dict[tuple[str, str], str] = {}
-
-    # -- credentials -------------------------------------------------------------
-    def _credentials(self) -> Credentials | None:
-        if not self._creds_loaded:
-            with self._creds_lock:   # threads share the client: none may see "loaded" before the creds are
-                if not self._creds_loaded:
-                    if self._creds is None:
-                        store = self.options.credential_store or CredentialStore()
-                        self._creds = store.get(self.registry)
-                    self._creds_loaded = True
-        return self._creds
-
-    # -- token flow --------------------------------------------------------------
-    def _fetch_token(self, challenge: Challenge, scope: str | None) -> Token:
-        realm = challenge.realm
-        if not realm:
-            raise AuthenticationError("bearer challenge without a realm", registry=self.registry)
-        parts = urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise AuthenticationError(f"refusing token realm {realm!r}: not an http(s) URL", registry=self.registry,
-                                      hint="the registry's WWW-Authenticate header is bogus")
-        params = {}
-        if challenge.params.get("service"):
-            params["service"] = challenge.params["service"]
-        # a scope argument may name several scopes separated by spaces (push + pull of another repo)
-        scopes = (scope or "").split()
-        creds = self._credentials()
-        auth = creds.basic if creds else None
-        if creds and creds.identity_token:
-            data = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
-                    "client_id": "layerfs", "service": params.get("service", "")}
-            if scopes:
-                data["scope"] = " ".join(dict.fromkeys(scopes))
-            r = self._token_request("POST", realm, data=data)
-        else:
-            query = list(params.items()) + [("scope", s) for s in dict.fromkeys(scopes)]
-            url = realm + ("&" if "?" in realm else "?") + urlencode(query) if query else realm
-            r = self._token_request("GET", url, auth=auth)
-        if r.status_code in (401, 403):
-            if auth:
-                raise AuthenticationError(f"token service {parts.netloc} rejected the credentials for "
-                                          f"{auth[0]!r} (HTTP {r.status_code})", registry=self.registry,
-                                          status=r.status_code)
-            raise AccessDenied(f"token service {parts.netloc} denied anonymous access (HTTP {r.status_code})",
-                               registry=self.registry, status=r.status_code,
-                               hint=f"log in with 'layerfs login {self.registry}'")
-        if r.status_code != 200:
-            raise RegistryError(f"token service {parts.netloc} answered HTTP {r.status_code}",
-                                registry=self.registry, status=r.status_code)
-        try:
-            doc = r.json()
-        except ValueError:
-            raise AuthenticationError(f"token service {parts.netloc} sent malformed JSON",
-                                      registry=self.registry) from None
-        value = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
-        if not isinstance(value, str) or not value:
-            raise AuthenticationError(f"token service {parts.netloc} sent no token", registry=self.registry)
-        expires_in = doc.get("expires_in")
-        if not isinstance(expires_in, (int, float)) or isinstance(expires_in, bool) or expires_in <= 0:
-            expires_in = 60
-        return Token.lasting(value, float(expires_in))
-
-    def _token_request(self, method: str, url: str, *, data: Mapping[str, str] | None = None,
-                       auth: tuple[str, str] | None = None) -> requests.Response:
-        # never follow redirects with credentials attached (send() follows none)
-        host = urlsplit(url).netloc
-        r = self.transport.send(method, url, data=data, auth=auth, what=f"cannot reach token service {host}")
-        try:
-            self._body(r, MAX_ANSWER, f"token service {host}")
-        finally:
-            r.close()
-        return r
-
-    def _body(self, r: requests.Response, limit: int, what: str, *, cut: bool = False) -> bytes:
-        """The body of a streamed answer, read as it comes (at most *limit* bytes, within twice the
-        timeout); kept as the answer's content (``r.json()`` works). More than *limit* is an error,
-        or with *cut* the first *limit* bytes."""
-        if r._content is not False:          # read already
-            return r.content
-        data = read_document(r, limit, timeout=self.options.timeout, what=what, registry=self.registry)
-        if len(data) > limit:
-            if not cut:
-                raise RegistryError(f"{what}: the answer is too large (over {limit} bytes)", registry=self.registry)
-            data = data[:limit]
-        r._content, r._content_consumed = data, True
-        return data
-
-    def _auth_header(self, scope: str | None, *, refresh: bool = False,
-                     extra_scope: str | None = None) -> str | None:
-        """The Authorization value for a request needing *scope*; with *refresh*, a new token
-        that also covers *extra_scope* (the scope of the 401 challenge that asked for it).
-        Tokens are cached by the exact set of scopes they were asked for, never mixed with
-        another request's challenge, so concurrent requests cannot get a token short of a scope."""
-        ch = self._challenge
-        if ch is None:
-            return None
-        if ch.scheme == "basic":
-            creds = self._credentials()
-            if creds and creds.basic:
-                user, password = creds.basic
-                return "Basic " + base64.b64encode(f"{user}:{password}".encode("latin1")).decode()
-            return None
-        if ch.scheme == "bearer":
-            base = " ".join(sorted(set((scope or "").split())))
-            wanted = (scope or "").split() + (extra_scope.split() if refresh and extra_scope else [])
-            key = " ".join(sorted(set(wanted)))
-            with self._lock:
-                tok = self._tokens.get(key)
-            if tok is None or refresh or not tok.valid():
-                tok = self._fetch_token(ch, key)
-                with self._lock:
-                    self._tokens[key] = tok
-                    self._tokens[base] = tok   # covers more than the base scope: later requests reuse it
-            return f"Bearer {tok.value}"
-        return None
 
     # -- requests ----------------------------------------------------------------
     def request(self, method: str, path: str, *, scope: str | None = None, headers: Mapping[str, str] | None = None,
@@ -227,7 +119,7 @@ class RegistryClient:
                 # a 401 means: learn the challenge and fetch a fresh token. Concurrent requests share the
                 # client, so a token can race with another thread's challenge: renew it twice at most.
                 while r.status_code == 401 and refreshes < 2:
-                    ch = self._learn_challenge(r)
+                    ch = self.auth.learn(r)
                     r.close()
                     refreshes += 1
                     r = self._send(method, url, scope=scope, headers=headers, refresh=True,
@@ -243,7 +135,8 @@ class RegistryClient:
                 r = self._send(method, url, scope=scope, headers=headers, refresh=False, data=data)
             if r.status_code in ok:
                 if not stream:
-                    self._body(r, MAX_ANSWER, what or method)
+                    read_answer(r, MAX_ANSWER, timeout=self.options.timeout, what=what or method,
+                                registry=self.registry)
                 return r
             err = self._error_from(r, what)
             r.close()
@@ -270,27 +163,17 @@ class RegistryClient:
                 self.base = f"http://{self.host}"
             self._scheme_checked = True
 
-    def _learn_challenge(self, r: requests.Response) -> "Challenge | None":
-        chs = parse_www_authenticate(r.headers.get("WWW-Authenticate"))
-        pick = next((c for c in chs if c.scheme == "bearer"), None) or next((c for c in chs if c.scheme == "basic"), None)
-        if pick is not None:
-            # realm and service are the registry's; the scope belongs to this one request
-            shared = Challenge(pick.scheme, {k: v for k, v in pick.params.items() if k != "scope"})
-            with self._lock:
-                self._challenge = shared
-        return pick
-
     def _send(self, method: str, url: str, *, scope: str | None, headers: Mapping[str, str] | None,
               refresh: bool, data: bytes | None = None,
               extra_scope: str | None = None) -> requests.Response:
         hdrs = dict(headers or {})
-        auth = self._auth_header(scope, refresh=refresh, extra_scope=extra_scope)
+        auth = self.auth.header(scope, refresh=refresh, extra_scope=extra_scope)
         origin = urlsplit(url)[:2]
         for _ in range(MAX_REDIRECTS + 1):
             send = dict(hdrs)
             if auth and urlsplit(url)[:2] == origin:     # never to another host, nor over a downgraded scheme
                 send["Authorization"] = auth
-            # always streamed: no body is read unbounded (see _body)
+            # always streamed: no body is read unbounded (see read_answer)
             r = self.transport.send(method, url, headers=send, data=data)
             if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("Location"):
                 nxt = urljoin(url, r.headers["Location"])
@@ -309,7 +192,8 @@ class RegistryClient:
         codes: list[str] = []
         messages: list[str] = []
         try:
-            body = self._body(r, 65536, what or "error answer", cut=True)
+            body = read_answer(r, 65536, timeout=self.options.timeout, what=what or "error answer",
+                               registry=self.registry, cut=True)
             if len(body) < 65536:
                 doc = json.loads(body)
                 for e in (doc.get("errors") or []) if isinstance(doc, dict) else []:
@@ -329,7 +213,7 @@ class RegistryClient:
             if ra and ra.strip().isdigit():
                 retry_after = float(ra.strip())
         if r.status_code == 401:
-            creds = self._credentials()
+            creds = self.auth.credentials()
             if creds:
                 return AuthenticationError(f"{subject}authentication failed (HTTP 401) {detail}".strip(), **kw)
             return AccessDenied(f"{subject}access denied (HTTP 401) {detail}".strip(), **kw)
@@ -351,11 +235,11 @@ class RegistryClient:
         """GET /v2/ and learn the auth challenge; with credentials, prove they work."""
         r = self.request("GET", "/v2/", ok=(200, 401), what="/v2/")
         if r.status_code == 401:
-            self._learn_challenge(r)
+            self.auth.learn(r)
             r.close()
-            creds = self._credentials()
-            if self._challenge and self._challenge.scheme == "bearer":
-                self._fetch_token(self._challenge, None)
+            creds = self.auth.credentials()
+            if self.auth.challenge and self.auth.challenge.scheme == "bearer":
+                self.auth.fetch_token(self.auth.challenge, None)
                 return
             if creds and creds.basic:
                 r = self.request("GET", "/v2/", what="/v2/")
@@ -557,106 +441,6 @@ class RegistryClient:
             raise DigestMismatch(f"blob digest is {got}, expected {desc.digest}", where=self.registry)
         return data
 
-
-    # -- push (distribution spec: blob uploads, cross-repository mounts, manifests) -------
-    @staticmethod
-    def push_scope(repository: str) -> str:
-        return f"repository:{repository}:push,pull"
-
-    def _location(self, r: requests.Response, what: str) -> str:
-        loc = r.headers.get("Location")
-        if not loc:
-            raise RegistryError(f"{what}: the registry sent no upload Location (HTTP {r.status_code})",
-                                registry=self.registry)
-        nxt = urljoin(r.url or self.base + "/", loc)
-        if urlsplit(nxt).scheme not in ("http", "https"):
-            raise RegistryError(f"{what}: refusing upload location {loc!r}", registry=self.registry)
-        return nxt
-
-    def blob_exists(self, repository: str, digest: Digest, *, size: int | None = None) -> bool:
-        """``HEAD /v2/<name>/blobs/<digest>``: True when the repository has the blob (of *size*, when given)."""
-        what = f"blob {digest.short}"
-        r = self.request("HEAD", f"/v2/{repository}/blobs/{digest}", scope=self.push_scope(repository),
-                         ok=(200, 404), what=what)
-        r.close()
-        if r.status_code == 404:
-            return False
-        length = r.headers.get("Content-Length")
-        if size is not None and length and length.isdigit() and int(length) != size:
-            raise SizeMismatch(f"{what}: the registry has {length} bytes, expected {size}", where=self.registry)
-        return True
-
-    def mount_blob(self, repository: str, digest: Digest, from_repository: str) -> str | None:
-        """Cross-repository mount (``POST /v2/<name>/blobs/uploads/?mount=<digest>&from=<repo>``).
-
-        Returns None when the registry mounted the blob (201); otherwise the
-        URL of the upload session it opened instead (202), to upload into."""
-        what = f"blob {digest.short} (mount from {from_repository})"
-        query = urlencode({"mount": str(digest), "from": from_repository})
-        r = self.request("POST", f"/v2/{repository}/blobs/uploads/?{query}",
-                         scope=f"{self.push_scope(repository)} {self.pull_scope(from_repository)}",
-                         ok=(201, 202), what=what)
-        r.close()
-        if r.status_code == 201:
-            return None
-        return self._location(r, what)
-
-    def start_upload(self, repository: str) -> str:
-        """Open an upload session (``POST /v2/<name>/blobs/uploads/``); returns its URL."""
-        what = f"upload to {repository}"
-        r = self.request("POST", f"/v2/{repository}/blobs/uploads/", scope=self.push_scope(repository),
-                         ok=(202,), what=what)
-        r.close()
-        return self._location(r, what)
-
-    def upload_chunk(self, repository: str, location: str, data: bytes, offset: int) -> str:
-        """``PATCH`` one chunk at *offset* (``Content-Range: start-end``); returns the session's next URL.
-
-        Not retried here: after a failure the whole blob upload starts over."""
-        end = offset + len(data) - 1
-        what = f"upload to {repository} (bytes {offset}-{end})"
-        r = self.request("PATCH", location, scope=self.push_scope(repository), data=data, retries=0,
-                         headers={"Content-Type": "application/octet-stream", "Content-Range": f"{offset}-{end}"},
-                         ok=(202, 204), what=what)
-        r.close()
-        got = r.headers.get("Range")
-        if got:
-            first, _, last = got.removeprefix("bytes=").partition("-")
-            if not (first.strip() == "0" and last.strip().isdigit() and int(last) == end):
-                raise RegistryError(f"{what}: the registry has range {got!r}, expected 0-{end}",
-                                    registry=self.registry)
-        return self._location(r, what) if r.headers.get("Location") else location
-
-    def finish_upload(self, repository: str, location: str, digest: Digest, data: bytes = b"") -> None:
-        """Close an upload session with its last bytes (``PUT <location>?digest=``); the registry verifies the digest."""
-        sep = "&" if urlsplit(location).query else "?"
-        what = f"blob {digest.short}"
-        r = self.request("PUT", f"{location}{sep}{urlencode({'digest': str(digest)})}",
-                         scope=self.push_scope(repository), data=data, retries=0,
-                         headers={"Content-Type": "application/octet-stream"}, ok=(201, 204), what=what)
-        r.close()
-        got = r.headers.get("Docker-Content-Digest")
-        if got and got.strip() != str(digest):
-            raise RegistryError(f"{what}: the registry stored it as {got.strip()}", registry=self.registry)
-
-    def put_manifest(self, repository: str, reference: str, raw: bytes, media_type: str) -> Digest:
-        """``PUT /v2/<name>/manifests/<tag|digest>`` with the exact bytes; returns their digest."""
-        return self.put_manifest_ex(repository, reference, raw, media_type)[0]
-
-    def put_manifest_ex(self, repository: str, reference: str, raw: bytes, media_type: str) -> tuple[Digest, str | None]:
-        """Like :meth:`put_manifest`; also returns the ``OCI-Subject`` header the registry answered with
-        (distribution spec 1.1: set by registries with the referrers API for a manifest with a ``subject``)."""
-        digest = Digest.of(raw)
-        what = f"manifest {repository}:{reference}"
-        r = self.request("PUT", f"/v2/{repository}/manifests/{reference}", scope=self.push_scope(repository),
-                         data=raw, headers={"Content-Type": media_type}, ok=(200, 201, 204), what=what)
-        r.close()
-        got = r.headers.get("Docker-Content-Digest")
-        if got and got.strip() != str(digest):
-            raise ManifestError(f"{what}: the registry stored it as {got.strip()}, expected {digest}",
-                                where=self.registry)
-        subject = r.headers.get("OCI-Subject")
-        return digest, subject.strip() if subject else None
 
     def get_referrers(self, repository: str, digest: Digest, *, artifact_type: str | None = None) -> Index | None:
         """``GET /v2/<name>/referrers/<digest>`` (distribution spec 1.1): the image index listing the

@@ -131,6 +131,22 @@ def read_document(r: requests.Response, limit: int, *, timeout: float, what: str
     return read_some(r.raw, limit + 1, pace, decode=True)
 
 
+def read_answer(r: requests.Response, limit: int, *, timeout: float, what: str, registry: str,
+                cut: bool = False) -> bytes:
+    """The body of a streamed answer read whole (:func:`read_document`), kept as the answer's content
+    (``r.json()`` works; a second call returns it again). More than *limit* bytes is a
+    :class:`RegistryError`, or with *cut* the first *limit* bytes."""
+    if r._content is not False:          # read already
+        return r.content
+    data = read_document(r, limit, timeout=timeout, what=what, registry=registry)
+    if len(data) > limit:
+        if not cut:
+            raise RegistryError(f"{what}: the answer is too large (over {limit} bytes)", registry=registry)
+        data = data[:limit]
+    r._content, r._content_consumed = data, True
+    return data
+
+
 @dataclass
 class BlobResponse:
     """An open blob body; iterate :meth:`chunks`, then :meth:`close`."""
