@@ -34,6 +34,7 @@ class Authenticator:
         self._creds_lock = threading.Lock()
 
     def credentials(self) -> Credentials | None:
+        """The credentials for this registry (given in the options, else from the credential store), or None."""
         if not self._creds_loaded:
             with self._creds_lock:   # threads share the client: none may see "loaded" before the creds are
                 if not self._creds_loaded:
@@ -44,6 +45,7 @@ class Authenticator:
         return self._creds
 
     def fetch_token(self, challenge: Challenge, scope: str | None) -> Token:
+        """A new token from the token service of a bearer *challenge*, for *scope* (scopes separated by spaces)."""
         realm = challenge.realm
         if not realm:
             raise AuthenticationError("bearer challenge without a realm", registry=self.registry)
@@ -104,8 +106,7 @@ class Authenticator:
             r.close()
         return r
 
-    def header(self, scope: str | None, *, refresh: bool = False,
-                     extra_scope: str | None = None) -> str | None:
+    def header(self, scope: str | None, *, refresh: bool = False, extra_scope: str | None = None) -> str | None:
         """The Authorization value for a request needing *scope*; with *refresh*, a new token
         that also covers *extra_scope* (the scope of the 401 challenge that asked for it).
         Tokens are cached by the exact set of scopes they were asked for, never mixed with
@@ -133,7 +134,8 @@ class Authenticator:
             return f"Bearer {tok.value}"
         return None
 
-    def learn(self, r: requests.Response) -> "Challenge | None":
+    def learn(self, r: requests.Response) -> Challenge | None:
+        """Learn the registry's challenge from a 401 answer *r*; returns the one it named (with its scope)."""
         chs = parse_www_authenticate(r.headers.get("WWW-Authenticate"))
         pick = next((c for c in chs if c.scheme == "bearer"), None) or next((c for c in chs if c.scheme == "basic"), None)
         if pick is not None:

@@ -24,19 +24,25 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from imagebuild import LayerBuilder, build_image, build_index, write_oci_layout
+from registryfixtures import UMOCI_EXPECTED, push_image, require_binary
 
 from layerfs.cli.main import main
 from layerfs.errors import LayerfsError, UsageError
-from imagebuild import LayerBuilder, build_image, build_index, write_oci_layout
-from layerfs.index import LayerIndex, LayerIndexer, index_path
-from layerfs.image import OCI_LAYER, OCI_LAYER_GZIP, OCI_MANIFEST, Digest, Platform
-from layerfs.transfer import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, Puller
-from layerfs.image import Reference
-from layerfs.transfer import archive
-from layerfs.transfer import LoadOptions, Source, is_source, load
-from layerfs.store import Store
 from layerfs.fs import open_image_tree
-from registryfixtures import UMOCI_EXPECTED, push_image, require_binary
+from layerfs.image import OCI_LAYER, OCI_LAYER_GZIP, OCI_MANIFEST, Digest, Platform, Reference
+from layerfs.index import LayerIndex, LayerIndexer, index_path
+from layerfs.store import Store
+from layerfs.transfer import (
+    REPO_DIGEST_ANNOTATION,
+    SOURCE_MANIFEST_ANNOTATION,
+    LoadOptions,
+    Puller,
+    Source,
+    archive,
+    is_source,
+    load,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -683,6 +689,7 @@ def test_cli_load_from_stdin(produced, tmp_path):
 
 def test_cli_mount_of_an_archive(produced, tmp_path):
     from mounthelpers import require_fuse, track, watchdog
+
     from layerfs.mount import mounts, pid_alive
     require_fuse()
     store = Store(tmp_path / "store")
