@@ -578,7 +578,8 @@ def cmd_convert(ctx: Context) -> int:
     if not a.estargz:
         from layerfs.errors import UsageError
         raise UsageError("convert needs a target format", hint="use --estargz")
-    m = convert_image(ctx.store, a.src, a.newref, chunk_size=a.chunk_size)
+    from layerfs.changes import parse_new_reference
+    m = convert_image(ctx.store, a.src, parse_new_reference(a.newref), chunk_size=a.chunk_size)
     print(m.digest)
     return 0
 

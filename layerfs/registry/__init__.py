@@ -1,4 +1,5 @@
-"""Everything that speaks HTTP: the distribution API client, auth, mirrors, search.
+"""Everything that speaks HTTP: the transport (session, retries), the distribution API client, auth,
+mirrors, search.
 
 The names below are this package's public face; each is imported from its module on
 first use (PEP 562), so importing the package costs nothing."""
@@ -11,8 +12,8 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "CredentialStore": "auth", "Credentials": "auth", "Token": "auth", "normalise_key": "auth",
     "parse_www_authenticate": "auth",
-    "ClientPool": "client", "MAX_MANIFEST_SIZE": "client", "RegistryClient": "client", "RegistryOptions": "client",
-    "exc_line": "client",
+    "ClientPool": "client", "MAX_MANIFEST_SIZE": "client", "RegistryClient": "client",
+    "RegistryOptions": "options",
     "Mirror": "mirrors", "load_mirrors": "mirrors", "parse_mirrors": "mirrors",
     "search": "hub",
 }
@@ -30,7 +31,8 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:
-    from layerfs.registry.auth import CredentialStore, Credentials, Token, normalise_key, parse_www_authenticate  # noqa: F401
-    from layerfs.registry.client import ClientPool, MAX_MANIFEST_SIZE, RegistryClient, RegistryOptions, exc_line  # noqa: F401
-    from layerfs.registry.mirrors import Mirror, load_mirrors, parse_mirrors  # noqa: F401
+    from layerfs.registry.auth import Credentials, CredentialStore, Token, normalise_key, parse_www_authenticate  # noqa: F401
+    from layerfs.registry.client import MAX_MANIFEST_SIZE, ClientPool, RegistryClient  # noqa: F401
     from layerfs.registry.hub import search  # noqa: F401
+    from layerfs.registry.mirrors import Mirror, load_mirrors, parse_mirrors  # noqa: F401
+    from layerfs.registry.options import RegistryOptions  # noqa: F401

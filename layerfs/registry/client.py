@@ -1,4 +1,6 @@
-"""Registry client (OCI distribution spec): the only module that speaks HTTP.
+"""Registry client (OCI distribution spec): manifests, blobs and Range reads, referrers; the push side
+(uploads, manifests) is :mod:`layerfs.registry.uploads`, auth and tokens :mod:`layerfs.registry.tokens`,
+the HTTP session and retries :mod:`layerfs.registry.transport`.
 
 - HTTPS with certificate verification by default; plain HTTP for loopback
   registries and for those named insecure.
@@ -6,32 +8,26 @@
   expiry or 401), HTTP Basic; ``Authorization`` never follows a redirect to
   another host.
 - Errors keep the distribution-spec codes; only temporary ones (connection
-  failures, 429, 5xx) are retried, with bounded exponential backoff.
+  failures, 429, 5xx) are retried, under the policy of
+  :class:`layerfs.registry.transport.Transport`, which also owns the HTTP session.
 - Hostile answers are bounded: a manifest or index over 4 MiB
   (:data:`MAX_MANIFEST_SIZE`) is refused, a document (manifest, config) must
-  arrive within twice the timeout, and a blob body that brings less than
-  :data:`MIN_RATE` bytes a second over a whole timeout is a broken
-  connection (:class:`_Pace`).
+  arrive within twice the timeout, and a blob body that brings too few bytes
+  a second over a whole timeout is a broken connection (:class:`Pace`).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import random
 import threading
-import time
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
-import requests
-import urllib3
-
-from layerfs import __version__
 from layerfs.errors import (
     AccessDenied,
     AuthenticationError,
+    DigestMismatch,
     ForeignLayerError,
     LayerfsError,
     ManifestError,
@@ -41,154 +37,45 @@ from layerfs.errors import (
     RegistryUnreachable,
     SizeMismatch,
 )
-from layerfs.image import ACCEPT_MANIFESTS, FOREIGN_LAYER_TYPES, Descriptor, Digest, Index, Manifest, parse_manifest
-from layerfs.image import DOCKER_HUB, is_local_registry
-from layerfs.registry.auth import Challenge, Credentials, CredentialStore, Token, parse_www_authenticate
+from layerfs.image import (
+    ACCEPT_MANIFESTS,
+    DOCKER_HUB,
+    FOREIGN_LAYER_TYPES,
+    Descriptor,
+    Digest,
+    Index,
+    Manifest,
+    is_local_registry,
+    parse_manifest,
+)
+from layerfs.registry.mirrors import MirroredClient
+from layerfs.registry.options import RegistryOptions
+from layerfs.registry.tokens import Authenticator
+from layerfs.registry.transport import (
+    CHUNK,
+    MAX_ANSWER,
+    BlobResponse,
+    Pace,
+    Transport,
+    read_answer,
+    read_document,
+    read_some,
+)
+from layerfs.registry.uploads import Uploads
+
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger(__name__)
 
-USER_AGENT = f"layerfs/{__version__}"
+T = TypeVar("T")
+
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_REDIRECTS = 5
-#: a blob body slower than this (bytes per second, over each ``timeout`` window) is given up as broken
-MIN_RATE = 1024
-#: the most an answer read whole may hold (token, ping, upload answers); manifests: MAX_MANIFEST_SIZE
-_MAX_ANSWER = 1 << 20
-_CHUNK = 1 << 20
 
 
-def _env_list(name: str) -> list[str]:
-    return [x.strip() for x in os.environ.get(name, "").replace(";", ",").split(",") if x.strip()]
-
-
-@dataclass(frozen=True, kw_only=True)
-class RegistryOptions:
-    insecure_registries: tuple[str, ...] = ()
-    ca_bundle: str | None = None
-    timeout: float = 30.0
-    max_retries: int = 4
-    backoff_base: float = 0.5
-    backoff_cap: float = 10.0
-    credentials: Credentials | None = None    # overrides the credential store (login)
-    credential_store: CredentialStore | None = None
-    mirrors: Any = None                       # a layerfs.registry.mirrors.MirrorConfig (from_env loads the config file)
-
-    @classmethod
-    def from_env(cls, **overrides) -> "RegistryOptions":
-        insecure = tuple(_env_list("LAYERFS_INSECURE_REGISTRIES")) + tuple(overrides.pop("insecure_registries", ()))
-        ca = overrides.pop("ca_bundle", None) or os.environ.get("LAYERFS_CA_BUNDLE") or None
-        kw = dict(insecure_registries=insecure, ca_bundle=ca)
-        if os.environ.get("LAYERFS_BACKOFF_BASE"):
-            kw["backoff_base"] = float(os.environ["LAYERFS_BACKOFF_BASE"])
-        if os.environ.get("LAYERFS_TIMEOUT"):
-            try:
-                kw["timeout"] = float(os.environ["LAYERFS_TIMEOUT"])
-            except ValueError:
-                kw["timeout"] = 0.0
-            if not 0 < kw["timeout"] < 1e6:
-                from layerfs.errors import UsageError
-                raise UsageError(f"LAYERFS_TIMEOUT={os.environ['LAYERFS_TIMEOUT'][:40]!r} is not a number of "
-                                 f"seconds", hint="unset it, or set it to e.g. 30")
-        if "mirrors" not in overrides:
-            from layerfs.registry.mirrors import load_mirrors
-            kw["mirrors"] = load_mirrors()
-        kw.update(overrides)
-        return cls(**kw)
-
-
-_SLOW_HINT = "the registry or the network is too slow; try again later, or allow more time with LAYERFS_TIMEOUT"
-
-
-class _Pace:
-    """Gives up a body that comes too slowly (a trickle keeps every single read under the timeout):
-    one that brings under :data:`MIN_RATE` bytes a second over a whole *window*, or, with a
-    *deadline* (seconds), one that is not complete by then. Raises :class:`RegistryUnreachable`."""
-
-    def __init__(self, window: float, *, what: str, registry: str, deadline: float | None = None):
-        self.window = window
-        self.what = what
-        self.registry = registry
-        self.started = self.mark = time.monotonic()
-        self.deadline = None if deadline is None else self.started + deadline
-        self.count = 0
-
-    def tick(self, n: int) -> None:
-        self.count += n
-        now = time.monotonic()
-        if self.deadline is not None and now > self.deadline:
-            raise RegistryUnreachable(f"{self.what}: the registry sent only {self.count} bytes in "
-                                      f"{now - self.started:.0f}s", registry=self.registry, hint=_SLOW_HINT)
-        if now - self.mark >= self.window:
-            if self.count < MIN_RATE * (now - self.mark):
-                raise RegistryUnreachable(f"{self.what}: the registry sends under {MIN_RATE} bytes/s "
-                                          f"({self.count} bytes in {now - self.mark:.0f}s)", registry=self.registry,
-                                          hint=_SLOW_HINT)
-            self.mark, self.count = now, 0
-
-
-def _read_some(raw, size: int, pace: _Pace, *, decode: bool = False) -> bytes:
-    """Up to *size* bytes of a body (fewer only at its end), read as they come so *pace* can judge."""
-    pieces = []
-    got = 0
-    try:
-        while got < size:
-            b = raw.read1(size - got, decode_content=decode)
-            if not b:
-                break
-            pieces.append(b)
-            got += len(b)
-            pace.tick(len(b))
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
-        if not pieces:
-            raise
-        # the bytes before the break are good (a resume starts after them); the next read meets it again
-    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-
-def _read_document(r: requests.Response, limit: int, *, timeout: float, what: str, registry: str) -> bytes:
-    """Up to *limit* + 1 bytes of a streamed answer that is read whole (a document, an error or token
-    answer), decoded, within twice *timeout* (:class:`_Pace`); the caller judges more than *limit*.
-    A connection that fails is :class:`RegistryUnreachable`."""
-    if r.raw is None:
-        return b""
-    pace = _Pace(timeout, what=what, registry=registry, deadline=2 * timeout)
-    try:
-        return _read_some(r.raw, limit + 1, pace, decode=True)
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-        raise RegistryUnreachable(f"{what}: connection failed: {exc_line(e)}", registry=registry) from None
-
-
-@dataclass
-class BlobResponse:
-    """An open blob body; iterate :meth:`chunks`, then :meth:`close`."""
-
-    response: requests.Response
-    start: int            # offset of the first byte of the body in the blob
-    total: int | None
-    pace: _Pace           # judges the body's pace as it is read
-
-    def chunks(self, size: int = _CHUNK) -> Iterator[bytes]:
-        raw = self.response.raw
-        while True:
-            b = _read_some(raw, size, self.pace)
-            if not b:
-                return
-            yield b
-
-    def close(self) -> None:
-        self.response.close()
-
-
-class _BodyCut(Exception):
-    """An answer whose body broke off (*error* says how): worth asking again."""
-
-    def __init__(self, error: LayerfsError):
-        super().__init__(error.message)
-        self.error = error
-
-
-class RegistryClient:
-    """Talks to one registry on behalf of one or more repositories."""
+class RegistryClient(Uploads):
+    """Talks to one registry on behalf of one or more repositories (the push side: :class:`Uploads`)."""
 
     def __init__(self, registry: str, options: RegistryOptions | None = None, *,
                  endpoint: str | None = None):
@@ -203,144 +90,12 @@ class RegistryClient:
         self.scheme = "http" if local else "https"
         self.base = f"{self.scheme}://{host}"
         self._scheme_checked = not self.insecure
-        self.session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self.session.headers["User-Agent"] = USER_AGENT
-        self.session.trust_env = not local
-        if self.options.ca_bundle:
-            self.session.verify = self.options.ca_bundle
-        if self.insecure:
-            self.session.verify = False
-            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        self._creds_loaded = False
-        self._creds: Credentials | None = self.options.credentials
-        self._tokens: dict[str, Token] = {}
-        self._challenge: Challenge | None = None
-        self._challenge_known = False
+        self.transport = Transport(registry, self.options, local=local, insecure=self.insecure)
+        self.auth = Authenticator(registry, self.options, self.transport)
         self._lock = threading.Lock()
-        self._creds_lock = threading.Lock()
         #: (repository, digest) -> the URL on another host that the last Range GET of that blob was
         #: redirected to (a signed storage URL): later ranges go there directly until it stops answering
         self._blob_urls: dict[tuple[str, str], str] = {}
-
-    # -- credentials -------------------------------------------------------------
-    def _credentials(self) -> Credentials | None:
-        if not self._creds_loaded:
-            with self._creds_lock:   # threads share the client: none may see "loaded" before the creds are
-                if not self._creds_loaded:
-                    if self._creds is None:
-                        store = self.options.credential_store or CredentialStore()
-                        self._creds = store.get(self.registry)
-                    self._creds_loaded = True
-        return self._creds
-
-    # -- token flow --------------------------------------------------------------
-    def _fetch_token(self, challenge: Challenge, scope: str | None) -> Token:
-        realm = challenge.realm
-        if not realm:
-            raise AuthenticationError("bearer challenge without a realm", registry=self.registry)
-        parts = urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise AuthenticationError(f"refusing token realm {realm!r}: not an http(s) URL", registry=self.registry,
-                                      hint="the registry's WWW-Authenticate header is bogus")
-        params = {}
-        if challenge.params.get("service"):
-            params["service"] = challenge.params["service"]
-        # a scope argument may name several scopes separated by spaces (push + pull of another repo)
-        scopes = (scope or "").split()
-        creds = self._credentials()
-        auth = creds.basic if creds else None
-        try:
-            if creds and creds.identity_token:
-                data = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
-                        "client_id": "layerfs", "service": params.get("service", "")}
-                if scopes:
-                    data["scope"] = " ".join(dict.fromkeys(scopes))
-                r = self._token_request("POST", realm, data=data)
-            else:
-                query = list(params.items()) + [("scope", s) for s in dict.fromkeys(scopes)]
-                url = realm + ("&" if "?" in realm else "?") + urlencode(query) if query else realm
-                r = self._token_request("GET", url, auth=auth)
-        except requests.RequestException as e:
-            raise RegistryUnreachable(f"cannot reach token service {parts.netloc}: {exc_line(e)}",
-                                      registry=self.registry) from None
-        if r.status_code in (401, 403):
-            if auth:
-                raise AuthenticationError(f"token service {parts.netloc} rejected the credentials for "
-                                          f"{auth[0]!r} (HTTP {r.status_code})", registry=self.registry,
-                                          status=r.status_code)
-            raise AccessDenied(f"token service {parts.netloc} denied anonymous access (HTTP {r.status_code})",
-                               registry=self.registry, status=r.status_code,
-                               hint=f"log in with 'layerfs login {self.registry}'")
-        if r.status_code != 200:
-            raise RegistryError(f"token service {parts.netloc} answered HTTP {r.status_code}",
-                                registry=self.registry, status=r.status_code)
-        try:
-            doc = r.json()
-        except ValueError:
-            raise AuthenticationError(f"token service {parts.netloc} sent malformed JSON",
-                                      registry=self.registry) from None
-        value = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
-        if not isinstance(value, str) or not value:
-            raise AuthenticationError(f"token service {parts.netloc} sent no token", registry=self.registry)
-        expires_in = doc.get("expires_in")
-        if not isinstance(expires_in, (int, float)) or isinstance(expires_in, bool) or expires_in <= 0:
-            expires_in = 60
-        return Token.lasting(value, float(expires_in))
-
-    def _token_request(self, method: str, url: str, **kw) -> requests.Response:
-        # never follow redirects with credentials attached
-        r = self.session.request(method, url, timeout=self.options.timeout, allow_redirects=False,
-                                 verify=self.session.verify, stream=True, **kw)
-        try:
-            self._body(r, _MAX_ANSWER, f"token service {urlsplit(url).netloc}")
-        finally:
-            r.close()
-        return r
-
-    def _body(self, r: requests.Response, limit: int, what: str, *, cut: bool = False) -> bytes:
-        """The body of a streamed answer, read as it comes (at most *limit* bytes, within twice the
-        timeout); kept as the answer's content (``r.json()`` works). More than *limit* is an error,
-        or with *cut* the first *limit* bytes."""
-        if r._content is not False:          # read already
-            return r.content
-        data = _read_document(r, limit, timeout=self.options.timeout, what=what, registry=self.registry)
-        if len(data) > limit:
-            if not cut:
-                raise RegistryError(f"{what}: the answer is too large (over {limit} bytes)", registry=self.registry)
-            data = data[:limit]
-        r._content, r._content_consumed = data, True
-        return data
-
-    def _auth_header(self, scope: str | None, *, refresh: bool = False,
-                     extra_scope: str | None = None) -> str | None:
-        """The Authorization value for a request needing *scope*; with *refresh*, a new token
-        that also covers *extra_scope* (the scope of the 401 challenge that asked for it).
-        Tokens are cached by the exact set of scopes they were asked for, never mixed with
-        another request's challenge, so concurrent requests cannot get a token short of a scope."""
-        ch = self._challenge
-        if ch is None:
-            return None
-        if ch.scheme == "basic":
-            creds = self._credentials()
-            if creds and creds.basic:
-                return requests.auth._basic_auth_str(*creds.basic)
-            return None
-        if ch.scheme == "bearer":
-            base = " ".join(sorted(set((scope or "").split())))
-            wanted = (scope or "").split() + (extra_scope.split() if refresh and extra_scope else [])
-            key = " ".join(sorted(set(wanted)))
-            with self._lock:
-                tok = self._tokens.get(key)
-            if tok is None or refresh or not tok.valid():
-                tok = self._fetch_token(ch, key)
-                with self._lock:
-                    self._tokens[key] = tok
-                    self._tokens[base] = tok   # covers more than the base scope: later requests reuse it
-            return f"Bearer {tok.value}"
-        return None
 
     # -- requests ----------------------------------------------------------------
     def request(self, method: str, path: str, *, scope: str | None = None, headers: Mapping[str, str] | None = None,
@@ -354,47 +109,45 @@ class RegistryClient:
         if not self._scheme_checked:
             self._pick_insecure_scheme()
         url = path if "://" in path else self.base + path
-        max_retries = self.options.max_retries if retries is None else retries
-        attempt = 0
         refreshes = 0
         redirect_retried = False
-        while True:
-            try:
-                r = self._send(method, url, scope=scope, headers=headers, stream=stream,
-                               refresh=False, data=data)
-                while True:
-                    # a 401 means: learn the challenge and fetch a fresh token. Concurrent requests share the
-                    # client, so a token can race with another thread's challenge: renew it twice at most.
-                    while r.status_code == 401 and refreshes < 2:
-                        ch = self._learn_challenge(r)
-                        r.close()
-                        refreshes += 1
-                        r = self._send(method, url, scope=scope, headers=headers, stream=stream, refresh=True,
-                                       data=data, extra_scope=ch.params.get("scope") if ch else None)
-                    if r.status_code != 403 or redirect_retried or not _other_host(r.url, url):
-                        break
-                    # the registry redirected to a signed URL that had expired already (clock skew, or
-                    # a wait in a queue): ask the registry once more for a fresh one
-                    redirect_retried = True
-                    log.info("%s: %s: its redirect URL answered HTTP 403; asking the registry for a new one",
-                             self.registry, what or method)
+
+        def attempt() -> requests.Response:
+            nonlocal refreshes, redirect_retried
+            r = self._send(method, url, scope=scope, headers=headers, refresh=False, data=data)
+            while True:
+                # a 401 means: learn the challenge and fetch a fresh token. Concurrent requests share the
+                # client, so a token can race with another thread's challenge: renew it twice at most.
+                while r.status_code == 401 and refreshes < 2:
+                    ch = self.auth.learn(r)
                     r.close()
-                    r = self._send(method, url, scope=scope, headers=headers, stream=stream,
-                                   refresh=False, data=data)
-                if r.status_code in ok:
-                    if not stream:
-                        self._body(r, _MAX_ANSWER, what or method)
-                    return r
-                err = self._error_from(r, what)
+                    refreshes += 1
+                    r = self._send(method, url, scope=scope, headers=headers, refresh=True,
+                                   data=data, extra_scope=ch.params.get("scope") if ch else None)
+                if r.status_code != 403 or redirect_retried or not _other_host(r.url, url):
+                    break
+                # the registry redirected to a signed URL that had expired already (clock skew, or
+                # a wait in a queue): ask the registry once more for a fresh one
+                redirect_retried = True
+                log.info("%s: %s: its redirect URL answered HTTP 403; asking the registry for a new one",
+                         self.registry, what or method)
                 r.close()
-                raise err
-            except RegistryError as e:
-                if not e.temporary or attempt >= max_retries:
-                    raise
-                delay = self._backoff(attempt, e.retry_after)
-                log.info("%s: %s; retrying in %.1fs", self.registry, e.message, delay)
-                time.sleep(delay)
-                attempt += 1
+                r = self._send(method, url, scope=scope, headers=headers, refresh=False, data=data)
+            if r.status_code in ok:
+                if not stream:
+                    read_answer(r, MAX_ANSWER, timeout=self.options.timeout, what=what or method,
+                                registry=self.registry)
+                return r
+            err = self._error_from(r, what)
+            r.close()
+            raise err
+
+        return self.transport.retrying(attempt, retries=retries)
+
+    def retrying(self, operation: Callable[[], T], *, again: str = "retrying") -> T:
+        """*operation* (a logical operation of several requests: a blob download, an upload) under the
+        retry policy of :meth:`Transport.retrying`: the requests it makes are not retried on their own."""
+        return self.transport.retrying(operation, again=again)
 
     def _pick_insecure_scheme(self) -> None:
         """For an insecure registry: keep HTTPS (unverified) when it answers, else fall back to HTTP."""
@@ -402,52 +155,26 @@ class RegistryClient:
             if self._scheme_checked:
                 return
             try:
-                self.session.get(f"https://{self.host}/v2/", timeout=min(self.options.timeout, 10),
-                                 allow_redirects=False, verify=False).close()
-            except requests.RequestException:
+                self.transport.send("GET", f"https://{self.host}/v2/", timeout=min(self.options.timeout, 10),
+                                    verify=False).close()
+            except RegistryError:
                 log.info("%s: no HTTPS, using plain HTTP (insecure registry)", self.registry)
                 self.scheme = "http"
                 self.base = f"http://{self.host}"
             self._scheme_checked = True
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), 60.0)
-        d = min(self.options.backoff_cap, self.options.backoff_base * (2 ** attempt))
-        return d * (0.5 + random.random() / 2)
-
-    def _learn_challenge(self, r: requests.Response) -> "Challenge | None":
-        chs = parse_www_authenticate(r.headers.get("WWW-Authenticate"))
-        pick = next((c for c in chs if c.scheme == "bearer"), None) or next((c for c in chs if c.scheme == "basic"), None)
-        if pick is not None:
-            # realm and service are the registry's; the scope belongs to this one request
-            shared = Challenge(pick.scheme, {k: v for k, v in pick.params.items() if k != "scope"})
-            with self._lock:
-                self._challenge = shared
-        self._challenge_known = True
-        return pick
-
     def _send(self, method: str, url: str, *, scope: str | None, headers: Mapping[str, str] | None,
-              stream: bool, refresh: bool, data: bytes | None = None,
+              refresh: bool, data: bytes | None = None,
               extra_scope: str | None = None) -> requests.Response:
         hdrs = dict(headers or {})
-        auth = self._auth_header(scope, refresh=refresh, extra_scope=extra_scope)
+        auth = self.auth.header(scope, refresh=refresh, extra_scope=extra_scope)
         origin = urlsplit(url)[:2]
         for _ in range(MAX_REDIRECTS + 1):
             send = dict(hdrs)
             if auth and urlsplit(url)[:2] == origin:     # never to another host, nor over a downgraded scheme
                 send["Authorization"] = auth
-            try:
-                # always streamed: no body is read unbounded (see _body)
-                r = self.session.request(method, url, headers=send, stream=True, allow_redirects=False,
-                                         timeout=self.options.timeout, verify=self.session.verify, data=data)
-            except requests.exceptions.SSLError as e:
-                raise RegistryError(f"TLS error talking to {urlsplit(url).netloc}: {exc_line(e)}",
-                                    registry=self.registry,
-                                    hint="set LAYERFS_CA_BUNDLE, or use --insecure-registry for a registry you trust") from None
-            except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as e:
-                raise RegistryUnreachable(f"cannot reach {urlsplit(url).netloc}: {exc_line(e)}",
-                                          registry=self.registry) from None
+            # always streamed: no body is read unbounded (see read_answer)
+            r = self.transport.send(method, url, headers=send, data=data)
             if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("Location"):
                 nxt = urljoin(url, r.headers["Location"])
                 r.close()
@@ -465,7 +192,8 @@ class RegistryClient:
         codes: list[str] = []
         messages: list[str] = []
         try:
-            body = self._body(r, 65536, what or "error answer", cut=True)
+            body = read_answer(r, 65536, timeout=self.options.timeout, what=what or "error answer",
+                               registry=self.registry, cut=True)
             if len(body) < 65536:
                 doc = json.loads(body)
                 for e in (doc.get("errors") or []) if isinstance(doc, dict) else []:
@@ -485,7 +213,7 @@ class RegistryClient:
             if ra and ra.strip().isdigit():
                 retry_after = float(ra.strip())
         if r.status_code == 401:
-            creds = self._credentials()
+            creds = self.auth.credentials()
             if creds:
                 return AuthenticationError(f"{subject}authentication failed (HTTP 401) {detail}".strip(), **kw)
             return AccessDenied(f"{subject}access denied (HTTP 401) {detail}".strip(), **kw)
@@ -507,11 +235,11 @@ class RegistryClient:
         """GET /v2/ and learn the auth challenge; with credentials, prove they work."""
         r = self.request("GET", "/v2/", ok=(200, 401), what="/v2/")
         if r.status_code == 401:
-            self._learn_challenge(r)
+            self.auth.learn(r)
             r.close()
-            creds = self._credentials()
-            if self._challenge and self._challenge.scheme == "bearer":
-                self._fetch_token(self._challenge, None)
+            creds = self.auth.credentials()
+            if self.auth.challenge and self.auth.challenge.scheme == "bearer":
+                self.auth.fetch_token(self.auth.challenge, None)
                 return
             if creds and creds.basic:
                 r = self.request("GET", "/v2/", what="/v2/")
@@ -531,15 +259,13 @@ class RegistryClient:
             if length and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
                 raise ManifestError(f"{what} is too large ({length} bytes, at most {MAX_MANIFEST_SIZE})",
                                     where=self.registry)
-            raw = _read_document(r, MAX_MANIFEST_SIZE, timeout=self.options.timeout, what=what,
-                                 registry=self.registry)
+            raw = read_document(r, MAX_MANIFEST_SIZE, timeout=self.options.timeout, what=what,
+                                registry=self.registry)
             if len(raw) > MAX_MANIFEST_SIZE:
                 raise ManifestError(f"{what} is too large (over {MAX_MANIFEST_SIZE} bytes)", where=self.registry)
             if length and length.isdigit() and len(raw) != int(length):
                 raise RegistryError(f"{what}: truncated response ({len(raw)} of {length} bytes)",
                                     registry=self.registry, status=599)
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-            raise RegistryUnreachable(f"{what}: connection failed: {exc_line(e)}", registry=self.registry) from None
         finally:
             r.close()
         header_digest = r.headers.get("Docker-Content-Digest")
@@ -580,16 +306,16 @@ class RegistryClient:
                 r.close()
                 raise SizeMismatch(f"blob {desc.digest.short}: Content-Range {cr!r} does not match the request "
                                    f"(from {start} of {desc.size})", where=self.registry)
-            return BlobResponse(r, start, total_i, self._pace(desc))
+            return BlobResponse(r, start, total_i, self._pace(desc), desc.size)
         length = r.headers.get("Content-Length")
         if length and length.isdigit() and int(length) != desc.size:
             r.close()
             raise SizeMismatch(f"blob {desc.digest.short}: registry sends {length} bytes, manifest says {desc.size}",
                                where=self.registry)
-        return BlobResponse(r, 0, desc.size, self._pace(desc))
+        return BlobResponse(r, 0, desc.size, self._pace(desc), desc.size)
 
-    def _pace(self, desc: Descriptor, deadline: float | None = None) -> _Pace:
-        return _Pace(self.options.timeout, what=f"blob {desc.digest.short}", registry=self.registry, deadline=deadline)
+    def _pace(self, desc: Descriptor, deadline: float | None = None) -> Pace:
+        return Pace(self.options.timeout, what=f"blob {desc.digest.short}", registry=self.registry, deadline=deadline)
 
     def read_range(self, repository: str, desc: Descriptor, start: int, end: int, *,
                    retries: int | None = None, require_partial: bool = False) -> bytes:
@@ -605,29 +331,19 @@ class RegistryClient:
         if desc.media_type in FOREIGN_LAYER_TYPES and desc.urls:
             raise ForeignLayerError(f"layer {desc.digest.short} is a foreign (non-distributable) layer",
                                     registry=self.registry)
-        max_retries = self.options.max_retries if retries is None else retries
-        attempt = 0
-        while True:
-            try:
-                return self._read_range_once(repository, desc, start, end, retries, require_partial)
-            except _BodyCut as cut:
-                if attempt >= max_retries:
-                    raise cut.error from None
-                delay = self._backoff(attempt, None)
-                log.info("%s: %s; retrying in %.1fs", self.registry, cut.error.message, delay)
-                time.sleep(delay)
-                attempt += 1
+        return self.transport.retrying(
+            lambda: self._read_range_once(repository, desc, start, end, require_partial), retries=retries)
 
     def _read_range_once(self, repository: str, desc: Descriptor, start: int, end: int,
-                         retries: int | None, require_partial: bool = False) -> bytes:
-        """One :meth:`read_range` request; raises :class:`_BodyCut` when its body breaks off."""
+                         require_partial: bool = False) -> bytes:
+        """One :meth:`read_range` request; a body that breaks off (or trickles) is :class:`RegistryUnreachable`."""
         headers = {"Accept-Encoding": "identity", "Range": f"bytes={start}-{end - 1}"}
         key = (repository, str(desc.digest))
         r = self._get_redirected(key, headers, desc)
         if r is None:
             path = f"/v2/{repository}/blobs/{desc.digest}"
             r = self.request("GET", path, scope=self.pull_scope(repository), headers=headers, stream=True,
-                             ok=(200, 206), what=f"blob {desc.digest.short}", retries=retries)
+                             ok=(200, 206), what=f"blob {desc.digest.short}")
             if r.status_code == 206 and _other_host(r.url, self.base + path):
                 with self._lock:
                     self._blob_urls[key] = r.url
@@ -657,30 +373,20 @@ class RegistryClient:
             out = bytearray()
             raw = r.raw
             pace = self._pace(desc)
-            try:
-                while skip:
-                    b = _read_some(raw, min(skip, _CHUNK), pace)
-                    if not b:
-                        break
-                    skip -= len(b)
-                while len(out) < want:
-                    b = _read_some(raw, min(want - len(out), _CHUNK), pace)
-                    if not b:
-                        break
-                    out += b
-            except RegistryUnreachable as slow:      # a trickle: worth asking again, as a cut is
-                raise _BodyCut(slow) from None
-            if len(out) != want:
-                raise _BodyCut(SizeMismatch(f"blob {desc.digest.short}: range {start}-{end - 1} ended after "
-                                            f"{len(out)} of {want} bytes", where=self.registry))
+            while skip:
+                b = read_some(raw, min(skip, CHUNK), pace)
+                if not b:
+                    break
+                skip -= len(b)
+            while len(out) < want:
+                b = read_some(raw, min(want - len(out), CHUNK), pace)
+                if not b:
+                    break
+                out += b
+            if len(out) != want:       # the connection ended early: worth asking again
+                raise RegistryUnreachable(f"blob {desc.digest.short}: range {start}-{end - 1} ended after "
+                                          f"{len(out)} of {want} bytes", registry=self.registry)
             return bytes(out)
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-            self._forget_redirect(key, r.url)
-            raise _BodyCut(RegistryUnreachable(f"blob {desc.digest.short}: connection failed: {exc_line(e)}",
-                                               registry=self.registry)) from None
-        except _BodyCut:
-            self._forget_redirect(key, r.url)
-            raise
         except LayerfsError:
             self._forget_redirect(key, r.url)
             raise
@@ -697,12 +403,10 @@ class RegistryClient:
         if url is None:
             return None
         try:
-            r = self.session.request("GET", url, headers=dict(headers), stream=True, allow_redirects=False,
-                                     timeout=self.options.timeout, verify=self.session.verify)
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            r = self.transport.send("GET", url, headers=headers, what="its redirect URL failed")
+        except RegistryError as e:
             self._forget_redirect(key, url)
-            log.info("%s: blob %s: its redirect URL failed (%s); asking the registry again", self.registry,
-                     desc.digest.short, exc_line(e))
+            log.info("%s: blob %s: %s; asking the registry again", self.registry, desc.digest.short, e.message)
             return None
         if r.status_code == 206:
             return r
@@ -727,9 +431,6 @@ class RegistryClient:
         resp.pace = self._pace(desc, deadline=2 * self.options.timeout)
         try:
             data = next(resp.chunks(desc.size + 1), b"")   # more than its size is an error: read no further
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-            raise RegistryUnreachable(f"blob {desc.digest.short}: connection failed: {exc_line(e)}",
-                                      registry=self.registry) from None
         finally:
             resp.close()
         if len(data) != desc.size:
@@ -737,110 +438,9 @@ class RegistryClient:
                                f"{len(data)} bytes, expected {desc.size}", where=self.registry)
         got = Digest.of(data, desc.digest.algorithm)
         if got != desc.digest:
-            from layerfs.errors import DigestMismatch
             raise DigestMismatch(f"blob digest is {got}, expected {desc.digest}", where=self.registry)
         return data
 
-
-    # -- push (distribution spec: blob uploads, cross-repository mounts, manifests) -------
-    @staticmethod
-    def push_scope(repository: str) -> str:
-        return f"repository:{repository}:push,pull"
-
-    def _location(self, r: requests.Response, what: str) -> str:
-        loc = r.headers.get("Location")
-        if not loc:
-            raise RegistryError(f"{what}: the registry sent no upload Location (HTTP {r.status_code})",
-                                registry=self.registry)
-        nxt = urljoin(r.url or self.base + "/", loc)
-        if urlsplit(nxt).scheme not in ("http", "https"):
-            raise RegistryError(f"{what}: refusing upload location {loc!r}", registry=self.registry)
-        return nxt
-
-    def blob_exists(self, repository: str, digest: Digest, *, size: int | None = None) -> bool:
-        """``HEAD /v2/<name>/blobs/<digest>``: True when the repository has the blob (of *size*, when given)."""
-        what = f"blob {digest.short}"
-        r = self.request("HEAD", f"/v2/{repository}/blobs/{digest}", scope=self.push_scope(repository),
-                         ok=(200, 404), what=what)
-        r.close()
-        if r.status_code == 404:
-            return False
-        length = r.headers.get("Content-Length")
-        if size is not None and length and length.isdigit() and int(length) != size:
-            raise SizeMismatch(f"{what}: the registry has {length} bytes, expected {size}", where=self.registry)
-        return True
-
-    def mount_blob(self, repository: str, digest: Digest, from_repository: str) -> str | None:
-        """Cross-repository mount (``POST /v2/<name>/blobs/uploads/?mount=<digest>&from=<repo>``).
-
-        Returns None when the registry mounted the blob (201); otherwise the
-        URL of the upload session it opened instead (202), to upload into."""
-        what = f"blob {digest.short} (mount from {from_repository})"
-        query = urlencode({"mount": str(digest), "from": from_repository})
-        r = self.request("POST", f"/v2/{repository}/blobs/uploads/?{query}",
-                         scope=f"{self.push_scope(repository)} {self.pull_scope(from_repository)}",
-                         ok=(201, 202), what=what)
-        r.close()
-        if r.status_code == 201:
-            return None
-        return self._location(r, what)
-
-    def start_upload(self, repository: str) -> str:
-        """Open an upload session (``POST /v2/<name>/blobs/uploads/``); returns its URL."""
-        what = f"upload to {repository}"
-        r = self.request("POST", f"/v2/{repository}/blobs/uploads/", scope=self.push_scope(repository),
-                         ok=(202,), what=what)
-        r.close()
-        return self._location(r, what)
-
-    def upload_chunk(self, repository: str, location: str, data: bytes, offset: int) -> str:
-        """``PATCH`` one chunk at *offset* (``Content-Range: start-end``); returns the session's next URL.
-
-        Not retried here: after a failure the whole blob upload starts over."""
-        end = offset + len(data) - 1
-        what = f"upload to {repository} (bytes {offset}-{end})"
-        r = self.request("PATCH", location, scope=self.push_scope(repository), data=data, retries=0,
-                         headers={"Content-Type": "application/octet-stream", "Content-Range": f"{offset}-{end}"},
-                         ok=(202, 204), what=what)
-        r.close()
-        got = r.headers.get("Range")
-        if got:
-            first, _, last = got.removeprefix("bytes=").partition("-")
-            if not (first.strip() == "0" and last.strip().isdigit() and int(last) == end):
-                raise RegistryError(f"{what}: the registry has range {got!r}, expected 0-{end}",
-                                    registry=self.registry)
-        return self._location(r, what) if r.headers.get("Location") else location
-
-    def finish_upload(self, repository: str, location: str, digest: Digest, data: bytes = b"") -> None:
-        """Close an upload session with its last bytes (``PUT <location>?digest=``); the registry verifies the digest."""
-        sep = "&" if urlsplit(location).query else "?"
-        what = f"blob {digest.short}"
-        r = self.request("PUT", f"{location}{sep}{urlencode({'digest': str(digest)})}",
-                         scope=self.push_scope(repository), data=data, retries=0,
-                         headers={"Content-Type": "application/octet-stream"}, ok=(201, 204), what=what)
-        r.close()
-        got = r.headers.get("Docker-Content-Digest")
-        if got and got.strip() != str(digest):
-            raise RegistryError(f"{what}: the registry stored it as {got.strip()}", registry=self.registry)
-
-    def put_manifest(self, repository: str, reference: str, raw: bytes, media_type: str) -> Digest:
-        """``PUT /v2/<name>/manifests/<tag|digest>`` with the exact bytes; returns their digest."""
-        return self.put_manifest_ex(repository, reference, raw, media_type)[0]
-
-    def put_manifest_ex(self, repository: str, reference: str, raw: bytes, media_type: str) -> tuple[Digest, str | None]:
-        """Like :meth:`put_manifest`; also returns the ``OCI-Subject`` header the registry answered with
-        (distribution spec 1.1: set by registries with the referrers API for a manifest with a ``subject``)."""
-        digest = Digest.of(raw)
-        what = f"manifest {repository}:{reference}"
-        r = self.request("PUT", f"/v2/{repository}/manifests/{reference}", scope=self.push_scope(repository),
-                         data=raw, headers={"Content-Type": media_type}, ok=(200, 201, 204), what=what)
-        r.close()
-        got = r.headers.get("Docker-Content-Digest")
-        if got and got.strip() != str(digest):
-            raise ManifestError(f"{what}: the registry stored it as {got.strip()}, expected {digest}",
-                                where=self.registry)
-        subject = r.headers.get("OCI-Subject")
-        return digest, subject.strip() if subject else None
 
     def get_referrers(self, repository: str, digest: Digest, *, artifact_type: str | None = None) -> Index | None:
         """``GET /v2/<name>/referrers/<digest>`` (distribution spec 1.1): the image index listing the
@@ -856,10 +456,8 @@ class RegistryClient:
         try:
             if r.status_code != 200:
                 return None
-            raw = _read_document(r, MAX_MANIFEST_SIZE, timeout=self.options.timeout, what=what,
-                                 registry=self.registry)
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-            raise RegistryUnreachable(f"{what}: connection failed: {exc_line(e)}", registry=self.registry) from None
+            raw = read_document(r, MAX_MANIFEST_SIZE, timeout=self.options.timeout, what=what,
+                                registry=self.registry)
         finally:
             r.close()
         if len(raw) > MAX_MANIFEST_SIZE:
@@ -889,7 +487,6 @@ class ClientPool:
                 client = RegistryClient(registry, self.options)
                 mirrors = self.options.mirrors
                 if mirrors is not None and registry in mirrors.registries():
-                    from layerfs.registry.mirrors import MirroredClient
                     client = MirroredClient(client, mirrors, self._mirror_client)
                 self._clients[registry] = client
             return self._clients[registry]
@@ -899,47 +496,12 @@ class ClientPool:
         key = f"mirror {mirror.host} {mirror.insecure}"
         with self._lock:
             if key not in self._clients:
-                from dataclasses import replace
                 insecure = self.options.insecure_registries + ((mirror.host,) if mirror.insecure else ())
                 self._clients[key] = RegistryClient(mirror.host, replace(
                     self.options, insecure_registries=insecure, max_retries=0, mirrors=None))
             return self._clients[key]
 
 
-def get_document(url: str, *, params: Mapping[str, str | int] | None = None, options: RegistryOptions,
-                 what: str, limit: int = _MAX_ANSWER) -> bytes:
-    """The body of a GET of a small document outside the distribution API (Docker Hub's search):
-    read as it comes, at most *limit* bytes, within twice the timeout; redirects are not followed.
-    Raises :class:`RegistryUnreachable` or :class:`RegistryError` naming the host."""
-    host = urlsplit(url).netloc
-    try:
-        with requests.Session() as session:
-            r = session.get(url, params=params, timeout=options.timeout, headers={"User-Agent": USER_AGENT},
-                            verify=options.ca_bundle or True, allow_redirects=False, stream=True)
-            try:
-                if r.status_code != 200:
-                    raise RegistryError(f"{what} failed: HTTP {r.status_code}", registry=host, status=r.status_code)
-                data = _read_document(r, limit, timeout=options.timeout, what=what, registry=host)
-            finally:
-                r.close()
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-        raise RegistryUnreachable(f"{what} failed: cannot reach {host}: {exc_line(e)}", registry=host) from None
-    if len(data) > limit:
-        raise RegistryError(f"{what} failed: the answer is too large (over {limit} bytes)", registry=host)
-    return data
-
-
 def _other_host(url: str | None, origin: str) -> bool:
     """True when *url* (where a response came from) is on another host than *origin* (what was asked)."""
     return bool(url) and urlsplit(url).netloc != urlsplit(origin).netloc
-
-
-def exc_line(e: BaseException) -> str:
-    """A one-line, human description of a requests/urllib3 exception."""
-    text = str(e)
-    for marker in ("Connection refused", "Name or service not known", "timed out", "Connection reset",
-                   "Temporary failure in name resolution", "No route to host", "certificate verify failed",
-                   "IncompleteRead", "Connection broken", "Remote end closed connection", "Network is unreachable"):
-        if marker in text:
-            return marker.lower() if marker[0].isupper() and marker != "IncompleteRead" else marker
-    return text.split("\n")[0][:200]

@@ -8,7 +8,8 @@ from urllib.parse import urlsplit
 
 from layerfs.errors import ContentError
 from layerfs.image import is_local_registry
-from layerfs.registry.client import RegistryOptions, get_document
+from layerfs.registry.options import RegistryOptions
+from layerfs.registry.transport import get_document
 
 DEFAULT_INDEX = "https://index.docker.io"
 

@@ -206,13 +206,20 @@ class MirroredClient:
             out.append((m, repo))
         return out + [(None, repository)]
 
-    def _each(self, repository: str, what: str, call):
+    def _each(self, repository: str, what: str, call: Callable, *, skip: Callable[[Mirror], bool] | None = None):
+        """``call(client, repository, mirror)`` on each mirror in turn (those *skip* names skipped), then on
+        the upstream (``mirror`` None): the first answer. A mirror that fails (or raises :class:`_Next`)
+        passes to the next source; the upstream's errors are the caller's."""
         cands = self._candidates(repository)
         for i, (m, repo) in enumerate(cands):
             if m is None:
-                return call(self.upstream, repo, False)
+                return call(self.upstream, repo, None)
+            if skip is not None and skip(m):
+                continue
             try:
-                return call(self._mirror_client(m), repo, True)
+                return call(self._mirror_client(m), repo, m)
+            except _Next:
+                continue
             except LayerfsError as e:
                 self._failed(m, e)
                 log.info("mirror %s: %s: %s; trying %s", m.location, what, e.one_line(),
@@ -259,23 +266,7 @@ class MirroredClient:
                             "source", m.location, desc.digest.short)
                 raise _Next(e) from None
 
-        return self._each_range(repository, desc, call, no_range)
-
-    def _each_range(self, repository, desc, call, no_range):
-        for m, repo in self._candidates(repository):
-            if m is None:
-                return call(self.upstream, repo, None)
-            if no_range(m):
-                continue
-            try:
-                return call(self._mirror_client(m), repo, m)
-            except _Next:
-                continue
-            except LayerfsError as e:
-                self._failed(m, e)
-                log.info("mirror %s: blob %s: %s; trying the next source", m.location, desc.digest.short,
-                         e.one_line())
-        raise AssertionError("unreachable")
+        return self._each(repository, f"blob {desc.digest.short}", call, skip=no_range)
 
 
 class _Next(Exception):

@@ -21,7 +21,7 @@ _EXPORTS = {
     "check_diff_id": "pull", "layer_facts_from_blob": "pull",
     "DEFAULT_CHUNK_SIZE": "push", "DEFAULT_CHUNK_THRESHOLD": "push", "PushOptions": "push", "Pusher": "push",
     "push_target": "push",
-    "LoadOptions": "sources", "Source": "sources", "is_source": "sources", "load": "sources",
+    "LoadOptions": "transports", "Source": "transports", "is_source": "transports", "load": "sources",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -37,8 +37,42 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:
-    from layerfs.transfer.estargz import EStargzError, EStargzWriter, FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION, convert_image, footer_bytes, is_estargz, parse_footer, parse_rfc3339_ns, parse_toc_member  # noqa: F401
-    from layerfs.transfer.indexpush import ARTIFACT_TYPE, HEAD_DIGEST_ANNOTATION, HEAD_SIZE_ANNOTATION, INDEX_MEDIA_TYPE, IndexArtifactError, LAYER_ANNOTATION, build_index_blob, find_index, index_blobs, parse_head, push_index, referrers_tag  # noqa: F401
-    from layerfs.transfer.pull import PullOptions, Puller, REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, check_diff_id, layer_facts_from_blob  # noqa: F401
-    from layerfs.transfer.push import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_THRESHOLD, PushOptions, Pusher, push_target  # noqa: F401
-    from layerfs.transfer.sources import LoadOptions, Source, is_source, load  # noqa: F401
+    from layerfs.transfer.estargz import (  # noqa: F401
+        FOOTER_SIZE,
+        TOC_DIGEST_ANNOTATION,
+        TOC_TAR_NAME,
+        UNCOMPRESSED_SIZE_ANNOTATION,
+        EStargzError,
+        EStargzWriter,
+        convert_image,
+        footer_bytes,
+        is_estargz,
+        parse_footer,
+        parse_rfc3339_ns,
+        parse_toc_member,
+    )
+    from layerfs.transfer.indexpush import (  # noqa: F401
+        ARTIFACT_TYPE,
+        HEAD_DIGEST_ANNOTATION,
+        HEAD_SIZE_ANNOTATION,
+        INDEX_MEDIA_TYPE,
+        LAYER_ANNOTATION,
+        IndexArtifactError,
+        build_index_blob,
+        find_index,
+        index_blobs,
+        parse_head,
+        push_index,
+        referrers_tag,
+    )
+    from layerfs.transfer.pull import (  # noqa: F401
+        REPO_DIGEST_ANNOTATION,
+        SOURCE_MANIFEST_ANNOTATION,
+        Puller,
+        PullOptions,
+        check_diff_id,
+        layer_facts_from_blob,
+    )
+    from layerfs.transfer.push import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_THRESHOLD, Pusher, PushOptions, push_target  # noqa: F401
+    from layerfs.transfer.sources import load  # noqa: F401
+    from layerfs.transfer.transports import LoadOptions, Source, is_source  # noqa: F401

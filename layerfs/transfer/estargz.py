@@ -42,8 +42,18 @@ from typing import Callable
 
 from layerfs.errors import ContentError, StoreError
 from layerfs.fs import read_sparse
-from layerfs.image import (OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, Digest, ImageConfig, Manifest,
-    json_bytes, parse_manifest)
+from layerfs.image import (
+    OCI_CONFIG,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    Descriptor,
+    Digest,
+    ImageConfig,
+    Manifest,
+    Reference,
+    json_bytes,
+    parse_manifest,
+)
 from layerfs.index import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, load_or_build, open_layer_reader
 from layerfs.store import Store
 
@@ -358,10 +368,9 @@ def convert_layer(store: Store, desc: Descriptor, *, chunk_size: int = DEFAULT_C
     return ConvertedLayer(out, diff_id, usize)
 
 
-def convert_image(store: Store, src: str, newref: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Manifest:
-    """Convert local image *src* to eStargz layers and tag the result *newref*; returns its manifest."""
-    from layerfs.changes import parse_new_reference
-    ref = parse_new_reference(newref)
+def convert_image(store: Store, src: str, ref: Reference, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Manifest:
+    """Convert local image *src* to eStargz layers and tag the result *ref* (a name to tag, checked by the
+    caller: no digest); returns its manifest."""
     store.init()
     _, manifest = store.resolve(src)
     cfg = store.config(manifest)

@@ -43,10 +43,21 @@ import zstandard
 
 from layerfs.errors import ContentError, LayerfsError, ManifestError, NotFoundError, StoreError, TarError, UsageError
 from layerfs.image import LAYER_COMPRESSION, OCI_EMPTY, OCI_INDEX, OCI_MANIFEST, Descriptor, Digest, Index, Manifest
-from layerfs.index import gzindex
-from layerfs.index import (FILE, HARDLINK, IndexFormatError, LayerIndex, encode_columns, load_or_build,
-    normalize_path, pack_file, unpack_file)
+from layerfs.index import (
+    FILE,
+    HARDLINK,
+    IndexFormatError,
+    LayerIndex,
+    encode_columns,
+    gzindex,
+    load_or_build,
+    normalize_path,
+    pack_file,
+    unpack_file,
+)
 from layerfs.registry import ClientPool, RegistryClient, RegistryOptions
+from layerfs.transfer.estargz import is_estargz
+from layerfs.transfer.pull import SOURCE_MANIFEST_ANNOTATION
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +262,6 @@ class IndexPushResult:
 
 def _subject_manifest(store, rec, m: Manifest) -> Manifest:
     """The image manifest as the registry has it (the original bytes of a Docker schema2 image)."""
-    from layerfs.transfer.pull import SOURCE_MANIFEST_ANNOTATION
     src = (rec.descriptor.annotations or {}).get(SOURCE_MANIFEST_ANNOTATION)
     if src:
         try:
@@ -273,7 +283,6 @@ def _upload(client: RegistryClient, repo: str, data: bytes) -> Digest:
 def push_index(store, ref_text: str, *, span: int = DEFAULT_PUSH_SPAN, registry_options: RegistryOptions | None = None,
                progress: Callable[[str], None] | None = None) -> IndexPushResult:
     """Publish the layer indexes of the local image *ref_text* to its registry (see the module docs)."""
-    from layerfs.transfer.estargz import is_estargz
     say = progress or (lambda _m: None)
     if not 4096 <= span <= MAX_SPAN_BYTES:
         raise UsageError(f"index span {span} out of range", hint="use 4k to 64M")

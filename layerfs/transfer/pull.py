@@ -8,16 +8,16 @@ its size. A download cut short resumes with ``Range`` from what is on disk.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
-import requests
-import urllib3
-
+from layerfs import libc
 from layerfs.errors import (
     ContentError,
     DigestMismatch,
@@ -30,15 +30,28 @@ from layerfs.errors import (
     TarError,
     UnsupportedMediaType,
 )
-from layerfs.image import (CONFIG_TYPES, FOREIGN_LAYER_TYPES, LAYER_COMPRESSION, Descriptor, Digest, ImageConfig,
-    Index, Manifest, Platform, check_named, docker_to_oci, iter_layer_compression)
-from layerfs.image import Reference
-from layerfs.index import CompressedDataError
-from layerfs.index import LayerIndex, LayerIndexer, index_path, max_layer_size
-from layerfs.registry import MAX_MANIFEST_SIZE, ClientPool, RegistryClient, RegistryOptions, exc_line
+from layerfs.image import (
+    CONFIG_TYPES,
+    FOREIGN_LAYER_TYPES,
+    LAYER_COMPRESSION,
+    Descriptor,
+    Digest,
+    ImageConfig,
+    Index,
+    Manifest,
+    Platform,
+    Reference,
+    check_named,
+    docker_to_oci,
+    iter_layer_compression,
+)
+from layerfs.index import CompressedDataError, LayerIndex, LayerIndexer, index_path, load_or_build, max_layer_size
+from layerfs.registry import MAX_MANIFEST_SIZE, ClientPool, RegistryClient, RegistryOptions
 from layerfs.store import Ingest, Store, store_error
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: the most layers an image may have (container engines stop near 128; kernel overlayfs stacks at most 500)
 MAX_LAYERS = 1000
@@ -64,6 +77,19 @@ def no_progress(layer: str, status: str, current: int | None = None, total: int 
     pass
 
 
+def run_all(calls: list[Callable[[], T]], workers: int) -> list[T]:
+    """The results of *calls*, run on up to *workers* threads (the blobs of a pull or a push); every
+    call finishes before the first failure (in the order of *calls*) is raised."""
+    if not calls:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        failures = [e for e in (f.exception() for f in futures) if e is not None]
+    if failures:
+        raise failures[0]
+    return [f.result() for f in futures]
+
+
 @dataclass
 class PullResult:
     reference: Reference
@@ -79,7 +105,6 @@ class PullResult:
 
 def layer_facts_from_blob(store: Store, desc: Descriptor) -> dict:
     """Index a stored layer that has no index yet (one read of the blob) and record its facts."""
-    from layerfs.index import load_or_build
     idx = load_or_build(store, desc)
     info = {"diff_id": str(idx.diff_id), "size": idx.size, "media_type": desc.media_type}
     store.set_layer_info(desc.digest, info)
@@ -101,9 +126,6 @@ def check_diff_id(desc: Descriptor, got: Digest | str | None, want: Digest, *, w
 def _sync_file_range(fd: int, offset: int, length: int) -> None:
     """``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start write-back of a range, do not wait.
     A hint only: where it is missing or fails, the final fsync does all the work."""
-    import ctypes
-
-    from layerfs import libc
     f = libc.function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))
     if f is not None:
         f(fd, offset, length, 2)   # SYNC_FILE_RANGE_WRITE
@@ -120,9 +142,6 @@ def _big_buffers_reused() -> Iterator[None]:
     thresholds let freed buffers be reused; the defaults come back after,
     and the heap is trimmed. At most two malloc arenas serve the pull's threads
     (each thread's own arena kept its own freed buffers: some 20 MB more at peak)."""
-    import ctypes
-
-    from layerfs import libc
     mallopt = libc.function("mallopt", (ctypes.c_int, ctypes.c_int))
     trim = libc.function("malloc_trim", (ctypes.c_size_t,))
     if mallopt is None or trim is None:     # not glibc
@@ -423,17 +442,9 @@ class Puller:
         for i in order[self.options.max_concurrent_downloads:]:
             self.progress(manifest.layers[i].digest.short, "Waiting")
 
-        failures: list[BaseException] = []
-        if todo:
-            with ThreadPoolExecutor(max_workers=max(1, self.options.max_concurrent_downloads)) as pool:
-                futs = [pool.submit(self.download_layer, client, repo, manifest.layers[i], compressions[i],
-                                    diff_ids[i] if diff_ids else None) for i in order]
-                for f in futs:
-                    exc = f.exception()
-                    if exc is not None:
-                        failures.append(exc)
-        if failures:
-            raise failures[0]
+        run_all([functools.partial(self.download_layer, client, repo, manifest.layers[i], compressions[i],
+                                   diff_ids[i] if diff_ids else None) for i in order],
+                self.options.max_concurrent_downloads)
         # layers present from before: make sure their facts are known and consistent
         for i, l in enumerate(manifest.layers):
             info = self.store.layer_info(l.digest)
@@ -485,40 +496,31 @@ class Puller:
     def _transfer(self, client: RegistryClient, repo: str, desc: Descriptor, ing, w: "LayerWriter",
                   diff_id: Digest | None) -> None:
         short = desc.digest.short
-        attempts = 0
-        while True:
+
+        def attempt() -> None:
+            """One GET of the rest of the blob (from what is on disk), into the writer."""
             try:
                 resp = client.open_blob(repo, desc, start=w.offset)
-                if resp.start != w.offset:  # the registry ignored Range: start over
-                    w.start(0)
                 try:
+                    if resp.start != w.offset:  # the registry ignored Range: start over
+                        w.start(0)
                     for chunk in resp.chunks():
                         w.feed(chunk)
                         self.progress(short, "Downloading", w.offset, desc.size)
-                except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-                    if isinstance(e, OSError) and not isinstance(e, (ConnectionError, TimeoutError)) \
-                            and getattr(e, "errno", None) is not None:
-                        raise  # disk errors are not the network's fault
-                    raise RegistryUnreachable(f"blob {short}: connection lost after {w.offset} of {desc.size} "
-                                              f"bytes: {exc_line(e)}", registry=client.registry) from None
                 finally:
                     resp.close()
                 if w.offset < desc.size:
                     raise RegistryUnreachable(f"blob {short}: response ended after {w.offset} of {desc.size} "
                                               f"bytes", registry=client.registry)
-                break
-            except RegistryError as e:
-                if not e.temporary or attempts >= client.options.max_retries:
-                    w.flush()
-                    raise
-                attempts += 1
-                delay = client._backoff(attempts - 1, e.retry_after)
-                log.info("%s; retrying from byte %d in %.1fs", e.message, w.offset, delay)
-                w.flush()
-                threading.Event().wait(delay)
-            except OSError as e:
-                ing.discard()
-                raise store_error(e, f"blob {desc.digest}") from None
+            except RegistryError:
+                w.flush()      # what came is kept: a retry (or the next pull) resumes after it
+                raise
+
+        try:
+            client.retrying(attempt, again=f"resuming blob {short}")
+        except OSError as e:
+            ing.discard()
+            raise store_error(e, f"blob {desc.digest}") from None
         self.progress(short, "Verifying Checksum")
         index = w.commit()
         self.progress(short, "Download complete")

@@ -25,18 +25,16 @@ tagged in the store with the digest the registry knows it by.
 """
 from __future__ import annotations
 
+import functools
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from layerfs.errors import AccessDenied, AuthenticationError, RegistryError, UsageError
-from layerfs.image import FOREIGN_LAYER_TYPES, Descriptor, Digest, Manifest
-from layerfs.image import Reference
+from layerfs.errors import AccessDenied, AuthenticationError, UsageError
+from layerfs.image import FOREIGN_LAYER_TYPES, Descriptor, Digest, Manifest, Reference
 from layerfs.registry import ClientPool, RegistryClient, RegistryOptions
 from layerfs.store import ImageRecord, Store
-from layerfs.transfer.pull import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, no_progress
+from layerfs.transfer.pull import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, no_progress, run_all
 
 log = logging.getLogger(__name__)
 
@@ -151,24 +149,13 @@ class Pusher:
         repo = ref.repository
         sources = self._mount_sources(ref, rec) if self.options.cross_repository_mount else {}
         layers = list(manifest.layers)
-        statuses: dict[str, str] = {}
         for l in reversed(layers):                       # docker lists the top layer first
             self.progress(l.digest.short, PREPARING)
         for l in reversed(layers[: max(0, len(layers) - self.options.max_concurrent_uploads)]):
             self.progress(l.digest.short, WAITING)
-        errors: list[BaseException] = []
-        if layers:
-            with ThreadPoolExecutor(max_workers=self.options.max_concurrent_uploads) as pool:
-                futs = [pool.submit(self._push_blob, client, repo, l, sources.get(l.digest, []), True)
-                        for l in reversed(layers)]
-                for l, f in zip(reversed(layers), futs):
-                    exc = f.exception()
-                    if exc is not None:
-                        errors.append(exc)
-                    else:
-                        statuses[str(l.digest)] = f.result()
-        if errors:
-            raise errors[0]
+        done = run_all([functools.partial(self._push_blob, client, repo, l, sources.get(l.digest, []), True)
+                        for l in reversed(layers)], self.options.max_concurrent_uploads)
+        statuses = {str(l.digest): status for l, status in zip(reversed(layers), done)}
         self._push_blob(client, repo, manifest.config, sources.get(manifest.config.digest, []), False)
         identifier = ref.tag or str(manifest.digest)
         digest = client.put_manifest(repo, identifier, manifest.raw, manifest.media_type)
@@ -188,19 +175,10 @@ class Pusher:
         """One blob, retried on temporary failures; returns its final status."""
         short = desc.digest.short
         report: Callable[..., None] = self.progress if show else (lambda *a, **k: None)
-        attempts = 0
-        while True:
-            try:
-                status = self._push_blob_once(client, repo, desc, sources, report)
-                report(short, status)
-                return status
-            except RegistryError as e:
-                if not e.temporary or attempts >= client.options.max_retries:
-                    raise
-                attempts += 1
-                delay = client._backoff(attempts - 1, e.retry_after)
-                log.info("blob %s: %s; starting its upload again in %.1fs", short, e.message, delay)
-                threading.Event().wait(delay)
+        status = client.retrying(lambda: self._push_blob_once(client, repo, desc, sources, report),
+                                 again=f"starting the upload of blob {short} again")
+        report(short, status)
+        return status
 
     def _push_blob_once(self, client: RegistryClient, repo: str, desc: Descriptor, sources: list[str],
                         report: Callable[..., None]) -> str:

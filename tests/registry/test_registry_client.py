@@ -273,6 +273,44 @@ def test_retry_after_is_honoured_and_bounded(fake):
     assert len(calls) == 4
 
 
+def test_retries_do_not_nest(fake):
+    """An operation run under client.retrying owns the one retry budget: the requests it makes are not
+    retried on their own (max_retries=2: three GETs, not nine); a request on its own has the budget."""
+    calls = []
+
+    def body(h):
+        calls.append(1)
+        return b'{"errors":[{"code":"UNAVAILABLE","message":"busy"}]}'
+    data = b"abc"
+    d = Digest.of(data)
+    fake.routes[f"/v2/r/blobs/{d}"] = (503, {}, body)
+    client = RegistryClient(fake.host, RegistryOptions(max_retries=2, backoff_base=0.01))
+    desc = Descriptor(OCI_LAYER, d, len(data))
+    with pytest.raises(RegistryError) as ei:
+        client.retrying(lambda: client.open_blob("r", desc))
+    assert ei.value.status == 503 and ei.value.temporary and len(calls) == 3
+    calls.clear()
+    with pytest.raises(RegistryError):
+        client.open_blob("r", desc)
+    assert len(calls) == 3
+
+
+def test_blob_body_cut_raises_a_layerfs_error(fake):
+    """A blob body whose connection breaks off is RegistryUnreachable from chunks(), saying how far it got."""
+    d = Digest.of(b"x" * 1000)
+    fake.routes[f"/v2/r/blobs/{d}"] = (200, {"Content-Length": "1000"}, b"x" * 10)
+    client = RegistryClient(fake.host, RegistryOptions(max_retries=0, timeout=5))
+    resp = client.open_blob("r", Descriptor(OCI_LAYER, d, 1000))
+    got = []
+    try:
+        with pytest.raises(RegistryUnreachable, match="connection lost after 10 of 1000 bytes"):
+            for chunk in resp.chunks():
+                got.append(chunk)
+    finally:
+        resp.close()
+    assert b"".join(got) == b"x" * 10
+
+
 def test_read_range_asks_again_when_the_body_breaks_off(registry, fault_proxy, unique_repo, monkeypatch):
     """A Range answer cut in the middle of its body is asked for again (with backoff), up to *retries* times;
     beyond that the read fails with one RegistryUnreachable."""

@@ -24,21 +24,27 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
-from layerfs.cli.main import main
-from layerfs.errors import LayerfsError, UsageError
 from imagebuild import LayerBuilder, build_image, build_index, write_oci_layout
-from layerfs.index import LayerIndex, LayerIndexer, index_path
-from layerfs.image import OCI_LAYER, OCI_LAYER_GZIP, OCI_MANIFEST, Digest, Platform
-from layerfs.transfer import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, Puller
-from layerfs.image import Reference
-from layerfs.transfer import sources
-from layerfs.transfer import LoadOptions, Source, is_source, load
-from layerfs.store import Store
-from layerfs.fs import open_image_tree
 from prereqs import require_binary
 from producers import UMOCI_EXPECTED
 from registryclient import push_image
+
+from layerfs.cli.main import main
+from layerfs.errors import LayerfsError, UsageError
+from layerfs.fs import open_image_tree
+from layerfs.image import OCI_LAYER, OCI_LAYER_GZIP, OCI_MANIFEST, Digest, Platform, Reference
+from layerfs.index import LayerIndex, LayerIndexer, index_path
+from layerfs.store import Store
+from layerfs.transfer import (
+    REPO_DIGEST_ANNOTATION,
+    SOURCE_MANIFEST_ANNOTATION,
+    LoadOptions,
+    Puller,
+    Source,
+    archive,
+    is_source,
+    load,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -265,7 +271,7 @@ def test_load_again_and_shared_layers(produced, image, reference, store):
 
 def test_sequential_archive_rereads_what_it_did_not_keep(produced, image, reference, store, monkeypatch):
     """.tar.gz cannot seek: with nothing kept from the first pass, every read is another pass."""
-    monkeypatch.setattr(sources, "_KEEP_LIMIT", 0)
+    monkeypatch.setattr(archive, "_KEEP_LIMIT", 0)
     load(store, f"{produced}/saved.tar.gz")
     check_imported(store, "example.com/team/demo:3.0", image, reference)
     load(store, f"oci-archive:{produced}/demo.tgz")
@@ -273,9 +279,9 @@ def test_sequential_archive_rereads_what_it_did_not_keep(produced, image, refere
 
 
 def test_archive_scan_keeps_only_small_members(produced):
-    a = sources._Archive(produced / "multi.tar.xz")
+    a = archive.Archive(produced / "multi.tar.xz")
     try:
-        big = [m for m in a.members.values() if m.kind == "file" and m.size > sources._KEEP_LIMIT]
+        big = [m for m in a.members.values() if m.kind == "file" and m.size > archive._KEEP_LIMIT]
         assert big and all(m.name not in a._kept for m in big)
         assert "manifest.json" in a._kept
     finally:
