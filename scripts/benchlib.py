@@ -378,7 +378,7 @@ def proc_cpu_s(pid: int) -> tuple[float, float] | None:
     return int(v[11]) / hz, int(v[12]) / hz
 
 
-_OUTER = ("layerfs/cli.py", "layerfs/mount.py", "serve_overlay (", "serve (layerfs/fusefs.py")
+_OUTER = ("layerfs/cli/", "layerfs/mount/", "serve_overlay (", "serve (layerfs/fuse/readonly.py")
 
 
 def _module_of(frame: str) -> str:

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from layerfs.errors import CredentialsError
 from layerfs.image import DOCKER_HUB
+from layerfs.store import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,6 @@ class CredentialStore:
         return removed
 
     def _save(self, doc: dict) -> None:
-        from layerfs.store import atomic_write
         self.config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(self.path, json.dumps(doc, indent="\t").encode() + b"\n", mode=0o600)
 

@@ -29,7 +29,7 @@ from mounthelpers import force_unmount, is_mounted, mount_lazy_read_only, requir
 from faultproxy import FaultProxy
 from registryclient import push_blob, push_image, push_manifest
 from scripted import Scripted, ScriptedServer
-from test_lazy_faults import DST, FILES, estargz_store  # noqa: F401,F811 (a fixture: an eStargz image in a store)
+from lazyimages import DST, FILES
 from imagebuild import LayerBuilder, build_image
 from layerfs.mount import mounts as layerfs_mounts
 from layerfs.transfer import PushOptions, Pusher

@@ -5,17 +5,16 @@ log must say at most one plain line per fault. Also the LAYERFS_LAZY default of 
 """
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 
+from lazyimages import DST, FILES, SRC
 from mounthelpers import mount_lazy_read_only, require_fuse, started_mounts, track
 from faultproxy import FaultProxy
 from signedurl import SignedURLServer
 from layerfs.registry import Credentials
 from layerfs.cli.main import main
-from imagebuild import LayerBuilder, build_image
 from layerfs.lazy import lazy_status
 from layerfs.mount import mounts as layerfs_mounts
 from layerfs.transfer import PushOptions, Pusher
@@ -25,28 +24,7 @@ from layerfs.store import Store
 
 pytestmark = pytest.mark.timeout(60)
 
-CHUNK = 64 << 10
-SRC = "localhost/faults/src:1"
-DST = "localhost/faults/src:estargz"
 WATCHDOG = 40.0
-FILES = {f"data/f{i}": random.Random(i).randbytes(n) for i, n in enumerate((100, 5000, CHUNK + 7, 3 * CHUNK + 11,
-                                                                             777, 2 * CHUNK))}
-
-
-@pytest.fixture(scope="module")
-def estargz_store(tmp_path_factory):
-    """A store holding an eStargz image (converted with a small chunk size) to push."""
-    root = tmp_path_factory.mktemp("lazy-faults") / "store"
-    st = Store(root).init()
-    a = LayerBuilder().add_dir("etc").add_file("etc/motd", b"hello\n").add_dir("data")
-    for name, data in FILES.items():
-        a.add_file(name, data)
-    img = build_image([a.build(), LayerBuilder().add_file("etc/motd", b"hello again\n").build()])
-    for d, data in img.blobs.items():
-        st.put_blob(data, d)
-    st.tag(str(Reference.parse(SRC)), img.manifest_descriptor)
-    assert main(["--root", str(root), "convert", "--estargz", "--chunk-size", str(CHUNK), SRC, DST]) == 0
-    return st
 
 
 @pytest.fixture(autouse=True)
