@@ -50,7 +50,7 @@ sys.path.insert(0, str(HERE.parent))
 import benchlib as bl  # noqa: E402
 import bench  # noqa: E402
 
-from layerfs.index import gzindex  # noqa: E402
+from layerfs.index import spancache  # noqa: E402
 from layerfs.fs import union  # noqa: E402
 from layerfs.store import Store  # noqa: E402
 
@@ -232,8 +232,8 @@ def main() -> int:
     cpu: dict[tuple[str, int, int | None], list[float]] = {}
     for r in range(args.runs):
         for w, t, a in [(w, t, a) for w in workloads for t in threads for a in aheads]:
-            if a is not None and hasattr(gzindex, "_AHEAD"):
-                gzindex._AHEAD.workers = a
+            if a is not None and hasattr(spancache, "DECODE_AHEAD"):
+                spancache.DECODE_AHEAD.workers = a
             if not args.warm:
                 bl.drop_caches()
             tree = open_tree(store, manifest)

@@ -45,10 +45,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from layerfs import _zran
 from layerfs.errors import ContentError, LayerfsError, ManifestError
 from layerfs.image import LAYER_COMPRESSION, Descriptor, Digest, ImageConfig, Manifest, iter_layer_compression
-from layerfs.index import SpanCache
+from layerfs.index import CompressedDataError, SpanCache, inflate_at
 from layerfs.index import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, SYMLINK_MODE, Entry, LayerIndex,
     layer_too_large, load_or_build, max_layer_size, normalize_path, open_layer_reader)
 from layerfs.registry import RegistryClient
@@ -459,13 +458,13 @@ class LazyGzipLayer:
             raise LazyReadError(f"{self._where(i)}: cannot read the lazy cache: {e.strerror}") from None
         try:
             window = os.pread(fd, sp.wlen, 0) if sp.wlen else None
-            return _zran.read_at(fd, sp.wlen + sp.coffset - sp.cstart, sp.bits, window, 0, sp.uend - sp.ustart)
-        except _zran.Error as e:
+            return inflate_at(fd, sp.wlen + sp.coffset - sp.cstart, sp.bits, window, sp.uend - sp.ustart)
+        except CompressedDataError as e:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             with self._lock:
                 self._verified.discard(i)
-            raise LazyReadError(f"{self._where(i)}: does not inflate ({e}); not kept") from None
+            raise LazyReadError(f"{self._where(i)}: does not inflate ({e.message}); not kept") from None
         finally:
             os.close(fd)
 

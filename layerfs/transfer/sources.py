@@ -85,7 +85,7 @@ from layerfs.image import (FOREIGN_LAYER_TYPES, OCI_CONFIG, OCI_LAYER, OCI_LAYER
     REF_NAME_ANNOTATION, Descriptor, Digest, ImageConfig, Index, Manifest, Platform, docker_to_oci,
     iter_layer_compression, json_bytes, parse_manifest)
 from layerfs.image import LOCAL_TRANSPORTS, Reference, is_local_source
-from layerfs.index import layer_too_large
+from layerfs.index import layer_too_large, sniff_compression
 from layerfs.index import max_layer_size as layer_size_limit
 from layerfs.store import Store
 from layerfs.transfer.pull import (
@@ -238,18 +238,6 @@ class _Member:
     target: str | None = None   # links: the normalised name they point at
 
 
-def _magic(head: bytes) -> str | None:
-    if head[:2] == b"\x1f\x8b":
-        return "gzip"
-    if head[:6] == b"\xfd7zXZ\x00":
-        return "xz"
-    if head[:4] == b"\x28\xb5\x2f\xfd":
-        return "zstd"
-    if head[:3] == b"BZh":
-        return "bzip2"
-    return None
-
-
 def _open_regular(path: Path, what: str) -> BinaryIO:
     """Open a regular file for reading (never blocking on a FIFO, never a device)."""
     try:
@@ -337,7 +325,7 @@ class _Archive:
         self._raw: BinaryIO | None = None
         with _open_regular(path, "archive") as f:
             head = f.read(6)
-        self.compression = _magic(head)
+        self.compression = sniff_compression(head)
         if self.compression == "bzip2":
             raise UnsupportedMediaType("bzip2-compressed archives are not supported", where=self.where,
                                        hint="decompress it first (bunzip2), or use gzip, xz or zstd")
@@ -985,7 +973,7 @@ def _plan_docker(files: _Archive, src: Source, opts: LoadOptions) -> list[_Plan]
         members, descs = [], []
         for j, lp in enumerate(layer_paths):
             m = files.resolve(lp, "layer")
-            comp = _magic(files.head(m))
+            comp = sniff_compression(files.head(m))
             if comp in ("xz", "bzip2"):
                 raise UnsupportedMediaType(f"layer {lp} is {comp}-compressed", where=where,
                                            hint="layerfs stores gzip, zstd or uncompressed layers; "

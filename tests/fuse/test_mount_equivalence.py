@@ -704,7 +704,7 @@ RELINK_CASES = {
 @pytest.mark.parametrize("case", sorted(RELINK_CASES))
 def test_hard_links_to_rewritten_names_match_gnu_tar(case, tmp_path):
     """A hard link names the file its target held when the link was read; writing the target path again
-    replaces the name only (GNU tar, umoci and the kernel reference agree; layerindex._dedupe)."""
+    replaces the name only (GNU tar, umoci and the kernel reference agree; layerfs.index.spool.dedupe)."""
     from layerfs.index import LayerIndexer
     from layerfs.fs import build_tree
     require_binary("tar")

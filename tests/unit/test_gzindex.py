@@ -1,4 +1,4 @@
-"""layerfs.index.gzindex: streaming indexers and random-access readers for gzip,
+"""layerfs.index (seek indexers, seek index, readers, span cache): streaming indexers and random-access readers for gzip,
 zstd and uncompressed layer blobs."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from layerfs import _zran
 
-from layerfs.index import gzindex
+from layerfs.index import compression, indexers, readers, seek, spancache
 from layerfs.errors import ContentError
 from layerfs.index import (BadIndex, Checkpoint, CompressedDataError, GzipIndexer, Indexer, SeekIndex,
     TruncatedStream, ZstdIndexer, build_index, open_reader)
@@ -436,7 +436,7 @@ def indexed(tar_data, tmp_path_factory):
 def test_index_roundtrip_and_version(indexed):
     _, _, idx = indexed
     raw = idx.to_bytes()
-    assert raw[:4] == b"LFZI" and raw[4] == gzindex.INDEX_VERSION
+    assert raw[:4] == b"LFZI" and raw[4] == seek.INDEX_VERSION
     assert SeekIndex.from_bytes(raw) == idx
     assert SeekIndex.from_bytes(memoryview(raw)) == idx
     # compact: the windows dominate, ~20 bytes per checkpoint and 18 per stored block otherwise
@@ -595,14 +595,14 @@ def test_read_at_bad_fd_and_window():
 @given(offset=st.integers(0, 2 * MiB), length=st.integers(0, 400_000), cache=st.sampled_from([0, 200 * KiB, 8 * MiB]))
 def test_random_reads_equal_slices(offset, length, cache, indexed):
     tar_data, path, idx = indexed
-    with gzindex.GzipReader(path, idx, cache_bytes=cache) as r:
+    with readers.GzipReader(path, idx, cache_bytes=cache) as r:
         assert r.read(offset, length) == tar_data[offset:offset + length]
 
 
 def test_cache_serves_small_reads_in_one_span(indexed):
     tar_data, path, idx = indexed
     idx = inflating(idx)
-    with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB) as r:
+    with readers.GzipReader(path, idx, cache_bytes=8 * MiB) as r:
         base = idx.checkpoints[3].uoffset
         for k in range(50):
             off = base + k * 1000
@@ -614,7 +614,7 @@ def test_cache_serves_small_reads_in_one_span(indexed):
 def test_concurrent_reads(indexed):
     tar_data, path, idx = indexed
     errors = []
-    with gzindex.GzipReader(path, idx, cache_bytes=1 * MiB) as r:
+    with readers.GzipReader(path, idx, cache_bytes=1 * MiB) as r:
         def work(seed):
             try:
                 rng = random.Random(seed)
@@ -674,7 +674,7 @@ def test_reads_in_stored_runs_are_not_inflated(indexed):
     tar_data, path, idx = indexed
     runs = [r for r in _runs(idx) if r[1] - r[0] > 3 * KiB]
     assert runs
-    with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB) as r:
+    with readers.GzipReader(path, idx, cache_bytes=8 * MiB) as r:
         rng = random.Random(2)
         for a, b in runs:
             for _ in range(5):
@@ -693,7 +693,7 @@ def test_stored_blocks_that_do_not_fit_raise(indexed):
     a, b = max(_runs(idx), key=lambda r: r[1] - r[0])
     for shift in (1, -1, 5):
         bad = dataclasses.replace(idx, stored=tuple((u, c + shift, n) for u, c, n in idx.stored))
-        with gzindex.GzipReader(path, bad) as r:
+        with readers.GzipReader(path, bad) as r:
             with pytest.raises(CompressedDataError):
                 r.read(a, b - a)
     fd = os.open(path, os.O_RDONLY)
@@ -721,10 +721,10 @@ def _wait_for(cond, timeout: float = 10.0) -> bool:
 def test_decode_ahead_inflates_the_next_spans(indexed, monkeypatch):
     tar_data, path, idx = indexed
     idx = inflating(idx)
-    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 100 * KiB)
+    monkeypatch.setattr(readers, "_SEQ_TRIGGER", 100 * KiB)
     starts = [cp.uoffset for cp in idx.checkpoints] + [idx.uncompressed_size]
     assert len(starts) > 8
-    with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=3) as r:
+    with readers.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=3) as r:
         pos = 0
         while pos < starts[3] + 1000:           # sequential reads into span 3
             assert r.read(pos, 16 * KiB) == tar_data[pos:pos + 16 * KiB]
@@ -743,9 +743,9 @@ def test_decode_ahead_inflates_the_next_spans(indexed, monkeypatch):
 def test_no_decode_ahead_for_scattered_reads(indexed, monkeypatch):
     tar_data, path, idx = indexed
     idx = inflating(idx)
-    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 100 * KiB)
+    monkeypatch.setattr(readers, "_SEQ_TRIGGER", 100 * KiB)
     starts = [cp.uoffset for cp in idx.checkpoints]
-    with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=3) as r:
+    with readers.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=3) as r:
         for k in (1, 7, 3, 9, 5):
             off = starts[k] + 10
             assert r.read(off, 60 * KiB) == tar_data[off:off + 60 * KiB]
@@ -756,13 +756,13 @@ def test_no_decode_ahead_for_scattered_reads(indexed, monkeypatch):
 def test_decode_ahead_off(indexed, monkeypatch):
     tar_data, path, idx = indexed
     idx = inflating(idx)
-    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 100 * KiB)
-    with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=0) as r:
+    monkeypatch.setattr(readers, "_SEQ_TRIGGER", 100 * KiB)
+    with readers.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=0) as r:
         assert r.read(0, len(tar_data) // 2) == tar_data[:len(tar_data) // 2]
         time.sleep(0.1)
         assert len(r._cache._items) == r.cache_stats[1]
     # a cache too small for the spans ahead switches it off too
-    with gzindex.GzipReader(path, idx, cache_bytes=4 * SPAN, ahead=3) as r:
+    with readers.GzipReader(path, idx, cache_bytes=4 * SPAN, ahead=3) as r:
         assert r._ahead == 0
 
 
@@ -770,9 +770,9 @@ def test_close_during_decode_ahead(indexed, monkeypatch):
     """close() waits for running decode-ahead (it uses the fd) and drops queued work."""
     tar_data, path, idx = indexed
     idx = inflating(idx)
-    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 1)
+    monkeypatch.setattr(readers, "_SEQ_TRIGGER", 1)
     for n in range(30):
-        r = gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=4)
+        r = readers.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=4)
         for pos in range(0, 3 * SPAN, 32 * KiB):
             assert r.read(pos, 32 * KiB) == tar_data[pos:pos + 32 * KiB]
         r.close()
@@ -786,9 +786,9 @@ def test_concurrent_sequential_readers_with_decode_ahead(indexed, monkeypatch):
     reused span buffers hold bytes of other spans before they are refilled)."""
     tar_data, path, idx = indexed
     idx = inflating(idx)
-    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 64 * KiB)
+    monkeypatch.setattr(readers, "_SEQ_TRIGGER", 64 * KiB)
     errors = []
-    with gzindex.GzipReader(path, idx, cache_bytes=6 * SPAN, ahead=3) as r:
+    with readers.GzipReader(path, idx, cache_bytes=6 * SPAN, ahead=3) as r:
         def work(step):
             try:
                 for pos in range(0, len(tar_data), step):
@@ -926,7 +926,7 @@ def test_zstd_index_and_read(kind, tar_data, tmp_path):
         blob = run_tool([require_binary("zstd"), "-q", "-3", "-c"], tar_data)
     else:
         blob = zstd_makers(tar_data)[kind]
-    ix = gzindex.make_indexer("zstd", SPAN)
+    ix = indexers.make_indexer("zstd", SPAN)
     assert isinstance(ix, ZstdIndexer)
     assert feed_all(ix, blob) == tar_data
     idx = ix.index
@@ -1029,7 +1029,7 @@ def test_zstd_reader_on_truncated_blob_with_lying_index(tar_data, tmp_path):
 # --- uncompressed and common interface ----------------------------------------------------
 
 def test_plain(tar_data, tmp_path):
-    ix = gzindex.make_indexer(None)
+    ix = indexers.make_indexer(None)
     assert feed_all(ix, tar_data) == tar_data
     assert ix.checkpoints == []
     path = write(tmp_path, "layer.tar", tar_data)
@@ -1043,32 +1043,32 @@ def test_plain(tar_data, tmp_path):
 
 def test_indexer_protocol_and_names():
     for comp in ("gzip", "zstd", None):
-        ix = gzindex.make_indexer(comp)
+        ix = indexers.make_indexer(comp)
         assert isinstance(ix, Indexer)
         assert ix.compression == comp
         with pytest.raises(RuntimeError):
             ix.to_bytes()  # only after finish()
-    assert gzindex.normalize_compression("GZIP") == "gzip"
-    assert gzindex.normalize_compression("zst") == "zstd"
-    assert gzindex.normalize_compression("identity") is None
+    assert compression.normalize_compression("GZIP") == "gzip"
+    assert compression.normalize_compression("zst") == "zstd"
+    assert compression.normalize_compression("identity") is None
     with pytest.raises(ValueError):
-        gzindex.normalize_compression("bzip2")
-    assert gzindex.detect_compression(gzip.compress(b"x")) == "gzip"
-    assert gzindex.detect_compression(zstandard.ZstdCompressor().compress(b"x")) == "zstd"
-    assert gzindex.detect_compression(b"ustar") is None
+        compression.normalize_compression("bzip2")
+    assert compression.detect_compression(gzip.compress(b"x")) == "gzip"
+    assert compression.detect_compression(zstandard.ZstdCompressor().compress(b"x")) == "zstd"
+    assert compression.detect_compression(b"ustar") is None
     with pytest.raises(ValueError):
         GzipIndexer(0)
 
 
 def test_build_index_from_file(indexed):
     tar_data, path, idx = indexed
-    assert gzindex.build_index(path, "gzip", SPAN) == idx
+    assert indexers.build_index(path, "gzip", SPAN) == idx
 
 
 def test_shared_span_cache(indexed, zstd_blob):
     tar_data, gz_path, idx = indexed
     data_z, z_path, z_raw = zstd_blob
-    cache = gzindex.SpanCache(1 * MiB)
+    cache = spancache.SpanCache(1 * MiB)
     r1 = open_reader(gz_path, "gzip", idx.to_bytes(), cache=cache)
     r2 = open_reader(z_path, "zstd", z_raw, cache=cache)
     r3 = open_reader(gz_path, "gzip", idx.to_bytes(), cache=cache)
