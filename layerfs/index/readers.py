@@ -54,7 +54,7 @@ from layerfs.index.compression import (
 )
 from layerfs.index.indexers import PathOrFd, build_index, open_fd
 from layerfs.index.seek import DEFAULT_SPAN, BadIndex, SeekIndex
-from layerfs.index.spancache import DECODE_AHEAD, DEFAULT_CACHE_BYTES, GzipSpan, SpanCache
+from layerfs.index.spancache import DECODE_AHEAD, DEFAULT_CACHE_BYTES, GzipSpan, SpanCache, ZstdPiece
 
 __all__ = ["BlobReader", "GzipReader", "ZstdReader", "PlainReader", "open_reader"]
 
@@ -137,7 +137,7 @@ class _SpannedReader(BlobReader):
         """(cache key, span start, span end) of the span holding offset."""
         raise NotImplementedError
 
-    def new_entry(self, key: object, start: int, size: int):
+    def _new_entry(self, key: object, start: int, size: int):
         raise NotImplementedError
 
     def _decode(self, key: object, start: int, skip: int, length: int) -> bytes:
@@ -168,7 +168,7 @@ class _SpannedReader(BlobReader):
             stop = min(end, s1)
             if s1 - s0 <= cache_limit:
                 ckey = (self._token, key)
-                entry = self._cache.entry(ckey, lambda: self.new_entry(key, s0, s1 - s0))
+                entry = self._cache.entry(ckey, lambda: self._new_entry(key, s0, s1 - s0))
                 try:
                     parts.append(entry.get(offset - s0, stop - s0))
                 except BaseException:
@@ -235,8 +235,8 @@ class GzipReader(_SpannedReader):
         end = self._starts[i + 1] if i + 1 < len(self._starts) else self.size
         return i, self._starts[i], end
 
-    def new_entry(self, key, start: int, size: int) -> GzipSpan:
-        return GzipSpan(self._fd, self._cps[key], size)
+    def _new_entry(self, key, start: int, size: int) -> GzipSpan:
+        return GzipSpan(self._cache.file, self._fd, self._cps[key], size)
 
     def _decode(self, key, start: int, skip: int, length: int) -> bytes:
         cp = self._cps[key]
@@ -308,7 +308,7 @@ class GzipReader(_SpannedReader):
         try:
             s0 = self._starts[k]
             s1 = self._starts[k + 1] if k + 1 < len(self._starts) else self.size
-            entry = self._cache.entry((self._token, k), lambda: self.new_entry(k, s0, s1 - s0), count=False)
+            entry = self._cache.entry((self._token, k), lambda: self._new_entry(k, s0, s1 - s0), count=False)
             entry.fill(entry.nbytes, 0, _AHEAD_STEP, wait=False)
         finally:
             with self._ahead_cond:
@@ -349,27 +349,6 @@ class _ZstdCursor:
         self.reader = reader
 
 
-class _ZstdPiece:
-    __slots__ = ("produce", "data", "lock", "nbytes")
-
-    def __init__(self, produce, size: int) -> None:
-        self.produce = produce
-        self.data: bytes | None = None
-        self.nbytes = size
-        self.lock = threading.Lock()
-
-    def ready(self, b: int) -> bool:
-        return self.data is not None
-
-    def get(self, a: int, b: int) -> bytes:
-        if self.data is None:
-            with self.lock:
-                if self.data is None:
-                    self.data = self.produce()
-                    self.produce = None
-        return self.data[a:b]
-
-
 class ZstdReader(_SpannedReader):
     """Random access into a zstd blob.  Checkpoints are frame starts; inside
     a frame the reader decompresses from the frame start -- or from an open
@@ -398,8 +377,8 @@ class ZstdReader(_SpannedReader):
         s0 = seg_start + k * self._piece
         return (i, k), s0, min(seg_end, s0 + self._piece)
 
-    def new_entry(self, key, start: int, size: int) -> _ZstdPiece:
-        return _ZstdPiece(lambda: self._decode(key, start, 0, size), size)
+    def _new_entry(self, key, start: int, size: int) -> ZstdPiece:
+        return ZstdPiece(self._cache.file, lambda: self._decode(key, start, 0, size), size)
 
     def _take_cursor(self, seg: int, upos: int) -> _ZstdCursor:
         with self._cursor_lock:

@@ -2,17 +2,31 @@
 
 :class:`SpanCache` is a thread-safe LRU of decompressed spans bounded by the
 bytes they hold; one cache may be shared by many readers (the layers of a
-mount), so its bound holds for all of them.  A gzip span (:class:`GzipSpan`)
-is filled front to back by a resumable decoder: the first read in a span
-decompresses from its checkpoint only up to the end of that read (plus
-256 KiB read-ahead), later reads in the span are served from what is there
-or continue where decompression stopped -- many small files in one span
-cost one decompression.  :data:`DECODE_AHEAD` is the pool of worker threads
-that inflate the spans a sequential reader will want next.
+mount), so its bound holds for all of them.  The inflated bytes do not live
+in the process's memory but in the cache's span file (:class:`SpanFile`, an
+unlinked temporary file, written with ``pwrite`` and read with ``pread``):
+its pages are in the kernel's page cache, which the kernel reclaims under
+pressure, and only the bookkeeping is in Python.  The file holds at most
+about ``max_bytes`` (plus the spans that readers are still reading right
+then) and goes away with the cache.
+
+A gzip span (:class:`GzipSpan`) is filled front to back by a resumable
+decoder: the first read in a span decompresses from its checkpoint only up
+to the end of that read (plus 256 KiB read-ahead), later reads in the span
+are served from what is there or continue where decompression stopped --
+many small files in one span cost one decompression.  A zstd piece
+(:class:`ZstdPiece`) is decompressed whole on its first read.
+:data:`DECODE_AHEAD` is the pool of worker threads that inflate the spans a
+sequential reader will want next.
 """
 from __future__ import annotations
 
+import array
+import contextlib
+import errno
+import heapq
 import os
+import tempfile
 import threading
 import weakref
 from collections import OrderedDict, deque
@@ -21,14 +35,140 @@ from layerfs import _zran
 from layerfs.index.compression import wrap_zran_error
 from layerfs.index.seek import Checkpoint
 
-__all__ = ["DEFAULT_CACHE_BYTES", "SpanCache", "GzipSpan", "DECODE_AHEAD"]
+__all__ = ["DEFAULT_CACHE_BYTES", "SpanCache", "SpanFile", "GzipSpan", "ZstdPiece", "DECODE_AHEAD"]
 
 KiB = 1024
 MiB = 1024 * KiB
 
 DEFAULT_CACHE_BYTES = 32 * MiB
+_READAHEAD = 256 * KiB      # a read that must inflate goes this far past its end
+_PIECE = 256 * KiB          # inflated through a per-thread buffer of this size into the span file
 
 
+class SpanFile:
+    """The file that holds the inflated spans of a :class:`SpanCache`, in blocks of :data:`BLOCK`
+    bytes: a span takes the blocks it needs (:meth:`allocate`; the lowest free ones, so they are
+    mostly consecutive) and gives them back when it goes (:meth:`release`); bytes are moved with
+    ``pwrite``/``pread`` (:meth:`write`, :meth:`read`; a run of consecutive blocks is one call).
+    Blocks do not fragment: the file never grows beyond the most blocks in use at once, and it is
+    cut to nothing whenever no span holds any.
+
+    Made on first use, unlinked from the start (``O_TMPFILE`` in *directory*, else a temporary file
+    removed at once; a directory that cannot take one falls back to the system's temporary directory,
+    then to an anonymous memory file)."""
+
+    BLOCK = 64 * KiB
+
+    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+        self.directory = directory
+        self._fd = -1
+        self._blocks = 0                    # the file's length in blocks
+        self._free: list[int] = []          # heap of the free blocks below _blocks
+        self._used = 0
+        self._lock = threading.RLock()      # release() runs from __del__, wherever a span is dropped
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        """Bytes of the file (held by spans, or free for the next ones)."""
+        return self._blocks * self.BLOCK
+
+    @property
+    def fileno(self) -> int:
+        """The file's descriptor (-1 before first use and after :meth:`close`)."""
+        return self._fd
+
+    def _open(self) -> int:
+        places = [self.directory] if self.directory is not None else []
+        places.append(tempfile.gettempdir())
+        for place in places:
+            with contextlib.suppress(OSError):
+                return os.open(place, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            with contextlib.suppress(OSError):
+                fd, path = tempfile.mkstemp(prefix=".spans-", dir=place)
+                os.unlink(path)
+                return fd
+        return os.memfd_create("layerfs-spans", os.MFD_CLOEXEC)
+
+    def allocate(self, size: int) -> array.array:
+        """The blocks (numbers, in order) that will hold a span of *size* bytes."""
+        n = max(1, -(-size // self.BLOCK))
+        with self._lock:
+            if self._closed:
+                raise ValueError("span file closed")
+            if self._fd < 0:
+                self._fd = self._open()
+            free = self._free
+            take = min(n, len(free))
+            blocks = array.array("I", sorted(heapq.heappop(free) for _ in range(take)))
+            if take < n:
+                blocks.extend(range(self._blocks, self._blocks + n - take))
+                self._blocks += n - take
+            self._used += n
+            return blocks
+
+    def release(self, blocks: array.array) -> None:
+        """Give a span's blocks back (the span is gone)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._used -= len(blocks)
+            if self._used == 0:                 # nothing held: cut the file to nothing
+                self._free = []
+                self._blocks = 0
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, 0)
+                return
+            for b in blocks:
+                heapq.heappush(self._free, b)
+
+    def _runs(self, blocks: array.array, a: int, b: int):
+        """(file offset, length) of the runs of consecutive blocks that hold bytes [a, b) of a span."""
+        bs = self.BLOCK
+        i, last = a // bs, (b - 1) // bs
+        while i <= last:
+            j = i
+            while j < last and blocks[j + 1] == blocks[j] + 1:
+                j += 1
+            start = max(a, i * bs)
+            end = min(b, (j + 1) * bs)
+            yield blocks[i] * bs + start - i * bs, end - start
+            i = j + 1
+
+    def write(self, blocks: array.array, pos: int, data) -> None:
+        """Write *data* at byte *pos* of the span in *blocks*."""
+        view = memoryview(data)
+        done = 0
+        for off, n in self._runs(blocks, pos, pos + len(view)):
+            while n:
+                k = os.pwrite(self._fd, view[done:done + n], off)
+                done += k
+                off += k
+                n -= k
+
+    def read(self, blocks: array.array, a: int, b: int) -> bytes:
+        """Bytes [a, b) of the span in *blocks*."""
+        if a >= b:
+            return b""
+        parts = []
+        for off, n in self._runs(blocks, a, b):
+            while n:
+                data = os.pread(self._fd, n, off)
+                if not data:
+                    raise OSError(errno.EIO, "span file shorter than its spans")
+                parts.append(data)
+                off += len(data)
+                n -= len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            fd, self._fd = self._fd, -1
+            self._free = []
+            self._blocks = 0
+        if fd >= 0:
+            os.close(fd)
 
 
 class SpanCache:
@@ -36,15 +176,28 @@ class SpanCache:
 
     Each reader makes its own unless one is passed in: several readers (the
     layers of a mount) may share one, so the bound holds for all of them.
-    Keys are namespaced per reader; a reader's spans leave on its close()."""
+    Keys are namespaced per reader; a reader's spans leave on its close().
+    Entries that store their bytes in :attr:`file` (gzip spans, zstd pieces)
+    keep no inflated data in memory.  *directory* is where the span file is
+    made (see :class:`SpanFile`; :meth:`place` sets it later)."""
 
-    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, *, directory: str | os.PathLike | None = None) -> None:
         self.max_bytes = max(0, int(max_bytes))
         self._items: OrderedDict[object, object] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.file = SpanFile(directory)
+        weakref.finalize(self, self.file.close)
+
+    def place(self, directory: str | os.PathLike) -> None:
+        """Make the span file in *directory* (e.g. the store's), unless a directory is set already
+        or the file exists."""
+        f = self.file
+        with f._lock:
+            if f.directory is None and f.fileno < 0:
+                f.directory = directory
 
     @property
     def nbytes(self) -> int:
@@ -86,57 +239,37 @@ class SpanCache:
                 self._bytes -= self._items.pop(k).nbytes
 
 
-_READAHEAD = 256 * KiB      # a read that must inflate goes this far past its end
+class _Scratch(threading.local):
+    """Per thread: the buffer spans are inflated into before they go to the span file."""
+
+    buf: bytearray | None = None
+
+    def get(self) -> bytearray:
+        if self.buf is None:
+            self.buf = _zran.empty_bytearray(_PIECE)
+        return self.buf
 
 
-class _BufferPool:
-    """Span buffers of spans that left the cache, for the next spans to fill:
-    memory that is already mapped and faulted in (a new 4 MiB buffer costs
-    a thousand page faults and the zeroing of every page).  Holds at most
-    ``max_items`` buffers."""
-
-    def __init__(self, max_items: int = 4) -> None:
-        self.max_items = max_items
-        self._bufs: list[bytearray] = []
-        self._lock = threading.RLock()     # give() runs from __del__, wherever a span is dropped
-
-    def take(self, size: int) -> bytearray:
-        """A buffer of at least *size* bytes (at most a quarter more), contents undefined."""
-        with self._lock:
-            best = -1
-            for i, b in enumerate(self._bufs):
-                if size <= len(b) <= size + size // 4 and (best < 0 or len(b) < len(self._bufs[best])):
-                    best = i
-            if best >= 0:
-                return self._bufs.pop(best)
-        # sizes rounded up to 64 KiB, so that spans of about the same size share buffers
-        return _zran.empty_bytearray(-(-size // (64 * KiB)) * (64 * KiB))
-
-    def give(self, buf: bytearray) -> None:
-        with self._lock:
-            self._bufs.append(buf)
-            if len(self._bufs) > self.max_items:
-                del self._bufs[0]
-
-
-_BUFFERS = _BufferPool()
+_SCRATCH = _Scratch()
 
 
 class GzipSpan:
-    """One cached gzip span: a buffer of the span's size filled front to
-    back by a resumable decoder, so a read costs decompression only up to
-    its end and reads further on continue from there.
+    """One cached gzip span: blocks of the span file for the span's size,
+    filled front to back by a resumable decoder, so a read costs
+    decompression only up to its end and reads further on continue from there.
 
     One thread at a time inflates (``busy``), without holding the lock, so
-    the bytes already there stay readable meanwhile; a read that needs more
-    waits for it (decode-ahead fills a span in steps, and publishes each)
-    or, when nobody is inflating, inflates itself."""
+    the bytes already there stay readable meanwhile; it publishes each piece
+    it writes (``filled``).  A read that needs more waits for it
+    (decode-ahead fills a span in steps) or, when nobody is inflating,
+    inflates itself."""
 
-    __slots__ = ("buf", "filled", "decoder", "cond", "nbytes", "busy")
+    __slots__ = ("file", "blocks", "filled", "decoder", "cond", "nbytes", "busy")
 
-    def __init__(self, fd: int, cp: Checkpoint, size: int) -> None:
-        self.buf = _BUFFERS.take(size)      # may be longer than the span: only nbytes are used
+    def __init__(self, file: SpanFile, fd: int, cp: Checkpoint, size: int) -> None:
+        self.file = file
         self.nbytes = size
+        self.blocks = None          # allocated when the first bytes are written (after the cache made room)
         self.filled = 0
         self.decoder = _zran.Decoder(fd, cp.coffset, cp.bits, cp.window)
         self.cond = threading.Condition(threading.Lock())
@@ -159,20 +292,31 @@ class GzipSpan:
                 if step is not None:
                     target = min(target, start + step)
                 self.busy = True
-                ok = False
                 cond.release()
                 try:
-                    with memoryview(self.buf) as mv:
-                        self.decoder.readinto(mv[start:target])
-                    ok = True
+                    self._inflate(start, target)
                 finally:
                     cond.acquire()
                     self.busy = False
-                    if ok:
-                        self.filled = target
-                        if target == self.nbytes:
-                            self.decoder = None
                     cond.notify_all()
+
+    def _inflate(self, pos: int, target: int) -> None:
+        """Inflate [pos, target) into the file, piece by piece, publishing each (called while ``busy``)."""
+        if self.blocks is None:
+            self.blocks = self.file.allocate(self.nbytes)
+        buf = _SCRATCH.get()
+        with memoryview(buf) as mv:
+            while pos < target:
+                n = min(len(buf), target - pos)
+                piece = mv[:n]
+                self.decoder.readinto(piece)
+                self.file.write(self.blocks, pos, piece)
+                pos += n
+                with self.cond:
+                    self.filled = pos
+                    if pos == self.nbytes:
+                        self.decoder = None
+                    self.cond.notify_all()
 
     def get(self, a: int, b: int) -> bytes:
         if b > self.filled:
@@ -180,8 +324,7 @@ class GzipSpan:
                 self.fill(b, _READAHEAD)
             except _zran.Error as exc:
                 raise wrap_zran_error(exc) from None
-        with memoryview(self.buf) as mv:
-            return bytes(mv[a:b])
+        return self.file.read(self.blocks, a, b)
 
     def ready(self, b: int) -> bool:
         """True when bytes up to *b* are decoded: get() will not block on I/O or inflation."""
@@ -189,10 +332,48 @@ class GzipSpan:
 
     def __del__(self) -> None:
         # nobody holds the span any more (not the cache, no reader, no inflating thread)
-        try:
-            _BUFFERS.give(self.buf)
-        except Exception:   # noqa: BLE001 - interpreter shutdown
-            pass
+        if self.blocks is not None:
+            try:
+                self.file.release(self.blocks)
+            except Exception:   # noqa: BLE001 - interpreter shutdown
+                pass
+
+
+class ZstdPiece:
+    """One cached piece of a zstd blob: decompressed whole by *produce()* on its first read, kept in
+    blocks of the span file."""
+
+    __slots__ = ("file", "blocks", "produce", "done", "lock", "nbytes")
+
+    def __init__(self, file: SpanFile, produce, size: int) -> None:
+        self.file = file
+        self.produce = produce
+        self.done = False
+        self.nbytes = size
+        self.blocks = None
+        self.lock = threading.Lock()
+
+    def ready(self, b: int) -> bool:
+        return self.done
+
+    def get(self, a: int, b: int) -> bytes:
+        if not self.done:
+            with self.lock:
+                if not self.done:
+                    data = self.produce()
+                    self.blocks = self.file.allocate(self.nbytes)
+                    self.file.write(self.blocks, 0, data)
+                    self.produce = None
+                    self.done = True
+                    return data[a:b]
+        return self.file.read(self.blocks, a, b)
+
+    def __del__(self) -> None:
+        if self.blocks is not None:
+            try:
+                self.file.release(self.blocks)
+            except Exception:   # noqa: BLE001 - interpreter shutdown
+                pass
 
 
 class _DecodeAhead:

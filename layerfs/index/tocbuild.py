@@ -364,10 +364,15 @@ def open_layer_reader(store: Store, desc: Descriptor, index: LayerIndex, *,
                       cache: SpanCache | None = None) -> BlobReader:
     """Thread-safe random reads of the layer's uncompressed tar stream
     (``read(offset, length)``); *cache_bytes* bounds its cache of decompressed spans,
-    or *cache* is one shared with other readers (the layers of an image)."""
+    or *cache* is one shared with other readers (the layers of an image). The cache's
+    span file goes to the store's ``ingest/`` (disk, not memory) unless it is placed already."""
+    spans_dir = store.root / "ingest"
+    if cache is None:
+        cache = SpanCache(cache_bytes, directory=spans_dir)
+    else:
+        cache.place(spans_dir)
     try:
-        return open_reader(store.blob_path(desc.digest), index.compression, index.checkpoints,
-                                   cache_bytes=cache_bytes, cache=cache)
+        return open_reader(store.blob_path(desc.digest), index.compression, index.checkpoints, cache=cache)
     except FileNotFoundError:
         raise StoreError(f"blob {desc.digest} is missing from the store", where=str(store.root),
                          hint="pull the image again") from None

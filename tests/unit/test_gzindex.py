@@ -1100,3 +1100,142 @@ def test_read_cached_never_decodes(comp, tar_data, tmp_path):
         assert r.read_cached(1200, 100) == tar_data[1200:1300]
         assert r.read_cached(len(tar_data) - 10, 10) in (None, tar_data[-10:])   # decoded ahead, or not
         assert r.cache_stats[1] == misses + 1              # read_cached created no entries
+
+
+# --- the span file -----------------------------------------------------------------------
+
+def _fd_target(fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+def test_span_file_is_bounded_and_cleaned_up(indexed, zstd_blob, tmp_path):
+    """Inflated spans live in an unlinked file in the given directory, which never holds much more than
+    the cache's bound, shrinks to nothing when the readers close, and is closed with the cache."""
+    tar_data, gz_path, idx = indexed
+    data_z, z_path, z_raw = zstd_blob
+    spans_dir = tmp_path / "spans"
+    spans_dir.mkdir()
+    bound = 6 * SPAN
+    cache = spancache.SpanCache(bound, directory=spans_dir)
+    gz = readers.GzipReader(gz_path, inflating(idx), cache=cache, ahead=0)
+    zs = open_reader(z_path, "zstd", z_raw, cache=cache)
+    rng = random.Random(11)
+    biggest = 0
+    for _ in range(300):
+        r, data = rng.choice([(gz, tar_data), (zs, data_z)])
+        off = rng.randrange(len(data))
+        n = rng.choice([100, 5000, 70 * KiB])
+        assert r.read(off, n) == data[off:off + n]
+        assert cache.nbytes <= bound
+        biggest = max(biggest, cache.file.size)
+    # what the cache holds (at most one span per SPAN bytes), each span in whole blocks
+    assert 0 < biggest <= bound + (bound // SPAN + 1) * spancache.SpanFile.BLOCK
+    fd = cache.file.fileno
+    target = _fd_target(fd)
+    assert target is not None and target.startswith(str(spans_dir)) and target.endswith("(deleted)")
+    assert list(spans_dir.iterdir()) == []              # never visible in the directory
+    assert os.fstat(fd).st_size <= biggest
+    gz.close()
+    zs.close()
+    assert cache.nbytes == 0
+    assert cache.file.size == 0 and os.fstat(fd).st_size == 0      # all extents given back: cut to nothing
+    del cache, gz, zs, r
+    import gc
+    gc.collect()
+    assert _fd_target(fd) is None or not _fd_target(fd).startswith(str(spans_dir))
+
+
+def test_span_file_keeps_no_inflated_bytes_in_memory(indexed, tmp_path):
+    """A cached gzip span is an extent of the span file, not a buffer in the process."""
+    tar_data, path, idx = indexed
+    cache = spancache.SpanCache(8 * MiB, directory=tmp_path)
+    with readers.GzipReader(path, inflating(idx), cache=cache, ahead=0) as r:
+        base = idx.checkpoints[2].uoffset
+        assert r.read(base, 1000) == tar_data[base:base + 1000]
+        (entry,) = cache._items.values()
+        assert isinstance(entry, spancache.GzipSpan)
+        assert not any(isinstance(getattr(entry, s), (bytes, bytearray)) for s in entry.__slots__)
+        first = entry.blocks[0] * cache.file.BLOCK
+        assert os.pread(cache.file.fileno, 1000, first) == tar_data[base:base + 1000]
+
+
+def test_span_file_in_a_directory_that_cannot_take_it(indexed, tmp_path):
+    """A directory that is missing (or read-only) does not stop reads: the file goes elsewhere."""
+    tar_data, path, idx = indexed
+    cache = spancache.SpanCache(8 * MiB, directory=tmp_path / "missing")
+    with readers.GzipReader(path, inflating(idx), cache=cache) as r:
+        assert r.read(100_000, 300_000) == tar_data[100_000:400_000]
+    assert cache.file.fileno >= 0
+
+
+def test_span_file_blocks_are_reused_and_the_file_cut_back():
+    f = spancache.SpanFile()
+    B = f.BLOCK
+    try:
+        a = f.allocate(2 * B - 1)
+        b = f.allocate(1)
+        c = f.allocate(3 * B)
+        assert (list(a), list(b), list(c)) == ([0, 1], [2], [3, 4, 5])
+        f.write(c, B - 3, b"0123456789")                 # across a block boundary
+        assert f.read(c, B - 3, B + 7) == b"0123456789"
+        f.release(a)
+        f.release(b)
+        d = f.allocate(2 * B + 5)                        # the lowest free blocks, in order
+        assert list(d) == [0, 1, 2] and f.size == 6 * B
+        f.write(d, 0, bytes(range(256)) * (3 * B // 256))
+        assert f.read(d, 2 * B - 10, 2 * B + 10) == (bytes(range(256)) * (3 * B // 256))[2 * B - 10:2 * B + 10]
+        f.release(c)
+        f.release(d)                                     # nothing held: the file is cut to nothing
+        assert f.size == 0 and os.fstat(f.fileno).st_size == 0
+        assert list(f.allocate(B)) == [0]
+    finally:
+        f.close()
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_readers_share_a_small_span_file(indexed, zstd_blob, monkeypatch, tmp_path):
+    """Threads reading two blobs at random and in sequence (decode-ahead on) through one cache that
+    holds only a few spans -- extents of the span file freed and reused all the time -- get the right
+    bytes, and the file stays bounded."""
+    tar_data, gz_path, idx = indexed
+    data_z, z_path, z_raw = zstd_blob
+    monkeypatch.setattr(readers, "_SEQ_TRIGGER", 64 * KiB)
+    bound = 8 * SPAN
+    cache = spancache.SpanCache(bound, directory=tmp_path)
+    gz = readers.GzipReader(gz_path, inflating(idx), cache=cache, ahead=3)
+    zs = open_reader(z_path, "zstd", z_raw, cache=cache)
+    errors: list = []
+    sizes: list[int] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(150):
+                r, data = rng.choice([(gz, tar_data), (zs, data_z)])
+                if rng.random() < 0.5:       # a sequential run
+                    off = rng.randrange(len(data))
+                    for _ in range(8):
+                        assert r.read(off, 32 * KiB) == data[off:off + 32 * KiB]
+                        off += 32 * KiB
+                else:
+                    off = rng.randrange(len(data))
+                    n = rng.randrange(1, 100 * KiB)
+                    assert r.read(off, n) == data[off:off + n]
+                sizes.append(cache.file.size)
+        except BaseException as e:   # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gz.close()
+    zs.close()
+    assert not errors, errors[0]
+    # the cache's bound in whole blocks plus, per thread and decode-ahead worker, a span still in use
+    assert max(sizes) <= bound + (bound // SPAN + 1) * spancache.SpanFile.BLOCK + (6 + 4) * 4 * SPAN
+    assert cache.nbytes == 0
