@@ -77,6 +77,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from layerfs import libc
 from layerfs.errors import ImageNotFound, LayerfsError, UsageError
 from layerfs.image import Manifest, Platform
 from layerfs.image import is_local_source
@@ -869,6 +870,7 @@ def _daemon_main(load_tree: Callable[[], "MergedTree | None"], record: MountReco
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         _daemon_logging(options.debug)
+        libc.limit_malloc_arenas(2)     # reader threads' freed reply buffers would stay in one arena each
         _serve_here(load_tree(), record, options, registry, reporter, serve_fn=serve_fn)
         return 0
     except LayerfsError as e:
