@@ -161,6 +161,12 @@ class SpanFile:
                 n -= len(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def abandon(self) -> None:
+        """In a forked child: close this process's copy of the file without taking the lock (a thread
+        of the parent may have held it at the fork)."""
+        self._lock = threading.RLock()
+        self.close()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -189,7 +195,20 @@ class SpanCache:
         self.hits = 0
         self.misses = 0
         self.file = SpanFile(directory)
-        weakref.finalize(self, self.file.close)
+        self._finalizer = weakref.finalize(self, SpanFile.close, self.file)
+        _CACHES.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget the spans and use a span file of its own (the parent's is
+        shared with it: both would write their spans into the same blocks)."""
+        old = self.file
+        old.abandon()           # first: the spans dropped below must not give blocks back (or cut the file)
+        self._finalizer.detach()
+        self.file = SpanFile(old.directory)
+        self._finalizer = weakref.finalize(self, SpanFile.close, self.file)
+        self._lock = threading.Lock()
+        self._items = OrderedDict()
+        self._bytes = 0
 
     def place(self, directory: str | os.PathLike) -> None:
         """Make the span file in *directory* (e.g. the store's), unless a directory is set already
@@ -426,5 +445,12 @@ class _DecodeAhead:
 
 
 DECODE_AHEAD = _DecodeAhead(max(1, min(4, os.cpu_count() or 1)))
+_CACHES: "weakref.WeakSet[SpanCache]" = weakref.WeakSet()
+
+
+def _caches_after_fork() -> None:
+    for cache in list(_CACHES):
+        cache._after_fork()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=DECODE_AHEAD._after_fork)
+    os.register_at_fork(after_in_child=_caches_after_fork)

@@ -1239,3 +1239,40 @@ def test_concurrent_readers_share_a_small_span_file(indexed, zstd_blob, monkeypa
     # the cache's bound in whole blocks plus, per thread and decode-ahead worker, a span still in use
     assert max(sizes) <= bound + (bound // SPAN + 1) * spancache.SpanFile.BLOCK + (6 + 4) * 4 * SPAN
     assert cache.nbytes == 0
+
+
+@pytest.mark.timeout(60)
+def test_forked_child_gets_a_span_file_of_its_own(indexed, tmp_path):
+    """After a fork, parent and child must not write their spans into the same file: the child
+    forgets the cached spans and makes a span file of its own."""
+    tar_data, path, idx = indexed
+    idx = inflating(idx)
+    starts = [cp.uoffset for cp in idx.checkpoints]
+    cache = spancache.SpanCache(8 * MiB, directory=tmp_path)
+    r = readers.GzipReader(path, idx, cache=cache, ahead=0)
+    a, b = starts[1], starts[2]
+    assert r.read(starts[0], 1000) == tar_data[starts[0]:starts[0] + 1000]     # the parent's file exists
+    to_parent, from_child = os.pipe()
+    to_child, from_parent = os.pipe()
+    pid = os.fork()
+    if pid == 0:            # the child: fill a span, let the parent fill one, read ours again
+        ok = False
+        try:
+            ok = r.read(a, 30_000) == tar_data[a:a + 30_000]
+            os.write(from_child, b"1")
+            os.read(to_child, 1)
+            ok = ok and r.read(a, 30_000) == tar_data[a:a + 30_000]
+            ok = ok and cache.file.fileno >= 0 and len(cache._items) == 1
+        finally:
+            os._exit(0 if ok else 1)
+    try:
+        os.read(to_parent, 1)
+        assert r.read(b, 30_000) == tar_data[b:b + 30_000]     # the blocks the child's span took, here
+        os.write(from_parent, b"1")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert r.read(starts[0], 1000) == tar_data[starts[0]:starts[0] + 1000]
+    finally:
+        for fd in (to_parent, from_child, to_child, from_parent):
+            os.close(fd)
+        r.close()
