@@ -201,7 +201,7 @@ class LoadOptions:
     platform: Platform | None = None    # for an image index (default: this host's platform)
     single: bool = False                # exactly one image: a source holding several needs :REF or :@N
     stem: str | None = None             # for localhost/<stem>:TAG names (default: from the path)
-    max_layer_size: int | None = None   # most a layer may inflate to (None: see layerindex.max_layer_size)
+    max_layer_size: int | None = None   # most a layer may inflate to (None: see layerfs.index.limits.max_layer_size)
 
 
 @dataclass
@@ -311,7 +311,7 @@ class _Archive:
     """A tar archive (plain, gzip, xz or zstd), read in place: see the module doc.
 
     A compressed archive may inflate to no more than a layer may
-    (:func:`~layerfs.index.layerindex.max_layer_size` of the archive's size): xz
+    (:func:`~layerfs.index.limits.max_layer_size` of the archive's size): xz
     says its size up front, gzip and zstd are counted while they are read."""
 
     def __init__(self, path: Path, max_layer_size: int | None = None):
