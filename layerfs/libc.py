@@ -33,3 +33,14 @@ def pid_alive(pid: int) -> bool:
         return True
     state = st[st.rfind(b")") + 2:][:1]
     return state not in (b"Z", b"X", b"x")
+
+
+def limit_malloc_arenas(count: int) -> bool:
+    """Let glibc's malloc serve all threads from at most *count* arenas (``M_ARENA_MAX``): by default
+    each thread that allocates gets an arena of its own, which keeps the memory freed in it (a mount's
+    many reader threads then hold MBs each). False where the C library has no ``mallopt``."""
+    import ctypes
+    mallopt = function("mallopt", (ctypes.c_int, ctypes.c_int))
+    if mallopt is None:
+        return False
+    return bool(mallopt(-8, count))     # M_ARENA_MAX

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark layerfs.index.gzindex against plain zlib, indexed_gzip and rapidgzip.
+"""Benchmark the seek indexes and readers of layerfs.index against plain zlib, indexed_gzip and rapidgzip.
 
     python scripts/bench_gzindex.py [--size-mb 200] [--file /tmp/bench.tar.gz]
 
@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from layerfs.index import gzindex  # noqa: E402
+from layerfs.index import indexers, readers  # noqa: E402
 
 MiB = 1 << 20
 CHUNK = 1 * MiB
@@ -109,7 +109,7 @@ def bench_zlib(blob: bytes):
 
 def bench_indexer(blob: bytes, span: int):
     with Timer() as tm:
-        ix = gzindex.GzipIndexer(span)
+        ix = indexers.GzipIndexer(span)
         total = 0
         for i in range(0, len(blob), CHUNK):
             total += len(ix.feed(blob[i:i + CHUNK]))
@@ -319,8 +319,8 @@ def main() -> None:
     offsets = [rng.randrange(usize - 4096) for _ in range(args.reads)]
     lat = []
     for span, idx in ((4 * MiB, idx4), (1 * MiB, idx1)):
-        r0 = gzindex.GzipReader(str(path), idx, cache_bytes=0)
-        r1 = gzindex.GzipReader(str(path), idx)
+        r0 = readers.GzipReader(str(path), idx, cache_bytes=0)
+        r1 = readers.GzipReader(str(path), idx)
         f = igz.get(span)
 
         def igz_read(o, f=f):
@@ -348,7 +348,7 @@ def main() -> None:
         r0.close()
         r1.close()
     # check correctness of both on a few offsets
-    r = gzindex.GzipReader(str(path), idx4)
+    r = readers.GzipReader(str(path), idx4)
     ref = zlib.decompressobj(31).decompress(blob)
     for o in offsets[:20]:
         assert r.read(o, 4096) == ref[o:o + 4096]

@@ -55,7 +55,7 @@ import benchimage as bi  # noqa: E402
 import benchlib as bl  # noqa: E402
 import benchrootfs as rootfs  # noqa: E402
 
-from layerfs.index import gzindex  # noqa: E402
+from layerfs.index import spancache  # noqa: E402
 from layerfs.fs import imagetree  # noqa: E402
 from layerfs.store import Store  # noqa: E402
 from layerfs.transfer import LoadOptions, load  # noqa: E402
@@ -235,8 +235,8 @@ def main() -> int:
     cpu: dict[tuple[str, int, int | None], list[float]] = {}
     for r in range(args.runs):
         for w, t, a in [(w, t, a) for w in workloads for t in threads for a in aheads]:
-            if a is not None and hasattr(gzindex, "_AHEAD"):
-                gzindex._AHEAD.workers = a
+            if a is not None and hasattr(spancache, "DECODE_AHEAD"):
+                spancache.DECODE_AHEAD.workers = a
             if not args.warm:
                 bl.drop_caches()
             tree = open_tree(store, manifest)

@@ -69,7 +69,7 @@ class UpperEntry:
     """One entry of an upper directory, with its effective attributes (overrides applied).
 
     ``path`` is relative (``"etc/motd"``; surrogate-escaped str). ``kind`` is a
-    :mod:`layerfs.index.layerindex` type (``FILE``, ``DIR``, ``SYMLINK``, ``CHAR``,
+    :mod:`layerfs.index` type (``FILE``, ``DIR``, ``SYMLINK``, ``CHAR``,
     ``BLOCK``, ``FIFO``) or :data:`WHITEOUT` (``path`` is then the deleted path)
     or :data:`OPAQUE` (``path`` is the opaque directory). ``mode`` holds the
     permission bits incl. setuid/setgid/sticky. ``inode`` is (st_dev, st_ino)

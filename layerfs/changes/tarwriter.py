@@ -45,7 +45,7 @@ def tar_header(name: str, type_: bytes, *, mode: int, uid: int, gid: int, mtime_
     """A PAX header with fixed conventions: no user/group names, whole-second mtime unless
     *keep_ns* (then a PAX ``mtime`` record carries the nanoseconds), xattrs as sorted
     ``SCHILY.xattr.*`` records (binary values via ``hdrcharset=BINARY``); a symlink's mode is
-    always :data:`~layerfs.index.layerindex.SYMLINK_MODE`."""
+    always :data:`~layerfs.index.SYMLINK_MODE`."""
     ti = tarfile.TarInfo(name)
     ti.type = type_
     ti.mode = SYMLINK_MODE if type_ == tarfile.SYMTYPE else mode & 0o7777

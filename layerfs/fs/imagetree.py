@@ -23,7 +23,7 @@ __all__ = ["open_image_tree"]
 def open_image_tree(store: Store, manifest: Manifest, *, upto: int | None = None) -> MergedTree:
     """The merged view of the first *upto* layers of *manifest* (all by default).
 
-    Layer indexes come from :func:`~layerfs.index.layerindex.load_or_build`; the
+    Layer indexes come from :func:`~layerfs.index.load_or_build`; the
     merged metadata is computed once per (manifest digest, number of layers)
     and cached in ``ROOT/trees/``; a corrupt or outdated cache is rebuilt.
     The layers' readers share one cache of decompressed spans (``DEFAULT_CACHE_BYTES`` in all)."""

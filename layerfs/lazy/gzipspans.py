@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from layerfs import _zran
 from layerfs.errors import LayerfsError
 from layerfs.image import Descriptor, Digest, Manifest
-from layerfs.index import LayerIndex, SpanCache
+from layerfs.index import CompressedDataError, LayerIndex, SpanCache, inflate_at
 from layerfs.lazy.cachedir import cached_spans, lazy_cache_dir
 from layerfs.lazy.remote import LazyReadError, RemoteBlob
 from layerfs.registry import RegistryClient
@@ -37,7 +36,7 @@ __all__ = ["LazyGzipLayer", "find_published", "open_published"]
 
 
 class _DecodedSpan:
-    """One inflated span in the shared :class:`~layerfs.index.gzindex.SpanCache` (made on first get)."""
+    """One inflated span in the shared :class:`~layerfs.index.SpanCache` (made on first get)."""
 
     __slots__ = ("nbytes", "data", "lock")
 
@@ -157,13 +156,13 @@ class LazyGzipLayer:
             raise LazyReadError(f"{self._where(i)}: cannot read the lazy cache: {e.strerror}") from None
         try:
             window = os.pread(fd, sp.wlen, 0) if sp.wlen else None
-            return _zran.read_at(fd, sp.wlen + sp.coffset - sp.cstart, sp.bits, window, 0, sp.uend - sp.ustart)
-        except _zran.Error as e:
+            return inflate_at(fd, sp.wlen + sp.coffset - sp.cstart, sp.bits, window, sp.uend - sp.ustart)
+        except CompressedDataError as e:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             with self._lock:
                 self._verified.discard(i)
-            raise LazyReadError(f"{self._where(i)}: does not inflate ({e}); not kept") from None
+            raise LazyReadError(f"{self._where(i)}: does not inflate ({e.message}); not kept") from None
         finally:
             os.close(fd)
 

@@ -9,7 +9,7 @@ asks by the TOC digest of an eStargz layer). That directory holds:
 
 * ``diff/``: the layer's own contents as an overlay lower directory: a
   whiteout is a 0/0 character device, an opaque directory carries
-  ``trusted.overlay.opaque=y`` (:func:`layerfs.fs.union.build_diff_tree`),
+  ``trusted.overlay.opaque=y`` (:func:`layerfs.fs.build_diff_tree`),
   served from the layer's records without extracting anything;
 * ``info``: JSON (``compressed-diff-digest``, ``compressed-size``,
   ``diff-digest``, ``diff-size``, ``compression`` (2: gzip), and for an

@@ -57,6 +57,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from layerfs import libc
 from layerfs.errors import ImageNotFound, LayerfsError
 from layerfs.image import Digest, Manifest, Reference, is_local_source
 from layerfs.libc import pid_alive
@@ -126,7 +127,7 @@ def mount_image(store: Store, ref_text: str, mountpoint: str | os.PathLike[str],
 
     Returns once the mount answers (daemon mode), or after it was unmounted
     (``options.foreground``). *tree_factory(store, manifest, upto=N)* builds
-    the merged tree (default: :func:`layerfs.fs.union.open_image_tree`); *pull*
+    the merged tree (default: :func:`layerfs.fs.open_image_tree`); *pull*
     pulls a :class:`Reference` into *store* (default: a :class:`Puller`).
 
     Daemon mode with the default tree forks the mount daemon first (see
@@ -508,6 +509,7 @@ def _daemon_main(server: Server, record: MountRecord, options: MountOptions, tab
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         _daemon_logging(options.debug)
+        libc.limit_malloc_arenas(2)     # reader threads' freed reply buffers would stay in one arena each
         _serve_here(server, record, options, table, reporter)
         return 0
     except LayerfsError as e:

@@ -21,7 +21,7 @@ import zstandard
 
 from layerfs.errors import DecompressionLimit, LayerfsError, TarError, UnsupportedMediaType
 from layerfs.image import Digest
-from layerfs.index import layer_too_large
+from layerfs.index import layer_too_large, sniff_compression
 from layerfs.index import max_layer_size as layer_size_limit
 from layerfs.transfer.transports import SourceError, SourceNotFound
 
@@ -40,18 +40,6 @@ class Member:
     size: int
     offset: int = 0             # of the data in the (uncompressed) tar stream
     target: str | None = None   # links: the normalised name they point at
-
-
-def file_magic(head: bytes) -> str | None:
-    if head[:2] == b"\x1f\x8b":
-        return "gzip"
-    if head[:6] == b"\xfd7zXZ\x00":
-        return "xz"
-    if head[:4] == b"\x28\xb5\x2f\xfd":
-        return "zstd"
-    if head[:3] == b"BZh":
-        return "bzip2"
-    return None
 
 
 def _open_regular(path: Path, what: str) -> BinaryIO:
@@ -127,7 +115,7 @@ class Archive:
     """A tar archive (plain, gzip, xz or zstd), read in place: see the module doc.
 
     A compressed archive may inflate to no more than a layer may
-    (:func:`~layerfs.index.layerindex.max_layer_size` of the archive's size): xz
+    (:func:`~layerfs.index.max_layer_size` of the archive's size): xz
     says its size up front, gzip and zstd are counted while they are read."""
 
     def __init__(self, path: Path, max_layer_size: int | None = None):
@@ -141,7 +129,7 @@ class Archive:
         self._raw: BinaryIO | None = None
         with _open_regular(path, "archive") as f:
             head = f.read(6)
-        self.compression = file_magic(head)
+        self.compression = sniff_compression(head)
         if self.compression == "bzip2":
             raise UnsupportedMediaType("bzip2-compressed archives are not supported", where=self.where,
                                        hint="decompress it first (bunzip2), or use gzip, xz or zstd")

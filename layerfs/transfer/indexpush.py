@@ -14,7 +14,7 @@ The artifact (OCI image spec 1.1) is an image manifest with
 (``{}``), ``subject`` = the image manifest as the registry has it, and one
 blob per gzip layer (:data:`INDEX_MEDIA_TYPE`, annotated with the layer
 digest and with the size and sha256 of its *head*). Such a blob is the head
-(a layerfs index file, see :func:`layerfs.index.layerindex.pack_file`: JSON meta,
+(a layerfs index file, see :func:`layerfs.index.columns.pack_file`: JSON meta,
 the zstd-compressed records, the checkpoint table) followed by the windows.
 A lazy mount fetches the head with one Range request and checks it against
 the manifest's annotation; a window and a span are fetched by Range when a
@@ -43,18 +43,8 @@ import zstandard
 
 from layerfs.errors import ContentError, LayerfsError, ManifestError, NotFoundError, StoreError, TarError, UsageError
 from layerfs.image import LAYER_COMPRESSION, OCI_EMPTY, OCI_INDEX, OCI_MANIFEST, Descriptor, Digest, Index, Manifest
-from layerfs.index import (
-    FILE,
-    HARDLINK,
-    IndexFormatError,
-    LayerIndex,
-    encode_columns,
-    gzindex,
-    load_or_build,
-    normalize_path,
-    pack_file,
-    unpack_file,
-)
+from layerfs.index import (FILE, HARDLINK, MAX_COMPRESSED_WINDOW, IndexFormatError, LayerIndex, build_index,
+    encode_columns, load_or_build, normalize_path, pack_file, unpack_file)
 from layerfs.registry import ClientPool, RegistryClient, RegistryOptions
 from layerfs.transfer.estargz import is_estargz
 from layerfs.transfer.pull import SOURCE_MANIFEST_ANNOTATION
@@ -138,7 +128,7 @@ def build_index_blob(store, desc: Descriptor, *, span: int = DEFAULT_PUSH_SPAN) 
     """(blob, head) of the published index of the stored gzip layer *desc* (one read of the blob)."""
     idx = load_or_build(store, desc)
     path = store.blob_path(desc.digest)
-    seek = gzindex.build_index(path, "gzip", span)
+    seek = build_index(path, "gzip", span)
     if seek.compressed_size != desc.size or seek.uncompressed_size != idx.size:
         raise StoreError(f"layer {desc.digest.short}: the blob does not match its index", where=str(store.root),
                          hint="pull the image again")
@@ -205,7 +195,7 @@ def parse_head(data: bytes, layer: Descriptor, *, diff_id: Digest | None, window
             raise bad("the first checkpoint is not the start of the blob")
         if bits > 7 or (bits and not wlen) or (bits and c < 1):
             raise bad(f"checkpoint {i}: bad bit offset")
-        if wlen > gzindex.MAX_COMPRESSED_WINDOW or woff + wlen > windows_size:
+        if wlen > MAX_COMPRESSED_WINDOW or woff + wlen > windows_size:
             raise bad(f"checkpoint {i}: window out of range")
         if not c < layer.size or not u <= size or u <= prev_u or c * 8 - bits <= prev_bit:
             raise bad(f"checkpoint {i}: offsets out of range or out of order")

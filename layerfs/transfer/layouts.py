@@ -42,7 +42,8 @@ from layerfs.image import (
     json_bytes,
     parse_manifest,
 )
-from layerfs.transfer.archive import Archive, Files, Member, file_magic
+from layerfs.index import sniff_compression
+from layerfs.transfer.archive import Archive, Files, Member
 from layerfs.transfer.pull import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION
 from layerfs.transfer.transports import DAMAGED_HINT, LoadOptions, Source, SourceError
 
@@ -366,7 +367,7 @@ def plan_docker(files: Archive, src: Source, opts: LoadOptions) -> list[Plan]:
         members, descs = [], []
         for j, lp in enumerate(layer_paths):
             m = files.resolve(lp, "layer")
-            comp = file_magic(files.head(m))
+            comp = sniff_compression(files.head(m))
             if comp in ("xz", "bzip2"):
                 raise UnsupportedMediaType(f"layer {lp} is {comp}-compressed", where=where,
                                            hint="layerfs stores gzip, zstd or uncompressed layers; "

@@ -66,7 +66,7 @@ class PullOptions:
     platform: Platform | None = None
     max_concurrent_downloads: int = 6   # as skopeo and podman (containers/image); docker's daemon uses 3
     registry: RegistryOptions | None = None
-    max_layer_size: int | None = None   # most a layer may inflate to (None: see layerindex.max_layer_size)
+    max_layer_size: int | None = None   # most a layer may inflate to (None: see layerfs.index.max_layer_size)
 
 
 class ProgressSink(Protocol):

@@ -96,7 +96,7 @@ class LoadOptions:
     platform: Platform | None = None    # for an image index (default: this host's platform)
     single: bool = False                # exactly one image: a source holding several needs :REF or :@N
     stem: str | None = None             # for localhost/<stem>:TAG names (default: from the path)
-    max_layer_size: int | None = None   # most a layer may inflate to (None: see layerindex.max_layer_size)
+    max_layer_size: int | None = None   # most a layer may inflate to (None: see layerfs.index.max_layer_size)
 
 
 @dataclass

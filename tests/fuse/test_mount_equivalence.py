@@ -76,7 +76,7 @@ REPO = Path(__file__).resolve().parents[2]
 T0 = DEFAULT_MTIME                 # 2024-01-01T00:00:00Z
 T1 = T0 + 86400
 WATCHDOG = 60.0
-BIG_SIZE = 9 * 1024 * 1024 + 321   # spans two 4 MiB gzip checkpoints (gzindex.DEFAULT_SPAN) and a zstd span
+BIG_SIZE = 9 * 1024 * 1024 + 321   # spans two 4 MiB gzip checkpoints (layerfs.index DEFAULT_SPAN) and a zstd span
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -705,7 +705,7 @@ RELINK_CASES = {
 @pytest.mark.parametrize("case", sorted(RELINK_CASES))
 def test_hard_links_to_rewritten_names_match_gnu_tar(case, tmp_path):
     """A hard link names the file its target held when the link was read; writing the target path again
-    replaces the name only (GNU tar, umoci and the kernel reference agree; layerindex._dedupe)."""
+    replaces the name only (GNU tar, umoci and the kernel reference agree; layerfs.index.spool.dedupe)."""
     from layerfs.index import LayerIndexer
     from layerfs.fs import build_tree
     require_binary("tar")

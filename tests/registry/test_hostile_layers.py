@@ -8,7 +8,7 @@ exactly one line on stderr, with no traceback and no "internal error";
 memory stays bounded; nothing is written outside the store (a canary
 directory the hostile names aim at, and the working directory, stay empty);
 a rejected layer is not in ``blobs/`` and the image is not tagged. What is
-rejected and what is normalised is what layerfs/layerindex.py and
+rejected and what is normalised is what layerfs/index/tarscan.py and
 layerfs/union.py document (README: "Hostile input").
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ Images are produced by independent tools where one exists (skopeo copies an
 imagebuild image, or a registry-pushed one, into every transport; gzip and
 xz compress the docker archives; umoci builds a layout) and compared with the
 original: config digest, diff_ids, the layer index built during the import,
-and every file of the merged tree (layerfs.fs.union.open_image_tree). Hostile
+and every file of the merged tree (layerfs.fs.open_image_tree). Hostile
 archives are made by hand: each must fail with one clear error and leave the
 store as it was (nothing tagged, no blob, no partial file).
 """

@@ -1,4 +1,4 @@
-"""layerfs.index.gzindex: streaming indexers and random-access readers for gzip,
+"""layerfs.index (seek indexers, seek index, readers, span cache): streaming indexers and random-access readers for gzip,
 zstd and uncompressed layer blobs."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from layerfs import _zran
 
-from layerfs.index import gzindex
+from layerfs.index import compression, indexers, readers, seek, spancache
 from layerfs.errors import ContentError
 from layerfs.index import (BadIndex, Checkpoint, CompressedDataError, GzipIndexer, Indexer, SeekIndex,
     TruncatedStream, ZstdIndexer, build_index, open_reader)
@@ -436,7 +436,7 @@ def indexed(tar_data, tmp_path_factory):
 def test_index_roundtrip_and_version(indexed):
     _, _, idx = indexed
     raw = idx.to_bytes()
-    assert raw[:4] == b"LFZI" and raw[4] == gzindex.INDEX_VERSION
+    assert raw[:4] == b"LFZI" and raw[4] == seek.INDEX_VERSION
     assert SeekIndex.from_bytes(raw) == idx
     assert SeekIndex.from_bytes(memoryview(raw)) == idx
     # compact: the windows dominate, ~20 bytes per checkpoint and 18 per stored block otherwise
@@ -595,14 +595,14 @@ def test_read_at_bad_fd_and_window():
 @given(offset=st.integers(0, 2 * MiB), length=st.integers(0, 400_000), cache=st.sampled_from([0, 200 * KiB, 8 * MiB]))
 def test_random_reads_equal_slices(offset, length, cache, indexed):
     tar_data, path, idx = indexed
-    with gzindex.GzipReader(path, idx, cache_bytes=cache) as r:
+    with readers.GzipReader(path, idx, cache_bytes=cache) as r:
         assert r.read(offset, length) == tar_data[offset:offset + length]
 
 
 def test_cache_serves_small_reads_in_one_span(indexed):
     tar_data, path, idx = indexed
     idx = inflating(idx)
-    with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB) as r:
+    with readers.GzipReader(path, idx, cache_bytes=8 * MiB) as r:
         base = idx.checkpoints[3].uoffset
         for k in range(50):
             off = base + k * 1000
@@ -614,7 +614,7 @@ def test_cache_serves_small_reads_in_one_span(indexed):
 def test_concurrent_reads(indexed):
     tar_data, path, idx = indexed
     errors = []
-    with gzindex.GzipReader(path, idx, cache_bytes=1 * MiB) as r:
+    with readers.GzipReader(path, idx, cache_bytes=1 * MiB) as r:
         def work(seed):
             try:
                 rng = random.Random(seed)
@@ -674,7 +674,7 @@ def test_reads_in_stored_runs_are_not_inflated(indexed):
     tar_data, path, idx = indexed
     runs = [r for r in _runs(idx) if r[1] - r[0] > 3 * KiB]
     assert runs
-    with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB) as r:
+    with readers.GzipReader(path, idx, cache_bytes=8 * MiB) as r:
         rng = random.Random(2)
         for a, b in runs:
             for _ in range(5):
@@ -693,7 +693,7 @@ def test_stored_blocks_that_do_not_fit_raise(indexed):
     a, b = max(_runs(idx), key=lambda r: r[1] - r[0])
     for shift in (1, -1, 5):
         bad = dataclasses.replace(idx, stored=tuple((u, c + shift, n) for u, c, n in idx.stored))
-        with gzindex.GzipReader(path, bad) as r:
+        with readers.GzipReader(path, bad) as r:
             with pytest.raises(CompressedDataError):
                 r.read(a, b - a)
     fd = os.open(path, os.O_RDONLY)
@@ -721,10 +721,10 @@ def _wait_for(cond, timeout: float = 10.0) -> bool:
 def test_decode_ahead_inflates_the_next_spans(indexed, monkeypatch):
     tar_data, path, idx = indexed
     idx = inflating(idx)
-    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 100 * KiB)
+    monkeypatch.setattr(readers, "_SEQ_TRIGGER", 100 * KiB)
     starts = [cp.uoffset for cp in idx.checkpoints] + [idx.uncompressed_size]
     assert len(starts) > 8
-    with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=3) as r:
+    with readers.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=3) as r:
         pos = 0
         while pos < starts[3] + 1000:           # sequential reads into span 3
             assert r.read(pos, 16 * KiB) == tar_data[pos:pos + 16 * KiB]
@@ -743,9 +743,9 @@ def test_decode_ahead_inflates_the_next_spans(indexed, monkeypatch):
 def test_no_decode_ahead_for_scattered_reads(indexed, monkeypatch):
     tar_data, path, idx = indexed
     idx = inflating(idx)
-    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 100 * KiB)
+    monkeypatch.setattr(readers, "_SEQ_TRIGGER", 100 * KiB)
     starts = [cp.uoffset for cp in idx.checkpoints]
-    with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=3) as r:
+    with readers.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=3) as r:
         for k in (1, 7, 3, 9, 5):
             off = starts[k] + 10
             assert r.read(off, 60 * KiB) == tar_data[off:off + 60 * KiB]
@@ -756,13 +756,13 @@ def test_no_decode_ahead_for_scattered_reads(indexed, monkeypatch):
 def test_decode_ahead_off(indexed, monkeypatch):
     tar_data, path, idx = indexed
     idx = inflating(idx)
-    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 100 * KiB)
-    with gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=0) as r:
+    monkeypatch.setattr(readers, "_SEQ_TRIGGER", 100 * KiB)
+    with readers.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=0) as r:
         assert r.read(0, len(tar_data) // 2) == tar_data[:len(tar_data) // 2]
         time.sleep(0.1)
         assert len(r._cache._items) == r.cache_stats[1]
     # a cache too small for the spans ahead switches it off too
-    with gzindex.GzipReader(path, idx, cache_bytes=4 * SPAN, ahead=3) as r:
+    with readers.GzipReader(path, idx, cache_bytes=4 * SPAN, ahead=3) as r:
         assert r._ahead == 0
 
 
@@ -770,9 +770,9 @@ def test_close_during_decode_ahead(indexed, monkeypatch):
     """close() waits for running decode-ahead (it uses the fd) and drops queued work."""
     tar_data, path, idx = indexed
     idx = inflating(idx)
-    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 1)
+    monkeypatch.setattr(readers, "_SEQ_TRIGGER", 1)
     for n in range(30):
-        r = gzindex.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=4)
+        r = readers.GzipReader(path, idx, cache_bytes=8 * MiB, ahead=4)
         for pos in range(0, 3 * SPAN, 32 * KiB):
             assert r.read(pos, 32 * KiB) == tar_data[pos:pos + 32 * KiB]
         r.close()
@@ -786,9 +786,9 @@ def test_concurrent_sequential_readers_with_decode_ahead(indexed, monkeypatch):
     reused span buffers hold bytes of other spans before they are refilled)."""
     tar_data, path, idx = indexed
     idx = inflating(idx)
-    monkeypatch.setattr(gzindex, "_SEQ_TRIGGER", 64 * KiB)
+    monkeypatch.setattr(readers, "_SEQ_TRIGGER", 64 * KiB)
     errors = []
-    with gzindex.GzipReader(path, idx, cache_bytes=6 * SPAN, ahead=3) as r:
+    with readers.GzipReader(path, idx, cache_bytes=6 * SPAN, ahead=3) as r:
         def work(step):
             try:
                 for pos in range(0, len(tar_data), step):
@@ -926,7 +926,7 @@ def test_zstd_index_and_read(kind, tar_data, tmp_path):
         blob = run_tool([require_binary("zstd"), "-q", "-3", "-c"], tar_data)
     else:
         blob = zstd_makers(tar_data)[kind]
-    ix = gzindex.make_indexer("zstd", SPAN)
+    ix = indexers.make_indexer("zstd", SPAN)
     assert isinstance(ix, ZstdIndexer)
     assert feed_all(ix, blob) == tar_data
     idx = ix.index
@@ -1029,7 +1029,7 @@ def test_zstd_reader_on_truncated_blob_with_lying_index(tar_data, tmp_path):
 # --- uncompressed and common interface ----------------------------------------------------
 
 def test_plain(tar_data, tmp_path):
-    ix = gzindex.make_indexer(None)
+    ix = indexers.make_indexer(None)
     assert feed_all(ix, tar_data) == tar_data
     assert ix.checkpoints == []
     path = write(tmp_path, "layer.tar", tar_data)
@@ -1043,32 +1043,32 @@ def test_plain(tar_data, tmp_path):
 
 def test_indexer_protocol_and_names():
     for comp in ("gzip", "zstd", None):
-        ix = gzindex.make_indexer(comp)
+        ix = indexers.make_indexer(comp)
         assert isinstance(ix, Indexer)
         assert ix.compression == comp
         with pytest.raises(RuntimeError):
             ix.to_bytes()  # only after finish()
-    assert gzindex.normalize_compression("GZIP") == "gzip"
-    assert gzindex.normalize_compression("zst") == "zstd"
-    assert gzindex.normalize_compression("identity") is None
+    assert compression.normalize_compression("GZIP") == "gzip"
+    assert compression.normalize_compression("zst") == "zstd"
+    assert compression.normalize_compression("identity") is None
     with pytest.raises(ValueError):
-        gzindex.normalize_compression("bzip2")
-    assert gzindex.detect_compression(gzip.compress(b"x")) == "gzip"
-    assert gzindex.detect_compression(zstandard.ZstdCompressor().compress(b"x")) == "zstd"
-    assert gzindex.detect_compression(b"ustar") is None
+        compression.normalize_compression("bzip2")
+    assert compression.detect_compression(gzip.compress(b"x")) == "gzip"
+    assert compression.detect_compression(zstandard.ZstdCompressor().compress(b"x")) == "zstd"
+    assert compression.detect_compression(b"ustar") is None
     with pytest.raises(ValueError):
         GzipIndexer(0)
 
 
 def test_build_index_from_file(indexed):
     tar_data, path, idx = indexed
-    assert gzindex.build_index(path, "gzip", SPAN) == idx
+    assert indexers.build_index(path, "gzip", SPAN) == idx
 
 
 def test_shared_span_cache(indexed, zstd_blob):
     tar_data, gz_path, idx = indexed
     data_z, z_path, z_raw = zstd_blob
-    cache = gzindex.SpanCache(1 * MiB)
+    cache = spancache.SpanCache(1 * MiB)
     r1 = open_reader(gz_path, "gzip", idx.to_bytes(), cache=cache)
     r2 = open_reader(z_path, "zstd", z_raw, cache=cache)
     r3 = open_reader(gz_path, "gzip", idx.to_bytes(), cache=cache)
@@ -1100,3 +1100,179 @@ def test_read_cached_never_decodes(comp, tar_data, tmp_path):
         assert r.read_cached(1200, 100) == tar_data[1200:1300]
         assert r.read_cached(len(tar_data) - 10, 10) in (None, tar_data[-10:])   # decoded ahead, or not
         assert r.cache_stats[1] == misses + 1              # read_cached created no entries
+
+
+# --- the span file -----------------------------------------------------------------------
+
+def _fd_target(fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+def test_span_file_is_bounded_and_cleaned_up(indexed, zstd_blob, tmp_path):
+    """Inflated spans live in an unlinked file in the given directory, which never holds much more than
+    the cache's bound, shrinks to nothing when the readers close, and is closed with the cache."""
+    tar_data, gz_path, idx = indexed
+    data_z, z_path, z_raw = zstd_blob
+    spans_dir = tmp_path / "spans"
+    spans_dir.mkdir()
+    bound = 6 * SPAN
+    cache = spancache.SpanCache(bound, directory=spans_dir)
+    gz = readers.GzipReader(gz_path, inflating(idx), cache=cache, ahead=0)
+    zs = open_reader(z_path, "zstd", z_raw, cache=cache)
+    rng = random.Random(11)
+    biggest = 0
+    for _ in range(300):
+        r, data = rng.choice([(gz, tar_data), (zs, data_z)])
+        off = rng.randrange(len(data))
+        n = rng.choice([100, 5000, 70 * KiB])
+        assert r.read(off, n) == data[off:off + n]
+        assert cache.nbytes <= bound
+        biggest = max(biggest, cache.file.size)
+    # what the cache holds (at most one span per SPAN bytes), each span in whole blocks
+    assert 0 < biggest <= bound + (bound // SPAN + 1) * spancache.SpanFile.BLOCK
+    fd = cache.file.fileno
+    target = _fd_target(fd)
+    assert target is not None and target.startswith(str(spans_dir)) and target.endswith("(deleted)")
+    assert list(spans_dir.iterdir()) == []              # never visible in the directory
+    assert os.fstat(fd).st_size <= biggest
+    gz.close()
+    zs.close()
+    assert cache.nbytes == 0
+    assert cache.file.size == 0 and os.fstat(fd).st_size == 0      # all extents given back: cut to nothing
+    del cache, gz, zs, r
+    import gc
+    gc.collect()
+    assert _fd_target(fd) is None or not _fd_target(fd).startswith(str(spans_dir))
+
+
+def test_span_file_keeps_no_inflated_bytes_in_memory(indexed, tmp_path):
+    """A cached gzip span is an extent of the span file, not a buffer in the process."""
+    tar_data, path, idx = indexed
+    cache = spancache.SpanCache(8 * MiB, directory=tmp_path)
+    with readers.GzipReader(path, inflating(idx), cache=cache, ahead=0) as r:
+        base = idx.checkpoints[2].uoffset
+        assert r.read(base, 1000) == tar_data[base:base + 1000]
+        (entry,) = cache._items.values()
+        assert isinstance(entry, spancache.GzipSpan)
+        assert not any(isinstance(getattr(entry, s), (bytes, bytearray)) for s in entry.__slots__)
+        first = entry.blocks[0] * cache.file.BLOCK
+        assert os.pread(cache.file.fileno, 1000, first) == tar_data[base:base + 1000]
+
+
+def test_span_file_in_a_directory_that_cannot_take_it(indexed, tmp_path):
+    """A directory that is missing (or read-only) does not stop reads: the file goes elsewhere."""
+    tar_data, path, idx = indexed
+    cache = spancache.SpanCache(8 * MiB, directory=tmp_path / "missing")
+    with readers.GzipReader(path, inflating(idx), cache=cache) as r:
+        assert r.read(100_000, 300_000) == tar_data[100_000:400_000]
+    assert cache.file.fileno >= 0
+
+
+def test_span_file_blocks_are_reused_and_the_file_cut_back():
+    f = spancache.SpanFile()
+    B = f.BLOCK
+    try:
+        a = f.allocate(2 * B - 1)
+        b = f.allocate(1)
+        c = f.allocate(3 * B)
+        assert (list(a), list(b), list(c)) == ([0, 1], [2], [3, 4, 5])
+        f.write(c, B - 3, b"0123456789")                 # across a block boundary
+        assert f.read(c, B - 3, B + 7) == b"0123456789"
+        f.release(a)
+        f.release(b)
+        d = f.allocate(2 * B + 5)                        # the lowest free blocks, in order
+        assert list(d) == [0, 1, 2] and f.size == 6 * B
+        f.write(d, 0, bytes(range(256)) * (3 * B // 256))
+        assert f.read(d, 2 * B - 10, 2 * B + 10) == (bytes(range(256)) * (3 * B // 256))[2 * B - 10:2 * B + 10]
+        f.release(c)
+        f.release(d)                                     # nothing held: the file is cut to nothing
+        assert f.size == 0 and os.fstat(f.fileno).st_size == 0
+        assert list(f.allocate(B)) == [0]
+    finally:
+        f.close()
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_readers_share_a_small_span_file(indexed, zstd_blob, monkeypatch, tmp_path):
+    """Threads reading two blobs at random and in sequence (decode-ahead on) through one cache that
+    holds only a few spans -- extents of the span file freed and reused all the time -- get the right
+    bytes, and the file stays bounded."""
+    tar_data, gz_path, idx = indexed
+    data_z, z_path, z_raw = zstd_blob
+    monkeypatch.setattr(readers, "_SEQ_TRIGGER", 64 * KiB)
+    bound = 8 * SPAN
+    cache = spancache.SpanCache(bound, directory=tmp_path)
+    gz = readers.GzipReader(gz_path, inflating(idx), cache=cache, ahead=3)
+    zs = open_reader(z_path, "zstd", z_raw, cache=cache)
+    errors: list = []
+    sizes: list[int] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(150):
+                r, data = rng.choice([(gz, tar_data), (zs, data_z)])
+                if rng.random() < 0.5:       # a sequential run
+                    off = rng.randrange(len(data))
+                    for _ in range(8):
+                        assert r.read(off, 32 * KiB) == data[off:off + 32 * KiB]
+                        off += 32 * KiB
+                else:
+                    off = rng.randrange(len(data))
+                    n = rng.randrange(1, 100 * KiB)
+                    assert r.read(off, n) == data[off:off + n]
+                sizes.append(cache.file.size)
+        except BaseException as e:   # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gz.close()
+    zs.close()
+    assert not errors, errors[0]
+    # the cache's bound in whole blocks plus, per thread and decode-ahead worker, a span still in use
+    assert max(sizes) <= bound + (bound // SPAN + 1) * spancache.SpanFile.BLOCK + (6 + 4) * 4 * SPAN
+    assert cache.nbytes == 0
+
+
+@pytest.mark.timeout(60)
+def test_forked_child_gets_a_span_file_of_its_own(indexed, tmp_path):
+    """After a fork, parent and child must not write their spans into the same file: the child
+    forgets the cached spans and makes a span file of its own."""
+    tar_data, path, idx = indexed
+    idx = inflating(idx)
+    starts = [cp.uoffset for cp in idx.checkpoints]
+    cache = spancache.SpanCache(8 * MiB, directory=tmp_path)
+    r = readers.GzipReader(path, idx, cache=cache, ahead=0)
+    a, b = starts[1], starts[2]
+    assert r.read(starts[0], 1000) == tar_data[starts[0]:starts[0] + 1000]     # the parent's file exists
+    to_parent, from_child = os.pipe()
+    to_child, from_parent = os.pipe()
+    pid = os.fork()
+    if pid == 0:            # the child: fill a span, let the parent fill one, read ours again
+        ok = False
+        try:
+            ok = r.read(a, 30_000) == tar_data[a:a + 30_000]
+            os.write(from_child, b"1")
+            os.read(to_child, 1)
+            ok = ok and r.read(a, 30_000) == tar_data[a:a + 30_000]
+            ok = ok and cache.file.fileno >= 0 and len(cache._items) == 1
+        finally:
+            os._exit(0 if ok else 1)
+    try:
+        os.read(to_parent, 1)
+        assert r.read(b, 30_000) == tar_data[b:b + 30_000]     # the blocks the child's span took, here
+        os.write(from_parent, b"1")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert r.read(starts[0], 1000) == tar_data[starts[0]:starts[0] + 1000]
+    finally:
+        for fd in (to_parent, from_child, to_child, from_parent):
+            os.close(fd)
+        r.close()

@@ -1,4 +1,4 @@
-"""layerfs.index.layerindex: streaming tar indexing, index files, random reads of members."""
+"""layerfs.index (tar scanner, TOC): streaming tar indexing, TOC files, random reads of members."""
 from __future__ import annotations
 
 import gzip
@@ -21,7 +21,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from layerfs.index import gzindex
+from layerfs.index import readers, seek
 from layerfs.errors import ContentError, TarError
 from layerfs.index import (DIR, FILE, HARDLINK, SYMLINK, Entry, IndexFormatError, LayerIndex, LayerIndexer,
     index_path, load_or_build, normalize_path, open_layer_reader)
@@ -215,28 +215,28 @@ def _many_members(n: int) -> list[tuple[tarfile.TarInfo, bytes | None]]:
 def test_records_spooled_to_disk_encode_as_in_memory(monkeypatch, tmp_path, rows, tar):
     """The indexer writes records to a spool file in batches and streams the columnar encoding out of it:
     the records section decodes to exactly what the in-memory encoding of the same records gives."""
-    from layerfs.index import layerindex
+    from layerfs.index import columns, spool, tarscan
     members = {"rich": rich_members, "rich-no-duplicates": lambda: rich_members()[:-2],
                "many": lambda: _many_members(300),
                "many-rewritten": lambda: _many_members(300) + [(_ti("d/f5", mode=0o600), b"again"),
                                                               (_ti("d/f11", mode=0o600), b"link target again")]}[tar]
     data = make_tar(members())
-    scan = layerindex._TarScanner("test")
+    scan = tarscan.TarScanner("test")
     scan.feed(data)
-    want = layerindex._dedupe(scan.finish())
-    monkeypatch.setattr(layerindex, "_SPOOL_ROWS", rows)
+    want = spool.dedupe(scan.finish())
+    monkeypatch.setattr(spool, "_SPOOL_ROWS", rows)
     idx = index_bytes(gzip.compress(data, 1), "gzip", [5000], spool_dir=tmp_path)
     assert len(idx) == len(want)
     assert idx.entries == want
     raw = zstandard.ZstdDecompressor().decompress(LayerIndex.from_bytes(idx.to_bytes())._raw_entries)
-    assert raw == layerindex.encode_columns(tuple(map(list, zip(*want))))
+    assert raw == columns.encode_columns(tuple(map(list, zip(*want))))
     assert list(tmp_path.iterdir()) == []       # the spool file is anonymous
 
 
 def test_spool_directory_that_cannot_be_written_is_one_clear_error(monkeypatch, tmp_path):
-    from layerfs.index import layerindex
+    from layerfs.index import spool
     from layerfs.errors import StoreError
-    monkeypatch.setattr(layerindex, "_SPOOL_ROWS", 2)
+    monkeypatch.setattr(spool, "_SPOOL_ROWS", 2)
     with pytest.raises(StoreError) as ei:
         index_bytes(gzip.compress(RICH_TAR, 1), "gzip", spool_dir=tmp_path / "missing")
     assert "temporary file" in ei.value.message and ei.value.where == str(tmp_path / "missing")
@@ -355,7 +355,7 @@ def test_gnu_sparse_files_from_tar(tmp_path, args):
     blob_path = tmp_path / "blob"
     blob_path.write_bytes(gzip.compress(tar, 1))
     from layerfs.fs import read_sparse
-    with gzindex.open_reader(blob_path, "gzip", idx.checkpoints) as r:
+    with readers.open_reader(blob_path, "gzip", idx.checkpoints) as r:
         assert read_sparse(r, list(e.sparse), 0, e.size) == content
         a = got["after"]
         assert r.read(a.offset, a.size) == b"after the sparse file"
@@ -575,8 +575,8 @@ def test_reader_with_many_checkpoints(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(blob)
     idx = index_bytes(blob, "gzip", [8192], span=64 << 10)
-    assert len(gzindex.SeekIndex.from_bytes(idx.checkpoints).checkpoints) > 10
-    with gzindex.open_reader(path, "gzip", idx.checkpoints, cache_bytes=0) as r:
+    assert len(seek.SeekIndex.from_bytes(idx.checkpoints).checkpoints) > 10
+    with readers.open_reader(path, "gzip", idx.checkpoints, cache_bytes=0) as r:
         order = list(zip(idx.entries, members))
         rng.shuffle(order)
         for e, (_, data) in order:
@@ -620,7 +620,7 @@ def test_load_or_build_verifies_the_blob(tmp_path):
 
 # --- the fast header path equals tarfile's own -------------------------------------------
 
-from layerfs.index.layerindex import _TarInfo  # noqa: E402
+from layerfs.index.tarscan import _TarInfo  # noqa: E402
 
 _SLOTS = [s for s in tarfile.TarInfo.__slots__ if s not in ("tarfile", "_link_target")]
 
