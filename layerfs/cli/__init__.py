@@ -1,4 +1,5 @@
-"""The command line: parsing, docker-style output, exit codes.
+"""The command line: parsing, docker-style output, exit codes (the entry point is ``layerfs.cli.main:main``;
+each command group is a module of its own, imported only when one of its commands runs).
 
 The names below are this package's public face; each is imported from its module on
 first use (PEP 562), so importing the package costs nothing."""

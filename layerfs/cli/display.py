@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import re
 import sys
 import threading
 from typing import Sequence, TextIO
+
+from layerfs.errors import UsageError
 
 _DECIMAL_UNITS = ["B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB"]
 
@@ -170,8 +174,6 @@ class PullProgress:
 def render_template(template: str, doc) -> str:
     """A small subset of Go templates as docker's ``--format`` uses them:
     ``{{.Field.Sub}}``, ``{{json .Field}}`` and ``{{index .Map "key"}}``."""
-    import json
-    import re
 
     def lookup(path: str):
         cur = doc
@@ -179,7 +181,6 @@ def render_template(template: str, doc) -> str:
             if isinstance(cur, dict) and part in cur:
                 cur = cur[part]
             else:
-                from layerfs.errors import UsageError
                 raise UsageError(f"template: no field {part!r} in {path!r}")
         return cur
 

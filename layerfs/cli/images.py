@@ -1,0 +1,345 @@
+"""The local images: ``images`` (``image ls``), ``history``, ``inspect``, ``rmi``, ``prune``; and ``search``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from fnmatch import fnmatch
+from typing import TYPE_CHECKING
+
+from layerfs.cli.display import ellipsis, human_size, parse_time, render_template, since, table
+from layerfs.errors import ImageInUse, ImageNotFound, LayerfsError, UsageError
+from layerfs.image import Digest, Manifest, Reference
+from layerfs.index import index_path
+from layerfs.lazy import prune_lazy, served_blobs
+from layerfs.registry import search
+from layerfs.transfer import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, layer_facts_from_blob
+
+if TYPE_CHECKING:
+    from layerfs.cli.main import Context
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(command: str, s: argparse.ArgumentParser) -> None:
+    if command == "images":
+        _images_arguments(s)
+    elif command == "image":
+        isub = s.add_subparsers(dest="image_command", metavar="SUBCOMMAND")
+        _images_arguments(isub.add_parser("ls", aliases=["list"], help="list local images"))
+    elif command == "history":
+        s.add_argument("ref", metavar="REF")
+        s.add_argument("--no-trunc", action="store_true")
+        s.add_argument("-H", "--human", type=_bool, nargs="?", const=True, default=True, metavar="BOOL",
+                       help="human sizes and dates (default true; -H=false for raw)")
+        s.add_argument("-q", "--quiet", action="store_true")
+        s.set_defaults(func=cmd_history)
+    elif command == "inspect":
+        s.add_argument("refs", nargs="+", metavar="REF")
+        s.add_argument("-f", "--format", help="Go-template-like field path, e.g. '{{.Id}}' or '{{json .Config}}'")
+        s.set_defaults(func=cmd_inspect)
+    elif command == "search":
+        s.add_argument("term", metavar="TERM")
+        s.add_argument("--limit", type=int, default=25)
+        s.add_argument("--no-trunc", action="store_true")
+        s.add_argument("-f", "--filter", action="append", metavar="KEY=VALUE")
+        s.add_argument("--format", choices=["table", "json"], default=None)
+        s.add_argument("--index", default=None, metavar="URL",
+                       help="search index URL (default https://index.docker.io; env LAYERFS_SEARCH_INDEX)")
+        s.set_defaults(func=cmd_search)
+    elif command == "rmi":
+        s.add_argument("refs", nargs="+", metavar="REF")
+        s.add_argument("-f", "--force", action="store_true")
+        s.add_argument("--no-prune", action="store_true", help="only untag")
+        s.set_defaults(func=cmd_rmi)
+    elif command == "prune":
+        s.set_defaults(func=cmd_prune)
+
+
+def _images_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("filter_ref", nargs="?", metavar="REPOSITORY[:TAG]")
+    s.add_argument("-q", "--quiet", action="store_true", help="only image ids")
+    s.add_argument("--digests", action="store_true", help="show digests")
+    s.add_argument("--no-trunc", action="store_true", help="full image ids")
+    s.add_argument("--format", choices=["table", "json"], default=None)
+    s.set_defaults(func=cmd_images)
+
+
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on", "t"):
+        return True
+    if t in ("0", "false", "no", "off", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {text!r}")
+
+
+def _layer_sizes(store, manifest: Manifest) -> list[int]:
+    sizes = []
+    for l in manifest.layers:
+        info = store.layer_info(l.digest)
+        if info is None and store.has_blob(l.digest, l.size):
+            try:
+                info = layer_facts_from_blob(store, l)
+            except LayerfsError as e:
+                log.warning("cannot read layer %s: %s", l.digest.short, e)
+        sizes.append(int(info["size"]) if info and isinstance(info.get("size"), int) else l.size)
+    return sizes
+
+
+def _repo_digest(rec) -> str:
+    return (rec.descriptor.annotations or {}).get(REPO_DIGEST_ANNOTATION) or str(rec.descriptor.digest)
+
+
+def _image_rows(ctx: Context):
+    """(record, reference, manifest, config, size) for each local image."""
+    store = ctx.store
+    out = []
+    for rec in store.images():
+        ref = rec.reference
+        try:
+            m = store.manifest(rec.descriptor.digest)
+            if not isinstance(m, Manifest):
+                continue
+            cfg = store.config(m)
+        except LayerfsError as e:
+            log.warning("skipping %s: %s", rec.name, e)
+            continue
+        out.append((rec, ref, m, cfg, sum(_layer_sizes(store, m))))
+    return out
+
+
+def cmd_images(ctx: Context) -> int:
+    a = ctx.args
+    rows = _image_rows(ctx)
+    if a.filter_ref:
+        rows = [r for r in rows if r[1] and (fnmatch(r[1].familiar_name, a.filter_ref)
+                                             or fnmatch(r[1].name, a.filter_ref)
+                                             or fnmatch(r[1].familiar(), a.filter_ref))]
+    rows.sort(key=lambda r: (r[3].created or ""), reverse=True)
+    if a.quiet:
+        seen = []
+        for r in rows:
+            iid = r[2].config.digest.hex[:64 if a.no_trunc else 12]
+            if iid not in seen:
+                seen.append(iid)
+        for iid in seen:
+            print(iid if not a.no_trunc else "sha256:" + iid)
+        return 0
+    if a.format == "json":
+        for rec, ref, m, cfg, size in rows:
+            print(json.dumps({
+                "Containers": "N/A", "CreatedAt": cfg.created or "", "CreatedSince": since(cfg.created),
+                "Digest": _repo_digest(rec), "ID": m.config.digest.short if not a.no_trunc else str(m.config.digest),
+                "Repository": ref.familiar_name if ref else rec.name, "SharedSize": "N/A",
+                "Size": human_size(size), "Tag": (ref.tag if ref and ref.tag else "<none>"),
+                "UniqueSize": "N/A", "VirtualSize": human_size(size)}, separators=(",", ":")))
+        return 0
+    if a.format not in (None, "table"):
+        raise UsageError(f"unsupported --format {a.format!r}", hint="use 'table' or 'json'")
+    header = ["REPOSITORY", "TAG"] + (["DIGEST"] if a.digests else []) + ["IMAGE ID", "CREATED", "SIZE"]
+    table_rows = [header]
+    for rec, ref, m, cfg, size in rows:
+        iid = str(m.config.digest) if a.no_trunc else m.config.digest.short
+        row = [ref.familiar_name if ref else rec.name, ref.tag if ref and ref.tag else "<none>"]
+        if a.digests:
+            row.append(_repo_digest(rec))
+        row += [iid, since(cfg.created), human_size(size)]
+        table_rows.append(row)
+    table(table_rows, sys.stdout)
+    return 0
+
+
+def cmd_history(ctx: Context) -> int:
+    a = ctx.args
+    rec, m = ctx.store.resolve(a.ref)
+    cfg = ctx.store.config(m)
+    sizes = _layer_sizes(ctx.store, m)
+    hist = cfg.history
+    rows = []
+    li = 0
+    if not hist:  # images without history: one row per layer
+        for i, l in enumerate(m.layers):
+            rows.append((None, "", sizes[i], ""))
+    for h in hist:
+        size = 0
+        if not h.empty_layer:
+            size = sizes[li] if li < len(sizes) else 0
+            li += 1
+        rows.append((h.created, h.created_by, size, h.comment))
+    rows.reverse()
+    out = [["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]]
+    for i, (created, created_by, size, comment) in enumerate(rows):
+        iid = (str(m.config.digest) if a.no_trunc else m.config.digest.short) if i == 0 else "<missing>"
+        if a.human:
+            when = since(created)
+            sz = human_size(size)
+        else:
+            d = parse_time(created)
+            when = d.isoformat().replace("+00:00", "Z") if d else "N/A"
+            sz = str(size)
+        by = " ".join(created_by.split("\n")) if not a.no_trunc else created_by
+        if not a.no_trunc:
+            by = ellipsis(by, 45)
+        out.append([iid, when, by, sz, comment])
+    if a.quiet:
+        print(out[1][0])
+        return 0
+    table(out, sys.stdout)
+    return 0
+
+
+def cmd_inspect(ctx: Context) -> int:
+    a = ctx.args
+    store = ctx.store
+    docs = []
+    for text in a.refs:
+        rec, m = store.resolve(text)
+        cfg = store.config(m)
+        sizes = _layer_sizes(store, m)
+        tags, digests = [], []
+        for other in store.images():
+            if other.descriptor.digest == rec.descriptor.digest and other.reference:
+                r = other.reference
+                if r.tag:
+                    tags.append(r.familiar())
+                digests.append(f"{r.familiar_name}@{_repo_digest(other)}")
+        layers = []
+        for l, size in zip(m.layers, sizes):
+            info = store.layer_info(l.digest) or {}
+            layers.append({"Digest": str(l.digest), "MediaType": l.media_type, "Size": l.size,
+                           "UncompressedSize": size, "DiffID": info.get("diff_id"),
+                           "IndexSize": _index_size(store, l.digest)})
+        doc = cfg.doc
+        docs.append({
+            "Id": str(m.config.digest),
+            "RepoTags": sorted(set(tags)),
+            "RepoDigests": sorted(set(digests)),
+            "Created": cfg.created,
+            "Author": doc.get("author", ""),
+            "Architecture": doc.get("architecture"),
+            "Variant": doc.get("variant"),
+            "Os": doc.get("os"),
+            "Config": doc.get("config") or {},
+            "Size": sum(sizes),
+            "RootFS": {"Type": "layers", "Layers": [str(d) for d in cfg.diff_ids]},
+            "History": doc.get("history") or [],
+            "Manifest": {"Digest": str(m.digest), "MediaType": m.media_type, "Size": len(m.raw),
+                         "Config": m.config.to_json(), "Annotations": dict(m.annotations or {})},
+            "SourceManifest": _source_manifest(store, rec),
+            "Layers": layers,
+        })
+    if a.format:
+        for d in docs:
+            print(render_template(a.format, d))
+        return 0
+    print(json.dumps(docs, indent=4))
+    return 0
+
+
+def _index_size(store, digest) -> int | None:
+    """Bytes of the layer's index file (TOC + random-access checkpoints), None when not built yet."""
+    try:
+        return index_path(store, digest).stat().st_size
+    except OSError:
+        return None
+
+
+def _source_manifest(store, rec) -> dict | None:
+    """The manifest as the registry served it, when the store keeps an OCI form of it."""
+    val = (rec.descriptor.annotations or {}).get(SOURCE_MANIFEST_ANNOTATION)
+    if not val:
+        return None
+    d = Digest.parse(val)
+    m = store.manifest(d)
+    return {"Digest": str(d), "MediaType": m.media_type, "Size": len(m.raw)}
+
+
+def cmd_search(ctx: Context) -> int:
+    a = ctx.args
+    if not 1 <= a.limit <= 100:
+        raise UsageError(f"--limit {a.limit} is out of range", hint="use a limit between 1 and 100")
+    stars_min, official = 0, None
+    for f in a.filter or []:
+        key, _, val = f.partition("=")
+        if key == "stars" and val.isdigit():
+            stars_min = int(val)
+        elif key == "is-official":
+            official = _bool(val)
+        else:
+            raise UsageError(f"invalid filter {f!r}", hint="filters: stars=N, is-official=true|false")
+    results = search(a.term, limit=a.limit, index_url=a.index, options=ctx.registry_options())
+    results = [r for r in results if r.stars >= stars_min and (official is None or r.official == official)]
+    if a.format == "json":
+        for r in results:
+            print(json.dumps({"Name": r.name, "Description": r.description, "StarCount": str(r.stars),
+                              "IsOfficial": str(r.official).lower()}, separators=(",", ":")))
+        return 0
+    rows = [["NAME", "DESCRIPTION", "STARS", "OFFICIAL"]]
+    for r in results:
+        desc = " ".join(r.description.split("\n"))
+        rows.append([r.name, desc if a.no_trunc else ellipsis(desc, 45), str(r.stars), "[OK]" if r.official else ""])
+    table(rows, sys.stdout)
+    return 0
+
+
+def cmd_rmi(ctx: Context) -> int:
+    a = ctx.args
+    store = ctx.store
+    store.init()
+    status = 0
+    for text in a.refs:
+        try:
+            _rmi_one(store, text, a.force, a.no_prune)
+        except LayerfsError as e:
+            print(f"Error response from layerfs: {e.one_line()}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def _rmi_one(store, text: str, force: bool, no_prune: bool) -> None:
+    try:
+        ref = Reference.parse(text)
+    except LayerfsError:
+        ref = None
+    rec = store.find(ref) if ref else None
+    targets = [rec] if rec else []
+    if not targets:
+        matches = store.find_by_id(text)
+        if not matches:
+            raise ImageNotFound(f"no such image: {text}")
+        digests = {r.descriptor.digest for r in matches}
+        if len(digests) > 1:
+            raise ImageNotFound(f"image id {text!r} is ambiguous", hint="give more digits")
+        targets = matches
+        if len(targets) > 1 and not force:
+            raise ImageInUse(f"unable to delete {text} (must be forced) - image is referenced in multiple repositories",
+                             hint="remove the tags one by one, or use --force")
+    deleted_manifest = targets[0].descriptor.digest
+    for t in targets:
+        store.untag(t.name)
+        r = t.reference
+        print(f"Untagged: {r.familiar() if r else t.name}")
+    if any(r.descriptor.digest == deleted_manifest for r in store.images()):
+        return
+    try:
+        m = store.manifest(deleted_manifest)
+    except LayerfsError:
+        m = None
+    if not no_prune and isinstance(m, Manifest):
+        store.gc(candidates={deleted_manifest, m.config.digest, *(l.digest for l in m.layers)},
+                 keep=served_blobs(store))
+        print(f"Deleted: {m.config.digest}")
+
+
+def cmd_prune(ctx: Context) -> int:
+    store = ctx.store
+    store.init()
+    removed, freed = store.gc(keep=served_blobs(store))
+    lazy_removed, lazy_freed = prune_lazy(store)
+    print(f"Deleted blobs: {removed}")
+    if lazy_removed:
+        print(f"Deleted lazy caches: {lazy_removed}")
+    print(f"Total reclaimed space: {human_size(freed + lazy_freed)}")
+    return 0
