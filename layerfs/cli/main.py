@@ -15,10 +15,14 @@ import argparse
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from layerfs import __version__
 from layerfs.errors import LayerfsError
+
+if TYPE_CHECKING:
+    from layerfs.registry import RegistryOptions
+    from layerfs.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +67,14 @@ class Context:
     program: bool = False      # main() runs as the program (its caller exits with its code), not in-process
 
     @property
-    def store(self):
+    def store(self) -> Store:
         # imported here: version, login, logout and search need no store
         from layerfs.store import Store
         if not hasattr(self, "_store"):
             self._store = Store(self.args.root)
         return self._store
 
-    def registry_options(self, **kw):
+    def registry_options(self, **kw) -> RegistryOptions:
         # imported here: the registry client loads requests & co., which a mount of a local image never needs
         from layerfs.registry import RegistryOptions
         return RegistryOptions.from_env(insecure_registries=tuple(self.args.insecure_registry or ()), **kw)
