@@ -1,4 +1,4 @@
-"""The local images: ``images`` (``image ls``), ``history``, ``inspect``, ``rmi``, ``prune``; and ``search``."""
+"""The local images shown: ``images`` (``image ls``), ``history``, ``inspect``; and ``search`` (Docker Hub's)."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +9,9 @@ from fnmatch import fnmatch
 from typing import TYPE_CHECKING
 
 from layerfs.cli.display import ellipsis, human_size, parse_time, render_template, since, table
-from layerfs.errors import ImageInUse, ImageNotFound, LayerfsError, UsageError
-from layerfs.image import Digest, Manifest, Reference
+from layerfs.errors import LayerfsError, UsageError
+from layerfs.image import Digest, Manifest
 from layerfs.index import index_path
-from layerfs.lazy import prune_lazy, served_blobs
 from layerfs.registry import search
 from layerfs.transfer import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, layer_facts_from_blob
 
@@ -48,13 +47,6 @@ def add_arguments(command: str, s: argparse.ArgumentParser) -> None:
         s.add_argument("--index", default=None, metavar="URL",
                        help="search index URL (default https://index.docker.io; env LAYERFS_SEARCH_INDEX)")
         s.set_defaults(func=cmd_search)
-    elif command == "rmi":
-        s.add_argument("refs", nargs="+", metavar="REF")
-        s.add_argument("-f", "--force", action="store_true")
-        s.add_argument("--no-prune", action="store_true", help="only untag")
-        s.set_defaults(func=cmd_rmi)
-    elif command == "prune":
-        s.set_defaults(func=cmd_prune)
 
 
 def _images_arguments(s: argparse.ArgumentParser) -> None:
@@ -281,65 +273,4 @@ def cmd_search(ctx: Context) -> int:
         desc = " ".join(r.description.split("\n"))
         rows.append([r.name, desc if a.no_trunc else ellipsis(desc, 45), str(r.stars), "[OK]" if r.official else ""])
     table(rows, sys.stdout)
-    return 0
-
-
-def cmd_rmi(ctx: Context) -> int:
-    a = ctx.args
-    store = ctx.store
-    store.init()
-    status = 0
-    for text in a.refs:
-        try:
-            _rmi_one(store, text, a.force, a.no_prune)
-        except LayerfsError as e:
-            print(f"Error response from layerfs: {e.one_line()}", file=sys.stderr)
-            status = 1
-    return status
-
-
-def _rmi_one(store, text: str, force: bool, no_prune: bool) -> None:
-    try:
-        ref = Reference.parse(text)
-    except LayerfsError:
-        ref = None
-    rec = store.find(ref) if ref else None
-    targets = [rec] if rec else []
-    if not targets:
-        matches = store.find_by_id(text)
-        if not matches:
-            raise ImageNotFound(f"no such image: {text}")
-        digests = {r.descriptor.digest for r in matches}
-        if len(digests) > 1:
-            raise ImageNotFound(f"image id {text!r} is ambiguous", hint="give more digits")
-        targets = matches
-        if len(targets) > 1 and not force:
-            raise ImageInUse(f"unable to delete {text} (must be forced) - image is referenced in multiple repositories",
-                             hint="remove the tags one by one, or use --force")
-    deleted_manifest = targets[0].descriptor.digest
-    for t in targets:
-        store.untag(t.name)
-        r = t.reference
-        print(f"Untagged: {r.familiar() if r else t.name}")
-    if any(r.descriptor.digest == deleted_manifest for r in store.images()):
-        return
-    try:
-        m = store.manifest(deleted_manifest)
-    except LayerfsError:
-        m = None
-    if not no_prune and isinstance(m, Manifest):
-        store.gc(candidates={deleted_manifest, m.config.digest, *(l.digest for l in m.layers)},
-                 keep=served_blobs(store))
-        print(f"Deleted: {m.config.digest}")
-
-
-def cmd_prune(ctx: Context) -> int:
-    store = ctx.store
-    store.init()
-    removed, freed = store.gc(keep=served_blobs(store))
-    lazy_removed, lazy_freed = prune_lazy(store)
-    print(f"Deleted blobs: {removed}")
-    if lazy_removed:
-        print(f"Deleted lazy caches: {lazy_removed}")
-    print(f"Total reclaimed space: {human_size(freed + lazy_freed)}")
     return 0

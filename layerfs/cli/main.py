@@ -3,7 +3,8 @@
 Each command lives in a module of this package that defines its arguments and its ``cmd_*``
 function; :data:`COMMANDS` names that module and the command's line in ``layerfs --help``, so the
 parser is built without importing any command module, and only the module of the command that
-runs (or whose help is asked for) is imported.
+runs (or whose help is asked for) is imported. A new command is a line in :data:`COMMANDS` and, in the
+module of its group, its arguments (``add_arguments``) and its ``cmd_*`` function.
 
 Errors are mapped to exit codes in one place (:func:`main`): 0 ok, 1 error,
 2 usage. Every failure is one line on stderr, never a traceback (``--debug``
@@ -39,8 +40,8 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "history": ("images", (), "show the layers of an image"),
     "inspect": ("images", (), "image details as JSON"),
     "search": ("images", (), "search Docker Hub (or --index) for images"),
-    "rmi": ("images", (), "remove images (untag; delete blobs nothing else uses)"),
-    "prune": ("images", (), "delete blobs no image references"),
+    "rmi": ("remove", (), "remove images (untag; delete blobs nothing else uses)"),
+    "prune": ("remove", (), "delete blobs no image references"),
     "login": ("auth", (), "log in to a registry"),
     "logout": ("auth", (), "log out from a registry"),
     "mount": ("mounts", (), "mount an image (pulled if absent); returns once the mount answers"),

@@ -73,6 +73,15 @@ def test_command_help_shows_all_arguments_and_imports_only_its_module(command):
                 assert flag in p.stdout, flag
 
 
+def test_commands_of_the_local_store_load_no_registry_client(tmp_path):
+    """version, mounts, rmi and prune work on the store alone: requests & co. are never imported."""
+    registry = {"requests", "urllib3", "layerfs.registry.client", "layerfs.transfer.pull"}
+    for args in (["version"], ["mounts"], ["prune"], ["rmi", "nosuch:1"]):
+        p = layerfs("--root", str(tmp_path / "store"), *args, importtime=True)
+        assert p.returncode == (1 if args[0] == "rmi" else 0), p.stderr[-2000:]
+        assert not imported(p) & registry, (args, sorted(imported(p) & registry))
+
+
 def test_usage_errors_of_a_command_are_its_own(capsys):
     with pytest.raises(SystemExit) as ei:
         main(["mount", "x"])
