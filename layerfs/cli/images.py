@@ -8,6 +8,7 @@ import sys
 from fnmatch import fnmatch
 from typing import TYPE_CHECKING
 
+from layerfs.cli.argtypes import BOOL_WORDS, bool_arg
 from layerfs.cli.display import ellipsis, human_size, parse_time, render_template, since, table
 from layerfs.errors import LayerfsError, UsageError
 from layerfs.image import Digest, Manifest
@@ -30,7 +31,7 @@ def add_arguments(command: str, s: argparse.ArgumentParser) -> None:
     elif command == "history":
         s.add_argument("ref", metavar="REF")
         s.add_argument("--no-trunc", action="store_true")
-        s.add_argument("-H", "--human", type=_bool, nargs="?", const=True, default=True, metavar="BOOL",
+        s.add_argument("-H", "--human", type=bool_arg, nargs="?", const=True, default=True, metavar="BOOL",
                        help="human sizes and dates (default true; -H=false for raw)")
         s.add_argument("-q", "--quiet", action="store_true")
         s.set_defaults(func=cmd_history)
@@ -56,15 +57,6 @@ def _images_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-trunc", action="store_true", help="full image ids")
     s.add_argument("--format", choices=["table", "json"], default=None)
     s.set_defaults(func=cmd_images)
-
-
-def _bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("1", "true", "yes", "on", "t"):
-        return True
-    if t in ("0", "false", "no", "off", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"invalid boolean value {text!r}")
 
 
 def _layer_sizes(store, manifest: Manifest) -> list[int]:
@@ -257,8 +249,8 @@ def cmd_search(ctx: Context) -> int:
         key, _, val = f.partition("=")
         if key == "stars" and val.isdigit():
             stars_min = int(val)
-        elif key == "is-official":
-            official = _bool(val)
+        elif key == "is-official" and val.strip().lower() in BOOL_WORDS:
+            official = bool_arg(val)
         else:
             raise UsageError(f"invalid filter {f!r}", hint="filters: stars=N, is-official=true|false")
     results = search(a.term, limit=a.limit, index_url=a.index, options=ctx.registry_options())

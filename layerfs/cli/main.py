@@ -45,7 +45,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "login": ("auth", (), "log in to a registry"),
     "logout": ("auth", (), "log out from a registry"),
     "mount": ("mounts", (), "mount an image (pulled if absent); returns once the mount answers"),
-    "convert": ("publish", (), "write a converted copy of a local image (eStargz layers)"),
+    "convert": ("convert", (), "write a converted copy of a local image (eStargz layers)"),
     "umount": ("mounts", ("unmount",), "unmount a layerfs mount"),
     "rm": ("mounts", (), "delete upper directories the store keeps for writable mounts"),
     "mounts": ("mounts", (), "list layerfs mounts: running, or dead (daemon gone; 'umount' cleans up)"),

@@ -1,22 +1,14 @@
-"""Images out to registries and into other forms: ``push``, ``index push`` (seek indexes for lazy mounts)
-and ``convert`` (eStargz)."""
+"""Images out to registries: ``push``, and ``index push`` (the seek indexes that lazy mounts of gzip layers
+read)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from layerfs.cli.argtypes import size_arg
 from layerfs.cli.display import PullProgress, human_size, progress_bar
-from layerfs.errors import UsageError
-from layerfs.transfer import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_CHUNK_THRESHOLD,
-    Pusher,
-    PushOptions,
-    convert_image,
-    push_index,
-    push_target,
-)
+from layerfs.transfer import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_THRESHOLD, Pusher, PushOptions, push_index, push_target
 
 if TYPE_CHECKING:
     from layerfs.cli.main import Context
@@ -28,36 +20,19 @@ def add_arguments(command: str, s: argparse.ArgumentParser) -> None:
         s.add_argument("newref", nargs="?", metavar="NEWREF", help="push under this name instead (NAME[:TAG])")
         s.add_argument("-q", "--quiet", action="store_true", help="print only the pushed reference")
         s.add_argument("--max-concurrent-uploads", type=int, default=3, metavar="N")
-        s.add_argument("--chunk-threshold", type=_size_arg, default=None, metavar="SIZE",
+        s.add_argument("--chunk-threshold", type=size_arg, default=None, metavar="SIZE",
                        help="upload blobs larger than this in chunks (default 64M)")
-        s.add_argument("--chunk-size", type=_size_arg, default=None, metavar="SIZE", help="chunk size (default 16M)")
+        s.add_argument("--chunk-size", type=size_arg, default=None, metavar="SIZE", help="chunk size (default 16M)")
         s.set_defaults(func=cmd_push)
     elif command == "index":
         isub = s.add_subparsers(dest="index_command", metavar="COMMAND")
         i = isub.add_parser("push", help="publish the layer indexes of a local image to its registry, attached to "
                                          "the image (referrers API, else the sha256-<hex> tag)")
         i.add_argument("ref", metavar="REF", help="a local image, by the name it was pushed or pulled as")
-        i.add_argument("--span", type=_size_arg, default=1 << 20, metavar="SIZE",
+        i.add_argument("--span", type=size_arg, default=1 << 20, metavar="SIZE",
                        help="uncompressed bytes between checkpoints: about what a lazy read fetches (default 1M)")
         i.add_argument("-q", "--quiet", action="store_true", help="print only the digest of the index artifact")
         i.set_defaults(func=cmd_index_push)
-    elif command == "convert":
-        s.add_argument("--estargz", action="store_true", help="convert the layers to eStargz (lazily mountable)")
-        s.add_argument("--chunk-size", type=_size_arg, default=4 << 20, metavar="SIZE",
-                       help="eStargz chunk size of large files (default 4MiB)")
-        s.add_argument("src", metavar="SRC")
-        s.add_argument("newref", metavar="NEWREF")
-        s.set_defaults(func=cmd_convert)
-
-
-def _size_arg(text: str) -> int:
-    """A byte count: 1048576, 64k, 16M, 1G (powers of 1024)."""
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(t[-1:], 1)
-    num = t[:-1] if t[-1:] in ("k", "m", "g") else t
-    if not num.isdigit():
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 1048576, 512k, 16M)")
-    return int(num) * mult
 
 
 class _PushProgress:
@@ -106,13 +81,4 @@ def cmd_index_push(ctx: Context) -> int:
     else:
         print(f"Published the layer index of {a.ref} ({len(result.layers)} layer(s)): {result.digest}, "
               f"attached to {result.subject} through the {result.via}")
-    return 0
-
-
-def cmd_convert(ctx: Context) -> int:
-    a = ctx.args
-    if not a.estargz:
-        raise UsageError("convert needs a target format", hint="use --estargz")
-    m = convert_image(ctx.store, a.src, a.newref, chunk_size=a.chunk_size)
-    print(m.digest)
     return 0

@@ -96,3 +96,15 @@ def test_usage_errors_of_a_command_are_its_own(capsys):
         main(["--bogus", "version"])
     assert ei.value.code == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ei:
+        main(["history", "-H=maybe", "x"])
+    assert ei.value.code == 2
+    assert "argument -H/--human: invalid boolean value 'maybe'" in capsys.readouterr().err
+
+
+def test_a_bad_search_filter_is_a_usage_error(capsys):
+    """Checked before the index is asked: one line, exit code 2."""
+    for bad in ("is-official=maybe", "stars=many", "color=red"):
+        assert main(["search", "--index", "http://127.0.0.1:9", "-f", bad, "x"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"layerfs: error: invalid filter {bad!r} (hint: filters: stars=N, is-official=true|false)\n"
