@@ -1,4 +1,4 @@
-"""The mounts: ``mount``, ``umount`` (``unmount``), ``rm`` (stored upper directories) and ``mounts``.
+"""Mounting: ``mount`` and ``umount`` (``unmount``).
 
 A mount of a local image imports neither the registry client (requests & co.) nor the lazy mounts
 nor the FUSE adapter (the daemon does): the pull and the lazy mount are imported on the paths that take them.
@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import json
 import logging
 import os
 import sys
 import threading
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Sequence
 
-from layerfs.cli.display import PullProgress, table
+from layerfs.cli.display import PullProgress
 from layerfs.errors import ImageNotFound, UsageError
 from layerfs.image import Platform, is_local_source
-from layerfs.lazy import forget_stale_status, lazy_status
-from layerfs.mount import MountOptions, mount_image, mount_states, remove_upper, stored_upper_id, umount
+from layerfs.mount import MountOptions, mount_image, stored_upper_id, umount
 
 if TYPE_CHECKING:
     from layerfs.cli.main import Context
@@ -56,13 +53,6 @@ def add_arguments(command: str, s: argparse.ArgumentParser) -> None:
         s.add_argument("mountpoint", metavar="MOUNTPOINT")
         s.add_argument("--rm", action="store_true", help="also delete the mount's upper directory (if the store's)")
         s.set_defaults(func=cmd_umount)
-    elif command == "rm":
-        s.add_argument("ids", nargs="+", metavar="ID|UPPER", help="the id (ROOT/uppers/ID) or the upper's path")
-        s.set_defaults(func=cmd_rm)
-    elif command == "mounts":
-        s.add_argument("-q", "--quiet", action="store_true", help="only mount points")
-        s.add_argument("--format", choices=["table", "json"], default=None)
-        s.set_defaults(func=cmd_mounts)
 
 
 def fuse_options(values: Sequence[str] | None) -> list[str]:
@@ -165,42 +155,4 @@ def cmd_umount(ctx: Context) -> int:
     if ctx.args.rm and rec is not None and rec.upper and stored_upper_id(ctx.store, rec.upper) is None:
         print(f"layerfs: kept {rec.upper} (given with --upper; only upper directories of the store are removed)",
               file=sys.stderr)
-    return 0
-
-
-def cmd_rm(ctx: Context) -> int:
-    for what in ctx.args.ids:
-        remove_upper(ctx.store, what)
-        print(what)
-    return 0
-
-
-def cmd_mounts(ctx: Context) -> int:
-    a = ctx.args
-    listed = mount_states(ctx.store)
-    records = [r for r, _ in listed]
-    state = {r.mountpoint: s for r, s in listed}
-    if a.quiet:
-        for r in records:
-            print(r.mountpoint)
-        return 0
-    forget_stale_status(ctx.store)
-    fetched = {r.mountpoint: lazy_status(ctx.store, r) for r in records}
-    if a.format == "json":
-        for r in records:
-            doc = dict(asdict(r), state=state[r.mountpoint])
-            if fetched[r.mountpoint] is not None:
-                doc["fetched"] = [round(f, 4) for f in fetched[r.mountpoint]]
-            print(json.dumps(doc, separators=(",", ":")))
-        return 0
-    lazy = any(v is not None for v in fetched.values())
-    rows = [["IMAGE", "MOUNTPOINT", "PID", "STATE", "UPPER"] + (["FETCHED (PER LAYER)"] if lazy else [])]
-    for r in records:
-        image = r.image if r.layer is None else f"{r.image} (layer {r.layer})"
-        row = [image, r.mountpoint, str(r.pid), state[r.mountpoint], r.upper or "<none>"]
-        if lazy:
-            f = fetched[r.mountpoint]
-            row.append(" ".join(f"{int(x * 100)}%" for x in f) if f is not None else "-")
-        rows.append(row)
-    table(rows, sys.stdout)
     return 0
