@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from layerfs import __version__
@@ -60,18 +59,20 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
 _ALIASES = {alias: name for name, (_, aliases, _) in COMMANDS.items() for alias in aliases}
 
 
-@dataclass
 class Context:
-    """What every command gets: the parsed arguments, and the store and registry options they name."""
+    """What every command gets: the parsed arguments, and the store and registry options they name.
+    (A plain class: dataclasses, with inspect and ast, would add some 6 ms to ``version`` and ``--help``.)"""
 
-    args: argparse.Namespace
-    program: bool = False      # main() runs as the program (its caller exits with its code), not in-process
+    def __init__(self, args: argparse.Namespace, *, program: bool = False):
+        self.args = args
+        self.program = program     # main() runs as the program (its caller exits with its code), not in-process
+        self._store: Store | None = None
 
     @property
     def store(self) -> Store:
         # imported here: version, login, logout and search need no store
         from layerfs.store import Store
-        if not hasattr(self, "_store"):
+        if self._store is None:
             self._store = Store(self.args.root)
         return self._store
 
