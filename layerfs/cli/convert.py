@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from layerfs.changes import parse_new_reference
 from layerfs.cli.argtypes import size_arg
 from layerfs.errors import UsageError
 from layerfs.transfer import convert_image
@@ -25,6 +26,6 @@ def cmd_convert(ctx: Context) -> int:
     a = ctx.args
     if not a.estargz:
         raise UsageError("convert needs a target format", hint="use --estargz")
-    m = convert_image(ctx.store, a.src, a.newref, chunk_size=a.chunk_size)
+    m = convert_image(ctx.store, a.src, parse_new_reference(a.newref), chunk_size=a.chunk_size)
     print(m.digest)
     return 0
