@@ -1,4 +1,4 @@
-"""The local images shown: ``images`` (``image ls``), ``history``, ``inspect``; and ``search`` (Docker Hub's)."""
+"""The local images shown: ``images`` (``image ls``), ``history``, ``inspect``."""
 from __future__ import annotations
 
 import argparse
@@ -8,13 +8,13 @@ import sys
 from fnmatch import fnmatch
 from typing import TYPE_CHECKING
 
-from layerfs.cli.argtypes import BOOL_WORDS, bool_arg
+from layerfs.cli.argtypes import bool_arg
 from layerfs.cli.display import ellipsis, human_size, parse_time, render_template, since, table
 from layerfs.errors import LayerfsError, UsageError
 from layerfs.image import Digest, Manifest
 from layerfs.index import index_path
-from layerfs.registry import search
-from layerfs.transfer import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, layer_facts_from_blob
+from layerfs.index import layer_facts_from_blob
+from layerfs.store import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION
 
 if TYPE_CHECKING:
     from layerfs.cli.main import Context
@@ -39,15 +39,6 @@ def add_arguments(command: str, s: argparse.ArgumentParser) -> None:
         s.add_argument("refs", nargs="+", metavar="REF")
         s.add_argument("-f", "--format", help="Go-template-like field path, e.g. '{{.Id}}' or '{{json .Config}}'")
         s.set_defaults(func=cmd_inspect)
-    elif command == "search":
-        s.add_argument("term", metavar="TERM")
-        s.add_argument("--limit", type=int, default=25)
-        s.add_argument("--no-trunc", action="store_true")
-        s.add_argument("-f", "--filter", action="append", metavar="KEY=VALUE")
-        s.add_argument("--format", choices=["table", "json"], default=None)
-        s.add_argument("--index", default=None, metavar="URL",
-                       help="search index URL (default https://index.docker.io; env LAYERFS_SEARCH_INDEX)")
-        s.set_defaults(func=cmd_search)
 
 
 def _images_arguments(s: argparse.ArgumentParser) -> None:
@@ -238,31 +229,3 @@ def _source_manifest(store, rec) -> dict | None:
     d = Digest.parse(val)
     m = store.manifest(d)
     return {"Digest": str(d), "MediaType": m.media_type, "Size": len(m.raw)}
-
-
-def cmd_search(ctx: Context) -> int:
-    a = ctx.args
-    if not 1 <= a.limit <= 100:
-        raise UsageError(f"--limit {a.limit} is out of range", hint="use a limit between 1 and 100")
-    stars_min, official = 0, None
-    for f in a.filter or []:
-        key, _, val = f.partition("=")
-        if key == "stars" and val.isdigit():
-            stars_min = int(val)
-        elif key == "is-official" and val.strip().lower() in BOOL_WORDS:
-            official = bool_arg(val)
-        else:
-            raise UsageError(f"invalid filter {f!r}", hint="filters: stars=N, is-official=true|false")
-    results = search(a.term, limit=a.limit, index_url=a.index, options=ctx.registry_options())
-    results = [r for r in results if r.stars >= stars_min and (official is None or r.official == official)]
-    if a.format == "json":
-        for r in results:
-            print(json.dumps({"Name": r.name, "Description": r.description, "StarCount": str(r.stars),
-                              "IsOfficial": str(r.official).lower()}, separators=(",", ":")))
-        return 0
-    rows = [["NAME", "DESCRIPTION", "STARS", "OFFICIAL"]]
-    for r in results:
-        desc = " ".join(r.description.split("\n"))
-        rows.append([r.name, desc if a.no_trunc else ellipsis(desc, 45), str(r.stars), "[OK]" if r.official else ""])
-    table(rows, sys.stdout)
-    return 0

@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "image": ("images", (), "image commands (ls)"),
     "history": ("images", (), "show the layers of an image"),
     "inspect": ("images", (), "image details as JSON"),
-    "search": ("images", (), "search Docker Hub (or --index) for images"),
+    "search": ("search", (), "search Docker Hub (or --index) for images"),
     "rmi": ("remove", (), "remove images (untag; delete blobs nothing else uses)"),
     "prune": ("remove", (), "delete blobs no image references"),
     "login": ("auth", (), "log in to a registry"),

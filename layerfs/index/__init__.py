@@ -35,7 +35,7 @@ _EXPORTS = {
     "IndexFormatError": "columns", "U32": "columns", "U64": "columns", "encode_columns": "columns",
     "int_col": "columns", "pack_file": "columns", "pack_ints": "columns", "unpack_file": "columns",
     "FORMAT_VERSION": "toc", "LayerIndex": "toc",
-    "LayerIndexer": "tocbuild", "index_path": "tocbuild", "load_or_build": "tocbuild",
+    "LayerIndexer": "tocbuild", "index_path": "tocbuild", "layer_facts_from_blob": "tocbuild", "load_or_build": "tocbuild",
     "open_layer_reader": "tocbuild",
     "layer_too_large": "limits", "max_layer_size": "limits",
 }
@@ -72,4 +72,4 @@ if TYPE_CHECKING:
     from layerfs.index.spancache import DEFAULT_CACHE_BYTES, SpanCache  # noqa: F401
     from layerfs.index.tarscan import normalize_path  # noqa: F401
     from layerfs.index.toc import FORMAT_VERSION, LayerIndex  # noqa: F401
-    from layerfs.index.tocbuild import LayerIndexer, index_path, load_or_build, open_layer_reader  # noqa: F401
+    from layerfs.index.tocbuild import layer_facts_from_blob, LayerIndexer, index_path, load_or_build, open_layer_reader  # noqa: F401

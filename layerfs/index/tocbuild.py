@@ -44,7 +44,7 @@ from layerfs.store import Store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerIndexer", "build_from_blob", "index_path", "load_or_build", "open_layer_reader"]
+__all__ = ["LayerIndexer", "build_from_blob", "index_path", "layer_facts_from_blob", "load_or_build", "open_layer_reader"]
 
 
 # --- the streaming indexer -----------------------------------------------------
@@ -322,6 +322,14 @@ def build_from_blob(store: Store, desc: Descriptor, *, chunk_size: int = 1 << 20
                 break
             ix.feed(b)
     return ix.finish()
+
+
+def layer_facts_from_blob(store: Store, desc: Descriptor) -> dict:
+    """Index a stored layer that has no index yet (one read of the blob) and record its facts."""
+    idx = load_or_build(store, desc)
+    info = {"diff_id": str(idx.diff_id), "size": idx.size, "media_type": desc.media_type}
+    store.set_layer_info(desc.digest, info)
+    return info
 
 
 def load_or_build(store: Store, desc: Descriptor) -> LayerIndex:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 #: public name -> the module of this package that defines it
 _EXPORTS = {
     "ImageRecord": "layout", "Ingest": "layout", "Store": "layout", "atomic_write": "layout", "file_lock": "layout",
-    "store_error": "layout",
+    "store_error": "layout", "REPO_DIGEST_ANNOTATION": "layout",
+    "SOURCE_MANIFEST_ANNOTATION": "layout",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -26,4 +27,4 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:
-    from layerfs.store.layout import ImageRecord, Ingest, Store, atomic_write, file_lock, store_error  # noqa: F401
+    from layerfs.store.layout import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ImageRecord, Ingest, Store, atomic_write, file_lock, store_error  # noqa: F401

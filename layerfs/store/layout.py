@@ -29,6 +29,10 @@ from layerfs.image import (REF_NAME_ANNOTATION, Descriptor, Digest, ImageConfig,
 from layerfs.image import Reference
 
 OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
+#: index.json annotation holding the digest the registry knows the image by (index digest for multi-platform)
+REPO_DIGEST_ANNOTATION = "io.layerfs.repo.digest"
+#: index.json annotation: digest of the manifest as the registry served it, when the store keeps an OCI form
+SOURCE_MANIFEST_ANNOTATION = "io.layerfs.source.manifest"
 _CHUNK = 1 << 20
 
 

@@ -46,8 +46,8 @@ from layerfs.image import LAYER_COMPRESSION, OCI_EMPTY, OCI_INDEX, OCI_MANIFEST,
 from layerfs.index import (FILE, HARDLINK, MAX_COMPRESSED_WINDOW, IndexFormatError, LayerIndex, build_index,
     encode_columns, load_or_build, normalize_path, pack_file, unpack_file)
 from layerfs.registry import ClientPool, RegistryClient, RegistryOptions
+from layerfs.store import SOURCE_MANIFEST_ANNOTATION
 from layerfs.transfer.estargz import is_estargz
-from layerfs.transfer.pull import SOURCE_MANIFEST_ANNOTATION
 
 log = logging.getLogger(__name__)
 

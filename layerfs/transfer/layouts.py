@@ -43,8 +43,8 @@ from layerfs.image import (
     parse_manifest,
 )
 from layerfs.index import sniff_compression
+from layerfs.store import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION
 from layerfs.transfer.archive import Archive, Files, Member
-from layerfs.transfer.pull import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION
 from layerfs.transfer.transports import DAMAGED_HINT, LoadOptions, Source, SourceError
 
 #: largest JSON document read whole (index.json, manifest.json, manifests, configs)

@@ -45,9 +45,10 @@ from layerfs.image import (
     docker_to_oci,
     iter_layer_compression,
 )
-from layerfs.index import CompressedDataError, LayerIndex, LayerIndexer, index_path, load_or_build, max_layer_size
+from layerfs.index import (CompressedDataError, LayerIndex, LayerIndexer, index_path, layer_facts_from_blob,
+    max_layer_size)
 from layerfs.registry import MAX_MANIFEST_SIZE, ClientPool, RegistryClient, RegistryOptions
-from layerfs.store import Ingest, Store, store_error
+from layerfs.store import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, Ingest, Store, store_error
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,6 @@ T = TypeVar("T")
 
 #: the most layers an image may have (container engines stop near 128; kernel overlayfs stacks at most 500)
 MAX_LAYERS = 1000
-#: index.json annotation holding the digest the registry knows the image by (index digest for multi-platform)
-REPO_DIGEST_ANNOTATION = "io.layerfs.repo.digest"
-#: index.json annotation: digest of the manifest as the registry served it, when the store keeps an OCI form
-SOURCE_MANIFEST_ANNOTATION = "io.layerfs.source.manifest"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,14 +99,6 @@ class PullResult:
 
 
 # --- the streaming pass ----------------------------------------------------------
-
-def layer_facts_from_blob(store: Store, desc: Descriptor) -> dict:
-    """Index a stored layer that has no index yet (one read of the blob) and record its facts."""
-    idx = load_or_build(store, desc)
-    info = {"diff_id": str(idx.diff_id), "size": idx.size, "media_type": desc.media_type}
-    store.set_layer_info(desc.digest, info)
-    return info
-
 
 _WRITEBACK_STEP = 8 << 20
 _DIFF_ID_HINT = "the image config does not describe these layers; ask the image's publisher to fix it"

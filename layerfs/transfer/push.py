@@ -33,8 +33,8 @@ from typing import Callable
 from layerfs.errors import AccessDenied, AuthenticationError, UsageError
 from layerfs.image import FOREIGN_LAYER_TYPES, Descriptor, Digest, Manifest, Reference
 from layerfs.registry import ClientPool, RegistryClient, RegistryOptions
-from layerfs.store import ImageRecord, Store
-from layerfs.transfer.pull import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ProgressSink, no_progress, run_all
+from layerfs.store import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, ImageRecord, Store
+from layerfs.transfer.pull import ProgressSink, no_progress, run_all
 
 log = logging.getLogger(__name__)
 

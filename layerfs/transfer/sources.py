@@ -63,10 +63,11 @@ from pathlib import Path
 
 from layerfs.errors import DigestMismatch
 from layerfs.image import Descriptor, Digest
+from layerfs.index import layer_facts_from_blob
 from layerfs.store import Store
 from layerfs.transfer.archive import Archive, Files, LayoutDir, Member
 from layerfs.transfer.layouts import Plan, plan_docker, plan_oci
-from layerfs.transfer.pull import ProgressSink, check_diff_id, ingest_layer, layer_facts_from_blob, no_progress
+from layerfs.transfer.pull import ProgressSink, check_diff_id, ingest_layer, no_progress
 from layerfs.transfer.transports import (
     DAMAGED_HINT,
     LoadedImage,

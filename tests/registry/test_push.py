@@ -17,7 +17,8 @@ from layerfs.changes import CommitOptions, commit
 from imagebuild import LayerBuilder, build_image
 from layerfs.image import Digest
 from layerfs.mount import resolve_target
-from layerfs.transfer import REPO_DIGEST_ANNOTATION, PullOptions, Puller
+from layerfs.store import REPO_DIGEST_ANNOTATION
+from layerfs.transfer import PullOptions, Puller
 from layerfs.transfer import PushOptions, Pusher
 from layerfs.image import Reference
 from layerfs.registry import RegistryOptions

@@ -34,10 +34,8 @@ from layerfs.errors import LayerfsError, UsageError
 from layerfs.fs import open_image_tree
 from layerfs.image import OCI_LAYER, OCI_LAYER_GZIP, OCI_MANIFEST, Digest, Platform, Reference
 from layerfs.index import LayerIndex, LayerIndexer, index_path
-from layerfs.store import Store
+from layerfs.store import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, Store
 from layerfs.transfer import (
-    REPO_DIGEST_ANNOTATION,
-    SOURCE_MANIFEST_ANNOTATION,
     LoadOptions,
     Puller,
     Source,
