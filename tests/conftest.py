@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from faultproxy import FaultProxy  # noqa: E402
+from mounthelpers import started_mounts  # noqa: E402
 from prereqs import on_ci, require_binary  # noqa: E402
 from producers import umoci_image  # noqa: E402
 from registryproc import BasicAuthRegistry, Registry, RegistryFactory, TokenAuthRegistry, repo_name_for  # noqa: E402
@@ -126,3 +127,18 @@ def umoci_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def unique_repo(request: pytest.FixtureRequest) -> str:
     """A repository name no other test uses, e.g. ``test/test-push-roundtrip-1a2b3c4d``."""
     return repo_name_for(request.node.name)
+
+
+@pytest.fixture
+def mounts(request: pytest.FixtureRequest) -> Iterator[list]:
+    """Mount points to tear down (with their daemon pids) whatever happens; the test module's WATCHDOG
+    (seconds) bounds a hung FUSE call."""
+    with started_mounts(getattr(request.module, "WATCHDOG", 40.0)) as started:
+        yield started
+
+
+@pytest.fixture
+def client_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A docker config of the test's own (no host credentials) and quick retry backoff."""
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
+    monkeypatch.setenv("LAYERFS_BACKOFF_BASE", "0.02")

@@ -1,12 +1,13 @@
 """Lazy layers: remote images opened with their layers served by Range reads before (or without) a
 download, the caches of what those reads fetched, and the status of the processes serving them.
 
-The names below are this package's public face; each is imported from its module on
-first use (PEP 562), so importing the package costs nothing."""
+The names below are this package's public face (see :mod:`layerfs.face`)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from layerfs.face import lazy_exports
 
 #: public name -> the module of this package that defines it
 _EXPORTS = {
@@ -18,15 +19,7 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    # __import__, not importlib.import_module: the import statement's path, which -X importtime reports
-    value = getattr(__import__(f"{__name__}.{module}", fromlist=[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from mounthelpers import require_fuse, started_mounts, track, wait_until
+from mounthelpers import require_fuse, track, wait_until
 from podman import Podman
 from prereqs import require_binary
 from layerfs.cli.main import main
@@ -90,16 +90,8 @@ def images(tmp_path_factory, registry):
 
 
 @pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
-    monkeypatch.setenv("LAYERFS_BACKOFF_BASE", "0.02")
+def _env(client_env, monkeypatch):
     monkeypatch.setenv("LAYERFS_INSECURE_REGISTRIES", "127.0.0.1")
-
-
-@pytest.fixture
-def mounts():
-    with started_mounts(WATCHDOG) as started:
-        yield started
 
 
 def serve_store(root: Path, mnt: Path, started: list, *extra: str) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from treecompare import tree_snapshot as snapshot
-from mounthelpers import force_unmount, mount_lazy_read_only, require_fuse, started_mounts, track
+from mounthelpers import force_unmount, mount_lazy_read_only, require_fuse, track
 from prereqs import require_binary
 from layerfs.cli.main import main
 from layerfs.transfer import (FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
@@ -44,6 +44,7 @@ CHUNK = 64 << 10
 BIG = 5 * CHUNK + 1234          # six chunks, the last one short
 SRC = "localhost/lazy/src:1"
 DST = "localhost/lazy/src:estargz"
+pytestmark = pytest.mark.usefixtures("client_env")
 WATCHDOG = 40.0
 
 
@@ -86,19 +87,6 @@ def image(tmp_path_factory, registry):
     repo = "test/lazy-estargz"
     Pusher(st, PushOptions(registry=RegistryOptions())).push(DST, f"{registry.host}/{repo}:v1")
     return st, repo, m
-
-
-@pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
-    monkeypatch.setenv("LAYERFS_BACKOFF_BASE", "0.02")
-
-
-@pytest.fixture
-def mounts():
-    """Mount points to tear down (with their daemon pids) whatever happens."""
-    with started_mounts(WATCHDOG) as started:
-        yield started
 
 
 def _blob_bytes(proxy, manifest) -> tuple[int, list]:
@@ -390,7 +378,6 @@ def test_inner_offsets_of_packed_members_and_bad_tocs(tmp_path):
                    {"entries": [{"name": "../x", "type": "dir"}]}):
         with pytest.raises(Exception):
             toc_records(broken, b"{}", 10, "test")
-
 
 
 def test_status_files_show_what_is_cached_and_go_with_their_process(tmp_path):

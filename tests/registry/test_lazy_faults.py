@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lazyimages import DST, FILES, SRC
-from mounthelpers import mount_lazy_read_only, require_fuse, started_mounts, track
+from mounthelpers import mount_lazy_read_only, require_fuse, track
 from faultproxy import FaultProxy
 from signedurl import SignedURLServer
 from layerfs.registry import Credentials
@@ -22,22 +22,9 @@ from layerfs.image import Reference
 from layerfs.registry import RegistryClient, RegistryOptions
 from layerfs.store import Store
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("client_env")]
 
 WATCHDOG = 40.0
-
-
-@pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
-    monkeypatch.setenv("LAYERFS_BACKOFF_BASE", "0.02")
-
-
-@pytest.fixture
-def mounts():
-    """Mount points to tear down (with their daemon pids) whatever happens."""
-    with started_mounts(WATCHDOG) as started:
-        yield started
 
 
 @pytest.fixture

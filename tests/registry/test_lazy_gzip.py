@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from treecompare import tree_snapshot
-from mounthelpers import force_unmount, mount_lazy_read_only, require_fuse, started_mounts, track
+from mounthelpers import force_unmount, mount_lazy_read_only, require_fuse, track
 from treecompare import compare
 from treecompare import snapshot as dir_snapshot
 from layerfs.cli.main import main
@@ -42,6 +42,7 @@ from layerfs.store import Store
 from layerfs.fs import open_image_tree
 
 SPAN = 64 << 10
+pytestmark = pytest.mark.usefixtures("client_env")
 WATCHDOG = 60.0
 LOCAL = "localhost/lazy/gzip:1"
 
@@ -80,12 +81,6 @@ def source_layers() -> list[bytes]:
     b.add_file("data/f1", _rand(300, 1234))
     b.add_file("data/late", _rand(150_000, 55))
     return [a.build(), b.build()]
-
-
-@pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
-    monkeypatch.setenv("LAYERFS_BACKOFF_BASE", "0.02")
 
 
 def _publish(tmp, host: str, repo: str, *, span: int = SPAN) -> tuple[Store, str]:
@@ -367,12 +362,6 @@ def test_unusable_published_index_falls_back_to_a_full_pull(registry, tmp_path, 
 
 
 # --- lazy FUSE mounts ------------------------------------------------------------------------------
-
-@pytest.fixture
-def mounts():
-    """Mount points to tear down (with their daemon pids) whatever happens."""
-    with started_mounts(WATCHDOG) as started:
-        yield started
 
 
 def test_lazy_gzip_mount_equals_the_full_mount_and_reuses_its_cache(published, fault_proxy, tmp_path, mounts):

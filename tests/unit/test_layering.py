@@ -9,7 +9,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "layerfs"
 #: lower layers first; a package may import only packages of a lower rank (same rank: not each other)
-LAYERS = [("errors", "libc"), ("image",), ("store",), ("registry", "index"), ("fs",), ("fuse",), ("transfer",),
+LAYERS = [("errors", "libc", "face"), ("image",), ("store",), ("registry", "index"), ("fs",), ("fuse",), ("transfer",),
           ("changes", "lazy"), ("mount",), ("cli",)]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 NATIVE = {"_fuse": "fuse", "_zran": "index"}      # the one package that may import each native module
