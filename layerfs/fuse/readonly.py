@@ -64,7 +64,7 @@ assert ROOT_INO == _fuse.ROOT_INO
 
 def default_threads() -> int:
     """Threads serving requests: enough to overlap I/O and GIL-free decompression."""
-    return max(4, min(32, 4 * (os.cpu_count() or 1)))
+    return max(4, min(32, 2 * (os.cpu_count() or 1)))
 
 
 def fuse_error(no: int) -> OSError:
