@@ -510,7 +510,10 @@ def _daemon_main(server: Server, record: MountRecord, options: MountOptions, tab
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         _daemon_logging(options.debug)
-        libc.limit_malloc_arenas(2)     # reader threads' freed reply buffers would stay in one arena each
+        # one malloc arena: a read reply (up to 1 MiB) freed by one thread is reused by the next, whichever
+        # thread it is (with an arena per thread each kept its own; the allocations of the threads are few
+        # and large, Python's small objects are made under the GIL)
+        libc.limit_malloc_arenas(1)
         _serve_here(server, record, options, table, reporter)
         return 0
     except LayerfsError as e:
