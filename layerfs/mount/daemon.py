@@ -187,7 +187,7 @@ def _tree_server(load_tree: Callable[[], "MergedTree"]) -> Server:
         # the FUSE adapters, here only: the process that serves imports them, a mount's caller never does
         from layerfs.fuse import mount_options, serve
         tree = load_tree()
-        libc.trim_heap()    # loading freed its buffers (the cache file's columns, decoding): not kept resident
+        libc.trim_heap()    # the free heap of loading (decompression) and of the process it was forked from
         fuse_opts = mount_options(record.image, options.libfuse_options, read_only=options.read_only)
         if record.upper is None:
             serve(tree, record.mountpoint, fuse_opts, on_ready=on_ready)
