@@ -44,3 +44,14 @@ def limit_malloc_arenas(count: int) -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(-8, count))     # M_ARENA_MAX
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the system (``malloc_trim(0)``: every arena, also free
+    chunks inside it, not only its top). False where the C library has no ``malloc_trim``."""
+    import ctypes
+    trim = function("malloc_trim", (ctypes.c_size_t,))
+    if trim is None:
+        return False
+    trim(0)
+    return True

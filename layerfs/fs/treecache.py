@@ -34,6 +34,8 @@ _TREE_MAGIC = b"LFSTREE\n"
 #: the most Node objects a tree loaded from the cache keeps made at once: past it they are dropped and
 #: made again on their next use, so memory follows what is in use, not the size of the image
 RETAIN_NODES = 100_000
+#: the most distinct int values (modes, mtimes, parents) a loaded tree's Nodes share (see _TreeTable.node)
+SHARED_INTS = 16_384
 
 #   The body is one zstd frame (integers little-endian; a "column" is a type code byte + an array of
 #   the narrowest type that holds its values; a "table" of m items is a column of m end offsets, a
@@ -366,6 +368,9 @@ class _TreeTable:
         if v.pos != len(raw):
             raise IndexFormatError("tree cache has trailing bytes")
         self.rare = bool(len(self.t_rows) or len(self.i_rows) or len(self.x_rows) or len(self.s_rows))
+        #: one int object per distinct mode, mtime and parent of the Nodes made (few distinct values: a
+        #: layer's files share their times), up to SHARED_INTS of them: 28-36 bytes less per field and Node
+        self._shared: dict[int, int] = {}
         # references in range (a directory's own list is checked when its Node is made)
         if (max(self.parents) > n or min(self.parents) < 1 or max(self.layers) > nreaders
                 or (k and (max(self.kids) > n or min(self.kids) < 1))
@@ -376,16 +381,28 @@ class _TreeTable:
         k = ino - 1
         x = _new_node(Node)
         x.ino = ino
-        x.mode = mode = self.modes[k]
+        shared = self._shared
+        mode = self.modes[k]
+        mtime = self.secs[k] * 1_000_000_000 + self.nsecs[k]
+        parent = self.parents[k]
+        if len(shared) < SHARED_INTS:
+            mode = shared.setdefault(mode, mode)
+            mtime = shared.setdefault(mtime, mtime)
+            parent = shared.setdefault(parent, parent)
+        else:
+            mode = shared.get(mode, mode)
+            mtime = shared.get(mtime, mtime)
+            parent = shared.get(parent, parent)
+        x.mode = mode
         x.uid = self.uids[k]
         x.gid = self.gids[k]
         x.size = self.sizes[k]
-        x.mtime_ns = self.secs[k] * 1_000_000_000 + self.nsecs[k]
+        x.mtime_ns = mtime
         x.rdev = self.rdevs[k]
         x.nlink = self.nlinks[k]
         x.layer = self.layers[k] - 1
         x.offset = self.offsets[k]
-        x.parent = self.parents[k]
+        x.parent = parent
         x.target = x.inline = x.xattrs = x.sparse = None
         if self.rare:
             self._rare(x, k)

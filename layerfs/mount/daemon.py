@@ -187,6 +187,7 @@ def _tree_server(load_tree: Callable[[], "MergedTree"]) -> Server:
         # the FUSE adapters, here only: the process that serves imports them, a mount's caller never does
         from layerfs.fuse import mount_options, serve
         tree = load_tree()
+        libc.trim_heap()    # the free heap of loading (decompression) and of the process it was forked from
         fuse_opts = mount_options(record.image, options.libfuse_options, read_only=options.read_only)
         if record.upper is None:
             serve(tree, record.mountpoint, fuse_opts, on_ready=on_ready)
@@ -509,7 +510,10 @@ def _daemon_main(server: Server, record: MountRecord, options: MountOptions, tab
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         _daemon_logging(options.debug)
-        libc.limit_malloc_arenas(2)     # reader threads' freed reply buffers would stay in one arena each
+        # one malloc arena: a read reply (up to 1 MiB) freed by one thread is reused by the next, whichever
+        # thread it is (with an arena per thread each kept its own; the allocations of the threads are few
+        # and large, Python's small objects are made under the GIL)
+        libc.limit_malloc_arenas(1)
         _serve_here(server, record, options, table, reporter)
         return 0
     except LayerfsError as e:

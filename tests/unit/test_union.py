@@ -753,6 +753,27 @@ def test_loaded_tree_keeps_a_bounded_number_of_nodes(tmp_path):
     assert [x.ino if x else None for x in lazy.nodes] == [x.ino if x else None for x in built.nodes]
 
 
+def test_loaded_tree_nodes_share_equal_ints(tmp_path, monkeypatch):
+    """Nodes made from a loaded table share one int object per distinct mode, mtime and parent, up to
+    SHARED_INTS distinct values; past that the values stay right, only unshared."""
+    import layerfs.fs.treecache as treecache
+    members = [D("d", mtime=1_700_000_000)] + [F(f"d/f{i}", b"x", mtime=1_700_000_000 + i % 3) for i in range(30)] \
+        + [F(f"g{i}", b"y", mode=0o600, mtime=1_800_000_000 + i) for i in range(30)]
+    tars = [make_tar(members)]
+    readers = [BytesReader(t) for t in tars]
+    built = build_tree([index_of(t) for t in tars], readers)
+    save_tree(built, tmp_path / "t.tree")
+    lazy = load_tree(tmp_path / "t.tree", readers)
+    files = [node(lazy, f"d/f{i}") for i in range(30)]
+    assert all(x.mode is files[0].mode and x.parent is files[0].parent for x in files)
+    assert all(x.mtime_ns is files[i % 3].mtime_ns for i, x in enumerate(files))
+    _nodes_equal(built, lazy)
+    monkeypatch.setattr(treecache, "SHARED_INTS", 4)
+    small = load_tree(tmp_path / "t.tree", readers)
+    _nodes_equal(built, small)
+    assert len(small.nodes.cols._shared) <= 4 + 2     # one node adds at most three values once below the bound
+
+
 def test_tree_cache_directory_listed_by_another_directory_is_left_out(tmp_path, caplog):
     """A cache whose directory lists a directory that is not its child (a loop, or a second parent) serves
     the tree without that name: every walk ends."""
