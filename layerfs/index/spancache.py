@@ -272,7 +272,21 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-class GzipSpan:
+class SpanBlocks:
+    """What a cached span holds in the span file: its blocks (None until written), given back to the file
+    when nobody holds the span any more (not the cache, no reader, no inflating thread)."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        if self.blocks is not None:
+            try:
+                self.file.release(self.blocks)
+            except Exception:   # noqa: BLE001 - interpreter shutdown
+                pass
+
+
+class GzipSpan(SpanBlocks):
     """One cached gzip span: blocks of the span file for the span's size,
     filled front to back by a resumable decoder, so a read costs
     decompression only up to its end and reads further on continue from there.
@@ -349,16 +363,8 @@ class GzipSpan:
         """True when bytes up to *b* are decoded: get() will not block on I/O or inflation."""
         return b <= self.filled
 
-    def __del__(self) -> None:
-        # nobody holds the span any more (not the cache, no reader, no inflating thread)
-        if self.blocks is not None:
-            try:
-                self.file.release(self.blocks)
-            except Exception:   # noqa: BLE001 - interpreter shutdown
-                pass
 
-
-class ZstdPiece:
+class ZstdPiece(SpanBlocks):
     """One cached piece of a zstd blob: decompressed whole by *produce()* on its first read, kept in
     blocks of the span file."""
 
@@ -386,13 +392,6 @@ class ZstdPiece:
                     self.done = True
                     return data[a:b]
         return self.file.read(self.blocks, a, b)
-
-    def __del__(self) -> None:
-        if self.blocks is not None:
-            try:
-                self.file.release(self.blocks)
-            except Exception:   # noqa: BLE001 - interpreter shutdown
-                pass
 
 
 class _DecodeAhead:
