@@ -487,8 +487,10 @@ def _helper_main(root: Path, options: MountOptions, ctl: int, w: int) -> int:
 
 
 def _redirect_stdio(out: str) -> None:
-    """stdin from /dev/null, stdout and stderr to *out* (truncated)."""
-    outfd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    """stdin from /dev/null, stdout and stderr to *out* (truncated). /dev/null is never created: where it is
+    missing, a file made in its place would take every later process's output."""
+    create = 0 if out == os.devnull else os.O_CREAT
+    outfd = os.open(out, os.O_WRONLY | create | os.O_TRUNC, 0o644)
     nullfd = os.open(os.devnull, os.O_RDONLY)
     os.dup2(nullfd, 0)
     os.dup2(outfd, 1)
