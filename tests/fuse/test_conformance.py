@@ -22,6 +22,7 @@ import pytest
 from conformance import (LOWER_DATA, LOWER_FILE, PJDFSTEST_ENV, SetupError, build_fsx, build_pjdfstest,
                          pjdfstest_dir, pjdfstest_report, run_fsx, run_pjdfstest_all, targets)
 from mounthelpers import require_fuse, watchdog
+from prereqs import require_root
 
 FSX_SECONDS = 10          # per file on layerfs: 2 files, ~20 s
 KERNEL_FSX_SECONDS = 4    # per file on kernel overlayfs (the oracle)
@@ -38,8 +39,7 @@ def fsx(tmp_path_factory) -> Path:
 @pytest.fixture
 def root_fuse():
     require_fuse()
-    if os.geteuid() != 0:
-        pytest.skip("needs root: kernel overlayfs and allow_other")
+    require_root("kernel overlayfs and allow_other")
 
 
 def _check_clean(runs) -> None:

@@ -68,7 +68,7 @@ from layerfs.mount import mounts
 from layerfs.fs import OVERRIDE_XATTR
 from layerfs.store import Store
 from mounthelpers import force_unmount, is_mounted, require_fuse, track, wait_until, watchdog
-from prereqs import clean_env, missing_prerequisite, require_binary
+from prereqs import clean_env, missing_prerequisite, require_binary, require_root
 from kerneloverlay import extract_overlay_layers, kernel_overlay, norm_path, tmpfs
 from treecompare import Difference, compare, link_problems, snapshot, snapshot_from_json
 
@@ -88,8 +88,7 @@ def _watchdog():
 
 
 def _require_root_tools() -> None:
-    if os.geteuid() != 0:
-        missing_prerequisite("mount equivalence tests need root (mknod, tmpfs, kernel overlayfs, umoci owners)")
+    require_root("mknod, tmpfs, kernel overlayfs, umoci owners")
     require_fuse()
     for b in ("umoci", "skopeo", "tar", "mount", "umount"):
         require_binary(b)
@@ -1099,8 +1098,7 @@ def test_rootless_mount_as_an_ordinary_user(registry, unique_repo, tmp_path):
     through the setuid fusermount3, the daemon runs as the user; reads work; other users (root too)
     are refused; ``layerfs umount`` unmounts and ends the daemon."""
     require_fuse()
-    if os.geteuid() != 0:
-        missing_prerequisite("the rootless test switches to an ordinary user: it must start as root")
+    require_root("the rootless test switches to an ordinary user: it must start as root")
     for b in ("setpriv", "unshare", "nsenter"):
         require_binary(b)
     l1 = (LayerBuilder().add_dir("etc").add_file("etc/os-release", b"ID=rootless\n")

@@ -39,6 +39,7 @@ from pathlib import Path
 import pytest
 
 from mounthelpers import MTIME_NS, put_image, require_fuse, track, wait_until, watchdog
+from prereqs import require_root
 from fsops import OLD_NS, RENAME_EXCHANGE, RENAME_NOREPLACE, Runner, random_ops
 from kerneloverlay import extract_overlay_layers, kernel_overlay
 from treecompare import diff_snapshots, view_snapshot
@@ -112,8 +113,7 @@ def _watchdog():
 def world(tmp_path_factory):
     """The image in a store and its layers extracted once for the module."""
     require_fuse()
-    if os.geteuid() != 0:
-        pytest.skip("kernel overlayfs needs root")
+    require_root("kernel overlayfs")
     base = tmp_path_factory.mktemp("kdiff")
     image = _image()
     store = Store(base / "store")

@@ -16,7 +16,7 @@ from clirun import run_cli as run
 from imagebuild import LayerBuilder, build_image, build_index
 from layerfs.image import Digest, Platform
 from layerfs.store import Store
-from prereqs import require_binary
+from prereqs import require_binary, require_root
 from producers import skopeo_push
 from registryclient import push_image, push_index
 
@@ -483,8 +483,7 @@ def test_concurrent_pulls_same_store(registry, unique_repo, store_root):
 
 
 def test_full_disk_is_clear_and_leaves_nothing(registry, unique_repo, tmp_path, monkeypatch, capsys):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
+    require_root("a small tmpfs is mounted")
     img = build_image(small_layers(1, size=4_000_000), compression=None)
     push_image(registry.host, unique_repo, "t", img)
     mnt = tmp_path / "small"

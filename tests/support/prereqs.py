@@ -27,6 +27,12 @@ def missing_prerequisite(message: str) -> None:
     pytest.skip(message)
 
 
+def require_root(why: str) -> None:
+    """Skip/fail (see :func:`missing_prerequisite`) unless running as root; *why* says what needs it."""
+    if os.geteuid() != 0:
+        missing_prerequisite(f"needs root: {why}")
+
+
 def require_binary(name: str) -> str:
     """Absolute path of the executable *name* (a name on PATH or a path); skip/fail when absent."""
     path = name if os.path.isabs(name) else shutil.which(name)

@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from prereqs import require_binary
 import xxhash
 import zstandard
 from hypothesis import HealthCheck, given, settings
@@ -284,9 +285,7 @@ def test_random_chunk_sizes(chunks, kind):
 
 
 def test_gzip_tool_output_and_media_type_mismatch():
-    gz = shutil.which("gzip")
-    if gz is None:
-        pytest.skip("gzip not installed")
+    gz = require_binary("gzip")
     blob = subprocess.run([gz, "-9", "-c"], input=RICH_TAR, capture_output=True, check=True).stdout
     assert index_bytes(blob, "gzip").entries == index_bytes(RICH_TAR, None).entries
     # the data decides, as in containerd: a gzip blob labelled uncompressed, and the reverse
@@ -332,9 +331,7 @@ def _sparse_file(path: Path) -> bytes:
                                   ["--format=pax", "--sparse-version=0.1"],
                                   ["--format=pax", "--sparse-version=1.0"]])
 def test_gnu_sparse_files_from_tar(tmp_path, args):
-    tar_bin = shutil.which("tar")
-    if tar_bin is None:
-        pytest.skip("tar not installed")
+    tar_bin = require_binary("tar")
     src = tmp_path / "src"
     src.mkdir()
     content = _sparse_file(src / "sparse.img")
