@@ -102,9 +102,8 @@ def resolve_image(store: Store, ref_text: str, options: MountOptions,
     A local source (``oci:DIR[:REF]``, ``oci-archive:FILE[:REF]``,
     ``docker-archive:FILE[:TAG]``) is imported first, then its tagged name is used."""
     if is_local_source(ref_text):   # importing .sources costs requests & co.: only for a source
-        from layerfs.transfer import LoadOptions, is_source, load
-        if is_source(ref_text):
-            ref_text = load(store, ref_text, LoadOptions(platform=options.platform, single=True)).images[0].names[0]
+        from layerfs.transfer import LoadOptions, load
+        ref_text = load(store, ref_text, LoadOptions(platform=options.platform, single=True)).images[0].names[0]
     try:
         rec, manifest = store.resolve(ref_text)
         if options.platform is not None:

@@ -22,7 +22,7 @@ _EXPORTS = {
     "check_diff_id": "pull",
     "DEFAULT_CHUNK_SIZE": "push", "DEFAULT_CHUNK_THRESHOLD": "push", "PushOptions": "push", "Pusher": "push",
     "push_target": "push",
-    "LoadOptions": "transports", "Source": "transports", "is_source": "transports", "load": "sources",
+    "LoadOptions": "transports", "Source": "transports", "load": "sources",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -68,4 +68,4 @@ if TYPE_CHECKING:
     )
     from layerfs.transfer.push import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_THRESHOLD, Pusher, PushOptions, push_target  # noqa: F401
     from layerfs.transfer.sources import load  # noqa: F401
-    from layerfs.transfer.transports import LoadOptions, Source, is_source  # noqa: F401
+    from layerfs.transfer.transports import LoadOptions, Source  # noqa: F401

@@ -62,7 +62,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from layerfs.errors import DigestMismatch
-from layerfs.image import Descriptor, Digest
+from layerfs.image import Descriptor, Digest, is_local_source
 from layerfs.index import layer_facts_from_blob
 from layerfs.store import Store
 from layerfs.transfer.archive import Archive, Files, LayoutDir, Member
@@ -76,7 +76,6 @@ from layerfs.transfer.transports import (
     Source,
     SourceError,
     SourceNotFound,
-    is_source,
 )
 
 log = logging.getLogger(__name__)
@@ -194,7 +193,7 @@ def load(store: Store, source: str | os.PathLike[str] | Source, options: LoadOpt
     opts = options or LoadOptions()
     if isinstance(source, Source):
         src = source
-    elif is_source(source):
+    elif is_local_source(source):
         src = Source.parse(str(source))
     else:
         src = Source("", os.fspath(source))

@@ -8,9 +8,8 @@ import re
 from dataclasses import dataclass
 
 from layerfs.errors import ContentError, InvalidReference, UsageError
-from layerfs.image import LOCAL_TRANSPORTS, Digest, ImageConfig, Manifest, Platform, Reference, is_local_source
+from layerfs.image import LOCAL_TRANSPORTS, Digest, ImageConfig, Manifest, Platform, Reference
 
-TRANSPORTS = LOCAL_TRANSPORTS
 DAMAGED_HINT = "the file is damaged, truncated or was tampered with; nothing was imported"
 _OCI_REF = re.compile(r"^[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*(?:/[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*)*$")
 _GRAMMAR = {
@@ -33,9 +32,6 @@ class SourceNotFound(SourceError):
 
 # --- transport strings -------------------------------------------------------------------
 
-is_source = is_local_source
-
-
 @dataclass(frozen=True)
 class Source:
     """A parsed transport string. ``transport`` is ``""`` for a bare path (decided by its content)."""
@@ -49,7 +45,7 @@ class Source:
     def parse(cls, text: str) -> "Source":
         """Parse ``TRANSPORT:PATH[:REF|:@N]`` as skopeo does (the path ends at the first ':')."""
         transport, sep, rest = text.partition(":")
-        if not sep or transport not in TRANSPORTS:
+        if not sep or transport not in LOCAL_TRANSPORTS:
             raise InvalidReference(f"{text!r} does not start with an image transport",
                                    hint="use oci:DIR[:REF], oci-archive:FILE[:REF] or docker-archive:FILE[:TAG]")
         path, _, sel = rest.partition(":")

@@ -32,7 +32,7 @@ from registryclient import push_image
 from layerfs.cli.main import main
 from layerfs.errors import LayerfsError, UsageError
 from layerfs.fs import open_image_tree
-from layerfs.image import OCI_LAYER, OCI_LAYER_GZIP, OCI_MANIFEST, Digest, Platform, Reference
+from layerfs.image import OCI_LAYER, OCI_LAYER_GZIP, OCI_MANIFEST, Digest, Platform, Reference, is_local_source
 from layerfs.index import LayerIndex, LayerIndexer, index_path
 from layerfs.store import REPO_DIGEST_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, Store
 from layerfs.transfer import (
@@ -40,7 +40,6 @@ from layerfs.transfer import (
     Puller,
     Source,
     archive,
-    is_source,
     load,
 )
 
@@ -200,7 +199,7 @@ def assert_untouched(store: Store) -> None:
     ("docker-archive:x.tar:@1", Source("docker-archive", "x.tar", None, 1)),
 ])
 def test_parse_transport(text, want):
-    assert is_source(text)
+    assert is_local_source(text)
     assert Source.parse(text) == want
     assert Source.parse(str(want)) == want
 
@@ -217,7 +216,7 @@ def test_parse_transport_errors(text):
 @pytest.mark.parametrize("text", ["alpine", "alpine:3.20", "ocix:y", "docker.io/library/oci", "localhost:5000/oci",
                                   "/path/to/x.tar", "docker://alpine"])
 def test_not_a_transport(text):
-    assert not is_source(text)
+    assert not is_local_source(text)
 
 
 # --- every transport, compared with the original ---------------------------------------------
